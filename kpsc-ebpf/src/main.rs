@@ -1,0 +1,72 @@
+//! kpsc's kernel programs.
+//!
+//! `kpsc_tc_port_counter` is the first stage of the portmap data plane: a TC classifier
+//! that recognises IPv4 TCP packets addressed to a mapped listen port and counts them.
+//! Invariant: it never changes or drops a packet (always `TC_ACT_PIPE`), so attaching it
+//! is safe on any interface; only ports present in `PORT_COUNTERS` are counted.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::TC_ACT_PIPE,
+    macros::{classifier, map},
+    maps::PerCpuHashMap,
+    programs::TcContext,
+};
+use kpsc_common::{MAX_MAPPED_PORTS, PortCounters};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{IpProto, Ipv4Hdr},
+    tcp::TcpHdr,
+};
+
+/// listen port (host order, as u32) -> counters. Userspace inserts a zeroed entry per
+/// mapped port; the program only updates existing entries, so unmapped ports cost one lookup.
+#[map(name = "PORT_COUNTERS")]
+static PORT_COUNTERS: PerCpuHashMap<u32, PortCounters> =
+    PerCpuHashMap::with_max_entries(MAX_MAPPED_PORTS, 0);
+
+#[classifier]
+pub fn kpsc_tc_port_counter(ctx: TcContext) -> i32 {
+    count_mapped_port(&ctx);
+    TC_ACT_PIPE as i32
+}
+
+#[inline(always)]
+fn count_mapped_port(ctx: &TcContext) -> Option<()> {
+    let eth: EthHdr = ctx.load(0).ok()?;
+    if !matches!(eth.ether_type(), Ok(EtherType::Ipv4)) {
+        return None;
+    }
+    let ip: Ipv4Hdr = ctx.load(EthHdr::LEN).ok()?;
+    if ip.proto != u8::from(IpProto::Tcp) {
+        return None;
+    }
+    // Non-first fragments carry no TCP header: leave them alone.
+    if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
+        return None;
+    }
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    if ihl < Ipv4Hdr::LEN {
+        return None;
+    }
+    let tcp: TcpHdr = ctx.load(EthHdr::LEN + ihl).ok()?;
+    let port = u16::from_be_bytes(tcp.dest) as u32;
+    let counters = PORT_COUNTERS.get_ptr_mut(&port)?;
+    // SAFETY: per-CPU value, no concurrent writer on this CPU while we run.
+    unsafe {
+        (*counters).packets += 1;
+        (*counters).bytes += u16::from_be_bytes(ip.tot_len) as u64;
+    }
+    Some(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

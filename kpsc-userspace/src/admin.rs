@@ -1,0 +1,104 @@
+//! The admin HTTP endpoint: Prometheus metrics, liveness, readiness, and the live port
+//! map that `kpscctl maps` prints.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::{config::HttpConfig, portmap::Origin};
+
+/// Path of the JSON port map.
+pub const MAPS_PATH: &str = "/maps";
+/// Path of the readiness probe.
+pub const READY_PATH: &str = "/ready";
+
+/// One row of the port map as the admin endpoint reports it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MapRow {
+    /// `ip:port` kpsc listens on; None for external mappings.
+    pub listen: Option<String>,
+    pub node_id: Option<i32>,
+    /// The real broker address (never shown to Kafka clients).
+    pub broker: String,
+    /// What clients are told instead.
+    pub advertised: String,
+    pub origin: Origin,
+    pub bound: bool,
+    pub connections_open: i64,
+    pub connections_total: u64,
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
+}
+
+/// What a mode exposes to the admin endpoint.
+pub trait AdminView: Send + Sync + 'static {
+    /// Ok when ready to serve; otherwise why not.
+    fn readiness(&self) -> Result<(), String>;
+    fn map_rows(&self) -> Vec<MapRow>;
+    fn metrics_text(&self) -> String;
+}
+
+/// Binds the admin endpoint (so a busy port is a start-up error) and serves it until
+/// `shutdown`.
+pub async fn serve(
+    http: &HttpConfig,
+    view: Arc<dyn AdminView>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(addr) = &http.listen else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on --http-listen-address {addr}"))?;
+    let router = Router::new()
+        .route(&http.metrics_path, get(metrics))
+        .route(&http.health_path, get(|| async { "OK\n" }))
+        .route(READY_PATH, get(ready))
+        .route(MAPS_PATH, get(maps))
+        .with_state(view);
+    info!(address = %listener.local_addr()?, "admin endpoint listening");
+    Ok(Some(tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin endpoint failed");
+        }
+    })))
+}
+
+async fn metrics(State(view): State<Arc<dyn AdminView>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        view.metrics_text(),
+    )
+}
+
+async fn ready(State(view): State<Arc<dyn AdminView>>) -> impl IntoResponse {
+    match view.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+async fn maps(State(view): State<Arc<dyn AdminView>>) -> Json<Vec<MapRow>> {
+    Json(view.map_rows())
+}

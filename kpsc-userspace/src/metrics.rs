@@ -1,0 +1,248 @@
+//! Prometheus metrics. Hot-path handles (per api key, per port) are resolved once so a
+//! frame costs an atomic add, not a label lookup.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::rewrite::api_name;
+
+/// Api keys are small non-negative numbers; one slot each, plus one for anything else.
+const API_SLOTS: usize = 128;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabel {
+    pub api: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabels {
+    pub listen_port: String,
+    pub broker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByteLabels {
+    pub listen_port: String,
+    pub broker: String,
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Counters of one listen port, shared by all its connections; also read by `/maps`.
+#[derive(Clone, Debug)]
+pub struct PortCounters {
+    pub connections_open: Gauge,
+    pub connections_total: Counter,
+    pub bytes_from_client: Counter,
+    pub bytes_to_client: Counter,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    connections_open: Family<PortLabels, Gauge>,
+    connections_total: Family<PortLabels, Counter>,
+    bytes: Family<ByteLabels, Counter>,
+    requests: Vec<Counter>,
+    rewrites: Vec<Counter>,
+    version_caps: Vec<Counter>,
+    decode_failures: Vec<Counter>,
+    latency: Vec<Histogram>,
+    connection_errors: Family<ReasonLabel, Counter>,
+    forbidden_requests: Family<ApiLabel, Counter>,
+    pub ready: Gauge,
+    pub brokers_known: Gauge,
+    pub metadata_refresh_failures: Counter,
+}
+
+fn api_label(slot: usize) -> ApiLabel {
+    ApiLabel {
+        api: if slot < API_SLOTS - 1 {
+            api_name(slot as i16).to_owned()
+        } else {
+            "unknown".to_owned()
+        },
+    }
+}
+
+fn slot(api_key: i16) -> usize {
+    usize::try_from(api_key)
+        .ok()
+        .filter(|&k| k < API_SLOTS - 1)
+        .unwrap_or(API_SLOTS - 1)
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    // 50us .. ~26s, doubling.
+    prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 20)
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("kpsc");
+        let connections_open = Family::<PortLabels, Gauge>::default();
+        let connections_total = Family::<PortLabels, Counter>::default();
+        let bytes = Family::<ByteLabels, Counter>::default();
+        let requests = Family::<ApiLabel, Counter>::default();
+        let rewrites = Family::<ApiLabel, Counter>::default();
+        let version_caps = Family::<ApiLabel, Counter>::default();
+        let decode_failures = Family::<ApiLabel, Counter>::default();
+        let latency = Family::<ApiLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
+        let connection_errors = Family::<ReasonLabel, Counter>::default();
+        let forbidden_requests = Family::<ApiLabel, Counter>::default();
+        let ready = Gauge::default();
+        let brokers_known = Gauge::default();
+        let metadata_refresh_failures = Counter::default();
+        registry.register(
+            "connections_open",
+            "Client connections open, per listen port and broker",
+            connections_open.clone(),
+        );
+        registry.register(
+            "connections",
+            "Client connections accepted, per listen port and broker",
+            connections_total.clone(),
+        );
+        registry.register(
+            "bytes",
+            "Bytes forwarded, per listen port, broker and direction (from_client, to_client)",
+            bytes.clone(),
+        );
+        registry.register("requests", "Requests forwarded, per api", requests.clone());
+        registry.register(
+            "rewrites",
+            "Responses whose broker addresses were rewritten, per api",
+            rewrites.clone(),
+        );
+        registry.register(
+            "api_version_caps",
+            "ApiVersions entries capped or removed so clients never negotiate an unrewritable version, per api",
+            version_caps.clone(),
+        );
+        registry.register(
+            "decode_failures",
+            "Address-bearing responses that could not be decoded (connection closed), per api",
+            decode_failures.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from forwarding a request to delivering its response, per api",
+            latency.clone(),
+        );
+        registry.register(
+            "connection_errors",
+            "Connections closed because of an error, per reason",
+            connection_errors.clone(),
+        );
+        registry.register(
+            "forbidden_requests",
+            "Requests refused by --forbidden-api-keys, per api",
+            forbidden_requests.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 when metadata is known and every listen port is bound",
+            ready.clone(),
+        );
+        registry.register(
+            "brokers_known",
+            "Brokers in the port map",
+            brokers_known.clone(),
+        );
+        registry.register(
+            "metadata_refresh_failures",
+            "Metadata refreshes that reached no broker",
+            metadata_refresh_failures.clone(),
+        );
+        let per_api = |family: &Family<ApiLabel, Counter>| {
+            (0..API_SLOTS)
+                .map(|s| family.get_or_create(&api_label(s)).clone())
+                .collect::<Vec<_>>()
+        };
+        Arc::new(Self {
+            requests: per_api(&requests),
+            rewrites: per_api(&rewrites),
+            version_caps: per_api(&version_caps),
+            decode_failures: per_api(&decode_failures),
+            latency: (0..API_SLOTS)
+                .map(|s| latency.get_or_create(&api_label(s)).clone())
+                .collect(),
+            registry,
+            connections_open,
+            connections_total,
+            bytes,
+            connection_errors,
+            forbidden_requests,
+            ready,
+            brokers_known,
+            metadata_refresh_failures,
+        })
+    }
+
+    pub fn port(&self, listen_port: u16, broker: &str) -> PortCounters {
+        let labels = PortLabels {
+            listen_port: listen_port.to_string(),
+            broker: broker.to_owned(),
+        };
+        let bytes = |direction: &str| {
+            self.bytes
+                .get_or_create(&ByteLabels {
+                    listen_port: labels.listen_port.clone(),
+                    broker: labels.broker.clone(),
+                    direction: direction.to_owned(),
+                })
+                .clone()
+        };
+        PortCounters {
+            connections_open: self.connections_open.get_or_create(&labels).clone(),
+            connections_total: self.connections_total.get_or_create(&labels).clone(),
+            bytes_from_client: bytes("from_client"),
+            bytes_to_client: bytes("to_client"),
+        }
+    }
+
+    pub fn request(&self, api_key: i16) {
+        self.requests[slot(api_key)].inc();
+    }
+    pub fn rewrite(&self, api_key: i16) {
+        self.rewrites[slot(api_key)].inc();
+    }
+    pub fn version_cap(&self, api_key: i16) {
+        self.version_caps[slot(api_key)].inc();
+    }
+    pub fn decode_failure(&self, api_key: i16) {
+        self.decode_failures[slot(api_key)].inc();
+    }
+    pub fn latency(&self, api_key: i16, seconds: f64) {
+        self.latency[slot(api_key)].observe(seconds);
+    }
+    pub fn connection_error(&self, reason: &str) {
+        self.connection_errors
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+    pub fn forbidden(&self, api_key: i16) {
+        self.forbidden_requests
+            .get_or_create(&api_label(slot(api_key)))
+            .inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,379 @@
+//! Operating kpscd: the port map (deterministic, identical across instances, growing when
+//! a broker joins), configuration errors, `kpscctl maps`, graceful shutdown, and a second
+//! independent broker implementation (tansu).
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use kafka_protocol::{
+    messages::{
+        ApiKey, DescribeClusterRequest, DescribeClusterResponse, FindCoordinatorRequest,
+        FindCoordinatorResponse, MetadataRequest, MetadataResponse,
+    },
+    protocol::StrBytes,
+};
+use kpsc_tests::{
+    Kpscd, MockCluster, RawClient, contains_bytes, eventually, free_port_base, kpscctl_bin,
+    kpscd_bin, proxy_args, tansu_bin,
+};
+
+fn map_rows(kpscd: &Kpscd) -> Vec<(String, String, String, i64)> {
+    let mut rows: Vec<_> = kpscd
+        .maps()
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["listen"].as_str().unwrap_or("-").to_owned(),
+                r["broker"].as_str().unwrap().to_owned(),
+                r["advertised"].as_str().unwrap().to_owned(),
+                r["node_id"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+#[test]
+fn late_broker_gets_its_deterministic_port_and_instances_agree() {
+    let cluster = MockCluster::new(3).unwrap();
+    let base = free_port_base(40);
+    let first = Kpscd::start(&proxy_args(&cluster, base, &[])).unwrap();
+    let initial = map_rows(&first);
+    assert_eq!(initial.len(), 3);
+    assert!(initial.contains(&(
+        format!("0.0.0.0:{}", base + 12),
+        cluster.broker_addr(2),
+        format!("127.0.1.2:{}", base + 12),
+        2
+    )));
+
+    // A second instance with the same configuration on another node would compute the
+    // same map; here it differs only in its listen IP so both can run on one machine.
+    let other_args: Vec<String> = proxy_args(&cluster, base, &[])
+        .into_iter()
+        .map(|a| a.replace("0.0.0.0", "127.0.2.1"))
+        .collect();
+    let second = Kpscd::start(&other_args).unwrap();
+    let same: Vec<_> = map_rows(&second)
+        .into_iter()
+        .map(|(l, b, a, id)| (l.replace("127.0.2.1", "0.0.0.0"), b, a, id))
+        .collect();
+    assert_eq!(
+        same, initial,
+        "two instances, same configuration, different maps"
+    );
+
+    cluster.add_broker(4).unwrap();
+    let expected = format!("127.0.1.4:{}", base + 14);
+    eventually(Duration::from_secs(15), || {
+        let rows = map_rows(&first);
+        anyhow::ensure!(rows.iter().any(|r| r.2 == expected && r.3 == 4), "{rows:?}");
+        Ok(())
+    })
+    .unwrap();
+    let (status, _) = first.get("/ready").unwrap();
+    assert_eq!(status, 200, "broker 4's port should be bound");
+    // The new port serves broker 4 and its metadata shows four advertised brokers.
+    let mut client = RawClient::connect(&expected).unwrap();
+    let (r, raw): (MetadataResponse, _) = client
+        .call(
+            ApiKey::Metadata,
+            12,
+            &MetadataRequest::default().with_topics(Some(vec![])),
+        )
+        .unwrap();
+    assert_eq!(r.brokers.len(), 4);
+    assert!(!contains_bytes(&raw, b"127.0.0.1"));
+    eventually(Duration::from_secs(15), || {
+        let rows = map_rows(&second);
+        anyhow::ensure!(rows.iter().any(|r| r.2 == expected), "{rows:?}");
+        Ok(())
+    })
+    .unwrap();
+}
+
+fn kpscd_exit(args: &[&str]) -> (i32, String) {
+    let out = Command::new(kpscd_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configuration_exits_2_and_names_the_flag() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["proxy", "--tls-enable"], "--tls-enable"),
+        (&["server", "--sasl-username=x"], "--sasl-username"),
+        (&["proxy"], "--bootstrap-server-mapping"),
+        (
+            &["proxy", "--bootstrap-server-mapping", "127.0.0.1:1"],
+            "--bootstrap-server-mapping",
+        ),
+        (
+            &[
+                "proxy",
+                "--bootstrap-server-mapping",
+                "127.0.0.1:1,127.0.0.1:2",
+                "--bulk-policy",
+                "fast",
+            ],
+            "--bulk-policy",
+        ),
+        (
+            &[
+                "proxy",
+                "--bootstrap-server-mapping",
+                "127.0.0.1:1,127.0.0.1:2",
+            ],
+            "--dynamic-sequential-min-port",
+        ),
+        (
+            &[
+                "proxy",
+                "--bootstrap-server-mapping",
+                "a:1,127.0.0.1:2",
+                "--bootstrap-server-mapping",
+                "b:1,127.0.0.1:2",
+                "--dynamic-listeners-disable",
+            ],
+            "a:1",
+        ),
+        (&["proxy", "--no-such-flag"], "--no-such-flag"),
+        (&["proxy", "--config", "/nonexistent/kpsc.toml"], "--config"),
+    ];
+    for (args, needle) in cases {
+        let (code, stderr) = kpscd_exit(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: {stderr:?} should name {needle}"
+        );
+    }
+}
+
+#[test]
+fn port_conflict_found_in_metadata_is_a_startup_error_naming_both_brokers() {
+    let cluster = MockCluster::new(3).unwrap();
+    let base = free_port_base(20);
+    // min port base-2 puts broker 2 on base, where broker 1 is mapped statically.
+    let mapping = format!("{},127.0.0.1:{base}", cluster.broker_addr(1));
+    let (code, stderr) = kpscd_exit(&[
+        "proxy",
+        "--bootstrap-server-mapping",
+        &mapping,
+        "--dynamic-sequential-min-port",
+        &(base - 2).to_string(),
+        "--http-disable",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(&cluster.broker_addr(1)) && stderr.contains(&cluster.broker_addr(2)),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn kpscctl_maps_prints_table_and_json() {
+    let cluster = MockCluster::new(3).unwrap();
+    let base = free_port_base(20);
+    let kpscd = Kpscd::start(&proxy_args(&cluster, base, &[])).unwrap();
+    let mut client = RawClient::connect(&format!("127.0.1.1:{base}")).unwrap();
+    let _: (MetadataResponse, _) = client
+        .call(
+            ApiKey::Metadata,
+            12,
+            &MetadataRequest::default().with_topics(Some(vec![])),
+        )
+        .unwrap();
+    let admin = kpscd.admin.to_string();
+    let table = Command::new(kpscctl_bin())
+        .args(["maps", "--admin", &admin])
+        .output()
+        .unwrap();
+    assert!(table.status.success());
+    let table = String::from_utf8(table.stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("LISTEN") && lines[0].contains("ADVERTISED"),
+        "{table}"
+    );
+    assert_eq!(lines.len(), 4, "{table}");
+    let row1 = lines
+        .iter()
+        .find(|l| l.contains(&format!("127.0.1.1:{base}")))
+        .unwrap();
+    assert!(
+        row1.contains(&cluster.broker_addr(1)) && row1.contains("static"),
+        "{row1}"
+    );
+    // One open connection on broker 1's port.
+    assert!(row1.split_whitespace().any(|c| c == "1"), "{row1}");
+
+    let json = Command::new(kpscctl_bin())
+        .args(["maps", "--json", "--admin", &admin])
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node_id"] == 1)
+        .unwrap();
+    assert_eq!(row["connections_open"], 1);
+    assert!(row["bytes_to_client"].as_u64().unwrap() > 0);
+
+    let down = Command::new(kpscctl_bin())
+        .args(["maps", "--admin", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!down.status.success());
+    assert!(String::from_utf8_lossy(&down.stderr).contains("cannot reach kpscd"));
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish() {
+    let cluster = MockCluster::new(3).unwrap();
+    let base = free_port_base(20);
+    let mut kpscd = Kpscd::start(&proxy_args(&cluster, base, &[])).unwrap();
+    let mut client = RawClient::connect(&format!("127.0.1.1:{base}")).unwrap();
+    cluster.set_rtt(1, Duration::from_millis(1500)).unwrap();
+    let id = client
+        .send(
+            ApiKey::Metadata,
+            12,
+            &MetadataRequest::default().with_topics(Some(vec![])),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let pid = kpscd.pid();
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    // Admission stops at once: new connections are refused.
+    eventually(Duration::from_secs(2), || {
+        anyhow::ensure!(std::net::TcpStream::connect(("127.0.1.1", base)).is_err());
+        Ok(())
+    })
+    .unwrap();
+    let (r, _): (MetadataResponse, _) = client.recv(id, 12).unwrap();
+    assert_eq!(r.brokers.len(), 3);
+    let code = kpscd.terminate(Duration::from_secs(15)).unwrap();
+    assert_eq!(code, 0);
+    assert!(started.elapsed() >= Duration::from_millis(1000));
+}
+
+/// tansu: an independent Kafka-compatible broker. It supports FindCoordinator v4-6 and
+/// DescribeCluster, which the mock lacks.
+#[test]
+fn tansu_broker_through_kpsc() {
+    let broker_port = free_port_base(1);
+    let mut tansu = Command::new(tansu_bin())
+        .args([
+            "broker",
+            "--listener-url",
+            &format!("tcp://127.0.0.1:{broker_port}"),
+            "--advertised-listener-url",
+            &format!("tcp://127.0.0.1:{broker_port}"),
+            "--silent",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _ = &mut tansu;
+    let tansu = KillOnDrop(tansu);
+    eventually(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", broker_port))?;
+        Ok(())
+    })
+    .unwrap();
+
+    let base = free_port_base(200);
+    // tansu reports node id 111: deterministic port base + 111.
+    let kpscd = Kpscd::start(&[
+        "--bootstrap-server-mapping".into(),
+        format!("127.0.0.1:{broker_port},0.0.0.0:{base},127.0.1.1:{base}"),
+        "--dynamic-sequential-min-port".into(),
+        (base + 1).to_string(),
+        "--dynamic-advertised-listener".into(),
+        "127.0.1.<broker_id>".into(),
+    ])
+    .unwrap();
+    let mut client = RawClient::connect(&format!("127.0.1.1:{base}")).unwrap();
+    for version in 0..=12 {
+        let (r, raw): (MetadataResponse, _) = client
+            .call(
+                ApiKey::Metadata,
+                version,
+                &MetadataRequest::default().with_topics(if version == 0 {
+                    Some(vec![])
+                } else {
+                    None
+                }),
+            )
+            .unwrap();
+        assert!(
+            r.brokers
+                .iter()
+                .all(|b| b.host.as_str() == "127.0.1.1" && b.port == i32::from(base)),
+            "v{version}: {:?}",
+            r.brokers
+        );
+        assert!(!contains_bytes(&raw, b"127.0.0.1"), "v{version}");
+    }
+    for version in 0..=6 {
+        let request = if version < 4 {
+            FindCoordinatorRequest::default().with_key(StrBytes::from_static_str("g"))
+        } else {
+            FindCoordinatorRequest::default()
+                .with_coordinator_keys(vec![StrBytes::from_static_str("g")])
+        };
+        let (r, raw): (FindCoordinatorResponse, _) = client
+            .call(ApiKey::FindCoordinator, version, &request)
+            .unwrap();
+        let hosts: Vec<String> = if version < 4 {
+            vec![r.host.to_string()]
+        } else {
+            r.coordinators.iter().map(|c| c.host.to_string()).collect()
+        };
+        assert!(
+            hosts.iter().all(|h| h == "127.0.1.1"),
+            "v{version}: {hosts:?}"
+        );
+        assert!(!contains_bytes(&raw, b"127.0.0.1"), "v{version}");
+    }
+    for version in 0..=1 {
+        let (r, raw): (DescribeClusterResponse, _) = client
+            .call(
+                ApiKey::DescribeCluster,
+                version,
+                &DescribeClusterRequest::default(),
+            )
+            .unwrap();
+        assert!(r.brokers.iter().all(|b| b.host.as_str() == "127.0.1.1"));
+        assert!(!contains_bytes(&raw, b"127.0.0.1"), "v{version}");
+    }
+    assert!(kpscd.metric("kpsc_rewrites_total", "DescribeCluster") >= 2.0);
+    drop(tansu);
+}

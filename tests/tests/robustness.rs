@@ -1,0 +1,320 @@
+//! Pipelining and bad input against a real broker (librdkafka's mock) through the real
+//! kpscd binary. After every fault the daemon must still be alive and serving.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, TcpStream},
+    time::Duration,
+};
+
+use kafka_protocol::{
+    messages::{
+        ApiKey, ApiVersionsRequest, ApiVersionsResponse, FindCoordinatorRequest,
+        FindCoordinatorResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
+        MetadataResponse, TopicName,
+        list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic},
+        metadata_request::MetadataRequestTopic,
+    },
+    protocol::{Decodable, StrBytes},
+};
+use kpsc_tests::{Kpscd, MockCluster, RawClient, free_port_base, proxy_args};
+
+fn start() -> (MockCluster, Kpscd, u16) {
+    let cluster = MockCluster::new(3).unwrap();
+    cluster.create_topic("t", 3).unwrap();
+    let base = free_port_base(20);
+    let kpscd = Kpscd::start(&proxy_args(
+        &cluster,
+        base,
+        &["--max-frame-size", "1048576"],
+    ))
+    .unwrap();
+    (cluster, kpscd, base)
+}
+
+/// A full Metadata round trip through kpscd: the daemon is serving.
+fn assert_serving(kpscd: &mut Kpscd, base: u16) {
+    assert!(kpscd.alive(), "kpscd died; log:\n{}", kpscd.log());
+    let mut client = RawClient::connect(&format!("127.0.1.1:{base}")).unwrap();
+    let (response, _): (MetadataResponse, _) = client
+        .call(
+            ApiKey::Metadata,
+            12,
+            &MetadataRequest::default().with_topics(Some(vec![])),
+        )
+        .unwrap();
+    assert_eq!(response.brokers.len(), 3);
+}
+
+fn metadata_request() -> MetadataRequest {
+    MetadataRequest::default().with_topics(Some(vec![
+        MetadataRequestTopic::default().with_name(Some(TopicName(StrBytes::from_static_str("t")))),
+    ]))
+}
+
+#[test]
+fn pipelined_mixed_requests_come_back_in_order() {
+    let (_cluster, mut kpscd, base) = start();
+    let mut client = RawClient::connect(&format!("127.0.1.1:{base}")).unwrap();
+    // 300 requests of four kinds, two of them rewritten, sent without waiting.
+    let mut sent = Vec::new();
+    for i in 0..300 {
+        let id = match i % 4 {
+            0 => client
+                .send(
+                    ApiKey::ApiVersions,
+                    3,
+                    &ApiVersionsRequest::default()
+                        .with_client_software_name(StrBytes::from_static_str("t"))
+                        .with_client_software_version(StrBytes::from_static_str("1")),
+                )
+                .unwrap(),
+            1 => client
+                .send(ApiKey::Metadata, 12, &metadata_request())
+                .unwrap(),
+            2 => client
+                .send(
+                    ApiKey::FindCoordinator,
+                    3,
+                    &FindCoordinatorRequest::default()
+                        .with_key(StrBytes::from_string(format!("g{i}"))),
+                )
+                .unwrap(),
+            _ => client
+                .send(
+                    ApiKey::ListOffsets,
+                    5,
+                    &ListOffsetsRequest::default()
+                        .with_replica_id((-1).into())
+                        .with_topics(vec![
+                            ListOffsetsTopic::default()
+                                .with_name(TopicName(StrBytes::from_static_str("t")))
+                                .with_partitions(vec![
+                                    ListOffsetsPartition::default()
+                                        .with_partition_index((i % 3) as i32)
+                                        .with_timestamp(-1),
+                                ]),
+                        ]),
+                )
+                .unwrap(),
+        };
+        sent.push((i % 4, id));
+    }
+    for (kind, id) in sent {
+        match kind {
+            0 => {
+                let (r, _): (ApiVersionsResponse, _) = client.recv(id, 3).unwrap();
+                assert_eq!(r.error_code, 0);
+            }
+            1 => {
+                let (r, _): (MetadataResponse, _) = client.recv(id, 12).unwrap();
+                assert_eq!(r.brokers.len(), 3);
+            }
+            2 => {
+                let (r, _): (FindCoordinatorResponse, _) = client.recv(id, 3).unwrap();
+                assert!(r.host.starts_with("127.0.1."), "{}", r.host);
+            }
+            _ => {
+                let _: (ListOffsetsResponse, _) = client.recv(id, 5).unwrap();
+            }
+        }
+    }
+    assert_serving(&mut kpscd, base);
+}
+
+#[test]
+fn produce_acks_zero_gets_no_response_and_order_is_kept() {
+    let (_cluster, mut kpscd, base) = start();
+    let mut client = RawClient::connect(&format!("127.0.1.1:{base}")).unwrap();
+    // Produce v7 with acks=0 and no data: the broker sends nothing back. kpscd must not
+    // wait for it, and the Metadata response after it must still arrive.
+    let produce = kafka_protocol::messages::ProduceRequest::default()
+        .with_acks(0)
+        .with_timeout_ms(1000);
+    client.send(ApiKey::Produce, 7, &produce).unwrap();
+    let id = client
+        .send(ApiKey::Metadata, 12, &metadata_request())
+        .unwrap();
+    let (r, _): (MetadataResponse, _) = client.recv(id, 12).unwrap();
+    assert_eq!(r.brokers.len(), 3);
+    assert_serving(&mut kpscd, base);
+}
+
+fn expect_closed(stream: &mut TcpStream) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the connection to be closed, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_frames_close_only_their_connection() {
+    let (_cluster, mut kpscd, base) = start();
+    let addr = format!("127.0.1.1:{base}");
+    // A healthy connection that stays open through all the faults.
+    let mut bystander = RawClient::connect(&addr).unwrap();
+
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "client_frame_too_large",
+            (2 * 1024 * 1024i32).to_be_bytes().to_vec(),
+        ),
+        ("client_bad_size", (-5i32).to_be_bytes().to_vec()),
+        ("client_bad_size", 3i32.to_be_bytes().to_vec()),
+        ("client_bad_header", {
+            let mut f = 12i32.to_be_bytes().to_vec();
+            f.extend_from_slice(&[0x7f, 0x00, 0, 1, 0, 0, 0, 9, 0xff, 0xff, 0, 0]);
+            f
+        }),
+    ];
+    for (reason, bytes) in cases {
+        let before = kpscd.metric("kpsc_connection_errors_total", reason);
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.write_all(&bytes).unwrap();
+        expect_closed(&mut s);
+        kpsc_tests::eventually(Duration::from_secs(5), || {
+            anyhow::ensure!(kpscd.metric("kpsc_connection_errors_total", reason) > before);
+            Ok(())
+        })
+        .unwrap_or_else(|_| panic!("{reason} not counted"));
+        assert_serving(&mut kpscd, base);
+    }
+
+    // Truncated size prefix and a disconnect in the middle of a frame.
+    for partial in [vec![0u8, 0], {
+        let mut f = 100i32.to_be_bytes().to_vec();
+        f.extend_from_slice(&[0, 3, 0, 12, 0, 0]);
+        f
+    }] {
+        let before = kpscd.metric("kpsc_connection_errors_total", "client_truncated");
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.write_all(&partial).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        expect_closed(&mut s);
+        kpsc_tests::eventually(Duration::from_secs(5), || {
+            anyhow::ensure!(
+                kpscd.metric("kpsc_connection_errors_total", "client_truncated") > before
+            );
+            Ok(())
+        })
+        .unwrap();
+        assert_serving(&mut kpscd, base);
+    }
+
+    // The bystander was never disturbed.
+    let (r, _): (MetadataResponse, _) = bystander
+        .call(ApiKey::Metadata, 12, &metadata_request())
+        .unwrap();
+    assert_eq!(r.brokers.len(), 3);
+}
+
+#[test]
+fn broker_down_or_reset_closes_the_client_connection_only() {
+    let (cluster, mut kpscd, base) = start();
+    let broker3 = format!("127.0.1.3:{}", base + 13);
+    let mut client = RawClient::connect(&broker3).unwrap();
+    let (_, _): (MetadataResponse, _) = client
+        .call(ApiKey::Metadata, 12, &metadata_request())
+        .unwrap();
+
+    // Broker 3 goes down: the mock closes its connections (a reset for the proxy).
+    cluster.broker_down(3).unwrap();
+    let id = client.send(ApiKey::Metadata, 12, &metadata_request());
+    if id.is_ok() {
+        expect_closed(client.stream());
+    }
+    // New connections to broker 3's port are refused by the broker: closed, counted.
+    let mut s = TcpStream::connect(&broker3).unwrap();
+    expect_closed(&mut s);
+    kpsc_tests::eventually(Duration::from_secs(5), || {
+        anyhow::ensure!(
+            kpscd.metric("kpsc_connection_errors_total", "broker_unreachable") >= 1.0
+                || kpscd.metric("kpsc_connection_errors_total", "broker_closed") >= 1.0
+        );
+        Ok(())
+    })
+    .unwrap();
+    assert_serving(&mut kpscd, base);
+
+    cluster.broker_up(3).unwrap();
+    let mut client = kpsc_tests::eventually(Duration::from_secs(10), || {
+        let mut c = RawClient::connect(&broker3)?;
+        let _: (MetadataResponse, _) = c.call(ApiKey::Metadata, 12, &metadata_request())?;
+        Ok(c)
+    })
+    .unwrap();
+    let (r, _): (MetadataResponse, _) = client
+        .call(ApiKey::Metadata, 12, &metadata_request())
+        .unwrap();
+    assert_eq!(r.brokers.len(), 3);
+}
+
+#[test]
+fn api_versions_hides_what_kpsc_cannot_rewrite() {
+    let cluster = MockCluster::new(3).unwrap();
+    let base = free_port_base(20);
+    for (policy, produce_max, fetch_max) in [("cap", 9, 15), ("rewrite", i16::MAX, i16::MAX)] {
+        let kpscd = Kpscd::start(&proxy_args(
+            &cluster,
+            base,
+            &["--bulk-policy", policy, "--forbidden-api-keys", "20,19"],
+        ))
+        .unwrap();
+        let mut client = RawClient::connect(&format!("127.0.1.1:{base}")).unwrap();
+        // ApiVersions v3 response header is v0 whatever the request version.
+        let id = client
+            .send(
+                ApiKey::ApiVersions,
+                3,
+                &ApiVersionsRequest::default()
+                    .with_client_software_name(StrBytes::from_static_str("t"))
+                    .with_client_software_version(StrBytes::from_static_str("1")),
+            )
+            .unwrap();
+        let raw = client.recv_raw().unwrap();
+        assert_eq!(i32::from_be_bytes(raw[..4].try_into().unwrap()), id);
+        let mut body = raw.slice(4..);
+        let r = ApiVersionsResponse::decode(&mut body, 3).unwrap();
+        let max = |key: ApiKey| {
+            r.api_keys
+                .iter()
+                .find(|k| k.api_key == key as i16)
+                .map(|k| k.max_version)
+        };
+        assert!(max(ApiKey::Produce).unwrap() <= produce_max, "{policy}");
+        assert!(max(ApiKey::Fetch).unwrap() <= fetch_max, "{policy}");
+        assert!(max(ApiKey::Metadata).unwrap() <= 13);
+        assert!(max(ApiKey::FindCoordinator).unwrap() <= 6);
+        assert_eq!(
+            max(ApiKey::DeleteTopics),
+            None,
+            "forbidden key still offered"
+        );
+        assert_eq!(
+            max(ApiKey::CreateTopics),
+            None,
+            "forbidden key still offered"
+        );
+        assert!(max(ApiKey::DescribeQuorum).is_none_or(|v| v <= 1));
+        assert!(max(ApiKey::ShareFetch).is_none());
+        // A forbidden request closes the connection and is counted.
+        client
+            .send(
+                ApiKey::DeleteTopics,
+                4,
+                &kafka_protocol::messages::DeleteTopicsRequest::default(),
+            )
+            .unwrap();
+        expect_closed(client.stream());
+        assert_eq!(
+            kpscd.metric("kpsc_forbidden_requests_total", "DeleteTopics"),
+            1.0
+        );
+        drop(kpscd);
+    }
+}
