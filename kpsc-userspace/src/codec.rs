@@ -412,7 +412,7 @@ mod tests {
         let mut input = Vec::new();
         input.extend_from_slice(&(payload.len() as i32).to_be_bytes());
         input.extend_from_slice(&payload);
-        input.extend_from_slice(&[0, 0, 0, 1, 42]);
+        input.extend_from_slice(&[0, 0, 0, 4, 42, 43, 44, 45]);
         let mut r = FrameReader::new(&input[..], 64);
         assert!(r.fill_to(4).await.unwrap());
         let size = frame_size(r.buffered()[..4].try_into().unwrap(), 1 << 20, 0, "x").unwrap();
@@ -422,7 +422,7 @@ mod tests {
         assert_eq!(out, payload);
         let mut body = Vec::new();
         assert!(r.read_frame(10, &mut body).await.unwrap());
-        assert_eq!(body, vec![42]);
+        assert_eq!(body, vec![42, 43, 44, 45]);
         assert!(!r.fill_to(4).await.unwrap());
         // Truncated frame: EOF inside the body is an error, not a clean close.
         let mut r = FrameReader::new(&[0u8, 0, 0, 9, 1, 2][..], 64);

@@ -15,7 +15,6 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::ApiKey;
 use tokio::{
-    io::AsyncWriteExt,
     net::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
@@ -135,10 +134,12 @@ async fn run(client: TcpStream, route: &Route, state: &Arc<ProxyState>) -> Resul
     client.set_nodelay(true).ok();
     let upstream = connect(&route.broker, state).await?;
     let (client_r, client_w) = client.into_split();
-    let (upstream_r, upstream_w) = upstream.into_split();
+    // The upstream write half outlives both loops: dropping it sends FIN, and brokers drop
+    // the responses still owed on a connection whose client side has closed.
+    let (upstream_r, mut upstream_w) = upstream.into_split();
     let (in_flight_tx, in_flight_rx) = mpsc::channel(state.config.max_in_flight);
 
-    let requests = forward_requests(client_r, upstream_w, in_flight_tx, route, state);
+    let requests = forward_requests(client_r, &mut upstream_w, in_flight_tx, route, state);
     let responses = forward_responses(upstream_r, client_w, in_flight_rx, route, state);
     tokio::pin!(requests, responses);
     tokio::select! {
@@ -154,7 +155,7 @@ async fn run(client: TcpStream, route: &Route, state: &Arc<ProxyState>) -> Resul
 
 async fn forward_requests(
     client_r: OwnedReadHalf,
-    mut upstream_w: OwnedWriteHalf,
+    upstream_w: &mut OwnedWriteHalf,
     in_flight: mpsc::Sender<InFlight>,
     route: &Route,
     state: &ProxyState,
@@ -169,8 +170,8 @@ async fn forward_requests(
             more = reader.fill_to(SIZE_LEN) => more.map_err(ConnError::Client)?,
         };
         if !more {
-            // Half-close upstream so the broker sees the client's EOF.
-            upstream_w.shutdown().await.ok();
+            // Dropping `in_flight` lets the response loop end once it has delivered what
+            // is still owed.
             return Ok(());
         }
         let prefix: [u8; 4] = reader.buffered()[..SIZE_LEN].try_into().expect("4 bytes");
@@ -223,7 +224,7 @@ async fn forward_requests(
         }
         state.metrics.request(header.api_key);
         reader
-            .copy_to(frame_len, &mut upstream_w)
+            .copy_to(frame_len, upstream_w)
             .await
             .map_err(|e| match e {
                 FrameError::Truncated => ConnError::Client(e),

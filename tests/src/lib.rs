@@ -22,7 +22,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::{
-    messages::{ApiKey, RequestHeader, ResponseHeader},
+    messages::{ApiKey, ApiVersionsRequest, ApiVersionsResponse, RequestHeader, ResponseHeader},
     protocol::{Decodable, Encodable, HeaderVersion, StrBytes},
 };
 use rdkafka::{
@@ -477,6 +477,46 @@ impl RawClient {
             header.correlation_id
         );
         Ok((Resp::decode(&mut body, version)?, raw))
+    }
+
+    /// ApiVersions as clients do it: v3 first; a broker that does not support v3 answers
+    /// with UNSUPPORTED_VERSION in v0 format, then ask again with the highest version
+    /// that answer lists. Returns the response and the version used.
+    pub fn api_versions(&mut self) -> anyhow::Result<(ApiVersionsResponse, i16)> {
+        let request = ApiVersionsRequest::default()
+            .with_client_software_name(StrBytes::from_static_str("kpsc-tests"))
+            .with_client_software_version(StrBytes::from_static_str("1"));
+        let id = self.send(ApiKey::ApiVersions, 3, &request)?;
+        let raw = self.recv_raw()?;
+        // The ApiVersions response header is v0 (no tagged fields) whatever the version.
+        let mut body = raw.clone();
+        let header = ResponseHeader::decode(&mut body, 0)?;
+        anyhow::ensure!(header.correlation_id == id, "ApiVersions correlation id");
+        // Kafka answers an unsupported version in v0 format; librdkafka's mock answers in
+        // the requested format. Accept both, as clients do.
+        let first = match ApiVersionsResponse::decode(&mut body.clone(), 3) {
+            Ok(r) if r.error_code == 0 => return Ok((r, 3)),
+            Ok(r) => r,
+            Err(_) => ApiVersionsResponse::decode(&mut body, 0)?,
+        };
+        anyhow::ensure!(
+            first.error_code == 35,
+            "ApiVersions v3 error {}",
+            first.error_code
+        );
+        // An answer without its own range means "try v0" (librdkafka's fallback).
+        let version = first
+            .api_keys
+            .iter()
+            .find(|k| k.api_key == ApiKey::ApiVersions as i16)
+            .map_or(0, |k| k.max_version.min(3));
+        let (r, _): (ApiVersionsResponse, _) = self.call(ApiKey::ApiVersions, version, &request)?;
+        anyhow::ensure!(
+            r.error_code == 0,
+            "ApiVersions v{version} error {}",
+            r.error_code
+        );
+        Ok((r, version))
     }
 
     pub fn call<Req, Resp>(

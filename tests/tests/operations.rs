@@ -39,48 +39,96 @@ fn map_rows(kpscd: &Kpscd) -> Vec<(String, String, String, i64)> {
     rows
 }
 
+/// Same flags for every instance but the IP it listens on (two instances of one
+/// configuration cannot bind the same ports on one machine; on two nodes they would).
+fn instance_args(cluster: &MockCluster, base: u16, listen_ip: &str) -> Vec<String> {
+    [
+        "--bootstrap-server-mapping",
+        &format!(
+            "{},{listen_ip}:{base},b1.kpsc.test:{base}",
+            cluster.broker_addr(1)
+        ),
+        "--dynamic-sequential-min-port",
+        &(base + 10).to_string(),
+        "--dynamic-advertised-listener",
+        "b<broker_id>.kpsc.test",
+        "--default-listener-ip",
+        listen_ip,
+        "--metadata-refresh-interval",
+        "1s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 #[test]
 fn late_broker_gets_its_deterministic_port_and_instances_agree() {
     let cluster = MockCluster::new(3).unwrap();
     let base = free_port_base(40);
-    let first = Kpscd::start(&proxy_args(&cluster, base, &[])).unwrap();
-    let initial = map_rows(&first);
-    assert_eq!(initial.len(), 3);
-    assert!(initial.contains(&(
-        format!("0.0.0.0:{}", base + 12),
-        cluster.broker_addr(2),
-        format!("127.0.1.2:{}", base + 12),
-        2
-    )));
-
-    // A second instance with the same configuration on another node would compute the
-    // same map; here it differs only in its listen IP so both can run on one machine.
-    let other_args: Vec<String> = proxy_args(&cluster, base, &[])
-        .into_iter()
-        .map(|a| a.replace("0.0.0.0", "127.0.2.1"))
-        .collect();
-    let second = Kpscd::start(&other_args).unwrap();
-    let same: Vec<_> = map_rows(&second)
-        .into_iter()
-        .map(|(l, b, a, id)| (l.replace("127.0.2.1", "0.0.0.0"), b, a, id))
-        .collect();
+    let first = Kpscd::start(&instance_args(&cluster, base, "127.0.3.1")).unwrap();
+    let second = Kpscd::start(&instance_args(&cluster, base, "127.0.4.1")).unwrap();
+    let normalized = |k: &Kpscd, ip: &str| -> Vec<_> {
+        map_rows(k)
+            .into_iter()
+            .map(|(l, b, a, id)| (l.replace(ip, "IP"), b, a, id))
+            .collect()
+    };
+    let initial = normalized(&first, "127.0.3.1");
     assert_eq!(
-        same, initial,
+        initial,
+        vec![
+            (
+                format!("IP:{base}"),
+                cluster.broker_addr(1),
+                format!("b1.kpsc.test:{base}"),
+                1
+            ),
+            (
+                format!("IP:{}", base + 12),
+                cluster.broker_addr(2),
+                format!("b2.kpsc.test:{}", base + 12),
+                2
+            ),
+            (
+                format!("IP:{}", base + 13),
+                cluster.broker_addr(3),
+                format!("b3.kpsc.test:{}", base + 13),
+                3
+            ),
+        ]
+    );
+    assert_eq!(
+        normalized(&second, "127.0.4.1"),
+        initial,
         "two instances, same configuration, different maps"
     );
 
     cluster.add_broker(4).unwrap();
-    let expected = format!("127.0.1.4:{}", base + 14);
-    eventually(Duration::from_secs(15), || {
-        let rows = map_rows(&first);
-        anyhow::ensure!(rows.iter().any(|r| r.2 == expected && r.3 == 4), "{rows:?}");
-        Ok(())
-    })
-    .unwrap();
-    let (status, _) = first.get("/ready").unwrap();
-    assert_eq!(status, 200, "broker 4's port should be bound");
-    // The new port serves broker 4 and its metadata shows four advertised brokers.
-    let mut client = RawClient::connect(&expected).unwrap();
+    let expected = (
+        format!("IP:{}", base + 14),
+        format!("b4.kpsc.test:{}", base + 14),
+    );
+    for (k, ip) in [(&first, "127.0.3.1"), (&second, "127.0.4.1")] {
+        eventually(Duration::from_secs(15), || {
+            let rows = normalized(k, ip);
+            anyhow::ensure!(
+                rows.iter()
+                    .any(|r| (r.0.clone(), r.2.clone()) == expected && r.3 == 4),
+                "{rows:?}"
+            );
+            Ok(())
+        })
+        .unwrap();
+        let (status, _) = k.get("/ready").unwrap();
+        assert_eq!(status, 200, "broker 4's port should be bound");
+    }
+    assert_eq!(
+        normalized(&first, "127.0.3.1"),
+        normalized(&second, "127.0.4.1")
+    );
+    // The new port serves broker 4; its metadata lists four brokers, all advertised.
+    let mut client = RawClient::connect(&format!("127.0.3.1:{}", base + 14)).unwrap();
     let (r, raw): (MetadataResponse, _) = client
         .call(
             ApiKey::Metadata,
@@ -88,14 +136,15 @@ fn late_broker_gets_its_deterministic_port_and_instances_agree() {
             &MetadataRequest::default().with_topics(Some(vec![])),
         )
         .unwrap();
-    assert_eq!(r.brokers.len(), 4);
+    let mut hosts: Vec<String> = r
+        .brokers
+        .iter()
+        .map(|b| format!("{}:{}", b.host, b.port))
+        .collect();
+    hosts.sort();
+    assert_eq!(hosts.len(), 4);
+    assert_eq!(hosts[3], expected.1);
     assert!(!contains_bytes(&raw, b"127.0.0.1"));
-    eventually(Duration::from_secs(15), || {
-        let rows = map_rows(&second);
-        anyhow::ensure!(rows.iter().any(|r| r.2 == expected), "{rows:?}");
-        Ok(())
-    })
-    .unwrap();
 }
 
 fn kpscd_exit(args: &[&str]) -> (i32, String) {
@@ -125,6 +174,7 @@ fn bad_configuration_exits_2_and_names_the_flag() {
                 "proxy",
                 "--bootstrap-server-mapping",
                 "127.0.0.1:1,127.0.0.1:2",
+                "--dynamic-listeners-disable",
                 "--bulk-policy",
                 "fast",
             ],
