@@ -150,30 +150,6 @@ impl MockCluster {
             "broker_set_rtt",
         )
     }
-
-    /// Pushes a leader change into the next Produce/Fetch responses (KIP-951 node_endpoints).
-    pub fn push_leader_response(
-        &self,
-        topic: &str,
-        partition: i32,
-        leader: i32,
-        epoch: i32,
-    ) -> anyhow::Result<()> {
-        let name = CString::new(topic)?;
-        // SAFETY: valid handle and C string.
-        mock_ok(
-            unsafe {
-                rd::rd_kafka_mock_partition_push_leader_response(
-                    self.cluster,
-                    name.as_ptr(),
-                    partition,
-                    leader,
-                    epoch,
-                )
-            },
-            "partition_push_leader_response",
-        )
-    }
 }
 
 /// Port ranges for tests: each call returns a base with `count` free ports above it.

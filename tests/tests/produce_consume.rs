@@ -56,7 +56,8 @@ fn client_config(bootstrap: &str) -> ClientConfig {
 #[derive(Clone, Copy)]
 enum Disruption {
     None,
-    /// Move partition leaders, push KIP-951 leader hints, take broker 3 down and up.
+    /// Move partition leaders (under `rewrite`, the mock then answers Produce v10+ with
+    /// KIP-951 `node_endpoints`), take broker 3 down and up.
     LeaderChangesAndBrokerRestart,
 }
 
@@ -84,7 +85,6 @@ fn produce_and_consume(policy: &str, disruption: Disruption) {
             Disruption::LeaderChangesAndBrokerRestart if i == MESSAGES / 4 => {
                 producer.flush(Duration::from_secs(30)).unwrap();
                 cluster.set_leader(TOPIC, 0, 2).unwrap();
-                cluster.push_leader_response(TOPIC, 0, 2, 5).unwrap();
             }
             Disruption::LeaderChangesAndBrokerRestart if i == MESSAGES / 2 => {
                 producer.flush(Duration::from_secs(30)).unwrap();
@@ -93,7 +93,6 @@ fn produce_and_consume(policy: &str, disruption: Disruption) {
             Disruption::LeaderChangesAndBrokerRestart if i == MESSAGES / 2 + 500 => {
                 cluster.broker_up(3).unwrap();
                 cluster.set_leader(TOPIC, 2, 1).unwrap();
-                cluster.push_leader_response(TOPIC, 2, 1, 7).unwrap();
             }
             _ => {}
         }
@@ -180,6 +179,22 @@ fn produce_and_consume(policy: &str, disruption: Disruption) {
             seen.iter().any(|n| n.contains(&advertised)),
             "client never used broker {id} through kpsc: {seen:?}"
         );
+    }
+    eprintln!(
+        "rewrites: Produce {}, Fetch {}",
+        kpscd.metric("kpsc_rewrites_total", "api=\"Produce\""),
+        kpscd.metric("kpsc_rewrites_total", "api=\"Fetch\"")
+    );
+    let produce_rewrites = kpscd.metric("kpsc_rewrites_total", "api=\"Produce\"");
+    match (policy, disruption) {
+        // The leader moved under the producer: the old leader answered NOT_LEADER with the
+        // new leader's endpoint (KIP-951), which kpsc rewrote.
+        ("rewrite", Disruption::LeaderChangesAndBrokerRestart) => assert!(
+            produce_rewrites >= 1.0,
+            "the KIP-951 path was not exercised"
+        ),
+        ("cap", _) => assert_eq!(produce_rewrites, 0.0, "Produce above v9 under cap"),
+        _ => {}
     }
     assert_eq!(kpscd.metric("kpsc_decode_failures_total", ""), 0.0);
     assert_eq!(
