@@ -10,7 +10,7 @@
 //! - memory per connection is two fixed buffers plus at most one rewritten response;
 //!   `--kafka-max-open-requests` bounds requests in flight (then reading the client stops).
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{collections::VecDeque, net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::ApiKey;
@@ -96,7 +96,12 @@ impl ConnError {
 struct InFlight {
     header: RequestHeader,
     sent_at: Instant,
+    /// False for Produce with acks=0: Kafka brokers send no response.
+    expects_response: bool,
 }
+
+/// How many unanswered acks=0 correlation ids to remember (see `forward_responses`).
+const ACKS0_MEMORY: usize = 1024;
 
 /// Serves one accepted client connection to completion, logging and counting how it ended.
 pub async fn serve(client: TcpStream, peer: SocketAddr, route: Route, state: Arc<ProxyState>) {
@@ -212,16 +217,15 @@ async fn forward_requests(
         } else {
             true
         };
-        if expects_response {
-            // Blocks when too many requests are in flight: backpressure on the client.
-            in_flight
-                .send(InFlight {
-                    header,
-                    sent_at: Instant::now(),
-                })
-                .await
-                .map_err(|_| ConnError::BrokerClosed(0))?;
-        }
+        // Blocks when too many requests are in flight: backpressure on the client.
+        in_flight
+            .send(InFlight {
+                header,
+                sent_at: Instant::now(),
+                expects_response,
+            })
+            .await
+            .map_err(|_| ConnError::BrokerClosed(0))?;
         state.metrics.request(header.api_key);
         reader
             .copy_to(frame_len, upstream_w)
@@ -245,26 +249,41 @@ async fn forward_responses(
     let mut reader = FrameReader::new(upstream_r, BUFFER_SIZE);
     let mut body = Vec::new();
     let mut out = BytesMut::new();
+    // Correlation ids of acks=0 produce requests since the last answered request. Kafka
+    // never answers them; some brokers (librdkafka's mock) do, and such an answer must be
+    // dropped, not forwarded to a client that expects none nor taken as out of order.
+    let mut unanswered_acks0: VecDeque<i32> = VecDeque::new();
+    let mut pending: Option<InFlight> = None;
     loop {
-        let request = tokio::select! {
-            // Requests are registered before they are written upstream, so when a response
-            // arrives its request is already queued: poll the queue first.
-            biased;
-            request = in_flight.recv() => match request {
-                Some(r) => r,
-                None => return Ok(()),
-            },
-            // Nothing in flight: the broker may only close the connection.
-            data = reader.fill_to(1) => {
-                return match data.map_err(ConnError::Broker)? {
-                    false => Ok(()),
-                    true => Err(ConnError::Unsolicited),
-                };
+        if pending.is_none() {
+            pending = tokio::select! {
+                // Requests are registered before they are written upstream, so when a
+                // response arrives its request is already queued: poll the queue first.
+                biased;
+                request = in_flight.recv() => match request {
+                    Some(r) => Some(r),
+                    None => return Ok(()),
+                },
+                // Nothing in flight: only a close or an answer to acks=0 may come.
+                data = reader.fill_to(1) => {
+                    if !data.map_err(ConnError::Broker)? {
+                        return Ok(());
+                    }
+                    None
+                }
+            };
+            if let Some(request) = pending.take_if(|r| !r.expects_response) {
+                if unanswered_acks0.len() == ACKS0_MEMORY {
+                    unanswered_acks0.pop_front();
+                }
+                unanswered_acks0.push_back(request.header.correlation_id);
+                continue;
             }
-        };
-        let waiting = in_flight.len() + 1;
+        }
+        let waiting = in_flight.len() + usize::from(pending.is_some());
         match reader.fill_to(SIZE_LEN + 4).await {
             Ok(true) => {}
+            Ok(false) if waiting == 0 => return Ok(()),
             Ok(false) | Err(FrameError::Truncated) => return Err(ConnError::BrokerClosed(waiting)),
             Err(e) => return Err(ConnError::Broker(e)),
         }
@@ -277,6 +296,21 @@ async fn forward_responses(
         )
         .map_err(ConnError::Broker)?;
         let correlation_id = i32::from_be_bytes(buffered[4..8].try_into().expect("4 bytes"));
+        if let Some(pos) = unanswered_acks0.iter().position(|&id| id == correlation_id) {
+            unanswered_acks0.drain(..=pos);
+            reader
+                .copy_to(SIZE_LEN + size as usize, &mut tokio::io::sink())
+                .await
+                .map_err(ConnError::Broker)?;
+            debug!(
+                correlation_id,
+                "dropped the broker's answer to an acks=0 produce"
+            );
+            continue;
+        }
+        let Some(request) = pending.take() else {
+            return Err(ConnError::Unsolicited);
+        };
         let RequestHeader {
             api_key,
             api_version,
@@ -288,6 +322,8 @@ async fn forward_responses(
                 got: correlation_id,
             });
         }
+        // Responses come in request order: earlier acks=0 requests will not be answered.
+        unanswered_acks0.clear();
         let is_api_versions = api_key == ApiKey::ApiVersions as i16;
         let written = if is_api_versions || rewrite::response_needs_rewrite(api_key, api_version) {
             reader.consume(SIZE_LEN);

@@ -50,7 +50,7 @@ async fn run_inner(config: ProxyConfig) -> anyhow::Result<ExitCode> {
     match state.refresh_metadata().await {
         Ok(problems) if !problems.is_empty() => {
             for p in &problems {
-                error!(error = %format!("{p:#}"), "port map conflict");
+                error!(error = %format!("{p:#}"), "broker cannot be mapped");
                 eprintln!("kpscd: invalid port map: {p:#}");
             }
             return Ok(ExitCode::from(EXIT_CONFIG));

@@ -212,6 +212,50 @@ pub fn tansu_bin() -> PathBuf {
     p
 }
 
+/// A tansu broker (an independent Kafka-compatible implementation) on 127.0.0.1,
+/// advertising its own address; killed on drop.
+pub struct Tansu {
+    child: Child,
+    pub port: u16,
+}
+
+impl Tansu {
+    pub fn start() -> anyhow::Result<Self> {
+        let port = free_port_base(1);
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--silent",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting tansu")?;
+        let tansu = Self { child, port };
+        eventually(Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port))?;
+            Ok(())
+        })?;
+        Ok(tansu)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running `kpscd proxy`, stopped (SIGTERM, then SIGKILL) on drop.
 pub struct Kpscd {
     child: Child,

@@ -15,8 +15,8 @@ use kafka_protocol::{
     protocol::StrBytes,
 };
 use kpsc_tests::{
-    Kpscd, MockCluster, RawClient, contains_bytes, eventually, free_port_base, kpscctl_bin,
-    kpscd_bin, proxy_args, tansu_bin,
+    Kpscd, MockCluster, RawClient, Tansu, contains_bytes, eventually, free_port_base, kpscctl_bin,
+    kpscd_bin, proxy_args,
 };
 
 fn map_rows(kpscd: &Kpscd) -> Vec<(String, String, String, i64)> {
@@ -330,35 +330,8 @@ fn sigterm_lets_in_flight_requests_finish() {
 /// DescribeCluster, which the mock lacks.
 #[test]
 fn tansu_broker_through_kpsc() {
-    let broker_port = free_port_base(1);
-    let mut tansu = Command::new(tansu_bin())
-        .args([
-            "broker",
-            "--listener-url",
-            &format!("tcp://127.0.0.1:{broker_port}"),
-            "--advertised-listener-url",
-            &format!("tcp://127.0.0.1:{broker_port}"),
-            "--silent",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _ = &mut tansu;
-    let tansu = KillOnDrop(tansu);
-    eventually(Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", broker_port))?;
-        Ok(())
-    })
-    .unwrap();
-
+    let tansu = Tansu::start().unwrap();
+    let broker_port = tansu.port;
     let base = free_port_base(200);
     // tansu reports node id 111: deterministic port base + 111.
     let kpscd = Kpscd::start(&[
