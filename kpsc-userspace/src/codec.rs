@@ -106,10 +106,10 @@ pub fn produce_acks(body: &[u8], api_version: i16) -> Result<Acks, FrameError> {
         if len > 0 {
             cur.skip(len as usize)?;
         }
-        if ApiKey::Produce.request_header_version(api_version) >= 2 {
-            if let Err(e) = cur.skip_tagged_fields()? {
-                return Some(Err(e));
-            }
+        if ApiKey::Produce.request_header_version(api_version) >= 2
+            && let Err(e) = cur.skip_tagged_fields()?
+        {
+            return Some(Err(e));
         }
         if api_version >= 3 {
             // transactional_id: nullable string, compact from v9 (flexible).

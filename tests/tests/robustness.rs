@@ -88,7 +88,7 @@ fn pipelined_mixed_requests_come_back_in_order() {
                                 .with_name(TopicName(StrBytes::from_static_str("t")))
                                 .with_partitions(vec![
                                     ListOffsetsPartition::default()
-                                        .with_partition_index((i % 3) as i32)
+                                        .with_partition_index(i % 3)
                                         .with_timestamp(-1),
                                 ]),
                         ]),
