@@ -142,10 +142,22 @@ fn setup() -> anyhow::Result<()> {
     } else {
         step(&format!("apt-get install {}", missing.join(" ")));
         run(Command::new("apt-get").args(["update", "-q"]))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        let install = |packages: &[&str]| {
+            run(Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"))
+        };
+        if let Err(e) = install(&missing) {
+            // The pinned versions are the verified set; a point release that replaced them
+            // still pairs rustc-web with its own BPF libstd and LLVM 22, so try that.
+            eprintln!("    pinned install failed ({e:#}); trying the current versions");
+            let unpinned: Vec<&str> = missing
+                .iter()
+                .map(|p| p.split_once('=').map_or(*p, |(name, _)| name))
+                .collect();
+            install(&unpinned)?;
+        }
     }
 
     let toolchains = Command::new("rustup")
