@@ -38,3 +38,117 @@ impl PortCounters {
 #[cfg(feature = "user")]
 // SAFETY: repr(C), only u64 fields, no padding; any bit pattern is valid.
 unsafe impl aya::Pod for PortCounters {}
+
+/// Names of the portmap program and its maps (pinned under `/sys/fs/bpf/kpsc/<instance>/`).
+pub mod portmap {
+    pub const PROGRAM: &str = "kpsc_portmap";
+    pub const TARGETS_MAP: &str = "PORTMAP_TARGETS";
+    pub const FLOWS_MAP: &str = "PORTMAP_FLOWS";
+    pub const REPLIES_MAP: &str = "PORTMAP_REPLIES";
+    pub const STATS_MAP: &str = "PORTMAP_STATS";
+    /// Capacity of the connection-tracking maps (LRU: the oldest idle flows go first).
+    pub const MAX_FLOWS: u32 = 65_536;
+    /// Source ports tried before a new flow is dropped for lack of a free translated tuple.
+    pub const PORT_ATTEMPTS: u32 = 8;
+    /// Where replacement source ports come from when the client's own is taken.
+    pub const EPHEMERAL_FIRST: u16 = 32_768;
+    pub const EPHEMERAL_COUNT: u16 = 28_232;
+}
+
+/// Where a mapped listen port goes. Addresses and ports in network byte order, as in the
+/// packet, so the program copies them without swapping.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortTarget {
+    /// Only packets to this node address are translated; 0 = any address of the node.
+    pub listen_ip: u32,
+    pub broker_ip: u32,
+    /// The node's own address towards the broker (the translated source).
+    pub snat_ip: u32,
+    pub broker_port: u16,
+    pub _pad: u16,
+}
+
+/// One direction of a TCP flow as it appears on the wire (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+impl FlowKey {
+    /// The same flow seen from the other end.
+    pub const fn reversed(&self) -> FlowKey {
+        FlowKey {
+            src_ip: self.dst_ip,
+            dst_ip: self.src_ip,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+        }
+    }
+}
+
+/// A translated flow: `FLOWS[client->node] = {client->node as sent to the broker}`, and
+/// `REPLIES[broker->node] = {node->client as the client must see it}`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowNat {
+    /// The rewritten tuple.
+    pub translated: FlowKey,
+    /// Explicit, so no uninitialised padding reaches the verifier.
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC nanoseconds when the flow was created.
+    pub created_ns: u64,
+}
+
+/// Per listen port, per CPU traffic through the portmap program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortmapStats {
+    /// Client -> broker packets and bytes (IP length).
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    /// Broker -> client.
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub new_flows: u64,
+    /// A non-SYN packet for a flow the program does not know (e.g. evicted).
+    pub drop_no_flow: u64,
+    /// No free translated source port after `PORT_ATTEMPTS` tries.
+    pub drop_no_port: u64,
+    /// The route lookup failed (no route, forwarding disabled, fragmentation needed).
+    pub drop_no_route: u64,
+    /// Rewriting the packet failed.
+    pub drop_rewrite: u64,
+}
+
+impl PortmapStats {
+    pub fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a PortmapStats>) -> PortmapStats {
+        per_cpu
+            .into_iter()
+            .fold(PortmapStats::default(), |a, c| PortmapStats {
+                packets_in: a.packets_in + c.packets_in,
+                bytes_in: a.bytes_in + c.bytes_in,
+                packets_out: a.packets_out + c.packets_out,
+                bytes_out: a.bytes_out + c.bytes_out,
+                new_flows: a.new_flows + c.new_flows,
+                drop_no_flow: a.drop_no_flow + c.drop_no_flow,
+                drop_no_port: a.drop_no_port + c.drop_no_port,
+                drop_no_route: a.drop_no_route + c.drop_no_route,
+                drop_rewrite: a.drop_rewrite + c.drop_rewrite,
+            })
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all repr(C) with integer fields only and explicit padding; any bit pattern
+    // is valid.
+    unsafe impl aya::Pod for super::PortTarget {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowNat {}
+    unsafe impl aya::Pod for super::PortmapStats {}
+}

@@ -1,5 +1,7 @@
 //! kpsc's kernel programs.
 //!
+//! `kpsc_portmap` (module `portmap`) is the portmap data plane.
+//!
 //! `kpsc_tc_port_counter` is the first stage of the portmap data plane: a TC classifier
 //! that recognises IPv4 TCP packets addressed to a mapped listen port and counts them.
 //! Invariant: it never changes or drops a packet (always `TC_ACT_PIPE`), so attaching it
@@ -25,6 +27,13 @@ use network_types::{
 #[map(name = "PORT_COUNTERS")]
 static PORT_COUNTERS: PerCpuHashMap<u32, PortCounters> =
     PerCpuHashMap::with_max_entries(MAX_MAPPED_PORTS, 0);
+
+mod portmap;
+
+#[classifier]
+pub fn kpsc_portmap(ctx: TcContext) -> i32 {
+    portmap::run(&ctx)
+}
 
 #[classifier]
 pub fn kpsc_tc_port_counter(ctx: TcContext) -> i32 {

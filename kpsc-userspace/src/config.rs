@@ -284,6 +284,10 @@ pub struct FileConfig {
     pub max_frame_size: Option<u32>,
     pub kafka_max_open_requests: Option<usize>,
     pub shutdown_timeout: Option<String>,
+    #[serde(default)]
+    pub interface: Vec<String>,
+    pub instance: Option<String>,
+    pub pin_root: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -333,7 +337,7 @@ pub const DEFAULT_MAX_FRAME_SIZE: u32 = 100 * 1024 * 1024;
 /// kafka-proxy's `--kafka-max-open-requests` default.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 
-fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, ConfigError> {
+pub(crate) fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, ConfigError> {
     let Some(path) = path else {
         return Ok(FileConfig::default());
     };
@@ -384,11 +388,11 @@ fn parse_log(format: Option<String>, level: Option<String>) -> Result<LogConfig,
 }
 
 /// Flags win over the file, the file over the default.
-fn pick<T>(flag: Option<T>, file: Option<T>) -> Option<T> {
+pub(crate) fn pick<T>(flag: Option<T>, file: Option<T>) -> Option<T> {
     flag.or(file)
 }
 
-fn pick_list<T>(flag: Vec<T>, file: Vec<T>) -> Vec<T> {
+pub(crate) fn pick_list<T>(flag: Vec<T>, file: Vec<T>) -> Vec<T> {
     if flag.is_empty() { file } else { flag }
 }
 

@@ -19,7 +19,7 @@ pub fn load_port_counter() -> anyhow::Result<Ebpf> {
     Ok(ebpf)
 }
 
-fn privilege_hint(e: anyhow::Error) -> anyhow::Error {
+pub fn privilege_hint(e: anyhow::Error) -> anyhow::Error {
     let text = format!("{e:#}");
     if text.contains("Operation not permitted") || text.contains("EPERM") {
         e.context("loading eBPF programs needs CAP_BPF and CAP_NET_ADMIN (or root)")

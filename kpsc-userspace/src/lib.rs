@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod codec;
 pub mod config;
+pub mod datapath;
 pub mod discovery;
 pub mod ebpf;
 pub mod forward;
@@ -11,5 +12,6 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod portmap;
+pub mod portmap_mode;
 pub mod proxy;
 pub mod rewrite;

@@ -1,9 +1,18 @@
 //! kpscctl: operator's view of a running kpscd.
-use std::{process::ExitCode, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use kpsc::admin::{MAPS_PATH, MapRow};
+use kpsc::{
+    admin::{MAPS_PATH, MapRow},
+    datapath::{DEFAULT_PIN_ROOT, PinnedMaps, pin_dir},
+};
+use kpsc_common::FlowKey;
 
 #[derive(Parser, Debug)]
 #[command(name = "kpscctl", version, about = "Inspect a running kpscd")]
@@ -15,20 +24,59 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Print the live port map: listen address, broker, advertised address, connections, bytes.
+    ///
+    /// For `kpscd portmap` it reads the kernel's pinned maps directly (port map, per-port
+    /// counters, live flows), so it works even when the daemon is busy or gone; for `kpscd
+    /// proxy` it asks the daemon's admin endpoint.
     Maps {
-        /// kpscd's admin address (--http-listen-address).
-        #[arg(long, default_value = "127.0.0.1:9080", env = "KPSC_ADMIN")]
-        admin: String,
+        /// kpscd's admin address (--http-listen-address); forces the admin endpoint.
+        #[arg(long, env = "KPSC_ADMIN")]
+        admin: Option<String>,
+        /// Portmap instance whose pinned maps to read.
+        #[arg(long, default_value = "default")]
+        instance: String,
+        /// bpffs directory of the pins.
+        #[arg(long = "pin-root", default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Refresh every N seconds (default 1), like top. Ctrl-C stops.
+        #[arg(long, num_args = 0..=1, default_missing_value = "1", value_name = "SECS")]
+        watch: Option<f64>,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Maps { admin, json } => maps(&admin, json),
+        Command::Maps {
+            admin,
+            instance,
+            pin_root,
+            json,
+            watch,
+        } => {
+            let pins = pin_dir(&pin_root, &instance);
+            let show = || match &admin {
+                Some(admin) => admin_maps(admin, json),
+                None if pins.exists() => portmap_maps(&pins, json),
+                None => admin_maps(DEFAULT_ADMIN, json),
+            };
+            match watch {
+                None => show().map(|text| print!("{text}")),
+                Some(secs) => loop {
+                    let text = show();
+                    // Clear the screen and home the cursor, like watch(1).
+                    print!("\x1b[2J\x1b[H");
+                    match text {
+                        Ok(t) => print!("{t}"),
+                        Err(e) => println!("kpscctl: {e:#}"),
+                    }
+                    std::thread::sleep(Duration::from_secs_f64(secs.max(0.1)));
+                },
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -39,7 +87,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn maps(admin: &str, json: bool) -> anyhow::Result<()> {
+const DEFAULT_ADMIN: &str = "127.0.0.1:9080";
+
+fn admin_maps(admin: &str, json: bool) -> anyhow::Result<String> {
     let url = format!("http://{admin}{MAPS_PATH}");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))
@@ -56,11 +106,151 @@ fn maps(admin: &str, json: bool) -> anyhow::Result<()> {
         .context("reading the port map")?;
     let rows: Vec<MapRow> = serde_json::from_str(&body).context("decoding the port map")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        Ok(format!("{}\n", serde_json::to_string_pretty(&rows)?))
     } else {
-        print!("{}", render_table(&rows));
+        Ok(render_table(&rows))
     }
-    Ok(())
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn ip(bits: u32) -> Ipv4Addr {
+    Ipv4Addr::from(bits.to_ne_bytes())
+}
+
+fn endpoint(ip_bits: u32, port_be: u16) -> String {
+    format!("{}:{}", ip(ip_bits), u16::from_be(port_be))
+}
+
+fn human_age(ns: u64) -> String {
+    let s = ns / 1_000_000_000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// Port map, counters and flows from an instance's pinned kernel maps.
+fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
+    let maps = PinnedMaps::open(pins)?;
+    let now = monotonic_ns();
+    let ports: Vec<serde_json::Value> = maps
+        .targets()
+        .iter()
+        .map(|(port, t)| {
+            let s = maps.stats(*port);
+            serde_json::json!({
+                "listen_port": port,
+                "listen_ip": if t.listen_ip == 0 { "*".to_owned() } else { ip(t.listen_ip).to_string() },
+                "broker": endpoint(t.broker_ip, t.broker_port),
+                "snat_ip": ip(t.snat_ip).to_string(),
+                "packets_in": s.packets_in, "bytes_in": s.bytes_in,
+                "packets_out": s.packets_out, "bytes_out": s.bytes_out,
+                "flows_opened": s.new_flows,
+                "drops": {"no_flow": s.drop_no_flow, "no_port": s.drop_no_port,
+                          "no_route": s.drop_no_route, "rewrite": s.drop_rewrite},
+            })
+        })
+        .collect();
+    let mut flows: Vec<(FlowKey, kpsc_common::FlowNat)> = maps.flows();
+    flows.sort_by_key(|(_, f)| f.created_ns);
+    let flow_rows: Vec<serde_json::Value> = flows
+        .iter()
+        .map(|(k, f)| {
+            serde_json::json!({
+                "client": endpoint(k.src_ip, k.src_port),
+                "listen": endpoint(k.dst_ip, k.dst_port),
+                "translated_src": endpoint(f.translated.src_ip, f.translated.src_port),
+                "broker": endpoint(f.translated.dst_ip, f.translated.dst_port),
+                "age_seconds": now.saturating_sub(f.created_ns) / 1_000_000_000,
+            })
+        })
+        .collect();
+    if json {
+        return Ok(format!(
+            "{}\n",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "pins": pins.display().to_string(),
+                "ports": ports,
+                "flows": flow_rows,
+            }))?
+        ));
+    }
+    let mut out = format!("portmap pins: {}\n\n", pins.display());
+    let port_rows: Vec<Vec<String>> = maps
+        .targets()
+        .iter()
+        .map(|(port, t)| {
+            let s = maps.stats(*port);
+            let drops = s.drop_no_flow + s.drop_no_port + s.drop_no_route + s.drop_rewrite;
+            vec![
+                port.to_string(),
+                endpoint(t.broker_ip, t.broker_port),
+                ip(t.snat_ip).to_string(),
+                flows
+                    .iter()
+                    .filter(|(k, _)| u16::from_be(k.dst_port) == *port)
+                    .count()
+                    .to_string(),
+                s.new_flows.to_string(),
+                format!("{} / {}", s.packets_in, human_bytes(s.bytes_in)),
+                format!("{} / {}", s.packets_out, human_bytes(s.bytes_out)),
+                if drops == 0 {
+                    "0".into()
+                } else {
+                    format!(
+                        "{drops} (no_flow {}, no_port {}, no_route {}, rewrite {})",
+                        s.drop_no_flow, s.drop_no_port, s.drop_no_route, s.drop_rewrite
+                    )
+                },
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "PORT",
+            "BROKER",
+            "SNAT IP",
+            "FLOWS",
+            "OPENED",
+            "IN (pkts / bytes)",
+            "OUT (pkts / bytes)",
+            "DROPS",
+        ],
+        &port_rows,
+    ));
+    out.push_str(&format!("\n{} live flow(s)\n", flows.len()));
+    let flow_cells: Vec<Vec<String>> = flows
+        .iter()
+        .map(|(k, f)| {
+            vec![
+                endpoint(k.src_ip, k.src_port),
+                endpoint(k.dst_ip, k.dst_port),
+                format!(
+                    "{} -> {}",
+                    endpoint(f.translated.src_ip, f.translated.src_port),
+                    endpoint(f.translated.dst_ip, f.translated.dst_port)
+                ),
+                human_age(now.saturating_sub(f.created_ns)),
+            ]
+        })
+        .collect();
+    if !flow_cells.is_empty() {
+        out.push_str(&table(
+            &["CLIENT", "LISTEN", "TRANSLATED", "AGE"],
+            &flow_cells,
+        ));
+    }
+    Ok(out)
 }
 
 fn human_bytes(n: u64) -> String {
@@ -79,20 +269,10 @@ fn human_bytes(n: u64) -> String {
 }
 
 fn render_table(rows: &[MapRow]) -> String {
-    let header = [
-        "LISTEN",
-        "BROKER ID",
-        "BROKER",
-        "ADVERTISED",
-        "ORIGIN",
-        "CONNS",
-        "BYTES IN",
-        "BYTES OUT",
-    ];
-    let cells: Vec<[String; 8]> = rows
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            [
+            vec![
                 match (&r.listen, r.bound) {
                     (Some(l), true) => l.clone(),
                     (Some(l), false) => format!("{l} (NOT BOUND)"),
@@ -108,25 +288,42 @@ fn render_table(rows: &[MapRow]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &cells {
+    table(
+        &[
+            "LISTEN",
+            "BROKER ID",
+            "BROKER",
+            "ADVERTISED",
+            "ORIGIN",
+            "CONNS",
+            "BYTES IN",
+            "BYTES OUT",
+        ],
+        &cells,
+    )
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
         for (w, c) in widths.iter_mut().zip(row) {
             *w = (*w).max(c.len());
         }
     }
     let mut out = String::new();
-    let mut line = |cols: &[String]| {
+    let mut line = |cols: Vec<&str>| {
         let text: Vec<String> = cols
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         out.push_str(text.join("  ").trim_end());
         out.push('\n');
     };
-    line(&header.map(String::from));
-    for row in &cells {
-        line(row);
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
     }
     out
 }

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use kpsc::{
     config::{ProxyArgs, ProxyConfig, reject_unsupported_flags},
     logging,
+    portmap_mode::{self, PortmapArgs, PortmapConfig},
     proxy::{self, EXIT_CONFIG},
 };
 
@@ -21,6 +22,8 @@ enum Mode {
     /// Userspace proxy that rewrites broker addresses in responses (kafka-proxy's flags).
     #[command(visible_alias = "server")]
     Proxy(Box<ProxyArgs>),
+    /// eBPF TC data plane: each listen port DNAT/SNATed to its broker in the kernel.
+    Portmap(Box<PortmapArgs>),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +33,12 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     let cli = Cli::parse();
+    let runtime = || {
+        tokio::runtime::Runtime::new().map_err(|e| {
+            eprintln!("kpscd: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        })
+    };
     match cli.mode {
         Mode::Proxy(args) => {
             let config = match ProxyConfig::resolve(*args) {
@@ -40,14 +49,24 @@ fn main() -> ExitCode {
                 }
             };
             logging::init(&config.map.log);
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
+            match runtime() {
+                Ok(r) => r.block_on(proxy::run(config)),
+                Err(code) => code,
+            }
+        }
+        Mode::Portmap(args) => {
+            let config = match PortmapConfig::resolve(*args) {
+                Ok(c) => c,
                 Err(e) => {
-                    eprintln!("kpscd: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
+                    eprintln!("kpscd: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            runtime.block_on(proxy::run(config))
+            logging::init(&config.map.log);
+            match runtime() {
+                Ok(r) => r.block_on(portmap_mode::run(config)),
+                Err(code) => code,
+            }
         }
     }
 }

@@ -1,0 +1,326 @@
+//! `kpsc_portmap`: per-port DNAT/SNAT to the brokers, in the kernel (TC ingress).
+//!
+//! A TCP packet to `<node>:<mapped port>` is rewritten to `<snat ip>:<port'> ->
+//! <broker>:<broker port>` and redirected towards the broker; the broker's replies, which
+//! come back to the node because of the SNAT, are rewritten to `<node>:<mapped port> ->
+//! <client>` and redirected towards the client. Everything else passes untouched.
+//!
+//! Invariants:
+//! - a flow keeps the translation it got on its SYN for its whole life (PORTMAP_FLOWS),
+//!   whatever happens to PORTMAP_TARGETS later: a map reload never breaks a connection;
+//! - no two flows share a translated tuple: the reply entry is inserted with BPF_NOEXIST
+//!   and a flow whose client port is taken gets another source port, or is dropped;
+//! - checksums are updated incrementally with the kernel's helpers (they also handle
+//!   CHECKSUM_PARTIAL packets from a local stack);
+//! - packets go out with `bpf_fib_lookup` + `bpf_redirect` (or `bpf_redirect_neigh` when
+//!   the neighbour is not resolved yet), bypassing the input path, which would drop a
+//!   forwarded packet whose new source is the node's own address.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
+        TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+    },
+    helpers::generated::{
+        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
+    },
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    programs::TcContext,
+};
+use kpsc_common::{
+    FlowKey, FlowNat, MAX_MAPPED_PORTS, PortTarget, PortmapStats,
+    portmap::{EPHEMERAL_COUNT, EPHEMERAL_FIRST, MAX_FLOWS, PORT_ATTEMPTS},
+};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{IpProto, Ipv4Hdr},
+    tcp::TcpHdr,
+};
+
+/// listen port (host order) -> where it goes. Filled by userspace.
+#[map(name = "PORTMAP_TARGETS")]
+static TARGETS: HashMap<u32, PortTarget> = HashMap::pinned(MAX_MAPPED_PORTS, 0);
+
+/// client->node tuple -> client->node as sent to the broker.
+#[map(name = "PORTMAP_FLOWS")]
+static FLOWS: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(MAX_FLOWS, 0);
+
+/// broker->node tuple (as replies arrive) -> node->client as the client must see it.
+#[map(name = "PORTMAP_REPLIES")]
+static REPLIES: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(MAX_FLOWS, 0);
+
+/// listen port (host order) -> counters. Userspace creates the entries.
+#[map(name = "PORTMAP_STATS")]
+static STATS: PerCpuHashMap<u32, PortmapStats> = PerCpuHashMap::pinned(MAX_MAPPED_PORTS, 0);
+
+const AF_INET: u8 = 2;
+const IP_CSUM_OFF: usize = EthHdr::LEN + 10;
+const IP_SRC_OFF: usize = EthHdr::LEN + 12;
+const IP_DST_OFF: usize = EthHdr::LEN + 16;
+
+enum Drop {
+    NoFlow,
+    NoPort,
+    NoRoute,
+    Rewrite,
+}
+
+#[inline(always)]
+fn stats(port: u16) -> Option<&'static mut PortmapStats> {
+    // SAFETY: per-CPU value; nothing else writes it on this CPU while we run.
+    STATS
+        .get_ptr_mut(u32::from(port))
+        .map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+fn count_drop(port: u16, why: Drop) -> i32 {
+    if let Some(s) = stats(port) {
+        match why {
+            Drop::NoFlow => s.drop_no_flow += 1,
+            Drop::NoPort => s.drop_no_port += 1,
+            Drop::NoRoute => s.drop_no_route += 1,
+            Drop::Rewrite => s.drop_rewrite += 1,
+        }
+    }
+    TC_ACT_SHOT as i32
+}
+
+pub fn run(ctx: &TcContext) -> i32 {
+    match classify(ctx) {
+        Some(action) => action,
+        None => TC_ACT_OK as i32,
+    }
+}
+
+/// None: not ours, pass. Some(action): translated (redirect) or dropped.
+#[inline(always)]
+fn classify(ctx: &TcContext) -> Option<i32> {
+    let eth: EthHdr = ctx.load(0).ok()?;
+    if !matches!(eth.ether_type(), Ok(EtherType::Ipv4)) {
+        return None;
+    }
+    let ip: Ipv4Hdr = ctx.load(EthHdr::LEN).ok()?;
+    if ip.proto != u8::from(IpProto::Tcp) {
+        return None;
+    }
+    // Fragments (any offset or more-fragments) are left to the stack.
+    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+        return None;
+    }
+    let ihl = usize::from(ip.vihl & 0x0f) * 4;
+    if ihl < Ipv4Hdr::LEN {
+        return None;
+    }
+    let l4 = EthHdr::LEN + ihl;
+    let tcp: TcpHdr = ctx.load(l4).ok()?;
+    let seen = FlowKey {
+        src_ip: u32::from_ne_bytes(ip.src_addr),
+        dst_ip: u32::from_ne_bytes(ip.dst_addr),
+        src_port: u16::from_ne_bytes(tcp.source),
+        dst_port: u16::from_ne_bytes(tcp.dest),
+    };
+    let ip_len = u64::from(u16::from_be_bytes(ip.tot_len));
+    let listen_port = u16::from_be(seen.dst_port);
+    // SAFETY: read-only lookup; the value is copied before the next map operation.
+    if let Some(target) = unsafe { TARGETS.get(u32::from(listen_port)) }.copied()
+        && (target.listen_ip == 0 || target.listen_ip == seen.dst_ip)
+    {
+        return Some(to_broker(
+            ctx,
+            l4,
+            &seen,
+            &target,
+            &tcp,
+            listen_port,
+            ip_len,
+        ));
+    }
+    // SAFETY: as above.
+    let reply = unsafe { REPLIES.get(seen) }.copied()?;
+    Some(to_client(ctx, l4, &seen, &reply.translated, ip_len))
+}
+
+#[inline(always)]
+fn to_broker(
+    ctx: &TcContext,
+    l4: usize,
+    seen: &FlowKey,
+    target: &PortTarget,
+    tcp: &TcpHdr,
+    listen_port: u16,
+    ip_len: u64,
+) -> i32 {
+    // SAFETY: read-only lookup, copied at once.
+    let translated = match unsafe { FLOWS.get(seen) }.copied() {
+        Some(flow) => flow.translated,
+        None => {
+            // Only a SYN opens a flow; anything else for an unknown flow is dropped rather
+            // than handed to a stack that has no such connection.
+            if tcp.syn() == 0 || tcp.ack() != 0 {
+                return count_drop(listen_port, Drop::NoFlow);
+            }
+            match open_flow(seen, target) {
+                Some(t) => {
+                    if let Some(s) = stats(listen_port) {
+                        s.new_flows += 1;
+                    }
+                    t
+                }
+                None => return count_drop(listen_port, Drop::NoPort),
+            }
+        }
+    };
+    if rewrite(ctx, l4, seen, &translated).is_err() {
+        return count_drop(listen_port, Drop::Rewrite);
+    }
+    if let Some(s) = stats(listen_port) {
+        s.packets_in += 1;
+        s.bytes_in += ip_len;
+    }
+    forward(ctx, &translated, ip_len, listen_port)
+}
+
+/// Allocates the translated tuple of a new flow and records both directions.
+#[inline(always)]
+fn open_flow(seen: &FlowKey, target: &PortTarget) -> Option<FlowKey> {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let back = FlowNat {
+        translated: seen.reversed(),
+        _pad: 0,
+        created_ns: now,
+    };
+    let mut attempt = 0;
+    while attempt < PORT_ATTEMPTS {
+        let src_port = if attempt == 0 {
+            seen.src_port
+        } else {
+            // SAFETY: helper without preconditions.
+            let r = unsafe { bpf_get_prandom_u32() } % u32::from(EPHEMERAL_COUNT);
+            (EPHEMERAL_FIRST + r as u16).to_be()
+        };
+        let translated = FlowKey {
+            src_ip: target.snat_ip,
+            dst_ip: target.broker_ip,
+            src_port,
+            dst_port: target.broker_port,
+        };
+        // NOEXIST: the reply tuple is the uniqueness check; only one flow can own it.
+        if REPLIES
+            .insert(translated.reversed(), back, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            let flow = FlowNat {
+                translated,
+                _pad: 0,
+                created_ns: now,
+            };
+            if FLOWS.insert(seen, flow, 0).is_err() {
+                let _ = REPLIES.remove(translated.reversed());
+                return None;
+            }
+            return Some(translated);
+        }
+        attempt += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn to_client(ctx: &TcContext, l4: usize, seen: &FlowKey, translated: &FlowKey, ip_len: u64) -> i32 {
+    let listen_port = u16::from_be(translated.src_port);
+    if rewrite(ctx, l4, seen, translated).is_err() {
+        return count_drop(listen_port, Drop::Rewrite);
+    }
+    if let Some(s) = stats(listen_port) {
+        s.packets_out += 1;
+        s.bytes_out += ip_len;
+    }
+    forward(ctx, translated, ip_len, listen_port)
+}
+
+/// Rewrites addresses and ports from `old` to `new`, keeping IP and TCP checksums right.
+#[inline(always)]
+fn rewrite(ctx: &TcContext, l4: usize, old: &FlowKey, new: &FlowKey) -> Result<(), i64> {
+    let tcp_csum = l4 + 16;
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR);
+    if old.src_ip != new.src_ip {
+        ctx.l4_csum_replace(
+            tcp_csum,
+            u64::from(old.src_ip),
+            u64::from(new.src_ip),
+            pseudo | 4,
+        )?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old.src_ip), u64::from(new.src_ip), 4)?;
+        ctx.store(IP_SRC_OFF, &new.src_ip, 0)?;
+    }
+    if old.dst_ip != new.dst_ip {
+        ctx.l4_csum_replace(
+            tcp_csum,
+            u64::from(old.dst_ip),
+            u64::from(new.dst_ip),
+            pseudo | 4,
+        )?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old.dst_ip), u64::from(new.dst_ip), 4)?;
+        ctx.store(IP_DST_OFF, &new.dst_ip, 0)?;
+    }
+    if old.src_port != new.src_port {
+        ctx.l4_csum_replace(
+            tcp_csum,
+            u64::from(old.src_port),
+            u64::from(new.src_port),
+            2,
+        )?;
+        ctx.store(l4, &new.src_port, 0)?;
+    }
+    if old.dst_port != new.dst_port {
+        ctx.l4_csum_replace(
+            tcp_csum,
+            u64::from(old.dst_port),
+            u64::from(new.dst_port),
+            2,
+        )?;
+        ctx.store(l4 + 2, &new.dst_port, 0)?;
+    }
+    Ok(())
+}
+
+/// Sends the rewritten packet out of the interface the route to its new destination uses.
+#[inline(always)]
+fn forward(ctx: &TcContext, to: &FlowKey, ip_len: u64, listen_port: u16) -> i32 {
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = 6;
+    params.sport = to.src_port;
+    params.dport = to.dst_port;
+    params.__bindgen_anon_1.tot_len = ip_len as u16;
+    // SAFETY: the context pointer is valid for the program's run.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.__bindgen_anon_3.ipv4_src = to.src_ip;
+    params.__bindgen_anon_4.ipv4_dst = to.dst_ip;
+    // SAFETY: params is a valid, correctly sized bpf_fib_lookup.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut params,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        if ctx.store(0, &params.dmac, 0).is_err() || ctx.store(6, &params.smac, 0).is_err() {
+            return count_drop(listen_port, Drop::Rewrite);
+        }
+        // SAFETY: helper without memory arguments.
+        return unsafe { bpf_redirect(params.ifindex, 0) } as i32;
+    }
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        // The kernel resolves the neighbour and sends the packet when it can.
+        // SAFETY: null params are allowed: the helper uses the packet's destination.
+        return unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    }
+    count_drop(listen_port, Drop::NoRoute)
+}

@@ -1,0 +1,271 @@
+//! The portmap data plane from userspace: load `kpsc_portmap`, pin its maps under
+//! `/sys/fs/bpf/kpsc/<instance>/`, attach it to TC ingress, fill and read the maps.
+//!
+//! Pins outlive the daemon on purpose: `kpscctl maps` reads them without the daemon, and
+//! after a crash the next start reuses them, so flows tracked before the crash keep their
+//! translation. A clean stop detaches and removes them.
+
+use std::{
+    collections::HashSet,
+    io,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues},
+    programs::{SchedClassifier, TcAttachType, tc},
+    util::nr_cpus,
+};
+use kpsc_common::{
+    FlowKey, FlowNat, PortTarget, PortmapStats,
+    portmap::{FLOWS_MAP, PROGRAM, REPLIES_MAP, STATS_MAP, TARGETS_MAP},
+};
+use tracing::{info, warn};
+
+use crate::ebpf::{OBJECT, privilege_hint};
+
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/kpsc";
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Where one instance's maps are pinned.
+pub fn pin_dir(pin_root: &Path, instance: &str) -> PathBuf {
+    pin_root.join(instance)
+}
+
+fn is_bpffs_mounted() -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.contains(" bpf "))
+        })
+        .unwrap_or(false)
+}
+
+/// Mounts bpffs on /sys/fs/bpf when it is not (TOOLCHAIN.md: not mounted by default).
+pub fn ensure_bpffs(pin_root: &Path) -> anyhow::Result<()> {
+    if pin_root.starts_with(BPFFS) && !is_bpffs_mounted() {
+        info!("mounting bpffs on {BPFFS}");
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf", BPFFS])
+            .status()
+            .context("running mount -t bpf")?;
+        if !status.success() {
+            bail!("cannot mount bpffs on {BPFFS} (mount -t bpf bpf {BPFFS} failed: {status})");
+        }
+    }
+    std::fs::create_dir_all(pin_root)
+        .with_context(|| format!("cannot create {}", pin_root.display()))
+}
+
+/// Names of every pinned map, for cleanup.
+const PINNED_MAPS: [&str; 4] = [TARGETS_MAP, FLOWS_MAP, REPLIES_MAP, STATS_MAP];
+
+fn remove_pins(dir: &Path) -> io::Result<()> {
+    for name in PINNED_MAPS {
+        match std::fs::remove_file(dir.join(name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Sizes the program expects: a pin with other sizes is from an incompatible build.
+fn pins_compatible(dir: &Path) -> bool {
+    let expected = [
+        (TARGETS_MAP, size_of::<u32>(), size_of::<PortTarget>()),
+        (FLOWS_MAP, size_of::<FlowKey>(), size_of::<FlowNat>()),
+        (REPLIES_MAP, size_of::<FlowKey>(), size_of::<FlowNat>()),
+        (STATS_MAP, size_of::<u32>(), size_of::<PortmapStats>()),
+    ];
+    expected.iter().all(|(name, key, value)| {
+        let path = dir.join(name);
+        if !path.exists() {
+            return true;
+        }
+        MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map(|info| info.key_size() as usize == *key && info.value_size() as usize == *value)
+            .unwrap_or(false)
+    })
+}
+
+/// The loaded and attached portmap program of one instance.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    interfaces: Vec<String>,
+}
+
+impl Datapath {
+    /// Loads the program, reusing compatible pinned maps left by an earlier run.
+    pub fn load(pin_root: &Path, instance: &str) -> anyhow::Result<Self> {
+        ensure_bpffs(pin_root)?;
+        let dir = pin_dir(pin_root, instance);
+        if dir.exists() {
+            if pins_compatible(&dir) {
+                info!(pins = %dir.display(), "reusing pinned maps from an earlier run");
+            } else {
+                warn!(pins = %dir.display(), "pinned maps from an incompatible build: replacing them");
+                remove_pins(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            }
+        }
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .load(OBJECT)
+            .map_err(|e| privilege_hint(e.into()))
+            .context("loading the eBPF object")?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(PROGRAM)
+            .with_context(|| format!("program {PROGRAM} missing from the object"))?
+            .try_into()?;
+        program
+            .load()
+            .map_err(|e| privilege_hint(e.into()))
+            .with_context(|| format!("the kernel refused {PROGRAM}"))?;
+        Ok(Self {
+            ebpf,
+            pin_dir: dir,
+            interfaces: Vec::new(),
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Attaches to TC ingress of `iface` (tcx on kernels >= 6.6, clsact before), first
+    /// removing a netlink attachment a killed earlier run may have left.
+    pub fn attach(&mut self, iface: &str) -> anyhow::Result<()> {
+        // tcx links die with their process; clsact filters do not. Best effort: absent
+        // qdiscs or filters are the normal case.
+        let _ = tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROGRAM);
+        let tcx = aya::util::KernelVersion::current()
+            .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+            .unwrap_or(false);
+        if !tcx {
+            let _ = tc::qdisc_add_clsact(iface);
+        }
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(PROGRAM)
+            .context("program missing")?
+            .try_into()?;
+        program
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(|e| privilege_hint(e.into()))
+            .with_context(|| format!("attaching {PROGRAM} to {iface} ingress"))?;
+        info!(interface = iface, "attached {PROGRAM} to TC ingress");
+        self.interfaces.push(iface.to_owned());
+        Ok(())
+    }
+
+    /// Makes PORTMAP_TARGETS equal `targets` (listen port, target) and gives every port a
+    /// counter entry. Flows already tracked keep their translation.
+    pub fn set_targets(&mut self, targets: &[(u16, PortTarget)]) -> anyhow::Result<()> {
+        let mut map: HashMap<_, u32, PortTarget> = HashMap::try_from(
+            self.ebpf
+                .map_mut(TARGETS_MAP)
+                .context("targets map missing")?,
+        )?;
+        let wanted: HashSet<u32> = targets.iter().map(|(p, _)| u32::from(*p)).collect();
+        let stale: Vec<u32> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for port in stale {
+            map.remove(&port)?;
+        }
+        for (port, target) in targets {
+            map.insert(u32::from(*port), *target, 0)?;
+        }
+        let mut stats: PerCpuHashMap<_, u32, PortmapStats> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut(STATS_MAP).context("stats map missing")?)?;
+        let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        for (port, _) in targets {
+            let port = u32::from(*port);
+            if stats.get(&port, 0).is_err() {
+                let zero = PerCpuValues::try_from(vec![PortmapStats::default(); cpus])?;
+                stats.insert(port, zero, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches, and removes the pins (a clean stop leaves nothing behind).
+    pub fn shutdown(self) -> anyhow::Result<()> {
+        let dir = self.pin_dir.clone();
+        let interfaces = self.interfaces.clone();
+        drop(self.ebpf); // closes the tcx links: detached
+        for iface in &interfaces {
+            let _ = tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROGRAM);
+        }
+        remove_pins(&dir).with_context(|| format!("removing pins in {}", dir.display()))?;
+        info!(pins = %dir.display(), "detached and unpinned");
+        Ok(())
+    }
+}
+
+/// Read-only view of an instance's pinned maps: what `kpscctl maps` and the metrics read.
+pub struct PinnedMaps {
+    targets: HashMap<MapData, u32, PortTarget>,
+    // LRU hash maps are read through aya's HashMap.
+    flows: HashMap<MapData, FlowKey, FlowNat>,
+    stats: PerCpuHashMap<MapData, u32, PortmapStats>,
+}
+
+fn open_pin(dir: &Path, name: &str) -> anyhow::Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|e| {
+        privilege_hint(anyhow::Error::new(e))
+            .context(format!("cannot open pinned map {}", path.display()))
+    })?;
+    Ok(Map::from_map_data(data)?)
+}
+
+impl PinnedMaps {
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        if !dir.exists() {
+            bail!(
+                "no pinned portmap maps at {} (is `kpscd portmap` running with this --instance?)",
+                dir.display()
+            );
+        }
+        Ok(Self {
+            targets: HashMap::try_from(open_pin(dir, TARGETS_MAP)?)?,
+            flows: HashMap::try_from(open_pin(dir, FLOWS_MAP)?)?,
+            stats: PerCpuHashMap::try_from(open_pin(dir, STATS_MAP)?)?,
+        })
+    }
+
+    pub fn targets(&self) -> Vec<(u16, PortTarget)> {
+        let mut v: Vec<(u16, PortTarget)> = self
+            .targets
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(p, t)| (p as u16, t))
+            .collect();
+        v.sort_by_key(|(p, _)| *p);
+        v
+    }
+
+    pub fn stats(&self, port: u16) -> PortmapStats {
+        self.stats
+            .get(&u32::from(port), 0)
+            .map(|per_cpu| PortmapStats::sum(per_cpu.iter()))
+            .unwrap_or_default()
+    }
+
+    pub fn flows(&self) -> Vec<(FlowKey, FlowNat)> {
+        self.flows.iter().filter_map(Result::ok).collect()
+    }
+}
