@@ -179,7 +179,7 @@ fn to_broker(
         s.packets_in += 1;
         s.bytes_in += ip_len;
     }
-    forward(ctx, &translated, ip_len, listen_port)
+    forward(ctx, &translated, listen_port)
 }
 
 /// Allocates the translated tuple of a new flow and records both directions.
@@ -238,7 +238,7 @@ fn to_client(ctx: &TcContext, l4: usize, seen: &FlowKey, translated: &FlowKey, i
         s.packets_out += 1;
         s.bytes_out += ip_len;
     }
-    forward(ctx, translated, ip_len, listen_port)
+    forward(ctx, translated, listen_port)
 }
 
 /// Rewrites addresses and ports from `old` to `new`, keeping IP and TCP checksums right.
@@ -289,14 +289,16 @@ fn rewrite(ctx: &TcContext, l4: usize, old: &FlowKey, new: &FlowKey) -> Result<(
 
 /// Sends the rewritten packet out of the interface the route to its new destination uses.
 #[inline(always)]
-fn forward(ctx: &TcContext, to: &FlowKey, ip_len: u64, listen_port: u16) -> i32 {
+fn forward(ctx: &TcContext, to: &FlowKey, listen_port: u16) -> i32 {
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = 6;
     params.sport = to.src_port;
     params.dport = to.dst_port;
-    params.__bindgen_anon_1.tot_len = ip_len as u16;
+    // tot_len 0: the kernel checks the skb against the egress MTU itself, which handles
+    // GSO packets (a non-zero tot_len of a GSO packet fails with FRAG_NEEDED).
+    params.__bindgen_anon_1.tot_len = 0;
     // SAFETY: the context pointer is valid for the program's run.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     params.__bindgen_anon_3.ipv4_src = to.src_ip;

@@ -30,6 +30,8 @@ use rdkafka::{
     producer::{BaseProducer, Producer},
 };
 
+pub mod netns;
+
 /// What kpscd advertises in tests: `127.0.1.<broker id>`, TiDB-pattern syntax.
 pub const ADVERTISED_PATTERN: &str = "127.0.1.<broker_id>";
 /// The real brokers' host. Must never reach a client through kpscd.
@@ -256,11 +258,13 @@ impl Drop for Tansu {
     }
 }
 
-/// A running `kpscd proxy`, stopped (SIGTERM, then SIGKILL) on drop.
+/// A running `kpscd`, stopped (SIGTERM, then SIGKILL) on drop.
 pub struct Kpscd {
     child: Child,
     pub admin: SocketAddr,
     log: PathBuf,
+    /// Network namespace it runs in (its admin endpoint is only reachable there).
+    netns: Option<String>,
 }
 
 impl Kpscd {
@@ -274,6 +278,14 @@ impl Kpscd {
 
     /// Starts without waiting for readiness.
     pub fn spawn(args: &[String]) -> anyhow::Result<Self> {
+        let mut args = args.to_vec();
+        args.insert(0, "proxy".into());
+        Self::spawn_mode(&args, None)
+    }
+
+    /// Starts `kpscd <args>` (mode included), inside network namespace `netns` when given
+    /// (network namespace only, through nsenter, so it shares this process's bpffs).
+    pub fn spawn_mode(args: &[String], netns: Option<&str>) -> anyhow::Result<Self> {
         let admin_port = free_port_base(1);
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse()?;
         let log = std::env::temp_dir().join(format!(
@@ -281,8 +293,15 @@ impl Kpscd {
             std::process::id()
         ));
         let log_file = std::fs::File::create(&log)?;
-        let child = Command::new(kpscd_bin())
-            .arg("proxy")
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}")).arg(kpscd_bin());
+                c
+            }
+            None => Command::new(kpscd_bin()),
+        };
+        let child = cmd
             .args(args)
             .arg("--http-listen-address")
             .arg(admin.to_string())
@@ -291,7 +310,12 @@ impl Kpscd {
             .stderr(log_file)
             .spawn()
             .context("starting kpscd")?;
-        Ok(Self { child, admin, log })
+        Ok(Self {
+            child,
+            admin,
+            log,
+            netns: netns.map(str::to_owned),
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -310,7 +334,7 @@ impl Kpscd {
     pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok((200, _)) = http_get(self.admin, "/ready") {
+            if let Ok((200, _)) = self.get("/ready") {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -321,7 +345,10 @@ impl Kpscd {
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        http_get(self.admin, path)
+        match &self.netns {
+            Some(ns) => netns::in_netns(ns, || http_get(self.admin, path))?,
+            None => http_get(self.admin, path),
+        }
     }
 
     pub fn maps(&self) -> anyhow::Result<serde_json::Value> {
@@ -429,6 +456,11 @@ pub struct RawClient {
 impl RawClient {
     pub fn connect(addr: &str) -> anyhow::Result<Self> {
         let stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+        Self::from_stream(stream)
+    }
+
+    /// Wraps a connected stream (e.g. one bound to a chosen source address).
+    pub fn from_stream(stream: TcpStream) -> anyhow::Result<Self> {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         stream.set_nodelay(true)?;
         Ok(Self {

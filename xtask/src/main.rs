@@ -22,6 +22,7 @@ const APT_PACKAGES: &[&str] = &[
     // Test peers and tools.
     "kcat",
     "iproute2",
+    "iputils-ping",
     "python3-venv",
 ];
 const EBPF_TOOLCHAIN: &str = "debian-1.96";

@@ -1,0 +1,226 @@
+//! Network-namespace topologies for the portmap tests, on the real kernel:
+//!
+//! ```text
+//!  client ns                node ns (kpscd portmap)                 broker ns
+//!  198.18.1.2..  c0 ---- n0 198.18.1.1 | 198.18.2.1 n1 ---- b0  198.18.2.2.. (tansu)
+//! ```
+//!
+//! Addresses come from 198.18.0.0/15 (reserved for benchmarks). Everything is removed on
+//! drop, also when the test fails.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{eventually, tansu_bin};
+
+pub const NODE_CLIENT_IP: &str = "198.18.1.1";
+pub const NODE_BROKER_IP: &str = "198.18.2.1";
+
+/// The i-th client address (i from 0).
+pub fn client_ip(i: usize) -> String {
+    format!("198.18.1.{}", 2 + i)
+}
+
+/// The i-th broker address (i from 0).
+pub fn broker_ip(i: usize) -> String {
+    format!("198.18.2.{}", 2 + i)
+}
+
+/// Runs `f` on a new thread that has joined network namespace `ns`. Threads it creates
+/// (e.g. librdkafka's) inherit the namespace.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+                // SAFETY: valid fd of a network namespace; affects only this thread.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    bail!("setns {path}: {}", std::io::Error::last_os_error());
+                }
+                Ok(f())
+            })
+            .join()
+            .expect("netns thread panicked")
+    })
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Client, node and broker namespaces joined by two veth pairs.
+pub struct Topology {
+    pub client: String,
+    pub node: String,
+    pub broker: String,
+    children: Vec<Child>,
+}
+
+impl Topology {
+    pub fn new(client_ips: usize, broker_ips: usize) -> anyhow::Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let prefix = format!(
+            "kpsc{}x{}",
+            std::process::id() % 100_000,
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let topo = Self {
+            client: format!("{prefix}c"),
+            node: format!("{prefix}n"),
+            broker: format!("{prefix}b"),
+            children: Vec::new(),
+        };
+        for ns in [&topo.client, &topo.node, &topo.broker] {
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        let (c, n, b) = (&topo.client, &topo.node, &topo.broker);
+        ip(&[
+            "link", "add", "c0", "netns", c, "type", "veth", "peer", "name", "n0", "netns", n,
+        ])?;
+        ip(&[
+            "link", "add", "b0", "netns", b, "type", "veth", "peer", "name", "n1", "netns", n,
+        ])?;
+        for i in 0..client_ips {
+            ip(&[
+                "-n",
+                c,
+                "addr",
+                "add",
+                &format!("{}/24", client_ip(i)),
+                "dev",
+                "c0",
+            ])?;
+        }
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{NODE_CLIENT_IP}/24"),
+            "dev",
+            "n0",
+        ])?;
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{NODE_BROKER_IP}/24"),
+            "dev",
+            "n1",
+        ])?;
+        for i in 0..broker_ips {
+            ip(&[
+                "-n",
+                b,
+                "addr",
+                "add",
+                &format!("{}/24", broker_ip(i)),
+                "dev",
+                "b0",
+            ])?;
+        }
+        for (ns, dev) in [(c, "c0"), (n, "n0"), (n, "n1"), (b, "b0")] {
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        topo.sysctl(&topo.node, "net.ipv4.ip_forward", "1")?;
+        Ok(topo)
+    }
+
+    pub fn sysctl(&self, ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+        let status = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ])
+            .status()?;
+        anyhow::ensure!(status.success(), "sysctl {key}={value} in {ns}");
+        Ok(())
+    }
+
+    /// `ip netns exec <ns> <program> <args>`, output captured.
+    pub fn run(&self, ns: &str, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, program])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{program} {args:?} in {ns}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts a tansu broker in the broker namespace, advertising `advertised` (host:port).
+    pub fn start_tansu(
+        &mut self,
+        listen: &str,
+        advertised: &str,
+        cluster_id: &str,
+    ) -> anyhow::Result<()> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.broker])
+            .arg(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://{listen}"),
+                "--advertised-listener-url",
+                &format!("tcp://{advertised}"),
+                "--cluster-id",
+                cluster_id,
+                "--silent",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting tansu")?;
+        self.children.push(child);
+        let (host, port) = listen.rsplit_once(':').context("listen host:port")?;
+        let port: u16 = port.parse()?;
+        let host = host.to_owned();
+        let ns = self.broker.clone();
+        eventually(Duration::from_secs(10), || {
+            in_netns(&ns, || std::net::TcpStream::connect((host.as_str(), port)))??;
+            Ok(())
+        })
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in [&self.client, &self.node, &self.broker] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
