@@ -77,6 +77,19 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(client_ips: usize, broker_ips: usize) -> anyhow::Result<Self> {
+        Self::build(client_ips, broker_ips, true)
+    }
+
+    /// Without checksum offload on the client and broker links: every TCP segment then
+    /// carries a full software checksum that the receiving stack verifies, so a checksum
+    /// the TC program got wrong shows up as a dropped segment and in TcpInCsumErrors.
+    /// (With offload, veth hands segments over unverified, and GSO packets larger than the
+    /// MTU reach the program: the path the other tests exercise.)
+    pub fn without_checksum_offload(client_ips: usize, broker_ips: usize) -> anyhow::Result<Self> {
+        Self::build(client_ips, broker_ips, false)
+    }
+
+    fn build(client_ips: usize, broker_ips: usize, offload: bool) -> anyhow::Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
         let prefix = format!(
             "kpsc{}x{}",
@@ -143,6 +156,11 @@ impl Topology {
         for (ns, dev) in [(c, "c0"), (n, "n0"), (n, "n1"), (b, "b0")] {
             ip(&["-n", ns, "link", "set", dev, "up"])?;
         }
+        if !offload {
+            for (ns, dev) in [(c, "c0"), (b, "b0")] {
+                topo.run(ns, "ethtool", &["-K", dev, "tx", "off", "rx", "off"])?;
+            }
+        }
         topo.sysctl(&topo.node, "net.ipv4.ip_forward", "1")?;
         Ok(topo)
     }
@@ -160,6 +178,17 @@ impl Topology {
             .status()?;
         anyhow::ensure!(status.success(), "sysctl {key}={value} in {ns}");
         Ok(())
+    }
+
+    /// A kernel SNMP counter of namespace `ns` (e.g. TcpInCsumErrors).
+    pub fn counter(&self, ns: &str, name: &str) -> anyhow::Result<u64> {
+        let out = self.run(ns, "nstat", &["-asz", name])?;
+        out.lines()
+            .find_map(|l| {
+                let mut cols = l.split_whitespace();
+                (cols.next() == Some(name)).then(|| cols.next()?.parse().ok())?
+            })
+            .with_context(|| format!("{name} not in nstat output: {out}"))
     }
 
     /// `ip netns exec <ns> <program> <args>`, output captured.

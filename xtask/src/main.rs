@@ -23,6 +23,7 @@ const APT_PACKAGES: &[&str] = &[
     "kcat",
     "iproute2",
     "iputils-ping",
+    "ethtool",
     "python3-venv",
 ];
 const EBPF_TOOLCHAIN: &str = "debian-1.96";
