@@ -98,11 +98,19 @@ impl FlowKey {
 pub struct FlowNat {
     /// The rewritten tuple.
     pub translated: FlowKey,
-    /// Explicit, so no uninitialised padding reaches the verifier.
-    pub _pad: u32,
+    /// `FLOW_*` bits seen in this direction (FIN, RST), for `kpscctl` and the cleanup of
+    /// closed flows.
+    pub flags: u32,
     /// CLOCK_MONOTONIC nanoseconds when the flow was created.
     pub created_ns: u64,
 }
+
+/// A FIN went from the client to the broker (set in PORTMAP_FLOWS).
+pub const FLOW_FIN_FROM_CLIENT: u32 = 1;
+/// A FIN went from the broker to the client (set in PORTMAP_REPLIES).
+pub const FLOW_FIN_FROM_BROKER: u32 = 2;
+/// A RST went either way.
+pub const FLOW_RST: u32 = 4;
 
 /// Per listen port, per CPU traffic through the portmap program.
 #[repr(C)]

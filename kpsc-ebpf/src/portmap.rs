@@ -29,7 +29,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use kpsc_common::{
-    FlowKey, FlowNat, MAX_MAPPED_PORTS, PortTarget, PortmapStats,
+    FLOW_FIN_FROM_BROKER, FLOW_FIN_FROM_CLIENT, FLOW_RST, FlowKey, FlowNat, MAX_MAPPED_PORTS,
+    PortTarget, PortmapStats,
     portmap::{EPHEMERAL_COUNT, EPHEMERAL_FIRST, MAX_FLOWS, PORT_ATTEMPTS},
 };
 use network_types::{
@@ -139,6 +140,7 @@ fn classify(ctx: &TcContext) -> Option<i32> {
     }
     // SAFETY: as above.
     let reply = unsafe { REPLIES.get(seen) }.copied()?;
+    mark_closing(&REPLIES, &seen, &tcp, FLOW_FIN_FROM_BROKER);
     Some(to_client(ctx, l4, &seen, &reply.translated, ip_len))
 }
 
@@ -154,7 +156,10 @@ fn to_broker(
 ) -> i32 {
     // SAFETY: read-only lookup, copied at once.
     let translated = match unsafe { FLOWS.get(seen) }.copied() {
-        Some(flow) => flow.translated,
+        Some(flow) => {
+            mark_closing(&FLOWS, seen, tcp, FLOW_FIN_FROM_CLIENT);
+            flow.translated
+        }
         None => {
             // Only a SYN opens a flow; anything else for an unknown flow is dropped rather
             // than handed to a stack that has no such connection.
@@ -182,6 +187,18 @@ fn to_broker(
     forward(ctx, &translated, listen_port)
 }
 
+/// Records FIN/RST so userspace can show closing flows and remove closed ones.
+#[inline(always)]
+fn mark_closing(map: &LruHashMap<FlowKey, FlowNat>, key: &FlowKey, tcp: &TcpHdr, fin_bit: u32) {
+    let bits = if tcp.rst() != 0 { FLOW_RST } else { 0 } | if tcp.fin() != 0 { fin_bit } else { 0 };
+    if bits != 0
+        && let Some(flow) = map.get_ptr_mut(key)
+    {
+        // SAFETY: valid map value pointer; a racing update of the same bits is harmless.
+        unsafe { (*flow).flags |= bits };
+    }
+}
+
 /// Allocates the translated tuple of a new flow and records both directions.
 #[inline(always)]
 fn open_flow(seen: &FlowKey, target: &PortTarget) -> Option<FlowKey> {
@@ -189,7 +206,7 @@ fn open_flow(seen: &FlowKey, target: &PortTarget) -> Option<FlowKey> {
     let now = unsafe { bpf_ktime_get_ns() };
     let back = FlowNat {
         translated: seen.reversed(),
-        _pad: 0,
+        flags: 0,
         created_ns: now,
     };
     let mut attempt = 0;
@@ -214,7 +231,7 @@ fn open_flow(seen: &FlowKey, target: &PortTarget) -> Option<FlowKey> {
         {
             let flow = FlowNat {
                 translated,
-                _pad: 0,
+                flags: 0,
                 created_ns: now,
             };
             if FLOWS.insert(seen, flow, 0).is_err() {

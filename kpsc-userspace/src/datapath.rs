@@ -20,7 +20,8 @@ use aya::{
     util::nr_cpus,
 };
 use kpsc_common::{
-    FlowKey, FlowNat, PortTarget, PortmapStats,
+    FLOW_FIN_FROM_BROKER, FLOW_FIN_FROM_CLIENT, FLOW_RST, FlowKey, FlowNat, PortTarget,
+    PortmapStats,
     portmap::{FLOWS_MAP, PROGRAM, REPLIES_MAP, STATS_MAP, TARGETS_MAP},
 };
 use tracing::{info, warn};
@@ -220,7 +221,28 @@ pub struct PinnedMaps {
     targets: HashMap<MapData, u32, PortTarget>,
     // LRU hash maps are read through aya's HashMap.
     flows: HashMap<MapData, FlowKey, FlowNat>,
+    replies: HashMap<MapData, FlowKey, FlowNat>,
     stats: PerCpuHashMap<MapData, u32, PortmapStats>,
+}
+
+/// Where a tracked flow is in its life, from the FIN/RST bits of both directions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowState {
+    Open,
+    /// One side sent FIN.
+    Closing,
+    /// Both sides sent FIN, or a RST went through.
+    Closed,
+}
+
+impl FlowState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlowState::Open => "open",
+            FlowState::Closing => "closing",
+            FlowState::Closed => "closed",
+        }
+    }
 }
 
 fn open_pin(dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -243,6 +265,7 @@ impl PinnedMaps {
         Ok(Self {
             targets: HashMap::try_from(open_pin(dir, TARGETS_MAP)?)?,
             flows: HashMap::try_from(open_pin(dir, FLOWS_MAP)?)?,
+            replies: HashMap::try_from(open_pin(dir, REPLIES_MAP)?)?,
             stats: PerCpuHashMap::try_from(open_pin(dir, STATS_MAP)?)?,
         })
     }
@@ -267,5 +290,30 @@ impl PinnedMaps {
 
     pub fn flows(&self) -> Vec<(FlowKey, FlowNat)> {
         self.flows.iter().filter_map(Result::ok).collect()
+    }
+
+    /// State of a flow from both directions' bits. A flow whose reply entry is gone (LRU
+    /// eviction) can carry no more replies: closed.
+    pub fn flow_state(&self, flow: &FlowNat) -> FlowState {
+        let Ok(reply) = self.replies.get(&flow.translated.reversed(), 0) else {
+            return FlowState::Closed;
+        };
+        let bits = flow.flags | reply.flags;
+        if bits & FLOW_RST != 0
+            || bits & (FLOW_FIN_FROM_CLIENT | FLOW_FIN_FROM_BROKER)
+                == FLOW_FIN_FROM_CLIENT | FLOW_FIN_FROM_BROKER
+        {
+            FlowState::Closed
+        } else if bits != 0 {
+            FlowState::Closing
+        } else {
+            FlowState::Open
+        }
+    }
+
+    /// Forgets a flow in both directions.
+    pub fn remove_flow(&mut self, key: &FlowKey, flow: &FlowNat) {
+        let _ = self.flows.remove(key);
+        let _ = self.replies.remove(&flow.translated.reversed());
     }
 }

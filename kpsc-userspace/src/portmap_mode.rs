@@ -327,7 +327,12 @@ impl AdminView for PortmapState {
                 let stats = pins.as_ref().map(|p| p.stats(port)).unwrap_or_default();
                 let open = flows
                     .iter()
-                    .filter(|(k, _)| u16::from_be(k.dst_port) == port)
+                    .filter(|(k, f)| {
+                        u16::from_be(k.dst_port) == port
+                            && pins.as_ref().is_some_and(|p| {
+                                p.flow_state(f) != crate::datapath::FlowState::Closed
+                            })
+                    })
                     .count();
                 MapRow {
                     listen: Some(e.listen.to_string()),
@@ -480,6 +485,7 @@ async fn run_inner(config: PortmapConfig) -> anyhow::Result<ExitCode> {
             );
         }
         let prober = tokio::spawn(probe_loop(Arc::clone(&state), shutdown.clone()));
+        let cleaner = tokio::spawn(cleanup_loop(Arc::clone(&state), shutdown.clone()));
         let stop = loop {
             tokio::select! {
                 _ = sigterm.recv() => break "SIGTERM",
@@ -504,6 +510,7 @@ async fn run_inner(config: PortmapConfig) -> anyhow::Result<ExitCode> {
         };
         info!(signal = stop, "stopping");
         prober.abort();
+        cleaner.abort();
         shutdown.cancel();
         if let Some(admin) = admin {
             let _ = admin.await;
@@ -515,6 +522,45 @@ async fn run_inner(config: PortmapConfig) -> anyhow::Result<ExitCode> {
     datapath.shutdown()?;
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long a closed flow stays in the table (late segments, the client's TIME_WAIT)
+/// before userspace removes it; LRU eviction is the backstop.
+const CLOSED_FLOW_LINGER: Duration = Duration::from_secs(60);
+const FLOW_CLEANUP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Removes flows that have been closed for CLOSED_FLOW_LINGER, so the table shows live
+/// flows and the LRU does not evict open ones first.
+async fn cleanup_loop(state: Arc<PortmapState>, shutdown: CancellationToken) {
+    let mut closed_since: std::collections::HashMap<kpsc_common::FlowKey, std::time::Instant> =
+        Default::default();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(FLOW_CLEANUP_INTERVAL) => {}
+        }
+        let mut pins = state.pins.lock().expect("pins lock");
+        let Some(maps) = pins.as_mut() else { continue };
+        let now = std::time::Instant::now();
+        let mut still_closed = std::collections::HashMap::new();
+        let mut removed = 0;
+        for (key, flow) in maps.flows() {
+            if maps.flow_state(&flow) != crate::datapath::FlowState::Closed {
+                continue;
+            }
+            let since = closed_since.get(&key).copied().unwrap_or(now);
+            if now.duration_since(since) >= CLOSED_FLOW_LINGER {
+                maps.remove_flow(&key, &flow);
+                removed += 1;
+            } else {
+                still_closed.insert(key, since);
+            }
+        }
+        closed_since = still_closed;
+        if removed > 0 {
+            tracing::debug!(removed, "closed flows removed");
+        }
+    }
 }
 
 async fn probe_loop(state: Arc<PortmapState>, shutdown: CancellationToken) {

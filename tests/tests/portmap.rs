@@ -12,9 +12,9 @@ use std::{
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, MetadataRequest, MetadataResponse};
-use kpsc::datapath::{DEFAULT_PIN_ROOT, PinnedMaps, pin_dir};
+use kpsc::datapath::{DEFAULT_PIN_ROOT, FlowState, PinnedMaps, pin_dir};
 use kpsc_tests::{
-    Kpscd, RawClient, eventually, kpscd_bin,
+    Kpscd, RawClient, eventually, kpscctl_bin, kpscd_bin,
     netns::{NODE_CLIENT_IP, Topology, broker_ip, client_ip, in_netns},
 };
 use rdkafka::{
@@ -279,6 +279,58 @@ fn clients_reusing_one_source_port_do_not_collide() {
     for c in &mut conns {
         api_versions_ok(c).unwrap();
     }
+
+    // The operator's view, straight from the pins (no daemon involved).
+    let pins_dir = pins(&topo);
+    let kpscctl = |extra: &[&str]| {
+        let out = Command::new(kpscctl_bin())
+            .args(["maps", "--instance", &topo.node])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = kpscctl(&[]);
+    assert!(table.contains(&pins_dir.display().to_string()), "{table}");
+    let port_line = table
+        .lines()
+        .find(|l| l.starts_with(&FIRST_PORT.to_string()))
+        .unwrap();
+    assert!(
+        port_line.contains(&format!("{}:{BROKER_PORT}", broker_ip(0))),
+        "{table}"
+    );
+    assert!(
+        port_line.split_whitespace().nth(3) == Some(&CLIENTS.to_string()),
+        "{CLIENTS} live flows expected: {table}"
+    );
+    assert_eq!(table.matches(" open").count(), CLIENTS, "{table}");
+    let json: serde_json::Value = serde_json::from_str(&kpscctl(&["--json"])).unwrap();
+    assert_eq!(json["flows"].as_array().unwrap().len(), CLIENTS);
+    assert_eq!(json["ports"][0]["listen_port"], FIRST_PORT);
+
+    // Closed connections are marked closed by the program (FIN both ways).
+    drop(conns);
+    eventually(Duration::from_secs(5), || {
+        let maps = PinnedMaps::open(&pins_dir)?;
+        let states: Vec<_> = maps
+            .flows()
+            .iter()
+            .filter(|(k, _)| u16::from_be(k.src_port) == 40000)
+            .map(|(_, f)| maps.flow_state(f))
+            .collect();
+        anyhow::ensure!(
+            states.len() == CLIENTS && states.iter().all(|s| *s == FlowState::Closed),
+            "{states:?}"
+        );
+        Ok(())
+    })
+    .unwrap();
 }
 
 fn cluster_id(conn: &mut RawClient) -> String {

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kpsc::{
     admin::{MAPS_PATH, MapRow},
-    datapath::{DEFAULT_PIN_ROOT, PinnedMaps, pin_dir},
+    datapath::{DEFAULT_PIN_ROOT, FlowState, PinnedMaps, pin_dir},
 };
 use kpsc_common::FlowKey;
 
@@ -172,6 +172,7 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
                 "translated_src": endpoint(f.translated.src_ip, f.translated.src_port),
                 "broker": endpoint(f.translated.dst_ip, f.translated.dst_port),
                 "age_seconds": now.saturating_sub(f.created_ns) / 1_000_000_000,
+                "state": maps.flow_state(f).as_str(),
             })
         })
         .collect();
@@ -228,7 +229,14 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
         ],
         &port_rows,
     ));
-    out.push_str(&format!("\n{} live flow(s)\n", flows.len()));
+    let live = flows
+        .iter()
+        .filter(|(_, f)| maps.flow_state(f) != FlowState::Closed)
+        .count();
+    out.push_str(&format!(
+        "\n{live} live flow(s), {} closed (removed a minute after closing)\n",
+        flows.len() - live
+    ));
     let flow_cells: Vec<Vec<String>> = flows
         .iter()
         .map(|(k, f)| {
@@ -241,12 +249,13 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
                     endpoint(f.translated.dst_ip, f.translated.dst_port)
                 ),
                 human_age(now.saturating_sub(f.created_ns)),
+                maps.flow_state(f).as_str().to_owned(),
             ]
         })
         .collect();
     if !flow_cells.is_empty() {
         out.push_str(&table(
-            &["CLIENT", "LISTEN", "TRANSLATED", "AGE"],
+            &["CLIENT", "LISTEN", "TRANSLATED", "AGE", "STATE"],
             &flow_cells,
         ));
     }
