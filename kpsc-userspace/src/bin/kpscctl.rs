@@ -64,15 +64,15 @@ fn main() -> ExitCode {
                 None => admin_maps(DEFAULT_ADMIN, json),
             };
             match watch {
-                None => show().map(|text| print!("{text}")),
+                None => show().map(|text| emit(&text)),
                 Some(secs) => loop {
                     let text = show();
                     // Clear the screen and home the cursor, like watch(1).
-                    print!("\x1b[2J\x1b[H");
-                    match text {
-                        Ok(t) => print!("{t}"),
-                        Err(e) => println!("kpscctl: {e:#}"),
-                    }
+                    let screen = match text {
+                        Ok(t) => t,
+                        Err(e) => format!("kpscctl: {e:#}\n"),
+                    };
+                    emit(&format!("\x1b[2J\x1b[H{screen}"));
                     std::thread::sleep(Duration::from_secs_f64(secs.max(0.1)));
                 },
             }
@@ -88,6 +88,19 @@ fn main() -> ExitCode {
 }
 
 const DEFAULT_ADMIN: &str = "127.0.0.1:9080";
+
+/// Writes to stdout; a closed pipe (`kpscctl maps | head`) ends the program quietly.
+fn emit(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("kpscctl: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
 
 fn admin_maps(admin: &str, json: bool) -> anyhow::Result<String> {
     let url = format!("http://{admin}{MAPS_PATH}");
@@ -199,7 +212,9 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
                 ip(t.snat_ip).to_string(),
                 flows
                     .iter()
-                    .filter(|(k, _)| u16::from_be(k.dst_port) == *port)
+                    .filter(|(k, f)| {
+                        u16::from_be(k.dst_port) == *port && maps.flow_state(f) != FlowState::Closed
+                    })
                     .count()
                     .to_string(),
                 s.new_flows.to_string(),
@@ -221,7 +236,7 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
             "PORT",
             "BROKER",
             "SNAT IP",
-            "FLOWS",
+            "LIVE",
             "OPENED",
             "IN (pkts / bytes)",
             "OUT (pkts / bytes)",
@@ -234,11 +249,13 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
         .filter(|(_, f)| maps.flow_state(f) != FlowState::Closed)
         .count();
     out.push_str(&format!(
-        "\n{live} live flow(s), {} closed (removed a minute after closing)\n",
+        "\n{live} live flow(s); {} closed, kept a minute after closing (see --json)\n",
         flows.len() - live
     ));
+    // The table lists live flows; closed ones are counted above and listed by --json.
     let flow_cells: Vec<Vec<String>> = flows
         .iter()
+        .filter(|(_, f)| maps.flow_state(f) != FlowState::Closed)
         .map(|(k, f)| {
             vec![
                 endpoint(k.src_ip, k.src_port),
