@@ -16,11 +16,6 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use kpsc_common::{MAX_MAPPED_PORTS, PortCounters};
-use network_types::{
-    eth::{EthHdr, EtherType},
-    ip::{IpProto, Ipv4Hdr},
-    tcp::TcpHdr,
-};
 
 /// listen port (host order, as u32) -> counters. Userspace inserts a zeroed entry per
 /// mapped port; the program only updates existing entries, so unmapped ports cost one lookup.
@@ -28,6 +23,7 @@ use network_types::{
 static PORT_COUNTERS: PerCpuHashMap<u32, PortCounters> =
     PerCpuHashMap::with_max_entries(MAX_MAPPED_PORTS, 0);
 
+mod packet;
 mod portmap;
 
 #[classifier]
@@ -43,23 +39,7 @@ pub fn kpsc_tc_port_counter(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn count_mapped_port(ctx: &TcContext) -> Option<()> {
-    let eth: EthHdr = ctx.load(0).ok()?;
-    if !matches!(eth.ether_type(), Ok(EtherType::Ipv4)) {
-        return None;
-    }
-    let ip: Ipv4Hdr = ctx.load(EthHdr::LEN).ok()?;
-    if ip.proto != u8::from(IpProto::Tcp) {
-        return None;
-    }
-    // Non-first fragments carry no TCP header: leave them alone.
-    if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
-        return None;
-    }
-    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    if ihl < Ipv4Hdr::LEN {
-        return None;
-    }
-    let tcp: TcpHdr = ctx.load(EthHdr::LEN + ihl).ok()?;
+    let packet::Ipv4Tcp { ip, tcp, .. } = packet::ipv4_tcp(ctx)?;
     let port = u16::from_be_bytes(tcp.dest) as u32;
     let counters = PORT_COUNTERS.get_ptr_mut(&port)?;
     // SAFETY: per-CPU value, no concurrent writer on this CPU while we run.

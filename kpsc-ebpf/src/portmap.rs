@@ -33,11 +33,7 @@ use kpsc_common::{
     PortTarget, PortmapStats,
     portmap::{EPHEMERAL_COUNT, EPHEMERAL_FIRST, MAX_FLOWS, PORT_ATTEMPTS},
 };
-use network_types::{
-    eth::{EthHdr, EtherType},
-    ip::{IpProto, Ipv4Hdr},
-    tcp::TcpHdr,
-};
+use network_types::{eth::EthHdr, tcp::TcpHdr};
 
 /// listen port (host order) -> where it goes. Filled by userspace.
 #[map(name = "PORTMAP_TARGETS")]
@@ -98,24 +94,7 @@ pub fn run(ctx: &TcContext) -> i32 {
 /// None: not ours, pass. Some(action): translated (redirect) or dropped.
 #[inline(always)]
 fn classify(ctx: &TcContext) -> Option<i32> {
-    let eth: EthHdr = ctx.load(0).ok()?;
-    if !matches!(eth.ether_type(), Ok(EtherType::Ipv4)) {
-        return None;
-    }
-    let ip: Ipv4Hdr = ctx.load(EthHdr::LEN).ok()?;
-    if ip.proto != u8::from(IpProto::Tcp) {
-        return None;
-    }
-    // Fragments (any offset or more-fragments) are left to the stack.
-    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
-        return None;
-    }
-    let ihl = usize::from(ip.vihl & 0x0f) * 4;
-    if ihl < Ipv4Hdr::LEN {
-        return None;
-    }
-    let l4 = EthHdr::LEN + ihl;
-    let tcp: TcpHdr = ctx.load(l4).ok()?;
+    let crate::packet::Ipv4Tcp { ip, tcp, l4 } = crate::packet::ipv4_tcp(ctx)?;
     let seen = FlowKey {
         src_ip: u32::from_ne_bytes(ip.src_addr),
         dst_ip: u32::from_ne_bytes(ip.dst_addr),

@@ -206,6 +206,21 @@ impl Topology {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Starts tansu broker `i` on its broker address, advertising the node's address and
+    /// `advertised_port` (what the portmap guide prescribes).
+    pub fn start_advertising_node(
+        &mut self,
+        i: usize,
+        listen_port: u16,
+        advertised_port: u16,
+    ) -> anyhow::Result<()> {
+        self.start_tansu(
+            &format!("{}:{listen_port}", broker_ip(i)),
+            &format!("{NODE_CLIENT_IP}:{advertised_port}"),
+            &format!("cluster-{i}"),
+        )
+    }
+
     /// Starts a tansu broker in the broker namespace, advertising `advertised` (host:port).
     pub fn start_tansu(
         &mut self,
@@ -250,6 +265,12 @@ impl Drop for Topology {
         }
         for ns in [&self.client, &self.node, &self.broker] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        // Pins of a kpscd that could not clean up (killed by a failing test); tests use
+        // the node namespace's name as the instance.
+        let pins = std::path::Path::new(kpsc::datapath::DEFAULT_PIN_ROOT).join(&self.node);
+        if pins.exists() {
+            let _ = std::fs::remove_dir_all(&pins);
         }
     }
 }

@@ -65,12 +65,8 @@ fn portmap_args(topo: &Topology, mappings: &[String], extra: &[&str]) -> Vec<Str
 fn three_brokers() -> Topology {
     let mut topo = Topology::without_checksum_offload(1, 3).unwrap();
     for i in 0..3 {
-        topo.start_tansu(
-            &format!("{}:{BROKER_PORT}", broker_ip(i)),
-            &format!("{NODE_CLIENT_IP}:{}", FIRST_PORT + i as u16),
-            &format!("cluster-{i}"),
-        )
-        .unwrap();
+        topo.start_advertising_node(i, BROKER_PORT, FIRST_PORT + i as u16)
+            .unwrap();
     }
     topo
 }
@@ -220,12 +216,8 @@ fn clients_reusing_one_source_port_do_not_collide() {
     const CLIENTS: usize = 16;
     // No offload: the replacement source ports' checksums are verified by real stacks.
     let mut topo = Topology::without_checksum_offload(CLIENTS, 1).unwrap();
-    topo.start_tansu(
-        &format!("{}:{BROKER_PORT}", broker_ip(0)),
-        &format!("{NODE_CLIENT_IP}:{FIRST_PORT}"),
-        "c",
-    )
-    .unwrap();
+    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
+        .unwrap();
     let _kpscd = start_portmap(&topo, &portmap_args(&topo, &[mapping(0)], &[]));
     // Every client address connects from source port 40000 to the same node port.
     let mut conns: Vec<RawClient> = in_netns(&topo.client, || {
@@ -414,12 +406,8 @@ fn reload_keeps_established_flows_and_sends_new_ones_to_the_new_broker() {
 #[test]
 fn unmapped_traffic_passes_untouched() {
     let mut topo = Topology::new(1, 1).unwrap();
-    topo.start_tansu(
-        &format!("{}:{BROKER_PORT}", broker_ip(0)),
-        &format!("{NODE_CLIENT_IP}:{FIRST_PORT}"),
-        "c",
-    )
-    .unwrap();
+    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
+        .unwrap();
     let _kpscd = start_portmap(&topo, &portmap_args(&topo, &[mapping(0)], &[]));
     let before = PinnedMaps::open(&pins(&topo)).unwrap().stats(FIRST_PORT);
 
@@ -501,12 +489,8 @@ fn attachments(topo: &Topology) -> Vec<(String, usize)> {
 #[test]
 fn sigkill_then_restart_leaves_one_attachment_and_working_traffic() {
     let mut topo = Topology::new(1, 1).unwrap();
-    topo.start_tansu(
-        &format!("{}:{BROKER_PORT}", broker_ip(0)),
-        &format!("{NODE_CLIENT_IP}:{FIRST_PORT}"),
-        "c",
-    )
-    .unwrap();
+    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
+        .unwrap();
     let args = portmap_args(&topo, &[mapping(0)], &[]);
     let addr = format!("{NODE_CLIENT_IP}:{FIRST_PORT}");
     let mut first = start_portmap(&topo, &args);

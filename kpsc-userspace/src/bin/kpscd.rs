@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kpsc::{
-    config::{ProxyArgs, ProxyConfig, reject_unsupported_flags},
+    config::{ConfigError, LogConfig, ProxyArgs, ProxyConfig, reject_unsupported_flags},
     logging,
     portmap_mode::{self, PortmapArgs, PortmapConfig},
     proxy::{self, EXIT_CONFIG},
@@ -33,40 +33,35 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     let cli = Cli::parse();
-    let runtime = || {
-        tokio::runtime::Runtime::new().map_err(|e| {
+    match cli.mode {
+        Mode::Proxy(args) => launch(ProxyConfig::resolve(*args), |c| &c.map.log, proxy::run),
+        Mode::Portmap(args) => launch(
+            PortmapConfig::resolve(*args),
+            |c| &c.map.log,
+            portmap_mode::run,
+        ),
+    }
+}
+
+/// Exits 2 on a configuration error; otherwise sets up logging and runs the mode.
+fn launch<C, F: Future<Output = ExitCode>>(
+    config: Result<C, ConfigError>,
+    log: impl Fn(&C) -> &LogConfig,
+    run: impl FnOnce(C) -> F,
+) -> ExitCode {
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kpscd: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    logging::init(log(&config));
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(run(config)),
+        Err(e) => {
             eprintln!("kpscd: cannot start the async runtime: {e}");
             ExitCode::FAILURE
-        })
-    };
-    match cli.mode {
-        Mode::Proxy(args) => {
-            let config = match ProxyConfig::resolve(*args) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("kpscd: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            logging::init(&config.map.log);
-            match runtime() {
-                Ok(r) => r.block_on(proxy::run(config)),
-                Err(code) => code,
-            }
-        }
-        Mode::Portmap(args) => {
-            let config = match PortmapConfig::resolve(*args) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("kpscd: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            logging::init(&config.map.log);
-            match runtime() {
-                Ok(r) => r.block_on(portmap_mode::run(config)),
-                Err(code) => code,
-            }
         }
     }
 }
