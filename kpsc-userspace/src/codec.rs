@@ -306,12 +306,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-/// Writes `size` + `body`.
+/// Writes `size` + `body` in one vectored write (with TCP_NODELAY, two writes would be two
+/// segments).
 pub async fn write_frame<W: AsyncWrite + Unpin>(out: &mut W, body: &[u8]) -> io::Result<()> {
     let size = i32::try_from(body.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
-    out.write_all(&size.to_be_bytes()).await?;
-    out.write_all(body).await
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?
+        .to_be_bytes();
+    let mut bufs = [io::IoSlice::new(&size), io::IoSlice::new(body)];
+    let mut slices = &mut bufs[..];
+    while !slices.is_empty() {
+        let n = out.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
 }
 
 /// Reads one size-prefixed frame from a plain reader (used by tests and small clients).

@@ -53,6 +53,12 @@ enum Task {
         #[arg(long, default_value_t = 5000)]
         messages: usize,
     },
+    /// Benchmark kpsc's data paths against the direct limit (results/ gets JSON,
+    /// markdown and an SVG chart). Extra arguments go to kpsc-bench (see --help).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run every test: lints, unit, integration (real brokers and clients), Python clients.
     Test {
         /// Skip `setup` (when you know everything is installed).
@@ -66,6 +72,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup(),
         Task::Demo { messages } => setup().and_then(|()| demo(messages)),
+        Task::Bench { args } => setup().and_then(|()| bench(&args)),
         Task::Test { no_setup } => if no_setup { Ok(()) } else { setup() }.and_then(|()| test()),
     };
     match result {
@@ -274,6 +281,23 @@ fn demo(messages: usize) -> anyhow::Result<()> {
         .env("KPSCCTL_BIN", root().join("target/release/kpscctl")))
 }
 
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    step("build kpscd and kpsc-bench (release)");
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "kpsc-userspace",
+        "-p",
+        "kpsc-bench",
+        "--bins",
+    ]))?;
+    step("kpsc-bench");
+    run(Command::new(root().join("target/release/kpsc-bench"))
+        .args(args)
+        .current_dir(root()))
+}
+
 fn test() -> anyhow::Result<()> {
     step("cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -294,6 +318,10 @@ fn test() -> anyhow::Result<()> {
         .env("KPSCD_BIN", root().join("target/release/kpscd"))
         .env("KPSCCTL_BIN", root().join("target/release/kpscctl"))
         .env("TANSU_BIN", tansu_bin()))?;
+    step("benchmark harness, --quick (correctness only, no timings)");
+    run(Command::new(root().join("target/release/kpsc-bench"))
+        .args(["--quick", "--out"])
+        .arg(root().join("target/bench-quick")))?;
     step("python clients (confluent-kafka 2.16, kafka-python) and kcat through kpscd");
     run(Command::new(venv().join("bin/python"))
         .args(["-m", "pytest", "-v", "-p", "no:cacheprovider"])

@@ -1,0 +1,266 @@
+//! Load generator speaking the Kafka protocol: changefeed-like produce (pipelined Produce
+//! v7 requests carrying one record batch each) and a metadata workload (sequential
+//! Metadata requests, which go through kpsc's rewrite path).
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use bytes::{Bytes, BytesMut};
+use hdrhistogram::Histogram;
+use kafka_protocol::{
+    messages::{
+        ApiKey, MetadataRequest, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader,
+        TopicName,
+        produce_request::{PartitionProduceData, TopicProduceData},
+    },
+    protocol::{Decodable, Encodable, HeaderVersion, StrBytes},
+    records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType},
+};
+use kpsc::codec::{FrameReader, write_frame};
+use tokio::{
+    io::AsyncWriteExt,
+    net::TcpStream,
+    sync::{Semaphore, mpsc},
+};
+
+use crate::sink::TOPIC;
+
+const PRODUCE_VERSION: i16 = 7;
+
+#[derive(Clone, Debug)]
+pub struct ProduceLoad {
+    pub connections: usize,
+    pub in_flight: usize,
+    pub records_per_batch: usize,
+    pub record_bytes: usize,
+    pub acks: i16,
+    pub duration: Duration,
+    /// Decode every response and check its error code (the --quick correctness mode).
+    pub verify: bool,
+}
+
+/// What one run measured.
+#[derive(Debug, Default)]
+pub struct ProduceResult {
+    pub requests: u64,
+    pub records: u64,
+    /// Request bytes on the wire (what the proxy forwards towards the broker).
+    pub bytes: u64,
+    pub elapsed: Duration,
+    /// Request -> response, microseconds.
+    pub latency: Option<Histogram<u64>>,
+}
+
+fn frame_body<T: Encodable + HeaderVersion>(
+    api: ApiKey,
+    version: i16,
+    request: &T,
+) -> anyhow::Result<BytesMut> {
+    let mut body = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(api as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(0)
+        .with_client_id(Some(StrBytes::from_static_str("kpsc-bench")))
+        .encode(&mut body, T::header_version(version))?;
+    request.encode(&mut body, version)?;
+    Ok(body)
+}
+
+/// One Produce v7 request body (header included) with a valid record batch.
+pub fn produce_request(load: &ProduceLoad) -> anyhow::Result<BytesMut> {
+    let value = Bytes::from(vec![b'c'; load.record_bytes]);
+    let records: Vec<Record> = (0..load.records_per_batch)
+        .map(|i| Record {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            sequence: -1,
+            timestamp: 0,
+            key: None,
+            value: Some(value.clone()),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut batch = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut batch,
+        records.iter(),
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )?;
+    let request = ProduceRequest::default()
+        .with_acks(load.acks)
+        .with_timeout_ms(30_000)
+        .with_topic_data(vec![
+            TopicProduceData::default()
+                .with_name(TopicName(StrBytes::from_static_str(TOPIC)))
+                .with_partition_data(vec![
+                    PartitionProduceData::default()
+                        .with_index(0)
+                        .with_records(Some(batch.freeze())),
+                ]),
+        ]);
+    frame_body(ApiKey::Produce, PRODUCE_VERSION, &request)
+}
+
+/// Correlation id offset in a request body (after api key and version).
+const CORRELATION_AT: usize = 4;
+
+pub async fn run_produce(target: &str, load: &ProduceLoad) -> anyhow::Result<ProduceResult> {
+    let body = produce_request(load)?;
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for _ in 0..load.connections {
+        let stream = TcpStream::connect(target)
+            .await
+            .with_context(|| format!("connecting to {target}"))?;
+        stream.set_nodelay(true)?;
+        tasks.push(tokio::spawn(produce_connection(
+            stream,
+            body.clone(),
+            load.clone(),
+            started,
+        )));
+    }
+    let mut total = ProduceResult::default();
+    let mut latency = Histogram::<u64>::new(3)?;
+    for t in tasks {
+        let r = t.await??;
+        total.requests += r.requests;
+        total.bytes += r.bytes;
+        if let Some(h) = &r.latency {
+            latency.add(h)?;
+        }
+    }
+    total.elapsed = started.elapsed();
+    total.records = total.requests * load.records_per_batch as u64;
+    total.latency = (load.acks != 0).then_some(latency);
+    Ok(total)
+}
+
+async fn produce_connection(
+    stream: TcpStream,
+    mut body: BytesMut,
+    load: ProduceLoad,
+    started: Instant,
+) -> anyhow::Result<ProduceResult> {
+    let (r, mut w) = stream.into_split();
+    let expects_response = load.acks != 0;
+    // Requests in flight on this connection: the writer takes a permit, the reader gives
+    // it back when the response arrives.
+    let window = Arc::new(Semaphore::new(load.in_flight));
+    let reader_window = Arc::clone(&window);
+    let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<(i32, Instant)>();
+    let verify = load.verify;
+    let reader = tokio::spawn(async move {
+        let mut reader = FrameReader::new(r, 64 * 1024);
+        let mut frame = Vec::new();
+        let mut latency = Histogram::<u64>::new(3)?;
+        let mut answered = 0u64;
+        while let Some((correlation_id, sent_at)) = sent_rx.recv().await {
+            if !reader.read_frame(16 << 20, &mut frame).await? {
+                bail!("the target closed the connection with requests in flight");
+            }
+            let got = i32::from_be_bytes(frame[..4].try_into()?);
+            ensure!(
+                got == correlation_id,
+                "response {got} arrived for request {correlation_id}: order broken"
+            );
+            if verify {
+                let mut bytes = Bytes::copy_from_slice(&frame);
+                ResponseHeader::decode(
+                    &mut bytes,
+                    ProduceResponse::header_version(PRODUCE_VERSION),
+                )?;
+                let response = ProduceResponse::decode(&mut bytes, PRODUCE_VERSION)?;
+                let errors: Vec<i16> = response
+                    .responses
+                    .iter()
+                    .flat_map(|t| t.partition_responses.iter().map(|p| p.error_code))
+                    .filter(|e| *e != 0)
+                    .collect();
+                ensure!(errors.is_empty(), "produce errors {errors:?}");
+            }
+            latency.record(sent_at.elapsed().as_micros() as u64)?;
+            answered += 1;
+            reader_window.add_permits(1);
+        }
+        anyhow::Ok((answered, latency))
+    });
+    let mut sent = 0u64;
+    let mut bytes = 0u64;
+    let mut correlation_id = 0i32;
+    loop {
+        if started.elapsed() >= load.duration {
+            break;
+        }
+        if expects_response {
+            window.acquire().await?.forget();
+        }
+        correlation_id = correlation_id.wrapping_add(1);
+        body[CORRELATION_AT..CORRELATION_AT + 4].copy_from_slice(&correlation_id.to_be_bytes());
+        if expects_response {
+            sent_tx.send((correlation_id, Instant::now())).ok();
+        }
+        write_frame(&mut w, &body).await?;
+        sent += 1;
+        bytes += 4 + body.len() as u64;
+    }
+    drop(sent_tx);
+    w.flush().await?;
+    let (answered, latency) = reader.await??;
+    if expects_response {
+        ensure!(
+            answered == sent,
+            "{sent} requests sent, {answered} acknowledged"
+        );
+    }
+    Ok(ProduceResult {
+        requests: sent,
+        records: 0,
+        bytes,
+        elapsed: Duration::ZERO,
+        latency: Some(latency),
+    })
+}
+
+/// Sequential Metadata requests: the latency of kpsc's rewrite path.
+pub async fn run_metadata(target: &str, duration: Duration) -> anyhow::Result<Histogram<u64>> {
+    let stream = TcpStream::connect(target).await?;
+    stream.set_nodelay(true)?;
+    let (r, mut w) = stream.into_split();
+    let mut reader = FrameReader::new(r, 64 * 1024);
+    let request = MetadataRequest::default().with_topics(None);
+    let mut body = frame_body(ApiKey::Metadata, 9, &request)?;
+    let mut latency = Histogram::<u64>::new(3)?;
+    let mut frame = Vec::new();
+    let started = Instant::now();
+    let mut id = 0i32;
+    while started.elapsed() < duration {
+        id += 1;
+        body[CORRELATION_AT..CORRELATION_AT + 4].copy_from_slice(&id.to_be_bytes());
+        let sent = Instant::now();
+        write_frame(&mut w, &body).await?;
+        ensure!(
+            reader.read_frame(16 << 20, &mut frame).await?,
+            "target closed"
+        );
+        ensure!(
+            i32::from_be_bytes(frame[..4].try_into()?) == id,
+            "metadata order broken"
+        );
+        latency.record(sent.elapsed().as_micros() as u64)?;
+    }
+    Ok(latency)
+}

@@ -1,0 +1,269 @@
+//! kpsc-bench: kpsc's data paths against the no-proxy limit, side by side in one run.
+//!
+//! Targets (same topology, same run, interleaved A B A B so drift hits all alike):
+//! - `direct`: the load generator talks to the benchmark sink (the limit);
+//! - `kpscd-proxy`: through `kpscd proxy` (the tokio path);
+//! - `external`: any proxy the user names with `--proxy-cmd` (placeholders `{broker}`,
+//!   `{listen}`), e.g. the kafka-proxy binary they run today.
+//!
+//! The broker side is the benchmark sink (see `sink.rs`), so the proxy and not the broker
+//! is what gets measured. `--quick` runs every target briefly and checks correctness only
+//! (every record acknowledged, responses in order), never a timing.
+
+mod load;
+mod report;
+mod sink;
+mod target;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, ensure};
+use clap::Parser;
+
+use crate::{
+    load::{ProduceLoad, run_metadata, run_produce},
+    report::{Measurement, Report},
+    sink::Sink,
+    target::{Target, TargetKind},
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "kpsc-bench", version, about)]
+struct Args {
+    /// Brief correctness run of every target (no timings judged); used by the test command.
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions of each (target, workload); medians with min/max are reported.
+    #[arg(long, default_value_t = 5)]
+    repetitions: usize,
+    /// Duration of each measured run.
+    #[arg(long, default_value = "4s", value_parser = humantime_duration)]
+    duration: Duration,
+    /// Warm-up run per target before measuring.
+    #[arg(long, default_value = "1s", value_parser = humantime_duration)]
+    warmup: Duration,
+    /// Producer connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 8)]
+    in_flight: usize,
+    /// Record batch sizes to measure (bytes per Produce request), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![65_536usize, 1_048_576])]
+    batch_bytes: Vec<usize>,
+    /// Bytes per record (changefeed rows are around 1 KiB).
+    #[arg(long, default_value_t = 1024)]
+    record_bytes: usize,
+    /// Produce acks: 0, 1 or -1.
+    #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
+    acks: i16,
+    /// Idle connections to open per proxy target for the memory measurement.
+    #[arg(long, default_value_t = 1000)]
+    idle_connections: usize,
+    /// An external proxy to compare with, e.g.
+    /// `kafka-proxy server --bootstrap-server-mapping {broker},{listen}`.
+    #[arg(long)]
+    proxy_cmd: Option<String>,
+    /// kpscd binary (default: next to this binary).
+    #[arg(long)]
+    kpscd: Option<PathBuf>,
+    /// Results folder (a timestamped subfolder is created).
+    #[arg(long, default_value = "results")]
+    out: PathBuf,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.trim().split_at(
+        s.trim()
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 4s or 500ms"))?;
+    Ok(match unit {
+        "ms" => Duration::from_secs_f64(value / 1000.0),
+        "s" | "" => Duration::from_secs_f64(value),
+        "m" => Duration::from_secs_f64(value * 60.0),
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    target::raise_fd_limit();
+    if args.quick {
+        args.repetitions = 1;
+        args.duration = Duration::from_millis(500);
+        args.warmup = Duration::ZERO;
+        args.idle_connections = 20;
+        args.batch_bytes = vec![65_536];
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // With two or more cores: the load generator and the sink share core 0 (a
+    // current-thread runtime), the proxy under test gets core 1.
+    let pinned = cpus >= 2 && !args.quick;
+    if pinned {
+        target::pin_self_to_cpu(0)?;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(args, pinned))
+}
+
+async fn run(args: Args, pinned: bool) -> anyhow::Result<()> {
+    let sink = Sink::start("127.0.0.1:0".parse()?).await?;
+    let kpscd = args.kpscd.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .expect("exe")
+            .with_file_name("kpscd")
+    });
+    let mut kinds = vec![TargetKind::Direct, TargetKind::KpscdProxy(kpscd)];
+    if let Some(cmd) = &args.proxy_cmd {
+        kinds.push(TargetKind::External(cmd.clone()));
+    }
+    let mut targets = Vec::new();
+    for kind in kinds {
+        targets.push(Target::start(kind, sink.addr, pinned).await?);
+    }
+    eprintln!(
+        "kpsc-bench: {} target(s), broker side = benchmark sink at {}, {} repetition(s) x {:?}{}",
+        targets.len(),
+        sink.addr,
+        args.repetitions,
+        args.duration,
+        if pinned {
+            ", generator+sink on CPU 0, proxy on CPU 1"
+        } else {
+            ""
+        }
+    );
+
+    let mut report = Report::new(&args.out, describe(&args, pinned))?;
+    let mut failures = Vec::new();
+    for batch_bytes in &args.batch_bytes {
+        let load = ProduceLoad {
+            connections: args.connections,
+            in_flight: args.in_flight,
+            records_per_batch: (batch_bytes / args.record_bytes).max(1),
+            record_bytes: args.record_bytes,
+            acks: args.acks,
+            duration: args.duration,
+            verify: args.quick,
+        };
+        let workload = format!("produce {} KiB batches", batch_bytes / 1024);
+        if !args.warmup.is_zero() {
+            for t in &targets {
+                let warm = ProduceLoad {
+                    duration: args.warmup,
+                    ..load.clone()
+                };
+                run_produce(&t.addr, &warm)
+                    .await
+                    .with_context(|| format!("warm-up of {}", t.name))?;
+            }
+        }
+        for rep in 0..args.repetitions {
+            // A B, then B A: each target runs first as often as last.
+            let order: Vec<&Target> = if rep % 2 == 0 {
+                targets.iter().collect()
+            } else {
+                targets.iter().rev().collect()
+            };
+            for t in order {
+                let cpu_before = t.cpu_seconds();
+                let softirq_before = target::softirq_seconds();
+                match run_produce(&t.addr, &load).await {
+                    Ok(r) => {
+                        ensure!(r.requests > 0, "{}: no request completed", t.name);
+                        report.add(Measurement::produce(
+                            &t.name,
+                            &workload,
+                            rep,
+                            &r,
+                            t.cpu_seconds() - cpu_before,
+                            target::softirq_seconds() - softirq_before,
+                        ));
+                        eprintln!(
+                            "  {workload} #{rep} {:<12} {:>8.1} MB/s",
+                            t.name,
+                            r.bytes as f64 / r.elapsed.as_secs_f64() / 1e6
+                        );
+                    }
+                    Err(e) => failures.push(format!("{} {workload}: {e:#}", t.name)),
+                }
+            }
+        }
+    }
+    for rep in 0..args.repetitions {
+        for t in &targets {
+            match run_metadata(&t.addr, args.duration / 2).await {
+                Ok(h) => report.add(Measurement::latency(
+                    &t.name,
+                    "metadata (rewrite path)",
+                    rep,
+                    &h,
+                )),
+                Err(e) => failures.push(format!("{} metadata: {e:#}", t.name)),
+            }
+        }
+    }
+    for t in &targets {
+        if let Some(per_conn) = t.idle_memory(args.idle_connections).await? {
+            report.idle_memory(&t.name, per_conn);
+        }
+        if let Some(peak) = t.peak_rss_kib() {
+            report.peak_rss(&t.name, peak);
+        }
+    }
+    let dir = report.write()?;
+    if args.quick {
+        let checks = targets.len() * (args.batch_bytes.len() + 1) * args.repetitions;
+        println!(
+            "kpsc-bench: {} passed, {} failed",
+            checks - failures.len(),
+            failures.len()
+        );
+    } else {
+        print!("{}", std::fs::read_to_string(dir.join("results.md"))?);
+        eprintln!("results in {}", dir.display());
+    }
+    for f in &failures {
+        eprintln!("FAILED: {f}");
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} benchmark run(s) failed",
+        failures.len()
+    );
+    Ok(())
+}
+
+fn describe(args: &Args, pinned: bool) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{} x {cpu}, Linux {}; loopback; {} connection(s) x {} in flight, acks={}, {} B records; {} repetition(s) of {:?}{}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        kernel.trim(),
+        args.connections,
+        args.in_flight,
+        args.acks,
+        args.record_bytes,
+        args.repetitions,
+        args.duration,
+        if pinned {
+            "; generator+sink pinned to CPU 0, proxy to CPU 1"
+        } else {
+            ""
+        }
+    )
+}

@@ -1,0 +1,293 @@
+//! Results: every measurement as JSON, medians [min-max] and pairwise ratios as a markdown
+//! table, and a throughput chart (SVG).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::load::ProduceResult;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Measurement {
+    pub target: String,
+    pub workload: String,
+    pub repetition: usize,
+    pub mb_per_s: Option<f64>,
+    pub records_per_s: Option<f64>,
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+    pub p999_us: Option<u64>,
+    /// Proxy process CPU (user+system) per GB forwarded; None for direct.
+    pub proxy_cpu_s_per_gb: Option<f64>,
+    /// Kernel softirq time of the whole machine per GB (network stack + TC programs).
+    pub softirq_s_per_gb: Option<f64>,
+}
+
+fn quantiles(h: &Histogram<u64>) -> (Option<u64>, Option<u64>, Option<u64>) {
+    if h.is_empty() {
+        return (None, None, None);
+    }
+    (
+        Some(h.value_at_quantile(0.5)),
+        Some(h.value_at_quantile(0.99)),
+        Some(h.value_at_quantile(0.999)),
+    )
+}
+
+impl Measurement {
+    pub fn produce(
+        target: &str,
+        workload: &str,
+        repetition: usize,
+        r: &ProduceResult,
+        cpu_s: f64,
+        softirq_s: f64,
+    ) -> Self {
+        let secs = r.elapsed.as_secs_f64();
+        let gb = r.bytes as f64 / 1e9;
+        let (p50, p99, p999) = r.latency.as_ref().map_or((None, None, None), quantiles);
+        Self {
+            target: target.into(),
+            workload: workload.into(),
+            repetition,
+            mb_per_s: Some(r.bytes as f64 / secs / 1e6),
+            records_per_s: Some(r.records as f64 / secs),
+            p50_us: p50,
+            p99_us: p99,
+            p999_us: p999,
+            proxy_cpu_s_per_gb: (target != "direct" && gb > 0.0).then(|| cpu_s / gb),
+            softirq_s_per_gb: (gb > 0.0).then(|| softirq_s / gb),
+        }
+    }
+
+    pub fn latency(target: &str, workload: &str, repetition: usize, h: &Histogram<u64>) -> Self {
+        let (p50, p99, p999) = quantiles(h);
+        Self {
+            target: target.into(),
+            workload: workload.into(),
+            repetition,
+            mb_per_s: None,
+            records_per_s: None,
+            p50_us: p50,
+            p99_us: p99,
+            p999_us: p999,
+            proxy_cpu_s_per_gb: None,
+            softirq_s_per_gb: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    #[serde(skip)]
+    dir: PathBuf,
+    pub machine: String,
+    pub measurements: Vec<Measurement>,
+    pub idle_kib_per_connection: BTreeMap<String, f64>,
+    pub peak_rss_kib: BTreeMap<String, u64>,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn spread(v: &[f64]) -> String {
+    let Some(m) = median(v.to_vec()) else {
+        return "-".into();
+    };
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if v.len() == 1 {
+        format!("{m:.1}")
+    } else {
+        format!("{m:.1} [{min:.1}-{max:.1}]")
+    }
+}
+
+impl Report {
+    pub fn new(out: &Path, machine: String) -> anyhow::Result<Self> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let dir = out.join(format!("bench-{stamp}"));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            dir,
+            machine,
+            measurements: Vec::new(),
+            idle_kib_per_connection: BTreeMap::new(),
+            peak_rss_kib: BTreeMap::new(),
+        })
+    }
+
+    pub fn add(&mut self, m: Measurement) {
+        self.measurements.push(m);
+    }
+
+    pub fn idle_memory(&mut self, target: &str, kib: f64) {
+        self.idle_kib_per_connection.insert(target.into(), kib);
+    }
+
+    pub fn peak_rss(&mut self, target: &str, kib: u64) {
+        self.peak_rss_kib.insert(target.into(), kib);
+    }
+
+    fn values(
+        &self,
+        workload: &str,
+        target: &str,
+        f: impl Fn(&Measurement) -> Option<f64>,
+    ) -> Vec<f64> {
+        self.measurements
+            .iter()
+            .filter(|m| m.workload == workload && m.target == target)
+            .filter_map(f)
+            .collect()
+    }
+
+    /// Median over repetitions of target/reference throughput, each pair from one repetition.
+    fn ratio(&self, workload: &str, target: &str, reference: &str) -> Option<f64> {
+        let reps: Vec<f64> = self
+            .measurements
+            .iter()
+            .filter(|m| m.workload == workload && m.target == target)
+            .filter_map(|m| {
+                let r = self.measurements.iter().find(|o| {
+                    o.workload == workload && o.target == reference && o.repetition == m.repetition
+                })?;
+                Some(m.mb_per_s? / r.mb_per_s?)
+            })
+            .collect();
+        median(reps)
+    }
+
+    fn markdown(&self) -> String {
+        let mut workloads: Vec<&str> = Vec::new();
+        let mut targets: Vec<&str> = Vec::new();
+        for m in &self.measurements {
+            if !workloads.contains(&m.workload.as_str()) {
+                workloads.push(&m.workload);
+            }
+            if !targets.contains(&m.target.as_str()) {
+                targets.push(&m.target);
+            }
+        }
+        let mut out = format!(
+            "Machine: {}\n\nMedian [min-max] over repetitions; ratios are medians of per-repetition pairs.\n\n\
+             | workload | target | MB/s | records/s | vs direct | vs kpscd-proxy | p50 us | p99 us | p99.9 us | proxy CPU s/GB | softirq s/GB |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|\n",
+            self.machine
+        );
+        for w in &workloads {
+            for t in &targets {
+                let get = |f: fn(&Measurement) -> Option<f64>| spread(&self.values(w, t, f));
+                let ratio = |reference: &str| {
+                    if *t == reference {
+                        "-".to_owned()
+                    } else {
+                        self.ratio(w, t, reference)
+                            .map_or("-".into(), |r| format!("{r:.2}x"))
+                    }
+                };
+                out.push_str(&format!(
+                    "| {w} | {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    get(|m| m.mb_per_s),
+                    get(|m| m.records_per_s),
+                    ratio("direct"),
+                    ratio("kpscd-proxy"),
+                    get(|m| m.p50_us.map(|v| v as f64)),
+                    get(|m| m.p99_us.map(|v| v as f64)),
+                    get(|m| m.p999_us.map(|v| v as f64)),
+                    get(|m| m.proxy_cpu_s_per_gb),
+                    get(|m| m.softirq_s_per_gb),
+                ));
+            }
+        }
+        out.push_str(
+            "\n| target | memory per idle connection (KiB) | peak RSS (MiB) |\n|---|---|---|\n",
+        );
+        for t in &targets {
+            out.push_str(&format!(
+                "| {t} | {} | {} |\n",
+                self.idle_kib_per_connection
+                    .get(*t)
+                    .map_or("-".into(), |k| format!("{k:.1}")),
+                self.peak_rss_kib
+                    .get(*t)
+                    .map_or("-".into(), |k| format!("{:.1}", *k as f64 / 1024.0)),
+            ));
+        }
+        out
+    }
+
+    /// Bars of median MB/s per (workload, target) with min-max whiskers.
+    fn svg(&self) -> String {
+        let mut bars: Vec<(String, f64, f64, f64)> = Vec::new();
+        let mut seen: Vec<(String, String)> = Vec::new();
+        for m in &self.measurements {
+            let key = (m.workload.clone(), m.target.clone());
+            if m.mb_per_s.is_none() || seen.contains(&key) {
+                continue;
+            }
+            seen.push(key.clone());
+            let v = self.values(&key.0, &key.1, |m| m.mb_per_s);
+            let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = v.iter().copied().fold(0.0, f64::max);
+            bars.push((
+                format!("{} / {}", key.0, key.1),
+                median(v).unwrap_or(0.0),
+                min,
+                max,
+            ));
+        }
+        let top = bars.iter().map(|b| b.3).fold(1.0, f64::max);
+        let (w, row) = (760.0, 34.0);
+        let h = 40.0 + row * bars.len() as f64;
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+             <text x=\"10\" y=\"20\" font-size=\"14\">Produce throughput, MB/s (median, min-max)</text>\n"
+        );
+        for (i, (label, med, min, max)) in bars.iter().enumerate() {
+            let y = 34.0 + row * i as f64;
+            let scale = |v: f64| 300.0 + v / top * (w - 330.0);
+            svg.push_str(&format!(
+                "<text x=\"10\" y=\"{:.0}\">{label}</text>\n<rect x=\"300\" y=\"{y:.0}\" width=\"{:.1}\" height=\"20\" fill=\"#4a7ebb\"/>\n\
+                 <line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{:.0}\" y2=\"{:.0}\" stroke=\"black\"/>\n<text x=\"{:.1}\" y=\"{:.0}\" fill=\"white\">{med:.0}</text>\n",
+                y + 14.0,
+                scale(*med) - 300.0,
+                scale(*min),
+                scale(*max),
+                y + 10.0,
+                y + 10.0,
+                304.0,
+                y + 14.0,
+            ));
+        }
+        svg.push_str("</svg>\n");
+        svg
+    }
+
+    /// Writes results.json, results.md and throughput.svg; returns the folder.
+    pub fn write(&self) -> anyhow::Result<PathBuf> {
+        std::fs::write(
+            self.dir.join("results.json"),
+            serde_json::to_string_pretty(self)?,
+        )?;
+        std::fs::write(self.dir.join("results.md"), self.markdown())?;
+        std::fs::write(self.dir.join("throughput.svg"), self.svg())?;
+        Ok(self.dir.clone())
+    }
+}

@@ -1,0 +1,196 @@
+//! The **benchmark sink**: a deliberately minimal Kafka-speaking fake broker, so that the
+//! proxy and not the broker is what gets measured. It is not a broker: it stores nothing,
+//! answers every Produce with offset 0 and knows one topic, `bench`, with one partition.
+//! It answers ApiVersions, Metadata (advertising itself as node 1) and Produce; anything
+//! else closes the connection.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context as _;
+use bytes::BytesMut;
+use kafka_protocol::{
+    messages::{
+        ApiKey, ApiVersionsResponse, BrokerId, MetadataResponse, ProduceResponse, ResponseHeader,
+        TopicName,
+        api_versions_response::ApiVersion,
+        metadata_response::{
+            MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+        },
+        produce_response::{PartitionProduceResponse, TopicProduceResponse},
+    },
+    protocol::{Encodable, HeaderVersion, StrBytes},
+};
+use kpsc::codec::{
+    Acks, FrameReader, RequestHeader, SIZE_LEN, frame_size, produce_acks, write_frame,
+};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const TOPIC: &str = "bench";
+/// Versions the sink answers: what the load generator and kpscd's discovery use.
+const PRODUCE_VERSION: i16 = 7;
+const METADATA_MAX: i16 = 12;
+const API_VERSIONS_MAX: i16 = 3;
+
+/// A running sink.
+pub struct Sink {
+    pub addr: SocketAddr,
+}
+
+fn encode<T: Encodable + HeaderVersion>(
+    correlation_id: i32,
+    version: i16,
+    header_version: i16,
+    body: &T,
+) -> anyhow::Result<BytesMut> {
+    let mut out = BytesMut::new();
+    ResponseHeader::default()
+        .with_correlation_id(correlation_id)
+        .encode(&mut out, header_version)?;
+    body.encode(&mut out, version)?;
+    Ok(out)
+}
+
+fn api_versions(correlation_id: i32, version: i16) -> anyhow::Result<BytesMut> {
+    let key = |api: ApiKey, min: i16, max: i16| {
+        ApiVersion::default()
+            .with_api_key(api as i16)
+            .with_min_version(min)
+            .with_max_version(max)
+    };
+    let body = ApiVersionsResponse::default().with_api_keys(vec![
+        key(ApiKey::Produce, 3, PRODUCE_VERSION),
+        key(ApiKey::Metadata, 1, METADATA_MAX),
+        key(ApiKey::ApiVersions, 0, API_VERSIONS_MAX),
+    ]);
+    // The ApiVersions response header is always v0.
+    encode(correlation_id, version.min(API_VERSIONS_MAX), 0, &body)
+}
+
+fn metadata(correlation_id: i32, version: i16, advertised: SocketAddr) -> anyhow::Result<BytesMut> {
+    let body = MetadataResponse::default()
+        .with_brokers(vec![
+            MetadataResponseBroker::default()
+                .with_node_id(BrokerId(1))
+                .with_host(StrBytes::from_string(advertised.ip().to_string()))
+                .with_port(i32::from(advertised.port())),
+        ])
+        .with_controller_id(BrokerId(1))
+        .with_topics(vec![
+            MetadataResponseTopic::default()
+                .with_name(Some(TopicName(StrBytes::from_static_str(TOPIC))))
+                .with_partitions(vec![
+                    MetadataResponsePartition::default()
+                        .with_leader_id(BrokerId(1))
+                        .with_replica_nodes(vec![BrokerId(1)])
+                        .with_isr_nodes(vec![BrokerId(1)]),
+                ]),
+        ]);
+    encode(
+        correlation_id,
+        version,
+        MetadataResponse::header_version(version),
+        &body,
+    )
+}
+
+/// Produce response template (correlation id 0), patched per request.
+fn produce_template() -> anyhow::Result<BytesMut> {
+    let body = ProduceResponse::default().with_responses(vec![
+        TopicProduceResponse::default()
+            .with_name(TopicName(StrBytes::from_static_str(TOPIC)))
+            .with_partition_responses(vec![PartitionProduceResponse::default().with_index(0)]),
+    ]);
+    encode(
+        0,
+        PRODUCE_VERSION,
+        ProduceResponse::header_version(PRODUCE_VERSION),
+        &body,
+    )
+}
+
+impl Sink {
+    /// Binds `addr` and serves until the process ends. Metadata advertises the bound address.
+    pub async fn start(addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .context("binding the benchmark sink")?;
+        let addr = listener.local_addr()?;
+        let template = Arc::new(produce_template()?);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let template = Arc::clone(&template);
+                tokio::spawn(async move {
+                    let _ = serve(stream, addr, &template).await;
+                });
+            }
+        });
+        Ok(Self { addr })
+    }
+}
+
+enum Reply {
+    None,
+    Produce,
+    Other(BytesMut),
+}
+
+async fn serve(
+    stream: TcpStream,
+    advertised: SocketAddr,
+    template: &BytesMut,
+) -> anyhow::Result<()> {
+    stream.set_nodelay(true)?;
+    let (r, mut w) = stream.into_split();
+    let mut reader = FrameReader::new(r, 64 * 1024);
+    let mut produce = template.clone(); // per connection, patched per response
+    loop {
+        if !reader.fill_to(SIZE_LEN + 8).await? {
+            return Ok(());
+        }
+        let size =
+            frame_size(reader.buffered()[..4].try_into()?, 128 << 20, 8, "request")? as usize;
+        let header = RequestHeader::parse(&reader.buffered()[SIZE_LEN..])?;
+        let reply = match ApiKey::try_from(header.api_key) {
+            Ok(ApiKey::Produce) => {
+                let peek = (SIZE_LEN + size).min(reader.capacity());
+                reader.fill_to(peek).await?;
+                let acks =
+                    match produce_acks(&reader.buffered()[SIZE_LEN..peek], header.api_version)? {
+                        Acks::Value(a) => a,
+                        Acks::NeedMore => anyhow::bail!("produce header too long"),
+                    };
+                anyhow::ensure!(
+                    header.api_version == PRODUCE_VERSION,
+                    "sink answers Produce v{PRODUCE_VERSION} only"
+                );
+                if acks != 0 {
+                    produce[..4].copy_from_slice(&header.correlation_id.to_be_bytes());
+                    Reply::Produce
+                } else {
+                    Reply::None
+                }
+            }
+            Ok(ApiKey::ApiVersions) => {
+                Reply::Other(api_versions(header.correlation_id, header.api_version)?)
+            }
+            Ok(ApiKey::Metadata) => Reply::Other(metadata(
+                header.correlation_id,
+                header.api_version,
+                advertised,
+            )?),
+            _ => anyhow::bail!(
+                "the benchmark sink does not answer api key {}",
+                header.api_key
+            ),
+        };
+        reader
+            .copy_to(SIZE_LEN + size, &mut tokio::io::sink())
+            .await?;
+        match reply {
+            Reply::None => {}
+            // The template, patched in place: no allocation per produce.
+            Reply::Produce => write_frame(&mut w, &produce).await?,
+            Reply::Other(bytes) => write_frame(&mut w, &bytes).await?,
+        }
+    }
+}

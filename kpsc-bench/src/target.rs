@@ -1,0 +1,250 @@
+//! What the load goes through: nothing (direct), `kpscd proxy`, or an external proxy; and
+//! what it costs them (CPU from /proc, memory).
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+pub enum TargetKind {
+    Direct,
+    KpscdProxy(PathBuf),
+    External(String),
+}
+
+pub struct Target {
+    pub name: String,
+    /// Where the load generator connects.
+    pub addr: String,
+    child: Option<Child>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
+}
+
+/// Kernel softirq time of all CPUs (where TC programs and the network stack run), seconds.
+pub fn softirq_seconds() -> f64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().next()?.to_owned();
+            line.split_whitespace().nth(7)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |t| t / clock_ticks())
+}
+
+pub fn pin_self_to_cpu(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// 1000 idle connections need more than the default 1024 descriptors (client, sink and
+/// proxy sides); children inherit the raised limit.
+pub fn raise_fd_limit() {
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut l: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+async fn wait_listening(addr: &str, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} is not listening on {addr} after 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+async fn wait_ready(admin: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = TcpStream::connect(admin).await {
+            s.write_all(b"GET /ready HTTP/1.0\r\n\r\n").await?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).await.ok();
+            if text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200") {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("kpscd at {admin} not ready after 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+impl Target {
+    pub async fn start(kind: TargetKind, sink: SocketAddr, pinned: bool) -> anyhow::Result<Self> {
+        raise_fd_limit();
+        let pin = |cmd: &mut Command| {
+            if pinned {
+                let mut c = Command::new("taskset");
+                c.args(["-c", "1"])
+                    .arg(cmd.get_program())
+                    .args(cmd.get_args());
+                *cmd = c;
+            }
+        };
+        match kind {
+            TargetKind::Direct => Ok(Self {
+                name: "direct".into(),
+                addr: sink.to_string(),
+                child: None,
+            }),
+            TargetKind::KpscdProxy(bin) => {
+                let port = free_port()?;
+                let admin = format!("127.0.0.1:{}", free_port()?);
+                let mut cmd = Command::new(&bin);
+                cmd.args([
+                    "proxy",
+                    "--bootstrap-server-mapping",
+                    &format!("{sink},127.0.0.1:{port},127.0.0.1:{port}"),
+                    "--dynamic-listeners-disable",
+                    "--http-listen-address",
+                    &admin,
+                    "--log-level",
+                    "warning",
+                ]);
+                pin(&mut cmd);
+                let child = cmd
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .with_context(|| format!("starting {}", bin.display()))?;
+                let target = Self {
+                    name: "kpscd-proxy".into(),
+                    addr: format!("127.0.0.1:{port}"),
+                    child: Some(child),
+                };
+                wait_ready(&admin).await?;
+                Ok(target)
+            }
+            TargetKind::External(template) => {
+                let port = free_port()?;
+                let listen = format!("127.0.0.1:{port}");
+                let line = template
+                    .replace("{broker}", &sink.to_string())
+                    .replace("{listen}", &listen);
+                let mut cmd = Command::new("sh");
+                cmd.args(["-c", &format!("exec {line}")]);
+                pin(&mut cmd);
+                let child = cmd
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .context("starting --proxy-cmd")?;
+                let target = Self {
+                    name: "external".into(),
+                    addr: listen.clone(),
+                    child: Some(child),
+                };
+                wait_listening(&listen, "--proxy-cmd").await?;
+                Ok(target)
+            }
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// User + system CPU of the proxy process so far (0 for direct).
+    pub fn cpu_seconds(&self) -> f64 {
+        let Some(pid) = self.pid() else { return 0.0 };
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                // Fields after the command name, which may contain spaces.
+                let rest = s.rsplit_once(')')?.1;
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some(
+                    (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+                        / clock_ticks(),
+                )
+            })
+            .unwrap_or(0.0)
+    }
+
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        status_kib(self.pid()?, "VmHWM:")
+    }
+
+    /// KiB of proxy memory per idle connection: RSS before and after opening `n`
+    /// connections that each completed one request (so both sides exist).
+    pub async fn idle_memory(&self, n: usize) -> anyhow::Result<Option<f64>> {
+        let Some(pid) = self.pid() else {
+            return Ok(None);
+        };
+        let before = status_kib(pid, "VmRSS:").context("reading the proxy's RSS")?;
+        let mut conns = Vec::with_capacity(n);
+        // ApiVersions v0 request with correlation id 1 and no client id.
+        let request: [u8; 14] = [0, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 1, 0xff, 0xff];
+        for _ in 0..n {
+            let mut s = TcpStream::connect(&self.addr).await?;
+            s.write_all(&request).await?;
+            let mut size = [0u8; 4];
+            s.read_exact(&mut size).await?;
+            let mut body = vec![0; i32::from_be_bytes(size) as usize];
+            s.read_exact(&mut body).await?;
+            conns.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let after = status_kib(pid, "VmRSS:").context("reading the proxy's RSS")?;
+        drop(conns);
+        Ok(Some(after.saturating_sub(before) as f64 / n as f64))
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            // SAFETY: signalling our own child by PID.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
