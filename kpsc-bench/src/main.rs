@@ -67,6 +67,9 @@ struct Args {
     /// kpscd binary (default: next to this binary).
     #[arg(long)]
     kpscd: Option<PathBuf>,
+    /// Do not pin the generator+sink and the proxy to separate cores.
+    #[arg(long)]
+    no_pin: bool,
     /// Results folder (a timestamped subfolder is created).
     #[arg(long, default_value = "results")]
     out: PathBuf,
@@ -102,17 +105,18 @@ fn main() -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     // With two or more cores: the load generator and the sink share core 0 (a
     // current-thread runtime), the proxy under test gets core 1.
-    let pinned = cpus >= 2 && !args.quick;
+    let pinned = cpus >= 2 && !args.quick && !args.no_pin;
+    let machine = describe(&args, pinned, cpus);
     if pinned {
         target::pin_self_to_cpu(0)?;
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(args, pinned))
+    runtime.block_on(run(args, pinned, machine))
 }
 
-async fn run(args: Args, pinned: bool) -> anyhow::Result<()> {
+async fn run(args: Args, pinned: bool, machine: String) -> anyhow::Result<()> {
     let sink = Sink::start("127.0.0.1:0".parse()?).await?;
     let kpscd = args.kpscd.clone().unwrap_or_else(|| {
         std::env::current_exe()
@@ -140,7 +144,7 @@ async fn run(args: Args, pinned: bool) -> anyhow::Result<()> {
         }
     );
 
-    let mut report = Report::new(&args.out, describe(&args, pinned))?;
+    let mut report = Report::new(&args.out, machine)?;
     let mut failures = Vec::new();
     for batch_bytes in &args.batch_bytes {
         let load = ProduceLoad {
@@ -196,8 +200,30 @@ async fn run(args: Args, pinned: bool) -> anyhow::Result<()> {
             }
         }
     }
+    // Small requests, one at a time: the latency a proxy adds when nothing queues.
+    let small = ProduceLoad {
+        connections: 1,
+        in_flight: 1,
+        records_per_batch: 1,
+        record_bytes: 100,
+        acks: 1,
+        duration: args.duration / 2,
+        verify: args.quick,
+    };
     for rep in 0..args.repetitions {
         for t in &targets {
+            match run_produce(&t.addr, &small).await {
+                Ok(r) => {
+                    let h = r.latency.context("acks=1 produce has latencies")?;
+                    report.add(Measurement::latency(
+                        &t.name,
+                        "small produce, 1 in flight",
+                        rep,
+                        &h,
+                    ));
+                }
+                Err(e) => failures.push(format!("{} small produce: {e:#}", t.name)),
+            }
             match run_metadata(&t.addr, args.duration / 2).await {
                 Ok(h) => report.add(Measurement::latency(
                     &t.name,
@@ -219,7 +245,7 @@ async fn run(args: Args, pinned: bool) -> anyhow::Result<()> {
     }
     let dir = report.write()?;
     if args.quick {
-        let checks = targets.len() * (args.batch_bytes.len() + 1) * args.repetitions;
+        let checks = targets.len() * (args.batch_bytes.len() + 2) * args.repetitions;
         println!(
             "kpsc-bench: {} passed, {} failed",
             checks - failures.len(),
@@ -240,7 +266,7 @@ async fn run(args: Args, pinned: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn describe(args: &Args, pinned: bool) -> String {
+fn describe(args: &Args, pinned: bool, cpus: usize) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -252,7 +278,7 @@ fn describe(args: &Args, pinned: bool) -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!(
         "{} x {cpu}, Linux {}; loopback; {} connection(s) x {} in flight, acks={}, {} B records; {} repetition(s) of {:?}{}",
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpus,
         kernel.trim(),
         args.connections,
         args.in_flight,
