@@ -10,21 +10,16 @@
 //! is what gets measured. `--quick` runs every target briefly and checks correctness only
 //! (every record acknowledged, responses in order), never a timing.
 
-mod load;
-mod report;
-mod sink;
-mod target;
-
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use clap::Parser;
 
-use crate::{
+use kpsc_bench::{
     load::{ProduceLoad, run_metadata, run_produce},
     report::{Measurement, Report},
     sink::Sink,
-    target::{Target, TargetKind},
+    target::{self, Target, TargetKind},
 };
 
 #[derive(Parser, Debug)]

@@ -30,7 +30,67 @@ use rdkafka::{
     producer::{BaseProducer, Producer},
 };
 
-pub mod netns;
+pub use kpsc_bench::netns;
+
+/// Starting tansu brokers in a topology's broker namespace.
+pub trait TansuHost {
+    /// Starts a tansu broker listening on `listen`, advertising `advertised` (host:port).
+    fn start_tansu(
+        &mut self,
+        listen: &str,
+        advertised: &str,
+        cluster_id: &str,
+    ) -> anyhow::Result<()>;
+
+    /// Starts tansu broker `i` on its broker address, advertising the node's address and
+    /// `advertised_port` (what the portmap guide prescribes).
+    fn start_advertising_node(
+        &mut self,
+        i: usize,
+        listen_port: u16,
+        advertised_port: u16,
+    ) -> anyhow::Result<()>;
+}
+
+impl TansuHost for netns::Topology {
+    fn start_tansu(
+        &mut self,
+        listen: &str,
+        advertised: &str,
+        cluster_id: &str,
+    ) -> anyhow::Result<()> {
+        let broker = self.broker.clone();
+        self.spawn(
+            &broker,
+            &tansu_bin(),
+            &[
+                "broker",
+                "--listener-url",
+                &format!("tcp://{listen}"),
+                "--advertised-listener-url",
+                &format!("tcp://{advertised}"),
+                "--cluster-id",
+                cluster_id,
+                "--silent",
+            ],
+        )?;
+        let (host, port) = listen.rsplit_once(':').context("listen host:port")?;
+        netns::wait_listening(&broker, host, port.parse()?, Duration::from_secs(10))
+    }
+
+    fn start_advertising_node(
+        &mut self,
+        i: usize,
+        listen_port: u16,
+        advertised_port: u16,
+    ) -> anyhow::Result<()> {
+        self.start_tansu(
+            &format!("{}:{listen_port}", netns::broker_ip(i)),
+            &format!("{}:{advertised_port}", netns::NODE_CLIENT_IP),
+            &format!("cluster-{i}"),
+        )
+    }
+}
 
 /// What kpscd advertises in tests: `127.0.1.<broker id>`, TiDB-pattern syntax.
 pub const ADVERTISED_PATTERN: &str = "127.0.1.<broker_id>";

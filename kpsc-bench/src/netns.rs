@@ -1,8 +1,9 @@
-//! Network-namespace topologies for the portmap tests, on the real kernel:
+//! Network-namespace topologies (for the portmap tests and the benchmark), on the real
+//! kernel:
 //!
 //! ```text
 //!  client ns                node ns (kpscd portmap)                 broker ns
-//!  198.18.1.2..  c0 ---- n0 198.18.1.1 | 198.18.2.1 n1 ---- b0  198.18.2.2.. (tansu)
+//!  198.18.1.2..  c0 ---- n0 198.18.1.1 | 198.18.2.1 n1 ---- b0  198.18.2.2.. (brokers)
 //! ```
 //!
 //! Addresses come from 198.18.0.0/15 (reserved for benchmarks). Everything is removed on
@@ -17,8 +18,6 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-
-use crate::{eventually, tansu_bin};
 
 pub const NODE_CLIENT_IP: &str = "198.18.1.1";
 pub const NODE_BROKER_IP: &str = "198.18.2.1";
@@ -206,54 +205,61 @@ impl Topology {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Starts tansu broker `i` on its broker address, advertising the node's address and
-    /// `advertised_port` (what the portmap guide prescribes).
-    pub fn start_advertising_node(
+    /// Starts a process in namespace `ns` (ip netns exec); it is killed when the topology
+    /// is dropped.
+    pub fn spawn(
         &mut self,
-        i: usize,
-        listen_port: u16,
-        advertised_port: u16,
-    ) -> anyhow::Result<()> {
-        self.start_tansu(
-            &format!("{}:{listen_port}", broker_ip(i)),
-            &format!("{NODE_CLIENT_IP}:{advertised_port}"),
-            &format!("cluster-{i}"),
-        )
-    }
-
-    /// Starts a tansu broker in the broker namespace, advertising `advertised` (host:port).
-    pub fn start_tansu(
-        &mut self,
-        listen: &str,
-        advertised: &str,
-        cluster_id: &str,
+        ns: &str,
+        program: &std::path::Path,
+        args: &[&str],
     ) -> anyhow::Result<()> {
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.broker])
-            .arg(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &format!("tcp://{listen}"),
-                "--advertised-listener-url",
-                &format!("tcp://{advertised}"),
-                "--cluster-id",
-                cluster_id,
-                "--silent",
-            ])
+            .args(["netns", "exec", ns])
+            .arg(program)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting tansu")?;
+            .with_context(|| format!("starting {} in {ns}", program.display()))?;
         self.children.push(child);
-        let (host, port) = listen.rsplit_once(':').context("listen host:port")?;
-        let port: u16 = port.parse()?;
-        let host = host.to_owned();
-        let ns = self.broker.clone();
-        eventually(Duration::from_secs(10), || {
-            in_netns(&ns, || std::net::TcpStream::connect((host.as_str(), port)))??;
-            Ok(())
-        })
+        Ok(())
+    }
+
+    /// Routes between client and broker hosts through the node (the "direct" path of the
+    /// benchmark: the node only routes).
+    pub fn add_routes(&self) -> anyhow::Result<()> {
+        ip(&[
+            "-n",
+            &self.client,
+            "route",
+            "add",
+            "198.18.2.0/24",
+            "via",
+            NODE_CLIENT_IP,
+        ])?;
+        ip(&[
+            "-n",
+            &self.broker,
+            "route",
+            "add",
+            "198.18.1.0/24",
+            "via",
+            NODE_BROKER_IP,
+        ])
+    }
+}
+
+/// Waits until `host:port` accepts connections from namespace `ns`.
+pub fn wait_listening(ns: &str, host: &str, port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if in_netns(ns, || std::net::TcpStream::connect((host, port)))?.is_ok() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("{host}:{port} not listening in {ns} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -266,8 +272,8 @@ impl Drop for Topology {
         for ns in [&self.client, &self.node, &self.broker] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        // Pins of a kpscd that could not clean up (killed by a failing test); tests use
-        // the node namespace's name as the instance.
+        // Pins of a kpscd that could not clean up (killed by a failing test); users of a
+        // topology take the node namespace's name as the portmap instance.
         let pins = std::path::Path::new(kpsc::datapath::DEFAULT_PIN_ROOT).join(&self.node);
         if pins.exists() {
             let _ = std::fs::remove_dir_all(&pins);
