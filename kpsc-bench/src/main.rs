@@ -10,16 +10,21 @@
 //! is what gets measured. `--quick` runs every target briefly and checks correctness only
 //! (every record acknowledged, responses in order), never a timing.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, ensure};
 use clap::Parser;
 
 use kpsc_bench::{
     load::{ProduceLoad, run_metadata, run_produce},
+    netns::{self, Topology},
     report::{Measurement, Report},
     sink::Sink,
-    target::{self, Target, TargetKind},
+    target::{self, Placement, Target, TargetKind},
 };
 
 #[derive(Parser, Debug)]
@@ -62,6 +67,11 @@ struct Args {
     /// kpscd binary (default: next to this binary).
     #[arg(long)]
     kpscd: Option<PathBuf>,
+    /// `loopback` (everything on 127.0.0.1), `netns` (client host -> proxy node -> broker
+    /// host in network namespaces, 198.18.0.0/15; needs root; adds the portmap target), or
+    /// `both`.
+    #[arg(long, default_value = "both", value_parser = ["loopback", "netns", "both"])]
+    topology: String,
     /// Do not pin the generator+sink and the proxy to separate cores.
     #[arg(long)]
     no_pin: bool,
@@ -102,34 +112,144 @@ fn main() -> anyhow::Result<()> {
     // current-thread runtime), the proxy under test gets core 1.
     let pinned = cpus >= 2 && !args.quick && !args.no_pin;
     let machine = describe(&args, pinned, cpus);
-    if pinned {
-        target::pin_self_to_cpu(0)?;
-    }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(run(args, pinned, machine))
-}
-
-async fn run(args: Args, pinned: bool, machine: String) -> anyhow::Result<()> {
-    let sink = Sink::start("127.0.0.1:0".parse()?).await?;
     let kpscd = args.kpscd.clone().unwrap_or_else(|| {
         std::env::current_exe()
             .expect("exe")
             .with_file_name("kpscd")
     });
-    let mut kinds = vec![TargetKind::Direct, TargetKind::KpscdProxy(kpscd)];
-    if let Some(cmd) = &args.proxy_cmd {
-        kinds.push(TargetKind::External(cmd.clone()));
+    if args.topology != "netns" {
+        run_loopback(&args, pinned, &machine, &kpscd)?;
     }
+    if args.topology != "loopback" {
+        run_netns(&args, pinned, &machine, &kpscd)?;
+    }
+    Ok(())
+}
+
+fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn run_loopback(args: &Args, pinned: bool, machine: &str, kpscd: &Path) -> anyhow::Result<()> {
+    // A thread of its own, so pinning it leaves the main thread alone.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if pinned {
+                    target::pin_self_to_cpu(0)?;
+                }
+                current_thread_runtime()?.block_on(async {
+                    let sink = Sink::start("127.0.0.1:0".parse()?, None).await?;
+                    let mut kinds =
+                        vec![TargetKind::Direct, TargetKind::KpscdProxy(kpscd.to_owned())];
+                    if let Some(cmd) = &args.proxy_cmd {
+                        kinds.push(TargetKind::External(cmd.clone()));
+                    }
+                    let place = Placement::loopback(pinned);
+                    run(
+                        args,
+                        &format!("{machine}; loopback"),
+                        sink.addr,
+                        kinds,
+                        &place,
+                    )
+                    .await
+                })
+            })
+            .join()
+            .expect("benchmark thread panicked")
+    })
+}
+
+/// Client host -> proxy node -> broker host. "routed" means the node only forwards.
+fn run_netns(args: &Args, pinned: bool, machine: &str, kpscd: &Path) -> anyhow::Result<()> {
+    let topo = Topology::new(1, 1)?;
+    topo.add_routes()?;
+    let broker_ip = netns::broker_ip(0);
+    let sink_addr: SocketAddr = format!("{broker_ip}:39092").parse()?;
+    let portmap_sink_addr: SocketAddr = format!("{broker_ip}:39093").parse()?;
+    // Sinks live in the broker namespace on a thread of their own.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let broker_ns = topo.broker.clone();
+    std::thread::spawn(move || {
+        let started = (|| {
+            netns::enter(&broker_ns)?;
+            if pinned {
+                target::pin_self_to_cpu(0)?;
+            }
+            let rt = current_thread_runtime()?;
+            rt.block_on(async {
+                Sink::start(sink_addr, None).await?;
+                // Advertises the node's portmap port, as a broker set up for portmap does.
+                Sink::start(
+                    portmap_sink_addr,
+                    Some(format!("{}:19093", netns::NODE_CLIENT_IP).parse()?),
+                )
+                .await?;
+                anyhow::Ok(())
+            })?;
+            anyhow::Ok(rt)
+        })();
+        match started {
+            Ok(rt) => {
+                let _ = ready_tx.send(Ok(()));
+                rt.block_on(std::future::pending::<()>());
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        }
+    });
+    ready_rx.recv().context("sink thread")??;
+    let client_ns = topo.client.clone();
+    let place = Placement {
+        node_ns: Some(topo.node.clone()),
+        listen_ip: netns::NODE_CLIENT_IP.into(),
+        interfaces: vec!["n0".into(), "n1".into()],
+        pinned,
+    };
+    let kinds = vec![
+        TargetKind::Direct,
+        TargetKind::KpscdProxy(kpscd.to_owned()),
+        TargetKind::KpscdPortmap {
+            bin: kpscd.to_owned(),
+            sink: portmap_sink_addr,
+        },
+    ];
+    let result = netns::in_netns(&client_ns, || {
+        if pinned {
+            target::pin_self_to_cpu(0)?;
+        }
+        current_thread_runtime()?.block_on(run(
+            args,
+            &format!("{machine}; namespaces client -> node -> broker over veth"),
+            sink_addr,
+            kinds,
+            &place,
+        ))
+    })?;
+    drop(topo);
+    result
+}
+
+async fn run(
+    args: &Args,
+    machine: &str,
+    sink: SocketAddr,
+    kinds: Vec<TargetKind>,
+    place: &Placement,
+) -> anyhow::Result<()> {
+    let pinned = place.pinned;
     let mut targets = Vec::new();
     for kind in kinds {
-        targets.push(Target::start(kind, sink.addr, pinned).await?);
+        targets.push(Target::start(kind, sink, place).await?);
     }
     eprintln!(
         "kpsc-bench: {} target(s), broker side = benchmark sink at {}, {} repetition(s) x {:?}{}",
         targets.len(),
-        sink.addr,
+        sink,
         args.repetitions,
         args.duration,
         if pinned {
@@ -139,7 +259,7 @@ async fn run(args: Args, pinned: bool, machine: String) -> anyhow::Result<()> {
         }
     );
 
-    let mut report = Report::new(&args.out, machine)?;
+    let mut report = Report::new(&args.out, machine.to_owned())?;
     let mut failures = Vec::new();
     for batch_bytes in &args.batch_bytes {
         let load = ProduceLoad {

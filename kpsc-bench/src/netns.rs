@@ -32,18 +32,24 @@ pub fn broker_ip(i: usize) -> String {
     format!("198.18.2.{}", 2 + i)
 }
 
-/// Runs `f` on a new thread that has joined network namespace `ns`. Threads it creates
-/// (e.g. librdkafka's) inherit the namespace.
-pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+/// Moves the calling thread into network namespace `ns`; threads it creates afterwards
+/// (e.g. librdkafka's) inherit it.
+pub fn enter(ns: &str) -> anyhow::Result<()> {
     let path = format!("/var/run/netns/{ns}");
+    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+    // SAFETY: valid fd of a network namespace; affects only this thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {path}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `f` on a new thread that has joined network namespace `ns`.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-                // SAFETY: valid fd of a network namespace; affects only this thread.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!("setns {path}: {}", std::io::Error::last_os_error());
-                }
+                enter(ns)?;
                 Ok(f())
             })
             .join()

@@ -109,18 +109,20 @@ fn produce_template() -> anyhow::Result<BytesMut> {
 }
 
 impl Sink {
-    /// Binds `addr` and serves until the process ends. Metadata advertises the bound address.
-    pub async fn start(addr: SocketAddr) -> anyhow::Result<Self> {
+    /// Binds `addr` and serves until the process ends. Metadata advertises `advertised`,
+    /// or the bound address.
+    pub async fn start(addr: SocketAddr, advertised: Option<SocketAddr>) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr)
             .await
             .context("binding the benchmark sink")?;
         let addr = listener.local_addr()?;
+        let advertised = advertised.unwrap_or(addr);
         let template = Arc::new(produce_template()?);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let template = Arc::clone(&template);
                 tokio::spawn(async move {
-                    let _ = serve(stream, addr, &template).await;
+                    let _ = serve(stream, advertised, &template).await;
                 });
             }
         });

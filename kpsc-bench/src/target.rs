@@ -15,9 +15,69 @@ use tokio::{
 };
 
 pub enum TargetKind {
+    /// Straight to the sink (loopback), or routed by the node (namespaces).
     Direct,
     KpscdProxy(PathBuf),
+    /// The TC data plane; the sink given advertises the node's address and port, as a
+    /// broker configured for portmap does.
+    KpscdPortmap {
+        bin: PathBuf,
+        sink: SocketAddr,
+    },
     External(String),
+}
+
+/// Where proxies run and listen.
+pub struct Placement {
+    /// The proxy node's network namespace; None: this process's.
+    pub node_ns: Option<String>,
+    /// Address proxies listen on and clients connect to.
+    pub listen_ip: String,
+    /// Interfaces of the node (portmap attaches there).
+    pub interfaces: Vec<String>,
+    /// Proxy on CPU 1 (the generator and sink are on CPU 0).
+    pub pinned: bool,
+}
+
+/// Fixed ports in a fresh namespace; free ones on a shared loopback.
+const NETNS_PORTS: [u16; 4] = [19092, 19093, 19094, 19095];
+
+impl Placement {
+    pub fn loopback(pinned: bool) -> Self {
+        Self {
+            node_ns: None,
+            listen_ip: "127.0.0.1".into(),
+            interfaces: Vec::new(),
+            pinned,
+        }
+    }
+
+    /// (listen port, admin port) for the target at `index`.
+    fn ports(&self, index: usize) -> anyhow::Result<(u16, u16)> {
+        Ok(match self.node_ns {
+            Some(_) => (NETNS_PORTS[index], NETNS_PORTS[index] + 100),
+            None => (free_port()?, free_port()?),
+        })
+    }
+
+    /// `program args`, inside the node namespace and on CPU 1 as configured.
+    fn command(&self, program: &std::ffi::OsStr, args: &[String]) -> Command {
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if self.pinned {
+            argv.extend(["taskset".into(), "-c".into(), "1".into()]);
+        }
+        if let Some(ns) = &self.node_ns {
+            argv.extend([
+                "nsenter".into(),
+                format!("--net=/var/run/netns/{ns}").into(),
+            ]);
+        }
+        argv.push(program.to_owned());
+        argv.extend(args.iter().map(Into::into));
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]).stdout(Stdio::null());
+        cmd
+    }
 }
 
 pub struct Target {
@@ -115,69 +175,101 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
 }
 
 impl Target {
-    pub async fn start(kind: TargetKind, sink: SocketAddr, pinned: bool) -> anyhow::Result<Self> {
+    pub async fn start(
+        kind: TargetKind,
+        sink: SocketAddr,
+        place: &Placement,
+    ) -> anyhow::Result<Self> {
         raise_fd_limit();
-        let pin = |cmd: &mut Command| {
-            if pinned {
-                let mut c = Command::new("taskset");
-                c.args(["-c", "1"])
-                    .arg(cmd.get_program())
-                    .args(cmd.get_args());
-                *cmd = c;
-            }
+        let ip = &place.listen_ip;
+        let spawn = |name: &str,
+                     index: usize,
+                     program: &std::ffi::OsStr,
+                     args: Vec<String>|
+         -> anyhow::Result<(Self, String)> {
+            let (port, admin) = place.ports(index)?;
+            let args: Vec<String> = args
+                .into_iter()
+                .map(|a| {
+                    a.replace("{listen}", &format!("{ip}:{port}"))
+                        .replace("{admin}", &format!("{ip}:{admin}"))
+                })
+                .collect();
+            let child = place
+                .command(program, &args)
+                .spawn()
+                .with_context(|| format!("starting {}", program.to_string_lossy()))?;
+            Ok((
+                Self {
+                    name: name.into(),
+                    addr: format!("{ip}:{port}"),
+                    child: Some(child),
+                },
+                format!("{ip}:{admin}"),
+            ))
+        };
+        let kpscd_common = |mode: &str| -> Vec<String> {
+            vec![
+                mode.into(),
+                "--http-listen-address".into(),
+                "{admin}".into(),
+                "--log-level".into(),
+                "warning".into(),
+            ]
         };
         match kind {
             TargetKind::Direct => Ok(Self {
-                name: "direct".into(),
+                name: if place.node_ns.is_some() {
+                    "routed"
+                } else {
+                    "direct"
+                }
+                .into(),
                 addr: sink.to_string(),
                 child: None,
             }),
             TargetKind::KpscdProxy(bin) => {
-                let port = free_port()?;
-                let admin = format!("127.0.0.1:{}", free_port()?);
-                let mut cmd = Command::new(&bin);
-                cmd.args([
-                    "proxy",
-                    "--bootstrap-server-mapping",
-                    &format!("{sink},127.0.0.1:{port},127.0.0.1:{port}"),
-                    "--dynamic-listeners-disable",
-                    "--http-listen-address",
-                    &admin,
-                    "--log-level",
-                    "warning",
+                let mut args = kpscd_common("proxy");
+                args.extend([
+                    "--bootstrap-server-mapping".into(),
+                    format!("{sink},{{listen}},{{listen}}"),
+                    "--dynamic-listeners-disable".into(),
                 ]);
-                pin(&mut cmd);
-                let child = cmd
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .with_context(|| format!("starting {}", bin.display()))?;
-                let target = Self {
-                    name: "kpscd-proxy".into(),
-                    addr: format!("127.0.0.1:{port}"),
-                    child: Some(child),
-                };
+                let (target, admin) = spawn("kpscd-proxy", 0, bin.as_os_str(), args)?;
+                wait_ready(&admin).await?;
+                Ok(target)
+            }
+            TargetKind::KpscdPortmap {
+                bin,
+                sink: advertising_sink,
+            } => {
+                let ns = place
+                    .node_ns
+                    .clone()
+                    .context("portmap needs the namespace topology (--topology netns)")?;
+                let (port, _) = place.ports(1)?;
+                let mut args = kpscd_common("portmap");
+                args.extend([
+                    "--bootstrap-server-mapping".into(),
+                    format!("{advertising_sink},0.0.0.0:{port},{ip}:{port}"),
+                    "--interface".into(),
+                    place.interfaces.join(","),
+                    "--instance".into(),
+                    ns,
+                ]);
+                let (target, admin) = spawn("kpscd-portmap", 1, bin.as_os_str(), args)?;
                 wait_ready(&admin).await?;
                 Ok(target)
             }
             TargetKind::External(template) => {
-                let port = free_port()?;
-                let listen = format!("127.0.0.1:{port}");
-                let line = template
-                    .replace("{broker}", &sink.to_string())
-                    .replace("{listen}", &listen);
-                let mut cmd = Command::new("sh");
-                cmd.args(["-c", &format!("exec {line}")]);
-                pin(&mut cmd);
-                let child = cmd
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .context("starting --proxy-cmd")?;
-                let target = Self {
-                    name: "external".into(),
-                    addr: listen.clone(),
-                    child: Some(child),
-                };
-                wait_listening(&listen, "--proxy-cmd").await?;
+                let line = template.replace("{broker}", &sink.to_string());
+                let (target, _) = spawn(
+                    "external",
+                    2,
+                    "sh".as_ref(),
+                    vec!["-c".into(), format!("exec {line}")],
+                )?;
+                wait_listening(&target.addr, "--proxy-cmd").await?;
                 Ok(target)
             }
         }
