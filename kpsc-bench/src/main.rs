@@ -351,9 +351,7 @@ async fn run(
         }
     }
     for t in &targets {
-        if let Some(per_conn) = t.idle_memory(args.idle_connections).await? {
-            report.idle_memory(&t.name, per_conn);
-        }
+        report.idle_memory(&t.name, t.idle_memory(args.idle_connections).await?);
         if let Some(peak) = t.peak_rss_kib() {
             report.peak_rss(&t.name, peak);
         }
@@ -392,7 +390,7 @@ fn describe(args: &Args, pinned: bool, cpus: usize) -> String {
         .unwrap_or_else(|| "unknown CPU".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!(
-        "{} x {cpu}, Linux {}; loopback; {} connection(s) x {} in flight, acks={}, {} B records; {} repetition(s) of {:?}{}",
+        "{} x {cpu}, Linux {}; {} connection(s) x {} in flight, acks={}, {} B records; {} repetition(s) of {:?}{}",
         cpus,
         kernel.trim(),
         args.connections,

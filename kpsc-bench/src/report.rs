@@ -59,7 +59,8 @@ impl Measurement {
             p50_us: p50,
             p99_us: p99,
             p999_us: p999,
-            proxy_cpu_s_per_gb: (target != "direct" && gb > 0.0).then(|| cpu_s / gb),
+            proxy_cpu_s_per_gb: (!matches!(target, "direct" | "routed") && gb > 0.0)
+                .then(|| cpu_s / gb),
             softirq_s_per_gb: (gb > 0.0).then(|| softirq_s / gb),
         }
     }
@@ -87,7 +88,8 @@ pub struct Report {
     dir: PathBuf,
     pub machine: String,
     pub measurements: Vec<Measurement>,
-    pub idle_kib_per_connection: BTreeMap<String, f64>,
+    /// (open connections, KiB per connection) per target.
+    pub idle_kib_per_connection: BTreeMap<String, Vec<(usize, f64)>>,
     pub peak_rss_kib: BTreeMap<String, u64>,
 }
 
@@ -137,8 +139,8 @@ impl Report {
         self.measurements.push(m);
     }
 
-    pub fn idle_memory(&mut self, target: &str, kib: f64) {
-        self.idle_kib_per_connection.insert(target.into(), kib);
+    pub fn idle_memory(&mut self, target: &str, points: Vec<(usize, f64)>) {
+        self.idle_kib_per_connection.insert(target.into(), points);
     }
 
     pub fn peak_rss(&mut self, target: &str, kib: u64) {
@@ -185,9 +187,12 @@ impl Report {
                 targets.push(&m.target);
             }
         }
+        // The first target is the no-proxy baseline ("direct" on loopback, "routed" when
+        // the node only forwards packets).
+        let baseline = targets.first().copied().unwrap_or("direct");
         let mut out = format!(
             "Machine: {}\n\nMedian [min-max] over repetitions; ratios are medians of per-repetition pairs.\n\n\
-             | workload | target | MB/s | records/s | vs direct | vs kpscd-proxy | p50 us | p99 us | p99.9 us | proxy CPU s/GB | softirq s/GB |\n\
+             | workload | target | MB/s | records/s | vs {baseline} | vs kpscd-proxy | p50 us | p99 us | p99.9 us | proxy CPU s/GB | softirq s/GB |\n\
              |---|---|---|---|---|---|---|---|---|---|---|\n",
             self.machine
         );
@@ -206,7 +211,7 @@ impl Report {
                     "| {w} | {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                     get(|m| m.mb_per_s),
                     get(|m| m.records_per_s),
-                    ratio("direct"),
+                    ratio(baseline),
                     ratio("kpscd-proxy"),
                     get(|m| m.p50_us.map(|v| v as f64)),
                     get(|m| m.p99_us.map(|v| v as f64)),
@@ -217,14 +222,21 @@ impl Report {
             }
         }
         out.push_str(
-            "\n| target | memory per idle connection (KiB) | peak RSS (MiB) |\n|---|---|---|\n",
+            "\n| target | proxy memory per idle connection, KiB (at N open) | peak RSS (MiB) |\n|---|---|---|\n",
         );
         for t in &targets {
             out.push_str(&format!(
                 "| {t} | {} | {} |\n",
                 self.idle_kib_per_connection
                     .get(*t)
-                    .map_or("-".into(), |k| format!("{k:.1}")),
+                    .filter(|points| !points.is_empty())
+                    .map_or("-".into(), |points| {
+                        points
+                            .iter()
+                            .map(|(n, k)| format!("{k:.1} ({n})"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }),
                 self.peak_rss_kib
                     .get(*t)
                     .map_or("-".into(), |k| format!("{:.1}", *k as f64 / 1024.0)),

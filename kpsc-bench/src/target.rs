@@ -300,29 +300,39 @@ impl Target {
         status_kib(self.pid()?, "VmHWM:")
     }
 
-    /// KiB of proxy memory per idle connection: RSS before and after opening `n`
-    /// connections that each completed one request (so both sides exist).
-    pub async fn idle_memory(&self, n: usize) -> anyhow::Result<Option<f64>> {
+    /// KiB of proxy memory per idle connection at n/10, n/2 and n open connections (each
+    /// completed one request, so both sides exist): flat figures mean no per-connection
+    /// growth beyond the buffers.
+    pub async fn idle_memory(&self, n: usize) -> anyhow::Result<Vec<(usize, f64)>> {
         let Some(pid) = self.pid() else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        let before = status_kib(pid, "VmRSS:").context("reading the proxy's RSS")?;
+        let rss = || status_kib(pid, "VmRSS:").context("reading the proxy's RSS");
+        let before = rss()?;
         let mut conns = Vec::with_capacity(n);
+        let mut points = Vec::new();
         // ApiVersions v0 request with correlation id 1 and no client id.
         let request: [u8; 14] = [0, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 1, 0xff, 0xff];
-        for _ in 0..n {
-            let mut s = TcpStream::connect(&self.addr).await?;
-            s.write_all(&request).await?;
-            let mut size = [0u8; 4];
-            s.read_exact(&mut size).await?;
-            let mut body = vec![0; i32::from_be_bytes(size) as usize];
-            s.read_exact(&mut body).await?;
-            conns.push(s);
+        for checkpoint in [n / 10, n / 2, n] {
+            while conns.len() < checkpoint {
+                let mut s = TcpStream::connect(&self.addr).await?;
+                s.write_all(&request).await?;
+                let mut size = [0u8; 4];
+                s.read_exact(&mut size).await?;
+                let mut body = vec![0; i32::from_be_bytes(size) as usize];
+                s.read_exact(&mut body).await?;
+                conns.push(s);
+            }
+            if checkpoint == 0 {
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            points.push((
+                checkpoint,
+                rss()?.saturating_sub(before) as f64 / checkpoint as f64,
+            ));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let after = status_kib(pid, "VmRSS:").context("reading the proxy's RSS")?;
-        drop(conns);
-        Ok(Some(after.saturating_sub(before) as f64 / n as f64))
+        Ok(points)
     }
 }
 
