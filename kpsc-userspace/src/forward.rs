@@ -98,6 +98,8 @@ struct InFlight {
     sent_at: Instant,
     /// False for Produce with acks=0: Kafka brokers send no response.
     expects_response: bool,
+    /// kpsc answers this request itself (it was not forwarded); delivered in order.
+    local_response: Option<BytesMut>,
 }
 
 /// How many unanswered acks=0 correlation ids to remember (see `forward_responses`).
@@ -217,15 +219,30 @@ async fn forward_requests(
         } else {
             true
         };
+        // An ApiVersions request newer than kpsc can decode the answer of: answer it here
+        // as a broker would (UNSUPPORTED_VERSION, v0), through the response queue so it
+        // cannot overtake earlier responses.
+        let local_response = (header.api_key == ApiKey::ApiVersions as i16
+            && !rewrite::api_versions_request_supported(header.api_version))
+        .then(|| rewrite::unsupported_api_versions_response(header.correlation_id));
         // Blocks when too many requests are in flight: backpressure on the client.
+        let answered_here = local_response.is_some();
         in_flight
             .send(InFlight {
                 header,
                 sent_at: Instant::now(),
                 expects_response,
+                local_response,
             })
             .await
             .map_err(|_| ConnError::BrokerClosed(0))?;
+        if answered_here {
+            reader
+                .copy_to(frame_len, &mut tokio::io::sink())
+                .await
+                .map_err(ConnError::Client)?;
+            continue;
+        }
         state.metrics.request(header.api_key);
         reader
             .copy_to(frame_len, upstream_w)
@@ -272,6 +289,18 @@ async fn forward_responses(
                     None
                 }
             };
+            if let Some(request) = pending.take_if(|r| r.local_response.is_some()) {
+                let body = request.local_response.expect("checked");
+                write_frame(&mut client_w, &body)
+                    .await
+                    .map_err(ConnError::ClientWrite)?;
+                route
+                    .counters
+                    .bytes_to_client
+                    .inc_by((SIZE_LEN + body.len()) as u64);
+                state.metrics.version_cap(request.header.api_key);
+                continue;
+            }
             if let Some(request) = pending.take_if(|r| !r.expects_response) {
                 if unanswered_acks0.len() == ACKS0_MEMORY {
                     unanswered_acks0.pop_front();

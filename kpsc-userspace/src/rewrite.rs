@@ -594,6 +594,32 @@ pub fn rewrite_api_versions(
     Ok(changes)
 }
 
+/// Newer ApiVersions requests than kpsc can decode the answer of are answered by kpsc
+/// itself, as a broker answers a version it does not know: UNSUPPORTED_VERSION in v0
+/// format, listing the ApiVersions range it supports, so the client retries lower.
+pub fn api_versions_request_supported(api_version: i16) -> bool {
+    api_version <= ApiVersionsResponse::VERSIONS.max
+}
+
+/// The answer to an ApiVersions request newer than kpsc supports (body, no size prefix).
+pub fn unsupported_api_versions_response(correlation_id: i32) -> BytesMut {
+    let body = ApiVersionsResponse::default()
+        .with_error_code(UNSUPPORTED_VERSION)
+        .with_api_keys(vec![
+            ApiVersion::default()
+                .with_api_key(API_VERSIONS)
+                .with_min_version(ApiVersionsResponse::VERSIONS.min)
+                .with_max_version(ApiVersionsResponse::VERSIONS.max),
+        ]);
+    let mut out = BytesMut::new();
+    ResponseHeader::default()
+        .with_correlation_id(correlation_id)
+        .encode(&mut out, 0)
+        .and_then(|()| body.encode(&mut out, 0))
+        .expect("encoding a fixed v0 ApiVersions response cannot fail");
+    out
+}
+
 /// Decodes an ApiVersions response, returning the version its body is in.
 fn decode_api_versions(
     api_version: i16,
@@ -2596,6 +2622,21 @@ mod tests {
             "{result:?}"
         );
         assert_eq!(&out[..], b"keep", "out untouched on error");
+    }
+
+    #[test]
+    fn newer_api_versions_requests_get_a_v0_unsupported_version_answer() {
+        assert!(api_versions_request_supported(4));
+        assert!(!api_versions_request_supported(5));
+        let mut body = unsupported_api_versions_response(42).freeze();
+        let header = ResponseHeader::decode(&mut body, 0).unwrap();
+        assert_eq!(header.correlation_id, 42);
+        let r = ApiVersionsResponse::decode(&mut body, 0).unwrap();
+        assert_eq!(r.error_code, UNSUPPORTED_VERSION);
+        assert_eq!(r.api_keys.len(), 1);
+        assert_eq!(r.api_keys[0].api_key, API_VERSIONS);
+        assert_eq!(r.api_keys[0].max_version, ApiVersionsResponse::VERSIONS.max);
+        assert!(body.is_empty());
     }
 
     #[test]

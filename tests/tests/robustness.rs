@@ -278,6 +278,46 @@ fn broker_down_or_reset_closes_the_client_connection_only() {
     assert_eq!(r.brokers.len(), 3);
 }
 
+/// An ApiVersions request newer than kpsc decodes is answered by kpsc as a broker would
+/// (UNSUPPORTED_VERSION in v0 format), in order with the responses around it.
+#[test]
+fn newer_api_versions_request_gets_unsupported_version_in_order() {
+    let (_cluster, mut kpscd, base) = start();
+    let mut client = RawClient::connect(&format!("127.0.1.1:{base}")).unwrap();
+    let first = client
+        .send(ApiKey::Metadata, 12, &metadata_request())
+        .unwrap();
+    // ApiVersions v7 (header v2): api key, version, correlation id, client id, no tags,
+    // then compact client software name and version, no tags.
+    let mut v7 = Vec::new();
+    v7.extend_from_slice(&18i16.to_be_bytes());
+    v7.extend_from_slice(&7i16.to_be_bytes());
+    v7.extend_from_slice(&777i32.to_be_bytes());
+    v7.extend_from_slice(&4i16.to_be_bytes());
+    v7.extend_from_slice(b"test");
+    v7.extend_from_slice(&[0, 2, b'x', 2, b'1', 0]);
+    client.send_raw(&v7).unwrap();
+    let last = client
+        .send(ApiKey::Metadata, 12, &metadata_request())
+        .unwrap();
+
+    let (r, _): (MetadataResponse, _) = client.recv(first, 12).unwrap();
+    assert_eq!(r.brokers.len(), 3);
+    let raw = client.recv_raw().unwrap();
+    assert_eq!(i32::from_be_bytes(raw[..4].try_into().unwrap()), 777);
+    let mut body = raw.slice(4..);
+    let answer = <kafka_protocol::messages::ApiVersionsResponse as kafka_protocol::protocol::Decodable>::decode(&mut body, 0).unwrap();
+    assert_eq!(answer.error_code, 35, "UNSUPPORTED_VERSION");
+    assert_eq!(answer.api_keys[0].api_key, ApiKey::ApiVersions as i16);
+    assert!(answer.api_keys[0].max_version >= 3);
+    let (r, _): (MetadataResponse, _) = client.recv(last, 12).unwrap();
+    assert_eq!(r.brokers.len(), 3);
+    // And the client can carry on with a version it was offered.
+    let (versions, _) = client.api_versions().unwrap();
+    assert_eq!(versions.error_code, 0);
+    assert_serving(&mut kpscd, base);
+}
+
 #[test]
 fn api_versions_hides_what_kpsc_cannot_rewrite() {
     let cluster = MockCluster::new(3).unwrap();
