@@ -12,8 +12,9 @@ use bytes::{Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use kafka_protocol::{
     messages::{
-        ApiKey, MetadataRequest, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader,
-        TopicName,
+        ApiKey, BrokerId, FetchRequest, FetchResponse, MetadataRequest, ProduceRequest,
+        ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+        fetch_request::{FetchPartition, FetchTopic},
         produce_request::{PartitionProduceData, TopicProduceData},
     },
     protocol::{Decodable, Encodable, HeaderVersion, StrBytes},
@@ -40,6 +41,9 @@ pub struct ProduceLoad {
     pub duration: Duration,
     /// Decode every response and check its error code (the --quick correctness mode).
     pub verify: bool,
+    /// Fetch instead of produce: each Fetch asks for one batch of the same size, and the
+    /// bytes counted are the responses'.
+    pub fetch: bool,
 }
 
 /// What one run measured.
@@ -70,10 +74,10 @@ fn frame_body<T: Encodable + HeaderVersion>(
     Ok(body)
 }
 
-/// One Produce v7 request body (header included) with a valid record batch.
-pub fn produce_request(load: &ProduceLoad) -> anyhow::Result<BytesMut> {
-    let value = Bytes::from(vec![b'c'; load.record_bytes]);
-    let records: Vec<Record> = (0..load.records_per_batch)
+/// A valid uncompressed record batch.
+pub fn record_batch(records_per_batch: usize, record_bytes: usize) -> anyhow::Result<Bytes> {
+    let value = Bytes::from(vec![b'c'; record_bytes]);
+    let records: Vec<Record> = (0..records_per_batch)
         .map(|i| Record {
             transactional: false,
             control: false,
@@ -99,6 +103,36 @@ pub fn produce_request(load: &ProduceLoad) -> anyhow::Result<BytesMut> {
             compression: Compression::None,
         },
     )?;
+    Ok(batch.freeze())
+}
+
+pub const FETCH_VERSION: i16 = 11;
+
+/// One Fetch v11 request body for `bench`/0; `max_bytes` tells the sink the batch size to
+/// answer with.
+pub fn fetch_request(batch_bytes: i32) -> anyhow::Result<BytesMut> {
+    let request = FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(0)
+        .with_min_bytes(1)
+        .with_max_bytes(batch_bytes)
+        .with_session_epoch(-1)
+        .with_topics(vec![
+            FetchTopic::default()
+                .with_topic(TopicName(StrBytes::from_static_str(TOPIC)))
+                .with_partitions(vec![
+                    FetchPartition::default()
+                        .with_partition(0)
+                        .with_fetch_offset(0)
+                        .with_partition_max_bytes(batch_bytes),
+                ]),
+        ]);
+    frame_body(ApiKey::Fetch, FETCH_VERSION, &request)
+}
+
+/// One Produce v7 request body (header included) with a valid record batch.
+pub fn produce_request(load: &ProduceLoad) -> anyhow::Result<BytesMut> {
+    let batch = record_batch(load.records_per_batch, load.record_bytes)?;
     let request = ProduceRequest::default()
         .with_acks(load.acks)
         .with_timeout_ms(30_000)
@@ -108,7 +142,7 @@ pub fn produce_request(load: &ProduceLoad) -> anyhow::Result<BytesMut> {
                 .with_partition_data(vec![
                     PartitionProduceData::default()
                         .with_index(0)
-                        .with_records(Some(batch.freeze())),
+                        .with_records(Some(batch)),
                 ]),
         ]);
     frame_body(ApiKey::Produce, PRODUCE_VERSION, &request)
@@ -118,7 +152,11 @@ pub fn produce_request(load: &ProduceLoad) -> anyhow::Result<BytesMut> {
 const CORRELATION_AT: usize = 4;
 
 pub async fn run_produce(target: &str, load: &ProduceLoad) -> anyhow::Result<ProduceResult> {
-    let body = produce_request(load)?;
+    let body = if load.fetch {
+        fetch_request((load.records_per_batch * load.record_bytes) as i32)?
+    } else {
+        produce_request(load)?
+    };
     let mut tasks = Vec::new();
     let started = Instant::now();
     for _ in 0..load.connections {
@@ -145,7 +183,7 @@ pub async fn run_produce(target: &str, load: &ProduceLoad) -> anyhow::Result<Pro
     }
     total.elapsed = started.elapsed();
     total.records = total.requests * load.records_per_batch as u64;
-    total.latency = (load.acks != 0).then_some(latency);
+    total.latency = (load.fetch || load.acks != 0).then_some(latency);
     Ok(total)
 }
 
@@ -156,7 +194,8 @@ async fn produce_connection(
     started: Instant,
 ) -> anyhow::Result<ProduceResult> {
     let (r, mut w) = stream.into_split();
-    let expects_response = load.acks != 0;
+    let expects_response = load.fetch || load.acks != 0;
+    let fetch = load.fetch;
     // Requests in flight on this connection: the writer takes a permit, the reader gives
     // it back when the response arrives.
     let window = Arc::new(Semaphore::new(load.in_flight));
@@ -168,6 +207,7 @@ async fn produce_connection(
         let mut frame = Vec::new();
         let mut latency = Histogram::<u64>::new(3)?;
         let mut answered = 0u64;
+        let mut response_bytes = 0u64;
         while let Some((correlation_id, sent_at)) = sent_rx.recv().await {
             if !reader.read_frame(16 << 20, &mut frame).await? {
                 bail!("the target closed the connection with requests in flight");
@@ -177,7 +217,32 @@ async fn produce_connection(
                 got == correlation_id,
                 "response {got} arrived for request {correlation_id}: order broken"
             );
-            if verify {
+            response_bytes += 4 + frame.len() as u64;
+            if verify && fetch {
+                let mut bytes = Bytes::copy_from_slice(&frame);
+                ResponseHeader::decode(&mut bytes, FetchResponse::header_version(FETCH_VERSION))?;
+                let response = FetchResponse::decode(&mut bytes, FETCH_VERSION)?;
+                ensure!(
+                    response.error_code == 0,
+                    "fetch error {}",
+                    response.error_code
+                );
+                let partition = response
+                    .responses
+                    .first()
+                    .and_then(|t| t.partitions.first())
+                    .context("empty fetch response")?;
+                ensure!(
+                    partition.error_code == 0,
+                    "fetch partition error {}",
+                    partition.error_code
+                );
+                let records = partition
+                    .records
+                    .as_ref()
+                    .context("fetch without records")?;
+                ensure!(!records.is_empty(), "fetch without records");
+            } else if verify {
                 let mut bytes = Bytes::copy_from_slice(&frame);
                 ResponseHeader::decode(
                     &mut bytes,
@@ -196,7 +261,7 @@ async fn produce_connection(
             answered += 1;
             reader_window.add_permits(1);
         }
-        anyhow::Ok((answered, latency))
+        anyhow::Ok((answered, latency, response_bytes))
     });
     let mut sent = 0u64;
     let mut bytes = 0u64;
@@ -219,7 +284,7 @@ async fn produce_connection(
     }
     drop(sent_tx);
     w.flush().await?;
-    let (answered, latency) = reader.await??;
+    let (answered, latency, response_bytes) = reader.await??;
     if expects_response {
         ensure!(
             answered == sent,
@@ -229,7 +294,8 @@ async fn produce_connection(
     Ok(ProduceResult {
         requests: sent,
         records: 0,
-        bytes,
+        // What the proxy forwarded in the direction that carries the data.
+        bytes: if fetch { response_bytes } else { bytes },
         elapsed: Duration::ZERO,
         latency: Some(latency),
     })

@@ -261,7 +261,11 @@ async fn run(
 
     let mut report = Report::new(&args.out, machine.to_owned())?;
     let mut failures = Vec::new();
-    for batch_bytes in &args.batch_bytes {
+    let workloads = args
+        .batch_bytes
+        .iter()
+        .flat_map(|b| [(false, *b), (true, *b)]);
+    for (fetch, batch_bytes) in workloads {
         let load = ProduceLoad {
             connections: args.connections,
             in_flight: args.in_flight,
@@ -270,8 +274,13 @@ async fn run(
             acks: args.acks,
             duration: args.duration,
             verify: args.quick,
+            fetch,
         };
-        let workload = format!("produce {} KiB batches", batch_bytes / 1024);
+        let workload = format!(
+            "{} {} KiB batches",
+            if fetch { "fetch" } else { "produce" },
+            batch_bytes / 1024
+        );
         if !args.warmup.is_zero() {
             for t in &targets {
                 let warm = ProduceLoad {
@@ -324,6 +333,7 @@ async fn run(
         acks: 1,
         duration: args.duration / 2,
         verify: args.quick,
+        fetch: false,
     };
     for rep in 0..args.repetitions {
         for t in &targets {
@@ -358,7 +368,7 @@ async fn run(
     }
     let dir = report.write()?;
     if args.quick {
-        let checks = targets.len() * (args.batch_bytes.len() + 2) * args.repetitions;
+        let checks = targets.len() * (2 * args.batch_bytes.len() + 2) * args.repetitions;
         println!(
             "kpsc-bench: {} passed, {} failed",
             checks - failures.len(),

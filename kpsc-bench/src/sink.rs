@@ -10,9 +10,10 @@ use anyhow::Context as _;
 use bytes::BytesMut;
 use kafka_protocol::{
     messages::{
-        ApiKey, ApiVersionsResponse, BrokerId, MetadataResponse, ProduceResponse, ResponseHeader,
-        TopicName,
+        ApiKey, ApiVersionsResponse, BrokerId, FetchResponse, MetadataResponse, ProduceResponse,
+        ResponseHeader, TopicName,
         api_versions_response::ApiVersion,
+        fetch_response::{FetchableTopicResponse, PartitionData},
         metadata_response::{
             MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
         },
@@ -30,6 +31,47 @@ pub const TOPIC: &str = "bench";
 const PRODUCE_VERSION: i16 = 7;
 const METADATA_MAX: i16 = 12;
 const API_VERSIONS_MAX: i16 = 3;
+const FETCH_VERSION: i16 = crate::load::FETCH_VERSION;
+
+/// Fetch response template (correlation id 0) carrying one record batch of about
+/// `batch_bytes`, built once per size and patched per request.
+fn fetch_template(batch_bytes: usize) -> anyhow::Result<BytesMut> {
+    let record_bytes = 1024.min(batch_bytes.max(1));
+    let records = crate::load::record_batch((batch_bytes / record_bytes).max(1), record_bytes)?;
+    let body = FetchResponse::default().with_responses(vec![
+        FetchableTopicResponse::default()
+            .with_topic(TopicName(StrBytes::from_static_str(TOPIC)))
+            .with_partitions(vec![
+                PartitionData::default()
+                    .with_partition_index(0)
+                    .with_high_watermark(1_000_000)
+                    .with_last_stable_offset(1_000_000)
+                    .with_aborted_transactions(Some(Vec::new()))
+                    .with_preferred_read_replica(BrokerId(-1))
+                    .with_records(Some(records)),
+            ]),
+    ]);
+    encode(
+        0,
+        FETCH_VERSION,
+        FetchResponse::header_version(FETCH_VERSION),
+        &body,
+    )
+}
+
+/// `max_bytes` of a Fetch v4+ request: after the header, replica_id, max_wait and
+/// min_bytes. The load generator sets it to the batch size it wants back.
+fn fetch_max_bytes(body: &[u8]) -> anyhow::Result<usize> {
+    let client_id_len =
+        i16::from_be_bytes(body.get(8..10).context("short fetch")?.try_into()?).max(0) as usize;
+    let at = 10 + client_id_len + 12;
+    let max = i32::from_be_bytes(body.get(at..at + 4).context("short fetch")?.try_into()?);
+    anyhow::ensure!(
+        max > 0 && max <= 64 << 20,
+        "fetch max_bytes {max} out of range"
+    );
+    Ok(max as usize)
+}
 
 /// A running sink.
 pub struct Sink {
@@ -59,6 +101,7 @@ fn api_versions(correlation_id: i32, version: i16) -> anyhow::Result<BytesMut> {
     };
     let body = ApiVersionsResponse::default().with_api_keys(vec![
         key(ApiKey::Produce, 3, PRODUCE_VERSION),
+        key(ApiKey::Fetch, 4, FETCH_VERSION),
         key(ApiKey::Metadata, 1, METADATA_MAX),
         key(ApiKey::ApiVersions, 0, API_VERSIONS_MAX),
     ]);
@@ -133,6 +176,8 @@ impl Sink {
 enum Reply {
     None,
     Produce,
+    /// Index into the connection's fetch templates.
+    Fetch(usize),
     Other(BytesMut),
 }
 
@@ -145,6 +190,8 @@ async fn serve(
     let (r, mut w) = stream.into_split();
     let mut reader = FrameReader::new(r, 64 * 1024);
     let mut produce = template.clone(); // per connection, patched per response
+    // Fetch responses by requested size, built on first use.
+    let mut fetches: Vec<(usize, BytesMut)> = Vec::new();
     loop {
         if !reader.fill_to(SIZE_LEN + 8).await? {
             return Ok(());
@@ -172,6 +219,24 @@ async fn serve(
                     Reply::None
                 }
             }
+            Ok(ApiKey::Fetch) => {
+                anyhow::ensure!(
+                    header.api_version == FETCH_VERSION,
+                    "sink answers Fetch v{FETCH_VERSION} only"
+                );
+                let peek = (SIZE_LEN + size).min(reader.capacity());
+                reader.fill_to(peek).await?;
+                let max = fetch_max_bytes(&reader.buffered()[SIZE_LEN..peek])?;
+                let index = match fetches.iter().position(|(m, _)| *m == max) {
+                    Some(i) => i,
+                    None => {
+                        fetches.push((max, fetch_template(max)?));
+                        fetches.len() - 1
+                    }
+                };
+                fetches[index].1[..4].copy_from_slice(&header.correlation_id.to_be_bytes());
+                Reply::Fetch(index)
+            }
             Ok(ApiKey::ApiVersions) => {
                 Reply::Other(api_versions(header.correlation_id, header.api_version)?)
             }
@@ -192,6 +257,7 @@ async fn serve(
             Reply::None => {}
             // The template, patched in place: no allocation per produce.
             Reply::Produce => write_frame(&mut w, &produce).await?,
+            Reply::Fetch(index) => write_frame(&mut w, &fetches[index].1).await?,
             Reply::Other(bytes) => write_frame(&mut w, &bytes).await?,
         }
     }
