@@ -21,7 +21,7 @@ use crate::{
     config::ProxyConfig,
     forward,
     metrics::{Metrics, PortCounters},
-    portmap::{BrokerAddr, MapEntry, PortMap, PortMapError},
+    portmap::{BrokerAddr, MapEntry, PortMap},
 };
 
 /// Where a listen port forwards to.
@@ -141,7 +141,7 @@ impl ProxyState {
             return Vec::new();
         }
         let (added, errors) = self.map.write().expect("map lock").learn(brokers);
-        let mut problems: Vec<anyhow::Error> = errors.into_iter().map(map_error).collect();
+        let mut problems: Vec<anyhow::Error> = errors.into_iter().map(anyhow::Error::new).collect();
         for entry in &added {
             if let Err(e) = self.bind(entry) {
                 problems.push(e);
@@ -201,10 +201,6 @@ impl ProxyState {
             }
         }
     }
-}
-
-fn map_error(e: PortMapError) -> anyhow::Error {
-    anyhow::Error::new(e)
 }
 
 async fn accept_loop(listener: TcpListener, route: Route, state: Arc<ProxyState>) {
