@@ -23,18 +23,6 @@ pub struct PortCounters {
     pub bytes: u64,
 }
 
-impl PortCounters {
-    /// Sums per-CPU values into one total.
-    pub fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a PortCounters>) -> PortCounters {
-        per_cpu
-            .into_iter()
-            .fold(PortCounters::default(), |acc, c| PortCounters {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            })
-    }
-}
-
 #[cfg(feature = "user")]
 // SAFETY: repr(C), only u64 fields, no padding; any bit pattern is valid.
 unsafe impl aya::Pod for PortCounters {}

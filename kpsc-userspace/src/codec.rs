@@ -324,19 +324,6 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(out: &mut W, body: &[u8]) -> io:
     Ok(())
 }
 
-/// Reads one size-prefixed frame from a plain reader (used by tests and small clients).
-pub async fn read_frame_simple<R: AsyncRead + Unpin>(
-    r: &mut R,
-    max: u32,
-) -> Result<Vec<u8>, FrameError> {
-    let mut prefix = [0u8; 4];
-    r.read_exact(&mut prefix).await?;
-    let size = frame_size(prefix, max, 0, "frame")?;
-    let mut body = vec![0; size as usize];
-    r.read_exact(&mut body).await?;
-    Ok(body)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

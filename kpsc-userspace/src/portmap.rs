@@ -320,11 +320,6 @@ impl PortMap {
             .map(|&i| &self.entries[i].advertised)
     }
 
-    /// The broker a listen port forwards to.
-    pub fn broker_for_listen_port(&self, port: u16) -> Option<&MapEntry> {
-        self.owner_of_port(port)
-    }
-
     /// Adds entries for brokers from a metadata snapshot that are not mapped yet, and
     /// records node ids of mapped ones. Returns the new entries (which need listeners) and
     /// the brokers that could not be mapped.

@@ -25,7 +25,6 @@ use crate::{
     discovery,
     metrics::Metrics,
     portmap::{BrokerAddr, DynamicPorts, Origin},
-    proxy::EXIT_CONFIG,
 };
 
 /// Portmap-mode flags: the port map (static mappings only) plus where to attach.
@@ -425,26 +424,20 @@ impl AdminView for PortmapState {
     }
 }
 
-pub async fn run(config: PortmapConfig) -> ExitCode {
+/// Exit code when privileges are missing.
+pub const EXIT_PRIVILEGE: u8 = 4;
+
+/// Runs portmap mode until SIGTERM/SIGINT. Errors are reported (and turned into an exit
+/// code) by kpscd's `main`.
+pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
     let missing = missing_capabilities();
     if !missing.is_empty() {
         eprintln!(
             "kpscd portmap needs CAP_BPF and CAP_NET_ADMIN (or root); missing: {}",
             missing.join(", ")
         );
-        return ExitCode::from(EXIT_CONFIG + 2);
+        return Ok(ExitCode::from(EXIT_PRIVILEGE));
     }
-    match run_inner(config).await {
-        Ok(code) => code,
-        Err(e) => {
-            error!(error = %format!("{e:#}"), "kpscd portmap failed");
-            eprintln!("kpscd: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run_inner(config: PortmapConfig) -> anyhow::Result<ExitCode> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;

@@ -12,18 +12,9 @@ use crate::{admin, config::ProxyConfig, listener::ProxyState};
 /// Exit code for configuration errors (clap uses the same).
 pub const EXIT_CONFIG: u8 = 2;
 
-pub async fn run(config: ProxyConfig) -> ExitCode {
-    match run_inner(config).await {
-        Ok(code) => code,
-        Err(e) => {
-            error!(error = %format!("{e:#}"), "kpscd failed");
-            eprintln!("kpscd: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run_inner(config: ProxyConfig) -> anyhow::Result<ExitCode> {
+/// Runs proxy mode until SIGTERM/SIGINT. Errors are reported (and turned into an exit
+/// code) by kpscd's `main`.
+pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
     info!(
         bulk_policy = config.bulk_policy.as_str(),
         max_frame_size = config.max_frame_size,

@@ -262,17 +262,22 @@ fn cargo() -> Command {
     cmd
 }
 
-fn demo(messages: usize) -> anyhow::Result<()> {
-    step("build kpscd and the demo driver (release)");
+/// `cargo build --release --bins` of kpscd/kpscctl and `driver`'s package.
+fn build_with(driver: &str) -> anyhow::Result<()> {
+    step(&format!("build kpscd and {driver} (release)"));
     run(cargo().args([
         "build",
         "--release",
+        "--bins",
         "-p",
         "kpsc-userspace",
         "-p",
-        "kpsc-tests",
-        "--bins",
-    ]))?;
+        driver,
+    ]))
+}
+
+fn demo(messages: usize) -> anyhow::Result<()> {
+    build_with("kpsc-tests")?;
     step("demo: 3-broker Kafka (librdkafka mock) -> kpscd proxy -> rdkafka client");
     run(Command::new(root().join("target/release/kpsc-demo"))
         .arg("--messages")
@@ -282,16 +287,7 @@ fn demo(messages: usize) -> anyhow::Result<()> {
 }
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
-    step("build kpscd and kpsc-bench (release)");
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "kpsc-userspace",
-        "-p",
-        "kpsc-bench",
-        "--bins",
-    ]))?;
+    build_with("kpsc-bench")?;
     step("kpsc-bench");
     run(Command::new(root().join("target/release/kpsc-bench"))
         .args(args)

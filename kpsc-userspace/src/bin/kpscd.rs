@@ -44,7 +44,7 @@ fn main() -> ExitCode {
 }
 
 /// Exits 2 on a configuration error; otherwise sets up logging and runs the mode.
-fn launch<C, F: Future<Output = ExitCode>>(
+fn launch<C, F: Future<Output = anyhow::Result<ExitCode>>>(
     config: Result<C, ConfigError>,
     log: impl Fn(&C) -> &LogConfig,
     run: impl FnOnce(C) -> F,
@@ -57,10 +57,14 @@ fn launch<C, F: Future<Output = ExitCode>>(
         }
     };
     logging::init(log(&config));
-    match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime.block_on(run(config)),
+    let result = tokio::runtime::Runtime::new()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+        .and_then(|runtime| runtime.block_on(run(config)));
+    match result {
+        Ok(code) => code,
         Err(e) => {
-            eprintln!("kpscd: cannot start the async runtime: {e}");
+            tracing::error!(error = %format!("{e:#}"), "kpscd failed");
+            eprintln!("kpscd: {e:#}");
             ExitCode::FAILURE
         }
     }
