@@ -286,12 +286,28 @@ fn demo(messages: usize) -> anyhow::Result<()> {
         .env("KPSCCTL_BIN", root().join("target/release/kpscctl")))
 }
 
+/// The end-to-end benchmark (rdkafka against the mock cluster, direct and through kpscd).
+fn e2e_bench(extra: &[&str], out: &Path) -> anyhow::Result<()> {
+    run(Command::new(root().join("target/release/kpsc-e2e-bench"))
+        .args(extra)
+        .arg("--out")
+        .arg(out)
+        .env("KPSCD_BIN", root().join("target/release/kpscd")))
+}
+
 fn bench(args: &[String]) -> anyhow::Result<()> {
     build_with("kpsc-bench")?;
-    step("kpsc-bench");
+    build_with("kpsc-tests")?;
+    step("kpsc-bench: sink-backed, every data path");
     run(Command::new(root().join("target/release/kpsc-bench"))
         .args(args)
-        .current_dir(root()))
+        .current_dir(root()))?;
+    step("kpsc-e2e-bench: rdkafka against the mock cluster, direct and through kpscd");
+    let quick = args.iter().any(|a| a == "--quick");
+    e2e_bench(
+        if quick { &["--quick"] } else { &[] },
+        &root().join("results"),
+    )
 }
 
 fn test() -> anyhow::Result<()> {
@@ -318,6 +334,7 @@ fn test() -> anyhow::Result<()> {
     run(Command::new(root().join("target/release/kpsc-bench"))
         .args(["--quick", "--out"])
         .arg(root().join("target/bench-quick")))?;
+    e2e_bench(&["--quick"], &root().join("target/bench-quick"))?;
     step("python clients (confluent-kafka 2.16, kafka-python) and kcat through kpscd");
     run(Command::new(venv().join("bin/python"))
         .args(["-m", "pytest", "-v", "-p", "no:cacheprovider"])
