@@ -27,7 +27,9 @@ use kafka_protocol::{
 };
 use rdkafka::{
     ClientConfig, bindings as rd,
-    producer::{BaseProducer, Producer},
+    message::ToBytes,
+    producer::{BaseProducer, BaseRecord, Producer, ProducerContext},
+    types::RDKafkaErrorCode,
 };
 
 pub use kpsc_bench::netns;
@@ -211,6 +213,31 @@ impl MockCluster {
             unsafe { rd::rd_kafka_mock_broker_set_rtt(self.cluster, id, rtt.as_millis() as i32) },
             "broker_set_rtt",
         )
+    }
+}
+
+/// Queues `record`, polling while librdkafka's queue is full; any other error fails.
+pub fn send_waiting<'a, C, K, P>(
+    producer: &BaseProducer<C>,
+    mut record: BaseRecord<'a, K, P, C::DeliveryOpaque>,
+) -> anyhow::Result<()>
+where
+    C: ProducerContext,
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => {
+                producer.poll(Duration::ZERO);
+                return Ok(());
+            }
+            Err((e, r)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                record = r;
+                producer.poll(Duration::from_millis(5));
+            }
+            Err((e, _)) => bail!("produce failed: {e}"),
+        }
     }
 }
 

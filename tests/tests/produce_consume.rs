@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kpsc_tests::{Kpscd, MockCluster, REAL_BROKER_HOST, free_port_base, proxy_args};
+use kpsc_tests::{Kpscd, MockCluster, REAL_BROKER_HOST, free_port_base, proxy_args, send_waiting};
 use rdkafka::{
     ClientConfig, ClientContext, Message,
     consumer::{BaseConsumer, Consumer, ConsumerContext},
@@ -99,20 +99,11 @@ fn produce_and_consume(policy: &str, disruption: Disruption) {
         let partition = (i % 3) as i32;
         let key = format!("{i}");
         let value = format!("message-{i}-partition-{partition}");
-        let mut record = BaseRecord::to(TOPIC)
+        let record = BaseRecord::to(TOPIC)
             .partition(partition)
             .key(&key)
             .payload(&value);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
+        send_waiting(&producer, record).unwrap();
     }
     producer
         .flush(Duration::from_secs(60))

@@ -8,9 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use clap::Parser;
-use kpsc_tests::{ADVERTISED_PATTERN, Kpscd, MockCluster, REAL_BROKER_HOST, kpscctl_bin};
+use kpsc_tests::{
+    ADVERTISED_PATTERN, Kpscd, MockCluster, REAL_BROKER_HOST, kpscctl_bin, send_waiting,
+};
 use rdkafka::{
     ClientConfig, Message,
     consumer::{BaseConsumer, Consumer},
@@ -97,21 +99,11 @@ fn main() -> anyhow::Result<()> {
     for i in 0..args.messages {
         let key = format!("key-{i:08}");
         let value = [format!("{i:016}").as_bytes(), &payload].concat();
-        let mut record = BaseRecord::to(TOPIC).key(&key).payload(&value);
-        record = record.partition((i % 3) as i32);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, r)) => {
-                    if e.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::QueueFull) {
-                        bail!("produce failed: {e}");
-                    }
-                    record = r;
-                    producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
+        let record = BaseRecord::to(TOPIC)
+            .key(&key)
+            .payload(&value)
+            .partition((i % 3) as i32);
+        send_waiting(&producer, record)?;
     }
     producer.flush(Duration::from_secs(30))?;
     let produce_time = started.elapsed();

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use clap::Parser;
-use kpsc_tests::{Kpscd, MockCluster, free_port_base, proxy_args};
+use kpsc_tests::{Kpscd, MockCluster, free_port_base, proxy_args, send_waiting};
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
@@ -47,19 +47,10 @@ fn run_once(bootstrap: &str, topic: &str, n: usize, bytes: usize) -> anyhow::Res
     let payload = vec![b'e'; bytes];
     let started = Instant::now();
     for i in 0..n {
-        let mut record = BaseRecord::<(), [u8]>::to(topic)
+        let record = BaseRecord::<(), [u8]>::to(topic)
             .partition((i % PARTITIONS as usize) as i32)
             .payload(&payload);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    producer.poll(Duration::from_millis(1));
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
+        send_waiting(&producer, record)?;
     }
     producer.flush(Duration::from_secs(120))?;
     let produce = started.elapsed().as_secs_f64();
