@@ -12,8 +12,8 @@ use bytes::{Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use kafka_protocol::{
     messages::{
-        ApiKey, BrokerId, FetchRequest, FetchResponse, MetadataRequest, ProduceRequest,
-        ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+        ApiKey, BrokerId, FetchRequest, FetchResponse, FindCoordinatorRequest, MetadataRequest,
+        ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName,
         fetch_request::{FetchPartition, FetchTopic},
         produce_request::{PartitionProduceData, TopicProduceData},
     },
@@ -157,20 +157,29 @@ pub async fn run_produce(target: &str, load: &ProduceLoad) -> anyhow::Result<Pro
     } else {
         produce_request(load)?
     };
-    let mut tasks = Vec::new();
-    let started = Instant::now();
+    // Connections are opened before the clock starts: the sweep measures forwarding, not
+    // connection setup.
+    let mut streams = Vec::with_capacity(load.connections);
     for _ in 0..load.connections {
         let stream = TcpStream::connect(target)
             .await
             .with_context(|| format!("connecting to {target}"))?;
         stream.set_nodelay(true)?;
-        tasks.push(tokio::spawn(produce_connection(
-            stream,
-            body.clone(),
-            load.clone(),
-            started,
-        )));
+        streams.push(stream);
     }
+    let received_before = crate::sink::produce_requests_received();
+    let started = Instant::now();
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|stream| {
+            tokio::spawn(produce_connection(
+                stream,
+                body.clone(),
+                load.clone(),
+                started,
+            ))
+        })
+        .collect();
     let mut total = ProduceResult::default();
     let mut latency = Histogram::<u64>::new(3)?;
     for t in tasks {
@@ -179,6 +188,29 @@ pub async fn run_produce(target: &str, load: &ProduceLoad) -> anyhow::Result<Pro
         total.bytes += r.bytes;
         if let Some(h) = &r.latency {
             latency.add(h)?;
+        }
+    }
+    if !load.fetch && load.acks == 0 {
+        // Nothing acknowledges acks=0 requests: the run ends when the sink has read them
+        // all, and one that never arrives is a loss.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let received = crate::sink::produce_requests_received() - received_before;
+            if received >= total.requests {
+                ensure!(
+                    received == total.requests,
+                    "{} acks=0 requests sent, the sink read {received}",
+                    total.requests
+                );
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} acks=0 requests sent, only {received} reached the sink",
+                    total.requests
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
     total.elapsed = started.elapsed();
@@ -301,14 +333,50 @@ async fn produce_connection(
     })
 }
 
-/// Sequential Metadata requests: the latency of kpsc's rewrite path.
-pub async fn run_metadata(target: &str, duration: Duration) -> anyhow::Result<Histogram<u64>> {
+/// The address-bearing requests of the control workload.
+#[derive(Clone, Copy, Debug)]
+pub enum ControlRequest {
+    Metadata,
+    FindCoordinator,
+}
+
+impl ControlRequest {
+    pub fn workload(self) -> &'static str {
+        match self {
+            Self::Metadata => "metadata v9 (rewrite path)",
+            Self::FindCoordinator => "find-coordinator v3 (rewrite path)",
+        }
+    }
+
+    fn body(self) -> anyhow::Result<BytesMut> {
+        match self {
+            Self::Metadata => frame_body(
+                ApiKey::Metadata,
+                9,
+                &MetadataRequest::default().with_topics(None),
+            ),
+            Self::FindCoordinator => frame_body(
+                ApiKey::FindCoordinator,
+                crate::sink::FIND_COORDINATOR_MAX,
+                &FindCoordinatorRequest::default()
+                    .with_key(StrBytes::from_static_str("kpsc-bench-group")),
+            ),
+        }
+    }
+}
+
+/// Sequential control requests whose responses kpscd decodes and rewrites: the latency of
+/// the rewrite path.
+pub async fn run_control(
+    target: &str,
+    request: ControlRequest,
+    duration: Duration,
+) -> anyhow::Result<Histogram<u64>> {
     let stream = TcpStream::connect(target).await?;
     stream.set_nodelay(true)?;
     let (r, mut w) = stream.into_split();
     let mut reader = FrameReader::new(r, 64 * 1024);
-    let request = MetadataRequest::default().with_topics(None);
-    let mut body = frame_body(ApiKey::Metadata, 9, &request)?;
+    let mut body = request.body()?;
     let mut latency = Histogram::<u64>::new(3)?;
     let mut frame = Vec::new();
     let started = Instant::now();
@@ -324,7 +392,7 @@ pub async fn run_metadata(target: &str, duration: Duration) -> anyhow::Result<Hi
         );
         ensure!(
             i32::from_be_bytes(frame[..4].try_into()?) == id,
-            "metadata order broken"
+            "{request:?} response order broken"
         );
         latency.record(sent.elapsed().as_micros() as u64)?;
     }

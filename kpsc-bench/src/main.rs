@@ -3,12 +3,14 @@
 //! Targets (same topology, same run, interleaved A B A B so drift hits all alike):
 //! - `direct`: the load generator talks to the benchmark sink (the limit);
 //! - `kpscd-proxy`: through `kpscd proxy` (the tokio path);
+//! - `kpscd-portmap`: through the TC program of `kpscd portmap` (namespaces only);
 //! - `external`: any proxy the user names with `--proxy-cmd` (placeholders `{broker}`,
 //!   `{listen}`), e.g. the kafka-proxy binary they run today.
 //!
 //! The broker side is the benchmark sink (see `sink.rs`), so the proxy and not the broker
 //! is what gets measured. `--quick` runs every target briefly and checks correctness only
-//! (every record acknowledged, responses in order), never a timing.
+//! (every record acknowledged, or with acks=0 read by the sink; responses in order), never
+//! a timing.
 
 use std::{
     net::SocketAddr,
@@ -20,11 +22,11 @@ use anyhow::{Context as _, ensure};
 use clap::Parser;
 
 use kpsc_bench::{
-    load::{ProduceLoad, run_metadata, run_produce},
+    load::{ControlRequest, ProduceLoad, run_control, run_produce},
     netns::{self, Topology},
     report::{Measurement, Report},
     sink::Sink,
-    target::{self, Placement, Target, TargetKind},
+    target::{self, Pinning, Placement, Target, TargetKind},
 };
 
 #[derive(Parser, Debug)]
@@ -42,7 +44,14 @@ struct Args {
     /// Warm-up run per target before measuring.
     #[arg(long, default_value = "1s", value_parser = humantime_duration)]
     warmup: Duration,
-    /// Producer connections.
+    /// Workloads to run, comma-separated: `produce` and `fetch` (pipelined, per batch
+    /// size), `sweep` (produce over a range of connection counts), `small` (one small
+    /// produce at a time), `control` (Metadata and FindCoordinator, the rewrite path),
+    /// `idle` (memory per idle connection).
+    #[arg(long, value_delimiter = ',', default_values_t = Workload::ALL.map(String::from),
+          value_parser = Workload::ALL)]
+    workloads: Vec<String>,
+    /// Producer connections of the produce and fetch workloads.
     #[arg(long, default_value_t = 4)]
     connections: usize,
     /// Requests in flight per connection.
@@ -54,9 +63,15 @@ struct Args {
     /// Bytes per record (changefeed rows are around 1 KiB).
     #[arg(long, default_value_t = 1024)]
     record_bytes: usize,
-    /// Produce acks: 0, 1 or -1.
-    #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
-    acks: i16,
+    /// Produce acks to measure, comma-separated: 0, 1 or -1. The sink answers -1 like 1
+    /// (it replicates nothing), so -1 only differs from 1 against a real cluster.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1i16, 0],
+          allow_hyphen_values = true, value_parser = clap::value_parser!(i16).range(-1..=1))]
+    acks: Vec<i16>,
+    /// Connection counts of the `sweep` workload (64 KiB produce batches, acks=1, one
+    /// request in flight per connection).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 10, 100, 1000])]
+    sweep_connections: Vec<usize>,
     /// Idle connections to open per proxy target for the memory measurement.
     #[arg(long, default_value_t = 1000)]
     idle_connections: usize,
@@ -72,12 +87,20 @@ struct Args {
     /// `both`.
     #[arg(long, default_value = "both", value_parser = ["loopback", "netns", "both"])]
     topology: String,
-    /// Do not pin the generator+sink and the proxy to separate cores.
-    #[arg(long)]
-    no_pin: bool,
+    /// CPU placement: `split` gives the generator+sink and the proxy a core each;
+    /// `shared` puts all on CPU 0 (no cross-CPU wake-ups); `none` leaves it to the
+    /// scheduler. With fewer than two CPUs, or with --quick, nothing is pinned.
+    #[arg(long, value_enum, default_value = "split")]
+    pinning: Pinning,
     /// Results folder (a timestamped subfolder is created).
     #[arg(long, default_value = "results")]
     out: PathBuf,
+}
+
+struct Workload;
+
+impl Workload {
+    const ALL: [&'static str; 6] = ["produce", "fetch", "sweep", "small", "control", "idle"];
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
@@ -106,22 +129,26 @@ fn main() -> anyhow::Result<()> {
         args.warmup = Duration::ZERO;
         args.idle_connections = 20;
         args.batch_bytes = vec![65_536];
+        args.sweep_connections = vec![1, 20];
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     // With two or more cores: the load generator and the sink share core 0 (a
     // current-thread runtime), the proxy under test gets core 1.
-    let pinned = cpus >= 2 && !args.quick && !args.no_pin;
-    let machine = describe(&args, pinned, cpus);
+    if cpus < 2 || args.quick {
+        args.pinning = Pinning::None;
+    }
+    let pinning = args.pinning;
+    let machine = describe(&args, pinning, cpus);
     let kpscd = args.kpscd.clone().unwrap_or_else(|| {
         std::env::current_exe()
             .expect("exe")
             .with_file_name("kpscd")
     });
     if args.topology != "netns" {
-        run_loopback(&args, pinned, &machine, &kpscd)?;
+        run_loopback(&args, pinning, &machine, &kpscd)?;
     }
     if args.topology != "loopback" {
-        run_netns(&args, pinned, &machine, &kpscd)?;
+        run_netns(&args, pinning, &machine, &kpscd)?;
     }
     Ok(())
 }
@@ -132,13 +159,13 @@ fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn run_loopback(args: &Args, pinned: bool, machine: &str, kpscd: &Path) -> anyhow::Result<()> {
+fn run_loopback(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyhow::Result<()> {
     // A thread of its own, so pinning it leaves the main thread alone.
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                if pinned {
-                    target::pin_self_to_cpu(0)?;
+                if let Some(cpu) = pinning.generator_cpu() {
+                    target::pin_self_to_cpu(cpu)?;
                 }
                 current_thread_runtime()?.block_on(async {
                     let sink = Sink::start("127.0.0.1:0".parse()?, None).await?;
@@ -147,7 +174,7 @@ fn run_loopback(args: &Args, pinned: bool, machine: &str, kpscd: &Path) -> anyho
                     if let Some(cmd) = &args.proxy_cmd {
                         kinds.push(TargetKind::External(cmd.clone()));
                     }
-                    let place = Placement::loopback(pinned);
+                    let place = Placement::loopback(pinning);
                     run(
                         args,
                         &format!("{machine}; loopback"),
@@ -164,7 +191,7 @@ fn run_loopback(args: &Args, pinned: bool, machine: &str, kpscd: &Path) -> anyho
 }
 
 /// Client host -> proxy node -> broker host. "routed" means the node only forwards.
-fn run_netns(args: &Args, pinned: bool, machine: &str, kpscd: &Path) -> anyhow::Result<()> {
+fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyhow::Result<()> {
     let topo = Topology::new(1, 1)?;
     topo.add_routes()?;
     let broker_ip = netns::broker_ip(0);
@@ -176,8 +203,8 @@ fn run_netns(args: &Args, pinned: bool, machine: &str, kpscd: &Path) -> anyhow::
     std::thread::spawn(move || {
         let started = (|| {
             netns::enter(&broker_ns)?;
-            if pinned {
-                target::pin_self_to_cpu(0)?;
+            if let Some(cpu) = pinning.generator_cpu() {
+                target::pin_self_to_cpu(cpu)?;
             }
             let rt = current_thread_runtime()?;
             rt.block_on(async {
@@ -208,7 +235,7 @@ fn run_netns(args: &Args, pinned: bool, machine: &str, kpscd: &Path) -> anyhow::
         node_ns: Some(topo.node.clone()),
         listen_ip: netns::NODE_CLIENT_IP.into(),
         interfaces: vec!["n0".into(), "n1".into()],
-        pinned,
+        pinning,
     };
     let kinds = vec![
         TargetKind::Direct,
@@ -219,8 +246,8 @@ fn run_netns(args: &Args, pinned: bool, machine: &str, kpscd: &Path) -> anyhow::
         },
     ];
     let result = netns::in_netns(&client_ns, || {
-        if pinned {
-            target::pin_self_to_cpu(0)?;
+        if let Some(cpu) = pinning.generator_cpu() {
+            target::pin_self_to_cpu(cpu)?;
         }
         current_thread_runtime()?.block_on(run(
             args,
@@ -241,155 +268,242 @@ async fn run(
     kinds: Vec<TargetKind>,
     place: &Placement,
 ) -> anyhow::Result<()> {
-    let pinned = place.pinned;
     let mut targets = Vec::new();
     for kind in kinds {
         targets.push(Target::start(kind, sink, place).await?);
     }
     eprintln!(
-        "kpsc-bench: {} target(s), broker side = benchmark sink at {}, {} repetition(s) x {:?}{}",
+        "kpsc-bench: {} target(s), broker side = benchmark sink at {}, {} repetition(s) x {:?}, {}",
         targets.len(),
         sink,
         args.repetitions,
         args.duration,
-        if pinned {
-            ", generator+sink on CPU 0, proxy on CPU 1"
-        } else {
-            ""
-        }
+        place.pinning.describe(),
     );
-
-    let mut report = Report::new(&args.out, machine.to_owned())?;
-    let mut failures = Vec::new();
-    let workloads = args
-        .batch_bytes
-        .iter()
-        .flat_map(|b| [(false, *b), (true, *b)]);
-    for (fetch, batch_bytes) in workloads {
-        let load = ProduceLoad {
-            connections: args.connections,
-            in_flight: args.in_flight,
-            records_per_batch: (batch_bytes / args.record_bytes).max(1),
-            record_bytes: args.record_bytes,
-            acks: args.acks,
-            duration: args.duration,
-            verify: args.quick,
-            fetch,
-        };
-        let workload = format!(
-            "{} {} KiB batches",
-            if fetch { "fetch" } else { "produce" },
-            batch_bytes / 1024
-        );
-        if !args.warmup.is_zero() {
-            for t in &targets {
-                let warm = ProduceLoad {
-                    duration: args.warmup,
-                    ..load.clone()
-                };
-                run_produce(&t.addr, &warm)
-                    .await
-                    .with_context(|| format!("warm-up of {}", t.name))?;
+    let mut bench = Bench {
+        args,
+        targets: &targets,
+        report: Report::new(&args.out, machine.to_owned())?,
+        runs: 0,
+        failures: Vec::new(),
+    };
+    let wants = |w: &str| args.workloads.iter().any(|x| x == w);
+    let pipelined = |fetch: bool, batch_bytes: usize, acks: i16| ProduceLoad {
+        connections: args.connections,
+        in_flight: args.in_flight,
+        records_per_batch: (batch_bytes / args.record_bytes).max(1),
+        record_bytes: args.record_bytes,
+        acks,
+        duration: args.duration,
+        verify: args.quick,
+        fetch,
+    };
+    for &batch_bytes in &args.batch_bytes {
+        let kib = batch_bytes / 1024;
+        if wants("produce") {
+            for &acks in &args.acks {
+                let workload = format!("produce {kib} KiB batches, acks={acks}");
+                bench
+                    .throughput(&workload, &pipelined(false, batch_bytes, acks))
+                    .await?;
             }
         }
-        for rep in 0..args.repetitions {
-            // A B, then B A: each target runs first as often as last.
-            let order: Vec<&Target> = if rep % 2 == 0 {
-                targets.iter().collect()
-            } else {
-                targets.iter().rev().collect()
-            };
-            for t in order {
-                let cpu_before = t.cpu_seconds();
-                let softirq_before = target::softirq_seconds();
-                match run_produce(&t.addr, &load).await {
-                    Ok(r) => {
-                        ensure!(r.requests > 0, "{}: no request completed", t.name);
-                        report.add(Measurement::produce(
-                            &t.name,
-                            &workload,
-                            rep,
-                            &r,
-                            t.cpu_seconds() - cpu_before,
-                            target::softirq_seconds() - softirq_before,
-                        ));
-                        eprintln!(
-                            "  {workload} #{rep} {:<12} {:>8.1} MB/s",
-                            t.name,
-                            r.bytes as f64 / r.elapsed.as_secs_f64() / 1e6
-                        );
-                    }
-                    Err(e) => failures.push(format!("{} {workload}: {e:#}", t.name)),
-                }
-            }
+        if wants("fetch") {
+            let workload = format!("fetch {kib} KiB batches");
+            bench
+                .throughput(&workload, &pipelined(true, batch_bytes, 1))
+                .await?;
         }
     }
-    // Small requests, one at a time: the latency a proxy adds when nothing queues.
-    let small = ProduceLoad {
-        connections: 1,
-        in_flight: 1,
-        records_per_batch: 1,
-        record_bytes: 100,
-        acks: 1,
-        duration: args.duration / 2,
-        verify: args.quick,
-        fetch: false,
-    };
-    for rep in 0..args.repetitions {
+    if wants("sweep") {
+        for &connections in &args.sweep_connections {
+            let load = ProduceLoad {
+                connections,
+                in_flight: 1,
+                ..pipelined(false, 65_536, 1)
+            };
+            let workload = format!("produce 64 KiB batches, {connections} connection(s) x 1");
+            bench.throughput(&workload, &load).await?;
+        }
+    }
+    // Latency: with a core each, every hop through a proxy wakes a CPU that went idle,
+    // which a virtualised machine makes slow; so with `split` the latency workloads run
+    // a second time with the proxy moved onto the generator's CPU.
+    let mut placements = vec![(None, "")];
+    if let (Some(own), Some(shared)) = (place.pinning.proxy_cpu(), place.pinning.generator_cpu())
+        && own != shared
+    {
+        placements = vec![
+            (Some(own), ", proxy on its own CPU"),
+            (Some(shared), ", all on one CPU"),
+        ];
+    }
+    for (cpu, suffix) in placements {
+        if let Some(cpu) = cpu {
+            for t in &targets {
+                t.pin_to_cpu(cpu)?;
+            }
+        }
+        if wants("small") {
+            bench.small_requests(suffix).await?;
+        }
+        if wants("control") {
+            bench.control(suffix).await;
+        }
+    }
+    if let Some(cpu) = place.pinning.proxy_cpu() {
         for t in &targets {
-            match run_produce(&t.addr, &small).await {
-                Ok(r) => {
-                    let h = r.latency.context("acks=1 produce has latencies")?;
-                    report.add(Measurement::latency(
-                        &t.name,
-                        "small produce, 1 in flight",
-                        rep,
-                        &h,
-                    ));
-                }
-                Err(e) => failures.push(format!("{} small produce: {e:#}", t.name)),
-            }
-            match run_metadata(&t.addr, args.duration / 2).await {
-                Ok(h) => report.add(Measurement::latency(
-                    &t.name,
-                    "metadata (rewrite path)",
-                    rep,
-                    &h,
-                )),
-                Err(e) => failures.push(format!("{} metadata: {e:#}", t.name)),
-            }
+            t.pin_to_cpu(cpu)?;
+        }
+    }
+    if wants("idle") {
+        for t in &targets {
+            let points = t.idle_memory(args.idle_connections).await?;
+            bench.report.idle_memory(&t.name, points);
         }
     }
     for t in &targets {
-        report.idle_memory(&t.name, t.idle_memory(args.idle_connections).await?);
         if let Some(peak) = t.peak_rss_kib() {
-            report.peak_rss(&t.name, peak);
+            bench.report.peak_rss(&t.name, peak);
         }
     }
-    let dir = report.write()?;
+    let dir = bench.report.write()?;
     if args.quick {
-        let checks = targets.len() * (2 * args.batch_bytes.len() + 2) * args.repetitions;
         println!(
             "kpsc-bench: {} passed, {} failed",
-            checks - failures.len(),
-            failures.len()
+            bench.runs - bench.failures.len(),
+            bench.failures.len()
         );
     } else {
         print!("{}", std::fs::read_to_string(dir.join("results.md"))?);
         eprintln!("results in {}", dir.display());
     }
-    for f in &failures {
+    for f in &bench.failures {
         eprintln!("FAILED: {f}");
     }
     ensure!(
-        failures.is_empty(),
+        bench.failures.is_empty(),
         "{} benchmark run(s) failed",
-        failures.len()
+        bench.failures.len()
     );
     Ok(())
 }
 
-fn describe(args: &Args, pinned: bool, cpus: usize) -> String {
+/// One benchmark run over a set of started targets.
+struct Bench<'a> {
+    args: &'a Args,
+    targets: &'a [Target],
+    report: Report,
+    /// Runs attempted, and the ones that failed (the --quick verdict).
+    runs: usize,
+    failures: Vec<String>,
+}
+
+/// Targets in the order of repetition `rep`: A B, then B A, so each runs first as often as
+/// last and drift hits all alike.
+fn order(targets: &[Target], rep: usize) -> Vec<&Target> {
+    if rep.is_multiple_of(2) {
+        targets.iter().collect()
+    } else {
+        targets.iter().rev().collect()
+    }
+}
+
+impl Bench<'_> {
+    fn outcome<T>(&mut self, target: &Target, workload: &str, r: anyhow::Result<T>) -> Option<T> {
+        self.runs += 1;
+        r.map_err(|e| {
+            self.failures
+                .push(format!("{} {workload}: {e:#}", target.name))
+        })
+        .ok()
+    }
+
+    /// Warm-up, then interleaved repetitions of a throughput workload.
+    async fn throughput(&mut self, workload: &str, load: &ProduceLoad) -> anyhow::Result<()> {
+        if !self.args.warmup.is_zero() {
+            for t in self.targets {
+                let warm = ProduceLoad {
+                    duration: self.args.warmup,
+                    ..load.clone()
+                };
+                run_produce(&t.addr, &warm)
+                    .await
+                    .with_context(|| format!("warm-up of {} for {workload}", t.name))?;
+            }
+        }
+        for rep in 0..self.args.repetitions {
+            for t in order(self.targets, rep) {
+                let cpu_before = t.cpu_seconds();
+                let softirq_before = target::softirq_seconds();
+                let result = run_produce(&t.addr, load).await.and_then(|r| {
+                    ensure!(r.requests > 0, "no request completed");
+                    Ok(r)
+                });
+                if let Some(r) = self.outcome(t, workload, result) {
+                    self.report.add(Measurement::produce(
+                        &t.name,
+                        workload,
+                        rep,
+                        &r,
+                        t.cpu_seconds() - cpu_before,
+                        target::softirq_seconds() - softirq_before,
+                    ));
+                    eprintln!(
+                        "  {workload} #{rep} {:<14} {:>8.1} MB/s",
+                        t.name,
+                        r.bytes as f64 / r.elapsed.as_secs_f64() / 1e6
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Small requests, one at a time: the latency a proxy adds when nothing queues.
+    async fn small_requests(&mut self, suffix: &str) -> anyhow::Result<()> {
+        let workload = &format!("small produce, 1 in flight{suffix}");
+        let small = ProduceLoad {
+            connections: 1,
+            in_flight: 1,
+            records_per_batch: 1,
+            record_bytes: 100,
+            acks: 1,
+            duration: self.args.duration / 2,
+            verify: self.args.quick,
+            fetch: false,
+        };
+        for rep in 0..self.args.repetitions {
+            for t in order(self.targets, rep) {
+                let result = run_produce(&t.addr, &small).await;
+                if let Some(r) = self.outcome(t, workload, result) {
+                    let h = r.latency.context("acks=1 produce has latencies")?;
+                    self.report
+                        .add(Measurement::latency(&t.name, workload, rep, &h));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Metadata and FindCoordinator one at a time: responses kpscd decodes and rewrites.
+    async fn control(&mut self, suffix: &str) {
+        for request in [ControlRequest::Metadata, ControlRequest::FindCoordinator] {
+            let workload = &format!("{}{suffix}", request.workload());
+            for rep in 0..self.args.repetitions {
+                for t in order(self.targets, rep) {
+                    let result = run_control(&t.addr, request, self.args.duration / 2).await;
+                    if let Some(h) = self.outcome(t, workload, result) {
+                        self.report
+                            .add(Measurement::latency(&t.name, workload, rep, &h));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn describe(args: &Args, pinning: Pinning, cpus: usize) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -400,19 +514,14 @@ fn describe(args: &Args, pinned: bool, cpus: usize) -> String {
         .unwrap_or_else(|| "unknown CPU".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!(
-        "{} x {cpu}, Linux {}; {} connection(s) x {} in flight, acks={}, {} B records; {} repetition(s) of {:?}{}",
+        "{} x {cpu}, Linux {}; {} connection(s) x {} in flight unless stated, {} B records; {} repetition(s) of {:?}; {}",
         cpus,
         kernel.trim(),
         args.connections,
         args.in_flight,
-        args.acks,
         args.record_bytes,
         args.repetitions,
         args.duration,
-        if pinned {
-            "; generator+sink pinned to CPU 0, proxy to CPU 1"
-        } else {
-            ""
-        }
+        pinning.describe()
     )
 }

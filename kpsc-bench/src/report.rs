@@ -270,7 +270,7 @@ impl Report {
         let h = 40.0 + row * bars.len() as f64;
         let mut svg = format!(
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-             <text x=\"10\" y=\"20\" font-size=\"14\">Produce throughput, MB/s (median, min-max)</text>\n"
+             <text x=\"10\" y=\"20\" font-size=\"14\">Throughput, MB/s (median, min-max)</text>\n"
         );
         for (i, (label, med, min, max)) in bars.iter().enumerate() {
             let y = 34.0 + row * i as f64;

@@ -1,17 +1,23 @@
 //! The **benchmark sink**: a deliberately minimal Kafka-speaking fake broker, so that the
 //! proxy and not the broker is what gets measured. It is not a broker: it stores nothing,
 //! answers every Produce with offset 0 and knows one topic, `bench`, with one partition.
-//! It answers ApiVersions, Metadata (advertising itself as node 1) and Produce; anything
-//! else closes the connection.
+//! It answers ApiVersions, Metadata and FindCoordinator (advertising itself as node 1),
+//! Produce and Fetch; anything else closes the connection.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use anyhow::Context as _;
 use bytes::BytesMut;
 use kafka_protocol::{
     messages::{
-        ApiKey, ApiVersionsResponse, BrokerId, FetchResponse, MetadataResponse, ProduceResponse,
-        ResponseHeader, TopicName,
+        ApiKey, ApiVersionsResponse, BrokerId, FetchResponse, FindCoordinatorResponse,
+        MetadataResponse, ProduceResponse, ResponseHeader, TopicName,
         api_versions_response::ApiVersion,
         fetch_response::{FetchableTopicResponse, PartitionData},
         metadata_response::{
@@ -31,6 +37,16 @@ pub const TOPIC: &str = "bench";
 const PRODUCE_VERSION: i16 = 7;
 const METADATA_MAX: i16 = 12;
 const API_VERSIONS_MAX: i16 = 3;
+/// v0-3 carry one coordinator at the top level; v4+ batch keys, which the load does not use.
+pub const FIND_COORDINATOR_MAX: i16 = 3;
+
+/// Produce requests read by every sink in this process. Runs are sequential, so the
+/// difference across one run is that run's count: how acks=0 runs prove nothing was lost.
+static PRODUCE_REQUESTS_RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+pub fn produce_requests_received() -> u64 {
+    PRODUCE_REQUESTS_RECEIVED.load(Ordering::Relaxed)
+}
 const FETCH_VERSION: i16 = crate::load::FETCH_VERSION;
 
 /// Fetch response template (correlation id 0) carrying one record batch of about
@@ -104,6 +120,7 @@ fn api_versions(correlation_id: i32, version: i16) -> anyhow::Result<BytesMut> {
         key(ApiKey::Fetch, 4, FETCH_VERSION),
         key(ApiKey::Metadata, 1, METADATA_MAX),
         key(ApiKey::ApiVersions, 0, API_VERSIONS_MAX),
+        key(ApiKey::FindCoordinator, 0, FIND_COORDINATOR_MAX),
     ]);
     // The ApiVersions response header is always v0.
     encode(correlation_id, version.min(API_VERSIONS_MAX), 0, &body)
@@ -132,6 +149,27 @@ fn metadata(correlation_id: i32, version: i16, advertised: SocketAddr) -> anyhow
         correlation_id,
         version,
         MetadataResponse::header_version(version),
+        &body,
+    )
+}
+
+fn find_coordinator(
+    correlation_id: i32,
+    version: i16,
+    advertised: SocketAddr,
+) -> anyhow::Result<BytesMut> {
+    anyhow::ensure!(
+        version <= FIND_COORDINATOR_MAX,
+        "sink answers FindCoordinator v0-{FIND_COORDINATOR_MAX} only"
+    );
+    let body = FindCoordinatorResponse::default()
+        .with_node_id(BrokerId(1))
+        .with_host(StrBytes::from_string(advertised.ip().to_string()))
+        .with_port(i32::from(advertised.port()));
+    encode(
+        correlation_id,
+        version,
+        FindCoordinatorResponse::header_version(version),
         &body,
     )
 }
@@ -245,6 +283,11 @@ async fn serve(
                 header.api_version,
                 advertised,
             )?),
+            Ok(ApiKey::FindCoordinator) => Reply::Other(find_coordinator(
+                header.correlation_id,
+                header.api_version,
+                advertised,
+            )?),
             _ => anyhow::bail!(
                 "the benchmark sink does not answer api key {}",
                 header.api_key
@@ -253,6 +296,10 @@ async fn serve(
         reader
             .copy_to(SIZE_LEN + size, &mut tokio::io::sink())
             .await?;
+        if header.api_key == ApiKey::Produce as i16 {
+            // Counted once the whole request has arrived.
+            PRODUCE_REQUESTS_RECEIVED.fetch_add(1, Ordering::Relaxed);
+        }
         match reply {
             Reply::None => {}
             // The template, patched in place: no allocation per produce.

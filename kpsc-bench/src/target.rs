@@ -27,6 +27,42 @@ pub enum TargetKind {
     External(String),
 }
 
+/// Which CPUs the load generator, the sink and the proxy run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pinning {
+    /// Generator and sink on CPU 0, the proxy on CPU 1: each gets a core.
+    Split,
+    /// Everything on CPU 0: no cross-CPU wake-ups, one core's worth of work.
+    Shared,
+    /// Wherever the scheduler puts them.
+    None,
+}
+
+impl Pinning {
+    pub fn generator_cpu(self) -> Option<usize> {
+        match self {
+            Self::Split | Self::Shared => Some(0),
+            Self::None => None,
+        }
+    }
+
+    pub fn proxy_cpu(self) -> Option<usize> {
+        match self {
+            Self::Split => Some(1),
+            Self::Shared => Some(0),
+            Self::None => None,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Split => "generator+sink pinned to CPU 0, proxy to CPU 1",
+            Self::Shared => "generator, sink and proxy all pinned to CPU 0",
+            Self::None => "not pinned",
+        }
+    }
+}
+
 /// Where proxies run and listen.
 pub struct Placement {
     /// The proxy node's network namespace; None: this process's.
@@ -35,20 +71,19 @@ pub struct Placement {
     pub listen_ip: String,
     /// Interfaces of the node (portmap attaches there).
     pub interfaces: Vec<String>,
-    /// Proxy on CPU 1 (the generator and sink are on CPU 0).
-    pub pinned: bool,
+    pub pinning: Pinning,
 }
 
 /// Fixed ports in a fresh namespace; free ones on a shared loopback.
 const NETNS_PORTS: [u16; 4] = [19092, 19093, 19094, 19095];
 
 impl Placement {
-    pub fn loopback(pinned: bool) -> Self {
+    pub fn loopback(pinning: Pinning) -> Self {
         Self {
             node_ns: None,
             listen_ip: "127.0.0.1".into(),
             interfaces: Vec::new(),
-            pinned,
+            pinning,
         }
     }
 
@@ -60,11 +95,11 @@ impl Placement {
         })
     }
 
-    /// `program args`, inside the node namespace and on CPU 1 as configured.
+    /// `program args`, inside the node namespace and on the proxy's CPU.
     fn command(&self, program: &std::ffi::OsStr, args: &[String]) -> Command {
         let mut argv: Vec<std::ffi::OsString> = Vec::new();
-        if self.pinned {
-            argv.extend(["taskset".into(), "-c".into(), "1".into()]);
+        if let Some(cpu) = self.pinning.proxy_cpu() {
+            argv.extend(["taskset".into(), "-c".into(), cpu.to_string().into()]);
         }
         if let Some(ns) = &self.node_ns {
             argv.extend([
@@ -109,20 +144,26 @@ pub fn softirq_seconds() -> f64 {
         .map_or(0.0, |t| t / clock_ticks())
 }
 
-pub fn pin_self_to_cpu(cpu: usize) -> anyhow::Result<()> {
+/// Pins thread `tid` (0: the calling thread) to one CPU.
+fn pin_thread(tid: libc::pid_t, cpu: usize) -> anyhow::Result<()> {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+        if libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!(
+                "sched_setaffinity({tid}, CPU {cpu}): {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     Ok(())
 }
 
-/// 1000 idle connections need more than the default 1024 descriptors (client, sink and
-/// proxy sides); children inherit the raised limit.
+pub fn pin_self_to_cpu(cpu: usize) -> anyhow::Result<()> {
+    pin_thread(0, cpu)
+}
+
 pub fn raise_fd_limit() {
     // SAFETY: plain getrlimit/setrlimit on a local struct.
     unsafe {
@@ -294,6 +335,20 @@ impl Target {
                 )
             })
             .unwrap_or(0.0)
+    }
+
+    /// Moves every thread of the proxy process to `cpu` (nothing for direct).
+    pub fn pin_to_cpu(&self, cpu: usize) -> anyhow::Result<()> {
+        let Some(pid) = self.pid() else {
+            return Ok(());
+        };
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .with_context(|| format!("listing the threads of {} (pid {pid})", self.name))?;
+        for task in tasks {
+            let tid = task?.file_name().to_string_lossy().parse()?;
+            pin_thread(tid, cpu).with_context(|| format!("pinning {}", self.name))?;
+        }
+        Ok(())
     }
 
     pub fn peak_rss_kib(&self) -> Option<u64> {
