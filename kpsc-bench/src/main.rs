@@ -2,7 +2,8 @@
 //!
 //! Targets (same topology, same run, interleaved A B A B so drift hits all alike):
 //! - `direct`: the load generator talks to the benchmark sink (the limit);
-//! - `kpscd-proxy`: through `kpscd proxy` (the tokio path);
+//! - `kpscd-proxy`: through `kpscd proxy --bulk-transfer copy` (the plain tokio path);
+//! - `kpscd-splice`: through `kpscd proxy` moving bulk bytes with splice(2);
 //! - `kpscd-portmap`: through the TC program of `kpscd portmap` (namespaces only);
 //! - `external`: any proxy the user names with `--proxy-cmd` (placeholders `{broker}`,
 //!   `{listen}`), e.g. the kafka-proxy binary they run today.
@@ -72,6 +73,13 @@ struct Args {
     /// request in flight per connection).
     #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 10, 100, 1000])]
     sweep_connections: Vec<usize>,
+    /// Targets to run, comma-separated (default: every one that applies): `direct`
+    /// (`routed` in namespaces), `proxy` (kpscd proxy copying through userspace: the
+    /// plain tokio path), `splice` (kpscd proxy moving bulk bytes with splice(2)),
+    /// `portmap` (kpscd portmap, namespaces only), `external` (the --proxy-cmd proxy).
+    #[arg(long, value_delimiter = ',',
+          value_parser = ["direct", "proxy", "splice", "portmap", "external"])]
+    targets: Vec<String>,
     /// Idle connections to open per proxy target for the memory measurement.
     #[arg(long, default_value_t = 1000)]
     idle_connections: usize,
@@ -92,6 +100,9 @@ struct Args {
     /// scheduler. With fewer than two CPUs, or with --quick, nothing is pinned.
     #[arg(long, value_enum, default_value = "split")]
     pinning: Pinning,
+    /// Write results.md and throughput.svg again from DIR/results.json, then exit.
+    #[arg(long, value_name = "DIR")]
+    render: Option<PathBuf>,
     /// Results folder (a timestamped subfolder is created).
     #[arg(long, default_value = "results")]
     out: PathBuf,
@@ -122,6 +133,11 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
+    if let Some(dir) = &args.render {
+        Report::load(dir)?.write()?;
+        print!("{}", std::fs::read_to_string(dir.join("results.md"))?);
+        return Ok(());
+    }
     target::raise_fd_limit();
     if args.quick {
         args.repetitions = 1;
@@ -169,11 +185,7 @@ fn run_loopback(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> a
                 }
                 current_thread_runtime()?.block_on(async {
                     let sink = Sink::start("127.0.0.1:0".parse()?, None).await?;
-                    let mut kinds =
-                        vec![TargetKind::Direct, TargetKind::KpscdProxy(kpscd.to_owned())];
-                    if let Some(cmd) = &args.proxy_cmd {
-                        kinds.push(TargetKind::External(cmd.clone()));
-                    }
+                    let kinds = target_kinds(args, kpscd, None);
                     let place = Placement::loopback(pinning);
                     run(
                         args,
@@ -237,14 +249,7 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
         interfaces: vec!["n0".into(), "n1".into()],
         pinning,
     };
-    let kinds = vec![
-        TargetKind::Direct,
-        TargetKind::KpscdProxy(kpscd.to_owned()),
-        TargetKind::KpscdPortmap {
-            bin: kpscd.to_owned(),
-            sink: portmap_sink_addr,
-        },
-    ];
+    let kinds = target_kinds(args, kpscd, Some(portmap_sink_addr));
     let result = netns::in_netns(&client_ns, || {
         if let Some(cpu) = pinning.generator_cpu() {
             target::pin_self_to_cpu(cpu)?;
@@ -259,6 +264,38 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
     })?;
     drop(topo);
     result
+}
+
+/// The targets of one topology that --targets selects; portmap only where a sink
+/// advertising the node's port exists (namespaces).
+fn target_kinds(args: &Args, kpscd: &Path, portmap_sink: Option<SocketAddr>) -> Vec<TargetKind> {
+    let wanted = |name: &str| args.targets.is_empty() || args.targets.iter().any(|t| t == name);
+    let mut kinds = Vec::new();
+    if wanted("direct") {
+        kinds.push(TargetKind::Direct);
+    }
+    if wanted("proxy") {
+        kinds.push(TargetKind::KpscdProxy {
+            bin: kpscd.to_owned(),
+            splice: false,
+        });
+    }
+    if wanted("splice") {
+        kinds.push(TargetKind::KpscdProxy {
+            bin: kpscd.to_owned(),
+            splice: true,
+        });
+    }
+    if let Some(sink) = portmap_sink.filter(|_| wanted("portmap")) {
+        kinds.push(TargetKind::KpscdPortmap {
+            bin: kpscd.to_owned(),
+            sink,
+        });
+    }
+    if let Some(cmd) = args.proxy_cmd.as_ref().filter(|_| wanted("external")) {
+        kinds.push(TargetKind::External(cmd.clone()));
+    }
+    kinds
 }
 
 async fn run(

@@ -7,11 +7,11 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::load::ProduceResult;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Measurement {
     pub target: String,
     pub workload: String,
@@ -82,7 +82,7 @@ impl Measurement {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct Report {
     #[serde(skip)]
     dir: PathBuf,
@@ -135,6 +135,17 @@ impl Report {
         })
     }
 
+    /// A report written before, from its folder's results.json.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("results.json");
+        let json = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        let mut report: Self = serde_json::from_str(&json)
+            .map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))?;
+        report.dir = dir.to_owned();
+        Ok(report)
+    }
+
     pub fn add(&mut self, m: Measurement) {
         self.measurements.push(m);
     }
@@ -160,8 +171,14 @@ impl Report {
             .collect()
     }
 
-    /// Median over repetitions of target/reference throughput, each pair from one repetition.
-    fn ratio(&self, workload: &str, target: &str, reference: &str) -> Option<f64> {
+    /// Median over repetitions of `f(target, reference)`, each pair from one repetition.
+    fn pairwise(
+        &self,
+        workload: &str,
+        target: &str,
+        reference: &str,
+        f: impl Fn(&Measurement, &Measurement) -> Option<f64>,
+    ) -> Option<f64> {
         let reps: Vec<f64> = self
             .measurements
             .iter()
@@ -170,13 +187,21 @@ impl Report {
                 let r = self.measurements.iter().find(|o| {
                     o.workload == workload && o.target == reference && o.repetition == m.repetition
                 })?;
-                Some(m.mb_per_s? / r.mb_per_s?)
+                f(m, r)
             })
             .collect();
         median(reps)
     }
 
-    fn markdown(&self) -> String {
+    /// Target/reference throughput, pair by pair.
+    fn ratio(&self, workload: &str, target: &str, reference: &str) -> Option<f64> {
+        self.pairwise(workload, target, reference, |m, r| {
+            Some(m.mb_per_s? / r.mb_per_s?)
+        })
+    }
+
+    /// Workloads and targets in the order they were measured.
+    fn workloads_and_targets(&self) -> (Vec<&str>, Vec<&str>) {
         let mut workloads: Vec<&str> = Vec::new();
         let mut targets: Vec<&str> = Vec::new();
         for m in &self.measurements {
@@ -187,14 +212,100 @@ impl Report {
                 targets.push(&m.target);
             }
         }
+        (workloads, targets)
+    }
+
+    /// Compact tables: one row per workload, one column per target.
+    fn summary(&self) -> String {
+        let (workloads, targets) = self.workloads_and_targets();
+        // The first target is the no-proxy baseline.
+        let baseline = targets.first().copied().unwrap_or("direct");
+        let med =
+            |w: &str, t: &str, f: fn(&Measurement) -> Option<f64>| median(self.values(w, t, f));
+        let header = format!(
+            "| workload | {} |\n|---|{}\n",
+            targets.join(" | "),
+            "---|".repeat(targets.len())
+        );
+        let mut throughput = String::new();
+        let mut latency = String::new();
+        for w in &workloads {
+            let is_throughput = self
+                .measurements
+                .iter()
+                .any(|m| m.workload == *w && m.mb_per_s.is_some());
+            let cells: Vec<String> = targets
+                .iter()
+                .map(|t| {
+                    if is_throughput {
+                        let Some(mb) = med(w, t, |m| m.mb_per_s) else {
+                            return "-".into();
+                        };
+                        let cpu = med(w, t, |m| {
+                            Some(m.proxy_cpu_s_per_gb.unwrap_or(0.0) + m.softirq_s_per_gb?)
+                        });
+                        let ratio = (t != &baseline)
+                            .then(|| self.ratio(w, t, baseline))
+                            .flatten()
+                            .map_or(String::new(), |r| format!(" ({r:.2}x)"));
+                        let cpu = cpu.map_or(String::new(), |c| format!(", {c:.2} s/GB"));
+                        format!("{mb:.0}{ratio}{cpu}")
+                    } else {
+                        let q = |f: fn(&Measurement) -> Option<f64>| {
+                            med(w, t, f).map_or("-".into(), |v| format!("{v:.0}"))
+                        };
+                        let added = (t != &baseline)
+                            .then(|| {
+                                self.pairwise(w, t, baseline, |m, r| {
+                                    Some(m.p99_us? as f64 - r.p99_us? as f64)
+                                })
+                            })
+                            .flatten()
+                            .map_or(String::new(), |a| format!(" ({a:+.0})"));
+                        format!(
+                            "{} / {} / {}{added}",
+                            q(|m| m.p50_us.map(|v| v as f64)),
+                            q(|m| m.p99_us.map(|v| v as f64)),
+                            q(|m| m.p999_us.map(|v| v as f64)),
+                        )
+                    }
+                })
+                .collect();
+            let row = format!("| {w} | {} |\n", cells.join(" | "));
+            if is_throughput {
+                throughput.push_str(&row);
+            } else {
+                latency.push_str(&row);
+            }
+        }
+        let mut out = String::new();
+        if !throughput.is_empty() {
+            out.push_str(&format!(
+                "Throughput: MB/s forwarded (median), ratio to {baseline} pair by pair, and CPU \
+                 seconds per GB (proxy process + machine softirq):\n\n{header}{throughput}\n"
+            ));
+        }
+        if !latency.is_empty() {
+            out.push_str(&format!(
+                "Latency, µs: p50 / p99 / p99.9 (medians over repetitions), and in brackets \
+                 the p99 added over {baseline}, pair by pair:\n\n{header}{latency}\n"
+            ));
+        }
+        out
+    }
+
+    fn markdown(&self) -> String {
+        let (workloads, targets) = self.workloads_and_targets();
         // The first target is the no-proxy baseline ("direct" on loopback, "routed" when
         // the node only forwards packets).
         let baseline = targets.first().copied().unwrap_or("direct");
         let mut out = format!(
-            "Machine: {}\n\nMedian [min-max] over repetitions; ratios are medians of per-repetition pairs.\n\n\
+            "Machine: {}\n\n## Summary\n\n{}## All figures\n\n\
+             Median [min-max] over repetitions; ratios are medians of per-repetition pairs.\n\n\
              | workload | target | MB/s | records/s | vs {baseline} | vs kpscd-proxy | p50 us | p99 us | p99.9 us | proxy CPU s/GB | softirq s/GB |\n\
              |---|---|---|---|---|---|---|---|---|---|---|\n",
-            self.machine
+            self.machine,
+            self.summary(),
         );
         for w in &workloads {
             for t in &targets {

@@ -17,7 +17,12 @@ use tokio::{
 pub enum TargetKind {
     /// Straight to the sink (loopback), or routed by the node (namespaces).
     Direct,
-    KpscdProxy(PathBuf),
+    /// `kpscd proxy`; `splice`: bulk bytes moved by splice(2), else read/write copies
+    /// (the plain tokio path).
+    KpscdProxy {
+        bin: PathBuf,
+        splice: bool,
+    },
     /// The TC data plane; the sink given advertises the node's address and port, as a
     /// broker configured for portmap does.
     KpscdPortmap {
@@ -269,14 +274,21 @@ impl Target {
                 addr: sink.to_string(),
                 child: None,
             }),
-            TargetKind::KpscdProxy(bin) => {
+            TargetKind::KpscdProxy { bin, splice } => {
                 let mut args = kpscd_common("proxy");
                 args.extend([
                     "--bootstrap-server-mapping".into(),
                     format!("{sink},{{listen}},{{listen}}"),
                     "--dynamic-listeners-disable".into(),
+                    "--bulk-transfer".into(),
+                    if splice { "splice" } else { "copy" }.into(),
                 ]);
-                let (target, admin) = spawn("kpscd-proxy", 0, bin.as_os_str(), args)?;
+                let (name, index) = if splice {
+                    ("kpscd-splice", 3)
+                } else {
+                    ("kpscd-proxy", 0)
+                };
+                let (target, admin) = spawn(name, index, bin.as_os_str(), args)?;
                 wait_ready(&admin).await?;
                 Ok(target)
             }

@@ -8,7 +8,12 @@
 
 use std::io;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::tcp::{OwnedReadHalf, OwnedWriteHalf},
+};
+
+use crate::splice::{Pipe, splice_exact};
 
 /// Bytes in the size prefix.
 pub const SIZE_LEN: usize = 4;
@@ -322,6 +327,25 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(out: &mut W, body: &[u8]) -> io:
         io::IoSlice::advance_slices(&mut slices, n);
     }
     Ok(())
+}
+
+impl FrameReader<OwnedReadHalf> {
+    /// Like `copy_to`, with what is not buffered yet moved by splice(2) through `pipe`.
+    pub async fn splice_to(
+        &mut self,
+        n: usize,
+        out: &mut OwnedWriteHalf,
+        pipe: &mut Pipe,
+    ) -> Result<(), FrameError> {
+        let buffered = n.min(self.end - self.start);
+        out.write_all(&self.buf[self.start..self.start + buffered])
+            .await?;
+        self.start += buffered;
+        if n > buffered {
+            splice_exact(self.inner.as_ref(), out.as_ref(), pipe, n - buffered).await?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::portmap::{AdvertisedTemplate, BrokerAddr, DynamicPorts, PortMapConfig, StaticMapping};
-use crate::rewrite::BulkPolicy;
+use crate::{rewrite::BulkPolicy, splice::BulkTransfer};
 
 /// A configuration error: which flag, and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +247,11 @@ pub struct ProxyArgs {
     #[arg(long = "max-frame-size", value_name = "BYTES")]
     pub max_frame_size: Option<u32>,
 
+    /// How frames that pass through unchanged are moved: `splice` (socket -> pipe ->
+    /// socket in the kernel, default) or `copy` (read and write through a buffer).
+    #[arg(long = "bulk-transfer", value_name = "splice|copy")]
+    pub bulk_transfer: Option<String>,
+
     /// Requests in flight per connection before kpsc stops reading from the client.
     #[arg(long = "kafka-max-open-requests", value_name = "N")]
     pub kafka_max_open_requests: Option<usize>,
@@ -282,6 +287,7 @@ pub struct FileConfig {
     pub forbidden_api_keys: Vec<i16>,
     pub bulk_policy: Option<String>,
     pub max_frame_size: Option<u32>,
+    pub bulk_transfer: Option<String>,
     pub kafka_max_open_requests: Option<usize>,
     pub shutdown_timeout: Option<String>,
     #[serde(default)]
@@ -328,6 +334,7 @@ pub struct ProxyConfig {
     pub forbidden_api_keys: Vec<i16>,
     pub bulk_policy: BulkPolicy,
     pub max_frame_size: u32,
+    pub bulk_transfer: BulkTransfer,
     pub max_in_flight: usize,
     pub shutdown_timeout: Duration,
 }
@@ -571,6 +578,12 @@ impl ProxyConfig {
                 format!("{max_frame_size} is too small (at least 1024 bytes)"),
             ));
         }
+        let bulk_transfer = match pick(args.bulk_transfer, file.bulk_transfer.take()) {
+            None => BulkTransfer::default(),
+            Some(text) => text
+                .parse()
+                .map_err(|e: String| ConfigError::new("--bulk-transfer", e))?,
+        };
         let max_in_flight = pick(args.kafka_max_open_requests, file.kafka_max_open_requests)
             .unwrap_or(DEFAULT_MAX_IN_FLIGHT);
         if max_in_flight == 0 {
@@ -589,6 +602,7 @@ impl ProxyConfig {
             forbidden_api_keys: pick_list(args.forbidden_api_keys, file.forbidden_api_keys),
             bulk_policy,
             max_frame_size,
+            bulk_transfer,
             max_in_flight,
             shutdown_timeout,
         })
@@ -620,6 +634,7 @@ mod tests {
         let c = ProxyConfig::resolve(a).unwrap();
         assert_eq!(c.map.port_map.static_mappings.len(), 2);
         assert_eq!(c.bulk_policy, BulkPolicy::Cap);
+        assert_eq!(c.bulk_transfer, BulkTransfer::Splice);
         assert_eq!(c.map.http.listen.as_deref(), Some("0.0.0.0:9080"));
         assert!(matches!(
             c.map.port_map.dynamic,
@@ -639,6 +654,9 @@ mod tests {
         let mut a = args(&["b1:9092,0.0.0.0:9092"]);
         a.bulk_policy = Some("fast".into());
         assert_eq!(ProxyConfig::resolve(a).unwrap_err().flag, "--bulk-policy");
+        let mut a = args(&["b1:9092,0.0.0.0:9092"]);
+        a.bulk_transfer = Some("sendfile".into());
+        assert_eq!(ProxyConfig::resolve(a).unwrap_err().flag, "--bulk-transfer");
         let mut a = args(&["b1:9092,0.0.0.0:9092"]);
         a.map.dynamic_sequential_min_port = None;
         assert_eq!(
@@ -670,6 +688,7 @@ mod tests {
 bootstrap_server_mapping = ["b1:9092,127.0.0.1:19092"]
 dynamic_sequential_min_port = 20000
 bulk_policy = "rewrite"
+bulk_transfer = "copy"
 log_format = "json"
 "#,
         )
@@ -679,6 +698,7 @@ log_format = "json"
         a.map.dynamic_sequential_min_port = Some(21000);
         let c = ProxyConfig::resolve(a).unwrap();
         assert_eq!(c.bulk_policy, BulkPolicy::Rewrite);
+        assert_eq!(c.bulk_transfer, BulkTransfer::Copy);
         assert_eq!(c.map.log.format, LogFormat::Json);
         assert!(matches!(
             c.map.port_map.dynamic,

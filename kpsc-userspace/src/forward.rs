@@ -7,7 +7,8 @@
 //!   checking each correlation id against the oldest request still waiting;
 //! - a response that may carry broker addresses is decoded and rewritten, or the
 //!   connection is closed: it is never forwarded as it came;
-//! - memory per connection is two fixed buffers plus at most one rewritten response;
+//! - memory per connection is two fixed buffers (and, with splice, two pipes, made on
+//!   first use) plus at most one rewritten response;
 //!   `--kafka-max-open-requests` bounds requests in flight (then reading the client stops).
 
 use std::{collections::VecDeque, net::SocketAddr, sync::Arc, time::Instant};
@@ -32,11 +33,8 @@ use crate::{
     listener::{ProxyState, Route},
     portmap::BrokerAddr,
     rewrite::{self, AddressResponse, Advertised, Endpoint, RewriteError, api_name},
+    splice::BulkMover,
 };
-
-/// Per-direction copy buffer. Large enough that bulk frames move in few syscalls, small
-/// enough that idle connections stay cheap.
-const BUFFER_SIZE: usize = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -169,7 +167,9 @@ async fn forward_requests(
 ) -> Result<(), ConnError> {
     let max_frame = state.config.max_frame_size;
     let forbidden = &state.config.forbidden_api_keys;
-    let mut reader = FrameReader::new(client_r, BUFFER_SIZE);
+    let transfer = state.config.bulk_transfer;
+    let mut reader = FrameReader::new(client_r, BulkMover::read_buffer_size(transfer));
+    let mut bulk = BulkMover::new(transfer, state.metrics.spliced_bytes.clone());
     loop {
         let more = tokio::select! {
             biased;
@@ -244,8 +244,7 @@ async fn forward_requests(
             continue;
         }
         state.metrics.request(header.api_key);
-        reader
-            .copy_to(frame_len, upstream_w)
+        bulk.forward(&mut reader, frame_len, upstream_w)
             .await
             .map_err(|e| match e {
                 FrameError::Truncated => ConnError::Client(e),
@@ -263,7 +262,9 @@ async fn forward_responses(
     state: &Arc<ProxyState>,
 ) -> Result<(), ConnError> {
     let max_frame = state.config.max_frame_size;
-    let mut reader = FrameReader::new(upstream_r, BUFFER_SIZE);
+    let transfer = state.config.bulk_transfer;
+    let mut reader = FrameReader::new(upstream_r, BulkMover::read_buffer_size(transfer));
+    let mut bulk = BulkMover::new(transfer, state.metrics.spliced_bytes.clone());
     let mut body = Vec::new();
     let mut out = BytesMut::new();
     // Correlation ids of acks=0 produce requests since the last answered request. Kafka
@@ -374,8 +375,7 @@ async fn forward_responses(
             SIZE_LEN + out.len()
         } else {
             let frame_len = SIZE_LEN + size as usize;
-            reader
-                .copy_to(frame_len, &mut client_w)
+            bulk.forward(&mut reader, frame_len, &mut client_w)
                 .await
                 .map_err(|e| match e {
                     FrameError::Truncated => ConnError::BrokerClosed(waiting),

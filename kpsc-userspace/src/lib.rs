@@ -15,3 +15,4 @@ pub mod portmap;
 pub mod portmap_mode;
 pub mod proxy;
 pub mod rewrite;
+pub mod splice;

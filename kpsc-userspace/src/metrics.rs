@@ -61,6 +61,8 @@ pub struct Metrics {
     pub ready: Gauge,
     pub brokers_known: Gauge,
     pub metadata_refresh_failures: Counter,
+    /// Bytes moved by splice(2), never entering kpscd's memory (both directions).
+    pub spliced_bytes: Counter,
 }
 
 fn api_label(slot: usize) -> ApiLabel {
@@ -103,6 +105,12 @@ impl Metrics {
         let ready = Gauge::default();
         let brokers_known = Gauge::default();
         let metadata_refresh_failures = Counter::default();
+        let spliced_bytes = Counter::default();
+        registry.register(
+            "spliced_bytes",
+            "Bytes moved by splice(2) without entering kpscd's memory (--bulk-transfer splice)",
+            spliced_bytes.clone(),
+        );
         registry.register(
             "connections_open",
             "Client connections open, per listen port and broker",
@@ -186,6 +194,7 @@ impl Metrics {
             ready,
             brokers_known,
             metadata_refresh_failures,
+            spliced_bytes,
         })
     }
 

@@ -18,6 +18,7 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
     info!(
         bulk_policy = config.bulk_policy.as_str(),
         max_frame_size = config.max_frame_size,
+        bulk_transfer = config.bulk_transfer.as_str(),
         max_in_flight = config.max_in_flight,
         "kpscd proxy starting"
     );

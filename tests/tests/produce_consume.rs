@@ -61,14 +61,30 @@ enum Disruption {
     LeaderChangesAndBrokerRestart,
 }
 
-fn produce_and_consume(policy: &str, disruption: Disruption) {
+/// How kpscd moves bulk bytes (`--bulk-transfer`).
+#[derive(Clone, Copy, PartialEq)]
+enum Transfer {
+    Splice,
+    Copy,
+}
+
+fn produce_and_consume(policy: &str, disruption: Disruption, transfer: Transfer) {
     let cluster = MockCluster::new(3).unwrap();
     cluster.create_topic(TOPIC, 3).unwrap();
     for p in 0..3 {
         cluster.set_leader(TOPIC, p, p + 1).unwrap();
     }
     let base = free_port_base(20);
-    let kpscd = Kpscd::start(&proxy_args(&cluster, base, &["--bulk-policy", policy])).unwrap();
+    let transfer_flag = match transfer {
+        Transfer::Splice => "splice",
+        Transfer::Copy => "copy",
+    };
+    let kpscd = Kpscd::start(&proxy_args(
+        &cluster,
+        base,
+        &["--bulk-policy", policy, "--bulk-transfer", transfer_flag],
+    ))
+    .unwrap();
     let bootstrap = format!("127.0.1.1:{base}");
     let seen = SeenBrokers::default();
 
@@ -192,19 +208,38 @@ fn produce_and_consume(policy: &str, disruption: Disruption) {
         kpscd.metric("kpsc_connection_errors_total", "unmapped_broker"),
         0.0
     );
+    // The record batches went through the chosen path.
+    let spliced = kpscd.metric("kpsc_spliced_bytes_total", "");
+    match transfer {
+        Transfer::Splice => assert!(spliced > 0.0, "nothing was spliced"),
+        Transfer::Copy => assert_eq!(spliced, 0.0),
+    }
 }
 
 #[test]
 fn ten_thousand_messages_round_trip_cap_policy() {
-    produce_and_consume("cap", Disruption::None);
+    produce_and_consume("cap", Disruption::None, Transfer::Splice);
+}
+
+#[test]
+fn ten_thousand_messages_round_trip_copying_bulk_bytes() {
+    produce_and_consume("cap", Disruption::None, Transfer::Copy);
 }
 
 #[test]
 fn leader_changes_and_broker_restart_cap_policy() {
-    produce_and_consume("cap", Disruption::LeaderChangesAndBrokerRestart);
+    produce_and_consume(
+        "cap",
+        Disruption::LeaderChangesAndBrokerRestart,
+        Transfer::Splice,
+    );
 }
 
 #[test]
 fn leader_changes_and_broker_restart_rewrite_policy() {
-    produce_and_consume("rewrite", Disruption::LeaderChangesAndBrokerRestart);
+    produce_and_consume(
+        "rewrite",
+        Disruption::LeaderChangesAndBrokerRestart,
+        Transfer::Splice,
+    );
 }

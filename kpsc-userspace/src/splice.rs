@@ -1,0 +1,300 @@
+//! Bulk bytes moved socket -> pipe -> socket with splice(2): the kernel passes page
+//! references along, so the record batches of Produce requests and Fetch responses never
+//! enter kpscd's memory. kpscd still reads every frame header itself and still wakes up
+//! per chunk; only the copies go away.
+//!
+//! Invariants:
+//! - a pipe is empty between calls, so it never mixes bytes of two frames;
+//! - bytes are only spliced into an empty pipe: then "would block" can only mean the
+//!   socket has nothing to read (a full pipe would block too, and clearing the socket's
+//!   readiness for that would stall the connection).
+
+use std::{
+    fmt, io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    str::FromStr,
+};
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::{
+    io::Interest,
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+};
+use tracing::warn;
+
+use crate::codec::{FrameError, FrameReader};
+
+/// How the bytes of frames that pass through unchanged are moved (`--bulk-transfer`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BulkTransfer {
+    /// splice(2) through a pipe per direction, for what is not already buffered.
+    #[default]
+    Splice,
+    /// read(2) into a buffer, write(2) out of it.
+    Copy,
+}
+
+impl BulkTransfer {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Splice => "splice",
+            Self::Copy => "copy",
+        }
+    }
+}
+
+impl fmt::Display for BulkTransfer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BulkTransfer {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "splice" => Ok(Self::Splice),
+            "copy" => Ok(Self::Copy),
+            _ => Err(format!(
+                "unknown bulk transfer {s:?}: expected \"splice\" or \"copy\""
+            )),
+        }
+    }
+}
+
+/// Below this many unbuffered bytes a frame is copied: two syscalls either way, and a
+/// copy of a page or less costs less than pipe bookkeeping.
+const SPLICE_MIN: usize = 4096;
+
+/// Moves the frames of one direction that pass through unchanged.
+pub struct BulkMover {
+    transfer: BulkTransfer,
+    spliced_bytes: Counter,
+    /// Made on first use; if it cannot be made (out of descriptors), this direction copies.
+    pipe: Option<Pipe>,
+}
+
+impl BulkMover {
+    pub fn new(transfer: BulkTransfer, spliced_bytes: Counter) -> Self {
+        Self {
+            transfer,
+            spliced_bytes,
+            pipe: None,
+        }
+    }
+
+    /// Copy buffer for a reader feeding this mover: with splice it only has to hold
+    /// headers and small frames, and what it reads ahead of a large frame is copied.
+    pub fn read_buffer_size(transfer: BulkTransfer) -> usize {
+        match transfer {
+            BulkTransfer::Splice => 8 * 1024,
+            BulkTransfer::Copy => 32 * 1024,
+        }
+    }
+
+    /// Forwards exactly `n` bytes of `reader`'s stream to `out`.
+    pub async fn forward(
+        &mut self,
+        reader: &mut FrameReader<OwnedReadHalf>,
+        n: usize,
+        out: &mut OwnedWriteHalf,
+    ) -> Result<(), FrameError> {
+        let unbuffered = n.saturating_sub(reader.buffered().len());
+        if self.transfer == BulkTransfer::Splice && unbuffered >= SPLICE_MIN {
+            if self.pipe.is_none() {
+                match Pipe::new() {
+                    Ok(pipe) => self.pipe = Some(pipe),
+                    Err(error) => {
+                        warn!(%error, "cannot create a pipe for splice; this connection copies instead");
+                        self.transfer = BulkTransfer::Copy;
+                    }
+                }
+            }
+            if let Some(pipe) = self.pipe.as_mut() {
+                reader.splice_to(n, out, pipe).await?;
+                self.spliced_bytes.inc_by(unbuffered as u64);
+                return Ok(());
+            }
+        }
+        reader.copy_to(n, out).await
+    }
+}
+
+/// Pipe size asked for: fewer round trips per large frame. The kernel may give less
+/// (unprivileged users over `fs.pipe-user-pages-soft`), which only costs round trips.
+const PIPE_SIZE: libc::c_int = 256 << 10;
+
+/// One direction's pipe, made on first use.
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+}
+
+impl Pipe {
+    pub fn new() -> io::Result<Self> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe2 writes two descriptors into the array on success.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created and are owned by nothing else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: fcntl on a descriptor we own; failure leaves the default size.
+        let capacity = unsafe {
+            libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE);
+            libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
+        };
+        if capacity <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            read,
+            write,
+            capacity: capacity as usize,
+        })
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize, more: bool) -> io::Result<usize> {
+    let flags =
+        libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK | if more { libc::SPLICE_F_MORE } else { 0 };
+    // SAFETY: no offsets (both ends are a socket or a pipe); the descriptors are live.
+    let moved = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            flags,
+        )
+    };
+    if moved < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(moved as usize)
+    }
+}
+
+/// Moves exactly `n` bytes from `from` to `to` through `pipe`. EOF on `from` first is
+/// `FrameError::Truncated`; I/O errors of either side are `FrameError::Io`.
+pub async fn splice_exact(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: &mut Pipe,
+    mut n: usize,
+) -> Result<(), FrameError> {
+    while n > 0 {
+        let chunk = n.min(pipe.capacity);
+        let filled = loop {
+            from.readable().await?;
+            match from.try_io(Interest::READABLE, || {
+                splice(from.as_raw_fd(), pipe.write.as_raw_fd(), chunk, false)
+            }) {
+                Ok(0) => return Err(FrameError::Truncated),
+                Ok(k) => break k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(FrameError::Io(e)),
+            }
+        };
+        n -= filled;
+        let mut in_pipe = filled;
+        while in_pipe > 0 {
+            to.writable().await?;
+            // "More" while the frame goes on, so the last segment is not held back.
+            match to.try_io(Interest::WRITABLE, || {
+                splice(pipe.read.as_raw_fd(), to.as_raw_fd(), in_pipe, n > 0)
+            }) {
+                Ok(0) => return Err(FrameError::Io(io::ErrorKind::WriteZero.into())),
+                Ok(k) => in_pipe -= k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(FrameError::Io(e)),
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    /// Bytes written slowly and in odd pieces arrive whole and in order, and the bytes
+    /// after the spliced span stay in the source socket for the next frame.
+    #[tokio::test]
+    async fn moves_exactly_n_bytes_between_real_sockets() {
+        let (mut writer, from) = pair().await;
+        let (to, mut reader) = pair().await;
+        let payload: Vec<u8> = (0..3_000_017u32).map(|i| (i * 7 % 251) as u8).collect();
+        let n = payload.len() - 17;
+        let sent = payload.clone();
+        let feeder = tokio::spawn(async move {
+            for piece in sent.chunks(65_521) {
+                writer.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            writer
+        });
+        let mut pipe = Pipe::new().unwrap();
+        let collect = tokio::spawn(async move {
+            let mut got = vec![0; n];
+            reader.read_exact(&mut got).await.unwrap();
+            got
+        });
+        splice_exact(&from, &to, &mut pipe, n).await.unwrap();
+        assert_eq!(collect.await.unwrap(), payload[..n]);
+        let _writer = feeder.await.unwrap();
+        let mut rest = [0u8; 17];
+        let mut from = from;
+        from.read_exact(&mut rest).await.unwrap();
+        assert_eq!(rest, payload[n..]);
+    }
+
+    #[tokio::test]
+    async fn eof_inside_the_span_is_truncated() {
+        let (mut writer, from) = pair().await;
+        let (to, _reader) = pair().await;
+        writer.write_all(&[1; 1000]).await.unwrap();
+        drop(writer);
+        let mut pipe = Pipe::new().unwrap();
+        assert!(matches!(
+            splice_exact(&from, &to, &mut pipe, 5000).await,
+            Err(FrameError::Truncated)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_closed_destination_is_an_io_error() {
+        let (mut writer, from) = pair().await;
+        let (to, reader) = pair().await;
+        drop(reader);
+        let data = vec![9u8; 4 << 20];
+        let feeder = tokio::spawn(async move {
+            let _ = writer.write_all(&data).await;
+            writer
+        });
+        let mut pipe = Pipe::new().unwrap();
+        assert!(matches!(
+            splice_exact(&from, &to, &mut pipe, 4 << 20).await,
+            Err(FrameError::Io(_))
+        ));
+        drop(from);
+        let _ = feeder.await;
+    }
+}
