@@ -1,5 +1,6 @@
 //! End-to-end benchmark for realism: a real client (rdkafka) against a real three-broker
-//! cluster (librdkafka's mock), directly and through `kpscd proxy`, interleaved in one run.
+//! cluster (librdkafka's mock), directly and through `kpscd proxy` (copying and splicing),
+//! interleaved in one run.
 //! The mock broker, not the proxy, is usually the bottleneck here: this shows what a user
 //! would see, `kpsc-bench` shows what the proxy costs.
 use std::{
@@ -94,11 +95,22 @@ fn main() -> anyhow::Result<()> {
         args.repetitions = 1;
     }
     let cluster = MockCluster::new(3)?;
-    let base = free_port_base(20);
-    let kpscd = Kpscd::start(&proxy_args(&cluster, base, &[]))?;
+    let copy_base = free_port_base(20);
+    let copying = Kpscd::start(&proxy_args(
+        &cluster,
+        copy_base,
+        &["--bulk-transfer", "copy"],
+    ))?;
+    let splice_base = free_port_base(20);
+    let splicing = Kpscd::start(&proxy_args(
+        &cluster,
+        splice_base,
+        &["--bulk-transfer", "splice"],
+    ))?;
     let targets = [
         ("direct", cluster.broker_addrs().join(",")),
-        ("kpscd-proxy", format!("127.0.1.1:{base}")),
+        ("kpscd-proxy", format!("127.0.1.1:{copy_base}")),
+        ("kpscd-splice", format!("127.0.1.1:{splice_base}")),
     ];
     let mb = (args.messages * args.message_bytes) as f64 / 1e6;
     // (target, rep) -> (produce MB/s, consume MB/s)
@@ -151,10 +163,12 @@ fn main() -> anyhow::Result<()> {
             ratio(|r| r.3),
         ));
     }
-    ensure!(
-        kpscd.metric("kpsc_decode_failures_total", "") == 0.0,
-        "kpscd failed to decode a response"
-    );
+    for kpscd in [&copying, &splicing] {
+        ensure!(
+            kpscd.metric("kpsc_decode_failures_total", "") == 0.0,
+            "kpscd failed to decode a response"
+        );
+    }
     std::fs::create_dir_all(&args.out)?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
