@@ -23,6 +23,7 @@ use anyhow::{Context as _, ensure};
 use clap::Parser;
 
 use kpsc_bench::{
+    interrupt,
     load::{ControlRequest, ProduceLoad, run_control, run_produce},
     netns::{self, Topology},
     report::{Measurement, Report},
@@ -133,6 +134,7 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
+    interrupt::install()?;
     if let Some(dir) = &args.render {
         Report::load(dir)?.write()?;
         print!("{}", std::fs::read_to_string(dir.join("results.md"))?);
@@ -325,6 +327,14 @@ async fn run(
         failures: Vec::new(),
     };
     let wants = |w: &str| args.workloads.iter().any(|x| x == w);
+    // First, while the proxies are fresh: after the throughput workloads their allocators
+    // hold freed buffers that new connections would reuse, hiding the growth.
+    if wants("idle") {
+        for t in &targets {
+            let points = t.idle_memory(args.idle_connections).await?;
+            bench.report.idle_memory(&t.name, points);
+        }
+    }
     let pipelined = |fetch: bool, batch_bytes: usize, acks: i16| ProduceLoad {
         connections: args.connections,
         in_flight: args.in_flight,
@@ -391,12 +401,6 @@ async fn run(
     if let Some(cpu) = place.pinning.proxy_cpu() {
         for t in &targets {
             t.pin_to_cpu(cpu)?;
-        }
-    }
-    if wants("idle") {
-        for t in &targets {
-            let points = t.idle_memory(args.idle_connections).await?;
-            bench.report.idle_memory(&t.name, points);
         }
     }
     for t in &targets {

@@ -109,6 +109,7 @@ impl Topology {
         };
         for ns in [&topo.client, &topo.node, &topo.broker] {
             ip(&["netns", "add", ns])?;
+            crate::interrupt::namespace_created(ns);
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         let (c, n, b) = (&topo.client, &topo.node, &topo.broker);
@@ -227,6 +228,7 @@ impl Topology {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {} in {ns}", program.display()))?;
+        crate::interrupt::child_started(child.id());
         self.children.push(child);
         Ok(())
     }
@@ -269,20 +271,27 @@ pub fn wait_listening(ns: &str, host: &str, port: u16, timeout: Duration) -> any
     }
 }
 
+/// Deletes namespaces and the portmap pins named after them: pins of a kpscd that could
+/// not clean up (killed by a failing test or an interrupted run), as users of a topology
+/// take the node namespace's name as the portmap instance.
+pub fn remove_namespaces(names: &[String]) {
+    for ns in names {
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        let pins = std::path::Path::new(kpsc::datapath::DEFAULT_PIN_ROOT).join(ns);
+        if pins.exists() {
+            let _ = std::fs::remove_dir_all(&pins);
+        }
+        crate::interrupt::namespace_deleted(ns);
+    }
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
+            crate::interrupt::child_ended(child.id());
         }
-        for ns in [&self.client, &self.node, &self.broker] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        // Pins of a kpscd that could not clean up (killed by a failing test); users of a
-        // topology take the node namespace's name as the portmap instance.
-        let pins = std::path::Path::new(kpsc::datapath::DEFAULT_PIN_ROOT).join(&self.node);
-        if pins.exists() {
-            let _ = std::fs::remove_dir_all(&pins);
-        }
+        remove_namespaces(&[self.client.clone(), self.node.clone(), self.broker.clone()]);
     }
 }

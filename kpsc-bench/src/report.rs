@@ -212,6 +212,16 @@ impl Report {
                 targets.push(&m.target);
             }
         }
+        // Targets measured only for memory (`--workloads idle`).
+        for t in self
+            .idle_kib_per_connection
+            .keys()
+            .chain(self.peak_rss_kib.keys())
+        {
+            if !targets.contains(&t.as_str()) {
+                targets.push(t);
+            }
+        }
         (workloads, targets)
     }
 

@@ -245,6 +245,7 @@ impl Target {
                 .command(program, &args)
                 .spawn()
                 .with_context(|| format!("starting {}", program.to_string_lossy()))?;
+            crate::interrupt::child_started(child.id());
             Ok((
                 Self {
                     name: name.into(),
@@ -414,6 +415,7 @@ impl Drop for Target {
             }
             let _ = child.kill();
             let _ = child.wait();
+            crate::interrupt::child_ended(child.id());
         }
     }
 }

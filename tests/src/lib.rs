@@ -282,6 +282,10 @@ pub fn kpscd_bin() -> PathBuf {
     p
 }
 
+pub fn kpsc_bench_bin() -> PathBuf {
+    bin("KPSC_BENCH_BIN", "kpsc-bench")
+}
+
 pub fn kpscctl_bin() -> PathBuf {
     bin("KPSCCTL_BIN", "kpscctl")
 }

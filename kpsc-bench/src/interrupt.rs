@@ -1,0 +1,130 @@
+//! Ctrl-C or SIGTERM in the middle of a run: the proxies, namespaces and pins this run
+//! started are removed before exiting, as at a normal end. Everything that needs removing
+//! registers here while it lives.
+
+use std::sync::{
+    Mutex, PoisonError,
+    atomic::{AtomicI32, Ordering},
+};
+
+use anyhow::bail;
+
+struct Live {
+    children: Vec<u32>,
+    namespaces: Vec<String>,
+}
+
+static LIVE: Mutex<Live> = Mutex::new(Live {
+    children: Vec::new(),
+    namespaces: Vec::new(),
+});
+
+fn live() -> std::sync::MutexGuard<'static, Live> {
+    LIVE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub fn child_started(pid: u32) {
+    live().children.push(pid);
+}
+
+pub fn child_ended(pid: u32) {
+    live().children.retain(|&p| p != pid);
+}
+
+pub fn namespace_created(name: &str) {
+    live().namespaces.push(name.to_owned());
+}
+
+pub fn namespace_deleted(name: &str) {
+    live().namespaces.retain(|n| n != name);
+}
+
+/// Whether `pid` has exited (gone, or a zombie waiting for us).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}
+
+fn clean_up() {
+    let (children, namespaces) = {
+        let live = live();
+        (live.children.clone(), live.namespaces.clone())
+    };
+    for &pid in &children {
+        // SAFETY: signalling a child this process started, by PID.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    // A portmap kpscd detaches its programs on SIGTERM: give it the chance.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !children.iter().all(|&pid| exited(pid)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for &pid in &children {
+        // SAFETY: as above; a no-op for one that has exited.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    crate::netns::remove_namespaces(&namespaces);
+}
+
+/// Write end of the pipe the signal handler reports on.
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    let byte = signal as u8;
+    // SAFETY: write(2) is async-signal-safe; the descriptor stays open for the process.
+    unsafe {
+        libc::write(
+            SIGNAL_PIPE.load(Ordering::Relaxed),
+            (&raw const byte).cast(),
+            1,
+        )
+    };
+}
+
+/// Routes SIGINT and SIGTERM to a thread that cleans up and exits with 128 + signal.
+/// A handler rather than a blocked mask: children would inherit the mask across exec
+/// and ignore the SIGTERM that stops them, while handlers are reset by exec.
+pub fn install() -> anyhow::Result<()> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the array on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!(
+            "creating the signal pipe: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installs an async-signal-safe handler; the zeroed sigaction has an
+        // empty mask and no flags but SA_RESTART, set below.
+        let installed = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigaction(signal, &action, std::ptr::null_mut())
+        };
+        if installed != 0 {
+            bail!(
+                "installing the handler for signal {signal}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    let read_end = fds[0];
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut byte = 0u8;
+            // SAFETY: reads one byte into a local from the pipe this thread owns.
+            if unsafe { libc::read(read_end, (&raw mut byte).cast(), 1) } != 1 {
+                return;
+            }
+            let signal = i32::from(byte);
+            eprintln!("kpsc-bench: interrupted (signal {signal}); removing what this run started");
+            clean_up();
+            std::process::exit(128 + signal);
+        })?;
+    Ok(())
+}
