@@ -266,10 +266,15 @@ fn bin(env: &str, name: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
-    // target/<profile>/deps/<test binary> -> target/<profile>/<name>
+    // Next to this binary (target/<profile>/kpsc-e2e-bench), or one folder up from a test
+    // binary (target/<profile>/deps/<test>).
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    dir.join(name)
+    let dir = exe.parent().expect("binary folder");
+    let sibling = dir.join(name);
+    if sibling.exists() {
+        return sibling;
+    }
+    dir.parent().expect("target dir").join(name)
 }
 
 pub fn kpscd_bin() -> PathBuf {

@@ -95,18 +95,14 @@ fn main() -> anyhow::Result<()> {
         args.repetitions = 1;
     }
     let cluster = MockCluster::new(3)?;
-    let copy_base = free_port_base(20);
-    let copying = Kpscd::start(&proxy_args(
-        &cluster,
-        copy_base,
-        &["--bulk-transfer", "copy"],
-    ))?;
-    let splice_base = free_port_base(20);
-    let splicing = Kpscd::start(&proxy_args(
-        &cluster,
-        splice_base,
-        &["--bulk-transfer", "splice"],
-    ))?;
+    // One kpscd per way of moving bulk bytes.
+    let start = |transfer: &str| -> anyhow::Result<(Kpscd, u16)> {
+        let base = free_port_base(20);
+        let kpscd = Kpscd::start(&proxy_args(&cluster, base, &["--bulk-transfer", transfer]))?;
+        Ok((kpscd, base))
+    };
+    let (copying, copy_base) = start("copy")?;
+    let (splicing, splice_base) = start("splice")?;
     let targets = [
         ("direct", cluster.broker_addrs().join(",")),
         ("kpscd-proxy", format!("127.0.1.1:{copy_base}")),
