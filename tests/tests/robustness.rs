@@ -371,3 +371,54 @@ fn api_versions_hides_what_kpsc_cannot_rewrite() {
         drop(kpscd);
     }
 }
+
+/// Produce v7 with acks=1 whose transactional id makes the header `header_bytes` long.
+fn produce_with_header_of(header_bytes: usize) -> kafka_protocol::messages::ProduceRequest {
+    kafka_protocol::messages::ProduceRequest::default()
+        .with_transactional_id(Some(kafka_protocol::messages::TransactionalId(
+            StrBytes::from_string("x".repeat(header_bytes)),
+        )))
+        .with_acks(1)
+        .with_timeout_ms(1000)
+}
+
+/// kpscd finds a Produce request's acks in what it has read of the frame: with splice (the
+/// default) the first 8 KiB, with copy 32 KiB. A header beyond that closes that connection
+/// with a counted error, never the daemon; below it the request is forwarded.
+#[test]
+fn produce_header_beyond_the_read_buffer_closes_only_its_connection() {
+    let (cluster, mut kpscd, base) = start();
+    let addr = format!("127.0.1.1:{base}");
+    let mut client = RawClient::connect(&addr).unwrap();
+    let id = client
+        .send(ApiKey::Produce, 7, &produce_with_header_of(7_000))
+        .unwrap();
+    assert_eq!(client.recv_raw().unwrap()[..4], id.to_be_bytes());
+
+    let before = kpscd.metric("kpsc_connection_errors_total", "client_bad_header");
+    let mut client = RawClient::connect(&addr).unwrap();
+    client
+        .send(ApiKey::Produce, 7, &produce_with_header_of(9_000))
+        .unwrap();
+    expect_closed(client.stream());
+    kpsc_tests::eventually(Duration::from_secs(5), || {
+        anyhow::ensure!(kpscd.metric("kpsc_connection_errors_total", "client_bad_header") > before);
+        Ok(())
+    })
+    .unwrap();
+    assert_serving(&mut kpscd, base);
+
+    // Copying reads 32 KiB ahead: the same request goes through.
+    let copy_base = free_port_base(20);
+    let _copying = Kpscd::start(&proxy_args(
+        &cluster,
+        copy_base,
+        &["--bulk-transfer", "copy"],
+    ))
+    .unwrap();
+    let mut client = RawClient::connect(&format!("127.0.1.1:{copy_base}")).unwrap();
+    let id = client
+        .send(ApiKey::Produce, 7, &produce_with_header_of(9_000))
+        .unwrap();
+    assert_eq!(client.recv_raw().unwrap()[..4], id.to_be_bytes());
+}

@@ -331,8 +331,14 @@ fn test() -> anyhow::Result<()> {
         .env("KPSCCTL_BIN", root().join("target/release/kpscctl"))
         .env("TANSU_BIN", tansu_bin()))?;
     step("benchmark harness, --quick (correctness only, no timings)");
+    // kpscd stands in for the external proxy an operator would name (it takes
+    // kafka-proxy's flags), so the --proxy-cmd plumbing is exercised too.
+    let external = format!(
+        "{} proxy --bootstrap-server-mapping {{broker}},{{listen}} --dynamic-listeners-disable --http-disable",
+        root().join("target/release/kpscd").display()
+    );
     run(Command::new(root().join("target/release/kpsc-bench"))
-        .args(["--quick", "--out"])
+        .args(["--quick", "--proxy-cmd", &external, "--out"])
         .arg(root().join("target/bench-quick")))?;
     e2e_bench(&["--quick"], &root().join("target/bench-quick"))?;
     step("python clients (confluent-kafka 2.16, kafka-python) and kcat through kpscd");
