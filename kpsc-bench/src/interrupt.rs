@@ -12,27 +12,48 @@ use anyhow::bail;
 struct Live {
     children: Vec<u32>,
     namespaces: Vec<String>,
+    /// Set once cleanup has begun: what registers later is removed at once.
+    shutting_down: bool,
 }
 
 static LIVE: Mutex<Live> = Mutex::new(Live {
     children: Vec::new(),
     namespaces: Vec::new(),
+    shutting_down: false,
 });
 
 fn live() -> std::sync::MutexGuard<'static, Live> {
     LIVE.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-pub fn child_started(pid: u32) {
-    live().children.push(pid);
+fn signal_pid(pid: u32, signal: libc::c_int) {
+    // SAFETY: signalling a child this process started and has not reaped (callers hold
+    // the lock, and owners deregister a child before reaping it).
+    unsafe { libc::kill(pid as i32, signal) };
 }
 
+pub fn child_started(pid: u32) {
+    let mut live = live();
+    if live.shutting_down {
+        signal_pid(pid, libc::SIGKILL);
+    } else {
+        live.children.push(pid);
+    }
+}
+
+/// Call before reaping the child: a PID still listed is never a recycled one.
 pub fn child_ended(pid: u32) {
     live().children.retain(|&p| p != pid);
 }
 
 pub fn namespace_created(name: &str) {
-    live().namespaces.push(name.to_owned());
+    let mut live = live();
+    if live.shutting_down {
+        drop(live);
+        crate::netns::remove_namespaces(&[name.to_owned()]);
+    } else {
+        live.namespaces.push(name.to_owned());
+    }
 }
 
 pub fn namespace_deleted(name: &str) {
@@ -48,23 +69,22 @@ fn exited(pid: u32) -> bool {
 }
 
 fn clean_up() {
-    let (children, namespaces) = {
-        let live = live();
-        (live.children.clone(), live.namespaces.clone())
-    };
-    for &pid in &children {
-        // SAFETY: signalling a child this process started, by PID.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    {
+        let mut live = live();
+        live.shutting_down = true;
+        for &pid in &live.children {
+            signal_pid(pid, libc::SIGTERM);
+        }
     }
     // A portmap kpscd detaches its programs on SIGTERM: give it the chance.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !children.iter().all(|&pid| exited(pid)) && std::time::Instant::now() < deadline {
+    while std::time::Instant::now() < deadline && live().children.iter().any(|&p| !exited(p)) {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    for &pid in &children {
-        // SAFETY: as above; a no-op for one that has exited.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    for &pid in &live().children {
+        signal_pid(pid, libc::SIGKILL);
     }
+    let namespaces = live().namespaces.clone();
     crate::netns::remove_namespaces(&namespaces);
 }
 
@@ -117,12 +137,25 @@ pub fn install() -> anyhow::Result<()> {
         .name("signals".into())
         .spawn(move || {
             let mut byte = 0u8;
-            // SAFETY: reads one byte into a local from the pipe this thread owns.
-            if unsafe { libc::read(read_end, (&raw mut byte).cast(), 1) } != 1 {
-                return;
+            loop {
+                // SAFETY: reads one byte into a local from the pipe this thread owns.
+                match unsafe { libc::read(read_end, (&raw mut byte).cast(), 1) } {
+                    1 => break,
+                    -1 if std::io::Error::last_os_error().kind()
+                        == std::io::ErrorKind::Interrupted => {}
+                    _ => return,
+                }
+            }
+            // A second Ctrl-C during the cleanup stops at once.
+            for signal in [libc::SIGINT, libc::SIGTERM] {
+                // SAFETY: restores the default disposition.
+                unsafe { libc::signal(signal, libc::SIG_DFL) };
             }
             let signal = i32::from(byte);
-            eprintln!("kpsc-bench: interrupted (signal {signal}); removing what this run started");
+            eprintln!(
+                "kpsc-bench: interrupted (signal {signal}); removing what this run started \
+                 (interrupt again to stop at once)"
+            );
             clean_up();
             std::process::exit(128 + signal);
         })?;

@@ -288,9 +288,9 @@ pub fn remove_namespaces(names: &[String]) {
 impl Drop for Topology {
     fn drop(&mut self) {
         for child in &mut self.children {
+            crate::interrupt::child_ended(child.id());
             let _ = child.kill();
             let _ = child.wait();
-            crate::interrupt::child_ended(child.id());
         }
         remove_namespaces(&[self.client.clone(), self.node.clone(), self.broker.clone()]);
     }

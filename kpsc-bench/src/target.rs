@@ -407,6 +407,7 @@ impl Target {
 impl Drop for Target {
     fn drop(&mut self) {
         if let Some(child) = &mut self.child {
+            crate::interrupt::child_ended(child.id());
             // SAFETY: signalling our own child by PID.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -415,7 +416,6 @@ impl Drop for Target {
             }
             let _ = child.kill();
             let _ = child.wait();
-            crate::interrupt::child_ended(child.id());
         }
     }
 }
