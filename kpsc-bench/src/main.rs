@@ -50,8 +50,8 @@ struct Args {
     /// size), `sweep` (produce over a range of connection counts), `small` (one small
     /// produce at a time), `control` (Metadata and FindCoordinator, the rewrite path),
     /// `idle` (memory per idle connection).
-    #[arg(long, value_delimiter = ',', default_values_t = Workload::ALL.map(String::from),
-          value_parser = Workload::ALL)]
+    #[arg(long, value_delimiter = ',', default_values_t = WORKLOADS.map(String::from),
+          value_parser = WORKLOADS)]
     workloads: Vec<String>,
     /// Producer connections of the produce and fetch workloads.
     #[arg(long, default_value_t = 4)]
@@ -109,11 +109,7 @@ struct Args {
     out: PathBuf,
 }
 
-struct Workload;
-
-impl Workload {
-    const ALL: [&'static str; 6] = ["produce", "fetch", "sweep", "small", "control", "idle"];
-}
+const WORKLOADS: [&str; 6] = ["produce", "fetch", "sweep", "small", "control", "idle"];
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s.trim().split_at(

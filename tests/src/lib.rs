@@ -277,8 +277,9 @@ fn bin(env: &str, name: &str) -> PathBuf {
     dir.parent().expect("target dir").join(name)
 }
 
-pub fn kpscd_bin() -> PathBuf {
-    let p = bin("KPSCD_BIN", "kpscd");
+/// A workspace binary the tests run, which must have been built.
+fn built_bin(env: &str, name: &str) -> PathBuf {
+    let p = bin(env, name);
     assert!(
         p.exists(),
         "{} not found: build it first (`cargo build --release --bins`; `cargo xtask test` does)",
@@ -287,8 +288,12 @@ pub fn kpscd_bin() -> PathBuf {
     p
 }
 
+pub fn kpscd_bin() -> PathBuf {
+    built_bin("KPSCD_BIN", "kpscd")
+}
+
 pub fn kpsc_bench_bin() -> PathBuf {
-    bin("KPSC_BENCH_BIN", "kpsc-bench")
+    built_bin("KPSC_BENCH_BIN", "kpsc-bench")
 }
 
 pub fn kpscctl_bin() -> PathBuf {
