@@ -56,7 +56,8 @@ const IP_CSUM_OFF: usize = EthHdr::LEN + 10;
 const IP_SRC_OFF: usize = EthHdr::LEN + 12;
 const IP_DST_OFF: usize = EthHdr::LEN + 16;
 
-enum Drop {
+/// Why a packet was dropped: picks the `PortmapStats` counter.
+enum DropReason {
     NoFlow,
     NoPort,
     NoRoute,
@@ -72,13 +73,13 @@ fn stats(port: u16) -> Option<&'static mut PortmapStats> {
 }
 
 #[inline(always)]
-fn count_drop(port: u16, why: Drop) -> i32 {
+fn count_drop(port: u16, why: DropReason) -> i32 {
     if let Some(s) = stats(port) {
         match why {
-            Drop::NoFlow => s.drop_no_flow += 1,
-            Drop::NoPort => s.drop_no_port += 1,
-            Drop::NoRoute => s.drop_no_route += 1,
-            Drop::Rewrite => s.drop_rewrite += 1,
+            DropReason::NoFlow => s.drop_no_flow += 1,
+            DropReason::NoPort => s.drop_no_port += 1,
+            DropReason::NoRoute => s.drop_no_route += 1,
+            DropReason::Rewrite => s.drop_rewrite += 1,
         }
     }
     TC_ACT_SHOT as i32
@@ -143,7 +144,7 @@ fn to_broker(
             // Only a SYN opens a flow; anything else for an unknown flow is dropped rather
             // than handed to a stack that has no such connection.
             if tcp.syn() == 0 || tcp.ack() != 0 {
-                return count_drop(listen_port, Drop::NoFlow);
+                return count_drop(listen_port, DropReason::NoFlow);
             }
             match open_flow(seen, target) {
                 Some(t) => {
@@ -152,12 +153,12 @@ fn to_broker(
                     }
                     t
                 }
-                None => return count_drop(listen_port, Drop::NoPort),
+                None => return count_drop(listen_port, DropReason::NoPort),
             }
         }
     };
     if rewrite(ctx, l4, seen, &translated).is_err() {
-        return count_drop(listen_port, Drop::Rewrite);
+        return count_drop(listen_port, DropReason::Rewrite);
     }
     if let Some(s) = stats(listen_port) {
         s.packets_in += 1;
@@ -228,7 +229,7 @@ fn open_flow(seen: &FlowKey, target: &PortTarget) -> Option<FlowKey> {
 fn to_client(ctx: &TcContext, l4: usize, seen: &FlowKey, translated: &FlowKey, ip_len: u64) -> i32 {
     let listen_port = u16::from_be(translated.src_port);
     if rewrite(ctx, l4, seen, translated).is_err() {
-        return count_drop(listen_port, Drop::Rewrite);
+        return count_drop(listen_port, DropReason::Rewrite);
     }
     if let Some(s) = stats(listen_port) {
         s.packets_out += 1;
@@ -310,7 +311,7 @@ fn forward(ctx: &TcContext, to: &FlowKey, listen_port: u16) -> i32 {
     };
     if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         if ctx.store(0, &params.dmac, 0).is_err() || ctx.store(6, &params.smac, 0).is_err() {
-            return count_drop(listen_port, Drop::Rewrite);
+            return count_drop(listen_port, DropReason::Rewrite);
         }
         // SAFETY: helper without memory arguments.
         return unsafe { bpf_redirect(params.ifindex, 0) } as i32;
@@ -320,5 +321,5 @@ fn forward(ctx: &TcContext, to: &FlowKey, listen_port: u16) -> i32 {
         // SAFETY: null params are allowed: the helper uses the packet's destination.
         return unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
     }
-    count_drop(listen_port, Drop::NoRoute)
+    count_drop(listen_port, DropReason::NoRoute)
 }
