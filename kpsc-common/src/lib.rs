@@ -1,7 +1,8 @@
 //! Types shared by the kernel programs (`kpsc-ebpf`) and userspace (`kpsc-userspace`).
 //!
-//! Every type here is `#[repr(C)]`, has no padding holes the verifier could trip on, and is
-//! laid out identically on both sides: a BPF map key or value is just these bytes.
+//! Every type here is `#[repr(C)]`, has no implicit padding, and is laid out identically on
+//! both sides: a BPF map key or value is just these bytes. The `const` assertions after each
+//! type check that at compile time, for the BPF target and the host alike.
 #![no_std]
 
 /// Maximum number of listen ports one instance maps (map capacity).
@@ -37,6 +38,18 @@ pub struct PortTarget {
     pub _pad: u16,
 }
 
+// Map value written by userspace, read by the kernel: both must agree byte for byte.
+const _: () = {
+    use core::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<PortTarget>() == 16);
+    assert!(align_of::<PortTarget>() == align_of::<u32>());
+    assert!(offset_of!(PortTarget, listen_ip) == 0);
+    assert!(offset_of!(PortTarget, broker_ip) == 4);
+    assert!(offset_of!(PortTarget, snat_ip) == 8);
+    assert!(offset_of!(PortTarget, broker_port) == 12);
+    assert!(offset_of!(PortTarget, _pad) == 14);
+};
+
 /// One direction of a TCP flow as it appears on the wire (network byte order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -46,6 +59,18 @@ pub struct FlowKey {
     pub src_port: u16,
     pub dst_port: u16,
 }
+
+// Map key (hashed as raw bytes): implicit padding would hold uninitialised bytes and make
+// lookups miss, and userspace must build the same 12 bytes as the kernel.
+const _: () = {
+    use core::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<FlowKey>() == 12);
+    assert!(align_of::<FlowKey>() == align_of::<u32>());
+    assert!(offset_of!(FlowKey, src_ip) == 0);
+    assert!(offset_of!(FlowKey, dst_ip) == 4);
+    assert!(offset_of!(FlowKey, src_port) == 8);
+    assert!(offset_of!(FlowKey, dst_port) == 10);
+};
 
 impl FlowKey {
     /// The same flow seen from the other end.
@@ -72,6 +97,17 @@ pub struct FlowNat {
     /// CLOCK_MONOTONIC nanoseconds when the flow was created.
     pub created_ns: u64,
 }
+
+// Map value shared by the kernel and userspace; `flags` sits right after the 12-byte key
+// so `created_ns` is 8-aligned without a hole.
+const _: () = {
+    use core::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<FlowNat>() == 24);
+    assert!(align_of::<FlowNat>() == align_of::<u64>());
+    assert!(offset_of!(FlowNat, translated) == 0);
+    assert!(offset_of!(FlowNat, flags) == 12);
+    assert!(offset_of!(FlowNat, created_ns) == 16);
+};
 
 /// A FIN went from the client to the broker (set in PORTMAP_FLOWS).
 pub const FLOW_FIN_FROM_CLIENT: u32 = 1;
@@ -101,6 +137,22 @@ pub struct PortmapStats {
     pub drop_rewrite: u64,
 }
 
+// Per-CPU map value read by userspace: nine u64 counters, no holes, same order both sides.
+const _: () = {
+    use core::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<PortmapStats>() == 9 * 8);
+    assert!(align_of::<PortmapStats>() == align_of::<u64>());
+    assert!(offset_of!(PortmapStats, packets_in) == 0);
+    assert!(offset_of!(PortmapStats, bytes_in) == 8);
+    assert!(offset_of!(PortmapStats, packets_out) == 16);
+    assert!(offset_of!(PortmapStats, bytes_out) == 24);
+    assert!(offset_of!(PortmapStats, new_flows) == 32);
+    assert!(offset_of!(PortmapStats, drop_no_flow) == 40);
+    assert!(offset_of!(PortmapStats, drop_no_port) == 48);
+    assert!(offset_of!(PortmapStats, drop_no_route) == 56);
+    assert!(offset_of!(PortmapStats, drop_rewrite) == 64);
+};
+
 impl PortmapStats {
     pub fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a PortmapStats>) -> PortmapStats {
         per_cpu
@@ -121,8 +173,8 @@ impl PortmapStats {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all repr(C) with integer fields only and explicit padding; any bit pattern
-    // is valid.
+    // SAFETY: all repr(C) with integer fields only and no implicit padding (asserted at
+    // each type), so every byte is initialised and any bit pattern is valid.
     unsafe impl aya::Pod for super::PortTarget {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowNat {}
