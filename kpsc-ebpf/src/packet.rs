@@ -1,4 +1,9 @@
 //! Header parsing shared by the programs.
+//!
+//! `TcContext::load` copies bytes out with `bpf_skb_load_bytes`, which checks the range at
+//! run time (a packet too short for a header gives `None`), so no pointer into packet data
+//! is kept and the verifier needs no bounds checks here. The header types are plain byte
+//! arrays and integers, valid for any bytes the helper writes.
 
 use aya_ebpf::programs::TcContext;
 use network_types::{

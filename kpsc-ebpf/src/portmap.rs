@@ -15,6 +15,27 @@
 //! - packets go out with `bpf_fib_lookup` + `bpf_redirect` (or `bpf_redirect_neigh` when
 //!   the neighbour is not resolved yet), bypassing the input path, which would drop a
 //!   forwarded packet whose new source is the node's own address.
+//!
+//! Memory and concurrency (what the `SAFETY` comments below rely on):
+//! - No pointer into packet data is ever held. Headers are copied out with
+//!   `bpf_skb_load_bytes` (`TcContext::load`) and every write is a helper
+//!   (`bpf_skb_store_bytes`, `bpf_l3/l4_csum_replace`) that checks its offset at run time.
+//!   Those helpers may unclone or reallocate the packet, which would invalidate direct
+//!   packet pointers; with none held, the verifier needs no `data_end` checks. The offsets
+//!   stay valid across them: nothing here changes the packet's length or header layout.
+//!   The copied `ip`/`tcp` headers describe the packet as it arrived.
+//! - PORTMAP_TARGETS, PORTMAP_FLOWS and PORTMAP_REPLIES are shared by every CPU and by
+//!   userspace, and preallocated (hash maps without `BPF_F_NO_PREALLOC`; LRU maps always),
+//!   so an element that is deleted (userspace cleanup, reload), replaced (userspace
+//!   re-inserting a target) or evicted (LRU) can be reused for another key at once, while a
+//!   pointer from an earlier lookup is still held. Hence values are copied right after the
+//!   lookup, and the only in-place write is the `flags` OR in `mark_closing`. A copy that
+//!   races such a reuse can mix two values; the window is a few instructions.
+//! - PORTMAP_STATS is per-CPU: a lookup returns this CPU's copy. TC programs run with
+//!   bottom halves disabled and cannot migrate, so no other run of the program writes that
+//!   copy while this one does; the increments are plain, not atomic. Userspace reads every
+//!   CPU's copy, each `u64` whole, and is assumed not to delete or overwrite an entry while
+//!   the program is attached (it only creates missing ones).
 
 use aya_ebpf::{
     bindings::{
@@ -64,9 +85,14 @@ enum DropReason {
     Rewrite,
 }
 
+/// This CPU's counters for `port`, if userspace created the entry.
+///
+/// The `'static` is not real: callers use the reference at once and drop it before the
+/// next `stats()` call, so no two `&mut` to the same counters are ever alive together.
 #[inline(always)]
 fn stats(port: u16) -> Option<&'static mut PortmapStats> {
-    // SAFETY: per-CPU value; nothing else writes it on this CPU while we run.
+    // SAFETY: a non-null pointer to this CPU's copy of a per-CPU map value, which no other
+    // program run writes concurrently (module doc); aligned and sized for PortmapStats.
     STATS
         .get_ptr_mut(u32::from(port))
         .map(|p| unsafe { &mut *p })
@@ -104,7 +130,8 @@ fn classify(ctx: &TcContext) -> Option<i32> {
     };
     let ip_len = u64::from(u16::from_be_bytes(ip.tot_len));
     let listen_port = u16::from_be(seen.dst_port);
-    // SAFETY: read-only lookup; the value is copied before the next map operation.
+    // SAFETY: the reference is dropped as soon as the value is copied, before anything else
+    // runs; a userspace reload racing the copy may mix two targets (module doc).
     if let Some(target) = unsafe { TARGETS.get(u32::from(listen_port)) }.copied()
         && (target.listen_ip == 0 || target.listen_ip == seen.dst_ip)
     {
@@ -118,7 +145,9 @@ fn classify(ctx: &TcContext) -> Option<i32> {
             ip_len,
         ));
     }
-    // SAFETY: as above.
+    // SAFETY: copied at once, as above. REPLIES values are written whole on insertion and
+    // only their `flags` in place afterwards; a copy racing the deletion or eviction of this
+    // entry and its reuse can see another flow's translation (module doc).
     let reply = unsafe { REPLIES.get(seen) }.copied()?;
     mark_closing(&REPLIES, &seen, &tcp, FLOW_FIN_FROM_BROKER);
     Some(to_client(ctx, l4, &seen, &reply.translated, ip_len))
@@ -134,7 +163,7 @@ fn to_broker(
     listen_port: u16,
     ip_len: u64,
 ) -> i32 {
-    // SAFETY: read-only lookup, copied at once.
+    // SAFETY: copied at once; same sharing as REPLIES in `classify`.
     let translated = match unsafe { FLOWS.get(seen) }.copied() {
         Some(flow) => {
             mark_closing(&FLOWS, seen, tcp, FLOW_FIN_FROM_CLIENT);
@@ -174,7 +203,11 @@ fn mark_closing(map: &LruHashMap<FlowKey, FlowNat>, key: &FlowKey, tcp: &TcpHdr,
     if bits != 0
         && let Some(flow) = map.get_ptr_mut(key)
     {
-        // SAFETY: valid map value pointer; a racing update of the same bits is harmless.
+        // SAFETY: a non-null, aligned pointer to a shared map value; only `flags` is written.
+        // The OR is a plain load and store, not atomic: another CPU marking the same flow at
+        // the same moment (FIN one way, RST the other) can lose one update, and if the
+        // element was deleted or evicted and reused since the lookup, the bits land on the
+        // flow that now owns it. Userspace only reads `flags`.
         unsafe { (*flow).flags |= bits };
     }
 }
@@ -204,7 +237,8 @@ fn open_flow(seen: &FlowKey, target: &PortTarget) -> Option<FlowKey> {
             src_port,
             dst_port: target.broker_port,
         };
-        // NOEXIST: the reply tuple is the uniqueness check; only one flow can own it.
+        // NOEXIST: the reply tuple is the uniqueness check; only one flow can own it. The
+        // kernel checks and inserts under the bucket lock, so two CPUs cannot both win.
         if REPLIES
             .insert(translated.reversed(), back, u64::from(BPF_NOEXIST))
             .is_ok()
@@ -239,6 +273,10 @@ fn to_client(ctx: &TcContext, l4: usize, seen: &FlowKey, translated: &FlowKey, i
 }
 
 /// Rewrites addresses and ports from `old` to `new`, keeping IP and TCP checksums right.
+///
+/// Only helpers touch the packet (module doc), so `l4` and the `IP_*_OFF` offsets, checked
+/// when the headers were loaded, stay valid after each of them. Each checksum update takes
+/// the old and new values explicitly, so it does not matter that the field is stored after.
 #[inline(always)]
 fn rewrite(ctx: &TcContext, l4: usize, old: &FlowKey, new: &FlowKey) -> Result<(), i64> {
     let tcp_csum = l4 + 16;
@@ -296,11 +334,14 @@ fn forward(ctx: &TcContext, to: &FlowKey, listen_port: u16) -> i32 {
     // tot_len 0: the kernel checks the skb against the egress MTU itself, which handles
     // GSO packets (a non-zero tot_len of a GSO packet fails with FRAG_NEEDED).
     params.__bindgen_anon_1.tot_len = 0;
-    // SAFETY: the context pointer is valid for the program's run.
+    // SAFETY: `ctx.skb.skb` is the program's context pointer, valid for the whole run; the
+    // verifier turns this constant-offset field load into a read of the real sk_buff.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     params.__bindgen_anon_3.ipv4_src = to.src_ip;
     params.__bindgen_anon_4.ipv4_dst = to.dst_ip;
-    // SAFETY: params is a valid, correctly sized bpf_fib_lookup.
+    // SAFETY: `params` is a fully initialised bpf_fib_lookup on our stack and its size is
+    // passed; the helper writes its result back into it. The first argument is the
+    // unmodified context pointer, as the verifier requires.
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.skb.skb as *mut _,
@@ -313,12 +354,13 @@ fn forward(ctx: &TcContext, to: &FlowKey, listen_port: u16) -> i32 {
         if ctx.store(0, &params.dmac, 0).is_err() || ctx.store(6, &params.smac, 0).is_err() {
             return count_drop(listen_port, DropReason::Rewrite);
         }
-        // SAFETY: helper without memory arguments.
+        // SAFETY: helper without memory arguments; the redirect happens after we return.
         return unsafe { bpf_redirect(params.ifindex, 0) } as i32;
     }
     if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         // The kernel resolves the neighbour and sends the packet when it can.
-        // SAFETY: null params are allowed: the helper uses the packet's destination.
+        // SAFETY: null params with length 0 are allowed: the helper then looks up the next
+        // hop from the packet's own IP header.
         return unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
     }
     count_drop(listen_port, DropReason::NoRoute)
