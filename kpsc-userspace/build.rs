@@ -1,6 +1,7 @@
-//! Builds kpsc-ebpf for bpfel-unknown-none with Debian's 1.96 compiler (the only one here
-//! with a prebuilt `core` for BPF and LLVM matching bpf-linker; see shared/TOOLCHAIN.md)
-//! and leaves the object in OUT_DIR for `include_bytes_aligned!`.
+//! Builds kpsc-ebpf for bpfel-unknown-none with Debian's 1.96 compiler and leaves the object
+//! in OUT_DIR for `include_bytes_aligned!`. That compiler is used because Debian ships a
+//! prebuilt `core` for BPF with it (no build-std, which needs rust-src) and it uses the same
+//! LLVM 22 that bpf-linker is built against.
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 

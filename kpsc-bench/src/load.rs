@@ -20,7 +20,7 @@ use kafka_protocol::{
     protocol::{Decodable, Encodable, HeaderVersion, StrBytes},
     records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType},
 };
-use kpsc::codec::{FrameReader, write_frame};
+use kpsc::kafka::frame::{FrameReader, write_frame};
 use tokio::{
     io::AsyncWriteExt,
     net::TcpStream,

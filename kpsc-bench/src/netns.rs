@@ -277,7 +277,7 @@ pub fn wait_listening(ns: &str, host: &str, port: u16, timeout: Duration) -> any
 pub fn remove_namespaces(names: &[String]) {
     for ns in names {
         let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        let pins = std::path::Path::new(kpsc::datapath::DEFAULT_PIN_ROOT).join(ns);
+        let pins = std::path::Path::new(kpsc::portmap::datapath::DEFAULT_PIN_ROOT).join(ns);
         if pins.exists() {
             let _ = std::fs::remove_dir_all(&pins);
         }

@@ -27,8 +27,9 @@ use kafka_protocol::{
     },
     protocol::{Encodable, HeaderVersion, StrBytes},
 };
-use kpsc::codec::{
-    Acks, FrameReader, RequestHeader, SIZE_LEN, frame_size, produce_acks, write_frame,
+use kpsc::kafka::{
+    frame::{FrameReader, SIZE_LEN, frame_size, write_frame},
+    request::{Acks, RequestHeader, produce_acks},
 };
 use tokio::net::{TcpListener, TcpStream};
 

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::{config::HttpConfig, portmap::Origin};
+use crate::{config::common::HttpConfig, mapping::map::Origin};
 
 /// Path of the JSON port map.
 pub const MAPS_PATH: &str = "/maps";

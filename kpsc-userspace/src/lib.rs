@@ -1,18 +1,16 @@
-//! kpsc userspace. The data flow reads from the module list:
-//! config -> portmap -> listener -> codec -> rewrite -> forward, with discovery (metadata),
-//! admin (HTTP), metrics and the embedded eBPF object beside it.
+//! kpsc userspace. The two modes are folders; what they share sits beside them:
+//! - `proxy/`: kafka-proxy's job, addresses rewritten in responses (listeners ->
+//!   connection -> bulk movers | rewrite/<api>);
+//! - `portmap/`: the eBPF TC data plane (datapath, probe, flows, kernel metrics);
+//! - `config/`: flags and the TOML file, one schema per mode;
+//! - `mapping/`: the broker/port map both modes serve;
+//! - `kafka/`: the wire protocol (framing, request header, guarded decoding, discovery);
+//! - `admin`, `metrics`, `logging`: the operator's view.
 pub mod admin;
-pub mod codec;
 pub mod config;
-pub mod datapath;
-pub mod discovery;
-pub mod ebpf;
-pub mod forward;
-pub mod listener;
+pub mod kafka;
 pub mod logging;
+pub mod mapping;
 pub mod metrics;
 pub mod portmap;
-pub mod portmap_mode;
 pub mod proxy;
-pub mod rewrite;
-pub mod splice;

@@ -9,7 +9,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::rewrite::api_name;
+use crate::kafka::names::api_name;
 
 /// Api keys are small non-negative numbers; one slot each, plus one for anything else.
 const API_SLOTS: usize = 128;

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use kpsc::datapath::DEFAULT_PIN_ROOT;
+use kpsc::portmap::datapath::DEFAULT_PIN_ROOT;
 use kpsc_tests::{eventually, kpsc_bench_bin};
 
 fn namespaces_named(prefix: &str) -> Vec<String> {

@@ -12,7 +12,7 @@ use std::{
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, MetadataRequest, MetadataResponse};
-use kpsc::datapath::{DEFAULT_PIN_ROOT, FlowState, PinnedMaps, pin_dir};
+use kpsc::portmap::datapath::{DEFAULT_PIN_ROOT, FlowState, PinnedMaps, pin_dir};
 use kpsc_tests::{
     Kpscd, RawClient, TansuHost, eventually, kpscctl_bin, kpscd_bin,
     netns::{NODE_CLIENT_IP, Topology, broker_ip, client_ip, in_netns},

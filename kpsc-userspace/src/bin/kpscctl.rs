@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kpsc::{
     admin::{MAPS_PATH, MapRow},
-    datapath::{DEFAULT_PIN_ROOT, FlowState, PinnedMaps, pin_dir},
+    portmap::datapath::{DEFAULT_PIN_ROOT, FlowState, PinnedMaps, pin_dir},
 };
 use kpsc_common::FlowKey;
 

@@ -3,10 +3,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kpsc::{
-    config::{ConfigError, LogConfig, ProxyArgs, ProxyConfig, reject_unsupported_flags},
-    logging,
-    portmap_mode::{self, PortmapArgs, PortmapConfig},
-    proxy::{self, EXIT_CONFIG},
+    config::{
+        common::LogConfig,
+        error::{ConfigError, EXIT_CONFIG},
+        kafka_proxy::reject_unsupported_flags,
+        portmap::{PortmapArgs, PortmapConfig},
+        proxy::{ProxyArgs, ProxyConfig},
+    },
+    logging, portmap, proxy,
 };
 
 /// kpsc: one private endpoint for a self-hosted Kafka cluster, one port per broker.
@@ -34,11 +38,11 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.mode {
-        Mode::Proxy(args) => launch(ProxyConfig::resolve(*args), |c| &c.map.log, proxy::run),
+        Mode::Proxy(args) => launch(ProxyConfig::resolve(*args), |c| &c.common.log, proxy::run),
         Mode::Portmap(args) => launch(
             PortmapConfig::resolve(*args),
-            |c| &c.map.log,
-            portmap_mode::run,
+            |c| &c.common.log,
+            portmap::run,
         ),
     }
 }

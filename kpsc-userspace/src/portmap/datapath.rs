@@ -26,9 +26,9 @@ use kpsc_common::{
 };
 use tracing::{info, warn};
 
-use crate::ebpf::{OBJECT, privilege_hint};
+pub use crate::config::portmap::DEFAULT_PIN_ROOT;
+use crate::portmap::ebpf::{OBJECT, privilege_hint};
 
-pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/kpsc";
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// Where one instance's maps are pinned.
@@ -45,7 +45,7 @@ fn is_bpffs_mounted() -> bool {
         .unwrap_or(false)
 }
 
-/// Mounts bpffs on /sys/fs/bpf when it is not (TOOLCHAIN.md: not mounted by default).
+/// Mounts bpffs on /sys/fs/bpf when it is not (many distributions do not mount it by default).
 pub fn ensure_bpffs(pin_root: &Path) -> anyhow::Result<()> {
     if pin_root.starts_with(BPFFS) && !is_bpffs_mounted() {
         info!("mounting bpffs on {BPFFS}");

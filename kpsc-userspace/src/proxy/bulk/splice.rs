@@ -1,7 +1,7 @@
 //! Bulk bytes moved socket -> pipe -> socket with splice(2): the kernel passes page
 //! references along, so the record batches of Produce requests and Fetch responses never
 //! enter kpscd's memory. kpscd still reads every frame header itself and still wakes up
-//! per chunk; only the copies go away.
+//! per chunk; only the copies go away. Needs real sockets, so it moves TCP halves only.
 //!
 //! Invariants:
 //! - a pipe is empty between calls, so it never mixes bytes of two frames;
@@ -10,14 +10,13 @@
 //!   readiness for that would stall the connection).
 
 use std::{
-    fmt, io,
+    io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    str::FromStr,
 };
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
-    io::Interest,
+    io::{AsyncWriteExt, Interest},
     net::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
@@ -25,102 +24,69 @@ use tokio::{
 };
 use tracing::warn;
 
-use crate::codec::{FrameError, FrameReader};
-
-/// How the bytes of frames that pass through unchanged are moved (`--bulk-transfer`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum BulkTransfer {
-    /// splice(2) through a pipe per direction, for what is not already buffered.
-    #[default]
-    Splice,
-    /// read(2) into a buffer, write(2) out of it.
-    Copy,
-}
-
-impl BulkTransfer {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Splice => "splice",
-            Self::Copy => "copy",
-        }
-    }
-}
-
-impl fmt::Display for BulkTransfer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for BulkTransfer {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "splice" => Ok(Self::Splice),
-            "copy" => Ok(Self::Copy),
-            _ => Err(format!(
-                "unknown bulk transfer {s:?}: expected \"splice\" or \"copy\""
-            )),
-        }
-    }
-}
+use crate::{
+    kafka::frame::{FrameError, FrameReader},
+    proxy::bulk::{copy::CopyMover, transfer::Transfer},
+};
 
 /// Below this many unbuffered bytes a frame is copied: two syscalls either way, and a
 /// copy of a page or less costs less than pipe bookkeeping.
 const SPLICE_MIN: usize = 4096;
 
-/// Moves the frames of one direction that pass through unchanged.
-pub struct BulkMover {
-    transfer: BulkTransfer,
+/// Moves one direction's frames with splice(2), small ones by copy.
+pub struct SpliceMover {
     spliced_bytes: Counter,
     /// Made on first use; if it cannot be made (out of descriptors), this direction copies.
     pipe: Option<Pipe>,
+    pipe_failed: bool,
 }
 
-impl BulkMover {
-    pub fn new(transfer: BulkTransfer, spliced_bytes: Counter) -> Self {
+impl SpliceMover {
+    pub fn new(spliced_bytes: Counter) -> Self {
         Self {
-            transfer,
             spliced_bytes,
             pipe: None,
+            pipe_failed: false,
         }
     }
 
-    /// Copy buffer for a reader feeding this mover: with splice it only has to hold
-    /// headers and small frames, and what it reads ahead of a large frame is copied.
-    pub fn read_buffer_size(transfer: BulkTransfer) -> usize {
-        match transfer {
-            BulkTransfer::Splice => 8 * 1024,
-            BulkTransfer::Copy => 32 * 1024,
+    fn pipe(&mut self) -> Option<&mut Pipe> {
+        if self.pipe.is_none() && !self.pipe_failed {
+            match Pipe::new() {
+                Ok(pipe) => self.pipe = Some(pipe),
+                Err(error) => {
+                    warn!(%error, "cannot create a pipe for splice; this connection copies instead");
+                    self.pipe_failed = true;
+                }
+            }
         }
+        self.pipe.as_mut()
+    }
+}
+
+impl Transfer<OwnedReadHalf, OwnedWriteHalf> for SpliceMover {
+    /// Headers and small frames only: what it reads ahead of a large frame is copied.
+    fn read_buffer_size(&self) -> usize {
+        8 * 1024
     }
 
-    /// Forwards exactly `n` bytes of `reader`'s stream to `out`.
-    pub async fn forward(
+    async fn forward(
         &mut self,
         reader: &mut FrameReader<OwnedReadHalf>,
         n: usize,
         out: &mut OwnedWriteHalf,
     ) -> Result<(), FrameError> {
         let unbuffered = n.saturating_sub(reader.buffered().len());
-        if self.transfer == BulkTransfer::Splice && unbuffered >= SPLICE_MIN {
-            if self.pipe.is_none() {
-                match Pipe::new() {
-                    Ok(pipe) => self.pipe = Some(pipe),
-                    Err(error) => {
-                        warn!(%error, "cannot create a pipe for splice; this connection copies instead");
-                        self.transfer = BulkTransfer::Copy;
-                    }
-                }
-            }
-            if let Some(pipe) = self.pipe.as_mut() {
-                reader.splice_to(n, out, pipe).await?;
-                self.spliced_bytes.inc_by(unbuffered as u64);
+        if unbuffered >= SPLICE_MIN {
+            let spliced_bytes = self.spliced_bytes.clone();
+            if let Some(pipe) = self.pipe() {
+                out.write_all(reader.take_buffered(n)).await?;
+                splice_exact(reader.get_ref().as_ref(), out.as_ref(), pipe, unbuffered).await?;
+                spliced_bytes.inc_by(unbuffered as u64);
                 return Ok(());
             }
         }
-        reader.copy_to(n, out).await
+        CopyMover.forward(reader, n, out).await
     }
 }
 

@@ -14,8 +14,10 @@ use kafka_protocol::{
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream, time::timeout};
 
-use crate::codec::{FrameReader, write_frame};
-use crate::portmap::BrokerAddr;
+use crate::{
+    kafka::frame::{FrameReader, write_frame},
+    mapping::addr::BrokerAddr,
+};
 
 /// Highest Metadata version this client speaks (v13 only adds a top-level error code).
 const METADATA_MAX_VERSION: i16 = 12;

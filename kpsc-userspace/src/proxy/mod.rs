@@ -1,45 +1,57 @@
-//! Proxy mode, start to finish: admin endpoint, static listeners, first metadata, the
-//! listeners it implies, periodic refresh, and a graceful stop on SIGTERM/SIGINT.
+//! `kpscd proxy`: kafka-proxy's job. Data flow: `listeners` accept client connections on
+//! one port per broker -> `connection` forwards each to its broker, requests up and
+//! responses down in order -> frames that pass through unchanged go through a `bulk` mover
+//! (copy or splice), address-bearing responses through `rewrite`. `state` is what they
+//! share, `refresh` keeps the port map current from cluster metadata.
+//!
+//! This file runs the mode start to finish: admin endpoint, static listeners, first
+//! metadata, periodic refresh, and a graceful stop on SIGTERM/SIGINT.
+pub mod bulk;
+pub mod connection;
+pub mod listeners;
+pub mod refresh;
+pub mod rewrite;
+pub mod state;
 
 use std::{process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 use tracing::{error, info, warn};
 
-use crate::{admin, config::ProxyConfig, listener::ProxyState};
-
-/// Exit code for configuration errors (clap uses the same).
-pub const EXIT_CONFIG: u8 = 2;
+use crate::{
+    admin,
+    config::{error::EXIT_CONFIG, proxy::ProxyConfig},
+    proxy::{listeners::Accepted, state::ProxyState},
+};
 
 /// Runs proxy mode until SIGTERM/SIGINT. Errors are reported (and turned into an exit
 /// code) by kpscd's `main`.
 pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
     info!(
-        bulk_policy = config.bulk_policy.as_str(),
+        bulk_policy = %config.bulk_policy,
         max_frame_size = config.max_frame_size,
-        bulk_transfer = config.bulk_transfer.as_str(),
+        bulk_transfer = %config.bulk_transfer,
         max_in_flight = config.max_in_flight,
         "kpscd proxy starting"
     );
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    let state = ProxyState::new(config)?;
+    let (state, incoming) = ProxyState::start(config)?;
     let admin = admin::serve(
-        &state.config.map.http,
+        &state.config.common.http,
         Arc::clone(&state) as Arc<dyn admin::AdminView>,
         state.shutdown.clone(),
     )
     .await?;
-
-    let initial: Vec<_> = state.map.read().expect("map lock").entries().to_vec();
-    for entry in &initial {
-        state.bind(entry)?;
-    }
+    state.tasks.spawn(dispatch(incoming, Arc::clone(&state)));
 
     // First metadata: port-map conflicts found here are configuration errors.
-    match state.refresh_metadata().await {
+    match refresh::refresh_metadata(&state).await {
         Ok(problems) if !problems.is_empty() => {
             for p in &problems {
                 error!(error = %format!("{p:#}"), "broker cannot be mapped");
@@ -48,15 +60,15 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
         Ok(_) => {
-            let map = state.map.read().expect("map lock");
-            info!(brokers = map.entries().len(), "port map ready");
+            let brokers = state.listeners.snapshot().map.entries().len();
+            info!(brokers, "port map ready");
         }
         Err(e) => warn!(
             error = %format!("{e:#}"),
             "no broker answered yet; serving the static listeners and retrying every refresh interval"
         ),
     }
-    let refresher = tokio::spawn(Arc::clone(&state).refresh_loop());
+    let refresher = tokio::spawn(refresh::refresh_loop(Arc::clone(&state)));
 
     let signal_name = tokio::select! {
         _ = sigterm.recv() => "SIGTERM",
@@ -85,4 +97,23 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
     }
     info!("kpscd stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts a connection task for every accepted client, until shutdown.
+async fn dispatch(mut incoming: mpsc::Receiver<Accepted>, state: Arc<ProxyState>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            accepted = incoming.recv() => match accepted {
+                Some(a) => a,
+                None => return,
+            },
+        };
+        state.tasks.spawn(connection::serve::serve(
+            accepted.stream,
+            accepted.peer,
+            accepted.route,
+            Arc::clone(&state),
+        ));
+    }
 }

@@ -1,0 +1,153 @@
+//! Flags both modes take (kafka-proxy's names) and the settings they resolve to.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::{
+    config::{
+        error::ConfigError,
+        file::{pick, pick_list},
+        values::{HumanDuration, LogFormat, LogLevel},
+    },
+    mapping::addr::StaticMapping,
+};
+
+/// Flags shared by every mode that maps ports to brokers.
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct CommonArgs {
+    /// TOML file with the same settings (keys use underscores); flags override it.
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Known broker: `broker_host:port,listen_host:port[,advertised_host:port]`. Repeatable.
+    #[arg(long = "bootstrap-server-mapping", value_name = "MAPPING")]
+    pub bootstrap_server_mapping: Vec<String>,
+
+    /// How often to ask the brokers for cluster metadata, e.g. `30s`.
+    #[arg(long = "metadata-refresh-interval", value_name = "DURATION")]
+    pub metadata_refresh_interval: Option<HumanDuration>,
+
+    /// Timeout for connecting to a broker, e.g. `15s`.
+    #[arg(long = "kafka-dial-timeout", value_name = "DURATION")]
+    pub kafka_dial_timeout: Option<HumanDuration>,
+
+    /// Admin/metrics HTTP address.
+    #[arg(long = "http-listen-address", value_name = "ADDR")]
+    pub http_listen_address: Option<String>,
+
+    /// Do not serve the admin/metrics HTTP endpoint.
+    #[arg(long = "http-disable", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub http_disable: Option<bool>,
+
+    /// Path of the Prometheus endpoint.
+    #[arg(long = "http-metrics-path", value_name = "PATH")]
+    pub http_metrics_path: Option<String>,
+
+    /// Path of the liveness endpoint.
+    #[arg(long = "http-health-path", value_name = "PATH")]
+    pub http_health_path: Option<String>,
+
+    /// Log format.
+    #[arg(long = "log-format", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Log level (kafka-proxy's warning, fatal and panic are accepted).
+    #[arg(long = "log-level", value_name = "LEVEL")]
+    pub log_level: Option<LogLevel>,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: LogLevel,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// None when `--http-disable` is set.
+    pub listen: Option<String>,
+    pub metrics_path: String,
+    pub health_path: String,
+}
+
+/// The common settings, validated.
+#[derive(Clone, Debug)]
+pub struct CommonSettings {
+    pub static_mappings: Vec<StaticMapping>,
+    pub metadata_refresh_interval: Duration,
+    pub dial_timeout: Duration,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+}
+
+impl CommonSettings {
+    /// Validates the common flags merged with the file's.
+    pub fn resolve(flags: CommonArgs, file: CommonArgs) -> Result<Self, ConfigError> {
+        let mappings = pick_list(
+            flags.bootstrap_server_mapping,
+            file.bootstrap_server_mapping,
+        );
+        if mappings.is_empty() {
+            return Err(ConfigError::new(
+                "--bootstrap-server-mapping",
+                "at least one is required (broker_host:port,listen_host:port[,advertised_host:port])",
+            ));
+        }
+        let static_mappings = mappings
+            .iter()
+            .map(|m| StaticMapping::parse(m))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::new("--bootstrap-server-mapping", e))?;
+
+        let metadata_refresh_interval = pick(
+            flags.metadata_refresh_interval,
+            file.metadata_refresh_interval,
+        )
+        .map_or(Duration::from_secs(30), |d| d.0);
+        if metadata_refresh_interval.is_zero() {
+            return Err(ConfigError::new(
+                "--metadata-refresh-interval",
+                "must be greater than zero",
+            ));
+        }
+        let dial_timeout = pick(flags.kafka_dial_timeout, file.kafka_dial_timeout)
+            .map_or(Duration::from_secs(15), |d| d.0);
+
+        let http_disable = pick(flags.http_disable, file.http_disable).unwrap_or(false);
+        let http_listen = pick(flags.http_listen_address, file.http_listen_address)
+            .unwrap_or_else(|| "0.0.0.0:9080".to_owned());
+        let metrics_path = pick(flags.http_metrics_path, file.http_metrics_path)
+            .unwrap_or_else(|| "/metrics".to_owned());
+        let health_path = pick(flags.http_health_path, file.http_health_path)
+            .unwrap_or_else(|| "/health".to_owned());
+        for (flag, path) in [
+            ("--http-metrics-path", &metrics_path),
+            ("--http-health-path", &health_path),
+        ] {
+            if !path.starts_with('/') {
+                return Err(ConfigError::new(
+                    flag,
+                    format!("{path:?} must start with /"),
+                ));
+            }
+        }
+        Ok(Self {
+            static_mappings,
+            metadata_refresh_interval,
+            dial_timeout,
+            http: HttpConfig {
+                listen: (!http_disable).then_some(http_listen),
+                metrics_path,
+                health_path,
+            },
+            log: LogConfig {
+                format: pick(flags.log_format, file.log_format).unwrap_or_default(),
+                level: pick(flags.log_level, file.log_level).unwrap_or_default(),
+            },
+        })
+    }
+}

@@ -1,0 +1,199 @@
+//! `kpscd portmap` flags and their validation. Portmap maps only static entries: the brokers
+//! advertise the endpoint's names, so metadata cannot reveal addresses to map dynamically,
+//! and the flags for dynamic listeners are not offered at all.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::{
+    config::{
+        common::{CommonArgs, CommonSettings},
+        error::ConfigError,
+        file::{self, pick, pick_list},
+    },
+    mapping::{
+        addr::BrokerAddr,
+        map::{DynamicPorts, PortMapConfig},
+    },
+};
+
+/// bpffs directory the maps are pinned under by default.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/kpsc";
+
+/// Portmap-mode flags: the port map (static mappings only) plus where to attach.
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct PortmapArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: CommonArgs,
+
+    /// Interface(s) to attach the TC program to (client- and broker-facing; repeatable
+    /// or comma-separated).
+    #[arg(long = "interface", value_delimiter = ',', value_name = "IFACE")]
+    pub interface: Vec<String>,
+
+    /// Instance name: maps are pinned under <pin-root>/<instance>/.
+    #[arg(long, value_name = "NAME")]
+    pub instance: Option<String>,
+
+    /// bpffs directory for the pins.
+    #[arg(long = "pin-root", value_name = "DIR")]
+    pub pin_root: Option<PathBuf>,
+}
+
+/// One validated mapping: listen port -> broker, and what the broker should advertise.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortmapEntry {
+    pub listen: SocketAddr,
+    pub broker: BrokerAddr,
+    pub advertised: BrokerAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct PortmapConfig {
+    /// The flags as given, re-resolved (with the file re-read) on SIGHUP.
+    pub args: PortmapArgs,
+    pub common: CommonSettings,
+    pub entries: Vec<PortmapEntry>,
+    pub interfaces: Vec<String>,
+    pub instance: String,
+    pub pin_root: PathBuf,
+}
+
+impl PortmapConfig {
+    pub fn resolve(flags: PortmapArgs) -> Result<Self, ConfigError> {
+        let original = flags.clone();
+        let file: PortmapArgs = file::load(flags.common.config.as_deref())?;
+        let interfaces = pick_list(flags.interface, file.interface);
+        if interfaces.is_empty() {
+            return Err(ConfigError::new(
+                "--interface",
+                "portmap needs the interface(s) to attach to, e.g. --interface eth0",
+            ));
+        }
+        let instance = pick(flags.instance, file.instance).unwrap_or_else(|| "default".to_owned());
+        if instance.is_empty() || instance.contains('/') || instance.starts_with('.') {
+            return Err(ConfigError::new(
+                "--instance",
+                format!("{instance:?} is not a valid name"),
+            ));
+        }
+        let pin_root =
+            pick(flags.pin_root, file.pin_root).unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_ROOT));
+        let raw_mappings = pick_list(
+            flags.common.bootstrap_server_mapping.clone(),
+            file.common.bootstrap_server_mapping.clone(),
+        );
+        if let Some(m) = raw_mappings.iter().find(|m| m.split(',').count() != 3) {
+            return Err(ConfigError::new(
+                "--bootstrap-server-mapping",
+                format!(
+                    "{m:?}: portmap needs broker_host:port,listen_ip:port,advertised_host:port \
+                     (the advertised address is what the broker must announce)"
+                ),
+            ));
+        }
+        let common = CommonSettings::resolve(flags.common, file.common)?;
+        // Conflicts (two brokers on one port, a broker mapped twice) are found by the same
+        // map the proxy uses.
+        PortMapConfig {
+            static_mappings: common.static_mappings.clone(),
+            external: Vec::new(),
+            dynamic: DynamicPorts::Disabled,
+            listen_ip: [0, 0, 0, 0].into(),
+            advertised: None,
+        }
+        .validate()
+        .map_err(|e| ConfigError::new("--bootstrap-server-mapping", e.to_string()))?;
+        let entries = common
+            .static_mappings
+            .iter()
+            .map(|m| PortmapEntry {
+                listen: m.listen,
+                broker: m.broker.clone(),
+                advertised: m.advertised.clone(),
+            })
+            .collect::<Vec<_>>();
+        if let Some(e) = entries.iter().find(|e| !e.listen.is_ipv4()) {
+            return Err(ConfigError::new(
+                "--bootstrap-server-mapping",
+                format!("{}: portmap handles IPv4 only", e.listen),
+            ));
+        }
+        Ok(Self {
+            args: original,
+            common,
+            entries,
+            interfaces,
+            instance,
+            pin_root,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        portmap: PortmapArgs,
+    }
+
+    #[test]
+    fn help_offers_only_what_portmap_accepts() {
+        let help = Cli::command().render_long_help().to_string();
+        for flag in ["--bootstrap-server-mapping", "--interface", "--pin-root"] {
+            assert!(help.contains(flag), "{flag} missing from:\n{help}");
+        }
+        for flag in [
+            "--dynamic-sequential-min-port",
+            "--dynamic-advertised-listener",
+            "--external-server-mapping",
+            "--bulk-policy",
+        ] {
+            assert!(!help.contains(flag), "{flag} offered by portmap:\n{help}");
+        }
+        let err = Cli::try_parse_from(["kpscd", "--dynamic-sequential-min-port", "9000"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("--dynamic-sequential-min-port"), "{err}");
+    }
+
+    #[test]
+    fn file_keys_of_proxy_mode_are_refused() {
+        let dir = std::env::temp_dir().join(format!("kpsc-portmap-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kpsc.toml");
+        std::fs::write(
+            &path,
+            "bootstrap_server_mapping = [\"b:1,0.0.0.0:2,a:2\"]\ninterface = [\"lo\"]\nbulk_policy = \"cap\"\n",
+        )
+        .unwrap();
+        let args = Cli::try_parse_from(["kpscd", "--config", path.to_str().unwrap()])
+            .unwrap()
+            .portmap;
+        let err = PortmapConfig::resolve(args).unwrap_err();
+        assert_eq!(err.flag, "--config");
+        assert!(err.message.contains("bulk_policy"), "{err}");
+        std::fs::write(
+            &path,
+            "bootstrap_server_mapping = [\"b:1,0.0.0.0:2,a:2\"]\ninterface = [\"lo\"]\n",
+        )
+        .unwrap();
+        let args = Cli::try_parse_from(["kpscd", "--config", path.to_str().unwrap()])
+            .unwrap()
+            .portmap;
+        let c = PortmapConfig::resolve(args).unwrap();
+        assert_eq!(c.interfaces, ["lo"]);
+        assert_eq!(c.entries.len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

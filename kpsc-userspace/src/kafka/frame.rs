@@ -1,0 +1,253 @@
+//! Kafka framing on the hot path: every frame is `int32 size` + body. This module reads
+//! size prefixes and moves frame bytes; it knows nothing of what the bodies mean (see
+//! `request` for the request header).
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Bytes in the size prefix.
+pub const SIZE_LEN: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame size {0} is negative")]
+    NegativeSize(i32),
+    #[error("frame size {size} exceeds the maximum {max} (--max-frame-size)")]
+    TooLarge { size: u32, max: u32 },
+    #[error("frame size {size} is too small for a {what} header")]
+    TooSmall { size: u32, what: &'static str },
+    #[error("malformed request header: {0}")]
+    BadHeader(String),
+    #[error("peer closed the connection in the middle of a frame")]
+    Truncated,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Validates a size prefix.
+pub fn frame_size(
+    prefix: [u8; 4],
+    max: u32,
+    min: u32,
+    what: &'static str,
+) -> Result<u32, FrameError> {
+    let size = i32::from_be_bytes(prefix);
+    if size < 0 {
+        return Err(FrameError::NegativeSize(size));
+    }
+    let size = size as u32;
+    if size > max {
+        return Err(FrameError::TooLarge { size, max });
+    }
+    if size < min {
+        return Err(FrameError::TooSmall { size, what });
+    }
+    Ok(size)
+}
+
+/// A read buffer with a fixed capacity that can peek at the start of a frame and then
+/// copy the rest to a writer without holding the whole frame: memory per connection stays
+/// at `capacity` whatever the frame size, and the buffer is reused for every frame.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(inner: R, capacity: usize) -> Self {
+        Self {
+            inner,
+            buf: vec![0; capacity].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Buffered bytes not yet consumed.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        debug_assert!(n <= self.end - self.start);
+        self.start += n;
+    }
+
+    /// Takes up to `n` buffered bytes, consuming them: what a bulk mover must send before
+    /// it moves the rest of a frame straight from the source.
+    pub fn take_buffered(&mut self, n: usize) -> &[u8] {
+        let taken = n.min(self.end - self.start);
+        let bytes = &self.buf[self.start..self.start + taken];
+        self.start += taken;
+        bytes
+    }
+
+    /// The source being read (for movers that read it without this buffer).
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    /// Reads until at least `n` bytes are buffered (`n <= capacity`). Returns false on a
+    /// clean EOF with nothing buffered (the peer closed between frames).
+    pub async fn fill_to(&mut self, n: usize) -> Result<bool, FrameError> {
+        debug_assert!(n <= self.buf.len());
+        if self.end - self.start >= n {
+            return Ok(true);
+        }
+        if self.buf.len() - self.start < n {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.end - self.start < n {
+            let read = self.inner.read(&mut self.buf[self.end..]).await?;
+            if read == 0 {
+                return if self.end == self.start {
+                    Ok(false)
+                } else {
+                    Err(FrameError::Truncated)
+                };
+            }
+            self.end += read;
+        }
+        Ok(true)
+    }
+
+    /// Copies exactly `n` bytes (buffered first) to `out`.
+    pub async fn copy_to<W: AsyncWrite + Unpin>(
+        &mut self,
+        mut n: usize,
+        out: &mut W,
+    ) -> Result<(), FrameError> {
+        while n > 0 {
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+                let read = self.inner.read(&mut self.buf).await?;
+                if read == 0 {
+                    return Err(FrameError::Truncated);
+                }
+                self.end = read;
+            }
+            let chunk = n.min(self.end - self.start);
+            out.write_all(&self.buf[self.start..self.start + chunk])
+                .await?;
+            self.start += chunk;
+            n -= chunk;
+        }
+        Ok(())
+    }
+
+    /// Appends exactly `n` bytes (buffered first) to `out`.
+    pub async fn read_into(&mut self, mut n: usize, out: &mut Vec<u8>) -> Result<(), FrameError> {
+        out.reserve(n);
+        while n > 0 {
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+                let read = self.inner.read(&mut self.buf).await?;
+                if read == 0 {
+                    return Err(FrameError::Truncated);
+                }
+                self.end = read;
+            }
+            let chunk = n.min(self.end - self.start);
+            out.extend_from_slice(&self.buf[self.start..self.start + chunk]);
+            self.start += chunk;
+            n -= chunk;
+        }
+        Ok(())
+    }
+
+    /// Reads one whole frame body (after the size prefix) into `out`, e.g. for the
+    /// metadata client.
+    pub async fn read_frame(&mut self, max: u32, out: &mut Vec<u8>) -> Result<bool, FrameError> {
+        if !self.fill_to(SIZE_LEN).await? {
+            return Ok(false);
+        }
+        let size = frame_size(
+            self.buffered()[..4].try_into().expect("4 bytes"),
+            max,
+            4,
+            "response",
+        )?;
+        self.consume(SIZE_LEN);
+        out.clear();
+        self.read_into(size as usize, out).await?;
+        Ok(true)
+    }
+}
+
+/// Writes `size` + `body` in one vectored write (with TCP_NODELAY, two writes would be two
+/// segments).
+pub async fn write_frame<W: AsyncWrite + Unpin>(out: &mut W, body: &[u8]) -> io::Result<()> {
+    let size = i32::try_from(body.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?
+        .to_be_bytes();
+    let mut bufs = [io::IoSlice::new(&size), io::IoSlice::new(body)];
+    let mut slices = &mut bufs[..];
+    while !slices.is_empty() {
+        let n = out.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_size_limits() {
+        assert!(matches!(
+            frame_size((-1i32).to_be_bytes(), 100, 0, "x"),
+            Err(FrameError::NegativeSize(-1))
+        ));
+        assert!(matches!(
+            frame_size(101i32.to_be_bytes(), 100, 0, "x"),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            frame_size(3i32.to_be_bytes(), 100, 8, "x"),
+            Err(FrameError::TooSmall { .. })
+        ));
+        assert_eq!(frame_size(8i32.to_be_bytes(), 100, 8, "x").unwrap(), 8);
+    }
+
+    #[tokio::test]
+    async fn frame_reader_copies_frames_larger_than_its_buffer() {
+        let payload: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let mut input = Vec::new();
+        input.extend_from_slice(&(payload.len() as i32).to_be_bytes());
+        input.extend_from_slice(&payload);
+        input.extend_from_slice(&[0, 0, 0, 4, 42, 43, 44, 45]);
+        let mut r = FrameReader::new(&input[..], 64);
+        assert!(r.fill_to(4).await.unwrap());
+        let size = frame_size(r.buffered()[..4].try_into().unwrap(), 1 << 20, 0, "x").unwrap();
+        r.consume(4);
+        let mut out = Vec::new();
+        r.copy_to(size as usize, &mut out).await.unwrap();
+        assert_eq!(out, payload);
+        let mut body = Vec::new();
+        assert!(r.read_frame(10, &mut body).await.unwrap());
+        assert_eq!(body, vec![42, 43, 44, 45]);
+        assert!(!r.fill_to(4).await.unwrap());
+        // Truncated frame: EOF inside the body is an error, not a clean close.
+        let mut r = FrameReader::new(&[0u8, 0, 0, 9, 1, 2][..], 64);
+        let mut body = Vec::new();
+        assert!(matches!(
+            r.read_frame(100, &mut body).await,
+            Err(FrameError::Truncated)
+        ));
+    }
+}

@@ -1,0 +1,321 @@
+//! The layout walker: a wire-shape pre-check run before kafka-protocol decodes anything
+//! that came from a broker or a client.
+//!
+//! Why it exists: kafka-protocol 0.18 sizes `Vec::with_capacity` from array counts read off
+//! the wire before it decodes a single element, so a few bytes claiming 2^31 entries make it
+//! request hundreds of GB, and a failed allocation aborts the whole process (it is not a
+//! panic that could be caught). Walking the same schema first and refusing any count whose
+//! entries cannot fit in the remaining bytes bounds every allocation by the frame size.
+//! When kafka-protocol bounds its reservations itself, this file and the schema tables
+//! beside each API can go.
+//!
+//! The tables (declared with each API under `proxy/rewrite/apis/`) mirror kafka-protocol's
+//! generated decoders (Kafka 4.1 schemas) field by field; the walk must read exactly what
+//! kafka-protocol reads, which `kafka::guarded` verifies on every decode.
+
+use std::fmt;
+
+#[derive(Clone, Copy, Debug)]
+pub enum Ty {
+    /// Fixed-width value: integers, booleans, uuids.
+    Fixed(usize),
+    /// (Nullable) string: int16 length, or uvarint length+1 in flexible versions.
+    Str,
+    /// (Nullable) bytes or records: int32 length, or uvarint length+1 in flexible versions.
+    Bytes,
+    /// Array of fixed-width values (broker ids).
+    FixedArray(usize),
+    /// Array of structs.
+    Array(&'static [Field]),
+    /// Inline struct.
+    Struct(&'static [Field]),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Field {
+    name: &'static str,
+    ty: Ty,
+    min: i16,
+    max: i16,
+    tag: Option<u32>,
+}
+
+impl Field {
+    fn present(&self, version: i16) -> bool {
+        (self.min..=self.max).contains(&version)
+    }
+}
+
+/// A message: its fields and the first version using compact encodings and tagged fields.
+#[derive(Debug)]
+pub struct Schema {
+    pub flexible_from: i16,
+    pub fields: &'static [Field],
+}
+
+pub const I8: Ty = Ty::Fixed(1);
+pub const I16: Ty = Ty::Fixed(2);
+pub const U16: Ty = Ty::Fixed(2);
+pub const I32: Ty = Ty::Fixed(4);
+pub const I64: Ty = Ty::Fixed(8);
+pub const BOOL: Ty = Ty::Fixed(1);
+pub const UUID: Ty = Ty::Fixed(16);
+pub const STR: Ty = Ty::Str;
+pub const BYTES: Ty = Ty::Bytes;
+pub const BROKER_IDS: Ty = Ty::FixedArray(4);
+
+pub const fn all(name: &'static str, ty: Ty) -> Field {
+    between(0, i16::MAX, name, ty)
+}
+pub const fn since(min: i16, name: &'static str, ty: Ty) -> Field {
+    between(min, i16::MAX, name, ty)
+}
+pub const fn until(max: i16, name: &'static str, ty: Ty) -> Field {
+    between(0, max, name, ty)
+}
+pub const fn between(min: i16, max: i16, name: &'static str, ty: Ty) -> Field {
+    Field {
+        name,
+        ty,
+        min,
+        max,
+        tag: None,
+    }
+}
+pub const fn tagged(tag: u32, min: i16, name: &'static str, ty: Ty) -> Field {
+    Field {
+        name,
+        ty,
+        min,
+        max: i16::MAX,
+        tag: Some(tag),
+    }
+}
+
+const HEADER: &[Field] = &[all("correlation_id", I32)];
+
+#[derive(Debug)]
+pub struct ShapeError {
+    at: usize,
+    field: &'static str,
+    problem: &'static str,
+}
+
+impl ShapeError {
+    /// The count check kafka-protocol lacks failed: kafka-protocol must not see this input.
+    #[cfg(test)]
+    pub fn is_impossible_count(&self) -> bool {
+        self.problem == IMPOSSIBLE_COUNT
+    }
+}
+
+const IMPOSSIBLE_COUNT: &str = "claims more entries than the remaining bytes hold";
+
+impl fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} (byte {})", self.field, self.problem, self.at)
+    }
+}
+
+/// Walks header + message the way kafka-protocol decodes them; returns where the message ends.
+pub fn check(
+    body: &[u8],
+    header_version: i16,
+    schema: &Schema,
+    version: i16,
+) -> Result<usize, ShapeError> {
+    let mut walker = Walker {
+        buf: body,
+        pos: 0,
+        version,
+        flexible: header_version >= 1,
+    };
+    walker.fields(HEADER)?;
+    walker.flexible = version >= schema.flexible_from;
+    walker.fields(schema.fields)?;
+    Ok(walker.pos)
+}
+
+struct Walker<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    version: i16,
+    flexible: bool,
+}
+
+impl Walker<'_> {
+    fn fail(&self, field: &'static str, problem: &'static str) -> ShapeError {
+        ShapeError {
+            at: self.pos,
+            field,
+            problem,
+        }
+    }
+
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn skip(&mut self, len: usize, field: &'static str) -> Result<(), ShapeError> {
+        if len > self.remaining() {
+            return Err(self.fail(field, "runs past the end of the response"));
+        }
+        self.pos += len;
+        Ok(())
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], ShapeError> {
+        let bytes = self
+            .buf
+            .get(self.pos..)
+            .and_then(|rest| rest.first_chunk::<N>())
+            .copied()
+            .ok_or_else(|| self.fail(field, "runs past the end of the response"))?;
+        self.pos += N;
+        Ok(bytes)
+    }
+
+    fn int16(&mut self, field: &'static str) -> Result<i16, ShapeError> {
+        self.array(field).map(i16::from_be_bytes)
+    }
+
+    fn int32(&mut self, field: &'static str) -> Result<i32, ShapeError> {
+        self.array(field).map(i32::from_be_bytes)
+    }
+
+    /// Same reading as kafka-protocol: at most five bytes, excess bits dropped.
+    fn uvarint(&mut self, field: &'static str) -> Result<u32, ShapeError> {
+        let mut value = 0u32;
+        for i in 0..5 {
+            let [byte] = self.array::<1>(field)?;
+            value |= u32::from(byte & 0x7f) << (i * 7);
+            if byte < 0x80 {
+                break;
+            }
+        }
+        Ok(value)
+    }
+
+    /// Length of a string (`wide == false`) or bytes field; null reads as empty.
+    fn length(&mut self, field: &'static str, wide: bool) -> Result<usize, ShapeError> {
+        if self.flexible {
+            return Ok(self.uvarint(field)?.saturating_sub(1) as usize);
+        }
+        let len = if wide {
+            self.int32(field)?
+        } else {
+            i32::from(self.int16(field)?)
+        };
+        match len {
+            -1 => Ok(0),
+            len => usize::try_from(len).map_err(|_| self.fail(field, "has a negative length")),
+        }
+    }
+
+    /// Entry count of an array whose entries take at least `min_entry` bytes; null reads as 0.
+    fn count(&mut self, field: &'static str, min_entry: usize) -> Result<usize, ShapeError> {
+        let count = if self.flexible {
+            self.uvarint(field)?.saturating_sub(1) as usize
+        } else {
+            match self.int32(field)? {
+                -1 => 0,
+                n => usize::try_from(n)
+                    .map_err(|_| self.fail(field, "has a negative entry count"))?,
+            }
+        };
+        // The one check kafka-protocol lacks: it reserves `count` entries up front.
+        if count.saturating_mul(min_entry.max(1)) > self.remaining() {
+            return Err(self.fail(field, IMPOSSIBLE_COUNT));
+        }
+        Ok(count)
+    }
+
+    fn fields(&mut self, fields: &[Field]) -> Result<(), ShapeError> {
+        let version = self.version;
+        for field in fields
+            .iter()
+            .filter(|f| f.tag.is_none() && f.present(version))
+        {
+            self.value(field.ty, field.name)?;
+        }
+        if self.flexible {
+            let count = self.uvarint("tagged field count")?;
+            for _ in 0..count {
+                let tag = self.uvarint("tagged field tag")?;
+                let size = self.uvarint("tagged field size")?;
+                // kafka-protocol decodes known tagged fields in place, ignoring their size,
+                // and skips unknown ones by size.
+                match fields
+                    .iter()
+                    .find(|f| f.tag == Some(tag) && f.present(version))
+                {
+                    Some(field) => self.value(field.ty, field.name)?,
+                    None => self.skip(size as usize, "unknown tagged field")?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn value(&mut self, ty: Ty, name: &'static str) -> Result<(), ShapeError> {
+        match ty {
+            Ty::Fixed(width) => self.skip(width, name),
+            Ty::Str => {
+                let len = self.length(name, false)?;
+                self.skip(len, name)
+            }
+            Ty::Bytes => {
+                let len = self.length(name, true)?;
+                self.skip(len, name)
+            }
+            Ty::FixedArray(width) => {
+                let count = self.count(name, width)?;
+                self.skip(count * width, name)
+            }
+            Ty::Array(fields) => {
+                let count = self.count(name, min_size(fields, self.version, self.flexible))?;
+                for _ in 0..count {
+                    self.fields(fields)?;
+                }
+                Ok(())
+            }
+            Ty::Struct(fields) => self.fields(fields),
+        }
+    }
+}
+
+/// Fewest bytes one struct can take on the wire.
+fn min_size(fields: &[Field], version: i16, flexible: bool) -> usize {
+    let narrow = if flexible { 1 } else { 2 };
+    let wide = if flexible { 1 } else { 4 };
+    let own: usize = fields
+        .iter()
+        .filter(|f| f.tag.is_none() && f.present(version))
+        .map(|f| match f.ty {
+            Ty::Fixed(width) => width,
+            Ty::Str => narrow,
+            Ty::Bytes | Ty::FixedArray(_) | Ty::Array(_) => wide,
+            Ty::Struct(inner) => min_size(inner, version, flexible),
+        })
+        .sum();
+    own + usize::from(flexible)
+}
+
+/// Test support: a table must list exactly the fields kafka-protocol encodes in each version.
+/// A default-valued struct encodes to its minimum size (empty strings and arrays, omitted
+/// tagged fields), so the two sizes agree only if presence, widths and flexibility do.
+#[cfg(test)]
+pub fn assert_min_size_matches<T: kafka_protocol::protocol::Encodable + Default>(
+    name: &str,
+    fields: &[Field],
+    flexible_from: i16,
+    versions: std::ops::RangeInclusive<i16>,
+) {
+    for v in versions {
+        assert_eq!(
+            min_size(fields, v, v >= flexible_from),
+            T::default().compute_size(v).unwrap(),
+            "{name} v{v}"
+        );
+    }
+}

@@ -1,0 +1,125 @@
+//! `kpscd portmap`: the kernel moves every byte (see `kpsc-ebpf/src/portmap.rs`). This side
+//! checks privileges, resolves `targets`, loads and attaches the program (`datapath`, with
+//! the object from `ebpf`), fills its port map, reloads it on SIGHUP, `probe`s what the
+//! brokers advertise, removes closed `flows`, serves `kernel_metrics` and the map through
+//! the admin endpoint (`state`), and cleans up on exit.
+pub mod datapath;
+pub mod ebpf;
+pub mod flows;
+pub mod kernel_metrics;
+pub mod privileges;
+pub mod probe;
+pub mod state;
+pub mod targets;
+
+use std::{
+    net::Ipv4Addr,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::{
+    admin::{self, AdminView},
+    config::portmap::PortmapConfig,
+    metrics::Metrics,
+    portmap::{
+        datapath::{Datapath, PinnedMaps},
+        privileges::{EXIT_PRIVILEGE, missing_capabilities},
+        state::{PortmapState, ProbeState},
+        targets::{check_forwarding, kernel_targets},
+    },
+};
+
+/// Runs portmap mode until SIGTERM/SIGINT. Errors are reported (and turned into an exit
+/// code) by kpscd's `main`.
+pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
+    let missing = missing_capabilities();
+    if !missing.is_empty() {
+        eprintln!(
+            "kpscd portmap needs CAP_BPF and CAP_NET_ADMIN (or root); missing: {}",
+            missing.join(", ")
+        );
+        return Ok(ExitCode::from(EXIT_PRIVILEGE));
+    }
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    check_forwarding(&config.interfaces)?;
+    let targets = kernel_targets(&config.entries)?;
+
+    let mut datapath = Datapath::load(&config.pin_root, &config.instance)?;
+    datapath.set_targets(&targets)?;
+    let shutdown = CancellationToken::new();
+    let state = Arc::new(PortmapState {
+        pins: Mutex::new(None),
+        metrics: Metrics::new(),
+        probe: Mutex::new(ProbeState::default()),
+        attached: false.into(),
+        reprobe: tokio::sync::Notify::new(),
+        config: Mutex::new(config.clone()),
+    });
+    let admin = admin::serve(
+        &config.common.http,
+        Arc::clone(&state) as Arc<dyn AdminView>,
+        shutdown.clone(),
+    )
+    .await;
+    let result = async {
+        let admin = admin?;
+        for iface in &config.interfaces {
+            datapath.attach(iface)?;
+        }
+        *state.pins.lock().expect("pins lock") = Some(PinnedMaps::open(datapath.pin_dir())?);
+        state.attached.store(true, std::sync::atomic::Ordering::Release);
+        for (port, t) in &targets {
+            info!(
+                listen_port = port,
+                broker = %Ipv4Addr::from(t.broker_ip.to_ne_bytes()),
+                broker_port = u16::from_be(t.broker_port),
+                snat = %Ipv4Addr::from(t.snat_ip.to_ne_bytes()),
+                "port mapped in the kernel"
+            );
+        }
+        let prober = tokio::spawn(probe::probe_loop(Arc::clone(&state), shutdown.clone()));
+        let cleaner = tokio::spawn(flows::cleanup_loop(Arc::clone(&state), shutdown.clone()));
+        let stop = loop {
+            tokio::select! {
+                _ = sigterm.recv() => break "SIGTERM",
+                _ = sigint.recv() => break "SIGINT",
+                _ = sighup.recv() => {
+                    let args = state.config.lock().expect("config lock").args.clone();
+                    match PortmapConfig::resolve(args).map_err(anyhow::Error::new).and_then(|c| {
+                        let targets = kernel_targets(&c.entries)?;
+                        Ok((c, targets))
+                    }) {
+                        Ok((new, targets)) => {
+                            datapath.set_targets(&targets)?;
+                            info!(ports = targets.len(), "SIGHUP: port map reloaded; established flows keep their brokers");
+                            *state.config.lock().expect("config lock") = new;
+                            state.probe.lock().expect("probe lock").done = false;
+                            state.reprobe.notify_one();
+                        }
+                        Err(e) => error!(error = %format!("{e:#}"), "SIGHUP: new configuration rejected, keeping the old one"),
+                    }
+                }
+            }
+        };
+        info!(signal = stop, "stopping");
+        prober.abort();
+        cleaner.abort();
+        shutdown.cancel();
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    *state.pins.lock().expect("pins lock") = None;
+    datapath.shutdown()?;
+    result?;
+    Ok(ExitCode::SUCCESS)
+}

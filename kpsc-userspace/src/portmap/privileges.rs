@@ -1,0 +1,34 @@
+//! The capabilities portmap needs, checked before anything is loaded so the operator is
+//! told what to grant instead of getting EPERM from the kernel.
+
+/// Exit code when privileges are missing.
+pub const EXIT_PRIVILEGE: u8 = 4;
+
+/// Effective capabilities of this process (from /proc/self/status).
+fn effective_caps() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The capabilities portmap needs that this process lacks.
+pub fn missing_capabilities() -> Vec<&'static str> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    let caps = effective_caps();
+    let has = |c: u32| caps & (1 << c) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    missing
+}

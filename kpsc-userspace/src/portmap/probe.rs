@@ -1,0 +1,84 @@
+//! Checks that every broker advertises what the port map serves: a broker that advertises
+//! its real address sends clients around the endpoint, which portmap cannot fix by itself.
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    config::portmap::PortmapEntry,
+    kafka::discovery,
+    mapping::addr::BrokerAddr,
+    portmap::state::{PortmapState, ProbeState},
+};
+
+/// Compares what each broker advertises with the port map. Returns the mismatches.
+pub async fn probe_advertised(entries: &[PortmapEntry], timeout: Duration) -> Vec<String> {
+    let expected: BTreeSet<BrokerAddr> = entries.iter().map(|e| e.advertised.clone()).collect();
+    let mut problems = Vec::new();
+    for e in entries {
+        match discovery::fetch_brokers(&e.broker, timeout).await {
+            Ok(brokers) => {
+                for (id, addr) in &brokers {
+                    if !expected.contains(addr) {
+                        problems.push(format!(
+                            "broker {} (id {id}) advertises {addr}, which no mapped port serves: \
+                             clients will try to reach it directly (fix the broker's \
+                             advertised.listeners, or add a mapping for it)",
+                            e.broker
+                        ));
+                    }
+                }
+                if !brokers.iter().any(|(_, a)| a == &e.advertised) {
+                    problems.push(format!(
+                        "port {} expects its broker to advertise {}, but {} lists {:?}",
+                        e.listen.port(),
+                        e.advertised,
+                        e.broker,
+                        brokers
+                            .iter()
+                            .map(|(id, a)| format!("{id}={a}"))
+                            .collect::<Vec<_>>()
+                    ));
+                }
+            }
+            Err(err) => problems.push(format!("cannot ask {} for metadata: {err:#}", e.broker)),
+        }
+    }
+    problems.sort();
+    problems.dedup();
+    problems
+}
+
+pub async fn probe_loop(state: Arc<PortmapState>, shutdown: CancellationToken) {
+    loop {
+        let (entries, interval, timeout) = {
+            let c = state.config.lock().expect("config lock");
+            (
+                c.entries.clone(),
+                c.common.metadata_refresh_interval,
+                c.common.dial_timeout,
+            )
+        };
+        let problems = probe_advertised(&entries, timeout).await;
+        for p in &problems {
+            warn!("advertised listener mismatch: {p}");
+        }
+        if problems.is_empty() {
+            info!(
+                brokers = entries.len(),
+                "every broker advertises what the port map serves"
+            );
+        }
+        *state.probe.lock().expect("probe lock") = ProbeState {
+            done: true,
+            mismatches: problems,
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+            _ = state.reprobe.notified() => {}
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! What the kernel program needs per port: the broker's IPv4 address and the node's own
+//! source address towards it (the route's choice), and the forwarding it relies on.
+
+use std::net::{IpAddr, Ipv4Addr, ToSocketAddrs, UdpSocket};
+
+use anyhow::{Context as _, bail};
+use kpsc_common::PortTarget;
+
+use crate::config::portmap::PortmapEntry;
+
+fn ipv4_bits(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// Resolves each broker and the node's source address towards it (the route's own choice).
+pub fn kernel_targets(entries: &[PortmapEntry]) -> anyhow::Result<Vec<(u16, PortTarget)>> {
+    entries
+        .iter()
+        .map(|e| {
+            let broker = (e.broker.host.as_str(), e.broker.port)
+                .to_socket_addrs()
+                .with_context(|| format!("resolving broker {}", e.broker))?
+                .find(|a| a.is_ipv4())
+                .with_context(|| format!("broker {} has no IPv4 address", e.broker))?;
+            let probe = UdpSocket::bind("0.0.0.0:0")?;
+            probe
+                .connect(broker)
+                .with_context(|| format!("no route to broker {broker}"))?;
+            let (IpAddr::V4(snat), IpAddr::V4(broker_ip), IpAddr::V4(listen)) =
+                (probe.local_addr()?.ip(), broker.ip(), e.listen.ip())
+            else {
+                bail!("portmap handles IPv4 only");
+            };
+            Ok((
+                e.listen.port(),
+                PortTarget {
+                    listen_ip: ipv4_bits(listen),
+                    broker_ip: ipv4_bits(broker_ip),
+                    snat_ip: ipv4_bits(snat),
+                    broker_port: e.broker.port.to_be(),
+                    _pad: 0,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The program forwards with bpf_fib_lookup, which honours the interface's forwarding flag.
+pub fn check_forwarding(interfaces: &[String]) -> anyhow::Result<()> {
+    for iface in interfaces {
+        let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
+        let value = std::fs::read_to_string(&path)
+            .with_context(|| format!("interface {iface:?} not found ({path} unreadable)"))?;
+        if value.trim() != "1" {
+            bail!(
+                "IPv4 forwarding is off on {iface}: portmap forwards packets between client and \
+                 brokers, enable it with `sysctl -w net.ipv4.conf.{iface}.forwarding=1` \
+                 (or net.ipv4.ip_forward=1)"
+            );
+        }
+    }
+    Ok(())
+}

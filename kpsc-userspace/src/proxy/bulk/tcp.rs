@@ -1,0 +1,45 @@
+//! The mover `--bulk-transfer` selects for a proxied TCP connection.
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::{
+    config::proxy::BulkTransfer,
+    kafka::frame::{FrameError, FrameReader},
+    proxy::bulk::{copy::CopyMover, splice::SpliceMover, transfer::Transfer},
+};
+
+pub enum TcpMover {
+    Copy(CopyMover),
+    Splice(SpliceMover),
+}
+
+impl TcpMover {
+    pub fn new(transfer: BulkTransfer, spliced_bytes: Counter) -> Self {
+        match transfer {
+            BulkTransfer::Copy => Self::Copy(CopyMover),
+            BulkTransfer::Splice => Self::Splice(SpliceMover::new(spliced_bytes)),
+        }
+    }
+}
+
+impl Transfer<OwnedReadHalf, OwnedWriteHalf> for TcpMover {
+    fn read_buffer_size(&self) -> usize {
+        match self {
+            Self::Copy(m) => Transfer::<OwnedReadHalf, OwnedWriteHalf>::read_buffer_size(m),
+            Self::Splice(m) => m.read_buffer_size(),
+        }
+    }
+
+    async fn forward(
+        &mut self,
+        reader: &mut FrameReader<OwnedReadHalf>,
+        n: usize,
+        out: &mut OwnedWriteHalf,
+    ) -> Result<(), FrameError> {
+        match self {
+            Self::Copy(m) => m.forward(reader, n, out).await,
+            Self::Splice(m) => m.forward(reader, n, out).await,
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! How a proxied connection can end, and the metric label of each way.
+
+use crate::{kafka::frame::FrameError, proxy::rewrite::declaration::RewriteError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("cannot connect to broker {broker}: {source}")]
+    Connect {
+        broker: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to broker {0}")]
+    ConnectTimeout(String),
+    #[error("client: {0}")]
+    Client(FrameError),
+    #[error("broker: {0}")]
+    Broker(FrameError),
+    #[error("request for forbidden api {api} ({key}) refused (--forbidden-api-keys)")]
+    Forbidden { api: &'static str, key: i16 },
+    #[error("broker closed the connection with {0} request(s) in flight")]
+    BrokerClosed(usize),
+    #[error("broker sent a response nobody asked for")]
+    Unsolicited,
+    #[error("response correlation id {got} does not match the oldest request's {expected}")]
+    CorrelationMismatch { expected: i32, got: i32 },
+    #[error("{0}")]
+    Rewrite(#[from] RewriteError),
+    #[error("cannot map broker(s) in the response: {0}")]
+    Unmappable(String),
+    #[error("writing to the client: {0}")]
+    ClientWrite(std::io::Error),
+}
+
+impl ConnError {
+    /// Metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConnError::Connect { .. } | ConnError::ConnectTimeout(_) => "broker_unreachable",
+            ConnError::Client(FrameError::TooLarge { .. }) => "client_frame_too_large",
+            ConnError::Client(FrameError::NegativeSize(_) | FrameError::TooSmall { .. }) => {
+                "client_bad_size"
+            }
+            ConnError::Client(FrameError::BadHeader(_)) => "client_bad_header",
+            ConnError::Client(FrameError::Truncated) => "client_truncated",
+            ConnError::Client(FrameError::Io(_)) | ConnError::ClientWrite(_) => "client_io",
+            ConnError::Broker(FrameError::Io(_)) => "broker_io",
+            ConnError::Broker(_) => "broker_bad_frame",
+            ConnError::Forbidden { .. } => "forbidden_api",
+            ConnError::BrokerClosed(_) => "broker_closed",
+            ConnError::Unsolicited | ConnError::CorrelationMismatch { .. } => "broker_protocol",
+            ConnError::Rewrite(RewriteError::Unmapped { .. }) | ConnError::Unmappable(_) => {
+                "unmapped_broker"
+            }
+            ConnError::Rewrite(_) => "rewrite_failed",
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Broker -> client: each response is matched with the oldest request in flight, then
+//! forwarded unchanged, or decoded, rewritten and re-encoded when it may carry addresses.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::ApiKey;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::mpsc,
+};
+use tracing::debug;
+
+use crate::{
+    kafka::{
+        frame::{FrameError, FrameReader, SIZE_LEN, frame_size, write_frame},
+        request::RequestHeader,
+    },
+    mapping::addr::BrokerAddr,
+    proxy::{
+        bulk::transfer::Transfer,
+        connection::{error::ConnError, requests::InFlight},
+        listeners::Route,
+        rewrite::{
+            api_versions, apis,
+            declaration::{Advertised, Endpoint},
+            policy,
+        },
+        state::ProxyState,
+    },
+};
+
+/// How many unanswered acks=0 correlation ids to remember (see `forward_responses`).
+const ACKS0_MEMORY: usize = 1024;
+
+/// Forwards responses until the request side is done and everything owed was delivered,
+/// or the broker side ends.
+pub async fn forward_responses<R, W, M>(
+    upstream_r: R,
+    mut client_w: W,
+    mut mover: M,
+    mut in_flight: mpsc::Receiver<InFlight>,
+    route: &Route,
+    state: &ProxyState,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+    M: Transfer<R, W>,
+{
+    let max_frame = state.config.max_frame_size;
+    let mut reader = FrameReader::new(upstream_r, mover.read_buffer_size());
+    let mut body = Vec::new();
+    let mut out = BytesMut::new();
+    // Correlation ids of acks=0 produce requests since the last answered request. Kafka
+    // never answers them; some brokers (librdkafka's mock) do, and such an answer must be
+    // dropped, not forwarded to a client that expects none nor taken as out of order.
+    let mut unanswered_acks0: VecDeque<i32> = VecDeque::new();
+    let mut pending: Option<InFlight> = None;
+    loop {
+        if pending.is_none() {
+            pending = tokio::select! {
+                // Requests are registered before they are written upstream, so when a
+                // response arrives its request is already queued: poll the queue first.
+                biased;
+                request = in_flight.recv() => match request {
+                    Some(r) => Some(r),
+                    None => return Ok(()),
+                },
+                // Nothing in flight: only a close or an answer to acks=0 may come.
+                data = reader.fill_to(1) => {
+                    if !data.map_err(ConnError::Broker)? {
+                        return Ok(());
+                    }
+                    None
+                }
+            };
+            if let Some(request) = pending.take_if(|r| r.local_response.is_some()) {
+                let body = request.local_response.expect("checked");
+                write_frame(&mut client_w, &body)
+                    .await
+                    .map_err(ConnError::ClientWrite)?;
+                route
+                    .counters
+                    .bytes_to_client
+                    .inc_by((SIZE_LEN + body.len()) as u64);
+                state.metrics.version_cap(request.header.api_key);
+                continue;
+            }
+            if let Some(request) = pending.take_if(|r| !r.expects_response) {
+                if unanswered_acks0.len() == ACKS0_MEMORY {
+                    unanswered_acks0.pop_front();
+                }
+                unanswered_acks0.push_back(request.header.correlation_id);
+                continue;
+            }
+        }
+        let waiting = in_flight.len() + usize::from(pending.is_some());
+        match reader.fill_to(SIZE_LEN + 4).await {
+            Ok(true) => {}
+            Ok(false) if waiting == 0 => return Ok(()),
+            Ok(false) | Err(FrameError::Truncated) => return Err(ConnError::BrokerClosed(waiting)),
+            Err(e) => return Err(ConnError::Broker(e)),
+        }
+        let buffered = reader.buffered();
+        let size = frame_size(
+            buffered[..4].try_into().expect("4 bytes"),
+            max_frame,
+            4,
+            "response",
+        )
+        .map_err(ConnError::Broker)?;
+        let correlation_id = i32::from_be_bytes(buffered[4..8].try_into().expect("4 bytes"));
+        if let Some(pos) = unanswered_acks0.iter().position(|&id| id == correlation_id) {
+            unanswered_acks0.drain(..=pos);
+            reader
+                .copy_to(SIZE_LEN + size as usize, &mut tokio::io::sink())
+                .await
+                .map_err(ConnError::Broker)?;
+            debug!(
+                correlation_id,
+                "dropped the broker's answer to an acks=0 produce"
+            );
+            continue;
+        }
+        let Some(request) = pending.take() else {
+            return Err(ConnError::Unsolicited);
+        };
+        let RequestHeader {
+            api_key,
+            api_version,
+            correlation_id: expected,
+        } = request.header;
+        if correlation_id != expected {
+            return Err(ConnError::CorrelationMismatch {
+                expected,
+                got: correlation_id,
+            });
+        }
+        // Responses come in request order: earlier acks=0 requests will not be answered.
+        unanswered_acks0.clear();
+        let is_api_versions = api_key == ApiKey::ApiVersions as i16;
+        let written = if is_api_versions || policy::response_needs_rewrite(api_key, api_version) {
+            reader.consume(SIZE_LEN);
+            body.clear();
+            reader
+                .read_into(size as usize, &mut body)
+                .await
+                .map_err(ConnError::Broker)?;
+            let frame = Bytes::from(std::mem::take(&mut body));
+            out.clear();
+            if is_api_versions {
+                rewrite_api_versions(api_version, frame, state, &mut out)?;
+            } else {
+                rewrite_addresses(api_key, api_version, frame, state, &mut out).await?;
+            }
+            write_frame(&mut client_w, &out)
+                .await
+                .map_err(ConnError::ClientWrite)?;
+            SIZE_LEN + out.len()
+        } else {
+            let frame_len = SIZE_LEN + size as usize;
+            mover
+                .forward(&mut reader, frame_len, &mut client_w)
+                .await
+                .map_err(|e| match e {
+                    FrameError::Truncated => ConnError::BrokerClosed(waiting),
+                    FrameError::Io(io) => ConnError::ClientWrite(io),
+                    other => ConnError::Broker(other),
+                })?;
+            frame_len
+        };
+        route.counters.bytes_to_client.inc_by(written as u64);
+        state
+            .metrics
+            .latency(api_key, request.sent_at.elapsed().as_secs_f64());
+    }
+}
+
+fn rewrite_api_versions(
+    api_version: i16,
+    frame: Bytes,
+    state: &ProxyState,
+    out: &mut BytesMut,
+) -> Result<(), ConnError> {
+    let key = ApiKey::ApiVersions as i16;
+    let changes = api_versions::rewrite_api_versions(
+        api_version,
+        frame,
+        state.config.bulk_policy,
+        &state.config.forbidden_api_keys,
+        out,
+    )
+    .inspect_err(|_| state.metrics.decode_failure(key))?;
+    for (api, _, _) in &changes.capped {
+        state.metrics.version_cap(*api);
+    }
+    for api in &changes.removed {
+        state.metrics.version_cap(*api);
+    }
+    state.metrics.rewrite(key);
+    Ok(())
+}
+
+/// Placeholder endpoints ("no coordinator": node -1, empty host) name no broker and are
+/// left as they are. Anything with a host must be mapped, whatever its port says.
+fn is_placeholder(e: &Endpoint) -> bool {
+    e.host.is_empty()
+}
+
+async fn rewrite_addresses(
+    api_key: i16,
+    api_version: i16,
+    frame: Bytes,
+    state: &ProxyState,
+    out: &mut BytesMut,
+) -> Result<(), ConnError> {
+    let mut response = apis::decode(api_key, api_version, frame)
+        .inspect_err(|_| state.metrics.decode_failure(api_key))?;
+    let brokers: Vec<(i32, BrokerAddr)> = response
+        .endpoints()
+        .into_iter()
+        .filter(|e| !is_placeholder(e))
+        .filter_map(|e| {
+            Some((
+                e.node_id,
+                BrokerAddr::new(e.host, u16::try_from(e.port).ok()?),
+            ))
+        })
+        .collect();
+    // Brokers seen for the first time get their listener before the client hears of them.
+    let problems = state.learn(&brokers).await;
+    if !problems.is_empty() {
+        let text = problems
+            .iter()
+            .map(|p| format!("{p:#}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(ConnError::Unmappable(text));
+    }
+    let snapshot = state.listeners.snapshot();
+    let rewritten = response.rewrite(|e| {
+        if is_placeholder(e) {
+            return Some(Advertised {
+                host: e.host.clone(),
+                port: e.port,
+            });
+        }
+        snapshot
+            .map
+            .advertised_for(&e.host, e.port)
+            .map(|a| Advertised {
+                host: a.host.clone(),
+                port: i32::from(a.port),
+            })
+    })?;
+    response.encode(out)?;
+    if rewritten > 0 {
+        state.metrics.rewrite(api_key);
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! Setting one connection up: connect to the broker, run both directions, log and count
+//! how it ended.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::mpsc,
+    time::timeout,
+};
+use tracing::{debug, warn};
+
+use crate::{
+    mapping::addr::BrokerAddr,
+    proxy::{
+        bulk::{tcp::TcpMover, transfer::Transfer},
+        connection::{error::ConnError, requests::forward_requests, responses::forward_responses},
+        listeners::Route,
+        state::ProxyState,
+    },
+};
+
+/// Serves one accepted client connection to completion, logging and counting how it ended.
+pub async fn serve(client: TcpStream, peer: SocketAddr, route: Route, state: Arc<ProxyState>) {
+    route.counters.connections_total.inc();
+    route.counters.connections_open.inc();
+    let result = run(client, &route, &state).await;
+    route.counters.connections_open.dec();
+    match result {
+        Ok(()) => {
+            debug!(%peer, listen_port = route.listen_port, broker = %route.broker, "connection closed")
+        }
+        Err(e) => {
+            state.metrics.connection_error(e.reason());
+            warn!(%peer, listen_port = route.listen_port, broker = %route.broker, error = %e, "connection closed on error");
+        }
+    }
+}
+
+async fn connect(broker: &BrokerAddr, state: &ProxyState) -> Result<TcpStream, ConnError> {
+    let stream = timeout(
+        state.config.common.dial_timeout,
+        TcpStream::connect((broker.host.as_str(), broker.port)),
+    )
+    .await
+    .map_err(|_| ConnError::ConnectTimeout(broker.to_string()))?
+    .map_err(|source| ConnError::Connect {
+        broker: broker.to_string(),
+        source,
+    })?;
+    stream.set_nodelay(true).ok();
+    Ok(stream)
+}
+
+async fn run(client: TcpStream, route: &Route, state: &ProxyState) -> Result<(), ConnError> {
+    client.set_nodelay(true).ok();
+    let upstream = connect(&route.broker, state).await?;
+    let (client_r, client_w) = client.into_split();
+    let (upstream_r, upstream_w) = upstream.into_split();
+    let transfer = state.config.bulk_transfer;
+    let spliced = &state.metrics.spliced_bytes;
+    proxy_streams(
+        (client_r, client_w),
+        (upstream_r, upstream_w),
+        (
+            TcpMover::new(transfer, spliced.clone()),
+            TcpMover::new(transfer, spliced.clone()),
+        ),
+        route,
+        state,
+    )
+    .await
+}
+
+/// Both directions of one proxied connection, over any streams.
+pub async fn proxy_streams<CR, CW, UR, UW, Up, Down>(
+    (client_r, client_w): (CR, CW),
+    (upstream_r, mut upstream_w): (UR, UW),
+    (up, down): (Up, Down),
+    route: &Route,
+    state: &ProxyState,
+) -> Result<(), ConnError>
+where
+    CR: AsyncRead + Unpin + Send,
+    CW: AsyncWrite + Unpin + Send,
+    UR: AsyncRead + Unpin + Send,
+    UW: AsyncWrite + Unpin + Send,
+    Up: Transfer<CR, UW>,
+    Down: Transfer<UR, CW>,
+{
+    // The upstream write half outlives both loops: dropping it sends FIN, and brokers drop
+    // the responses still owed on a connection whose client side has closed.
+    let (in_flight_tx, in_flight_rx) = mpsc::channel(state.config.max_in_flight);
+    let requests = forward_requests(client_r, &mut upstream_w, up, in_flight_tx, route, state);
+    let responses = forward_responses(upstream_r, client_w, down, in_flight_rx, route, state);
+    tokio::pin!(requests, responses);
+    tokio::select! {
+        // The client stopped sending (EOF or shutdown): deliver what is still in flight.
+        r = &mut requests => {
+            r?;
+            responses.await
+        }
+        // The broker side ended or failed: nothing more can be answered.
+        r = &mut responses => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex, split};
+
+    use super::*;
+    use crate::{
+        config::proxy::{ProxyArgs, ProxyConfig},
+        proxy::bulk::copy::CopyMover,
+    };
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        proxy: ProxyArgs,
+    }
+
+    fn request(api_key: i16, version: i16, correlation_id: i32, rest: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&api_key.to_be_bytes());
+        body.extend_from_slice(&version.to_be_bytes());
+        body.extend_from_slice(&correlation_id.to_be_bytes());
+        body.extend_from_slice(&(-1i16).to_be_bytes()); // null client id
+        body.extend_from_slice(rest);
+        let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        frame
+    }
+
+    fn response(correlation_id: i32, rest: &[u8]) -> Vec<u8> {
+        let mut frame = ((4 + rest.len()) as i32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&correlation_id.to_be_bytes());
+        frame.extend_from_slice(rest);
+        frame
+    }
+
+    async fn read_frame(stream: &mut DuplexStream) -> Vec<u8> {
+        let mut size = [0; 4];
+        stream.read_exact(&mut size).await.unwrap();
+        let mut body = vec![0; i32::from_be_bytes(size) as usize];
+        stream.read_exact(&mut body).await.unwrap();
+        [size.to_vec(), body].concat()
+    }
+
+    /// The forwarder over in-memory streams: a request kpsc answers itself, an acks=0
+    /// produce (no response will come) and opaque requests are answered to the client in
+    /// request order, and nothing kpsc answers reaches the broker.
+    #[tokio::test]
+    async fn responses_keep_request_order_over_in_memory_streams() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mapping = format!("127.0.0.1:9,127.0.0.1:{port}");
+        let cli = Cli::try_parse_from([
+            "kpscd",
+            "--bootstrap-server-mapping",
+            &mapping,
+            "--dynamic-listeners-disable",
+            "--http-disable",
+        ])
+        .unwrap();
+        let (state, _incoming) =
+            ProxyState::start(ProxyConfig::resolve(cli.proxy).unwrap()).unwrap();
+        let route = Route {
+            listen_port: port,
+            broker: BrokerAddr::new("127.0.0.1", 9),
+            counters: state.metrics.port(port, "127.0.0.1:9"),
+        };
+        let (mut client, client_side) = duplex(1 << 16);
+        let (upstream_side, mut broker) = duplex(1 << 16);
+        let (client_r, client_w) = split(client_side);
+        let (upstream_r, upstream_w) = split(upstream_side);
+
+        let heartbeat_1 = request(12, 0, 2, b"heartbeat one");
+        let produce_acks0 = request(0, 7, 3, &[0xff, 0xff, 0, 0, 0, 0, 0x75, 0x30, 0, 0, 0, 0]);
+        let heartbeat_2 = request(12, 0, 4, b"heartbeat two");
+        let sent = [
+            request(18, 99, 1, &[]), // ApiVersions newer than kpsc decodes
+            heartbeat_1.clone(),
+            produce_acks0.clone(),
+            heartbeat_2.clone(),
+        ]
+        .concat();
+        let client_task = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            let frames = [
+                read_frame(&mut client).await,
+                read_frame(&mut client).await,
+                read_frame(&mut client).await,
+            ];
+            client.shutdown().await.unwrap();
+            frames
+        });
+        let broker_task = tokio::spawn(async move {
+            let got = [
+                read_frame(&mut broker).await,
+                read_frame(&mut broker).await,
+                read_frame(&mut broker).await,
+            ];
+            broker.write_all(&response(2, b"first")).await.unwrap();
+            broker.write_all(&response(4, b"second")).await.unwrap();
+            got
+        });
+        proxy_streams(
+            (client_r, client_w),
+            (upstream_r, upstream_w),
+            (CopyMover, CopyMover),
+            &route,
+            &state,
+        )
+        .await
+        .unwrap();
+
+        let forwarded = broker_task.await.unwrap();
+        assert_eq!(forwarded, [heartbeat_1, produce_acks0, heartbeat_2]);
+        let [local, first, second] = client_task.await.unwrap();
+        assert_eq!(&local[4..8], &1i32.to_be_bytes(), "kpsc's own answer first");
+        assert_eq!(&local[8..10], &35i16.to_be_bytes(), "UNSUPPORTED_VERSION");
+        assert_eq!(first, response(2, b"first"));
+        assert_eq!(second, response(4, b"second"));
+        assert_eq!(
+            route.counters.bytes_to_client.get(),
+            (local.len() + first.len() + second.len()) as u64
+        );
+    }
+}

@@ -1,0 +1,65 @@
+//! Cluster metadata, first at start and then every `--metadata-refresh-interval`: brokers
+//! that appear get their listener before any client hears of them.
+
+use std::sync::Arc;
+
+use tracing::{error, warn};
+
+use crate::{
+    kafka::discovery,
+    mapping::{addr::BrokerAddr, map::Origin},
+    proxy::state::ProxyState,
+};
+
+/// Refreshes metadata from the first broker that answers; returns what could not be mapped
+/// or bound.
+pub async fn refresh_metadata(state: &ProxyState) -> anyhow::Result<Vec<anyhow::Error>> {
+    let candidates: Vec<BrokerAddr> = state
+        .listeners
+        .snapshot()
+        .map
+        .entries()
+        .iter()
+        .filter(|e| e.origin != Origin::External)
+        .map(|e| e.broker.clone())
+        .collect();
+    let mut last_error = None;
+    for broker in candidates {
+        match discovery::fetch_brokers(&broker, state.config.common.dial_timeout).await {
+            Ok(brokers) => {
+                let problems = state.learn(&brokers).await;
+                state.set_metadata_known();
+                return Ok(problems);
+            }
+            Err(e) => {
+                warn!(broker = %broker, error = %format!("{e:#}"), "metadata refresh failed");
+                last_error = Some(e);
+            }
+        }
+    }
+    state.metrics.metadata_refresh_failures.inc();
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no broker to ask for metadata")))
+}
+
+/// Periodic metadata refresh until shutdown.
+pub async fn refresh_loop(state: Arc<ProxyState>) {
+    let mut interval = tokio::time::interval(state.config.common.metadata_refresh_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await; // the first tick is immediate; start already refreshed
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        match refresh_metadata(&state).await {
+            Ok(problems) => {
+                for p in problems {
+                    error!(error = %format!("{p:#}"), "broker cannot be served");
+                }
+            }
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "no broker answered the metadata refresh")
+            }
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! FindCoordinator (10): v0-3 name one coordinator at the top level, v4+ a list (batched
+//! lookups). Consumers and transactional producers connect to what it names.
+
+use kafka_protocol::messages::{ApiKey, FindCoordinatorResponse};
+
+use crate::{
+    kafka::layout::{Field, I16, I32, STR, Schema, Ty, all, between, since, until},
+    proxy::rewrite::declaration::{AddressApi, Addresses, Codec, Port, Slot},
+};
+
+pub static API: AddressApi = AddressApi {
+    key: ApiKey::FindCoordinator,
+    addresses_since: 0,
+    capped_by_bulk_policy: false,
+    schema: &SCHEMA,
+    codec: Codec::of::<FindCoordinatorResponse>(),
+    #[cfg(test)]
+    fixture: tests::fixture_frame,
+};
+
+impl Addresses for FindCoordinatorResponse {
+    fn slots(&mut self) -> Vec<Slot<'_>> {
+        let mut slots = vec![Slot::new(
+            self.node_id.0,
+            &mut self.host,
+            Port::I32(&mut self.port),
+        )];
+        slots.extend(
+            self.coordinators
+                .iter_mut()
+                .map(|c| Slot::new(c.node_id.0, &mut c.host, Port::I32(&mut c.port))),
+        );
+        slots
+    }
+}
+
+const COORDINATOR: &[Field] = &[
+    all("key", STR),
+    all("node_id", I32),
+    all("host", STR),
+    all("port", I32),
+    all("error_code", I16),
+    all("error_message", STR),
+];
+pub const SCHEMA: Schema = Schema {
+    flexible_from: 3,
+    fields: &[
+        since(1, "throttle_time_ms", I32),
+        until(3, "error_code", I16),
+        between(1, 3, "error_message", STR),
+        until(3, "node_id", I32),
+        until(3, "host", STR),
+        until(3, "port", I32),
+        since(4, "coordinators", Ty::Array(COORDINATOR)),
+    ],
+};
+
+#[cfg(test)]
+pub mod tests {
+    use bytes::{Bytes, BytesMut};
+    use kafka_protocol::messages::{BrokerId, find_coordinator_response::Coordinator};
+
+    use super::*;
+    use crate::{
+        kafka::layout::assert_min_size_matches,
+        proxy::rewrite::{declaration::Endpoint, response::AddressResponse, testkit::*},
+    };
+
+    pub fn fixture(v: i16) -> (FindCoordinatorResponse, Vec<Endpoint>) {
+        let message =
+            FindCoordinatorResponse::default().with_throttle_time_ms(if v >= 1 { 5 } else { 0 });
+        if v <= 3 {
+            let message = message
+                .with_node_id(BrokerId(1))
+                .with_host(s("10.0.0.1"))
+                .with_port(9092);
+            let message = if v >= 1 {
+                message.with_error_message(None)
+            } else {
+                message
+            };
+            return (message, vec![ep(1, "10.0.0.1", 9092)]);
+        }
+        let coordinator = |key: &'static str, id: i32, host: &'static str| {
+            Coordinator::default()
+                .with_key(s(key))
+                .with_node_id(BrokerId(id))
+                .with_host(s(host))
+                .with_port(9092)
+                .with_error_message(None)
+        };
+        // A failed lookup reports no address (node -1, empty host): nothing to rewrite there.
+        let failed = Coordinator::default()
+            .with_key(s("group-c"))
+            .with_node_id(BrokerId(-1))
+            .with_port(-1)
+            .with_error_code(15)
+            .with_error_message(Some(s("coordinator not available")));
+        let message = message.with_coordinators(vec![
+            coordinator("group-a", 1, "10.0.0.1"),
+            coordinator("group-b", 2, "10.0.0.2"),
+            failed,
+        ]);
+        (
+            message,
+            vec![ep(1, "10.0.0.1", 9092), ep(2, "10.0.0.2", 9092)],
+        )
+    }
+
+    pub(in crate::proxy::rewrite) fn fixture_frame(v: i16) -> Bytes {
+        frame(ApiKey::FindCoordinator, v, &fixture(v).0)
+    }
+
+    fn endpoints(m: &FindCoordinatorResponse) -> Vec<Endpoint> {
+        std::iter::once(ep(m.node_id.0, &m.host, m.port))
+            .chain(
+                m.coordinators
+                    .iter()
+                    .map(|c| ep(c.node_id.0, &c.host, c.port)),
+            )
+            .filter(|e| !e.host.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn roundtrip_every_version() {
+        assert_eq!(API.versions(), 0..=6);
+        check_roundtrip(&API, fixture, endpoints);
+    }
+
+    #[test]
+    fn error_carries_no_endpoint() {
+        for v in 0..=3 {
+            let message = FindCoordinatorResponse::default()
+                .with_error_code(15)
+                .with_node_id(BrokerId(-1))
+                .with_port(-1);
+            let message = if v >= 1 {
+                message.with_error_message(Some(s("coordinator not available")))
+            } else {
+                message
+            };
+            let input = frame(ApiKey::FindCoordinator, v, &message);
+            let mut response = AddressResponse::decode(&API, v, input.clone()).unwrap();
+            assert_eq!(response.endpoints(), vec![]);
+            // A map that knows nothing must not be asked.
+            assert_eq!(response.rewrite(|_| None).unwrap(), 0);
+            let mut out = BytesMut::new();
+            response.encode(&mut out).unwrap();
+            assert_eq!(out, input);
+        }
+    }
+
+    #[test]
+    fn layout_table_matches_kafka_protocol() {
+        let f = SCHEMA.flexible_from;
+        assert_min_size_matches::<FindCoordinatorResponse>(
+            "FindCoordinator",
+            SCHEMA.fields,
+            f,
+            0..=6,
+        );
+        assert_min_size_matches::<Coordinator>("coordinator", COORDINATOR, f, 4..=6);
+    }
+}

@@ -1,0 +1,120 @@
+//! State shared by the connections, the metadata refresher and the admin endpoint.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admin::{AdminView, MapRow},
+    config::proxy::ProxyConfig,
+    mapping::{addr::BrokerAddr, map::PortMap},
+    metrics::Metrics,
+    proxy::listeners::{Accepted, Listeners},
+};
+
+pub struct ProxyState {
+    pub config: ProxyConfig,
+    pub metrics: Arc<Metrics>,
+    pub listeners: Listeners,
+    metadata_known: AtomicBool,
+    /// Cancelled on SIGTERM/SIGINT: listeners stop accepting, connections stop reading.
+    pub shutdown: CancellationToken,
+    /// Every listener and connection task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+impl ProxyState {
+    /// Binds the static listeners; accepted connections arrive on the returned receiver.
+    pub fn start(config: ProxyConfig) -> anyhow::Result<(Arc<Self>, mpsc::Receiver<Accepted>)> {
+        let map = PortMap::new(config.port_map.clone())
+            .context("invalid --bootstrap-server-mapping/--external-server-mapping")?;
+        let metrics = Metrics::new();
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let (accepted, incoming) = mpsc::channel(1024);
+        let listeners = Listeners::start(
+            map,
+            Arc::clone(&metrics),
+            accepted,
+            shutdown.clone(),
+            &tasks,
+        )?;
+        let state = Arc::new(Self {
+            config,
+            metrics,
+            listeners,
+            metadata_known: AtomicBool::new(false),
+            shutdown,
+            tasks,
+        });
+        state.update_ready();
+        Ok((state, incoming))
+    }
+
+    pub fn set_metadata_known(&self) {
+        self.metadata_known.store(true, Ordering::Release);
+        self.update_ready();
+    }
+
+    /// Maps and binds the brokers a metadata snapshot or a response names; returns what
+    /// could not be.
+    pub async fn learn(&self, brokers: &[(i32, BrokerAddr)]) -> Vec<anyhow::Error> {
+        let problems = self.listeners.ensure_bound(brokers).await;
+        self.update_ready();
+        problems
+    }
+
+    fn update_ready(&self) {
+        let ready = self.readiness().is_ok();
+        self.metrics.ready.set(i64::from(ready));
+        self.metrics
+            .brokers_known
+            .set(self.listeners.snapshot().map.entries().len() as i64);
+    }
+}
+
+impl AdminView for ProxyState {
+    fn readiness(&self) -> Result<(), String> {
+        if !self.metadata_known.load(Ordering::Acquire) {
+            return Err("cluster metadata not fetched yet".into());
+        }
+        let unbound = self.listeners.snapshot().unbound();
+        if !unbound.is_empty() {
+            return Err(format!("listen ports not bound: {unbound:?}"));
+        }
+        Ok(())
+    }
+
+    fn map_rows(&self) -> Vec<MapRow> {
+        let snapshot = self.listeners.snapshot();
+        snapshot
+            .map
+            .entries()
+            .iter()
+            .map(|e| {
+                let counters = e.listen.and_then(|l| snapshot.bound.get(&l.port()));
+                MapRow {
+                    listen: e.listen.map(|l| l.to_string()),
+                    node_id: e.node_id,
+                    broker: e.broker.to_string(),
+                    advertised: e.advertised.to_string(),
+                    origin: e.origin,
+                    bound: counters.is_some(),
+                    connections_open: counters.map_or(0, |c| c.connections_open.get()),
+                    connections_total: counters.map_or(0, |c| c.connections_total.get()),
+                    bytes_from_client: counters.map_or(0, |c| c.bytes_from_client.get()),
+                    bytes_to_client: counters.map_or(0, |c| c.bytes_to_client.get()),
+                }
+            })
+            .collect()
+    }
+
+    fn metrics_text(&self) -> String {
+        self.metrics.render()
+    }
+}
