@@ -1,7 +1,7 @@
 //! Prometheus metrics. Hot-path handles (per api key, per port) are resolved once so a
 //! frame costs an atomic add, not a label lookup.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -46,16 +46,40 @@ pub struct PortCounters {
     pub bytes_to_client: Counter,
 }
 
+/// One metric family by api key. A series exists from the api's first use: scrapes carry
+/// the apis this instance saw, not ~90 keys times every histogram bucket at zero. The hot
+/// path after the first use is an index and an atomic add.
+struct PerApi<M> {
+    family: Family<ApiLabel, M, fn() -> M>,
+    slots: Box<[OnceLock<M>]>,
+}
+
+impl<M: Clone + prometheus_client::metrics::TypedMetric + prometheus_client::encoding::EncodeMetric>
+    PerApi<M>
+{
+    fn new(constructor: fn() -> M) -> Self {
+        Self {
+            family: Family::new_with_constructor(constructor),
+            slots: (0..API_SLOTS).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn get(&self, api_key: i16) -> &M {
+        let slot = slot(api_key);
+        self.slots[slot].get_or_init(|| self.family.get_or_create(&api_label(slot)).clone())
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     connections_open: Family<PortLabels, Gauge>,
     connections_total: Family<PortLabels, Counter>,
     bytes: Family<ByteLabels, Counter>,
-    requests: Vec<Counter>,
-    rewrites: Vec<Counter>,
-    version_caps: Vec<Counter>,
-    decode_failures: Vec<Counter>,
-    latency: Vec<Histogram>,
+    requests: PerApi<Counter>,
+    rewrites: PerApi<Counter>,
+    version_caps: PerApi<Counter>,
+    decode_failures: PerApi<Counter>,
+    latency: PerApi<Histogram>,
     connection_errors: Family<ReasonLabel, Counter>,
     forbidden_requests: Family<ApiLabel, Counter>,
     pub ready: Gauge,
@@ -93,13 +117,11 @@ impl Metrics {
         let connections_open = Family::<PortLabels, Gauge>::default();
         let connections_total = Family::<PortLabels, Counter>::default();
         let bytes = Family::<ByteLabels, Counter>::default();
-        let requests = Family::<ApiLabel, Counter>::default();
-        let rewrites = Family::<ApiLabel, Counter>::default();
-        let version_caps = Family::<ApiLabel, Counter>::default();
-        let decode_failures = Family::<ApiLabel, Counter>::default();
-        let latency = Family::<ApiLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new(latency_buckets())
-        });
+        let requests = PerApi::new(Counter::default);
+        let rewrites = PerApi::new(Counter::default);
+        let version_caps = PerApi::new(Counter::default);
+        let decode_failures = PerApi::new(Counter::default);
+        let latency = PerApi::new(|| Histogram::new(latency_buckets()));
         let connection_errors = Family::<ReasonLabel, Counter>::default();
         let forbidden_requests = Family::<ApiLabel, Counter>::default();
         let ready = Gauge::default();
@@ -126,26 +148,30 @@ impl Metrics {
             "Bytes forwarded, per listen port, broker and direction (from_client, to_client)",
             bytes.clone(),
         );
-        registry.register("requests", "Requests forwarded, per api", requests.clone());
+        registry.register(
+            "requests",
+            "Requests forwarded, per api",
+            requests.family.clone(),
+        );
         registry.register(
             "rewrites",
             "Responses whose broker addresses were rewritten, per api",
-            rewrites.clone(),
+            rewrites.family.clone(),
         );
         registry.register(
             "api_version_caps",
             "ApiVersions entries capped or removed so clients never negotiate an unrewritable version, per api",
-            version_caps.clone(),
+            version_caps.family.clone(),
         );
         registry.register(
             "decode_failures",
             "Address-bearing responses that could not be decoded (connection closed), per api",
-            decode_failures.clone(),
+            decode_failures.family.clone(),
         );
         registry.register(
             "request_duration_seconds",
             "Time from forwarding a request to delivering its response, per api",
-            latency.clone(),
+            latency.family.clone(),
         );
         registry.register(
             "connection_errors",
@@ -172,19 +198,12 @@ impl Metrics {
             "Metadata refreshes that reached no broker",
             metadata_refresh_failures.clone(),
         );
-        let per_api = |family: &Family<ApiLabel, Counter>| {
-            (0..API_SLOTS)
-                .map(|s| family.get_or_create(&api_label(s)).clone())
-                .collect::<Vec<_>>()
-        };
         Arc::new(Self {
-            requests: per_api(&requests),
-            rewrites: per_api(&rewrites),
-            version_caps: per_api(&version_caps),
-            decode_failures: per_api(&decode_failures),
-            latency: (0..API_SLOTS)
-                .map(|s| latency.get_or_create(&api_label(s)).clone())
-                .collect(),
+            requests,
+            rewrites,
+            version_caps,
+            decode_failures,
+            latency,
             registry,
             connections_open,
             connections_total,
@@ -221,19 +240,19 @@ impl Metrics {
     }
 
     pub fn request(&self, api_key: i16) {
-        self.requests[slot(api_key)].inc();
+        self.requests.get(api_key).inc();
     }
     pub fn rewrite(&self, api_key: i16) {
-        self.rewrites[slot(api_key)].inc();
+        self.rewrites.get(api_key).inc();
     }
     pub fn version_cap(&self, api_key: i16) {
-        self.version_caps[slot(api_key)].inc();
+        self.version_caps.get(api_key).inc();
     }
     pub fn decode_failure(&self, api_key: i16) {
-        self.decode_failures[slot(api_key)].inc();
+        self.decode_failures.get(api_key).inc();
     }
     pub fn latency(&self, api_key: i16, seconds: f64) {
-        self.latency[slot(api_key)].observe(seconds);
+        self.latency.get(api_key).observe(seconds);
     }
     pub fn connection_error(&self, reason: &str) {
         self.connection_errors
@@ -253,5 +272,32 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scrape carries a series per api only once the api was used: an idle instance
+    /// exposes no per-api histogram buckets at all.
+    #[test]
+    fn per_api_series_appear_on_first_use() {
+        let metrics = Metrics::new();
+        let idle = metrics.render();
+        assert!(!idle.contains("api=\""), "{idle}");
+        metrics.request(3);
+        metrics.latency(3, 0.001);
+        metrics.request(3);
+        let used = metrics.render();
+        assert!(
+            used.contains("kpsc_requests_total{api=\"Metadata\"} 2"),
+            "{used}"
+        );
+        assert_eq!(
+            used.matches("api=\"").count(),
+            used.matches("api=\"Metadata\"").count()
+        );
+        assert!(!used.contains("api=\"Produce\""), "{used}");
     }
 }

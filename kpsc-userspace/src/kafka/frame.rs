@@ -25,6 +25,18 @@ pub enum FrameError {
     Io(#[from] io::Error),
 }
 
+/// Moving a frame from one peer to the other failed, and on which side: what a proxy
+/// needs to blame the right peer.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    /// Reading the source failed, or it ended mid-frame.
+    #[error(transparent)]
+    Source(FrameError),
+    /// Writing the destination failed.
+    #[error("writing: {0}")]
+    Sink(io::Error),
+}
+
 /// Validates a size prefix.
 pub fn frame_size(
     prefix: [u8; 4],
@@ -125,20 +137,25 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         &mut self,
         mut n: usize,
         out: &mut W,
-    ) -> Result<(), FrameError> {
+    ) -> Result<(), MoveError> {
         while n > 0 {
             if self.start == self.end {
                 self.start = 0;
                 self.end = 0;
-                let read = self.inner.read(&mut self.buf).await?;
+                let read = self
+                    .inner
+                    .read(&mut self.buf)
+                    .await
+                    .map_err(|e| MoveError::Source(e.into()))?;
                 if read == 0 {
-                    return Err(FrameError::Truncated);
+                    return Err(MoveError::Source(FrameError::Truncated));
                 }
                 self.end = read;
             }
             let chunk = n.min(self.end - self.start);
             out.write_all(&self.buf[self.start..self.start + chunk])
-                .await?;
+                .await
+                .map_err(MoveError::Sink)?;
             self.start += chunk;
             n -= chunk;
         }

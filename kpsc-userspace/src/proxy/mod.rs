@@ -40,6 +40,9 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
     );
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // Installed so SIGHUP (sent by service managers and `kill -HUP` habits) does not
+    // terminate the proxy, whose default action it would be.
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
     let (state, incoming) = ProxyState::start(config)?;
     let admin = admin::serve(
@@ -70,9 +73,15 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
     }
     let refresher = tokio::spawn(refresh::refresh_loop(Arc::clone(&state)));
 
-    let signal_name = tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = sigint.recv() => "SIGINT",
+    let signal_name = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            _ = sighup.recv() => info!(
+                "SIGHUP: proxy mode reloads nothing (flags and file are read at start); \
+                 restart kpscd to apply a new configuration"
+            ),
+        }
     };
     let timeout = state.config.shutdown_timeout;
     info!(
@@ -83,14 +92,15 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
     state.shutdown.cancel();
     state.tasks.close();
     refresher.abort();
-    if tokio::time::timeout(timeout, state.tasks.wait())
-        .await
-        .is_err()
-    {
-        warn!(
+    tokio::select! {
+        _ = state.tasks.wait() => {}
+        _ = tokio::time::sleep(timeout) => warn!(
             remaining = state.tasks.len(),
             "shutdown timeout reached; closing the remaining connections"
-        );
+        ),
+        // An operator who signals again does not want to wait.
+        _ = sigterm.recv() => warn!(remaining = state.tasks.len(), "second SIGTERM: stopping now"),
+        _ = sigint.recv() => warn!(remaining = state.tasks.len(), "second SIGINT: stopping now"),
     }
     if let Some(admin) = admin {
         admin.abort();

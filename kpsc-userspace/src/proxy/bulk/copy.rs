@@ -4,7 +4,7 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
-    kafka::frame::{FrameError, FrameReader},
+    kafka::frame::{FrameReader, MoveError},
     proxy::bulk::transfer::Transfer,
 };
 
@@ -24,7 +24,7 @@ where
         reader: &mut FrameReader<R>,
         n: usize,
         out: &mut W,
-    ) -> Result<(), FrameError> {
+    ) -> Result<(), MoveError> {
         reader.copy_to(n, out).await
     }
 }

@@ -25,7 +25,7 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    kafka::frame::{FrameError, FrameReader},
+    kafka::frame::{FrameError, FrameReader, MoveError},
     proxy::bulk::{copy::CopyMover, transfer::Transfer},
 };
 
@@ -75,12 +75,14 @@ impl Transfer<OwnedReadHalf, OwnedWriteHalf> for SpliceMover {
         reader: &mut FrameReader<OwnedReadHalf>,
         n: usize,
         out: &mut OwnedWriteHalf,
-    ) -> Result<(), FrameError> {
+    ) -> Result<(), MoveError> {
         let unbuffered = n.saturating_sub(reader.buffered().len());
         if unbuffered >= SPLICE_MIN {
             let spliced_bytes = self.spliced_bytes.clone();
             if let Some(pipe) = self.pipe() {
-                out.write_all(reader.take_buffered(n)).await?;
+                out.write_all(reader.take_buffered(n))
+                    .await
+                    .map_err(MoveError::Sink)?;
                 splice_exact(reader.get_ref().as_ref(), out.as_ref(), pipe, unbuffered).await?;
                 spliced_bytes.inc_by(unbuffered as u64);
                 return Ok(());
@@ -148,38 +150,39 @@ fn splice(from: RawFd, to: RawFd, len: usize, more: bool) -> io::Result<usize> {
 }
 
 /// Moves exactly `n` bytes from `from` to `to` through `pipe`. EOF on `from` first is
-/// `FrameError::Truncated`; I/O errors of either side are `FrameError::Io`.
+/// `Source(Truncated)`; an error reading `from` is `Source`, writing `to` is `Sink`.
 pub async fn splice_exact(
     from: &TcpStream,
     to: &TcpStream,
     pipe: &mut Pipe,
     mut n: usize,
-) -> Result<(), FrameError> {
+) -> Result<(), MoveError> {
+    let source = |e: io::Error| MoveError::Source(FrameError::Io(e));
     while n > 0 {
         let chunk = n.min(pipe.capacity);
         let filled = loop {
-            from.readable().await?;
+            from.readable().await.map_err(source)?;
             match from.try_io(Interest::READABLE, || {
                 splice(from.as_raw_fd(), pipe.write.as_raw_fd(), chunk, false)
             }) {
-                Ok(0) => return Err(FrameError::Truncated),
+                Ok(0) => return Err(MoveError::Source(FrameError::Truncated)),
                 Ok(k) => break k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(FrameError::Io(e)),
+                Err(e) => return Err(source(e)),
             }
         };
         n -= filled;
         let mut in_pipe = filled;
         while in_pipe > 0 {
-            to.writable().await?;
+            to.writable().await.map_err(MoveError::Sink)?;
             // "More" while the frame goes on, so the last segment is not held back.
             match to.try_io(Interest::WRITABLE, || {
                 splice(pipe.read.as_raw_fd(), to.as_raw_fd(), in_pipe, n > 0)
             }) {
-                Ok(0) => return Err(FrameError::Io(io::ErrorKind::WriteZero.into())),
+                Ok(0) => return Err(MoveError::Sink(io::ErrorKind::WriteZero.into())),
                 Ok(k) => in_pipe -= k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(FrameError::Io(e)),
+                Err(e) => return Err(MoveError::Sink(e)),
             }
         }
     }
@@ -241,12 +244,12 @@ mod tests {
         let mut pipe = Pipe::new().unwrap();
         assert!(matches!(
             splice_exact(&from, &to, &mut pipe, 5000).await,
-            Err(FrameError::Truncated)
+            Err(MoveError::Source(FrameError::Truncated))
         ));
     }
 
     #[tokio::test]
-    async fn a_closed_destination_is_an_io_error() {
+    async fn a_closed_destination_is_a_sink_error() {
         let (mut writer, from) = pair().await;
         let (to, reader) = pair().await;
         drop(reader);
@@ -258,7 +261,7 @@ mod tests {
         let mut pipe = Pipe::new().unwrap();
         assert!(matches!(
             splice_exact(&from, &to, &mut pipe, 4 << 20).await,
-            Err(FrameError::Io(_))
+            Err(MoveError::Sink(_))
         ));
         drop(from);
         let _ = feeder.await;

@@ -5,7 +5,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::{
     config::proxy::BulkTransfer,
-    kafka::frame::{FrameError, FrameReader},
+    kafka::frame::{FrameReader, MoveError},
     proxy::bulk::{copy::CopyMover, splice::SpliceMover, transfer::Transfer},
 };
 
@@ -36,7 +36,7 @@ impl Transfer<OwnedReadHalf, OwnedWriteHalf> for TcpMover {
         reader: &mut FrameReader<OwnedReadHalf>,
         n: usize,
         out: &mut OwnedWriteHalf,
-    ) -> Result<(), FrameError> {
+    ) -> Result<(), MoveError> {
         match self {
             Self::Copy(m) => m.forward(reader, n, out).await,
             Self::Splice(m) => m.forward(reader, n, out).await,

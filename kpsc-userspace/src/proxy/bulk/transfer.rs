@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use crate::kafka::frame::{FrameError, FrameReader};
+use crate::kafka::frame::{FrameReader, MoveError};
 
 pub trait Transfer<R, W>: Send {
     /// Capacity of the read buffer of the reader that feeds this mover: it must hold a
@@ -12,12 +12,11 @@ pub trait Transfer<R, W>: Send {
     fn read_buffer_size(&self) -> usize;
 
     /// Forwards exactly `n` bytes of `reader`'s stream (what it buffered first) to `out`.
-    /// EOF on the source first is `FrameError::Truncated`; I/O errors of either side are
-    /// `FrameError::Io`.
+    /// The error says which side failed: the source (EOF first is `Truncated`) or `out`.
     fn forward(
         &mut self,
         reader: &mut FrameReader<R>,
         n: usize,
         out: &mut W,
-    ) -> impl Future<Output = Result<(), FrameError>> + Send;
+    ) -> impl Future<Output = Result<(), MoveError>> + Send;
 }

@@ -31,7 +31,19 @@ pub enum ConnError {
     ClientWrite(std::io::Error),
 }
 
+/// The client went away (closed or reset its socket), e.g. in the middle of a Fetch
+/// long-poll: ordinary for Kafka clients, not a fault of kpscd or the broker.
+fn client_left(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted)
+}
+
 impl ConnError {
+    /// Worth a warning: everything but a client leaving.
+    pub fn is_fault(&self) -> bool {
+        self.reason() != "client_closed"
+    }
+
     /// Metric label.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -42,6 +54,9 @@ impl ConnError {
             }
             ConnError::Client(FrameError::BadHeader(_)) => "client_bad_header",
             ConnError::Client(FrameError::Truncated) => "client_truncated",
+            ConnError::Client(FrameError::Io(e)) | ConnError::ClientWrite(e) if client_left(e) => {
+                "client_closed"
+            }
             ConnError::Client(FrameError::Io(_)) | ConnError::ClientWrite(_) => "client_io",
             ConnError::Broker(FrameError::Io(_)) => "broker_io",
             ConnError::Broker(_) => "broker_bad_frame",

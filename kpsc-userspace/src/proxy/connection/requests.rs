@@ -12,7 +12,7 @@ use tokio::{
 
 use crate::{
     kafka::{
-        frame::{FrameError, FrameReader, SIZE_LEN, frame_size},
+        frame::{FrameError, FrameReader, MoveError, SIZE_LEN, frame_size},
         names::api_name,
         request::{Acks, REQUEST_HEADER_FIXED_LEN, RequestHeader, produce_acks},
     },
@@ -119,7 +119,10 @@ where
             reader
                 .copy_to(frame_len, &mut tokio::io::sink())
                 .await
-                .map_err(ConnError::Client)?;
+                .map_err(|e| match e {
+                    MoveError::Source(e) => ConnError::Client(e),
+                    MoveError::Sink(e) => ConnError::Client(FrameError::Io(e)),
+                })?;
             continue;
         }
         state.metrics.request(header.api_key);
@@ -127,8 +130,10 @@ where
             .forward(&mut reader, frame_len, upstream_w)
             .await
             .map_err(|e| match e {
-                FrameError::Truncated => ConnError::Client(e),
-                other => ConnError::Broker(other),
+                // Reading the client failed or it left mid-frame; or the broker would not
+                // take the bytes.
+                MoveError::Source(e) => ConnError::Client(e),
+                MoveError::Sink(e) => ConnError::Broker(FrameError::Io(e)),
             })?;
         route.counters.bytes_from_client.inc_by(frame_len as u64);
     }

@@ -13,7 +13,7 @@ use tracing::debug;
 
 use crate::{
     kafka::{
-        frame::{FrameError, FrameReader, SIZE_LEN, frame_size, write_frame},
+        frame::{FrameError, FrameReader, MoveError, SIZE_LEN, frame_size, write_frame},
         request::RequestHeader,
     },
     mapping::addr::BrokerAddr,
@@ -111,12 +111,23 @@ where
         )
         .map_err(ConnError::Broker)?;
         let correlation_id = i32::from_be_bytes(buffered[4..8].try_into().expect("4 bytes"));
-        if let Some(pos) = unanswered_acks0.iter().position(|&id| id == correlation_id) {
+        // A response whose id is both an unanswered acks=0 id and the waiting request's
+        // (a client may reuse ids) answers the waiting request: Kafka never answers acks=0.
+        let for_pending = pending
+            .as_ref()
+            .is_some_and(|p| p.header.correlation_id == correlation_id);
+        if let Some(pos) = unanswered_acks0.iter().position(|&id| id == correlation_id)
+            && !for_pending
+        {
             unanswered_acks0.drain(..=pos);
             reader
                 .copy_to(SIZE_LEN + size as usize, &mut tokio::io::sink())
                 .await
-                .map_err(ConnError::Broker)?;
+                .map_err(|e| match e {
+                    MoveError::Source(FrameError::Truncated) => ConnError::BrokerClosed(waiting),
+                    MoveError::Source(e) => ConnError::Broker(e),
+                    MoveError::Sink(e) => ConnError::Broker(FrameError::Io(e)),
+                })?;
             debug!(
                 correlation_id,
                 "dropped the broker's answer to an acks=0 produce"
@@ -164,9 +175,9 @@ where
                 .forward(&mut reader, frame_len, &mut client_w)
                 .await
                 .map_err(|e| match e {
-                    FrameError::Truncated => ConnError::BrokerClosed(waiting),
-                    FrameError::Io(io) => ConnError::ClientWrite(io),
-                    other => ConnError::Broker(other),
+                    MoveError::Source(FrameError::Truncated) => ConnError::BrokerClosed(waiting),
+                    MoveError::Source(e) => ConnError::Broker(e),
+                    MoveError::Sink(e) => ConnError::ClientWrite(e),
                 })?;
             frame_len
         };

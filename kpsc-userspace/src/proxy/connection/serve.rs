@@ -33,7 +33,11 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, route: Route, state: Arc
         }
         Err(e) => {
             state.metrics.connection_error(e.reason());
-            warn!(%peer, listen_port = route.listen_port, broker = %route.broker, error = %e, "connection closed on error");
+            if e.is_fault() {
+                warn!(%peer, listen_port = route.listen_port, broker = %route.broker, error = %e, "connection closed on error");
+            } else {
+                debug!(%peer, listen_port = route.listen_port, broker = %route.broker, error = %e, "client left");
+            }
         }
     }
 }
@@ -150,17 +154,15 @@ mod tests {
         [size.to_vec(), body].concat()
     }
 
-    /// The forwarder over in-memory streams: a request kpsc answers itself, an acks=0
-    /// produce (no response will come) and opaque requests are answered to the client in
-    /// request order, and nothing kpsc answers reaches the broker.
-    #[tokio::test]
-    async fn responses_keep_request_order_over_in_memory_streams() {
+    /// A proxy state whose only broker is 127.0.0.1:9 (never dialled: tests hand the
+    /// forwarder their own streams), and the route of its listen port.
+    fn state() -> (Arc<ProxyState>, Route) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mapping = format!("127.0.0.1:9,127.0.0.1:{port}");
+        let mapping = format!("127.0.0.1:9,127.0.0.1:{port},proxy.example:{port}");
         let cli = Cli::try_parse_from([
             "kpscd",
             "--bootstrap-server-mapping",
@@ -176,54 +178,89 @@ mod tests {
             broker: BrokerAddr::new("127.0.0.1", 9),
             counters: state.metrics.port(port, "127.0.0.1:9"),
         };
+        (state, route)
+    }
+
+    /// Runs the forwarder between an in-memory client and broker: the client sends
+    /// `requests` and reads `expect` responses; the broker reads `forwarded` requests and
+    /// then writes `answers`. Returns (requests the broker got, responses the client got).
+    async fn exchange(
+        requests: Vec<u8>,
+        forwarded: usize,
+        answers: Vec<u8>,
+        expect: usize,
+    ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Route) {
+        let (state, route) = state();
         let (mut client, client_side) = duplex(1 << 16);
         let (upstream_side, mut broker) = duplex(1 << 16);
         let (client_r, client_w) = split(client_side);
         let (upstream_r, upstream_w) = split(upstream_side);
+        let client_task = tokio::spawn(async move {
+            client.write_all(&requests).await.unwrap();
+            let mut got = Vec::new();
+            for _ in 0..expect {
+                got.push(read_frame(&mut client).await);
+            }
+            client.shutdown().await.unwrap();
+            got
+        });
+        let broker_task = tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..forwarded {
+                got.push(read_frame(&mut broker).await);
+            }
+            broker.write_all(&answers).await.unwrap();
+            got
+        });
+        let result = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            proxy_streams(
+                (client_r, client_w),
+                (upstream_r, upstream_w),
+                (CopyMover, CopyMover),
+                &route,
+                &state,
+            ),
+        )
+        .await;
+        result
+            .expect("the forwarder hung: a response was lost")
+            .unwrap();
+        (
+            broker_task.await.unwrap(),
+            client_task.await.unwrap(),
+            route,
+        )
+    }
 
+    fn produce_acks0(correlation_id: i32) -> Vec<u8> {
+        // v7: transactional_id null, acks 0, timeout 30 s, no topics.
+        request(
+            0,
+            7,
+            correlation_id,
+            &[0xff, 0xff, 0, 0, 0, 0, 0x75, 0x30, 0, 0, 0, 0],
+        )
+    }
+
+    /// The forwarder over in-memory streams: a request kpsc answers itself, an acks=0
+    /// produce (no response will come) and opaque requests are answered to the client in
+    /// request order, and nothing kpsc answers reaches the broker.
+    #[tokio::test]
+    async fn responses_keep_request_order_over_in_memory_streams() {
         let heartbeat_1 = request(12, 0, 2, b"heartbeat one");
-        let produce_acks0 = request(0, 7, 3, &[0xff, 0xff, 0, 0, 0, 0, 0x75, 0x30, 0, 0, 0, 0]);
         let heartbeat_2 = request(12, 0, 4, b"heartbeat two");
         let sent = [
             request(18, 99, 1, &[]), // ApiVersions newer than kpsc decodes
             heartbeat_1.clone(),
-            produce_acks0.clone(),
+            produce_acks0(3),
             heartbeat_2.clone(),
         ]
         .concat();
-        let client_task = tokio::spawn(async move {
-            client.write_all(&sent).await.unwrap();
-            let frames = [
-                read_frame(&mut client).await,
-                read_frame(&mut client).await,
-                read_frame(&mut client).await,
-            ];
-            client.shutdown().await.unwrap();
-            frames
-        });
-        let broker_task = tokio::spawn(async move {
-            let got = [
-                read_frame(&mut broker).await,
-                read_frame(&mut broker).await,
-                read_frame(&mut broker).await,
-            ];
-            broker.write_all(&response(2, b"first")).await.unwrap();
-            broker.write_all(&response(4, b"second")).await.unwrap();
-            got
-        });
-        proxy_streams(
-            (client_r, client_w),
-            (upstream_r, upstream_w),
-            (CopyMover, CopyMover),
-            &route,
-            &state,
-        )
-        .await
-        .unwrap();
-
-        let forwarded = broker_task.await.unwrap();
-        assert_eq!(forwarded, [heartbeat_1, produce_acks0, heartbeat_2]);
-        let [local, first, second] = client_task.await.unwrap();
+        let answers = [response(2, b"first"), response(4, b"second")].concat();
+        let (forwarded, got, route) = exchange(sent, 3, answers, 3).await;
+        assert_eq!(forwarded, [heartbeat_1, produce_acks0(3), heartbeat_2]);
+        let [local, first, second] = <[Vec<u8>; 3]>::try_from(got).unwrap();
         assert_eq!(&local[4..8], &1i32.to_be_bytes(), "kpsc's own answer first");
         assert_eq!(&local[8..10], &35i16.to_be_bytes(), "UNSUPPORTED_VERSION");
         assert_eq!(first, response(2, b"first"));
@@ -232,5 +269,31 @@ mod tests {
             route.counters.bytes_to_client.get(),
             (local.len() + first.len() + second.len()) as u64
         );
+    }
+
+    /// A client may reuse the correlation id of an acks=0 produce for its next request: the
+    /// broker answers only that request, and the answer must reach the client (it used to
+    /// be dropped as the produce's, and the client hung).
+    #[tokio::test]
+    async fn a_reused_acks0_correlation_id_still_gets_its_answer() {
+        use kafka_protocol::{
+            messages::{BrokerId, MetadataResponse, metadata_response::MetadataResponseBroker},
+            protocol::{Decodable, Encodable, StrBytes},
+        };
+        let metadata = MetadataResponse::default().with_brokers(vec![
+            MetadataResponseBroker::default()
+                .with_node_id(BrokerId(1))
+                .with_host(StrBytes::from_static_str("127.0.0.1"))
+                .with_port(9),
+        ]);
+        let mut body = bytes::BytesMut::new();
+        metadata.encode(&mut body, 1).unwrap();
+        let sent = [produce_acks0(7), request(3, 1, 7, &[0, 0, 0, 0])].concat();
+        let (forwarded, got, _) = exchange(sent, 2, response(7, &body), 1).await;
+        assert_eq!(forwarded.len(), 2);
+        let mut answer = bytes::Bytes::from(got[0][8..].to_vec());
+        assert_eq!(&got[0][4..8], &7i32.to_be_bytes());
+        let rewritten = MetadataResponse::decode(&mut answer, 1).unwrap();
+        assert_eq!(rewritten.brokers[0].host.as_str(), "proxy.example");
     }
 }
