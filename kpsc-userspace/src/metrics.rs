@@ -81,6 +81,7 @@ pub struct Metrics {
     decode_failures: PerApi<Counter>,
     latency: PerApi<Histogram>,
     connection_errors: Family<ReasonLabel, Counter>,
+    brokers_refused: Family<ReasonLabel, Counter>,
     forbidden_requests: Family<ApiLabel, Counter>,
     pub ready: Gauge,
     pub brokers_known: Gauge,
@@ -123,6 +124,13 @@ impl Metrics {
         let decode_failures = PerApi::new(Counter::default);
         let latency = PerApi::new(|| Histogram::new(latency_buckets()));
         let connection_errors = Family::<ReasonLabel, Counter>::default();
+        let brokers_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "brokers_refused",
+            "Brokers named by metadata that got no listener, per reason (too_many_dynamic, \
+             invalid_port, out_of_range, bind_failed, ...); clients are never told of them",
+            brokers_refused.clone(),
+        );
         let forbidden_requests = Family::<ApiLabel, Counter>::default();
         let ready = Gauge::default();
         let brokers_known = Gauge::default();
@@ -209,6 +217,7 @@ impl Metrics {
             connections_total,
             bytes,
             connection_errors,
+            brokers_refused,
             forbidden_requests,
             ready,
             brokers_known,
@@ -256,6 +265,13 @@ impl Metrics {
     }
     pub fn connection_error(&self, reason: &str) {
         self.connection_errors
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+    pub fn broker_refused(&self, reason: &str) {
+        self.brokers_refused
             .get_or_create(&ReasonLabel {
                 reason: reason.to_owned(),
             })

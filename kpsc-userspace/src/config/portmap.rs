@@ -105,6 +105,7 @@ impl PortmapConfig {
             dynamic: DynamicPorts::Disabled,
             listen_ip: [0, 0, 0, 0].into(),
             advertised: None,
+            max_dynamic: 0,
         }
         .validate()
         .map_err(|e| ConfigError::new("--bootstrap-server-mapping", e.to_string()))?;

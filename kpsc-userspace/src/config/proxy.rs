@@ -97,6 +97,11 @@ pub struct DynamicArgs {
     /// IP the dynamic listeners bind to (and advertise when no advertised listener is set).
     #[arg(long = "default-listener-ip", value_name = "IP")]
     pub default_listener_ip: Option<IpAddr>,
+
+    /// Most dynamic listeners metadata may create (default 128), whatever the port range:
+    /// a response naming hundreds of unknown brokers is refused instead of bound.
+    #[arg(long = "max-dynamic-listeners", value_name = "N")]
+    pub max_dynamic_listeners: Option<usize>,
 }
 
 /// Proxy-mode flags.
@@ -158,6 +163,8 @@ pub struct ProxyConfig {
 
 /// Kafka's own default for `socket.request.max.bytes`.
 pub const DEFAULT_MAX_FRAME_SIZE: u32 = 100 * 1024 * 1024;
+/// Enough for large clusters; far below what a hostile response could ask for.
+pub const DEFAULT_MAX_DYNAMIC_LISTENERS: usize = 128;
 /// kafka-proxy's `--kafka-max-open-requests` default.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 
@@ -257,6 +264,8 @@ fn resolve_port_map(
         dynamic,
         listen_ip,
         advertised,
+        max_dynamic: pick(flags.max_dynamic_listeners, file.max_dynamic_listeners)
+            .unwrap_or(DEFAULT_MAX_DYNAMIC_LISTENERS),
     };
     port_map
         .validate()

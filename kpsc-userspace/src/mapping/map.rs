@@ -41,6 +41,9 @@ pub struct PortMapConfig {
     pub dynamic: DynamicPorts,
     pub listen_ip: IpAddr,
     pub advertised: Option<AdvertisedTemplate>,
+    /// Most dynamic entries (listeners) metadata may create: a response naming hundreds
+    /// of unknown brokers must not make kpscd bind hundreds of ports.
+    pub max_dynamic: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,6 +76,31 @@ pub enum PortMapError {
         "broker id {node_id} ({broker}) is not mapped and dynamic listeners are disabled: add a --bootstrap-server-mapping or --external-server-mapping for it"
     )]
     Unmapped { node_id: i32, broker: String },
+    #[error(
+        "broker id {node_id} ({broker}) would be dynamic listener number {limit}+1 (--max-dynamic-listeners {limit})"
+    )]
+    TooManyDynamic {
+        node_id: i32,
+        broker: String,
+        limit: usize,
+    },
+    #[error("broker id {node_id} advertises {broker}: port 0 is not a broker address")]
+    InvalidPort { node_id: i32, broker: String },
+}
+
+impl PortMapError {
+    /// Metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::PortConflict { .. } => "port_conflict",
+            Self::DuplicateBroker { .. } => "duplicate_broker",
+            Self::OutOfRange { .. } => "out_of_range",
+            Self::Exhausted { .. } => "exhausted",
+            Self::Unmapped { .. } => "unmapped",
+            Self::TooManyDynamic { .. } => "too_many_dynamic",
+            Self::InvalidPort { .. } => "invalid_port",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,6 +241,24 @@ impl PortMap {
     }
 
     fn dynamic_entry(&self, node_id: i32, broker: &BrokerAddr) -> Result<MapEntry, PortMapError> {
+        if broker.port == 0 {
+            return Err(PortMapError::InvalidPort {
+                node_id,
+                broker: broker.to_string(),
+            });
+        }
+        let dynamic = self
+            .entries
+            .iter()
+            .filter(|e| e.origin == Origin::Dynamic)
+            .count();
+        if dynamic >= self.config.max_dynamic && self.config.dynamic != DynamicPorts::Disabled {
+            return Err(PortMapError::TooManyDynamic {
+                node_id,
+                broker: broker.to_string(),
+                limit: self.config.max_dynamic,
+            });
+        }
         let port = match self.config.dynamic {
             DynamicPorts::Disabled => {
                 return Err(PortMapError::Unmapped {
@@ -288,6 +334,7 @@ mod tests {
             dynamic,
             listen_ip: "0.0.0.0".parse().unwrap(),
             advertised: Some(AdvertisedTemplate::parse("b<broker_id>.abc.example.com").unwrap()),
+            max_dynamic: 128,
         }
     }
 
@@ -425,5 +472,40 @@ mod tests {
         assert!(StaticMapping::parse("a:x,0.0.0.0:2").is_err());
         let m = StaticMapping::parse("a:1,127.0.0.1:2").unwrap();
         assert_eq!(m.advertised, BrokerAddr::new("127.0.0.1", 2));
+    }
+
+    #[test]
+    fn hostile_metadata_cannot_create_unbounded_listeners_or_port_zero() {
+        let mut m = PortMap::new(PortMapConfig {
+            max_dynamic: 2,
+            ..config(DynamicPorts::Deterministic {
+                min_port: 10_000,
+                max_ports: 0,
+            })
+        })
+        .unwrap();
+        let many: Vec<(i32, BrokerAddr)> = (1..=300)
+            .map(|id| (id, BrokerAddr::new(format!("kafka-x{id}"), 9092)))
+            .collect();
+        let (added, errors) = m.learn(&many);
+        assert_eq!(added.len(), 2);
+        assert_eq!(errors.len(), 298);
+        assert!(
+            errors.iter().all(|e| e.reason() == "too_many_dynamic"),
+            "{errors:?}"
+        );
+        assert!(errors[0].to_string().contains("--max-dynamic-listeners 2"));
+
+        let mut m = PortMap::new(config(DynamicPorts::Deterministic {
+            min_port: 10_000,
+            max_ports: 0,
+        }))
+        .unwrap();
+        let (added, errors) = m.learn(&[(4, BrokerAddr::new("kafka-4", 0))]);
+        assert!(added.is_empty());
+        assert!(matches!(
+            errors[..],
+            [PortMapError::InvalidPort { node_id: 4, .. }]
+        ));
     }
 }

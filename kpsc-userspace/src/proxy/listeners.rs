@@ -173,6 +173,9 @@ impl Owner {
 
     fn reconcile(&mut self, brokers: &[(i32, BrokerAddr)]) -> Vec<anyhow::Error> {
         let (_added, errors) = self.map.learn(brokers);
+        for e in &errors {
+            self.metrics.broker_refused(e.reason());
+        }
         let mut problems: Vec<anyhow::Error> = errors.into_iter().map(anyhow::Error::new).collect();
         let unbound: Vec<MapEntry> = self
             .map
@@ -186,6 +189,7 @@ impl Owner {
             .collect();
         for entry in unbound {
             if let Err(e) = self.bind(&entry) {
+                self.metrics.broker_refused("bind_failed");
                 if brokers.iter().any(|(_, b)| b == &entry.broker) {
                     problems.push(e);
                 } else {
@@ -273,5 +277,83 @@ async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::map::{DynamicPorts, PortMapConfig};
+
+    /// Two consecutive free loopback ports.
+    fn free_pair() -> u16 {
+        loop {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+                return port;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_binds_are_retried_and_no_caller_sees_an_unbound_port() {
+        let first = free_pair();
+        let map = PortMap::new(PortMapConfig {
+            static_mappings: vec![],
+            external: vec![],
+            dynamic: DynamicPorts::Deterministic {
+                min_port: first - 1,
+                max_ports: 0,
+            },
+            listen_ip: [127, 0, 0, 1].into(),
+            advertised: None,
+            max_dynamic: 8,
+        })
+        .unwrap();
+        let (accepted, _incoming) = mpsc::channel(8);
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let listeners =
+            Listeners::start(map, Metrics::new(), accepted, shutdown.clone(), &tasks).unwrap();
+        let broker_1 = (1, BrokerAddr::new("kafka-1", 9092));
+
+        // Broker 1's port (min + 1) is taken: the caller hears so, and the entry stays.
+        let blocker = std::net::TcpListener::bind(("127.0.0.1", first)).unwrap();
+        let problems = listeners
+            .ensure_bound(std::slice::from_ref(&broker_1))
+            .await;
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(format!("{:#}", problems[0]).contains("cannot listen on"));
+        assert_eq!(listeners.snapshot().unbound().len(), 1);
+
+        // Once the port is free the next request binds it.
+        drop(blocker);
+        let problems = listeners
+            .ensure_bound(std::slice::from_ref(&broker_1))
+            .await;
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(listeners.snapshot().unbound().is_empty());
+        tokio::net::TcpStream::connect(("127.0.0.1", first))
+            .await
+            .unwrap();
+
+        // Concurrent callers naming the same new broker: each returns only once its port
+        // accepts connections.
+        async fn check(listeners: Listeners, first: u16) {
+            let broker_2 = [(2, BrokerAddr::new("kafka-2", 9092))];
+            assert!(listeners.ensure_bound(&broker_2).await.is_empty());
+            tokio::net::TcpStream::connect(("127.0.0.1", first + 1))
+                .await
+                .unwrap();
+        }
+        tokio::join!(
+            check(listeners.clone(), first),
+            check(listeners.clone(), first)
+        );
+        shutdown.cancel();
     }
 }
