@@ -1,28 +1,33 @@
 //! Asks a broker for the cluster's brokers (ApiVersions, then Metadata with no topics).
-//! Used at start and periodically to find brokers that need a listener.
+//! Used at start and periodically to find brokers that need a listener, and by portmap to
+//! check what brokers advertise.
+//!
+//! A broker's answer is as hostile as anything on the forwarding path: it is decoded by
+//! the same guarded decoder (layout walk first), never straight by kafka-protocol, so a
+//! few bytes claiming 2^31 entries are an error here, not an abort.
 
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::{
-    messages::{
-        ApiKey, ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse,
-        RequestHeader, ResponseHeader,
-    },
-    protocol::{Decodable, Encodable, HeaderVersion, StrBytes},
+    messages::{ApiKey, ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, RequestHeader},
+    protocol::{Encodable, HeaderVersion, StrBytes},
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream, time::timeout};
 
 use crate::{
     kafka::frame::{FrameReader, write_frame},
     mapping::addr::BrokerAddr,
+    proxy::rewrite::{api_versions::decode_api_versions, apis},
 };
 
 /// Highest Metadata version this client speaks (v13 only adds a top-level error code).
 const METADATA_MAX_VERSION: i16 = 12;
 const MAX_RESPONSE: u32 = 64 * 1024 * 1024;
 const CLIENT_ID: &str = "kpsc-discovery";
+const API_VERSIONS_CORRELATION_ID: i32 = 1;
+const METADATA_CORRELATION_ID: i32 = 2;
 
 /// One broker's answer: `(node_id, advertised address)` of every broker it knows.
 pub async fn fetch_brokers(
@@ -43,18 +48,49 @@ async fn fetch(addr: &BrokerAddr) -> anyhow::Result<Vec<(i32, BrokerAddr)>> {
     let (r, mut w) = stream.into_split();
     let mut reader = FrameReader::new(r, 16 * 1024);
 
-    let versions: ApiVersionsResponse = call(
+    let body = call(
         &mut reader,
         &mut w,
         ApiKey::ApiVersions,
         0,
-        1,
+        API_VERSIONS_CORRELATION_ID,
         &ApiVersionsRequest::default(),
     )
     .await?;
-    if versions.error_code != 0 {
-        bail!("ApiVersions error code {}", versions.error_code);
+    let version = metadata_version(&parse_api_versions(body)?)?;
+    let request = MetadataRequest::default()
+        .with_topics(Some(Vec::new()))
+        .with_allow_auto_topic_creation(false);
+    let body = call(
+        &mut reader,
+        &mut w,
+        ApiKey::Metadata,
+        version,
+        METADATA_CORRELATION_ID,
+        &request,
+    )
+    .await?;
+    w.shutdown().await.ok();
+    parse_metadata(version, body)
+}
+
+/// The broker's answer to kpsc's ApiVersions v0 request (body after the size prefix).
+pub fn parse_api_versions(body: Bytes) -> anyhow::Result<ApiVersionsResponse> {
+    let (_, frame) = decode_api_versions(0, body).context("ApiVersions v0 response")?;
+    if frame.header.correlation_id != API_VERSIONS_CORRELATION_ID {
+        bail!(
+            "ApiVersions response has correlation id {} instead of {API_VERSIONS_CORRELATION_ID}",
+            frame.header.correlation_id
+        );
     }
+    if frame.message.error_code != 0 {
+        bail!("ApiVersions error code {}", frame.message.error_code);
+    }
+    Ok(frame.message)
+}
+
+/// The Metadata version to ask for: the broker's highest, up to what this client speaks.
+fn metadata_version(versions: &ApiVersionsResponse) -> anyhow::Result<i16> {
     let broker_max = versions
         .api_keys
         .iter()
@@ -66,33 +102,39 @@ async fn fetch(addr: &BrokerAddr) -> anyhow::Result<Vec<(i32, BrokerAddr)>> {
     if version < 1 {
         bail!("broker supports only Metadata v{broker_max}; kpsc needs v1 or later");
     }
-    let request = MetadataRequest::default()
-        .with_topics(Some(Vec::new()))
-        .with_allow_auto_topic_creation(false);
-    let metadata: MetadataResponse =
-        call(&mut reader, &mut w, ApiKey::Metadata, version, 2, &request).await?;
-    w.shutdown().await.ok();
-    Ok(metadata
-        .brokers
+    Ok(version)
+}
+
+/// The brokers a Metadata response of `version` names (body after the size prefix).
+/// Entries whose port cannot be a broker's (0, or outside u16) are left out.
+pub fn parse_metadata(version: i16, body: Bytes) -> anyhow::Result<Vec<(i32, BrokerAddr)>> {
+    let mut response = apis::decode(ApiKey::Metadata as i16, version, body)?;
+    if response.correlation_id() != METADATA_CORRELATION_ID {
+        bail!(
+            "Metadata response has correlation id {} instead of {METADATA_CORRELATION_ID}",
+            response.correlation_id()
+        );
+    }
+    Ok(response
+        .endpoints()
         .into_iter()
-        .filter_map(|b| {
-            let port = u16::try_from(b.port).ok().filter(|p| *p != 0)?;
-            Some((b.node_id.0, BrokerAddr::new(b.host.to_string(), port)))
+        .filter_map(|e| {
+            let port = u16::try_from(e.port).ok().filter(|p| *p != 0)?;
+            Some((e.node_id, BrokerAddr::new(e.host, port)))
         })
         .collect())
 }
 
-async fn call<Req, Resp>(
+async fn call<Req>(
     reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
     w: &mut tokio::net::tcp::OwnedWriteHalf,
     api: ApiKey,
     version: i16,
     correlation_id: i32,
     request: &Req,
-) -> anyhow::Result<Resp>
+) -> anyhow::Result<Bytes>
 where
     Req: Encodable + HeaderVersion,
-    Resp: Decodable + HeaderVersion,
 {
     let header = RequestHeader::default()
         .with_request_api_key(api as i16)
@@ -107,15 +149,84 @@ where
     if !reader.read_frame(MAX_RESPONSE, &mut body).await? {
         bail!("broker closed the connection before answering {api:?}");
     }
-    let mut body = Bytes::from(body);
-    let header = ResponseHeader::decode(&mut body, Resp::header_version(version))
-        .with_context(|| format!("{api:?} v{version} response header"))?;
-    if header.correlation_id != correlation_id {
-        bail!(
-            "{api:?} response has correlation id {} instead of {correlation_id}",
-            header.correlation_id
-        );
+    Ok(Bytes::from(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use kafka_protocol::messages::{
+        BrokerId, MetadataResponse, ResponseHeader, api_versions_response::ApiVersion,
+        metadata_response::MetadataResponseBroker,
+    };
+
+    use super::*;
+
+    fn with_header<T: Encodable>(
+        correlation_id: i32,
+        header_version: i16,
+        message: &T,
+        version: i16,
+    ) -> Bytes {
+        let mut buf = BytesMut::new();
+        ResponseHeader::default()
+            .with_correlation_id(correlation_id)
+            .encode(&mut buf, header_version)
+            .unwrap();
+        message.encode(&mut buf, version).unwrap();
+        buf.freeze()
     }
-    // Trailing bytes beyond the schema (seen in librdkafka's mock) are ignored here.
-    Resp::decode(&mut body, version).with_context(|| format!("{api:?} v{version} response"))
+
+    /// Before these answers went through the guarded decoder, kafka-protocol reserved the
+    /// claimed entries up front: 18-26 bytes made the daemon allocate tens to hundreds of
+    /// GB and abort.
+    #[test]
+    fn hostile_counts_are_errors_not_aborts() {
+        // ApiVersions v0: error_code 0, api_keys claiming i32::MAX entries.
+        let api_versions = [&1i32.to_be_bytes()[..], &[0, 0], &[0x7f, 0xff, 0xff, 0xff]].concat();
+        let err = parse_api_versions(Bytes::from(api_versions)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("api_keys claims more entries"),
+            "{err:#}"
+        );
+        // Metadata v1: brokers claiming i32::MAX entries.
+        let metadata = [&2i32.to_be_bytes()[..], &[0x7f, 0xff, 0xff, 0xff]].concat();
+        let err = parse_metadata(1, Bytes::from(metadata)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("brokers claims more entries"),
+            "{err:#}"
+        );
+        // Metadata v12 (flexible): a compact count of u32::MAX - 1.
+        let metadata = [
+            &2i32.to_be_bytes()[..],
+            &[0],
+            &[0, 0, 0, 0],
+            &[0xff, 0xff, 0xff, 0xff, 0x0f],
+        ]
+        .concat();
+        assert!(parse_metadata(12, Bytes::from(metadata)).is_err());
+    }
+
+    #[test]
+    fn real_answers_are_read() {
+        let versions = ApiVersionsResponse::default().with_api_keys(vec![
+            ApiVersion::default()
+                .with_api_key(ApiKey::Metadata as i16)
+                .with_max_version(13),
+        ]);
+        let parsed = parse_api_versions(with_header(1, 0, &versions, 0)).unwrap();
+        assert_eq!(metadata_version(&parsed).unwrap(), METADATA_MAX_VERSION);
+        let metadata = MetadataResponse::default().with_brokers(vec![
+            MetadataResponseBroker::default()
+                .with_node_id(BrokerId(3))
+                .with_host(StrBytes::from_static_str("kafka-3"))
+                .with_port(9092),
+            MetadataResponseBroker::default()
+                .with_node_id(BrokerId(4))
+                .with_host(StrBytes::from_static_str("kafka-4"))
+                .with_port(0),
+        ]);
+        let brokers = parse_metadata(12, with_header(2, 1, &metadata, 12)).unwrap();
+        assert_eq!(brokers, [(3, BrokerAddr::new("kafka-3", 9092))]);
+        assert!(parse_metadata(12, with_header(9, 1, &metadata, 12)).is_err());
+    }
 }

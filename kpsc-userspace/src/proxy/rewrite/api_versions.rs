@@ -83,8 +83,8 @@ pub fn unsupported_api_versions_response(correlation_id: i32) -> BytesMut {
     out
 }
 
-/// Decodes an ApiVersions response, returning the version its body is in.
-fn decode_api_versions(
+/// Decodes an ApiVersions response (guarded), returning the version its body is in.
+pub fn decode_api_versions(
     api_version: i16,
     body: Bytes,
 ) -> Result<(i16, Frame<ApiVersionsResponse>), RewriteError> {
