@@ -6,3 +6,4 @@ pub mod netns;
 pub mod report;
 pub mod sink;
 pub mod target;
+pub mod wire;

@@ -3,7 +3,10 @@
 //! Metadata requests, which go through kpsc's rewrite path).
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -18,7 +21,6 @@ use kafka_protocol::{
         produce_request::{PartitionProduceData, TopicProduceData},
     },
     protocol::{Decodable, Encodable, HeaderVersion, StrBytes},
-    records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType},
 };
 use kpsc::codec::{FrameReader, write_frame};
 use tokio::{
@@ -27,9 +29,7 @@ use tokio::{
     sync::{Semaphore, mpsc},
 };
 
-use crate::sink::TOPIC;
-
-const PRODUCE_VERSION: i16 = 7;
+use crate::wire::{FETCH_VERSION, FIND_COORDINATOR_MAX, PRODUCE_VERSION, TOPIC, record_batch};
 
 #[derive(Clone, Debug)]
 pub struct ProduceLoad {
@@ -74,40 +74,6 @@ fn frame_body<T: Encodable + HeaderVersion>(
     Ok(body)
 }
 
-/// A valid uncompressed record batch.
-pub fn record_batch(records_per_batch: usize, record_bytes: usize) -> anyhow::Result<Bytes> {
-    let value = Bytes::from(vec![b'c'; record_bytes]);
-    let records: Vec<Record> = (0..records_per_batch)
-        .map(|i| Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: -1,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            sequence: -1,
-            timestamp: 0,
-            key: None,
-            value: Some(value.clone()),
-            headers: Default::default(),
-        })
-        .collect();
-    let mut batch = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut batch,
-        records.iter(),
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )?;
-    Ok(batch.freeze())
-}
-
-pub const FETCH_VERSION: i16 = 11;
-
 /// One Fetch v11 request body for `bench`/0; `max_bytes` tells the sink the batch size to
 /// answer with.
 pub fn fetch_request(batch_bytes: i32) -> anyhow::Result<BytesMut> {
@@ -151,7 +117,13 @@ pub fn produce_request(load: &ProduceLoad) -> anyhow::Result<BytesMut> {
 /// Correlation id offset in a request body (after api key and version).
 const CORRELATION_AT: usize = 4;
 
-pub async fn run_produce(target: &str, load: &ProduceLoad) -> anyhow::Result<ProduceResult> {
+/// Runs `load` against `target`. `sink_produce_requests` counts the Produce requests the
+/// sink behind `target` has read (how acks=0 runs, which get no answers, check for loss).
+pub async fn run_produce(
+    target: &str,
+    load: &ProduceLoad,
+    sink_produce_requests: &AtomicU64,
+) -> anyhow::Result<ProduceResult> {
     let body = if load.fetch {
         fetch_request((load.records_per_batch * load.record_bytes) as i32)?
     } else {
@@ -167,7 +139,7 @@ pub async fn run_produce(target: &str, load: &ProduceLoad) -> anyhow::Result<Pro
         stream.set_nodelay(true)?;
         streams.push(stream);
     }
-    let received_before = crate::sink::produce_requests_received();
+    let received_before = sink_produce_requests.load(Ordering::Relaxed);
     let started = Instant::now();
     let tasks: Vec<_> = streams
         .into_iter()
@@ -195,7 +167,7 @@ pub async fn run_produce(target: &str, load: &ProduceLoad) -> anyhow::Result<Pro
         // all, and one that never arrives is a loss.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let received = crate::sink::produce_requests_received() - received_before;
+            let received = sink_produce_requests.load(Ordering::Relaxed) - received_before;
             if received >= total.requests {
                 ensure!(
                     received == total.requests,
@@ -357,7 +329,7 @@ impl ControlRequest {
             ),
             Self::FindCoordinator => frame_body(
                 ApiKey::FindCoordinator,
-                crate::sink::FIND_COORDINATOR_MAX,
+                FIND_COORDINATOR_MAX,
                 &FindCoordinatorRequest::default()
                     .with_key(StrBytes::from_static_str("kpsc-bench-group")),
             ),

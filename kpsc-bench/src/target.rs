@@ -2,7 +2,6 @@
 //! what it costs them (CPU from /proc, memory).
 
 use std::{
-    net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -13,6 +12,8 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
+
+use crate::sink::Sink;
 
 pub enum TargetKind {
     /// Straight to the sink (loopback), or routed by the node (namespaces).
@@ -27,7 +28,7 @@ pub enum TargetKind {
     /// broker configured for portmap does.
     KpscdPortmap {
         bin: PathBuf,
-        sink: SocketAddr,
+        sink: Sink,
     },
     External(String),
 }
@@ -124,6 +125,8 @@ pub struct Target {
     pub name: String,
     /// Where the load generator connects.
     pub addr: String,
+    /// The sink behind this target.
+    pub sink: Sink,
     child: Option<Child>,
 }
 
@@ -221,15 +224,12 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
 }
 
 impl Target {
-    pub async fn start(
-        kind: TargetKind,
-        sink: SocketAddr,
-        place: &Placement,
-    ) -> anyhow::Result<Self> {
+    pub async fn start(kind: TargetKind, sink: &Sink, place: &Placement) -> anyhow::Result<Self> {
         raise_fd_limit();
         let ip = &place.listen_ip;
         let spawn = |name: &str,
                      index: usize,
+                     sink: &Sink,
                      program: &std::ffi::OsStr,
                      args: Vec<String>|
          -> anyhow::Result<(Self, String)> {
@@ -250,6 +250,7 @@ impl Target {
                 Self {
                     name: name.into(),
                     addr: format!("{ip}:{port}"),
+                    sink: sink.clone(),
                     child: Some(child),
                 },
                 format!("{ip}:{admin}"),
@@ -272,14 +273,15 @@ impl Target {
                     "direct"
                 }
                 .into(),
-                addr: sink.to_string(),
+                addr: sink.addr.to_string(),
+                sink: sink.clone(),
                 child: None,
             }),
             TargetKind::KpscdProxy { bin, splice } => {
                 let mut args = kpscd_common("proxy");
                 args.extend([
                     "--bootstrap-server-mapping".into(),
-                    format!("{sink},{{listen}},{{listen}}"),
+                    format!("{},{{listen}},{{listen}}", sink.addr),
                     "--dynamic-listeners-disable".into(),
                     "--bulk-transfer".into(),
                     if splice { "splice" } else { "copy" }.into(),
@@ -289,7 +291,7 @@ impl Target {
                 } else {
                     ("kpscd-proxy", 0)
                 };
-                let (target, admin) = spawn(name, index, bin.as_os_str(), args)?;
+                let (target, admin) = spawn(name, index, sink, bin.as_os_str(), args)?;
                 wait_ready(&admin).await?;
                 Ok(target)
             }
@@ -305,21 +307,23 @@ impl Target {
                 let mut args = kpscd_common("portmap");
                 args.extend([
                     "--bootstrap-server-mapping".into(),
-                    format!("{advertising_sink},0.0.0.0:{port},{ip}:{port}"),
+                    format!("{},0.0.0.0:{port},{ip}:{port}", advertising_sink.addr),
                     "--interface".into(),
                     place.interfaces.join(","),
                     "--instance".into(),
                     ns,
                 ]);
-                let (target, admin) = spawn("kpscd-portmap", 1, bin.as_os_str(), args)?;
+                let (target, admin) =
+                    spawn("kpscd-portmap", 1, &advertising_sink, bin.as_os_str(), args)?;
                 wait_ready(&admin).await?;
                 Ok(target)
             }
             TargetKind::External(template) => {
-                let line = template.replace("{broker}", &sink.to_string());
+                let line = template.replace("{broker}", &sink.addr.to_string());
                 let (target, _) = spawn(
                     "external",
                     2,
+                    sink,
                     "sh".as_ref(),
                     vec!["-c".into(), format!("exec {line}")],
                 )?;
