@@ -1,6 +1,8 @@
 //! Ctrl-C or SIGTERM in the middle of a run: the proxies, namespaces and pins this run
 //! started are removed before exiting, as at a normal end. Everything that needs removing
-//! registers here while it lives.
+//! registers here while it lives: child processes by PID, anything else (a namespace with
+//! its pins) by name with the function that removes it, so this module depends on none of
+//! its users.
 
 use std::sync::{
     Mutex, PoisonError,
@@ -9,16 +11,19 @@ use std::sync::{
 
 use anyhow::bail;
 
+/// Removes the resource of that name.
+pub type Remover = fn(&str);
+
 struct Live {
     children: Vec<u32>,
-    namespaces: Vec<String>,
+    resources: Vec<(String, Remover)>,
     /// Set once cleanup has begun: what registers later is removed at once.
     shutting_down: bool,
 }
 
 static LIVE: Mutex<Live> = Mutex::new(Live {
     children: Vec::new(),
-    namespaces: Vec::new(),
+    resources: Vec::new(),
     shutting_down: false,
 });
 
@@ -46,18 +51,20 @@ pub fn child_ended(pid: u32) {
     live().children.retain(|&p| p != pid);
 }
 
-pub fn namespace_created(name: &str) {
+/// `remove(name)` removes the resource at an interrupt, unless `resource_removed(name)`
+/// said it is gone.
+pub fn resource_created(name: &str, remove: Remover) {
     let mut live = live();
     if live.shutting_down {
         drop(live);
-        crate::netns::remove_namespaces(&[name.to_owned()]);
+        remove(name);
     } else {
-        live.namespaces.push(name.to_owned());
+        live.resources.push((name.to_owned(), remove));
     }
 }
 
-pub fn namespace_deleted(name: &str) {
-    live().namespaces.retain(|n| n != name);
+pub fn resource_removed(name: &str) {
+    live().resources.retain(|(n, _)| n != name);
 }
 
 /// Whether `pid` has exited (gone, or a zombie waiting for us).
@@ -84,8 +91,11 @@ fn clean_up() {
     for &pid in &live().children {
         signal_pid(pid, libc::SIGKILL);
     }
-    let namespaces = live().namespaces.clone();
-    crate::netns::remove_namespaces(&namespaces);
+    // Unlocked while removing: removers report back through resource_removed.
+    let resources = live().resources.clone();
+    for (name, remove) in resources {
+        remove(&name);
+    }
 }
 
 /// Write end of the pipe the signal handler reports on.

@@ -109,7 +109,7 @@ impl Topology {
         };
         for ns in [&topo.client, &topo.node, &topo.broker] {
             ip(&["netns", "add", ns])?;
-            crate::interrupt::namespace_created(ns);
+            crate::interrupt::resource_created(ns, remove_namespace);
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         let (c, n, b) = (&topo.client, &topo.node, &topo.broker);
@@ -271,18 +271,16 @@ pub fn wait_listening(ns: &str, host: &str, port: u16, timeout: Duration) -> any
     }
 }
 
-/// Deletes namespaces and the portmap pins named after them: pins of a kpscd that could
+/// Deletes a namespace and the portmap pins named after it: pins of a kpscd that could
 /// not clean up (killed by a failing test or an interrupted run), as users of a topology
 /// take the node namespace's name as the portmap instance.
-pub fn remove_namespaces(names: &[String]) {
-    for ns in names {
-        let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        let pins = std::path::Path::new(kpsc::datapath::DEFAULT_PIN_ROOT).join(ns);
-        if pins.exists() {
-            let _ = std::fs::remove_dir_all(&pins);
-        }
-        crate::interrupt::namespace_deleted(ns);
+pub fn remove_namespace(ns: &str) {
+    let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    let pins = std::path::Path::new(kpsc::datapath::DEFAULT_PIN_ROOT).join(ns);
+    if pins.exists() {
+        let _ = std::fs::remove_dir_all(&pins);
     }
+    crate::interrupt::resource_removed(ns);
 }
 
 impl Drop for Topology {
@@ -292,6 +290,8 @@ impl Drop for Topology {
             let _ = child.kill();
             let _ = child.wait();
         }
-        remove_namespaces(&[self.client.clone(), self.node.clone(), self.broker.clone()]);
+        for ns in [&self.client, &self.node, &self.broker] {
+            remove_namespace(ns);
+        }
     }
 }
