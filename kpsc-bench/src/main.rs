@@ -23,12 +23,14 @@ use anyhow::{Context as _, ensure};
 use clap::Parser;
 
 use kpsc_bench::{
-    interrupt,
     load::{ControlRequest, ProduceLoad, run_control, run_produce},
-    netns::{self, Topology},
     report::{Measurement, Report},
     sink::Sink,
     target::{self, Pinning, Placement, Target, TargetKind},
+};
+use kpsc_testkit::{
+    cleanup,
+    netns::{self, Topology},
 };
 
 #[derive(Parser, Debug)]
@@ -130,7 +132,7 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
-    interrupt::install()?;
+    cleanup::install_signal_handlers("kpsc-bench")?;
     if let Some(dir) = &args.render {
         Report::load(dir)?.write()?;
         print!("{}", std::fs::read_to_string(dir.join("results.md"))?);

@@ -245,7 +245,7 @@ impl Target {
                 .command(program, &args)
                 .spawn()
                 .with_context(|| format!("starting {}", program.to_string_lossy()))?;
-            crate::interrupt::child_started(child.id());
+            kpsc_testkit::cleanup::child_started(child.id());
             Ok((
                 Self {
                     name: name.into(),
@@ -411,7 +411,7 @@ impl Target {
 impl Drop for Target {
     fn drop(&mut self) {
         if let Some(child) = &mut self.child {
-            crate::interrupt::child_ended(child.id());
+            kpsc_testkit::cleanup::child_ended(child.id());
             // SAFETY: signalling our own child by PID.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(5);

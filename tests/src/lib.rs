@@ -32,7 +32,7 @@ use rdkafka::{
     types::RDKafkaErrorCode,
 };
 
-pub use kpsc_bench::netns;
+pub use kpsc_testkit::netns;
 
 /// Starting tansu brokers in a topology's broker namespace.
 pub trait TansuHost {

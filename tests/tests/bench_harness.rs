@@ -75,7 +75,7 @@ fn interrupted_benchmark_removes_its_namespaces_pins_and_proxies() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("starting kpsc-bench");
-    // Its namespaces are named after its PID (see kpsc_bench::netns::Topology).
+    // Its namespaces are named after its PID (see kpsc_testkit::netns::Topology).
     let prefix = format!("kpsc{}x", bench.id() % 100_000);
     let node_ns = format!("{prefix}0n");
     let pins = Path::new(DEFAULT_PIN_ROOT).join(&node_ns);

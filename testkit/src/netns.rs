@@ -109,7 +109,7 @@ impl Topology {
         };
         for ns in [&topo.client, &topo.node, &topo.broker] {
             ip(&["netns", "add", ns])?;
-            crate::interrupt::resource_created(ns, remove_namespace);
+            crate::cleanup::resource_created(ns, remove_namespace);
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         let (c, n, b) = (&topo.client, &topo.node, &topo.broker);
@@ -228,7 +228,7 @@ impl Topology {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {} in {ns}", program.display()))?;
-        crate::interrupt::child_started(child.id());
+        crate::cleanup::child_started(child.id());
         self.children.push(child);
         Ok(())
     }
@@ -280,13 +280,13 @@ pub fn remove_namespace(ns: &str) {
     if pins.exists() {
         let _ = std::fs::remove_dir_all(&pins);
     }
-    crate::interrupt::resource_removed(ns);
+    crate::cleanup::resource_removed(ns);
 }
 
 impl Drop for Topology {
     fn drop(&mut self) {
         for child in &mut self.children {
-            crate::interrupt::child_ended(child.id());
+            crate::cleanup::child_ended(child.id());
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -1,8 +1,9 @@
-//! Ctrl-C or SIGTERM in the middle of a run: the proxies, namespaces and pins this run
-//! started are removed before exiting, as at a normal end. Everything that needs removing
+//! Ctrl-C or SIGTERM in the middle of a run: the processes, namespaces and pins it started
+//! are removed before exiting, as at a normal end. Everything that needs removing
 //! registers here while it lives: child processes by PID, anything else (a namespace with
 //! its pins) by name with the function that removes it, so this module depends on none of
-//! its users.
+//! its users. Only a program that calls [`install_signal_handlers`] acts on the registry
+//! (the benchmark); elsewhere (the tests) owners remove what they started on drop.
 
 use std::sync::{
     Mutex, PoisonError,
@@ -67,8 +68,8 @@ pub fn resource_removed(name: &str) {
     live().resources.retain(|(n, _)| n != name);
 }
 
-/// Whether `pid` has exited (gone, or a zombie waiting for us).
-fn exited(pid: u32) -> bool {
+/// Whether `pid` has exited (gone, or a zombie waiting for us), without reaping it.
+pub fn exited(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
         stat.rsplit_once(')')
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
@@ -113,10 +114,11 @@ extern "C" fn on_signal(signal: libc::c_int) {
     };
 }
 
-/// Routes SIGINT and SIGTERM to a thread that cleans up and exits with 128 + signal.
+/// Routes SIGINT and SIGTERM to a thread that cleans up and exits with 128 + signal;
+/// `program` names the process in the message it prints.
 /// A handler rather than a blocked mask: children would inherit the mask across exec
 /// and ignore the SIGTERM that stops them, while handlers are reset by exec.
-pub fn install() -> anyhow::Result<()> {
+pub fn install_signal_handlers(program: &'static str) -> anyhow::Result<()> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the array on success.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -163,7 +165,7 @@ pub fn install() -> anyhow::Result<()> {
             }
             let signal = i32::from(byte);
             eprintln!(
-                "kpsc-bench: interrupted (signal {signal}); removing what this run started \
+                "{program}: interrupted (signal {signal}); removing what this run started \
                  (interrupt again to stop at once)"
             );
             clean_up();
