@@ -9,8 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use kpsc::datapath::DEFAULT_PIN_ROOT;
-use kpsc_tests::{eventually, kpsc_bench_bin};
+use kpsc_tests::{datapath::DEFAULT_PIN_ROOT, eventually, kpsc_bench_bin};
 
 fn namespaces_named(prefix: &str) -> Vec<String> {
     let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
