@@ -16,20 +16,23 @@ use hdrhistogram::Histogram;
 use kafka_protocol::{
     messages::{
         ApiKey, BrokerId, FetchRequest, FetchResponse, FindCoordinatorRequest, MetadataRequest,
-        ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+        ProduceRequest, ProduceResponse, ResponseHeader, TopicName,
         fetch_request::{FetchPartition, FetchTopic},
         produce_request::{PartitionProduceData, TopicProduceData},
     },
-    protocol::{Decodable, Encodable, HeaderVersion, StrBytes},
+    protocol::{Decodable, HeaderVersion, StrBytes},
 };
-use kpsc::codec::{FrameReader, write_frame};
+use kpsc_testkit::request_body;
 use tokio::{
     io::AsyncWriteExt,
     net::TcpStream,
     sync::{Semaphore, mpsc},
 };
 
-use crate::wire::{FETCH_VERSION, FIND_COORDINATOR_MAX, PRODUCE_VERSION, TOPIC, record_batch};
+use crate::wire::{
+    FETCH_VERSION, FIND_COORDINATOR_MAX, FrameReader, PRODUCE_VERSION, TOPIC, record_batch,
+    write_frame,
+};
 
 #[derive(Clone, Debug)]
 pub struct ProduceLoad {
@@ -58,21 +61,8 @@ pub struct ProduceResult {
     pub latency: Option<Histogram<u64>>,
 }
 
-fn frame_body<T: Encodable + HeaderVersion>(
-    api: ApiKey,
-    version: i16,
-    request: &T,
-) -> anyhow::Result<BytesMut> {
-    let mut body = BytesMut::new();
-    RequestHeader::default()
-        .with_request_api_key(api as i16)
-        .with_request_api_version(version)
-        .with_correlation_id(0)
-        .with_client_id(Some(StrBytes::from_static_str("kpsc-bench")))
-        .encode(&mut body, T::header_version(version))?;
-    request.encode(&mut body, version)?;
-    Ok(body)
-}
+/// Client id of the load's requests; their correlation ids are patched in per request.
+const CLIENT_ID: &str = "kpsc-bench";
 
 /// One Fetch v11 request body for `bench`/0; `max_bytes` tells the sink the batch size to
 /// answer with.
@@ -93,7 +83,7 @@ pub fn fetch_request(batch_bytes: i32) -> anyhow::Result<BytesMut> {
                         .with_partition_max_bytes(batch_bytes),
                 ]),
         ]);
-    frame_body(ApiKey::Fetch, FETCH_VERSION, &request)
+    request_body(ApiKey::Fetch, FETCH_VERSION, 0, CLIENT_ID, &request)
 }
 
 /// One Produce v7 request body (header included) with a valid record batch.
@@ -111,7 +101,7 @@ pub fn produce_request(load: &ProduceLoad) -> anyhow::Result<BytesMut> {
                         .with_records(Some(batch)),
                 ]),
         ]);
-    frame_body(ApiKey::Produce, PRODUCE_VERSION, &request)
+    request_body(ApiKey::Produce, PRODUCE_VERSION, 0, CLIENT_ID, &request)
 }
 
 /// Correlation id offset in a request body (after api key and version).
@@ -322,14 +312,18 @@ impl ControlRequest {
 
     fn body(self) -> anyhow::Result<BytesMut> {
         match self {
-            Self::Metadata => frame_body(
+            Self::Metadata => request_body(
                 ApiKey::Metadata,
                 9,
+                0,
+                CLIENT_ID,
                 &MetadataRequest::default().with_topics(None),
             ),
-            Self::FindCoordinator => frame_body(
+            Self::FindCoordinator => request_body(
                 ApiKey::FindCoordinator,
                 FIND_COORDINATOR_MAX,
+                0,
+                CLIENT_ID,
                 &FindCoordinatorRequest::default()
                     .with_key(StrBytes::from_static_str("kpsc-bench-group")),
             ),

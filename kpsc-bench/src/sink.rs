@@ -27,12 +27,12 @@ use kafka_protocol::{
     },
     protocol::{Encodable, HeaderVersion, StrBytes},
 };
-use kpsc::codec::{
-    Acks, FrameReader, RequestHeader, SIZE_LEN, frame_size, produce_acks, write_frame,
-};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::wire::{FETCH_VERSION, FIND_COORDINATOR_MAX, PRODUCE_VERSION, TOPIC, record_batch};
+use crate::wire::{
+    Acks, FETCH_VERSION, FIND_COORDINATOR_MAX, FrameReader, PRODUCE_VERSION, RequestHeader,
+    SIZE_LEN, TOPIC, frame_size, produce_acks, record_batch, write_frame,
+};
 
 /// Versions the sink answers beyond the load's (crate::wire): what kpscd's discovery uses.
 const METADATA_MAX: i16 = 12;

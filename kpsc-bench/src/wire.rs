@@ -1,10 +1,15 @@
 //! What the load generator and the benchmark sink agree on: the topic, the request versions
-//! the sink answers, and the record batch both send (Produce requests, Fetch responses).
-//! A Fetch request's `max_bytes` tells the sink the size of the batch to answer with.
+//! the sink answers, the record batch both send (Produce requests, Fetch responses), and
+//! the framing both speak, which is kpsc's own codec (the one place the benchmark names
+//! kpsc's library). A Fetch request's `max_bytes` tells the sink the size of the batch to
+//! answer with.
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::records::{
     Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+pub use kpsc::codec::{
+    Acks, FrameReader, RequestHeader, SIZE_LEN, frame_size, produce_acks, write_frame,
 };
 
 /// The sink's one topic (one partition).
