@@ -8,12 +8,14 @@
 //! Addresses: brokers listen on 127.0.0.1 (the mock cannot choose); kpscd advertises
 //! 127.0.1.<broker id>, so any `127.0.0.1` in a client-visible answer is a leak.
 
+mod command;
 mod mock_cluster;
 mod rdkafka_client;
 mod tansu;
 
+pub use command::run_with_timeout;
 pub use mock_cluster::{ADVERTISED_PATTERN, MockCluster, REAL_BROKER_HOST, proxy_args};
-pub use rdkafka_client::send_waiting;
+pub use rdkafka_client::{Delivered, LeakWatch, send_waiting};
 pub use tansu::{Tansu, TansuHost, tansu_bin};
 
 /// The kit shared with kpsc-bench, re-exported so tests name one crate.

@@ -341,7 +341,7 @@ fn test() -> anyhow::Result<()> {
         .args(["--quick", "--proxy-cmd", &external, "--out"])
         .arg(root().join("target/bench-quick")))?;
     e2e_bench(&["--quick"], &root().join("target/bench-quick"))?;
-    step("python clients (confluent-kafka 2.16, kafka-python) and kcat through kpscd");
+    step("python clients (confluent-kafka 2.16, kafka-python) through kpscd");
     run(Command::new(venv().join("bin/python"))
         .args(["-m", "pytest", "-v", "-p", "no:cacheprovider"])
         .arg(root().join("tests/python"))
