@@ -6,8 +6,10 @@
 //! - [`http_get`], [`wait_listening`], [`eventually`], [`free_port_base`]: readiness and
 //!   ports;
 //! - [`netns`]: client -> node -> broker topologies in network namespaces;
-//! - [`cleanup`]: what a run started, removed at Ctrl-C as at a normal end.
+//! - [`cleanup`]: what a run started, removed at Ctrl-C as at a normal end;
+//! - [`datapath`]: kpscd's pinned portmap maps.
 pub mod cleanup;
+pub mod datapath;
 mod http;
 mod kafka;
 mod kpscd;
@@ -20,9 +22,3 @@ pub use kafka::{RawClient, contains_bytes, request_body};
 pub use kpscd::Kpscd;
 pub use process::{Process, kpsc_bench_bin, kpscctl_bin, kpscd_bin};
 pub use wait::{eventually, free_port_base, wait_listening};
-
-/// kpscd's pinned portmap maps, read as kpscctl reads them (the one place the kit and the
-/// tests name kpsc's own library).
-pub mod datapath {
-    pub use kpsc::datapath::{DEFAULT_PIN_ROOT, FlowState, PinnedMaps, pin_dir};
-}

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{Process, datapath::DEFAULT_PIN_ROOT};
+use crate::{datapath::DEFAULT_PIN_ROOT, process::Process, wait};
 
 pub const NODE_CLIENT_IP: &str = "198.18.1.1";
 pub const NODE_BROKER_IP: &str = "198.18.2.1";
@@ -271,7 +271,7 @@ impl Topology {
 /// Waits until `host:port` accepts connections from namespace `ns`.
 pub fn wait_listening(ns: &str, host: &str, port: u16, timeout: Duration) -> anyhow::Result<()> {
     in_netns(ns, || {
-        crate::wait_listening(&format!("{host}:{port}"), timeout)
+        wait::wait_listening(&format!("{host}:{port}"), timeout)
     })?
     .with_context(|| format!("in namespace {ns}"))
 }
