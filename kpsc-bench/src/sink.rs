@@ -34,7 +34,8 @@ use crate::wire::{
     SIZE_LEN, TOPIC, frame_size, produce_acks, record_batch, write_frame,
 };
 
-/// Versions the sink answers beyond the load's (crate::wire): what kpscd's discovery uses.
+/// Highest versions the sink answers of what kpscd's discovery sends (the load's versions
+/// are in `wire`).
 const METADATA_MAX: i16 = 12;
 const API_VERSIONS_MAX: i16 = 3;
 

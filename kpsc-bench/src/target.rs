@@ -93,11 +93,11 @@ impl Placement {
     }
 
     /// (listen port, admin port) for the target at `index`.
-    fn ports(&self, index: usize) -> anyhow::Result<(u16, u16)> {
-        Ok(match self.node_ns {
+    fn ports(&self, index: usize) -> (u16, u16) {
+        match self.node_ns {
             Some(_) => (NETNS_PORTS[index], NETNS_PORTS[index] + 100),
             None => (free_port_base(1), free_port_base(1)),
-        })
+        }
     }
 
     /// `program args`, inside the node namespace and on the proxy's CPU.
@@ -157,7 +157,7 @@ enum Proxy {
     External(Process),
 }
 
-/// How long a proxy gets to exit after SIGTERM (a portmap kpscd detaches its programs).
+/// How long an external proxy gets to exit after SIGTERM (what the kit gives kpscd).
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
 fn clock_ticks() -> f64 {
@@ -264,7 +264,7 @@ impl Target {
                 } else {
                     ("kpscd-proxy", 0)
                 };
-                let (port, admin) = place.ports(index)?;
+                let (port, admin) = place.ports(index);
                 let listen = format!("{ip}:{port}");
                 let args = kpscd_args(
                     "proxy",
@@ -291,7 +291,7 @@ impl Target {
                     .node_ns
                     .clone()
                     .context("portmap needs the namespace topology (--topology netns)")?;
-                let (port, admin) = place.ports(1)?;
+                let (port, admin) = place.ports(1);
                 let args = kpscd_args(
                     "portmap",
                     vec![
@@ -311,7 +311,7 @@ impl Target {
                 })
             }
             TargetKind::External(template) => {
-                let (port, _) = place.ports(2)?;
+                let (port, _) = place.ports(2);
                 let listen = format!("{ip}:{port}");
                 let line = template
                     .replace("{broker}", &sink.addr.to_string())
