@@ -3,7 +3,10 @@
 //! Metadata requests, which go through kpsc's rewrite path).
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -13,23 +16,23 @@ use hdrhistogram::Histogram;
 use kafka_protocol::{
     messages::{
         ApiKey, BrokerId, FetchRequest, FetchResponse, FindCoordinatorRequest, MetadataRequest,
-        ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+        ProduceRequest, ProduceResponse, ResponseHeader, TopicName,
         fetch_request::{FetchPartition, FetchTopic},
         produce_request::{PartitionProduceData, TopicProduceData},
     },
-    protocol::{Decodable, Encodable, HeaderVersion, StrBytes},
-    records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType},
+    protocol::{Decodable, HeaderVersion, StrBytes},
 };
-use kpsc::kafka::frame::{FrameReader, write_frame};
+use kpsc_testkit::request_body;
 use tokio::{
     io::AsyncWriteExt,
     net::TcpStream,
     sync::{Semaphore, mpsc},
 };
 
-use crate::sink::TOPIC;
-
-const PRODUCE_VERSION: i16 = 7;
+use crate::wire::{
+    FETCH_VERSION, FIND_COORDINATOR_MAX, FrameReader, PRODUCE_VERSION, TOPIC, record_batch,
+    write_frame,
+};
 
 #[derive(Clone, Debug)]
 pub struct ProduceLoad {
@@ -58,55 +61,8 @@ pub struct ProduceResult {
     pub latency: Option<Histogram<u64>>,
 }
 
-fn frame_body<T: Encodable + HeaderVersion>(
-    api: ApiKey,
-    version: i16,
-    request: &T,
-) -> anyhow::Result<BytesMut> {
-    let mut body = BytesMut::new();
-    RequestHeader::default()
-        .with_request_api_key(api as i16)
-        .with_request_api_version(version)
-        .with_correlation_id(0)
-        .with_client_id(Some(StrBytes::from_static_str("kpsc-bench")))
-        .encode(&mut body, T::header_version(version))?;
-    request.encode(&mut body, version)?;
-    Ok(body)
-}
-
-/// A valid uncompressed record batch.
-pub fn record_batch(records_per_batch: usize, record_bytes: usize) -> anyhow::Result<Bytes> {
-    let value = Bytes::from(vec![b'c'; record_bytes]);
-    let records: Vec<Record> = (0..records_per_batch)
-        .map(|i| Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: -1,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            sequence: -1,
-            timestamp: 0,
-            key: None,
-            value: Some(value.clone()),
-            headers: Default::default(),
-        })
-        .collect();
-    let mut batch = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut batch,
-        records.iter(),
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )?;
-    Ok(batch.freeze())
-}
-
-pub const FETCH_VERSION: i16 = 11;
+/// Client id of the load's requests; their correlation ids are patched in per request.
+const CLIENT_ID: &str = "kpsc-bench";
 
 /// One Fetch v11 request body for `bench`/0; `max_bytes` tells the sink the batch size to
 /// answer with.
@@ -127,7 +83,7 @@ pub fn fetch_request(batch_bytes: i32) -> anyhow::Result<BytesMut> {
                         .with_partition_max_bytes(batch_bytes),
                 ]),
         ]);
-    frame_body(ApiKey::Fetch, FETCH_VERSION, &request)
+    request_body(ApiKey::Fetch, FETCH_VERSION, 0, CLIENT_ID, &request)
 }
 
 /// One Produce v7 request body (header included) with a valid record batch.
@@ -145,13 +101,19 @@ pub fn produce_request(load: &ProduceLoad) -> anyhow::Result<BytesMut> {
                         .with_records(Some(batch)),
                 ]),
         ]);
-    frame_body(ApiKey::Produce, PRODUCE_VERSION, &request)
+    request_body(ApiKey::Produce, PRODUCE_VERSION, 0, CLIENT_ID, &request)
 }
 
 /// Correlation id offset in a request body (after api key and version).
 const CORRELATION_AT: usize = 4;
 
-pub async fn run_produce(target: &str, load: &ProduceLoad) -> anyhow::Result<ProduceResult> {
+/// Runs `load` against `target`. `sink_produce_requests` counts the Produce requests the
+/// sink behind `target` has read (how acks=0 runs, which get no answers, check for loss).
+pub async fn run_produce(
+    target: &str,
+    load: &ProduceLoad,
+    sink_produce_requests: &AtomicU64,
+) -> anyhow::Result<ProduceResult> {
     let body = if load.fetch {
         fetch_request((load.records_per_batch * load.record_bytes) as i32)?
     } else {
@@ -167,7 +129,7 @@ pub async fn run_produce(target: &str, load: &ProduceLoad) -> anyhow::Result<Pro
         stream.set_nodelay(true)?;
         streams.push(stream);
     }
-    let received_before = crate::sink::produce_requests_received();
+    let received_before = sink_produce_requests.load(Ordering::Relaxed);
     let started = Instant::now();
     let tasks: Vec<_> = streams
         .into_iter()
@@ -195,7 +157,7 @@ pub async fn run_produce(target: &str, load: &ProduceLoad) -> anyhow::Result<Pro
         // all, and one that never arrives is a loss.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let received = crate::sink::produce_requests_received() - received_before;
+            let received = sink_produce_requests.load(Ordering::Relaxed) - received_before;
             if received >= total.requests {
                 ensure!(
                     received == total.requests,
@@ -350,14 +312,18 @@ impl ControlRequest {
 
     fn body(self) -> anyhow::Result<BytesMut> {
         match self {
-            Self::Metadata => frame_body(
+            Self::Metadata => request_body(
                 ApiKey::Metadata,
                 9,
+                0,
+                CLIENT_ID,
                 &MetadataRequest::default().with_topics(None),
             ),
-            Self::FindCoordinator => frame_body(
+            Self::FindCoordinator => request_body(
                 ApiKey::FindCoordinator,
-                crate::sink::FIND_COORDINATOR_MAX,
+                FIND_COORDINATOR_MAX,
+                0,
+                CLIENT_ID,
                 &FindCoordinatorRequest::default()
                     .with_key(StrBytes::from_static_str("kpsc-bench-group")),
             ),

@@ -23,12 +23,14 @@ use anyhow::{Context as _, ensure};
 use clap::Parser;
 
 use kpsc_bench::{
-    interrupt,
     load::{ControlRequest, ProduceLoad, run_control, run_produce},
-    netns::{self, Topology},
     report::{Measurement, Report},
     sink::Sink,
     target::{self, Pinning, Placement, Target, TargetKind},
+};
+use kpsc_testkit::{
+    cleanup,
+    netns::{self, Topology},
 };
 
 #[derive(Parser, Debug)]
@@ -130,7 +132,7 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
-    interrupt::install()?;
+    cleanup::install_signal_handlers("kpsc-bench")?;
     if let Some(dir) = &args.render {
         Report::load(dir)?.write()?;
         print!("{}", std::fs::read_to_string(dir.join("results.md"))?);
@@ -185,14 +187,7 @@ fn run_loopback(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> a
                     let sink = Sink::start("127.0.0.1:0".parse()?, None).await?;
                     let kinds = target_kinds(args, kpscd, None);
                     let place = Placement::loopback(pinning);
-                    run(
-                        args,
-                        &format!("{machine}; loopback"),
-                        sink.addr,
-                        kinds,
-                        &place,
-                    )
-                    .await
+                    run(args, &format!("{machine}; loopback"), &sink, kinds, &place).await
                 })
             })
             .join()
@@ -217,21 +212,21 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
                 target::pin_self_to_cpu(cpu)?;
             }
             let rt = current_thread_runtime()?;
-            rt.block_on(async {
-                Sink::start(sink_addr, None).await?;
+            let sinks = rt.block_on(async {
+                let sink = Sink::start(sink_addr, None).await?;
                 // Advertises the node's portmap port, as a broker set up for portmap does.
-                Sink::start(
+                let portmap_sink = Sink::start(
                     portmap_sink_addr,
                     Some(format!("{}:19093", netns::NODE_CLIENT_IP).parse()?),
                 )
                 .await?;
-                anyhow::Ok(())
+                anyhow::Ok((sink, portmap_sink))
             })?;
-            anyhow::Ok(rt)
+            anyhow::Ok((rt, sinks))
         })();
         match started {
-            Ok(rt) => {
-                let _ = ready_tx.send(Ok(()));
+            Ok((rt, sinks)) => {
+                let _ = ready_tx.send(Ok(sinks));
                 rt.block_on(std::future::pending::<()>());
             }
             Err(e) => {
@@ -239,7 +234,7 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
             }
         }
     });
-    ready_rx.recv().context("sink thread")??;
+    let (sink, portmap_sink) = ready_rx.recv().context("sink thread")??;
     let client_ns = topo.client.clone();
     let place = Placement {
         node_ns: Some(topo.node.clone()),
@@ -247,7 +242,7 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
         interfaces: vec!["n0".into(), "n1".into()],
         pinning,
     };
-    let kinds = target_kinds(args, kpscd, Some(portmap_sink_addr));
+    let kinds = target_kinds(args, kpscd, Some(portmap_sink));
     let result = netns::in_netns(&client_ns, || {
         if let Some(cpu) = pinning.generator_cpu() {
             target::pin_self_to_cpu(cpu)?;
@@ -255,7 +250,7 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
         current_thread_runtime()?.block_on(run(
             args,
             &format!("{machine}; namespaces client -> node -> broker over veth"),
-            sink_addr,
+            &sink,
             kinds,
             &place,
         ))
@@ -266,7 +261,7 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
 
 /// The targets of one topology that --targets selects; portmap only where a sink
 /// advertising the node's port exists (namespaces).
-fn target_kinds(args: &Args, kpscd: &Path, portmap_sink: Option<SocketAddr>) -> Vec<TargetKind> {
+fn target_kinds(args: &Args, kpscd: &Path, portmap_sink: Option<Sink>) -> Vec<TargetKind> {
     let wanted = |name: &str| args.targets.is_empty() || args.targets.iter().any(|t| t == name);
     let mut kinds = Vec::new();
     if wanted("direct") {
@@ -299,7 +294,7 @@ fn target_kinds(args: &Args, kpscd: &Path, portmap_sink: Option<SocketAddr>) -> 
 async fn run(
     args: &Args,
     machine: &str,
-    sink: SocketAddr,
+    sink: &Sink,
     kinds: Vec<TargetKind>,
     place: &Placement,
 ) -> anyhow::Result<()> {
@@ -310,7 +305,7 @@ async fn run(
     eprintln!(
         "kpsc-bench: {} target(s), broker side = benchmark sink at {}, {} repetition(s) x {:?}, {}",
         targets.len(),
-        sink,
+        sink.addr,
         args.repetitions,
         args.duration,
         place.pinning.describe(),
@@ -464,7 +459,7 @@ impl Bench<'_> {
                     duration: self.args.warmup,
                     ..load.clone()
                 };
-                run_produce(&t.addr, &warm)
+                run_produce(&t.addr, &warm, t.sink.produce_requests())
                     .await
                     .with_context(|| format!("warm-up of {} for {workload}", t.name))?;
             }
@@ -473,10 +468,12 @@ impl Bench<'_> {
             for t in order(self.targets, rep) {
                 let cpu_before = t.cpu_seconds();
                 let softirq_before = target::softirq_seconds();
-                let result = run_produce(&t.addr, load).await.and_then(|r| {
-                    ensure!(r.requests > 0, "no request completed");
-                    Ok(r)
-                });
+                let result = run_produce(&t.addr, load, t.sink.produce_requests())
+                    .await
+                    .and_then(|r| {
+                        ensure!(r.requests > 0, "no request completed");
+                        Ok(r)
+                    });
                 if let Some(r) = self.outcome(t, workload, result) {
                     self.report.add(Measurement::produce(
                         &t.name,
@@ -512,7 +509,7 @@ impl Bench<'_> {
         };
         for rep in 0..self.args.repetitions {
             for t in order(self.targets, rep) {
-                let result = run_produce(&t.addr, &small).await;
+                let result = run_produce(&t.addr, &small, t.sink.produce_requests()).await;
                 if let Some(r) = self.outcome(t, workload, result) {
                     let h = r.latency.context("acks=1 produce has latencies")?;
                     self.report

@@ -27,34 +27,23 @@ use kafka_protocol::{
     },
     protocol::{Encodable, HeaderVersion, StrBytes},
 };
-use kpsc::kafka::{
-    frame::{FrameReader, SIZE_LEN, frame_size, write_frame},
-    request::{Acks, RequestHeader, produce_acks},
-};
 use tokio::net::{TcpListener, TcpStream};
 
-pub const TOPIC: &str = "bench";
-/// Versions the sink answers: what the load generator and kpscd's discovery use.
-const PRODUCE_VERSION: i16 = 7;
+use crate::wire::{
+    Acks, FETCH_VERSION, FIND_COORDINATOR_MAX, FrameReader, PRODUCE_VERSION, RequestHeader,
+    SIZE_LEN, TOPIC, frame_size, produce_acks, record_batch, write_frame,
+};
+
+/// Highest versions the sink answers of what kpscd's discovery sends (the load's versions
+/// are in `wire`).
 const METADATA_MAX: i16 = 12;
 const API_VERSIONS_MAX: i16 = 3;
-/// v0-3 carry one coordinator at the top level; v4+ batch keys, which the load does not use.
-pub const FIND_COORDINATOR_MAX: i16 = 3;
-
-/// Produce requests read by every sink in this process. Runs are sequential, so the
-/// difference across one run is that run's count: how acks=0 runs prove nothing was lost.
-static PRODUCE_REQUESTS_RECEIVED: AtomicU64 = AtomicU64::new(0);
-
-pub fn produce_requests_received() -> u64 {
-    PRODUCE_REQUESTS_RECEIVED.load(Ordering::Relaxed)
-}
-const FETCH_VERSION: i16 = crate::load::FETCH_VERSION;
 
 /// Fetch response template (correlation id 0) carrying one record batch of about
 /// `batch_bytes`, built once per size and patched per request.
 fn fetch_template(batch_bytes: usize) -> anyhow::Result<BytesMut> {
     let record_bytes = 1024.min(batch_bytes.max(1));
-    let records = crate::load::record_batch((batch_bytes / record_bytes).max(1), record_bytes)?;
+    let records = record_batch((batch_bytes / record_bytes).max(1), record_bytes)?;
     let body = FetchResponse::default().with_responses(vec![
         FetchableTopicResponse::default()
             .with_topic(TopicName(StrBytes::from_static_str(TOPIC)))
@@ -90,9 +79,11 @@ fn fetch_max_bytes(body: &[u8]) -> anyhow::Result<usize> {
     Ok(max as usize)
 }
 
-/// A running sink.
+/// A running sink (a handle: clones share it).
+#[derive(Clone, Debug)]
 pub struct Sink {
     pub addr: SocketAddr,
+    produce_requests: Arc<AtomicU64>,
 }
 
 fn encode<T: Encodable + HeaderVersion>(
@@ -197,18 +188,29 @@ impl Sink {
         let listener = TcpListener::bind(addr)
             .await
             .context("binding the benchmark sink")?;
-        let addr = listener.local_addr()?;
-        let advertised = advertised.unwrap_or(addr);
+        let sink = Self {
+            addr: listener.local_addr()?,
+            produce_requests: Arc::default(),
+        };
+        let advertised = advertised.unwrap_or(sink.addr);
         let template = Arc::new(produce_template()?);
+        let counter = Arc::clone(&sink.produce_requests);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let template = Arc::clone(&template);
+                let counter = Arc::clone(&counter);
                 tokio::spawn(async move {
-                    let _ = serve(stream, advertised, &template).await;
+                    let _ = serve(stream, advertised, &template, &counter).await;
                 });
             }
         });
-        Ok(Self { addr })
+        Ok(sink)
+    }
+
+    /// Produce requests this sink has read in full so far. Nothing answers acks=0
+    /// requests: the count across a run is how such a run proves nothing was lost.
+    pub fn produce_requests(&self) -> &AtomicU64 {
+        &self.produce_requests
     }
 }
 
@@ -224,6 +226,7 @@ async fn serve(
     stream: TcpStream,
     advertised: SocketAddr,
     template: &BytesMut,
+    produce_requests: &AtomicU64,
 ) -> anyhow::Result<()> {
     stream.set_nodelay(true)?;
     let (r, mut w) = stream.into_split();
@@ -299,7 +302,7 @@ async fn serve(
             .await?;
         if header.api_key == ApiKey::Produce as i16 {
             // Counted once the whole request has arrived.
-            PRODUCE_REQUESTS_RECEIVED.fetch_add(1, Ordering::Relaxed);
+            produce_requests.fetch_add(1, Ordering::Relaxed);
         }
         match reply {
             Reply::None => {}

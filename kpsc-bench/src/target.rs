@@ -3,16 +3,16 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, ApiVersionsResponse};
+use kpsc_testkit::{Kpscd, Process, RawClient, free_port_base, wait_listening};
+
+use crate::sink::Sink;
 
 pub enum TargetKind {
     /// Straight to the sink (loopback), or routed by the node (namespaces).
@@ -27,7 +27,7 @@ pub enum TargetKind {
     /// broker configured for portmap does.
     KpscdPortmap {
         bin: PathBuf,
-        sink: SocketAddr,
+        sink: Sink,
     },
     External(String),
 }
@@ -93,11 +93,11 @@ impl Placement {
     }
 
     /// (listen port, admin port) for the target at `index`.
-    fn ports(&self, index: usize) -> anyhow::Result<(u16, u16)> {
-        Ok(match self.node_ns {
+    fn ports(&self, index: usize) -> (u16, u16) {
+        match self.node_ns {
             Some(_) => (NETNS_PORTS[index], NETNS_PORTS[index] + 100),
-            None => (free_port()?, free_port()?),
-        })
+            None => (free_port_base(1), free_port_base(1)),
+        }
     }
 
     /// `program args`, inside the node namespace and on the proxy's CPU.
@@ -118,20 +118,47 @@ impl Placement {
         cmd.args(&argv[1..]).stdout(Stdio::null());
         cmd
     }
+
+    /// Starts kpscd (`args`: mode and flags) as `command` places it, its admin endpoint
+    /// on `admin_port`, and waits until it is ready.
+    async fn start_kpscd(
+        &self,
+        bin: &Path,
+        args: &[String],
+        admin_port: u16,
+    ) -> anyhow::Result<Kpscd> {
+        let admin: SocketAddr = format!("{}:{admin_port}", self.listen_ip).parse()?;
+        let kpscd = Kpscd::launch(
+            self.command(bin.as_os_str(), args),
+            admin,
+            self.node_ns.clone(),
+        )?;
+        blocking(move || {
+            kpscd.wait_ready(Duration::from_secs(20))?;
+            Ok(kpscd)
+        })
+        .await
+    }
 }
 
 pub struct Target {
     pub name: String,
     /// Where the load generator connects.
     pub addr: String,
-    child: Option<Child>,
+    /// The sink behind this target.
+    pub sink: Sink,
+    proxy: Proxy,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// What a target runs, stopped (SIGTERM, then SIGKILL) when the target is dropped.
+enum Proxy {
+    None,
+    Kpscd(Kpscd),
+    External(Process),
 }
+
+/// How long an external proxy gets to exit after SIGTERM (what the kit gives kpscd).
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
@@ -180,35 +207,6 @@ pub fn raise_fd_limit() {
     }
 }
 
-async fn wait_listening(addr: &str, what: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(addr).await.is_err() {
-        if Instant::now() > deadline {
-            bail!("{what} is not listening on {addr} after 20 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
-async fn wait_ready(admin: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(mut s) = TcpStream::connect(admin).await {
-            s.write_all(b"GET /ready HTTP/1.0\r\n\r\n").await?;
-            let mut text = String::new();
-            s.read_to_string(&mut text).await.ok();
-            if text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200") {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("kpscd at {admin} not ready after 20 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
@@ -220,49 +218,33 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// Runs blocking kit code (readiness, the raw client) off the runtime's thread: in a
+/// loopback run the sink shares that thread, and kpscd is ready only once the sink has
+/// answered its metadata request. The blocking pool's threads are started from the
+/// runtime's thread, so they share its network namespace (the client's in a namespace run).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+/// A connection to `addr` that completed one request (ApiVersions v0), so both of a
+/// proxy's sides exist.
+fn idle_connection(addr: &str) -> anyhow::Result<RawClient> {
+    let mut client = RawClient::connect(addr)?;
+    let (_, _): (ApiVersionsResponse, _) =
+        client.call(ApiKey::ApiVersions, 0, &ApiVersionsRequest::default())?;
+    Ok(client)
+}
+
 impl Target {
-    pub async fn start(
-        kind: TargetKind,
-        sink: SocketAddr,
-        place: &Placement,
-    ) -> anyhow::Result<Self> {
+    pub async fn start(kind: TargetKind, sink: &Sink, place: &Placement) -> anyhow::Result<Self> {
         raise_fd_limit();
         let ip = &place.listen_ip;
-        let spawn = |name: &str,
-                     index: usize,
-                     program: &std::ffi::OsStr,
-                     args: Vec<String>|
-         -> anyhow::Result<(Self, String)> {
-            let (port, admin) = place.ports(index)?;
-            let args: Vec<String> = args
-                .into_iter()
-                .map(|a| {
-                    a.replace("{listen}", &format!("{ip}:{port}"))
-                        .replace("{admin}", &format!("{ip}:{admin}"))
-                })
-                .collect();
-            let child = place
-                .command(program, &args)
-                .spawn()
-                .with_context(|| format!("starting {}", program.to_string_lossy()))?;
-            crate::interrupt::child_started(child.id());
-            Ok((
-                Self {
-                    name: name.into(),
-                    addr: format!("{ip}:{port}"),
-                    child: Some(child),
-                },
-                format!("{ip}:{admin}"),
-            ))
-        };
-        let kpscd_common = |mode: &str| -> Vec<String> {
-            vec![
-                mode.into(),
-                "--http-listen-address".into(),
-                "{admin}".into(),
-                "--log-level".into(),
-                "warning".into(),
-            ]
+        let kpscd_args = |mode: &str, flags: Vec<String>| -> Vec<String> {
+            let mut args = vec![mode.into(), "--log-level".into(), "warning".into()];
+            args.extend(flags);
+            args
         };
         match kind {
             TargetKind::Direct => Ok(Self {
@@ -272,26 +254,34 @@ impl Target {
                     "direct"
                 }
                 .into(),
-                addr: sink.to_string(),
-                child: None,
+                addr: sink.addr.to_string(),
+                sink: sink.clone(),
+                proxy: Proxy::None,
             }),
             TargetKind::KpscdProxy { bin, splice } => {
-                let mut args = kpscd_common("proxy");
-                args.extend([
-                    "--bootstrap-server-mapping".into(),
-                    format!("{sink},{{listen}},{{listen}}"),
-                    "--dynamic-listeners-disable".into(),
-                    "--bulk-transfer".into(),
-                    if splice { "splice" } else { "copy" }.into(),
-                ]);
                 let (name, index) = if splice {
                     ("kpscd-splice", 3)
                 } else {
                     ("kpscd-proxy", 0)
                 };
-                let (target, admin) = spawn(name, index, bin.as_os_str(), args)?;
-                wait_ready(&admin).await?;
-                Ok(target)
+                let (port, admin) = place.ports(index);
+                let listen = format!("{ip}:{port}");
+                let args = kpscd_args(
+                    "proxy",
+                    vec![
+                        "--bootstrap-server-mapping".into(),
+                        format!("{},{listen},{listen}", sink.addr),
+                        "--dynamic-listeners-disable".into(),
+                        "--bulk-transfer".into(),
+                        if splice { "splice" } else { "copy" }.into(),
+                    ],
+                );
+                Ok(Self {
+                    name: name.into(),
+                    addr: listen,
+                    sink: sink.clone(),
+                    proxy: Proxy::Kpscd(place.start_kpscd(&bin, &args, admin).await?),
+                })
             }
             TargetKind::KpscdPortmap {
                 bin,
@@ -301,36 +291,53 @@ impl Target {
                     .node_ns
                     .clone()
                     .context("portmap needs the namespace topology (--topology netns)")?;
-                let (port, _) = place.ports(1)?;
-                let mut args = kpscd_common("portmap");
-                args.extend([
-                    "--bootstrap-server-mapping".into(),
-                    format!("{advertising_sink},0.0.0.0:{port},{ip}:{port}"),
-                    "--interface".into(),
-                    place.interfaces.join(","),
-                    "--instance".into(),
-                    ns,
-                ]);
-                let (target, admin) = spawn("kpscd-portmap", 1, bin.as_os_str(), args)?;
-                wait_ready(&admin).await?;
-                Ok(target)
+                let (port, admin) = place.ports(1);
+                let args = kpscd_args(
+                    "portmap",
+                    vec![
+                        "--bootstrap-server-mapping".into(),
+                        format!("{},0.0.0.0:{port},{ip}:{port}", advertising_sink.addr),
+                        "--interface".into(),
+                        place.interfaces.join(","),
+                        "--instance".into(),
+                        ns,
+                    ],
+                );
+                Ok(Self {
+                    name: "kpscd-portmap".into(),
+                    addr: format!("{ip}:{port}"),
+                    proxy: Proxy::Kpscd(place.start_kpscd(&bin, &args, admin).await?),
+                    sink: advertising_sink,
+                })
             }
             TargetKind::External(template) => {
-                let line = template.replace("{broker}", &sink.to_string());
-                let (target, _) = spawn(
-                    "external",
-                    2,
-                    "sh".as_ref(),
-                    vec!["-c".into(), format!("exec {line}")],
-                )?;
-                wait_listening(&target.addr, "--proxy-cmd").await?;
-                Ok(target)
+                let (port, _) = place.ports(2);
+                let listen = format!("{ip}:{port}");
+                let line = template
+                    .replace("{broker}", &sink.addr.to_string())
+                    .replace("{listen}", &listen);
+                let mut cmd = place.command("sh".as_ref(), &["-c".into(), format!("exec {line}")]);
+                let process = Process::spawn(&mut cmd, STOP_GRACE)?;
+                let addr = listen.clone();
+                blocking(move || wait_listening(&addr, Duration::from_secs(20)))
+                    .await
+                    .context("--proxy-cmd")?;
+                Ok(Self {
+                    name: "external".into(),
+                    addr: listen,
+                    sink: sink.clone(),
+                    proxy: Proxy::External(process),
+                })
             }
         }
     }
 
     fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        match &self.proxy {
+            Proxy::None => None,
+            Proxy::Kpscd(k) => Some(k.pid()),
+            Proxy::External(p) => Some(p.id()),
+        }
     }
 
     /// User + system CPU of the proxy process so far (0 for direct).
@@ -379,18 +386,11 @@ impl Target {
         let before = rss()?;
         let mut conns = Vec::with_capacity(n);
         let mut points = Vec::new();
-        // ApiVersions v0 request with correlation id 1 and no client id.
-        let request: [u8; 14] = [0, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 1, 0xff, 0xff];
         for checkpoint in [n / 10, n / 2, n] {
-            while conns.len() < checkpoint {
-                let mut s = TcpStream::connect(&self.addr).await?;
-                s.write_all(&request).await?;
-                let mut size = [0u8; 4];
-                s.read_exact(&mut size).await?;
-                let mut body = vec![0; i32::from_be_bytes(size) as usize];
-                s.read_exact(&mut body).await?;
-                conns.push(s);
-            }
+            let (addr, more) = (self.addr.clone(), checkpoint.saturating_sub(conns.len()));
+            let opened: Vec<RawClient> =
+                blocking(move || (0..more).map(|_| idle_connection(&addr)).collect()).await?;
+            conns.extend(opened);
             if checkpoint == 0 {
                 continue;
             }
@@ -401,21 +401,5 @@ impl Target {
             ));
         }
         Ok(points)
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            crate::interrupt::child_ended(child.id());
-            // SAFETY: signalling our own child by PID.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }

@@ -31,8 +31,6 @@ from pathlib import Path
 import pytest
 
 KPSCD_BIN = Path(os.environ.get("KPSCD_BIN") or "/work/main/target/release/kpscd")
-KPSCCTL_BIN = KPSCD_BIN.with_name("kpscctl")
-KCAT_BIN = "/usr/bin/kcat"
 
 REAL_HOST = "127.0.0.1"
 NUM_BROKERS = 3
@@ -361,9 +359,6 @@ class Kpscd:
             if n == name:
                 out[ls.get(label, "")] = out.get(ls.get(label, ""), 0.0) + v
         return out
-
-    def maps(self) -> list[dict]:
-        return json.loads(self.http_get("/maps"))
 
     def assert_healthy_metrics(self) -> None:
         """No decode failures for any api."""

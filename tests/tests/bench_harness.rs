@@ -9,8 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use kpsc::portmap::datapath::DEFAULT_PIN_ROOT;
-use kpsc_tests::{eventually, kpsc_bench_bin};
+use kpsc_tests::{datapath::DEFAULT_PIN_ROOT, eventually, kpsc_bench_bin};
 
 fn namespaces_named(prefix: &str) -> Vec<String> {
     let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
@@ -75,7 +74,7 @@ fn interrupted_benchmark_removes_its_namespaces_pins_and_proxies() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("starting kpsc-bench");
-    // Its namespaces are named after its PID (see kpsc_bench::netns::Topology).
+    // Its namespaces are named after its PID (see kpsc_testkit::netns::Topology).
     let prefix = format!("kpsc{}x", bench.id() % 100_000);
     let node_ns = format!("{prefix}0n");
     let pins = Path::new(DEFAULT_PIN_ROOT).join(&node_ns);

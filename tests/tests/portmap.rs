@@ -12,9 +12,10 @@ use std::{
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, MetadataRequest, MetadataResponse};
-use kpsc::portmap::datapath::{DEFAULT_PIN_ROOT, FlowState, PinnedMaps, pin_dir};
 use kpsc_tests::{
-    Kpscd, RawClient, TansuHost, eventually, kpscctl_bin, kpscd_bin,
+    Kpscd, RawClient, TansuHost,
+    datapath::{DEFAULT_PIN_ROOT, FlowState, PinnedMaps, pin_dir},
+    eventually, kpscctl_bin, kpscd_bin,
     netns::{NODE_CLIENT_IP, Topology, broker_ip, client_ip, in_netns},
 };
 use rdkafka::{
@@ -493,7 +494,7 @@ fn sigkill_then_restart_leaves_one_attachment_and_working_traffic() {
         .unwrap();
     let args = portmap_args(&topo, &[mapping(0)], &[]);
     let addr = format!("{NODE_CLIENT_IP}:{FIRST_PORT}");
-    let mut first = start_portmap(&topo, &args);
+    let first = start_portmap(&topo, &args);
     let mut conn = in_netns(&topo.client, || RawClient::connect(&addr))
         .unwrap()
         .unwrap();

@@ -12,12 +12,14 @@
 use std::{
     fs::File,
     os::fd::AsRawFd,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
+
+use crate::{datapath::DEFAULT_PIN_ROOT, process::Process, wait};
 
 pub const NODE_CLIENT_IP: &str = "198.18.1.1";
 pub const NODE_BROKER_IP: &str = "198.18.2.1";
@@ -57,6 +59,14 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Resu
     })
 }
 
+/// Runs `f` in network namespace `ns` when given, else on this thread.
+pub fn maybe_in<T: Send>(ns: Option<&str>, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    match ns {
+        Some(ns) => in_netns(ns, f),
+        None => Ok(f()),
+    }
+}
+
 fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
         .args(args)
@@ -77,7 +87,7 @@ pub struct Topology {
     pub client: String,
     pub node: String,
     pub broker: String,
-    children: Vec<Child>,
+    children: Vec<Process>,
 }
 
 impl Topology {
@@ -109,7 +119,7 @@ impl Topology {
         };
         for ns in [&topo.client, &topo.node, &topo.broker] {
             ip(&["netns", "add", ns])?;
-            crate::interrupt::namespace_created(ns);
+            crate::cleanup::resource_created(ns, remove_namespace);
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         let (c, n, b) = (&topo.client, &topo.node, &topo.broker);
@@ -220,15 +230,16 @@ impl Topology {
         program: &std::path::Path,
         args: &[&str],
     ) -> anyhow::Result<()> {
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(program)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {} in {ns}", program.display()))?;
-        crate::interrupt::child_started(child.id());
+        let child = Process::spawn(
+            Command::new("ip")
+                .args(["netns", "exec", ns])
+                .arg(program)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            Duration::ZERO,
+        )
+        .with_context(|| format!("starting {} in {ns}", program.display()))?;
         self.children.push(child);
         Ok(())
     }
@@ -259,39 +270,30 @@ impl Topology {
 
 /// Waits until `host:port` accepts connections from namespace `ns`.
 pub fn wait_listening(ns: &str, host: &str, port: u16, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if in_netns(ns, || std::net::TcpStream::connect((host, port)))?.is_ok() {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("{host}:{port} not listening in {ns} after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    in_netns(ns, || {
+        wait::wait_listening(&format!("{host}:{port}"), timeout)
+    })?
+    .with_context(|| format!("in namespace {ns}"))
 }
 
-/// Deletes namespaces and the portmap pins named after them: pins of a kpscd that could
+/// Deletes a namespace and the portmap pins named after it: pins of a kpscd that could
 /// not clean up (killed by a failing test or an interrupted run), as users of a topology
 /// take the node namespace's name as the portmap instance.
-pub fn remove_namespaces(names: &[String]) {
-    for ns in names {
-        let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        let pins = std::path::Path::new(kpsc::portmap::datapath::DEFAULT_PIN_ROOT).join(ns);
-        if pins.exists() {
-            let _ = std::fs::remove_dir_all(&pins);
-        }
-        crate::interrupt::namespace_deleted(ns);
+pub fn remove_namespace(ns: &str) {
+    let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    let pins = std::path::Path::new(DEFAULT_PIN_ROOT).join(ns);
+    if pins.exists() {
+        let _ = std::fs::remove_dir_all(&pins);
     }
+    crate::cleanup::resource_removed(ns);
 }
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        for child in &mut self.children {
-            crate::interrupt::child_ended(child.id());
-            let _ = child.kill();
-            let _ = child.wait();
+        // The processes first: they live in the namespaces.
+        self.children.clear();
+        for ns in [&self.client, &self.node, &self.broker] {
+            remove_namespace(ns);
         }
-        remove_namespaces(&[self.client.clone(), self.node.clone(), self.broker.clone()]);
     }
 }

@@ -1,6 +1,9 @@
-//! Ctrl-C or SIGTERM in the middle of a run: the proxies, namespaces and pins this run
-//! started are removed before exiting, as at a normal end. Everything that needs removing
-//! registers here while it lives.
+//! Ctrl-C or SIGTERM in the middle of a run: the processes, namespaces and pins it started
+//! are removed before exiting, as at a normal end. Everything that needs removing
+//! registers here while it lives: child processes by PID, anything else (a namespace with
+//! its pins) by name with the function that removes it, so this module depends on none of
+//! its users. Only a program that calls [`install_signal_handlers`] acts on the registry
+//! (the benchmark); elsewhere (the tests) owners remove what they started on drop.
 
 use std::sync::{
     Mutex, PoisonError,
@@ -9,16 +12,19 @@ use std::sync::{
 
 use anyhow::bail;
 
+/// Removes the resource of that name.
+pub type Remover = fn(&str);
+
 struct Live {
     children: Vec<u32>,
-    namespaces: Vec<String>,
+    resources: Vec<(String, Remover)>,
     /// Set once cleanup has begun: what registers later is removed at once.
     shutting_down: bool,
 }
 
 static LIVE: Mutex<Live> = Mutex::new(Live {
     children: Vec::new(),
-    namespaces: Vec::new(),
+    resources: Vec::new(),
     shutting_down: false,
 });
 
@@ -46,22 +52,24 @@ pub fn child_ended(pid: u32) {
     live().children.retain(|&p| p != pid);
 }
 
-pub fn namespace_created(name: &str) {
+/// `remove(name)` removes the resource at an interrupt, unless `resource_removed(name)`
+/// said it is gone.
+pub fn resource_created(name: &str, remove: Remover) {
     let mut live = live();
     if live.shutting_down {
         drop(live);
-        crate::netns::remove_namespaces(&[name.to_owned()]);
+        remove(name);
     } else {
-        live.namespaces.push(name.to_owned());
+        live.resources.push((name.to_owned(), remove));
     }
 }
 
-pub fn namespace_deleted(name: &str) {
-    live().namespaces.retain(|n| n != name);
+pub fn resource_removed(name: &str) {
+    live().resources.retain(|(n, _)| n != name);
 }
 
-/// Whether `pid` has exited (gone, or a zombie waiting for us).
-fn exited(pid: u32) -> bool {
+/// Whether `pid` has exited (gone, or a zombie waiting for us), without reaping it.
+pub fn exited(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
         stat.rsplit_once(')')
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
@@ -84,8 +92,11 @@ fn clean_up() {
     for &pid in &live().children {
         signal_pid(pid, libc::SIGKILL);
     }
-    let namespaces = live().namespaces.clone();
-    crate::netns::remove_namespaces(&namespaces);
+    // Unlocked while removing: removers report back through resource_removed.
+    let resources = live().resources.clone();
+    for (name, remove) in resources {
+        remove(&name);
+    }
 }
 
 /// Write end of the pipe the signal handler reports on.
@@ -103,10 +114,11 @@ extern "C" fn on_signal(signal: libc::c_int) {
     };
 }
 
-/// Routes SIGINT and SIGTERM to a thread that cleans up and exits with 128 + signal.
+/// Routes SIGINT and SIGTERM to a thread that cleans up and exits with 128 + signal;
+/// `program` names the process in the message it prints.
 /// A handler rather than a blocked mask: children would inherit the mask across exec
 /// and ignore the SIGTERM that stops them, while handlers are reset by exec.
-pub fn install() -> anyhow::Result<()> {
+pub fn install_signal_handlers(program: &'static str) -> anyhow::Result<()> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the array on success.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -153,7 +165,7 @@ pub fn install() -> anyhow::Result<()> {
             }
             let signal = i32::from(byte);
             eprintln!(
-                "kpsc-bench: interrupted (signal {signal}); removing what this run started \
+                "{program}: interrupted (signal {signal}); removing what this run started \
                  (interrupt again to stop at once)"
             );
             clean_up();

@@ -1,0 +1,166 @@
+//! A running `kpscd` as an operator runs it, and its admin endpoint (`/ready`, `/metrics`,
+//! `/maps`).
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    http::http_get,
+    netns,
+    process::{Process, kpscd_bin},
+    wait::free_port_base,
+};
+
+/// How long kpscd gets to exit after SIGTERM when dropped (a portmap kpscd detaches its
+/// programs then).
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// A running `kpscd`, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Kpscd {
+    process: Process,
+    pub admin: SocketAddr,
+    /// Its stderr, when captured in a file (removed on drop, printed if a test panics).
+    log: Option<PathBuf>,
+    /// Network namespace its admin endpoint is reachable in (None: the caller's).
+    netns: Option<String>,
+}
+
+impl Kpscd {
+    /// Starts `kpscd proxy <args> --http-listen-address 127.0.0.1:<free>` and waits for
+    /// `/ready`.
+    pub fn start(args: &[String]) -> anyhow::Result<Self> {
+        let k = Self::spawn(args)?;
+        k.wait_ready(Duration::from_secs(20))?;
+        Ok(k)
+    }
+
+    /// Starts without waiting for readiness.
+    pub fn spawn(args: &[String]) -> anyhow::Result<Self> {
+        let mut args = args.to_vec();
+        args.insert(0, "proxy".into());
+        Self::spawn_mode(&args, None)
+    }
+
+    /// Starts `kpscd <args>` (mode included), inside network namespace `netns` when given
+    /// (network namespace only, through nsenter, so it shares this process's bpffs), its
+    /// stderr in a log file.
+    pub fn spawn_mode(args: &[String], netns: Option<&str>) -> anyhow::Result<Self> {
+        let admin_port = free_port_base(1);
+        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse()?;
+        let log = std::env::temp_dir().join(format!(
+            "kpscd-test-{}-{admin_port}.log",
+            std::process::id()
+        ));
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}")).arg(kpscd_bin());
+                c
+            }
+            None => Command::new(kpscd_bin()),
+        };
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        let mut k = Self::launch(cmd, admin, netns.map(str::to_owned))?;
+        k.log = Some(log);
+        Ok(k)
+    }
+
+    /// Starts `cmd`, a kpscd command line (mode and flags, wrapped as the caller likes, e.g.
+    /// in taskset), with its admin endpoint on `admin`, reachable from namespace `netns`.
+    pub fn launch(
+        mut cmd: Command,
+        admin: SocketAddr,
+        netns: Option<String>,
+    ) -> anyhow::Result<Self> {
+        cmd.arg("--http-listen-address").arg(admin.to_string());
+        let process = Process::spawn(&mut cmd, STOP_GRACE).context("starting kpscd")?;
+        Ok(Self {
+            process,
+            admin,
+            log: None,
+            netns,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
+    /// Its stderr so far (empty when not captured).
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|l| std::fs::read_to_string(l).ok())
+            .unwrap_or_default()
+    }
+
+    /// Still running?
+    pub fn alive(&self) -> bool {
+        self.process.alive()
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok((200, _)) = self.get("/ready") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kpscd at {} not ready after {timeout:?}; log:\n{}",
+                    self.admin,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// GET `path` from the admin endpoint: (status, body).
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        netns::maybe_in(self.netns.as_deref(), || http_get(self.admin, path))?
+    }
+
+    pub fn maps(&self) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = self.get("/maps")?;
+        anyhow::ensure!(status == 200, "/maps returned {status}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Sum of a Prometheus counter over all label sets whose text contains `filter`.
+    pub fn metric(&self, name: &str, filter: &str) -> f64 {
+        let (_, text) = self.get("/metrics").unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(filter))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<i32> {
+        let status = self.process.terminate(timeout).context("kpscd")?;
+        status.code().context("kpscd killed by a signal")
+    }
+}
+
+impl Drop for Kpscd {
+    fn drop(&mut self) {
+        self.process.stop();
+        if let Some(log) = &self.log {
+            if std::thread::panicking() {
+                eprintln!("---- kpscd log ----\n{}", self.log());
+            }
+            let _ = std::fs::remove_file(log);
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! What kpsc's integration tests and its benchmark (kpsc-bench) share:
+//! - [`Kpscd`]: the real `kpscd` binary as an operator runs it, with its admin endpoint
+//!   (readiness, `/metrics`, `/maps`), stopped on drop;
+//! - [`Process`]: any other child process (brokers, proxies), stopped on drop;
+//! - [`RawClient`]: one raw Kafka request/response client;
+//! - [`http_get`], [`wait_listening`], [`eventually`], [`free_port_base`]: readiness and
+//!   ports;
+//! - [`netns`]: client -> node -> broker topologies in network namespaces;
+//! - [`cleanup`]: what a run started, removed at Ctrl-C as at a normal end;
+//! - [`datapath`]: kpscd's pinned portmap maps.
+pub mod cleanup;
+pub mod datapath;
+mod http;
+mod kafka;
+mod kpscd;
+pub mod netns;
+mod process;
+mod wait;
+
+pub use http::http_get;
+pub use kafka::{RawClient, contains_bytes, request_body};
+pub use kpscd::Kpscd;
+pub use process::{Process, kpsc_bench_bin, kpscctl_bin, kpscd_bin};
+pub use wait::{eventually, free_port_base, wait_listening};
