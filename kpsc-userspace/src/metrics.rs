@@ -79,6 +79,7 @@ pub struct Metrics {
     rewrites: PerApi<Counter>,
     version_caps: PerApi<Counter>,
     decode_failures: PerApi<Counter>,
+    hidden_stripped: PerApi<Counter>,
     latency: PerApi<Histogram>,
     connection_errors: Family<ReasonLabel, Counter>,
     brokers_refused: Family<ReasonLabel, Counter>,
@@ -122,6 +123,13 @@ impl Metrics {
         let rewrites = PerApi::new(Counter::default);
         let version_caps = PerApi::new(Counter::default);
         let decode_failures = PerApi::new(Counter::default);
+        let hidden_stripped = PerApi::new(Counter::default);
+        registry.register(
+            "hidden_addresses_stripped",
+            "Tagged fields dropped from responses because clients would read addresses in them \
+             that the response version's schema does not have (e.g. node_endpoints in Produce v9), per api",
+            hidden_stripped.family.clone(),
+        );
         let latency = PerApi::new(|| Histogram::new(latency_buckets()));
         let connection_errors = Family::<ReasonLabel, Counter>::default();
         let brokers_refused = Family::<ReasonLabel, Counter>::default();
@@ -211,6 +219,7 @@ impl Metrics {
             rewrites,
             version_caps,
             decode_failures,
+            hidden_stripped,
             latency,
             registry,
             connections_open,
@@ -259,6 +268,9 @@ impl Metrics {
     }
     pub fn decode_failure(&self, api_key: i16) {
         self.decode_failures.get(api_key).inc();
+    }
+    pub fn hidden_stripped(&self, api_key: i16) {
+        self.hidden_stripped.get(api_key).inc();
     }
     pub fn latency(&self, api_key: i16, seconds: f64) {
         self.latency.get(api_key).observe(seconds);

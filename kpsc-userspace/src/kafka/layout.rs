@@ -136,6 +136,78 @@ pub fn check(
     Ok(walker.pos)
 }
 
+/// `body` without the top-level tagged field `tag`, or `None` when the body has no such
+/// field. A response of a version whose schema does not have `tag` may still carry it (a
+/// broker reusing a later version's encoding), and clients that read it regardless would
+/// follow what it says; removing it from the bytes keeps every other field verbatim.
+pub fn without_top_level_tag(
+    body: &[u8],
+    header_version: i16,
+    schema: &Schema,
+    version: i16,
+    tag: u32,
+) -> Result<Option<Vec<u8>>, ShapeError> {
+    if version < schema.flexible_from {
+        return Ok(None);
+    }
+    let mut walker = Walker {
+        buf: body,
+        pos: 0,
+        version,
+        flexible: header_version >= 1,
+    };
+    walker.fields(HEADER)?;
+    walker.flexible = true;
+    for field in schema
+        .fields
+        .iter()
+        .filter(|f| f.tag.is_none() && f.present(version))
+    {
+        walker.value(field.ty, field.name)?;
+    }
+    let section = walker.pos;
+    let count = walker.uvarint("tagged field count")?;
+    let mut kept = Vec::new();
+    let mut found = false;
+    for _ in 0..count {
+        let start = walker.pos;
+        let this = walker.uvarint("tagged field tag")?;
+        let size = walker.uvarint("tagged field size")?;
+        match schema
+            .fields
+            .iter()
+            .find(|f| f.tag == Some(this) && f.present(version))
+        {
+            Some(field) => walker.value(field.ty, field.name)?,
+            None => walker.skip(size as usize, "unknown tagged field")?,
+        }
+        if this == tag {
+            found = true;
+        } else {
+            kept.push(start..walker.pos);
+        }
+    }
+    if !found {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(body.len());
+    out.extend_from_slice(&body[..section]);
+    put_uvarint(&mut out, count - 1);
+    for span in kept {
+        out.extend_from_slice(&body[span]);
+    }
+    out.extend_from_slice(&body[walker.pos..]);
+    Ok(Some(out))
+}
+
+fn put_uvarint(out: &mut Vec<u8>, mut value: u32) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
 struct Walker<'a> {
     buf: &'a [u8],
     pos: usize,

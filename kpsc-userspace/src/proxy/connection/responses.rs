@@ -228,6 +228,13 @@ async fn rewrite_addresses(
 ) -> Result<(), ConnError> {
     let mut response = apis::decode(api_key, api_version, frame)
         .inspect_err(|_| state.metrics.decode_failure(api_key))?;
+    if response.stripped_hidden() {
+        state.metrics.hidden_stripped(api_key);
+        debug!(
+            api_key,
+            api_version, "dropped a tagged field that would carry addresses outside the schema"
+        );
+    }
     let brokers: Vec<(i32, BrokerAddr)> = response
         .endpoints()
         .into_iter()

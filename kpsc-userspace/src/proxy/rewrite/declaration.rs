@@ -87,6 +87,14 @@ pub struct AddressApi {
     pub key: ApiKey,
     /// First version whose responses can carry broker addresses (0: every version).
     pub addresses_since: i16,
+    /// First version whose responses kpsc decodes and checks: `addresses_since`, or an
+    /// earlier version where a broker could still put addresses into a tagged field the
+    /// version's schema does not have (`hidden_tag`).
+    pub inspect_from: i16,
+    /// The top-level tag that carries addresses from `addresses_since` on. A response of
+    /// an earlier version that carries it anyway loses it before decoding: clients that
+    /// read it regardless would follow real addresses.
+    pub hidden_tag: Option<u32>,
     /// Under `--bulk-policy cap` the version is capped below `addresses_since`, so the
     /// responses (the bulk of the traffic) never carry addresses and pass opaquely.
     pub capped_by_bulk_policy: bool,

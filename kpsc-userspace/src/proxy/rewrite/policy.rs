@@ -18,7 +18,7 @@ const CONTROLLER_ADDRESS_APIS: [i16; 5] = [52, 53, 54, 59, 82];
 /// under `Cap` still gets its response rewritten.
 pub fn response_needs_rewrite(api_key: i16, api_version: i16) -> bool {
     match apis::find(api_key) {
-        Some(api) => api_version >= api.addresses_since,
+        Some(api) => api_version >= api.inspect_from,
         None => CONTROLLER_ADDRESS_APIS.contains(&api_key),
     }
 }
@@ -59,7 +59,8 @@ mod tests {
     #[test]
     fn response_needs_rewrite_truth_table() {
         let table = [
-            (PRODUCE, 9, false),
+            (PRODUCE, 8, false),
+            (PRODUCE, 9, true),
             (PRODUCE, 10, true),
             (PRODUCE, 13, true),
             (FETCH, 15, false),

@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 use kafka_protocol::{messages::ResponseHeader, protocol::StrBytes};
 
 use crate::{
-    kafka::guarded,
+    kafka::{guarded, layout},
     proxy::rewrite::declaration::{
         AddressApi, AddressMessage, Advertised, Endpoint, RewriteError, Slot,
     },
@@ -21,6 +21,7 @@ pub struct AddressResponse {
     header: ResponseHeader,
     message: Box<dyn AddressMessage>,
     trailing: Bytes,
+    stripped_hidden: bool,
 }
 
 impl AddressResponse {
@@ -38,6 +39,21 @@ impl AddressResponse {
             });
         }
         let header_version = api.key.response_header_version(version);
+        let mut stripped_hidden = false;
+        let mut body = body;
+        if let Some(tag) = api.hidden_tag.filter(|_| version < api.addresses_since) {
+            let without =
+                layout::without_top_level_tag(&body, header_version, api.schema, version, tag)
+                    .map_err(|e| RewriteError::Decode {
+                        api: api.name(),
+                        version,
+                        reason: e.to_string(),
+                    })?;
+            if let Some(without) = without {
+                body = Bytes::from(without);
+                stripped_hidden = true;
+            }
+        }
         let decoded =
             api.codec
                 .decode(api.key as i16, header_version, version, api.schema, body)?;
@@ -48,6 +64,7 @@ impl AddressResponse {
             header: decoded.header,
             message: decoded.message,
             trailing: decoded.trailing,
+            stripped_hidden,
         })
     }
 
@@ -116,6 +133,12 @@ impl AddressResponse {
             out,
         )
         .map_err(RewriteError::from)
+    }
+
+    /// Whether the response carried the API's address tag outside its version's schema
+    /// (`AddressApi::hidden_tag`) and lost it.
+    pub fn stripped_hidden(&self) -> bool {
+        self.stripped_hidden
     }
 
     fn slots(&mut self) -> Vec<Slot<'_>> {

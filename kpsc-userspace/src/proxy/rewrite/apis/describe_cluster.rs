@@ -11,6 +11,8 @@ use crate::{
 pub static API: AddressApi = AddressApi {
     key: ApiKey::DescribeCluster,
     addresses_since: 0,
+    inspect_from: 0,
+    hidden_tag: None,
     capped_by_bulk_policy: false,
     schema: &SCHEMA,
     codec: Codec::of::<DescribeClusterResponse>(),

@@ -10,6 +10,8 @@ use crate::{
 pub static API: AddressApi = AddressApi {
     key: ApiKey::DescribeQuorum,
     addresses_since: 2,
+    inspect_from: 2,
+    hidden_tag: None,
     capped_by_bulk_policy: false,
     schema: &SCHEMA,
     codec: Codec::of::<DescribeQuorumResponse>(),

@@ -15,12 +15,19 @@ use crate::{
 pub static API: AddressApi = AddressApi {
     key: ApiKey::Fetch,
     addresses_since: 16,
+    inspect_from: 16,
+    hidden_tag: Some(NODE_ENDPOINTS_TAG),
     capped_by_bulk_policy: true,
     schema: &SCHEMA,
     codec: Codec::of::<FetchResponse>(),
     #[cfg(test)]
     fixture: tests::fixture_frame,
 };
+
+/// Top-level tag of `node_endpoints` (v16+). Fetch v12-15 responses could carry it
+/// outside their schema too, but they are the bulk of the traffic and pass opaquely
+/// (README: what `--bulk-policy cap` leaves to the broker).
+const NODE_ENDPOINTS_TAG: u32 = 0;
 
 impl Addresses for FetchResponse {
     fn slots(&mut self) -> Vec<Slot<'_>> {

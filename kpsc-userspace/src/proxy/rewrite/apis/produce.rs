@@ -15,12 +15,20 @@ use crate::{
 pub static API: AddressApi = AddressApi {
     key: ApiKey::Produce,
     addresses_since: 10,
+    // v9 is flexible: a tagged node_endpoints can appear outside its schema.
+    inspect_from: 9,
+    hidden_tag: Some(NODE_ENDPOINTS_TAG),
     capped_by_bulk_policy: true,
     schema: &SCHEMA,
     codec: Codec::of::<ProduceResponse>(),
     #[cfg(test)]
     fixture: tests::fixture_frame,
 };
+
+/// Top-level tag of `node_endpoints` (v10+). A broker seen answering NOT_LEADER put it
+/// into v9 responses, whose schema does not have it, and librdkafka 2.16 follows the
+/// addresses in it, around the proxy: v9 responses are inspected and lose it.
+const NODE_ENDPOINTS_TAG: u32 = 0;
 
 impl Addresses for ProduceResponse {
     fn slots(&mut self) -> Vec<Slot<'_>> {
@@ -137,6 +145,49 @@ pub mod tests {
     fn roundtrip_every_version() {
         assert_eq!(API.versions(), 3..=13);
         check_roundtrip(&API, fixture, endpoints);
+    }
+
+    /// A v9 response carrying tag 0 (v10's node_endpoints, outside v9's schema) leaves
+    /// kpsc without it; other unknown tags stay.
+    #[test]
+    fn node_endpoints_hidden_in_v9_are_stripped() {
+        use bytes::BytesMut;
+        use kafka_protocol::protocol::{Decodable, Encodable};
+
+        use crate::proxy::rewrite::response::AddressResponse;
+
+        let (v10, _) = fixture(10);
+        // The v10 encoding of the endpoints array is what such a broker sends in tag 0.
+        let nodes = v10.node_endpoints.clone();
+        let mut hidden = BytesMut::new();
+        // Compact array: a uvarint of count + 1 (one byte for so few).
+        hidden.extend_from_slice(&[nodes.len() as u8 + 1]);
+        for node in &nodes {
+            node.encode(&mut hidden, 10).unwrap();
+        }
+        // kafka-protocol never writes an unknown tag 0, so the broker's bytes are built by
+        // hand: v9's top-level tagged fields (the last byte, a count of 0) become
+        // {0: endpoints, 7: "keep"}.
+        let mut input = BytesMut::from(&frame(ApiKey::Produce, 9, &fixture(9).0)[..]);
+        assert_eq!(input.last(), Some(&0));
+        input.truncate(input.len() - 1);
+        input.extend_from_slice(&[2, 0, hidden.len() as u8]);
+        input.extend_from_slice(&hidden);
+        input.extend_from_slice(&[7, 4]);
+        input.extend_from_slice(b"keep");
+        let input = input.freeze();
+        assert!(contains(&input, REAL_PREFIX));
+        let response = AddressResponse::decode(&API, 9, input).unwrap();
+        assert!(response.stripped_hidden());
+        let mut out = BytesMut::new();
+        response.encode(&mut out).unwrap();
+        assert!(!contains(&out, REAL_PREFIX), "real address left in v9");
+        let mut buf = out.freeze().slice(5..); // correlation id + empty header tags
+        let decoded = ProduceResponse::decode(&mut buf, 9).unwrap();
+        assert_eq!(
+            decoded.unknown_tagged_fields.keys().collect::<Vec<_>>(),
+            [&7]
+        );
     }
 
     #[test]
