@@ -89,6 +89,8 @@ pub struct Metrics {
     pub metadata_refresh_failures: Counter,
     /// Bytes moved by splice(2), never entering kpscd's memory (both directions).
     pub spliced_bytes: Counter,
+    /// Rewrites that waited for room in --rewrite-memory-budget.
+    pub rewrite_budget_waits: Counter,
 }
 
 fn api_label(slot: usize) -> ApiLabel {
@@ -144,6 +146,12 @@ impl Metrics {
         let brokers_known = Gauge::default();
         let metadata_refresh_failures = Counter::default();
         let spliced_bytes = Counter::default();
+        let rewrite_budget_waits = Counter::default();
+        registry.register(
+            "rewrite_budget_waits",
+            "Response rewrites that waited for room in --rewrite-memory-budget",
+            rewrite_budget_waits.clone(),
+        );
         registry.register(
             "spliced_bytes",
             "Bytes moved by splice(2) without entering kpscd's memory (--bulk-transfer splice)",
@@ -232,6 +240,7 @@ impl Metrics {
             brokers_known,
             metadata_refresh_failures,
             spliced_bytes,
+            rewrite_budget_waits,
         })
     }
 

@@ -70,6 +70,52 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// A size written like `600MiB`, `1GiB`, `65536` (bytes), or with KiB/KB-style suffixes
+/// (binary multiples either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let text = s.trim();
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(digits);
+        let number: u64 = number
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like 600MiB or 1GiB"))?;
+        let shift = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 0,
+            "k" | "kb" | "kib" => 10,
+            "m" | "mb" | "mib" => 20,
+            "g" | "gb" | "gib" => 30,
+            other => return Err(format!("{s:?}: unknown unit {other:?} (B, KiB, MiB, GiB)")),
+        };
+        number
+            .checked_mul(1 << shift)
+            .map(Self)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(Self(n)),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,6 +134,22 @@ mod tests {
         let f: F = toml::from_str("d = \"2m\"").unwrap();
         assert_eq!(f.d.0, Duration::from_secs(120));
         assert!(toml::from_str::<F>("d = \"later\"").is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!("600MiB".parse::<ByteSize>().unwrap().0, 600 << 20);
+        assert_eq!("1g".parse::<ByteSize>().unwrap().0, 1 << 30);
+        assert_eq!("4096".parse::<ByteSize>().unwrap().0, 4096);
+        assert!("lots".parse::<ByteSize>().is_err());
+        assert!("5TiB".parse::<ByteSize>().is_err());
+        #[derive(Deserialize)]
+        struct F {
+            a: ByteSize,
+            b: ByteSize,
+        }
+        let f: F = toml::from_str("a = 1024\nb = \"2KiB\"").unwrap();
+        assert_eq!((f.a.0, f.b.0), (1024, 2048));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!
 //! This file runs the mode start to finish: admin endpoint, static listeners, first
 //! metadata, periodic refresh, and a graceful stop on SIGTERM/SIGINT.
+pub mod budget;
 pub mod bulk;
 pub mod connection;
 pub mod listeners;

@@ -14,13 +14,18 @@ use crate::{
     config::proxy::ProxyConfig,
     mapping::{addr::BrokerAddr, map::PortMap},
     metrics::Metrics,
-    proxy::listeners::{Accepted, Listeners},
+    proxy::{
+        budget::RewriteBudget,
+        listeners::{Accepted, Listeners},
+    },
 };
 
 pub struct ProxyState {
     pub config: ProxyConfig,
     pub metrics: Arc<Metrics>,
     pub listeners: Listeners,
+    /// Memory for rewriting responses, shared by every connection.
+    pub rewrite_budget: RewriteBudget,
     metadata_known: AtomicBool,
     /// Cancelled on SIGTERM/SIGINT: listeners stop accepting, connections stop reading.
     pub shutdown: CancellationToken,
@@ -45,6 +50,7 @@ impl ProxyState {
             &tasks,
         )?;
         let state = Arc::new(Self {
+            rewrite_budget: RewriteBudget::new(config.rewrite_memory_budget),
             config,
             metrics,
             listeners,

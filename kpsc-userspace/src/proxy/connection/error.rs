@@ -1,6 +1,9 @@
 //! How a proxied connection can end, and the metric label of each way.
 
-use crate::{kafka::frame::FrameError, proxy::rewrite::declaration::RewriteError};
+use crate::{
+    kafka::frame::FrameError,
+    proxy::{budget::BudgetError, rewrite::declaration::RewriteError},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -29,6 +32,8 @@ pub enum ConnError {
     Unmappable(String),
     #[error("writing to the client: {0}")]
     ClientWrite(std::io::Error),
+    #[error("{0}")]
+    RewriteBudget(#[from] BudgetError),
 }
 
 /// The client went away (closed or reset its socket), e.g. in the middle of a Fetch
@@ -67,6 +72,7 @@ impl ConnError {
                 "unmapped_broker"
             }
             ConnError::Rewrite(_) => "rewrite_failed",
+            ConnError::RewriteBudget(_) => "rewrite_budget",
         }
     }
 }

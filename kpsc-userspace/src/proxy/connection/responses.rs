@@ -1,7 +1,7 @@
 //! Broker -> client: each response is matched with the oldest request in flight, then
 //! forwarded unchanged, or decoded, rewritten and re-encoded when it may carry addresses.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::ApiKey;
@@ -18,6 +18,7 @@ use crate::{
     },
     mapping::addr::BrokerAddr,
     proxy::{
+        budget::release_after_large_rewrite,
         bulk::transfer::Transfer,
         connection::{error::ConnError, requests::InFlight},
         listeners::Route,
@@ -32,6 +33,12 @@ use crate::{
 
 /// How many unanswered acks=0 correlation ids to remember (see `forward_responses`).
 const ACKS0_MEMORY: usize = 1024;
+/// How long a rewrite waits for room in the memory budget before its connection closes.
+const REWRITE_BUDGET_WAIT: Duration = Duration::from_secs(30);
+/// Rewrites at least this large give their memory back to the system when done.
+const LARGE_REWRITE: u32 = 4 << 20;
+/// The rewrite output buffer is kept between responses up to this capacity.
+const KEPT_OUTPUT_CAPACITY: usize = 1 << 20;
 
 /// Forwards responses until the request side is done and everything owed was delivered,
 /// or the broker side ends.
@@ -152,6 +159,14 @@ where
         unanswered_acks0.clear();
         let is_api_versions = api_key == ApiKey::ApiVersions as i16;
         let written = if is_api_versions || policy::response_needs_rewrite(api_key, api_version) {
+            let mut waited = false;
+            let reservation = state
+                .rewrite_budget
+                .reserve(size, REWRITE_BUDGET_WAIT, &mut waited)
+                .await?;
+            if waited {
+                state.metrics.rewrite_budget_waits.inc();
+            }
             reader.consume(SIZE_LEN);
             body.clear();
             reader
@@ -168,7 +183,15 @@ where
             write_frame(&mut client_w, &out)
                 .await
                 .map_err(ConnError::ClientWrite)?;
-            SIZE_LEN + out.len()
+            let written = SIZE_LEN + out.len();
+            if out.capacity() > KEPT_OUTPUT_CAPACITY {
+                out = BytesMut::new();
+            }
+            if size >= LARGE_REWRITE {
+                release_after_large_rewrite();
+            }
+            drop(reservation);
+            written
         } else {
             let frame_len = SIZE_LEN + size as usize;
             mover
