@@ -79,18 +79,33 @@ pub async fn serve(
     })))
 }
 
+/// Views may read kernel maps entry by entry: they run off the async threads.
+async fn off_runtime<T: Send + 'static>(
+    view: Arc<dyn AdminView>,
+    read: fn(&dyn AdminView) -> T,
+) -> Result<T, StatusCode> {
+    tokio::task::spawn_blocking(move || read(view.as_ref()))
+        .await
+        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)
+}
+
 async fn metrics(State(view): State<Arc<dyn AdminView>>) -> impl IntoResponse {
-    (
+    let text = off_runtime(view, |v| v.metrics_text()).await?;
+    Ok::<_, StatusCode>((
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        view.metrics_text(),
-    )
+        text,
+    ))
 }
 
 async fn ready(State(view): State<Arc<dyn AdminView>>) -> impl IntoResponse {
-    match view.readiness() {
+    let readiness = match off_runtime(view, |v| v.readiness()).await {
+        Ok(r) => r,
+        Err(status) => return (status, "not ready: admin view failed\n".to_owned()),
+    };
+    match readiness {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -99,6 +114,6 @@ async fn ready(State(view): State<Arc<dyn AdminView>>) -> impl IntoResponse {
     }
 }
 
-async fn maps(State(view): State<Arc<dyn AdminView>>) -> Json<Vec<MapRow>> {
-    Json(view.map_rows())
+async fn maps(State(view): State<Arc<dyn AdminView>>) -> Result<Json<Vec<MapRow>>, StatusCode> {
+    off_runtime(view, |v| v.map_rows()).await.map(Json)
 }

@@ -404,6 +404,82 @@ fn reload_keeps_established_flows_and_sends_new_ones_to_the_new_broker() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Counters of every port ever mapped used to stay in the kernel's stats map, until over
+/// reloads it was full: then adding a port failed after the old ports were already gone,
+/// and the reload's error ended the daemon. Now stale counters go, and a map update the
+/// kernel refuses leaves the old map serving.
+#[test]
+fn reload_with_a_full_counters_map_keeps_serving() {
+    use aya::{
+        maps::{Map, MapData, PerCpuHashMap, PerCpuValues},
+        util::nr_cpus,
+    };
+    use kpsc_common::{PortmapStats, portmap::STATS_MAP};
+
+    let mut topo = Topology::new(1, 2).unwrap();
+    for (i, id) in ["cluster-a", "cluster-b"].iter().enumerate() {
+        let port = FIRST_PORT + i as u16;
+        topo.start_tansu(
+            &format!("{}:{BROKER_PORT}", broker_ip(i)),
+            &format!("{NODE_CLIENT_IP}:{port}"),
+            id,
+        )
+        .unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("kpsc-full-stats-{}", topo.node));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("portmap.toml");
+    let write = |brokers: usize| {
+        let mappings: Vec<String> = (0..brokers)
+            .map(|i| format!("\"{}\"", mapping(i)))
+            .collect();
+        std::fs::write(
+            &config,
+            format!("bootstrap_server_mapping = [{}]\n", mappings.join(", ")),
+        )
+        .unwrap()
+    };
+    write(1);
+    let args = portmap_args(&topo, &[], &["--config", config.to_str().unwrap()]);
+    let kpscd = start_portmap(&topo, &args);
+
+    // Fill the counters map with ports no mapping uses, as years of reloads would.
+    let data = MapData::from_pin(pins(&topo).join(STATS_MAP)).unwrap();
+    let mut stats: PerCpuHashMap<MapData, u32, PortmapStats> =
+        PerCpuHashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    let cpus = nr_cpus().unwrap();
+    let mut filled = 0;
+    for port in 20_000u32.. {
+        let zero = PerCpuValues::try_from(vec![PortmapStats::default(); cpus]).unwrap();
+        if stats.insert(port, zero, 0).is_err() {
+            break;
+        }
+        filled += 1;
+    }
+    assert!(filled > 1000, "the counters map took only {filled} entries");
+
+    write(2);
+    Command::new("kill")
+        .args(["-HUP", &kpscd.pid().to_string()])
+        .status()
+        .unwrap();
+    eventually(Duration::from_secs(10), || {
+        anyhow::ensure!(
+            kpscd.log().contains("port map reloaded"),
+            "not reloaded yet"
+        );
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}; log:\n{}", kpscd.log()));
+    assert!(kpscd.alive(), "log:\n{}", kpscd.log());
+    let addr = format!("{NODE_CLIENT_IP}:{}", FIRST_PORT + 1);
+    let mut new = in_netns(&topo.client, || RawClient::connect(&addr))
+        .unwrap()
+        .unwrap();
+    assert_eq!(cluster_id(&mut new), "cluster-b", "the added port serves");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn unmapped_traffic_passes_untouched() {
     let mut topo = Topology::new(1, 1).unwrap();

@@ -171,32 +171,77 @@ impl Datapath {
 
     /// Makes PORTMAP_TARGETS equal `targets` (listen port, target) and gives every port a
     /// counter entry. Flows already tracked keep their translation.
+    /// Makes the kernel's port map exactly `targets`, all or nothing: if the kernel
+    /// refuses any change, the previous map is put back and the error returned, so a
+    /// failed reload leaves the old map serving.
     pub fn set_targets(&mut self, targets: &[(u16, PortTarget)]) -> anyhow::Result<()> {
+        let old = self.current_targets()?;
+        match self.apply_targets(targets) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if let Err(restore) = self.apply_targets(&old) {
+                    warn!(error = %format!("{restore:#}"), "restoring the previous port map failed too");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn current_targets(&mut self) -> anyhow::Result<Vec<(u16, PortTarget)>> {
+        let map: HashMap<_, u32, PortTarget> = HashMap::try_from(
+            self.ebpf
+                .map_mut(TARGETS_MAP)
+                .context("targets map missing")?,
+        )?;
+        Ok(map
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(port, target)| Some((u16::try_from(port).ok()?, target)))
+            .collect())
+    }
+
+    fn apply_targets(&mut self, targets: &[(u16, PortTarget)]) -> anyhow::Result<()> {
+        let wanted: HashSet<u32> = targets.iter().map(|(p, _)| u32::from(*p)).collect();
         let mut map: HashMap<_, u32, PortTarget> = HashMap::try_from(
             self.ebpf
                 .map_mut(TARGETS_MAP)
                 .context("targets map missing")?,
         )?;
-        let wanted: HashSet<u32> = targets.iter().map(|(p, _)| u32::from(*p)).collect();
         let stale: Vec<u32> = map
             .keys()
             .filter_map(Result::ok)
             .filter(|k| !wanted.contains(k))
             .collect();
         for port in stale {
-            map.remove(&port)?;
+            map.remove(&port)
+                .with_context(|| format!("removing port {port} from the kernel's port map"))?;
         }
         for (port, target) in targets {
-            map.insert(u32::from(*port), *target, 0)?;
+            map.insert(u32::from(*port), *target, 0)
+                .with_context(|| format!("adding port {port} to the kernel's port map"))?;
         }
+        // Counters of ports no longer mapped go too: kept, they would fill the map over
+        // reloads until adding a port fails.
         let mut stats: PerCpuHashMap<_, u32, PortmapStats> =
             PerCpuHashMap::try_from(self.ebpf.map_mut(STATS_MAP).context("stats map missing")?)?;
+        let stale: Vec<u32> = stats
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for port in stale {
+            stats
+                .remove(&port)
+                .with_context(|| format!("removing port {port}'s counters"))?;
+        }
         let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
         for (port, _) in targets {
             let port = u32::from(*port);
             if stats.get(&port, 0).is_err() {
                 let zero = PerCpuValues::try_from(vec![PortmapStats::default(); cpus])?;
-                stats.insert(port, zero, 0)?;
+                stats
+                    .insert(port, zero, 0)
+                    .with_context(|| format!("adding port {port}'s counters"))?;
             }
         }
         Ok(())

@@ -1,11 +1,15 @@
 //! Closed flows are removed a while after they close, so the table shows live flows and
 //! the LRU does not evict open ones first.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
+use kpsc_common::FlowKey;
 use tokio_util::sync::CancellationToken;
 
-use crate::portmap::{datapath::FlowState, state::PortmapState};
+use crate::portmap::datapath::{FlowState, PinnedMaps};
 
 /// How long a closed flow stays in the table (late segments, the client's TIME_WAIT)
 /// before userspace removes it; LRU eviction is the backstop.
@@ -13,35 +17,56 @@ const CLOSED_FLOW_LINGER: Duration = Duration::from_secs(60);
 const FLOW_CLEANUP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Removes flows that have been closed for CLOSED_FLOW_LINGER, so the table shows live
-/// flows and the LRU does not evict open ones first.
-pub async fn cleanup_loop(state: Arc<PortmapState>, shutdown: CancellationToken) {
-    let mut closed_since: std::collections::HashMap<kpsc_common::FlowKey, std::time::Instant> =
-        Default::default();
+/// flows and the LRU does not evict open ones first. Uses its own handles on the pinned
+/// maps, and walks them off the async threads: a walk of 65,536 flows is as many system
+/// calls, and neither the admin endpoint nor the runtime waits for it.
+pub async fn cleanup_loop(maps: PinnedMaps, shutdown: CancellationToken) {
+    let mut maps = Some(maps);
+    let mut closed_since: HashMap<FlowKey, Instant> = HashMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(FLOW_CLEANUP_INTERVAL) => {}
         }
-        let mut pins = state.pins.lock().expect("pins lock");
-        let Some(maps) = pins.as_mut() else { continue };
-        let now = std::time::Instant::now();
-        let mut still_closed = std::collections::HashMap::new();
-        let mut removed = 0;
-        for (key, flow) in maps.flows() {
-            if maps.flow_state(&flow) != FlowState::Closed {
-                continue;
-            }
-            let since = closed_since.get(&key).copied().unwrap_or(now);
-            if now.duration_since(since) >= CLOSED_FLOW_LINGER {
-                maps.remove_flow(&key, &flow);
-                removed += 1;
-            } else {
-                still_closed.insert(key, since);
-            }
-        }
-        closed_since = still_closed;
+        let (Some(mut walked), since) = (maps.take(), std::mem::take(&mut closed_since)) else {
+            return;
+        };
+        let Ok((walked, since, removed)) = tokio::task::spawn_blocking(move || {
+            let (since, removed) = remove_closed(&mut walked, since, Instant::now());
+            (walked, since, removed)
+        })
+        .await
+        else {
+            return;
+        };
+        maps = Some(walked);
+        closed_since = since;
         if removed > 0 {
             tracing::debug!(removed, "closed flows removed");
         }
     }
+}
+
+/// One pass: flows closed for CLOSED_FLOW_LINGER by `now` are removed; returns when each
+/// still-lingering closed flow was first seen closed, and how many were removed.
+fn remove_closed(
+    maps: &mut PinnedMaps,
+    closed_since: HashMap<FlowKey, Instant>,
+    now: Instant,
+) -> (HashMap<FlowKey, Instant>, usize) {
+    let mut still_closed = HashMap::new();
+    let mut removed = 0;
+    for (key, flow) in maps.flows() {
+        if maps.flow_state(&flow) != FlowState::Closed {
+            continue;
+        }
+        let since = closed_since.get(&key).copied().unwrap_or(now);
+        if now.duration_since(since) >= CLOSED_FLOW_LINGER {
+            maps.remove_flow(&key, &flow);
+            removed += 1;
+        } else {
+            still_closed.insert(key, since);
+        }
+    }
+    (still_closed, removed)
 }

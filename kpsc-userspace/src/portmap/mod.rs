@@ -15,9 +15,10 @@ pub mod targets;
 use std::{
     net::Ipv4Addr,
     process::ExitCode,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
 };
 
+use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -49,13 +50,17 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
     check_forwarding(&config.interfaces)?;
-    let targets = kernel_targets(&config.entries)?;
+    let entries = config.entries.clone();
+    // Resolving brokers may wait on DNS: off the async threads.
+    let targets = tokio::task::spawn_blocking(move || kernel_targets(&entries))
+        .await
+        .context("resolving the brokers")??;
 
     let mut datapath = Datapath::load(&config.pin_root, &config.instance)?;
     datapath.set_targets(&targets)?;
     let shutdown = CancellationToken::new();
     let state = Arc::new(PortmapState {
-        pins: Mutex::new(None),
+        pins: RwLock::new(None),
         metrics: Metrics::new(),
         probe: Mutex::new(ProbeState::default()),
         attached: false.into(),
@@ -73,8 +78,10 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
         for iface in &config.interfaces {
             datapath.attach(iface)?;
         }
-        *state.pins.lock().expect("pins lock") = Some(PinnedMaps::open(datapath.pin_dir())?);
-        state.attached.store(true, std::sync::atomic::Ordering::Release);
+        state.set_pins(Some(Arc::new(PinnedMaps::open(datapath.pin_dir())?)));
+        state
+            .attached
+            .store(true, std::sync::atomic::Ordering::Release);
         for (port, t) in &targets {
             info!(
                 listen_port = port,
@@ -85,27 +92,15 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
             );
         }
         let prober = tokio::spawn(probe::probe_loop(Arc::clone(&state), shutdown.clone()));
-        let cleaner = tokio::spawn(flows::cleanup_loop(Arc::clone(&state), shutdown.clone()));
+        let cleaner = tokio::spawn(flows::cleanup_loop(
+            PinnedMaps::open(datapath.pin_dir())?,
+            shutdown.clone(),
+        ));
         let stop = loop {
             tokio::select! {
                 _ = sigterm.recv() => break "SIGTERM",
                 _ = sigint.recv() => break "SIGINT",
-                _ = sighup.recv() => {
-                    let args = state.config.lock().expect("config lock").args.clone();
-                    match PortmapConfig::resolve(args).map_err(anyhow::Error::new).and_then(|c| {
-                        let targets = kernel_targets(&c.entries)?;
-                        Ok((c, targets))
-                    }) {
-                        Ok((new, targets)) => {
-                            datapath.set_targets(&targets)?;
-                            info!(ports = targets.len(), "SIGHUP: port map reloaded; established flows keep their brokers");
-                            *state.config.lock().expect("config lock") = new;
-                            state.probe.lock().expect("probe lock").done = false;
-                            state.reprobe.notify_one();
-                        }
-                        Err(e) => error!(error = %format!("{e:#}"), "SIGHUP: new configuration rejected, keeping the old one"),
-                    }
-                }
+                _ = sighup.recv() => reload(&state, &mut datapath).await,
             }
         };
         info!(signal = stop, "stopping");
@@ -118,8 +113,40 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     }
     .await;
-    *state.pins.lock().expect("pins lock") = None;
+    state.set_pins(None);
     datapath.shutdown()?;
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGHUP: re-reads flags and file, resolves the brokers (off the async threads) and
+/// swaps the kernel's port map. Anything that fails leaves the old map and config serving.
+async fn reload(state: &Arc<PortmapState>, datapath: &mut Datapath) {
+    let args = state.config.lock().expect("config lock").args.clone();
+    let resolved = tokio::task::spawn_blocking(move || {
+        let config = PortmapConfig::resolve(args).map_err(anyhow::Error::new)?;
+        let targets = kernel_targets(&config.entries)?;
+        anyhow::Ok((config, targets))
+    })
+    .await
+    .map_err(anyhow::Error::new)
+    .and_then(|r| r);
+    let (config, targets) = match resolved {
+        Ok(ok) => ok,
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "SIGHUP: new configuration rejected, keeping the old one");
+            return;
+        }
+    };
+    if let Err(e) = datapath.set_targets(&targets) {
+        error!(error = %format!("{e:#}"), "SIGHUP: the kernel refused the new port map, keeping the old one");
+        return;
+    }
+    info!(
+        ports = targets.len(),
+        "SIGHUP: port map reloaded; established flows keep their brokers"
+    );
+    *state.config.lock().expect("config lock") = config;
+    state.probe.lock().expect("probe lock").done = false;
+    state.reprobe.notify_one();
 }

@@ -1,7 +1,7 @@
 //! State shared by portmap's loops and the admin endpoint, and what the admin endpoint
 //! shows of it.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use kpsc_common::PortmapStats;
 
@@ -25,12 +25,27 @@ pub struct ProbeState {
 
 pub struct PortmapState {
     pub config: Mutex<PortmapConfig>,
-    pub pins: Mutex<Option<PinnedMaps>>,
+    /// The kernel maps, read by the admin endpoint; held only to clone the Arc, so a walk
+    /// of 65,536 flows never makes another reader wait.
+    pub pins: RwLock<Option<Arc<PinnedMaps>>>,
     pub metrics: Arc<Metrics>,
     pub probe: Mutex<ProbeState>,
     pub attached: std::sync::atomic::AtomicBool,
     /// Wakes the prober after a reload.
     pub reprobe: tokio::sync::Notify,
+}
+
+impl PortmapState {
+    pub fn set_pins(&self, pins: Option<Arc<PinnedMaps>>) {
+        *self.pins.write().unwrap_or_else(PoisonError::into_inner) = pins;
+    }
+
+    fn pins(&self) -> Option<Arc<PinnedMaps>> {
+        self.pins
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 impl AdminView for PortmapState {
@@ -52,11 +67,10 @@ impl AdminView for PortmapState {
     }
 
     fn map_rows(&self) -> Vec<MapRow> {
-        let config = self.config.lock().expect("config lock");
-        let pins = self.pins.lock().expect("pins lock");
+        let entries = self.config.lock().expect("config lock").entries.clone();
+        let pins = self.pins();
         let flows = pins.as_ref().map(|p| p.flows()).unwrap_or_default();
-        config
-            .entries
+        entries
             .iter()
             .map(|e| {
                 let port = e.listen.port();
@@ -90,11 +104,9 @@ impl AdminView for PortmapState {
         let text = self.metrics.render();
         let (body, eof) = text.split_at(text.rfind("# EOF").unwrap_or(text.len()));
         let mut out = body.to_owned();
-        let config = self.config.lock().expect("config lock");
-        let pins = self.pins.lock().expect("pins lock");
-        if let Some(pins) = pins.as_ref() {
-            let rows: Vec<(u16, String, PortmapStats)> = config
-                .entries
+        let entries = self.config.lock().expect("config lock").entries.clone();
+        if let Some(pins) = self.pins() {
+            let rows: Vec<(u16, String, PortmapStats)> = entries
                 .iter()
                 .map(|e| {
                     (
