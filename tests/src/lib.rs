@@ -21,5 +21,5 @@ pub use tansu::{Tansu, TansuHost, tansu_bin};
 /// The kit shared with kpsc-bench, re-exported so tests name one crate.
 pub use kpsc_testkit::{
     Kpscd, Process, RawClient, contains_bytes, datapath, eventually, free_port_base, http_get,
-    kpsc_bench_bin, kpscctl_bin, kpscd_bin, netns, wait_listening,
+    kpsc_bench_bin, kpscctl_bin, kpscd_bin, netns, request_body, wait_listening,
 };

@@ -1,0 +1,177 @@
+//! What trying to break `kpscd proxy` found, each as an operator would meet it, against a
+//! real broker (librdkafka's mock) and the real binary: signals at the wrong time, a client
+//! that resets mid-frame, a response too large to rewrite within the memory budget.
+
+use std::{
+    io::Write,
+    net::TcpStream,
+    os::fd::AsRawFd,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, ProduceRequest};
+use kpsc_tests::{
+    Kpscd, MockCluster, RawClient, eventually, free_port_base, proxy_args, request_body,
+};
+
+fn start(cluster: &MockCluster, extra: &[&str]) -> (Kpscd, u16) {
+    let base = free_port_base(20);
+    let kpscd = Kpscd::start(&proxy_args(cluster, base, extra)).unwrap();
+    (kpscd, base)
+}
+
+fn signal(kpscd: &Kpscd, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &kpscd.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A small Metadata round trip through kpscd on a fresh connection.
+fn assert_serving(kpscd: &Kpscd, base: u16) {
+    assert!(kpscd.alive(), "kpscd died; log:\n{}", kpscd.log());
+    let mut client = RawClient::connect(&format!("127.0.1.1:{base}")).unwrap();
+    let (response, _): (MetadataResponse, _) = client
+        .call(
+            ApiKey::Metadata,
+            12,
+            &MetadataRequest::default().with_topics(Some(vec![])),
+        )
+        .unwrap();
+    assert_eq!(response.brokers.len(), 3);
+}
+
+/// SIGHUP used to end proxy mode (exit 129: no handler); and after SIGTERM an operator
+/// who signals again should not have to wait for the shutdown timeout.
+#[test]
+fn sighup_is_survived_and_a_second_signal_stops_at_once() {
+    let cluster = MockCluster::new(3).unwrap();
+    cluster.create_topic("t", 3).unwrap();
+    let (mut kpscd, base) = start(&cluster, &["--shutdown-timeout", "60s"]);
+
+    signal(&kpscd, "HUP");
+    eventually(Duration::from_secs(5), || {
+        anyhow::ensure!(kpscd.log().contains("SIGHUP"), "SIGHUP not logged");
+        Ok(())
+    })
+    .unwrap();
+    assert_serving(&kpscd, base);
+
+    // A request the broker answers only after 30 s keeps the shutdown waiting.
+    let mut waiting = RawClient::connect(&format!("127.0.1.1:{base}")).unwrap();
+    cluster.set_rtt(1, Duration::from_secs(30)).unwrap();
+    waiting
+        .send(
+            ApiKey::Metadata,
+            12,
+            &MetadataRequest::default().with_topics(Some(vec![])),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&kpscd, "TERM");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        kpscd.alive(),
+        "the first SIGTERM waits for the request in flight"
+    );
+    let second = Instant::now();
+    signal(&kpscd, "INT");
+    let code = kpscd.terminate(Duration::from_secs(10)).unwrap();
+    assert_eq!(code, 0, "log:\n{}", kpscd.log());
+    assert!(
+        second.elapsed() < Duration::from_secs(10),
+        "the second signal stops at once"
+    );
+    // The harness's own SIGTERM may be the one that arrives second.
+    assert!(kpscd.log().contains("stopping now"), "{}", kpscd.log());
+}
+
+/// A client that resets its connection in the middle of a large Produce request is the
+/// client's doing: it used to be counted as a broker I/O error.
+#[test]
+fn a_client_reset_mid_frame_is_blamed_on_the_client() {
+    let cluster = MockCluster::new(3).unwrap();
+    cluster.create_topic("t", 3).unwrap();
+    for transfer in ["copy", "splice"] {
+        let (kpscd, base) = start(&cluster, &["--bulk-transfer", transfer]);
+        let produce = ProduceRequest::default().with_acks(1).with_timeout_ms(1000);
+        let body = request_body(ApiKey::Produce, 7, 1, "reset-mid-frame", &produce).unwrap();
+        let declared = 512 * 1024i32;
+        let mut stream = TcpStream::connect(format!("127.0.1.1:{base}")).unwrap();
+        stream.write_all(&declared.to_be_bytes()).unwrap();
+        stream.write_all(&body).unwrap();
+        stream.write_all(&vec![0u8; 100 * 1024]).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        // SO_LINGER 0: close sends RST, as a crashed or killed client does.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on a socket this test owns, with a correctly sized value.
+        let set = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0);
+        drop(stream);
+        eventually(Duration::from_secs(5), || {
+            let client = kpscd.metric("kpsc_connection_errors_total", "reason=\"client_");
+            anyhow::ensure!(client >= 1.0, "not counted yet");
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{transfer}: {e:#}; log:\n{}", kpscd.log()));
+        assert_eq!(
+            kpscd.metric("kpsc_connection_errors_total", "reason=\"broker_"),
+            0.0,
+            "{transfer}: a client reset blamed on the broker"
+        );
+        assert_serving(&kpscd, base);
+    }
+}
+
+/// Rewriting a response takes several times its size; every connection shares one budget
+/// for it, and a response that could never fit closes only its own connection.
+#[test]
+fn a_response_too_large_for_the_rewrite_budget_closes_only_its_connection() {
+    let cluster = MockCluster::new(3).unwrap();
+    // Few topics with many partitions: the mock takes a while per topic created.
+    for i in 0..20 {
+        cluster.create_topic(&format!("topic-{i:04}"), 500).unwrap();
+    }
+    let (kpscd, base) = start(&cluster, &["--rewrite-memory-budget", "1MiB"]);
+    let mut client = RawClient::connect(&format!("127.0.1.1:{base}")).unwrap();
+    // Every topic (10,000 partitions): a response of about 300 KiB, whose rewrite needs
+    // more than 1 MiB.
+    client
+        .send(
+            ApiKey::Metadata,
+            1,
+            &MetadataRequest::default().with_topics(None),
+        )
+        .unwrap();
+    assert!(
+        client.recv_raw().is_err(),
+        "the oversized rewrite must close the connection, not be answered"
+    );
+    eventually(Duration::from_secs(5), || {
+        anyhow::ensure!(
+            kpscd.metric("kpsc_connection_errors_total", "rewrite_budget") >= 1.0,
+            "not counted"
+        );
+        Ok(())
+    })
+    .unwrap();
+    assert!(
+        kpscd.log().contains("--rewrite-memory-budget"),
+        "the log names the flag:\n{}",
+        kpscd.log()
+    );
+    assert_serving(&kpscd, base);
+}
