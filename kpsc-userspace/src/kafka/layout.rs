@@ -13,7 +13,7 @@
 //! generated decoders (Kafka 4.1 schemas) field by field; the walk must read exactly what
 //! kafka-protocol reads, which `kafka::guarded` verifies on every decode.
 
-use std::fmt;
+use std::{fmt, ops::Range};
 
 #[derive(Clone, Copy, Debug)]
 pub enum Ty {
@@ -129,11 +129,34 @@ pub fn check(
         pos: 0,
         version,
         flexible: header_version >= 1,
+        strings: None,
     };
     walker.fields(HEADER)?;
     walker.flexible = version >= schema.flexible_from;
     walker.fields(schema.fields)?;
     Ok(walker.pos)
+}
+
+/// Where the contents of every string field named in `names` lie in `body`, in wire
+/// order (a null string is an empty span).
+pub fn string_spans(
+    body: &[u8],
+    header_version: i16,
+    schema: &Schema,
+    version: i16,
+    names: &'static [&'static str],
+) -> Result<Vec<Range<usize>>, ShapeError> {
+    let mut walker = Walker {
+        buf: body,
+        pos: 0,
+        version,
+        flexible: header_version >= 1,
+        strings: Some((names, Vec::new())),
+    };
+    walker.fields(HEADER)?;
+    walker.flexible = version >= schema.flexible_from;
+    walker.fields(schema.fields)?;
+    Ok(walker.strings.map(|(_, spans)| spans).unwrap_or_default())
 }
 
 /// `body` without the top-level tagged field `tag`, or `None` when the body has no such
@@ -155,6 +178,7 @@ pub fn without_top_level_tag(
         pos: 0,
         version,
         flexible: header_version >= 1,
+        strings: None,
     };
     walker.fields(HEADER)?;
     walker.flexible = true;
@@ -213,6 +237,8 @@ struct Walker<'a> {
     pos: usize,
     version: i16,
     flexible: bool,
+    /// String fields whose content spans to record, and the spans recorded.
+    strings: Option<(&'a [&'static str], Vec<Range<usize>>)>,
 }
 
 impl Walker<'_> {
@@ -334,7 +360,14 @@ impl Walker<'_> {
             Ty::Fixed(width) => self.skip(width, name),
             Ty::Str => {
                 let len = self.length(name, false)?;
-                self.skip(len, name)
+                let start = self.pos;
+                self.skip(len, name)?;
+                if let Some((names, spans)) = &mut self.strings
+                    && names.contains(&name)
+                {
+                    spans.push(start..self.pos);
+                }
+                Ok(())
             }
             Ty::Bytes => {
                 let len = self.length(name, true)?;

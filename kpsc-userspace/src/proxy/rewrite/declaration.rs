@@ -95,6 +95,10 @@ pub struct AddressApi {
     /// an earlier version that carries it anyway loses it before decoding: clients that
     /// read it regardless would follow real addresses.
     pub hidden_tag: Option<u32>,
+    /// String fields passed through byte for byte: a client may put any bytes there (the
+    /// group or transactional id FindCoordinator echoes), which kafka-protocol's UTF-8
+    /// check would refuse although only the addresses need rewriting.
+    pub opaque_strings: &'static [&'static str],
     /// Under `--bulk-policy cap` the version is capped below `addresses_since`, so the
     /// responses (the bulk of the traffic) never carry addresses and pass opaquely.
     pub capped_by_bulk_policy: bool,

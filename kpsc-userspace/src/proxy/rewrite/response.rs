@@ -22,6 +22,9 @@ pub struct AddressResponse {
     message: Box<dyn AddressMessage>,
     trailing: Bytes,
     stripped_hidden: bool,
+    /// Opaque strings that were not UTF-8: (index among the API's opaque string spans,
+    /// original bytes), masked for kafka-protocol and put back when encoding.
+    masked: Vec<(usize, Bytes)>,
 }
 
 impl AddressResponse {
@@ -54,6 +57,7 @@ impl AddressResponse {
                 stripped_hidden = true;
             }
         }
+        let (body, masked) = mask_opaque_strings(api, header_version, version, body)?;
         let decoded =
             api.codec
                 .decode(api.key as i16, header_version, version, api.schema, body)?;
@@ -65,6 +69,7 @@ impl AddressResponse {
             message: decoded.message,
             trailing: decoded.trailing,
             stripped_hidden,
+            masked,
         })
     }
 
@@ -123,6 +128,7 @@ impl AddressResponse {
     /// Appends header + message + trailing bytes (no size prefix) to `out`; on error `out`
     /// is left as it was.
     pub fn encode(&self, out: &mut BytesMut) -> Result<(), RewriteError> {
+        let start = out.len();
         guarded::encode_response(
             self.api.key as i16,
             self.header_version,
@@ -131,8 +137,38 @@ impl AddressResponse {
             self.message.as_ref(),
             &self.trailing,
             out,
+        )?;
+        if !self.masked.is_empty() {
+            self.unmask(&mut out[start..])
+                .inspect_err(|_| out.truncate(start))?;
+        }
+        Ok(())
+    }
+
+    /// Puts the original bytes of masked opaque strings back into an encoded body: the
+    /// rewrite never touches them, so each has the same length and position in order.
+    fn unmask(&self, body: &mut [u8]) -> Result<(), RewriteError> {
+        let error = |reason: String| RewriteError::Encode {
+            api: self.api.name(),
+            version: self.version,
+            reason,
+        };
+        let spans = layout::string_spans(
+            body,
+            self.header_version,
+            self.api.schema,
+            self.version,
+            self.api.opaque_strings,
         )
-        .map_err(RewriteError::from)
+        .map_err(|e| error(e.to_string()))?;
+        for (index, original) in &self.masked {
+            let span = spans
+                .get(*index)
+                .filter(|span| span.len() == original.len())
+                .ok_or_else(|| error("an opaque string moved while rewriting".into()))?;
+            body[span.clone()].copy_from_slice(original);
+        }
+        Ok(())
     }
 
     /// Whether the response carried the API's address tag outside its version's schema
@@ -146,4 +182,43 @@ impl AddressResponse {
         slots.retain(|slot| !slot.host.is_empty());
         slots
     }
+}
+
+/// Replaces the bytes of opaque strings that are not UTF-8 with `?` of the same length, so
+/// kafka-protocol decodes the response; returns the body to decode and what was masked.
+fn mask_opaque_strings(
+    api: &AddressApi,
+    header_version: i16,
+    version: i16,
+    body: Bytes,
+) -> Result<(Bytes, Vec<(usize, Bytes)>), RewriteError> {
+    if api.opaque_strings.is_empty() {
+        return Ok((body, Vec::new()));
+    }
+    let spans = layout::string_spans(
+        &body,
+        header_version,
+        api.schema,
+        version,
+        api.opaque_strings,
+    )
+    .map_err(|e| RewriteError::Decode {
+        api: api.name(),
+        version,
+        reason: e.to_string(),
+    })?;
+    let masked: Vec<(usize, Bytes)> = spans
+        .iter()
+        .enumerate()
+        .filter(|(_, span)| std::str::from_utf8(&body[(*span).clone()]).is_err())
+        .map(|(index, span)| (index, body.slice(span.clone())))
+        .collect();
+    if masked.is_empty() {
+        return Ok((body, masked));
+    }
+    let mut copy = body.to_vec();
+    for (index, _) in &masked {
+        copy[spans[*index].clone()].fill(b'?');
+    }
+    Ok((Bytes::from(copy), masked))
 }

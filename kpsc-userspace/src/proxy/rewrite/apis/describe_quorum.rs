@@ -12,6 +12,7 @@ pub static API: AddressApi = AddressApi {
     addresses_since: 2,
     inspect_from: 2,
     hidden_tag: None,
+    opaque_strings: &[],
     capped_by_bulk_policy: false,
     schema: &SCHEMA,
     codec: Codec::of::<DescribeQuorumResponse>(),

@@ -17,6 +17,7 @@ pub static API: AddressApi = AddressApi {
     addresses_since: 16,
     inspect_from: 16,
     hidden_tag: Some(NODE_ENDPOINTS_TAG),
+    opaque_strings: &[],
     capped_by_bulk_policy: true,
     schema: &SCHEMA,
     codec: Codec::of::<FetchResponse>(),

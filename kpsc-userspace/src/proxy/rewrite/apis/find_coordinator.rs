@@ -13,6 +13,7 @@ pub static API: AddressApi = AddressApi {
     addresses_since: 0,
     inspect_from: 0,
     hidden_tag: None,
+    opaque_strings: &["key"],
     capped_by_bulk_policy: false,
     schema: &SCHEMA,
     codec: Codec::of::<FindCoordinatorResponse>(),
@@ -150,6 +151,32 @@ pub mod tests {
             let mut out = BytesMut::new();
             response.encode(&mut out).unwrap();
             assert_eq!(out, input);
+        }
+    }
+
+    /// The key is the client's group or transactional id, echoed by the broker: any bytes
+    /// pass, while the addresses beside it are rewritten (it used to close the connection).
+    #[test]
+    fn keys_that_are_not_utf8_pass_through() {
+        for v in 4..=6 {
+            let (message, _) = fixture(v);
+            let mut input = BytesMut::from(&frame(ApiKey::FindCoordinator, v, &message)[..]);
+            let at = input
+                .windows(7)
+                .position(|w| w == b"group-b")
+                .unwrap();
+            input[at..at + 7].copy_from_slice(b"\xffgr\xfe-\xc3b");
+            let input = input.freeze();
+            let mut response = AddressResponse::decode(&API, v, input.clone())
+                .unwrap_or_else(|e| panic!("v{v}: {e}"));
+            let mut out = BytesMut::new();
+            response.encode(&mut out).unwrap();
+            assert_eq!(out, input, "v{v}: untouched, byte for byte");
+            response.rewrite(advertise).unwrap();
+            let mut out = BytesMut::new();
+            response.encode(&mut out).unwrap();
+            assert!(contains(&out, b"\xffgr\xfe-\xc3b"), "v{v}: key kept");
+            assert!(!contains(&out, REAL_PREFIX), "v{v}: addresses rewritten");
         }
     }
 

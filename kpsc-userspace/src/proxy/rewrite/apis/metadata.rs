@@ -13,6 +13,7 @@ pub static API: AddressApi = AddressApi {
     addresses_since: 0,
     inspect_from: 0,
     hidden_tag: None,
+    opaque_strings: &[],
     capped_by_bulk_policy: false,
     schema: &SCHEMA,
     codec: Codec::of::<MetadataResponse>(),

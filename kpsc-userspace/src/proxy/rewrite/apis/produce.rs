@@ -18,6 +18,7 @@ pub static API: AddressApi = AddressApi {
     // v9 is flexible: a tagged node_endpoints can appear outside its schema.
     inspect_from: 9,
     hidden_tag: Some(NODE_ENDPOINTS_TAG),
+    opaque_strings: &[],
     capped_by_bulk_policy: true,
     schema: &SCHEMA,
     codec: Codec::of::<ProduceResponse>(),
