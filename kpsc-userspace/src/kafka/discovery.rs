@@ -58,9 +58,7 @@ async fn fetch(addr: &BrokerAddr) -> anyhow::Result<Vec<(i32, BrokerAddr)>> {
     )
     .await?;
     let version = metadata_version(&parse_api_versions(body)?)?;
-    let request = MetadataRequest::default()
-        .with_topics(Some(Vec::new()))
-        .with_allow_auto_topic_creation(false);
+    let request = metadata_request(version);
     let body = call(
         &mut reader,
         &mut w,
@@ -72,6 +70,15 @@ async fn fetch(addr: &BrokerAddr) -> anyhow::Result<Vec<(i32, BrokerAddr)>> {
     .await?;
     w.shutdown().await.ok();
     parse_metadata(version, body)
+}
+
+/// Metadata for no topics: only the brokers.
+fn metadata_request(version: i16) -> MetadataRequest {
+    // Nothing to auto-create; the flag exists only from v4 on, and leaving its default
+    // (true) is required before that or the request cannot be encoded.
+    MetadataRequest::default()
+        .with_topics(Some(Vec::new()))
+        .with_allow_auto_topic_creation(version < 4)
 }
 
 /// The broker's answer to kpsc's ApiVersions v0 request (body after the size prefix).
@@ -204,6 +211,18 @@ mod tests {
         ]
         .concat();
         assert!(parse_metadata(12, Bytes::from(metadata)).is_err());
+    }
+
+    /// Brokers that speak only Metadata v1-3 used to get no request at all: it failed to
+    /// encode, and discovery never succeeded.
+    #[test]
+    fn the_request_encodes_for_every_version_discovery_may_pick() {
+        for version in 1..=METADATA_MAX_VERSION {
+            let mut buf = BytesMut::new();
+            metadata_request(version)
+                .encode(&mut buf, version)
+                .unwrap_or_else(|e| panic!("v{version}: {e}"));
+        }
     }
 
     #[test]

@@ -95,9 +95,9 @@ mod tests {
 
     #[tokio::test]
     async fn rewrites_share_one_budget() {
-        let budget = RewriteBudget::new(60 << 20);
+        let budget = RewriteBudget::new(100 << 20);
         let mut waited = false;
-        // 8 MiB frames take 48 MiB each: one fits, the second waits until it is released.
+        // 8 MiB frames take 80 MiB each: one fits, the second waits until it is released.
         let first = budget
             .reserve(8 << 20, Duration::from_secs(1), &mut waited)
             .await
@@ -119,7 +119,7 @@ mod tests {
         assert!(!waited);
         // A frame whose rewrite could never fit fails at once, naming the flag.
         let err = budget
-            .reserve(20 << 20, Duration::from_secs(60), &mut waited)
+            .reserve(11 << 20, Duration::from_secs(60), &mut waited)
             .await
             .err()
             .unwrap();
