@@ -124,15 +124,7 @@ pub fn check(
     schema: &Schema,
     version: i16,
 ) -> Result<usize, ShapeError> {
-    let mut walker = Walker {
-        buf: body,
-        pos: 0,
-        version,
-        flexible: header_version >= 1,
-        strings: None,
-    };
-    walker.fields(HEADER)?;
-    walker.flexible = version >= schema.flexible_from;
+    let mut walker = Walker::after_header(body, header_version, schema, version)?;
     walker.fields(schema.fields)?;
     Ok(walker.pos)
 }
@@ -146,15 +138,8 @@ pub fn string_spans(
     version: i16,
     names: &'static [&'static str],
 ) -> Result<Vec<Range<usize>>, ShapeError> {
-    let mut walker = Walker {
-        buf: body,
-        pos: 0,
-        version,
-        flexible: header_version >= 1,
-        strings: Some((names, Vec::new())),
-    };
-    walker.fields(HEADER)?;
-    walker.flexible = version >= schema.flexible_from;
+    let mut walker = Walker::after_header(body, header_version, schema, version)?;
+    walker.strings = Some((names, Vec::new()));
     walker.fields(schema.fields)?;
     Ok(walker.strings.map(|(_, spans)| spans).unwrap_or_default())
 }
@@ -173,15 +158,7 @@ pub fn without_top_level_tag(
     if version < schema.flexible_from {
         return Ok(None);
     }
-    let mut walker = Walker {
-        buf: body,
-        pos: 0,
-        version,
-        flexible: header_version >= 1,
-        strings: None,
-    };
-    walker.fields(HEADER)?;
-    walker.flexible = true;
+    let mut walker = Walker::after_header(body, header_version, schema, version)?;
     for field in schema
         .fields
         .iter()
@@ -241,7 +218,27 @@ struct Walker<'a> {
     strings: Option<(&'a [&'static str], Vec<Range<usize>>)>,
 }
 
-impl Walker<'_> {
+impl<'a> Walker<'a> {
+    /// A walker positioned after the response header (correlation id, and tagged fields
+    /// in header v1), set for the message's own encoding.
+    fn after_header(
+        body: &'a [u8],
+        header_version: i16,
+        schema: &Schema,
+        version: i16,
+    ) -> Result<Self, ShapeError> {
+        let mut walker = Walker {
+            buf: body,
+            pos: 0,
+            version,
+            flexible: header_version >= 1,
+            strings: None,
+        };
+        walker.fields(HEADER)?;
+        walker.flexible = version >= schema.flexible_from;
+        Ok(walker)
+    }
+
     fn fail(&self, field: &'static str, problem: &'static str) -> ShapeError {
         ShapeError {
             at: self.pos,

@@ -7,8 +7,8 @@ use kafka_protocol::messages::{ApiKey, FetchResponse};
 use crate::{
     kafka::layout::{BYTES, Field, I16, I32, I64, STR, Schema, Ty, UUID, all, since, tagged, until},
     proxy::rewrite::{
-        apis::shared::{LEADER_ID_AND_EPOCH, NODE_ENDPOINT},
-        declaration::{AddressApi, Addresses, Codec, Port, Slot},
+        apis::shared::{LEADER_ID_AND_EPOCH, NODE_ENDPOINT, node_endpoint_slots},
+        declaration::{AddressApi, Addresses, Codec, Slot},
     },
 };
 
@@ -32,10 +32,7 @@ const NODE_ENDPOINTS_TAG: u32 = 0;
 
 impl Addresses for FetchResponse {
     fn slots(&mut self) -> Vec<Slot<'_>> {
-        self.node_endpoints
-            .iter_mut()
-            .map(|e| Slot::new(e.node_id.0, &mut e.host, Port::I32(&mut e.port)))
-            .collect()
+        node_endpoint_slots!(self.node_endpoints)
     }
 }
 
@@ -79,7 +76,7 @@ pub mod tests {
     use super::*;
     use crate::{
         kafka::layout::assert_min_size_matches,
-        proxy::rewrite::{declaration::Endpoint, testkit::*},
+        proxy::rewrite::{apis::shared::node_endpoint_list, declaration::Endpoint, testkit::*},
     };
 
     pub fn fixture(v: i16) -> (FetchResponse, Vec<Endpoint>) {
@@ -148,10 +145,7 @@ pub mod tests {
     }
 
     fn endpoints(m: &FetchResponse) -> Vec<Endpoint> {
-        m.node_endpoints
-            .iter()
-            .map(|e| ep(e.node_id.0, &e.host, e.port))
-            .collect()
+        node_endpoint_list!(m.node_endpoints)
     }
 
     #[test]

@@ -7,8 +7,8 @@ use kafka_protocol::messages::{ApiKey, ProduceResponse};
 use crate::{
     kafka::layout::{Field, I16, I32, I64, STR, Schema, Ty, UUID, all, since, tagged, until},
     proxy::rewrite::{
-        apis::shared::{LEADER_ID_AND_EPOCH, NODE_ENDPOINT},
-        declaration::{AddressApi, Addresses, Codec, Port, Slot},
+        apis::shared::{LEADER_ID_AND_EPOCH, NODE_ENDPOINT, node_endpoint_slots},
+        declaration::{AddressApi, Addresses, Codec, Slot},
     },
 };
 
@@ -33,10 +33,7 @@ const NODE_ENDPOINTS_TAG: u32 = 0;
 
 impl Addresses for ProduceResponse {
     fn slots(&mut self) -> Vec<Slot<'_>> {
-        self.node_endpoints
-            .iter_mut()
-            .map(|e| Slot::new(e.node_id.0, &mut e.host, Port::I32(&mut e.port)))
-            .collect()
+        node_endpoint_slots!(self.node_endpoints)
     }
 }
 
@@ -76,7 +73,7 @@ pub mod tests {
     use super::*;
     use crate::{
         kafka::layout::assert_min_size_matches,
-        proxy::rewrite::{declaration::Endpoint, testkit::*},
+        proxy::rewrite::{apis::shared::node_endpoint_list, declaration::Endpoint, testkit::*},
     };
 
     pub fn fixture(v: i16) -> (ProduceResponse, Vec<Endpoint>) {
@@ -136,10 +133,7 @@ pub mod tests {
     }
 
     fn endpoints(m: &ProduceResponse) -> Vec<Endpoint> {
-        m.node_endpoints
-            .iter()
-            .map(|e| ep(e.node_id.0, &e.host, e.port))
-            .collect()
+        node_endpoint_list!(m.node_endpoints)
     }
 
     #[test]

@@ -5,8 +5,8 @@ use kafka_protocol::messages::{ApiKey, ShareAcknowledgeResponse};
 use crate::{
     kafka::layout::{Field, I16, I32, STR, Schema, Ty, UUID, all},
     proxy::rewrite::{
-        apis::shared::{LEADER_ID_AND_EPOCH, NODE_ENDPOINT},
-        declaration::{AddressApi, Addresses, Codec, Port, Slot},
+        apis::shared::{LEADER_ID_AND_EPOCH, NODE_ENDPOINT, node_endpoint_slots},
+        declaration::{AddressApi, Addresses, Codec, Slot},
     },
 };
 
@@ -25,10 +25,7 @@ pub static API: AddressApi = AddressApi {
 
 impl Addresses for ShareAcknowledgeResponse {
     fn slots(&mut self) -> Vec<Slot<'_>> {
-        self.node_endpoints
-            .iter_mut()
-            .map(|e| Slot::new(e.node_id.0, &mut e.host, Port::I32(&mut e.port)))
-            .collect()
+        node_endpoint_slots!(self.node_endpoints)
     }
 }
 
@@ -61,7 +58,7 @@ pub mod tests {
     use super::*;
     use crate::{
         kafka::layout::assert_min_size_matches,
-        proxy::rewrite::{declaration::Endpoint, testkit::*},
+        proxy::rewrite::{apis::shared::node_endpoint_list, declaration::Endpoint, testkit::*},
     };
 
     pub fn fixture(_v: i16) -> (ShareAcknowledgeResponse, Vec<Endpoint>) {
@@ -96,10 +93,7 @@ pub mod tests {
     }
 
     fn endpoints(m: &ShareAcknowledgeResponse) -> Vec<Endpoint> {
-        m.node_endpoints
-            .iter()
-            .map(|e| ep(e.node_id.0, &e.host, e.port))
-            .collect()
+        node_endpoint_list!(m.node_endpoints)
     }
 
     #[test]
