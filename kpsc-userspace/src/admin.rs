@@ -79,11 +79,18 @@ pub async fn serve(
     })))
 }
 
-/// Views may read kernel maps entry by entry: they run off the async threads.
+/// Views may read kernel maps entry by entry: they run off the async threads, two at a
+/// time at most, so a flood of scrapes (the endpoint has no authentication) queues here
+/// instead of occupying the blocking pool that reloads and flow cleanup also use.
 async fn off_runtime<T: Send + 'static>(
     view: Arc<dyn AdminView>,
     read: fn(&dyn AdminView) -> T,
 ) -> Result<T, StatusCode> {
+    static VIEWS_AT_ONCE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    let _turn = VIEWS_AT_ONCE
+        .acquire()
+        .await
+        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
     tokio::task::spawn_blocking(move || read(view.as_ref()))
         .await
         .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)

@@ -63,7 +63,13 @@ fn launch<C, F: Future<Output = anyhow::Result<ExitCode>>>(
     logging::init(log(&config));
     let result = tokio::runtime::Runtime::new()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
-        .and_then(|runtime| runtime.block_on(run(config)));
+        .and_then(|runtime| {
+            let result = runtime.block_on(run(config));
+            // A blocking task still running (a DNS lookup, an admin view walking kernel
+            // maps) must not hold the exit the operator asked for.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
+        });
     match result {
         Ok(code) => code,
         Err(e) => {

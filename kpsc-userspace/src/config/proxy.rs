@@ -173,6 +173,7 @@ pub struct ProxyConfig {
 /// response of 3-replica partitions, 8x for one of single-replica partitions (small wire
 /// structs decode into large ones); 10 leaves room for worse.
 pub const REWRITE_MEMORY_PER_FRAME_BYTE: u64 = 10;
+const MIN_REWRITE_MEMORY_BUDGET: u64 = 1 << 20;
 /// Kafka's own default for `socket.request.max.bytes`.
 pub const DEFAULT_MAX_FRAME_SIZE: u32 = 100 * 1024 * 1024;
 /// Enough for large clusters; far below what a hostile response could ask for.
@@ -201,17 +202,18 @@ impl ProxyConfig {
                 "must be at least 1",
             ));
         }
-        let rewrite_memory_budget = pick(flags.rewrite_memory_budget, file.rewrite_memory_budget)
-            .map_or(
-                u64::from(max_frame_size) * REWRITE_MEMORY_PER_FRAME_BYTE,
-                |b| b.0,
-            );
-        if rewrite_memory_budget < 1 << 20 {
-            return Err(ConfigError::new(
-                "--rewrite-memory-budget",
-                "must be at least 1MiB: every Metadata response is rewritten",
-            ));
-        }
+        let rewrite_memory_budget =
+            match pick(flags.rewrite_memory_budget, file.rewrite_memory_budget) {
+                Some(budget) if budget.0 < MIN_REWRITE_MEMORY_BUDGET => {
+                    return Err(ConfigError::new(
+                        "--rewrite-memory-budget",
+                        "must be at least 1MiB: every Metadata response is rewritten",
+                    ));
+                }
+                Some(budget) => budget.0,
+                None => (u64::from(max_frame_size) * REWRITE_MEMORY_PER_FRAME_BYTE)
+                    .max(MIN_REWRITE_MEMORY_BUDGET),
+            };
         Ok(Self {
             common,
             port_map,
@@ -379,6 +381,28 @@ mod tests {
             let err = parse(args).err().unwrap().to_string();
             assert!(err.contains(name), "{err}");
         }
+    }
+
+    #[test]
+    fn a_small_max_frame_size_keeps_a_usable_default_budget() {
+        let c = resolve(&[
+            "--bootstrap-server-mapping",
+            "b1:9092,0.0.0.0:9092",
+            "--dynamic-listeners-disable",
+            "--max-frame-size",
+            "65536",
+        ])
+        .unwrap();
+        assert_eq!(c.rewrite_memory_budget, 1 << 20);
+        let err = resolve(&[
+            "--bootstrap-server-mapping",
+            "b1:9092,0.0.0.0:9092",
+            "--dynamic-listeners-disable",
+            "--rewrite-memory-budget",
+            "64KiB",
+        ])
+        .unwrap_err();
+        assert_eq!(err.flag, "--rewrite-memory-budget");
     }
 
     #[test]

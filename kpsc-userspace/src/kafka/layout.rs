@@ -193,7 +193,8 @@ pub fn without_top_level_tag(
     }
     let mut out = Vec::with_capacity(body.len());
     out.extend_from_slice(&body[..section]);
-    put_uvarint(&mut out, count - 1);
+    // Every field numbered `tag` is gone, however many the broker sent.
+    put_uvarint(&mut out, kept.len() as u32);
     for span in kept {
         out.extend_from_slice(&body[span]);
     }

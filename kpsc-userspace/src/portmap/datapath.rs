@@ -193,11 +193,14 @@ impl Datapath {
                 .map_mut(TARGETS_MAP)
                 .context("targets map missing")?,
         )?;
-        Ok(map
-            .iter()
-            .filter_map(Result::ok)
-            .filter_map(|(port, target)| Some((u16::try_from(port).ok()?, target)))
-            .collect())
+        // A map read only in part would make the restore drop what it missed: fail instead.
+        map.iter()
+            .map(|entry| {
+                let (port, target) = entry.context("reading the kernel's port map")?;
+                let port = u16::try_from(port).context("a port outside 0-65535 in the map")?;
+                Ok((port, target))
+            })
+            .collect()
     }
 
     fn apply_targets(&mut self, targets: &[(u16, PortTarget)]) -> anyhow::Result<()> {

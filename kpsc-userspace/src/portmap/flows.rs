@@ -3,11 +3,13 @@
 
 use std::{
     collections::HashMap,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use kpsc_common::FlowKey;
 use tokio_util::sync::CancellationToken;
+use tracing::error;
 
 use crate::portmap::datapath::{FlowState, PinnedMaps};
 
@@ -20,29 +22,40 @@ const FLOW_CLEANUP_INTERVAL: Duration = Duration::from_secs(10);
 /// flows and the LRU does not evict open ones first. Uses its own handles on the pinned
 /// maps, and walks them off the async threads: a walk of 65,536 flows is as many system
 /// calls, and neither the admin endpoint nor the runtime waits for it.
-pub async fn cleanup_loop(maps: PinnedMaps, shutdown: CancellationToken) {
-    let mut maps = Some(maps);
+pub async fn cleanup_loop(pin_dir: PathBuf, shutdown: CancellationToken) {
+    let mut maps: Option<PinnedMaps> = None;
     let mut closed_since: HashMap<FlowKey, Instant> = HashMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(FLOW_CLEANUP_INTERVAL) => {}
         }
-        let (Some(mut walked), since) = (maps.take(), std::mem::take(&mut closed_since)) else {
-            return;
+        let opened = match maps.take() {
+            Some(maps) => maps,
+            None => match PinnedMaps::open(&pin_dir) {
+                Ok(maps) => maps,
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "flow cleanup cannot open the pinned maps; retrying");
+                    continue;
+                }
+            },
         };
-        let Ok((walked, since, removed)) = tokio::task::spawn_blocking(move || {
-            let (since, removed) = remove_closed(&mut walked, since, Instant::now());
-            (walked, since, removed)
-        })
-        .await
-        else {
-            return;
-        };
-        maps = Some(walked);
-        closed_since = since;
-        if removed > 0 {
-            tracing::debug!(removed, "closed flows removed");
+        let since = std::mem::take(&mut closed_since);
+        let walk = tokio::task::spawn_blocking(move || {
+            let mut opened = opened;
+            let (since, removed) = remove_closed(&mut opened, since, Instant::now());
+            (opened, since, removed)
+        });
+        match walk.await {
+            Ok((walked, since, removed)) => {
+                maps = Some(walked);
+                closed_since = since;
+                if removed > 0 {
+                    tracing::debug!(removed, "closed flows removed");
+                }
+            }
+            // The handles went with the failed walk: the next pass opens new ones.
+            Err(e) => error!(error = %e, "flow cleanup pass failed; retrying"),
         }
     }
 }

@@ -93,7 +93,7 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
         }
         let prober = tokio::spawn(probe::probe_loop(Arc::clone(&state), shutdown.clone()));
         let cleaner = tokio::spawn(flows::cleanup_loop(
-            PinnedMaps::open(datapath.pin_dir())?,
+            datapath.pin_dir().to_path_buf(),
             shutdown.clone(),
         ));
         let stop = loop {

@@ -35,7 +35,17 @@ pub struct RewriteBudget {
 
 /// Memory reserved for one rewrite, returned when dropped.
 pub struct Reservation<'a> {
-    _permit: SemaphorePermit<'a>,
+    permit: SemaphorePermit<'a>,
+}
+
+impl Reservation<'_> {
+    /// Keeps only what `bytes` still need, e.g. the encoded response while it is written
+    /// to a client that may read slowly: the rest goes back to the budget at once.
+    pub fn shrink_to(&mut self, bytes: usize) {
+        let keep = (bytes as u64).div_ceil(UNIT).max(1) as usize;
+        let excess = self.permit.num_permits().saturating_sub(keep);
+        drop(self.permit.split(excess));
+    }
 }
 
 impl RewriteBudget {
@@ -65,11 +75,11 @@ impl RewriteBudget {
         }
         let units = needed.div_ceil(UNIT).max(1) as u32;
         if let Ok(permit) = self.units.try_acquire_many(units) {
-            return Ok(Reservation { _permit: permit });
+            return Ok(Reservation { permit });
         }
         *waited = true;
         match tokio::time::timeout(wait, self.units.acquire_many(units)).await {
-            Ok(Ok(permit)) => Ok(Reservation { _permit: permit }),
+            Ok(Ok(permit)) => Ok(Reservation { permit }),
             // The semaphore is never closed; a timeout is the only way to get here.
             _ => Err(BudgetError::Timeout {
                 frame,
@@ -110,7 +120,16 @@ mod tests {
             .unwrap();
         assert!(waited);
         assert!(matches!(err, BudgetError::Timeout { .. }), "{err}");
-        drop(first);
+        // Once encoded, a rewrite keeps only what its output needs while it is written.
+        let mut first = first;
+        first.shrink_to(1 << 20);
+        let mut waited = false;
+        let second = budget
+            .reserve(8 << 20, Duration::from_millis(50), &mut waited)
+            .await
+            .unwrap();
+        assert!(!waited);
+        drop((first, second));
         let mut waited = false;
         budget
             .reserve(8 << 20, Duration::from_millis(50), &mut waited)

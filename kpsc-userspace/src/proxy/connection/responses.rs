@@ -160,7 +160,7 @@ where
         let is_api_versions = api_key == ApiKey::ApiVersions as i16;
         let written = if is_api_versions || policy::response_needs_rewrite(api_key, api_version) {
             let mut waited = false;
-            let reservation = state
+            let mut reservation = state
                 .rewrite_budget
                 .reserve(size, REWRITE_BUDGET_WAIT, &mut waited)
                 .await?;
@@ -172,7 +172,10 @@ where
             reader
                 .read_into(size as usize, &mut body)
                 .await
-                .map_err(ConnError::Broker)?;
+                .map_err(|e| match e {
+                    FrameError::Truncated => ConnError::BrokerClosed(waiting),
+                    e => ConnError::Broker(e),
+                })?;
             let frame = Bytes::from(std::mem::take(&mut body));
             out.clear();
             if is_api_versions {
@@ -180,6 +183,8 @@ where
             } else {
                 rewrite_addresses(api_key, api_version, frame, state, &mut out).await?;
             }
+            // The client may read slowly: only the output stays reserved meanwhile.
+            reservation.shrink_to(out.len());
             write_frame(&mut client_w, &out)
                 .await
                 .map_err(ConnError::ClientWrite)?;

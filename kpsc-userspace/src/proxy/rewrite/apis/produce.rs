@@ -161,28 +161,35 @@ pub mod tests {
             node.encode(&mut hidden, 10).unwrap();
         }
         // kafka-protocol never writes an unknown tag 0, so the broker's bytes are built by
-        // hand: v9's top-level tagged fields (the last byte, a count of 0) become
-        // {0: endpoints, 7: "keep"}.
-        let mut input = BytesMut::from(&frame(ApiKey::Produce, 9, &fixture(9).0)[..]);
-        assert_eq!(input.last(), Some(&0));
-        input.truncate(input.len() - 1);
-        input.extend_from_slice(&[2, 0, hidden.len() as u8]);
-        input.extend_from_slice(&hidden);
-        input.extend_from_slice(&[7, 4]);
-        input.extend_from_slice(b"keep");
-        let input = input.freeze();
-        assert!(contains(&input, REAL_PREFIX));
-        let response = AddressResponse::decode(&API, 9, input).unwrap();
-        assert!(response.stripped_hidden());
-        let mut out = BytesMut::new();
-        response.encode(&mut out).unwrap();
-        assert!(!contains(&out, REAL_PREFIX), "real address left in v9");
-        let mut buf = out.freeze().slice(5..); // correlation id + empty header tags
-        let decoded = ProduceResponse::decode(&mut buf, 9).unwrap();
-        assert_eq!(
-            decoded.unknown_tagged_fields.keys().collect::<Vec<_>>(),
-            [&7]
-        );
+        // hand: v9's top-level tagged fields (the last byte, a count of 0) become tag 0
+        // (once, or twice as a broken broker might) and 7: "keep".
+        for copies in [1u8, 2] {
+            let mut input = BytesMut::from(&frame(ApiKey::Produce, 9, &fixture(9).0)[..]);
+            assert_eq!(input.last(), Some(&0));
+            input.truncate(input.len() - 1);
+            input.extend_from_slice(&[copies + 1]);
+            for _ in 0..copies {
+                input.extend_from_slice(&[0, hidden.len() as u8]);
+                input.extend_from_slice(&hidden);
+            }
+            input.extend_from_slice(&[7, 4]);
+            input.extend_from_slice(b"keep");
+            let input = input.freeze();
+            assert!(contains(&input, REAL_PREFIX));
+            let response = AddressResponse::decode(&API, 9, input).unwrap();
+            assert!(response.stripped_hidden());
+            let mut out = BytesMut::new();
+            response.encode(&mut out).unwrap();
+            assert!(!contains(&out, REAL_PREFIX), "real address left in v9");
+            let mut buf = out.freeze().slice(5..); // correlation id + empty header tags
+            let decoded = ProduceResponse::decode(&mut buf, 9).unwrap();
+            assert_eq!(
+                decoded.unknown_tagged_fields.keys().collect::<Vec<_>>(),
+                [&7],
+                "{copies} copies"
+            );
+            assert!(buf.is_empty(), "{copies} copies: nothing left over");
+        }
     }
 
     #[test]
