@@ -172,7 +172,7 @@ pub fn without_top_level_tag(
     let mut found = false;
     for _ in 0..count {
         let start = walker.pos;
-        let this = walker.uvarint("tagged field tag")?;
+        let this = walker.tag()?;
         let size = walker.uvarint("tagged field size")?;
         match schema
             .fields
@@ -279,6 +279,17 @@ impl<'a> Walker<'a> {
         self.array(field).map(i32::from_be_bytes)
     }
 
+    /// A tagged field's tag. kafka-protocol keeps unknown tags as `i32` keys and does not
+    /// write negative ones back although it counts them, so a tag of 2^31 or more would
+    /// come out as a response claiming a field it does not hold: refused here.
+    fn tag(&mut self) -> Result<u32, ShapeError> {
+        let tag = self.uvarint("tagged field tag")?;
+        if i32::try_from(tag).is_err() {
+            return Err(self.fail("tagged field tag", "is 2^31 or more"));
+        }
+        Ok(tag)
+    }
+
     /// Same reading as kafka-protocol: at most five bytes, excess bits dropped.
     fn uvarint(&mut self, field: &'static str) -> Result<u32, ShapeError> {
         let mut value = 0u32;
@@ -337,7 +348,7 @@ impl<'a> Walker<'a> {
         if self.flexible {
             let count = self.uvarint("tagged field count")?;
             for _ in 0..count {
-                let tag = self.uvarint("tagged field tag")?;
+                let tag = self.tag()?;
                 let size = self.uvarint("tagged field size")?;
                 // kafka-protocol decodes known tagged fields in place, ignoring their size,
                 // and skips unknown ones by size.

@@ -273,6 +273,22 @@ fn impossible_counts_are_refused_before_decoding() {
     }
 }
 
+/// kafka-protocol counts a tag of 2^31 or more among a message's tagged fields but does
+/// not write it back: forwarded, the response would claim a field it does not hold, and
+/// the client would read what follows as that field. Found by the response_rewrite fuzz
+/// target.
+#[test]
+fn tags_of_2_pow_31_or_more_are_refused() {
+    let (message, _) = apis::metadata::tests::fixture(12);
+    let mut input = BytesMut::from(&frame(ApiKey::Metadata, 12, &message)[..]);
+    assert_eq!(input.last(), Some(&0), "no top-level tagged fields yet");
+    input.truncate(input.len() - 1);
+    // One tagged field: tag 2^31 (uvarint 80 80 80 80 08), one byte of value.
+    input.extend_from_slice(&[1, 0x80, 0x80, 0x80, 0x80, 0x08, 1, 0xaa]);
+    let err = apis::decode(METADATA, 12, input.freeze()).unwrap_err();
+    assert!(err.to_string().contains("2^31"), "{err}");
+}
+
 #[test]
 fn types_cross_tasks() {
     // The forwarder holds an AddressResponse across awaits on a multi-threaded runtime.
