@@ -196,11 +196,13 @@ fn response_step(
     Ok(Step::Frame(frame))
 }
 
-/// A source that hands out the stream in reads of pseudo-random sizes (1..=16 bytes, or
-/// whatever is asked when `chunking` is 0) and is never pending.
+/// A source that hands out the stream in reads of pseudo-random sizes (1..=16 bytes when
+/// `chunking` is odd, 1..=1024 when even, whatever is asked when 0) and is never pending.
 struct Chunked<'a> {
     data: &'a [u8],
     state: u32,
+    /// Reads of at most 16 bytes (else at most 1024).
+    odd: bool,
 }
 
 impl<'a> Chunked<'a> {
@@ -208,6 +210,7 @@ impl<'a> Chunked<'a> {
         Self {
             data,
             state: u32::from(chunking),
+            odd: chunking % 2 == 1,
         }
     }
 }
@@ -222,7 +225,8 @@ impl AsyncRead for Chunked<'_> {
             usize::MAX
         } else {
             self.state = self.state.wrapping_mul(1_103_515_245).wrapping_add(12_345) | 1;
-            1 + (self.state >> 16) as usize % 16
+            let largest = if self.odd { 16 } else { 1024 };
+            1 + (self.state >> 16) as usize % largest
         };
         let n = limit.min(buf.remaining()).min(self.data.len());
         let (chunk, rest) = self.data.split_at(n);
