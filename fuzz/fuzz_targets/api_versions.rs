@@ -19,7 +19,7 @@ use kafka_protocol::{
 use kpsc::{
     kafka::guarded::{self, Frame},
     proxy::rewrite::{
-        api_versions::{ApiVersionsChanges, SCHEMA, rewrite_api_versions},
+        api_versions::{ApiVersionsChanges, SCHEMA, decode_api_versions, rewrite_api_versions},
         apis,
         policy::rewritable_max_version,
     },
@@ -28,7 +28,6 @@ use kpsc_fuzz::{ApiVersionsInput, known};
 use libfuzzer_sys::fuzz_target;
 
 const API_VERSIONS: i16 = ApiKey::ApiVersions as i16;
-const UNSUPPORTED_VERSION: i16 = 35;
 
 fuzz_target!(|data: &[u8]| {
     if let Some(input) = ApiVersionsInput::parse(data) {
@@ -53,22 +52,10 @@ fn check(input: &ApiVersionsInput) {
     assert_eq!(&out[..6], b"before", "output must be appended to");
     let output = out.freeze().slice(6..);
 
-    // The version the body was read in.
-    let requested = decode(input.version, &body);
-    let v0 = (input.version != 0
-        && requested
-            .as_ref()
-            .is_none_or(|f| f.message.error_code == UNSUPPORTED_VERSION))
-    .then(|| decode(0, &body))
-    .flatten()
-    .filter(|f| f.message.error_code == UNSUPPORTED_VERSION);
-    let (version, before) = match v0 {
-        Some(frame) => (0, frame),
-        None => (
-            input.version,
-            requested.expect("kpsc rewrote what does not decode"),
-        ),
-    };
+    // The version the body was read in: the request's, or v0 for an UNSUPPORTED_VERSION
+    // answer.
+    let (version, before) = decode_api_versions(input.version, body.clone())
+        .unwrap_or_else(|e| panic!("rewritten, but does not decode: {e}"));
     if known::negative_tag(&format!("{:?}", before.message)) {
         return;
     }

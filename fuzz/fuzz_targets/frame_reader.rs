@@ -13,7 +13,7 @@ use std::{
 };
 
 use kpsc::kafka::{
-    frame::{FrameError, FrameReader, SIZE_LEN, frame_size, write_frame},
+    frame::{FrameError, FrameReader, MoveError, SIZE_LEN, frame_size, write_frame},
     request::REQUEST_HEADER_FIXED_LEN,
 };
 use kpsc_fuzz::{FrameInput, FrameMode};
@@ -164,7 +164,7 @@ fn request_step(
     let mut frame = reader.take_buffered(index % (peek + 1)).to_vec();
     assert_eq!(frame, head[..frame.len()]);
     let rest = frame_len - frame.len();
-    now(reader.copy_to(rest, &mut frame))?;
+    now(reader.copy_to(rest, &mut frame)).map_err(source)?;
     assert_eq!(frame[..peek], head);
     Ok(Step::Frame(frame))
 }
@@ -187,13 +187,21 @@ fn response_step(
     let size = frame_size(prefix, max, 4, "response")?;
     let mut frame = Vec::new();
     if index % 2 == 0 {
-        now(reader.copy_to(SIZE_LEN + size as usize, &mut frame))?;
+        now(reader.copy_to(SIZE_LEN + size as usize, &mut frame)).map_err(source)?;
     } else {
         reader.consume(SIZE_LEN);
         frame.extend_from_slice(&prefix);
         now(reader.read_into(size as usize, &mut frame))?;
     }
     Ok(Step::Frame(frame))
+}
+
+/// The source's side of a move: writing into a `Vec` cannot fail.
+fn source(e: MoveError) -> FrameError {
+    match e {
+        MoveError::Source(e) => e,
+        MoveError::Sink(e) => panic!("writing into a Vec failed: {e}"),
+    }
 }
 
 /// A source that hands out the stream in reads of pseudo-random sizes (1..=16 bytes when

@@ -10,15 +10,6 @@ use kpsc::{
     proxy::rewrite::{apis::ALL, declaration::AddressApi},
 };
 
-/// The targets, in the order `cargo xtask fuzz` runs them.
-pub const TARGETS: &[&str] = &[
-    "frame_reader",
-    "request_header",
-    "response_rewrite",
-    "api_versions",
-    "config",
-];
-
 /// `frame_reader`: `[capacity, max, chunking, mode]` + the byte stream.
 #[derive(Debug)]
 pub struct FrameInput<'a> {
@@ -153,6 +144,39 @@ impl<'a> ApiVersionsInput<'a> {
     pub fn seed(version: i16, body: &[u8]) -> Vec<u8> {
         let version = u8::try_from(version + 1).expect("ApiVersions versions are -1..=5");
         [&[version, 1 << 1, 0, 20][..], body].concat()
+    }
+}
+
+/// `discovery`: `[which]` + the body of a broker's answer to kpsc's discovery client.
+#[derive(Debug)]
+pub struct DiscoveryInput<'a> {
+    /// `None`: the answer to ApiVersions v0; `Some(v)`: to Metadata v`v` (1..=12, the
+    /// versions the client asks for).
+    pub metadata_version: Option<i16>,
+    pub body: &'a [u8],
+}
+
+/// Highest Metadata version kpsc's discovery client asks for.
+pub const DISCOVERY_METADATA_MAX: i16 = 12;
+
+impl<'a> DiscoveryInput<'a> {
+    /// `which`: bit 0 clear = ApiVersions; set = Metadata, version 1 + (which >> 1) % 12.
+    pub fn parse(data: &'a [u8]) -> Option<Self> {
+        let (&which, body) = data.split_first()?;
+        Some(Self {
+            metadata_version: (which & 1 == 1)
+                .then(|| 1 + i16::from(which >> 1) % DISCOVERY_METADATA_MAX),
+            body,
+        })
+    }
+
+    pub fn seed(metadata_version: Option<i16>, body: &[u8]) -> Option<Vec<u8>> {
+        let which = match metadata_version {
+            None => 0,
+            Some(v @ 1..=DISCOVERY_METADATA_MAX) => u8::try_from(v - 1).ok()? << 1 | 1,
+            Some(_) => return None,
+        };
+        Some([&[which][..], body].concat())
     }
 }
 

@@ -14,7 +14,7 @@ mod fixtures;
 mod record;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
 };
 
@@ -27,7 +27,9 @@ use kpsc::{
     kafka::names::api_name,
     proxy::rewrite::{api_versions, apis::ALL, response::AddressResponse},
 };
-use kpsc_fuzz::{ApiVersionsInput, ConfigInput, FrameInput, FrameMode, ResponseInput};
+use kpsc_fuzz::{
+    ApiVersionsInput, ConfigInput, DiscoveryInput, FrameInput, FrameMode, ResponseInput,
+};
 
 /// Captures kept per (source, target, api, version): repeated requests differ only in
 /// offsets and timestamps.
@@ -70,6 +72,10 @@ struct Corpus {
     root: PathBuf,
     written: BTreeMap<&'static str, usize>,
     kinds: HashMap<String, usize>,
+    /// Content hashes present per target (the suffix of every file name).
+    hashes: HashSet<(&'static str, String)>,
+    /// Targets whose existing files are in `hashes`.
+    loaded: HashSet<&'static str>,
 }
 
 impl Corpus {
@@ -78,16 +84,26 @@ impl Corpus {
             root,
             written: BTreeMap::new(),
             kinds: HashMap::new(),
+            hashes: HashSet::new(),
+            loaded: HashSet::new(),
         }
     }
 
-    /// Writes `data` as `<target>/<name>-<hash>` unless that file exists.
+    /// Writes `data` as `<target>/<name>-<hash>` unless the target has that content.
     fn add(&mut self, target: &'static str, name: &str, data: &[u8]) {
         let dir = self.root.join(target);
-        std::fs::create_dir_all(&dir).expect("corpus directory");
-        let path = dir.join(format!("{name}-{:016x}", fnv1a(data)));
-        if !path.exists() {
-            std::fs::write(&path, data).expect("corpus file");
+        if self.loaded.insert(target) {
+            std::fs::create_dir_all(&dir).expect("corpus directory");
+            for entry in std::fs::read_dir(&dir).expect("corpus directory") {
+                let file = entry.expect("corpus entry").file_name();
+                if let Some((_, hash)) = file.to_string_lossy().rsplit_once('-') {
+                    self.hashes.insert((target, hash.to_owned()));
+                }
+            }
+        }
+        let hash = format!("{:016x}", fnv1a(data));
+        if self.hashes.insert((target, hash.clone())) {
+            std::fs::write(dir.join(format!("{name}-{hash}")), data).expect("corpus file");
             *self.written.entry(target).or_default() += 1;
         }
     }
@@ -124,6 +140,9 @@ fn fixture_seeds(corpus: &mut Corpus) {
                 let name = format!("fixture-{}-v{v}{}", slug(api.key as i16), suffix(tags));
                 let seed = ResponseInput::seed(api.key, v, &body).expect("a decodable version");
                 corpus.add("response_rewrite", &name, &seed);
+                if api.key == ApiKey::Metadata {
+                    add_discovery(corpus, &name, Some(v), &body);
+                }
                 if !tags && v == *api.versions().end() {
                     stream.extend_from_slice(&(body.len() as i32).to_be_bytes());
                     stream.extend_from_slice(&body);
@@ -144,6 +163,9 @@ fn fixture_seeds(corpus: &mut Corpus) {
             let body = fixtures::response(ApiKey::ApiVersions, v, tags).expect("ApiVersions");
             let name = format!("fixture-apiversions-v{v}{}", suffix(tags));
             corpus.add("api_versions", &name, &ApiVersionsInput::seed(v, &body));
+            if v == 0 {
+                add_discovery(corpus, &name, None, &body);
+            }
         }
     }
     // kpsc's own answer to a request newer than it decodes, and a broker's (v0 format).
@@ -154,6 +176,20 @@ fn fixture_seeds(corpus: &mut Corpus) {
             &format!("fixture-apiversions-unsupported-request-v{request}"),
             &ApiVersionsInput::seed(request, &unsupported),
         );
+    }
+}
+
+/// A discovery seed: `body` answering the discovery client's request (its correlation id
+/// set to the client's: 1 for ApiVersions v0, 2 for Metadata).
+fn add_discovery(corpus: &mut Corpus, name: &str, metadata_version: Option<i16>, body: &[u8]) {
+    let mut body = body.to_vec();
+    if body.len() < 4 {
+        return;
+    }
+    let correlation_id: i32 = if metadata_version.is_some() { 2 } else { 1 };
+    body[..4].copy_from_slice(&correlation_id.to_be_bytes());
+    if let Some(seed) = DiscoveryInput::seed(metadata_version, &body) {
+        corpus.add_capture("discovery", name, &seed);
     }
 }
 
@@ -290,6 +326,12 @@ fn capture_seeds(corpus: &mut Corpus, capture: &record::Capture) {
             continue;
         };
         exchanges += 1;
+        if e.api_key == ApiKey::ApiVersions as i16 && e.version == 0 {
+            add_discovery(corpus, &kind, None, response);
+        }
+        if e.api_key == ApiKey::Metadata as i16 {
+            add_discovery(corpus, &kind, Some(e.version), response);
+        }
         if e.api_key == ApiKey::ApiVersions as i16 {
             if let Ok(version) = u8::try_from(e.version + 1)
                 && version <= 6
