@@ -186,7 +186,7 @@ fn response_step(
     let prefix: [u8; 4] = reader.buffered()[..SIZE_LEN].try_into().unwrap();
     let size = frame_size(prefix, max, 4, "response")?;
     let mut frame = Vec::new();
-    if index % 2 == 0 {
+    if index.is_multiple_of(2) {
         now(reader.copy_to(SIZE_LEN + size as usize, &mut frame)).map_err(source)?;
     } else {
         reader.consume(SIZE_LEN);
@@ -218,7 +218,7 @@ impl<'a> Chunked<'a> {
         Self {
             data,
             state: u32::from(chunking),
-            odd: chunking % 2 == 1,
+            odd: !chunking.is_multiple_of(2),
         }
     }
 }
