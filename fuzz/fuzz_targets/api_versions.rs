@@ -2,7 +2,8 @@
 //! ApiVersions capping (`kpsc::proxy::rewrite::api_versions::rewrite_api_versions`) on any
 //! answer a broker can give, for any request version, either `--bulk-policy` and a few
 //! forbidden keys. Checked:
-//! - on error the output buffer is left as it was;
+//! - on error the output buffer is left as it was, and the error is never the layout walk
+//!   and kafka-protocol disagreeing on where the message ends;
 //! - the output decodes (guarded) in the version the input was read in (the request's, or
 //!   v0 for an UNSUPPORTED_VERSION answer), with the same header, trailing bytes and every
 //!   field but `api_keys` equal, unknown tagged fields included;
@@ -24,7 +25,7 @@ use kpsc::{
         policy::rewritable_max_version,
     },
 };
-use kpsc_fuzz::{ApiVersionsInput, known};
+use kpsc_fuzz::{ApiVersionsInput, assert_walk_agrees, known};
 use libfuzzer_sys::fuzz_target;
 
 const API_VERSIONS: i16 = ApiKey::ApiVersions as i16;
@@ -45,6 +46,7 @@ fn check(input: &ApiVersionsInput) {
         &input.forbidden,
         &mut out,
     );
+    assert_walk_agrees(&result);
     let Ok(changes) = result else {
         assert_eq!(&out[..], b"before", "output touched on error");
         return;

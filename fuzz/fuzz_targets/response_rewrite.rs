@@ -2,6 +2,7 @@
 //! The response layout walker plus rewrite, for every address-bearing API and version in
 //! `kpsc::proxy::rewrite::apis::ALL`: `AddressResponse::decode` (layout walk, then
 //! kafka-protocol), every endpoint mapped to one advertised host, `encode`. Checked:
+//! - a refusal is never the walk and kafka-protocol disagreeing on where the message ends;
 //! - decode -> encode keeps the value: the re-encoded bytes decode (through the guarded
 //!   decoder, as the API's message type) to the same header, message (unknown tagged fields
 //!   included) and trailing bytes, and re-encoding them again changes no byte;
@@ -32,7 +33,7 @@ use kpsc::{
         response::AddressResponse,
     },
 };
-use kpsc_fuzz::{ResponseInput, known};
+use kpsc_fuzz::{ResponseInput, assert_walk_agrees, known};
 use libfuzzer_sys::fuzz_target;
 
 /// The one host every endpoint is advertised as.
@@ -47,7 +48,9 @@ fuzz_target!(|data: &[u8]| {
 fn check(input: &ResponseInput) {
     let (api, version) = (input.api, input.version);
     let body = Bytes::copy_from_slice(input.body);
-    let Ok(mut response) = AddressResponse::decode(api, version, body.clone()) else {
+    let result = AddressResponse::decode(api, version, body.clone());
+    assert_walk_agrees(&result);
+    let Ok(mut response) = result else {
         return;
     };
     let original = response.endpoints();

@@ -1,5 +1,5 @@
 //! How each fuzz target reads its input, shared by the targets (`fuzz_targets/`) and the
-//! seeder (`examples/seed.rs`), so a committed seed means what its target reads.
+//! seeder (`examples/seed/`), so a committed seed means what its target reads.
 //!
 //! Every format keeps the bytes under test verbatim after a few control bytes, so corpus
 //! files made from captures stay recognisable (`xxd` shows the Kafka frame).
@@ -7,8 +7,19 @@
 use kafka_protocol::messages::ApiKey;
 use kpsc::{
     config::proxy::BulkPolicy,
-    proxy::rewrite::{apis::ALL, declaration::AddressApi},
+    proxy::rewrite::{
+        apis::ALL,
+        declaration::{AddressApi, RewriteError},
+    },
 };
+
+/// A refusal must never be the layout walk and kafka-protocol disagreeing on where a
+/// message ends (`kafka::guarded` reports that as a decode error: kpsc's table is wrong).
+pub fn assert_walk_agrees<T>(result: &Result<T, RewriteError>) {
+    if let Err(RewriteError::Decode { reason, .. }) = result {
+        assert!(!reason.contains("schema table"), "{reason}");
+    }
+}
 
 /// `frame_reader`: `[capacity, max, chunking, mode]` + the byte stream.
 #[derive(Debug)]
