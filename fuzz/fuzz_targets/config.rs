@@ -1,7 +1,8 @@
 #![no_main]
-//! Configuration (`kpsc::config`): an arbitrary command line through clap, kpscd's
-//! unsupported-flag check and `ProxyConfig::resolve` / `PortmapConfig::resolve`, with an
-//! arbitrary TOML file as `--config`; the file also through `file::load` for both modes.
+//! Configuration (`kpsc::config`): an arbitrary command line through kpscd's parser
+//! (`config::cli`), its unsupported-flag check and `ProxyConfig::resolve` /
+//! `PortmapConfig::resolve`, with an arbitrary TOML file as `--config`; the file also
+//! through `file::load` for both modes.
 //! Checked:
 //! - an error names the refused flag: one the mode declares, `--config`, or a kafka-proxy
 //!   flag kpsc lists as unsupported (what exit code 2 reports to the operator);
@@ -15,33 +16,21 @@
 
 use std::{ffi::OsString, fmt::Debug, os::unix::ffi::OsStringExt, path::Path, sync::OnceLock};
 
-use clap::{Parser, Subcommand};
-use kpsc::config::{
-    error::ConfigError,
-    file,
-    kafka_proxy::{UNSUPPORTED_KAFKA_PROXY_FLAGS, reject_unsupported_flags},
-    portmap::{PortmapArgs, PortmapConfig},
-    proxy::{ProxyArgs, ProxyConfig},
+use clap::Parser as _;
+use kpsc::{
+    config::{
+        cli::{Cli, Mode},
+        error::ConfigError,
+        file,
+        kafka_proxy::{UNSUPPORTED_KAFKA_PROXY_FLAGS, reject_unsupported_flags},
+        portmap::{PortmapArgs, PortmapConfig},
+        proxy::{ProxyArgs, ProxyConfig},
+    },
+    mapping::map::DynamicPorts,
 };
-use kpsc::mapping::map::DynamicPorts;
 use kpsc_fuzz::ConfigInput;
 use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
-
-/// kpscd's command line (`src/bin/kpscd.rs`; the binary does not export it).
-#[derive(Parser, Debug)]
-#[command(name = "kpscd")]
-struct Cli {
-    #[command(subcommand)]
-    mode: Mode,
-}
-
-#[derive(Subcommand, Debug)]
-enum Mode {
-    #[command(visible_alias = "server")]
-    Proxy(Box<ProxyArgs>),
-    Portmap(Box<PortmapArgs>),
-}
 
 fuzz_target!(|data: &[u8]| {
     let input = ConfigInput::parse(data);
@@ -125,13 +114,17 @@ fn names_a_flag<A: clap::Args>(e: &ConfigError) -> bool {
             .any(|key| e.flag == format!("--{}", key.replace('_', "-")))
 }
 
+/// The configuration `resolve` gives, or None after checking that its error names a flag
+/// of the mode whose flags are `A`.
+fn resolved<A: clap::Args, C>(result: Result<C, ConfigError>) -> Option<C> {
+    result
+        .inspect_err(|e| assert!(names_a_flag::<A>(e), "error names no flag: {e}"))
+        .ok()
+}
+
 fn check_proxy(args: ProxyArgs) {
-    let config = match ProxyConfig::resolve(args.clone()) {
-        Ok(config) => config,
-        Err(e) => {
-            assert!(names_a_flag::<ProxyArgs>(&e), "error names no flag: {e}");
-            return;
-        }
+    let Some(config) = resolved::<ProxyArgs, _>(ProxyConfig::resolve(args.clone())) else {
+        return;
     };
     check_common(&config.common);
     assert!(config.max_frame_size >= 1024);
@@ -146,12 +139,8 @@ fn check_proxy(args: ProxyArgs) {
 }
 
 fn check_portmap(args: PortmapArgs) {
-    let config = match PortmapConfig::resolve(args.clone()) {
-        Ok(config) => config,
-        Err(e) => {
-            assert!(names_a_flag::<PortmapArgs>(&e), "error names no flag: {e}");
-            return;
-        }
+    let Some(config) = resolved::<PortmapArgs, _>(PortmapConfig::resolve(args.clone())) else {
+        return;
     };
     check_common(&config.common);
     assert!(!config.interfaces.is_empty());

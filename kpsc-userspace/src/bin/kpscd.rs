@@ -1,34 +1,18 @@
 //! kpscd: the kpsc daemon.
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser as _;
 use kpsc::{
     config::{
+        cli::{Cli, Mode},
         common::LogConfig,
         error::{ConfigError, EXIT_CONFIG},
         kafka_proxy::reject_unsupported_flags,
-        portmap::{PortmapArgs, PortmapConfig},
-        proxy::{ProxyArgs, ProxyConfig},
+        portmap::PortmapConfig,
+        proxy::ProxyConfig,
     },
     logging, portmap, proxy,
 };
-
-/// kpsc: one private endpoint for a self-hosted Kafka cluster, one port per broker.
-#[derive(Parser, Debug)]
-#[command(name = "kpscd", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    mode: Mode,
-}
-
-#[derive(Subcommand, Debug)]
-enum Mode {
-    /// Userspace proxy that rewrites broker addresses in responses (kafka-proxy's flags).
-    #[command(visible_alias = "server")]
-    Proxy(Box<ProxyArgs>),
-    /// eBPF TC data plane: each listen port DNAT/SNATed to its broker in the kernel.
-    Portmap(Box<PortmapArgs>),
-}
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();

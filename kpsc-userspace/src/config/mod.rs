@@ -3,6 +3,7 @@
 //! overrides defaults. Each flag is declared once, typed, in the clap struct of the mode
 //! that accepts it (`common` for both); the file's schema is derived from that declaration,
 //! so a key of the other mode is an error naming the key.
+pub mod cli;
 pub mod common;
 pub mod error;
 pub mod file;
