@@ -146,15 +146,9 @@ fn request_step(
     max: u32,
     index: usize,
 ) -> Result<Step, FrameError> {
-    if !now(reader.fill_to(SIZE_LEN))? {
+    let Some(size) = next_size(reader, SIZE_LEN, max, REQUEST_HEADER_FIXED_LEN as u32)? else {
         return Ok(Step::End);
-    }
-    let size = frame_size(
-        reader.buffered()[..SIZE_LEN].try_into().unwrap(),
-        max,
-        REQUEST_HEADER_FIXED_LEN as u32,
-        "request",
-    )?;
+    };
     let frame_len = SIZE_LEN + size as usize;
     now(reader.fill_to(SIZE_LEN + REQUEST_HEADER_FIXED_LEN))?;
     let peek = frame_len.min(reader.capacity());
@@ -180,11 +174,10 @@ fn response_step(
     max: u32,
     index: usize,
 ) -> Result<Step, FrameError> {
-    if !now(reader.fill_to(SIZE_LEN + 4))? {
+    let Some(size) = next_size(reader, SIZE_LEN + 4, max, 4)? else {
         return Ok(Step::End);
-    }
+    };
     let prefix: [u8; 4] = reader.buffered()[..SIZE_LEN].try_into().unwrap();
-    let size = frame_size(prefix, max, 4, "response")?;
     let mut frame = Vec::new();
     if index.is_multiple_of(2) {
         now(reader.copy_to(SIZE_LEN + size as usize, &mut frame)).map_err(source)?;
@@ -194,6 +187,20 @@ fn response_step(
         now(reader.read_into(size as usize, &mut frame))?;
     }
     Ok(Step::Frame(frame))
+}
+
+/// With `peek` bytes buffered, the next frame's validated size; None at a clean end.
+fn next_size(
+    reader: &mut FrameReader<Chunked>,
+    peek: usize,
+    max: u32,
+    min: u32,
+) -> Result<Option<u32>, FrameError> {
+    if !now(reader.fill_to(peek))? {
+        return Ok(None);
+    }
+    let prefix = reader.buffered()[..SIZE_LEN].try_into().unwrap();
+    frame_size(prefix, max, min, "frame").map(Some)
 }
 
 /// The source's side of a move: writing into a `Vec` cannot fail.

@@ -147,6 +147,14 @@ fn succeeds(cmd: &mut Command) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether `cmd --version` prints `version`.
+fn reports_version(cmd: &mut Command, version: &str) -> bool {
+    cmd.arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(version))
+        .unwrap_or(false)
+}
+
 fn cargo_home_bin() -> PathBuf {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
@@ -213,12 +221,7 @@ fn setup() -> anyhow::Result<()> {
     }
 
     let linker = cargo_home_bin().join("bpf-linker");
-    let have_linker = Command::new(&linker)
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
-        .unwrap_or(false);
-    if have_linker {
+    if reports_version(&mut Command::new(&linker), BPF_LINKER_VERSION) {
         step(&format!("bpf-linker {BPF_LINKER_VERSION}: installed"));
     } else {
         step(&format!(
@@ -234,13 +237,9 @@ fn setup() -> anyhow::Result<()> {
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
 
-    let fuzz_version = Command::new("cargo")
-        .args(["fuzz", "--version"])
-        .env("PATH", path_with_cargo_bin())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION))
-        .unwrap_or(false);
-    if fuzz_version {
+    let mut cargo_fuzz = Command::new("cargo");
+    cargo_fuzz.arg("fuzz").env("PATH", path_with_cargo_bin());
+    if reports_version(&mut cargo_fuzz, CARGO_FUZZ_VERSION) {
         step(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}: installed"));
     } else {
         step(&format!("cargo install cargo-fuzz {CARGO_FUZZ_VERSION}"));
@@ -377,6 +376,13 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    step("fuzz crate (its own workspace): cargo fmt --check, cargo clippy -D warnings");
+    run(cargo()
+        .current_dir(fuzz_dir())
+        .args(["fmt", "--", "--check"]))?;
+    run(cargo()
+        .current_dir(fuzz_dir())
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     step("build binaries (release)");
     run(cargo().args(["build", "--release", "--bins"]))?;
     step("cargo test (unit + integration against real brokers and clients)");
@@ -601,14 +607,6 @@ fn fuzz_seed() -> anyhow::Result<()> {
     run(Command::new("cargo")
         .current_dir(fuzz_dir())
         .env("PATH", path_with_cargo_bin())
-        .args([
-            "+stable",
-            "run",
-            "--release",
-            "--example",
-            "seed",
-            "--",
-            "--tansu",
-        ])
-        .arg(tansu_bin()))
+        .env("TANSU_BIN", tansu_bin())
+        .args(["+stable", "run", "--release", "--example", "seed"]))
 }

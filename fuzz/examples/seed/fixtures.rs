@@ -35,6 +35,22 @@ const TOPIC_ID: Uuid = Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef
 /// One record batch's worth of opaque bytes (kpsc never looks inside records).
 const RECORDS: &[u8] = b"\0\0\0\0\0\0\0\0\0\0\0\x2a\0\0\0\0\x02records";
 
+/// `BROKERS` as the KIP-951 `node_endpoints` of the response module `$module`.
+macro_rules! node_endpoints {
+    ($module:ident) => {
+        BROKERS
+            .iter()
+            .map(|&(id, host, port)| {
+                $module::NodeEndpoint::default()
+                    .with_node_id(BrokerId(id))
+                    .with_host(s(host))
+                    .with_port(port)
+                    .with_rack(Some(s("rack-a")))
+            })
+            .collect()
+    };
+}
+
 fn s(value: &'static str) -> StrBytes {
     StrBytes::from_static_str(value)
 }
@@ -204,16 +220,7 @@ fn produce(v: i16) -> ProduceResponse {
     let mut m = ProduceResponse::default().with_responses(vec![t]);
     fit(&mut m, v, |m| m.throttle_time_ms = 7);
     fit(&mut m, v, |m| {
-        m.node_endpoints = BROKERS
-            .iter()
-            .map(|&(id, host, port)| {
-                produce::NodeEndpoint::default()
-                    .with_node_id(BrokerId(id))
-                    .with_host(s(host))
-                    .with_port(port)
-                    .with_rack(Some(s("rack-a")))
-            })
-            .collect();
+        m.node_endpoints = node_endpoints!(produce);
     });
     m
 }
@@ -255,16 +262,7 @@ fn fetch(v: i16) -> FetchResponse {
     fit(&mut m, v, |m| m.throttle_time_ms = 7);
     fit(&mut m, v, |m| m.session_id = 11);
     fit(&mut m, v, |m| {
-        m.node_endpoints = BROKERS
-            .iter()
-            .map(|&(id, host, port)| {
-                fetch::NodeEndpoint::default()
-                    .with_node_id(BrokerId(id))
-                    .with_host(s(host))
-                    .with_port(port)
-                    .with_rack(Some(s("rack-a")))
-            })
-            .collect();
+        m.node_endpoints = node_endpoints!(fetch);
     });
     m
 }
@@ -294,18 +292,7 @@ fn share_fetch(v: i16) -> ShareFetchResponse {
                 .with_topic_id(TOPIC_ID)
                 .with_partitions(vec![p]),
         ])
-        .with_node_endpoints(
-            BROKERS
-                .iter()
-                .map(|&(id, host, port)| {
-                    share_fetch::NodeEndpoint::default()
-                        .with_node_id(BrokerId(id))
-                        .with_host(s(host))
-                        .with_port(port)
-                        .with_rack(Some(s("rack-a")))
-                })
-                .collect(),
-        );
+        .with_node_endpoints(node_endpoints!(share_fetch));
     fit(&mut m, v, |m| m.acquisition_lock_timeout_ms = 30_000);
     m
 }
@@ -327,18 +314,7 @@ fn share_acknowledge(_v: i16) -> ShareAcknowledgeResponse {
                 .with_topic_id(TOPIC_ID)
                 .with_partitions(vec![p]),
         ])
-        .with_node_endpoints(
-            BROKERS
-                .iter()
-                .map(|&(id, host, port)| {
-                    share_ack::NodeEndpoint::default()
-                        .with_node_id(BrokerId(id))
-                        .with_host(s(host))
-                        .with_port(port)
-                        .with_rack(Some(s("rack-a")))
-                })
-                .collect(),
-        )
+        .with_node_endpoints(node_endpoints!(share_ack))
 }
 
 fn describe_quorum(v: i16) -> DescribeQuorumResponse {

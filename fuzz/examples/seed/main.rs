@@ -5,10 +5,10 @@
 //! - responses of every address-bearing API and version with every field set (`fixtures`),
 //!   the Produce request of every version, and command lines and files from the README.
 //!
-//! `cargo xtask fuzz --seed`, or
-//! `cargo run --release --manifest-path fuzz/Cargo.toml --example seed -- [--tansu PATH]
-//! [--no-capture] [--out DIR]`. File names carry a hash of the content, so running it again
-//! adds only what is new (captures differ run to run: ports, timestamps).
+//! `cargo xtask fuzz --seed`, or `TANSU_BIN=... cargo run --release --manifest-path
+//! fuzz/Cargo.toml --example seed -- [--no-capture] [--out DIR]` (the brokers come from the
+//! integration tests' harness, `kpsc-tests`). File names carry a hash of the content, so
+//! running it again adds only what is new (captures differ run to run: ports, timestamps).
 
 mod fixtures;
 mod record;
@@ -37,13 +37,11 @@ const CAPTURES_PER_KIND: usize = 2;
 
 fn main() -> anyhow::Result<()> {
     let mut out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
-    let mut tansu = std::env::var_os("TANSU_BIN").map(PathBuf::from);
     let mut capture = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--out" => out = args.next().expect("--out DIR").into(),
-            "--tansu" => tansu = Some(args.next().expect("--tansu PATH").into()),
             "--no-capture" => capture = false,
             other => anyhow::bail!("unknown argument {other:?}"),
         }
@@ -53,13 +51,8 @@ fn main() -> anyhow::Result<()> {
     request_seeds(&mut corpus);
     config_seeds(&mut corpus);
     if capture {
-        let mut captures = vec![record::mock_cluster()?];
-        match &tansu {
-            Some(bin) => captures.push(record::tansu(bin)?),
-            None => eprintln!("seed: no tansu (--tansu PATH or TANSU_BIN): mock cluster only"),
-        }
-        for capture in &captures {
-            capture_seeds(&mut corpus, capture);
+        for capture in [record::mock_cluster()?, record::tansu()?] {
+            capture_seeds(&mut corpus, &capture);
         }
     }
     for (target, count) in &corpus.written {

@@ -8,32 +8,28 @@
 
 use std::{
     collections::HashMap,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    path::Path,
-    process::{Child, Command, Stdio},
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::{
     messages::{
         ApiKey, ApiVersionsRequest, ApiVersionsResponse, DescribeClusterRequest,
-        FindCoordinatorRequest, MetadataRequest, RequestHeader, TopicName,
-        metadata_request::MetadataRequestTopic,
+        FindCoordinatorRequest, MetadataRequest, TopicName, metadata_request::MetadataRequestTopic,
     },
-    protocol::{Encodable, StrBytes},
+    protocol::{Encodable, HeaderVersion, StrBytes},
 };
 use kpsc::{
     kafka::guarded,
     proxy::rewrite::{api_versions, apis, declaration::Advertised},
 };
+use kpsc_tests::{MockCluster, RawClient, Tansu};
 use rdkafka::{
     ClientConfig, Message as _,
     consumer::{BaseConsumer, CommitMode, Consumer},
-    mocking::MockCluster,
     producer::{BaseProducer, BaseRecord, Producer},
 };
 use tokio::{
@@ -69,53 +65,20 @@ pub struct Capture {
 }
 
 pub fn mock_cluster() -> anyhow::Result<Capture> {
-    let cluster = MockCluster::new(3).context("librdkafka mock cluster")?;
-    cluster.create_topic(TOPIC, 3, 1)?;
+    let cluster = MockCluster::new(3)?;
+    cluster.create_topic(TOPIC, 3)?;
     let brokers: Vec<SocketAddr> = cluster
-        .bootstrap_servers()
-        .split(',')
+        .broker_addrs()
+        .iter()
         .map(|b| b.parse().with_context(|| format!("mock broker {b}")))
         .collect::<Result<_, _>>()?;
     record("mock", &brokers)
 }
 
-pub fn tansu(bin: &Path) -> anyhow::Result<Capture> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(bin)
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .arg("--silent")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let _tansu = KillOnDrop(child);
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let started = Instant::now();
-    while TcpStream::connect(addr).is_err() {
-        if started.elapsed() > Duration::from_secs(20) {
-            bail!("tansu did not listen on {addr}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    record("tansu", &[addr])
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// The tansu broker `TANSU_BIN` names (the test venv's by default).
+pub fn tansu() -> anyhow::Result<Capture> {
+    let tansu = Tansu::start()?;
+    record("tansu", &[tansu.addr().parse()?])
 }
 
 fn record(source: &'static str, brokers: &[SocketAddr]) -> anyhow::Result<Capture> {
@@ -366,7 +329,7 @@ fn raw_client(front: SocketAddr) -> anyhow::Result<()> {
         0,
         0,
         &api_versions::SCHEMA,
-        Bytes::from(offered),
+        offered,
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?
     .message;
@@ -428,58 +391,39 @@ fn raw_client(front: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A raw client through one recording proxy; a failed call (the broker refusing the
+/// version, say) is logged and the next call gets a new connection.
 struct Raw {
-    front: SocketAddr,
-    stream: TcpStream,
-    correlation_id: i32,
+    front: String,
+    client: RawClient,
 }
 
 impl Raw {
     fn connect(front: SocketAddr) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(front)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(Self {
-            front,
-            stream,
-            correlation_id: 0,
-        })
+        let front = front.to_string();
+        let client = RawClient::connect(&front)?;
+        Ok(Self { front, client })
     }
 
-    /// A call whose failure (the broker refusing the version, say) is logged; the next call
-    /// gets a new connection.
-    fn try_call<R: Encodable>(&mut self, api: ApiKey, version: i16, request: &R) {
-        if let Err(e) = self.call(api, version, request) {
-            eprintln!("seed: {api:?} v{version} via {}: {e:#}", self.front);
-            match Self::connect(self.front) {
-                Ok(fresh) => *self = fresh,
-                Err(e) => eprintln!("seed: reconnecting to {}: {e}", self.front),
-            }
-        }
-    }
-
-    fn call<R: Encodable>(
+    fn call<R: Encodable + HeaderVersion>(
         &mut self,
         api: ApiKey,
         version: i16,
         request: &R,
-    ) -> anyhow::Result<Vec<u8>> {
-        self.correlation_id += 1;
-        let header = RequestHeader::default()
-            .with_request_api_key(api as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(self.correlation_id)
-            .with_client_id(Some(StrBytes::from_static_str("kpsc-seed")));
-        let mut body = BytesMut::new();
-        header.encode(&mut body, api.request_header_version(version))?;
-        request
-            .encode(&mut body, version)
-            .with_context(|| format!("encoding {api:?} v{version}"))?;
-        self.stream.write_all(&(body.len() as i32).to_be_bytes())?;
-        self.stream.write_all(&body)?;
-        let mut size = [0; 4];
-        self.stream.read_exact(&mut size)?;
-        let mut response = vec![0; usize::try_from(i32::from_be_bytes(size))?];
-        self.stream.read_exact(&mut response)?;
-        Ok(response)
+    ) -> anyhow::Result<Bytes> {
+        self.client
+            .send(api, version, request)
+            .with_context(|| format!("{api:?} v{version}"))?;
+        self.client.recv_raw()
+    }
+
+    fn try_call<R: Encodable + HeaderVersion>(&mut self, api: ApiKey, version: i16, request: &R) {
+        if let Err(e) = self.call(api, version, request) {
+            eprintln!("seed: {api:?} v{version} via {}: {e:#}", self.front);
+            match RawClient::connect(&self.front) {
+                Ok(fresh) => self.client = fresh,
+                Err(e) => eprintln!("seed: reconnecting to {}: {e}", self.front),
+            }
+        }
     }
 }
