@@ -5,7 +5,8 @@
 //! - a refusal is never the walk and kafka-protocol disagreeing on where the message ends;
 //! - decode -> encode keeps the value: the re-encoded bytes decode (through the guarded
 //!   decoder, as the API's message type) to the same header, message (unknown tagged fields
-//!   included) and trailing bytes, and re-encoding them again changes no byte;
+//!   included) and trailing bytes, opaque strings (FindCoordinator's keys, UTF-8 or not)
+//!   keep their bytes, and re-encoding again changes no byte;
 //! - responses kpsc forwards without rewriting (`response_needs_rewrite` false) have no
 //!   endpoints; a version that cannot carry addresses loses the address tag a broker put
 //!   in anyway (`hidden_tag`), and only that;
@@ -78,10 +79,9 @@ fn check(input: &ResponseInput) {
     };
     assert_eq!(response.stripped_hidden(), decoded != body);
 
-    let plain = encode(&response);
-    if !same_value(api, version, &decoded, &plain) {
+    let Some(plain) = same_value(api, version, &decoded, &|| encode(&response)) else {
         return;
-    }
+    };
     assert_eq!(without_hidden(&plain), None, "hidden address tag forwarded");
     let mut again = AddressResponse::decode(api, version, plain.clone())
         .unwrap_or_else(|e| panic!("re-encoded response does not decode: {e}"));
@@ -144,6 +144,30 @@ fn check(input: &ResponseInput) {
     );
 }
 
+/// `body` with its opaque strings (`AddressApi::opaque_strings`, e.g. FindCoordinator's
+/// keys, which kpsc carries whatever bytes they hold) blanked to `?`s of the same length so
+/// kafka-protocol reads it, and those strings' bytes.
+fn split_opaque(api: &AddressApi, version: i16, body: &Bytes) -> (Bytes, Vec<Bytes>) {
+    if api.opaque_strings.is_empty() {
+        return (body.clone(), Vec::new());
+    }
+    let header_version = api.key.response_header_version(version);
+    let spans = layout::string_spans(
+        body,
+        header_version,
+        api.schema,
+        version,
+        api.opaque_strings,
+    )
+    .unwrap_or_else(|e| panic!("kpsc decoded what it cannot walk: {e}"));
+    let strings = spans.iter().map(|span| body.slice(span.clone())).collect();
+    let mut blank = body.to_vec();
+    for span in spans {
+        blank[span].fill(b'?');
+    }
+    (Bytes::from(blank), strings)
+}
+
 fn encode(response: &AddressResponse) -> Bytes {
     let mut out = BytesMut::new();
     response
@@ -152,16 +176,22 @@ fn encode(response: &AddressResponse) -> Bytes {
     out.freeze()
 }
 
-/// `input` and `output` decode to the same header, message and trailing bytes, read as
-/// the API's own message type through the guarded decoder. False (nothing checked) when the
-/// input hits a known bug.
-fn same_value(api: &'static AddressApi, version: i16, input: &Bytes, output: &Bytes) -> bool {
+/// `input` and `encoded()` decode to the same header, message and trailing bytes, read
+/// as the API's own message type through the guarded decoder, and hold the same opaque
+/// strings byte for byte; returns what `encoded` gave. None (nothing checked, nothing
+/// encoded) when the input hits a known bug.
+fn same_value(
+    api: &'static AddressApi,
+    version: i16,
+    input: &Bytes,
+    encoded: &dyn Fn() -> Bytes,
+) -> Option<Bytes> {
     fn compare<M: Decodable + PartialEq + Debug>(
         api: &'static AddressApi,
         version: i16,
         input: &Bytes,
-        output: &Bytes,
-    ) -> bool {
+        encoded: &dyn Fn() -> Bytes,
+    ) -> Option<Bytes> {
         let decode = |body: &Bytes| {
             guarded::decode_response::<M>(
                 api.key as i16,
@@ -172,15 +202,19 @@ fn same_value(api: &'static AddressApi, version: i16, input: &Bytes, output: &By
             )
             .unwrap_or_else(|e| panic!("{e}"))
         };
-        let before = decode(input);
+        let (input, input_strings) = split_opaque(api, version, input);
+        let before = decode(&input);
         if known::negative_tag(&format!("{:?} {:?}", before.header, before.message)) {
-            return false;
+            return None;
         }
-        let after = decode(output);
+        let output = encoded();
+        let (blank, output_strings) = split_opaque(api, version, &output);
+        assert_eq!(input_strings, output_strings, "an opaque string changed");
+        let after = decode(&blank);
         assert_eq!(before.header, after.header);
         assert_eq!(before.message, after.message);
         assert_eq!(before.trailing, after.trailing);
-        true
+        Some(output)
     }
     let compare = match api.key {
         ApiKey::Metadata => compare::<MetadataResponse>,
@@ -193,5 +227,5 @@ fn same_value(api: &'static AddressApi, version: i16, input: &Bytes, output: &By
         ApiKey::DescribeQuorum => compare::<DescribeQuorumResponse>,
         other => panic!("{other:?} is address-bearing: add its message type here"),
     };
-    compare(api, version, input, output)
+    compare(api, version, input, encoded)
 }
