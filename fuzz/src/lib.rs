@@ -220,26 +220,3 @@ impl<'a> ConfigInput<'a> {
         out
     }
 }
-
-/// Known bugs the targets step over, so that a fuzzing run goes on to find others. Each
-/// has a reproducer under `fuzz/regressions/` and is described in the README; set
-/// `KPSC_FUZZ_STRICT=1` to make the targets fail on it again.
-pub mod known {
-    use std::sync::OnceLock;
-
-    /// kafka-protocol 0.18 keeps unknown tagged fields in a `BTreeMap<i32, _>`: a tag of
-    /// 2^31 or more becomes a negative key, which its encoders count in the number of tagged
-    /// fields but do not write (`write_unknown_tagged_fields(buf, 0.., ..)`). kpsc's layout
-    /// walker accepts such tags, so the response kpsc re-encodes claims one tagged field
-    /// more than it holds and the client reads the bytes after it as that field.
-    /// `debug` is the `{:?}` of the decoded header or message: the smallest key of a
-    /// `BTreeMap` is printed first.
-    pub fn negative_tag(debug: &str) -> bool {
-        !strict() && debug.contains("unknown_tagged_fields: {-")
-    }
-
-    fn strict() -> bool {
-        static STRICT: OnceLock<bool> = OnceLock::new();
-        *STRICT.get_or_init(|| std::env::var_os("KPSC_FUZZ_STRICT").is_some())
-    }
-}
