@@ -112,6 +112,23 @@ pub struct AddressApi {
 }
 
 impl AddressApi {
+    /// An API whose responses carry addresses in every version, with nothing hidden or
+    /// opaque: what most declarations are. Others override fields with `..`.
+    pub const fn every_version(key: ApiKey, schema: &'static Schema, codec: Codec) -> Self {
+        Self {
+            key,
+            addresses_since: 0,
+            inspect_from: 0,
+            hidden_tag: None,
+            opaque_strings: &[],
+            capped_by_bulk_policy: false,
+            schema,
+            codec,
+            #[cfg(test)]
+            fixture: no_fixture,
+        }
+    }
+
     /// Versions kpsc decodes: everything kafka-protocol supports for the message.
     pub fn versions(&self) -> std::ops::RangeInclusive<i16> {
         self.codec.min_version..=self.codec.max_version
@@ -120,6 +137,11 @@ impl AddressApi {
     pub fn name(&self) -> &'static str {
         api_name(self.key as i16)
     }
+}
+
+#[cfg(test)]
+fn no_fixture(_: i16) -> Bytes {
+    panic!("every address-bearing API declares a fixture")
 }
 
 /// The decoded message behind a trait object, with its header and trailing bytes.

@@ -9,16 +9,9 @@ use crate::{
 };
 
 pub static API: AddressApi = AddressApi {
-    key: ApiKey::DescribeCluster,
-    addresses_since: 0,
-    inspect_from: 0,
-    hidden_tag: None,
-    opaque_strings: &[],
-    capped_by_bulk_policy: false,
-    schema: &SCHEMA,
-    codec: Codec::of::<DescribeClusterResponse>(),
     #[cfg(test)]
     fixture: tests::fixture_frame,
+    ..AddressApi::every_version(ApiKey::DescribeCluster, &SCHEMA, Codec::of::<DescribeClusterResponse>())
 };
 
 impl Addresses for DescribeClusterResponse {

@@ -8,16 +8,11 @@ use crate::{
 };
 
 pub static API: AddressApi = AddressApi {
-    key: ApiKey::DescribeQuorum,
     addresses_since: 2,
     inspect_from: 2,
-    hidden_tag: None,
-    opaque_strings: &[],
-    capped_by_bulk_policy: false,
-    schema: &SCHEMA,
-    codec: Codec::of::<DescribeQuorumResponse>(),
     #[cfg(test)]
     fixture: tests::fixture_frame,
+    ..AddressApi::every_version(ApiKey::DescribeQuorum, &SCHEMA, Codec::of::<DescribeQuorumResponse>())
 };
 
 impl Addresses for DescribeQuorumResponse {

@@ -13,16 +13,13 @@ use crate::{
 };
 
 pub static API: AddressApi = AddressApi {
-    key: ApiKey::Fetch,
     addresses_since: 16,
     inspect_from: 16,
     hidden_tag: Some(NODE_ENDPOINTS_TAG),
-    opaque_strings: &[],
     capped_by_bulk_policy: true,
-    schema: &SCHEMA,
-    codec: Codec::of::<FetchResponse>(),
     #[cfg(test)]
     fixture: tests::fixture_frame,
+    ..AddressApi::every_version(ApiKey::Fetch, &SCHEMA, Codec::of::<FetchResponse>())
 };
 
 /// Top-level tag of `node_endpoints` (v16+). Fetch v12-15 responses could carry it

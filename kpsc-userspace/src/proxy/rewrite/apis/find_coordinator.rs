@@ -9,16 +9,10 @@ use crate::{
 };
 
 pub static API: AddressApi = AddressApi {
-    key: ApiKey::FindCoordinator,
-    addresses_since: 0,
-    inspect_from: 0,
-    hidden_tag: None,
     opaque_strings: &["key"],
-    capped_by_bulk_policy: false,
-    schema: &SCHEMA,
-    codec: Codec::of::<FindCoordinatorResponse>(),
     #[cfg(test)]
     fixture: tests::fixture_frame,
+    ..AddressApi::every_version(ApiKey::FindCoordinator, &SCHEMA, Codec::of::<FindCoordinatorResponse>())
 };
 
 impl Addresses for FindCoordinatorResponse {

@@ -13,17 +13,14 @@ use crate::{
 };
 
 pub static API: AddressApi = AddressApi {
-    key: ApiKey::Produce,
     addresses_since: 10,
     // v9 is flexible: a tagged node_endpoints can appear outside its schema.
     inspect_from: 9,
     hidden_tag: Some(NODE_ENDPOINTS_TAG),
-    opaque_strings: &[],
     capped_by_bulk_policy: true,
-    schema: &SCHEMA,
-    codec: Codec::of::<ProduceResponse>(),
     #[cfg(test)]
     fixture: tests::fixture_frame,
+    ..AddressApi::every_version(ApiKey::Produce, &SCHEMA, Codec::of::<ProduceResponse>())
 };
 
 /// Top-level tag of `node_endpoints` (v10+). A broker seen answering NOT_LEADER put it

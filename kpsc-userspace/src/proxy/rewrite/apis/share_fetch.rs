@@ -11,16 +11,9 @@ use crate::{
 };
 
 pub static API: AddressApi = AddressApi {
-    key: ApiKey::ShareFetch,
-    addresses_since: 0,
-    inspect_from: 0,
-    hidden_tag: None,
-    opaque_strings: &[],
-    capped_by_bulk_policy: false,
-    schema: &SCHEMA,
-    codec: Codec::of::<ShareFetchResponse>(),
     #[cfg(test)]
     fixture: tests::fixture_frame,
+    ..AddressApi::every_version(ApiKey::ShareFetch, &SCHEMA, Codec::of::<ShareFetchResponse>())
 };
 
 impl Addresses for ShareFetchResponse {
