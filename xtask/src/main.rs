@@ -1,8 +1,8 @@
 //! Project tasks: `cargo xtask setup | demo | test | bench | fuzz`.
 //!
 //! `setup` installs everything the project needs on a fresh Debian 12 machine and is
-//! idempotent (each step checks first). `demo` and `test` run it first, so the README's
-//! two commands work on a machine that has nothing but cargo.
+//! idempotent (each step checks first). `demo`, `test`, `bench` and `fuzz` run it first,
+//! so the README's two commands work on a machine that has nothing but cargo.
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
