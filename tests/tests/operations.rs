@@ -202,6 +202,20 @@ fn bad_configuration_exits_2_and_names_the_flag() {
         (&["proxy", "--no-such-flag"], "--no-such-flag"),
         (&["proxy", "--config", "/nonexistent/kpsc.toml"], "--config"),
     ];
+    // An argument that is not UTF-8 is a configuration error too, not a panic.
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let out = Command::new(kpscd_bin())
+            .arg("proxy")
+            .arg("--bootstrap-server-mapping")
+            .arg(std::ffi::OsStr::from_bytes(b"\xff:1,127.0.0.1:2"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("--bootstrap-server-mapping"), "{stderr}");
+    }
     for (args, needle) in cases {
         let (code, stderr) = kpscd_exit(args);
         assert_eq!(code, 2, "{args:?}: {stderr}");

@@ -15,7 +15,25 @@ use kpsc::{
 };
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().collect();
+    // args() would panic on an argument that is not UTF-8: name the flag it belongs to.
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(i) = raw.iter().position(|a| a.to_str().is_none()) {
+        let lossy = raw[i].to_string_lossy();
+        let flag = if lossy.starts_with("--") {
+            lossy.split('=').next().unwrap_or_default().to_owned()
+        } else {
+            raw.get(i.wrapping_sub(1))
+                .map(|f| f.to_string_lossy().into_owned())
+                .filter(|f| f.starts_with('-'))
+                .unwrap_or_else(|| format!("argument {i}"))
+        };
+        eprintln!("kpscd: {}", ConfigError::new(&flag, "not valid UTF-8"));
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let argv: Vec<String> = raw
+        .into_iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     if let Err(e) = reject_unsupported_flags(&argv[1..]) {
         eprintln!("kpscd: {e}");
         return ExitCode::from(EXIT_CONFIG);
