@@ -244,7 +244,6 @@ fn setup() -> anyhow::Result<()> {
     } else {
         step(&format!("cargo install cargo-fuzz {CARGO_FUZZ_VERSION}"));
         run(Command::new("cargo").args([
-            "+stable",
             "install",
             &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
             "--locked",
@@ -429,14 +428,16 @@ fn fuzz_dir() -> PathBuf {
     root().join("fuzz")
 }
 
-/// `RUSTC_BOOTSTRAP=1 cargo +stable fuzz <args>` in the project root: the sanitizer flags
-/// cargo-fuzz passes need it, and fresh machines have no nightly toolchain.
+/// `RUSTC_BOOTSTRAP=1 cargo fuzz <args>` in the project root, with the machine's default
+/// (stable) toolchain: the sanitizer flags cargo-fuzz passes need RUSTC_BOOTSTRAP, and fresh
+/// machines have no nightly. No `+toolchain`: a machine whose one toolchain is not named
+/// `stable` must work too.
 fn cargo_fuzz() -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root())
         .env("PATH", path_with_cargo_bin())
         .env("RUSTC_BOOTSTRAP", "1")
-        .args(["+stable", "fuzz"]);
+        .arg("fuzz");
     cmd
 }
 
@@ -608,5 +609,5 @@ fn fuzz_seed() -> anyhow::Result<()> {
         .current_dir(fuzz_dir())
         .env("PATH", path_with_cargo_bin())
         .env("TANSU_BIN", tansu_bin())
-        .args(["+stable", "run", "--release", "--example", "seed"]))
+        .args(["run", "--release", "--example", "seed"]))
 }
