@@ -27,7 +27,10 @@ use kafka_protocol::{
     protocol::Decodable,
 };
 use kpsc::{
-    kafka::{guarded, layout},
+    kafka::{
+        guarded::{self, CodecError},
+        layout,
+    },
     proxy::rewrite::{
         declaration::{AddressApi, Advertised, RewriteError},
         policy::response_needs_rewrite,
@@ -105,7 +108,7 @@ fn check(input: &ResponseInput) {
     });
     match result {
         Ok(rewritten) => assert_eq!(rewritten, original.len()),
-        Err(RewriteError::Encode { .. }) if input.wide_ports => {
+        Err(RewriteError::Codec(CodecError::Encode { .. })) if input.wide_ports => {
             assert_eq!(
                 encode(&response),
                 plain,

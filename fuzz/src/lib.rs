@@ -7,6 +7,7 @@
 use kafka_protocol::messages::ApiKey;
 use kpsc::{
     config::proxy::BulkPolicy,
+    kafka::guarded::CodecError,
     proxy::rewrite::{
         apis::ALL,
         declaration::{AddressApi, RewriteError},
@@ -16,7 +17,7 @@ use kpsc::{
 /// A refusal must never be the layout walk and kafka-protocol disagreeing on where a
 /// message ends (`kafka::guarded` reports that as a decode error: kpsc's table is wrong).
 pub fn assert_walk_agrees<T>(result: &Result<T, RewriteError>) {
-    if let Err(RewriteError::Decode { reason, .. }) = result {
+    if let Err(RewriteError::Codec(CodecError::Decode { reason, .. })) = result {
         assert!(!reason.contains("schema table"), "{reason}");
     }
 }

@@ -194,7 +194,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        kafka::layout::assert_min_size_matches,
+        kafka::{guarded::CodecError, layout::assert_min_size_matches},
         proxy::rewrite::testkit::{CORRELATION_ID, encode_with_header, frame, s},
     };
 
@@ -426,7 +426,7 @@ mod tests {
         let mut out = BytesMut::from(&b"keep"[..]);
         let result = rewrite_api_versions(3, input, BulkPolicy::Cap, &[], &mut out);
         assert!(
-            matches!(result, Err(RewriteError::Decode { .. })),
+            matches!(result, Err(RewriteError::Codec(CodecError::Decode { .. }))),
             "{result:?}"
         );
         assert_eq!(&out[..], b"keep", "out untouched on error");
@@ -458,7 +458,10 @@ mod tests {
             &mut BytesMut::new(),
         )
         .unwrap_err();
-        assert!(matches!(err, RewriteError::Decode { .. }), "{err}");
+        assert!(
+            matches!(err, RewriteError::Codec(CodecError::Decode { .. })),
+            "{err}"
+        );
         assert!(
             err.to_string().contains("api_keys claims more entries"),
             "{err}"

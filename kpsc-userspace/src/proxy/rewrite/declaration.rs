@@ -34,18 +34,9 @@ pub struct Advertised {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RewriteError {
-    #[error("cannot decode {api} v{version} response: {reason}")]
-    Decode {
-        api: &'static str,
-        version: i16,
-        reason: String,
-    },
-    #[error("cannot encode {api} v{version} response: {reason}")]
-    Encode {
-        api: &'static str,
-        version: i16,
-        reason: String,
-    },
+    /// The response could not be decoded or encoded (layout walk, kafka-protocol).
+    #[error(transparent)]
+    Codec(#[from] CodecError),
     #[error("no advertised address for broker {node_id} at {host}:{port}")]
     Unmapped {
         node_id: i32,
@@ -54,31 +45,6 @@ pub enum RewriteError {
     },
     #[error("{} v{version} responses are not rewritable", api_name(*.api_key))]
     Unsupported { api_key: i16, version: i16 },
-}
-
-impl From<CodecError> for RewriteError {
-    fn from(e: CodecError) -> Self {
-        match e {
-            CodecError::Decode {
-                api,
-                version,
-                reason,
-            } => Self::Decode {
-                api,
-                version,
-                reason,
-            },
-            CodecError::Encode {
-                api,
-                version,
-                reason,
-            } => Self::Encode {
-                api,
-                version,
-                reason,
-            },
-        }
-    }
 }
 
 /// One address-bearing API. Each lives in its own file under `apis/` as a `static API`.

@@ -44,7 +44,10 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::{kafka::names::api_name, proxy::rewrite::declaration::RewriteError};
+    use crate::{
+        kafka::{guarded::CodecError, names::api_name},
+        proxy::rewrite::declaration::RewriteError,
+    };
 
     const PRODUCE: i16 = ApiKey::Produce as i16;
     const FETCH: i16 = ApiKey::Fetch as i16;
@@ -137,7 +140,7 @@ mod tests {
                     let result = apis::decode(key, version, Bytes::new());
                     if version >= min {
                         assert!(
-                            matches!(result, Err(RewriteError::Decode { .. })),
+                            matches!(result, Err(RewriteError::Codec(CodecError::Decode { .. }))),
                             "{} v{version} must be decodable: {result:?}",
                             api_name(key)
                         );

@@ -6,7 +6,10 @@ use bytes::{Bytes, BytesMut};
 use kafka_protocol::{messages::ResponseHeader, protocol::StrBytes};
 
 use crate::{
-    kafka::{guarded, layout},
+    kafka::{
+        guarded::{self, CodecError},
+        layout,
+    },
     proxy::rewrite::declaration::{
         AddressApi, AddressMessage, Advertised, Endpoint, RewriteError, Slot,
     },
@@ -47,7 +50,7 @@ impl AddressResponse {
         if let Some(tag) = api.hidden_tag.filter(|_| version < api.addresses_since) {
             let without =
                 layout::without_top_level_tag(&body, header_version, api.schema, version, tag)
-                    .map_err(|e| RewriteError::Decode {
+                    .map_err(|e| CodecError::Decode {
                         api: api.name(),
                         version,
                         reason: e.to_string(),
@@ -107,14 +110,15 @@ impl AddressResponse {
                 });
             };
             if !slot.port.fits(advertised.port) {
-                return Err(RewriteError::Encode {
+                return Err(CodecError::Encode {
                     api,
                     version,
                     reason: format!(
                         "advertised port {} for broker {} does not fit the response's port field",
                         advertised.port, endpoint.node_id
                     ),
-                });
+                }
+                .into());
             }
             plan.push(advertised);
         }
@@ -148,7 +152,7 @@ impl AddressResponse {
     /// Puts the original bytes of masked opaque strings back into an encoded body: the
     /// rewrite never touches them, so each has the same length and position in order.
     fn unmask(&self, body: &mut [u8]) -> Result<(), RewriteError> {
-        let error = |reason: String| RewriteError::Encode {
+        let error = |reason: String| CodecError::Encode {
             api: self.api.name(),
             version: self.version,
             reason,
@@ -202,7 +206,7 @@ fn mask_opaque_strings(
         version,
         api.opaque_strings,
     )
-    .map_err(|e| RewriteError::Decode {
+    .map_err(|e| CodecError::Decode {
         api: api.name(),
         version,
         reason: e.to_string(),

@@ -9,7 +9,7 @@ use kafka_protocol::{
 use proptest::prelude::*;
 
 use crate::{
-    kafka::{layout, names::api_name},
+    kafka::{guarded::CodecError, layout, names::api_name},
     proxy::rewrite::{
         apis::{self, ALL},
         declaration::{AddressApi, RewriteError},
@@ -186,7 +186,7 @@ fn truncated_responses_fail_to_decode() {
         for len in 0..input.len() {
             let result = AddressResponse::decode(api, v, input.slice(..len));
             assert!(
-                matches!(result, Err(RewriteError::Decode { .. })),
+                matches!(result, Err(RewriteError::Codec(CodecError::Decode { .. }))),
                 "{} v{v} truncated to {len} of {} bytes: {result:?}",
                 api.name(),
                 input.len()
@@ -264,7 +264,10 @@ fn impossible_counts_are_refused_before_decoding() {
     ];
     for (key, version, field, body) in cases {
         let err = apis::decode(key, version, Bytes::from(body)).unwrap_err();
-        assert!(matches!(err, RewriteError::Decode { .. }), "{err}");
+        assert!(
+            matches!(err, RewriteError::Codec(CodecError::Decode { .. })),
+            "{err}"
+        );
         let message = err.to_string();
         assert!(
             message.contains(&format!("{field} claims more entries")),
@@ -303,7 +306,7 @@ fn exercise(api: &'static AddressApi, version: i16, body: Bytes) {
     match layout::check(&body, header_version, api.schema, version) {
         // The walk and kafka-protocol must agree on where the message ends.
         Ok(_) => {
-            if let Err(RewriteError::Decode { reason, .. }) = &result {
+            if let Err(RewriteError::Codec(CodecError::Decode { reason, .. })) = &result {
                 assert!(!reason.contains("schema table"), "{reason}");
             }
         }
@@ -324,7 +327,7 @@ fn exercise(api: &'static AddressApi, version: i16, body: Bytes) {
         match response.rewrite(advertise) {
             Ok(n) => assert_eq!(n, endpoints.len()),
             // Garbage ports may not fit DescribeQuorum's u16 after mapping.
-            Err(RewriteError::Encode { .. }) => return,
+            Err(RewriteError::Codec(CodecError::Encode { .. })) => return,
             Err(e) => panic!("{e}"),
         }
         let mut out = BytesMut::new();

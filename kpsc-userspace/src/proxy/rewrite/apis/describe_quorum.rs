@@ -73,7 +73,7 @@ pub mod tests {
 
     use super::*;
     use crate::{
-        kafka::layout::assert_min_size_matches,
+        kafka::{guarded::CodecError, layout::assert_min_size_matches},
         proxy::rewrite::{
             declaration::{Advertised, Endpoint, RewriteError},
             response::AddressResponse,
@@ -164,7 +164,7 @@ pub mod tests {
                 })
             })
             .unwrap_err();
-        assert!(matches!(err, RewriteError::Encode { .. }), "{err}");
+        assert!(matches!(err, RewriteError::Codec(CodecError::Encode { .. })), "{err}");
     }
 
     #[test]
