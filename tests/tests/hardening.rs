@@ -143,12 +143,14 @@ fn a_response_too_large_for_the_rewrite_budget_closes_only_its_connection() {
     let cluster = MockCluster::new(3).unwrap();
     // Few topics with many partitions: the mock takes a while per topic created.
     for i in 0..20 {
-        cluster.create_topic(&format!("topic-{i:04}"), 500).unwrap();
+        cluster
+            .create_topic(&format!("topic-{i:04}"), 1200)
+            .unwrap();
     }
     let (kpscd, base) = start(&cluster, &["--rewrite-memory-budget", "1MiB"]);
     let mut client = RawClient::connect(&format!("127.0.1.1:{base}")).unwrap();
-    // Every topic (10,000 partitions): a response of about 300 KiB, whose rewrite needs
-    // more than 1 MiB.
+    // Every topic (24,000 partitions): a response of about 700 KiB, whose rewrite needs
+    // twice that.
     client
         .send(
             ApiKey::Metadata,

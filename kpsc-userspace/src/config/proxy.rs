@@ -143,9 +143,10 @@ pub struct ProxyArgs {
     #[arg(long = "kafka-max-open-requests", value_name = "N")]
     pub kafka_max_open_requests: Option<usize>,
 
-    /// Memory all connections together may use to rewrite responses, e.g. `1GiB`
-    /// (default: enough for one --max-frame-size response, 10 times its size). Larger rewrites wait for
-    /// others to finish; one that could never fit closes its connection.
+    /// Memory all connections together may use to rewrite responses, e.g. `1GiB` (default:
+    /// enough for two --max-frame-size responses at once; a rewrite holds twice the
+    /// response). Larger rewrites wait for others to finish; one that could never fit
+    /// closes its connection.
     #[arg(long = "rewrite-memory-budget", value_name = "BYTES")]
     pub rewrite_memory_budget: Option<ByteSize>,
 
@@ -168,11 +169,13 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Duration,
 }
 
-/// Memory rewriting one response takes, per byte of the response: the frame, the decoded
-/// message and the re-encoded frame. Measured with kafka-protocol 0.18: 5x for a Metadata
-/// response of 3-replica partitions, 8x for one of single-replica partitions (small wire
-/// structs decode into large ones); 10 leaves room for worse.
-pub const REWRITE_MEMORY_PER_FRAME_BYTE: u64 = 10;
+/// Memory rewriting one response takes, per byte of the response: the frame as received
+/// and the rewritten frame (the layout walk copies every byte but hosts and ports, and
+/// keeps nothing per partition). Output longer than the frame is reserved on top once it
+/// is known.
+pub const REWRITE_MEMORY_PER_FRAME_BYTE: u64 = 2;
+/// The default budget lets this many rewrites of `--max-frame-size` responses run at once.
+const DEFAULT_MAX_FRAME_REWRITES: u64 = 2;
 const MIN_REWRITE_MEMORY_BUDGET: u64 = 1 << 20;
 /// Kafka's own default for `socket.request.max.bytes`.
 pub const DEFAULT_MAX_FRAME_SIZE: u32 = 100 * 1024 * 1024;
@@ -211,7 +214,9 @@ impl ProxyConfig {
                     ));
                 }
                 Some(budget) => budget.0,
-                None => (u64::from(max_frame_size) * REWRITE_MEMORY_PER_FRAME_BYTE)
+                None => (u64::from(max_frame_size)
+                    * REWRITE_MEMORY_PER_FRAME_BYTE
+                    * DEFAULT_MAX_FRAME_REWRITES)
                     .max(MIN_REWRITE_MEMORY_BUDGET),
             };
         Ok(Self {

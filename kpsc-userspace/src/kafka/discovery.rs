@@ -115,7 +115,7 @@ fn metadata_version(versions: &ApiVersionsResponse) -> anyhow::Result<i16> {
 /// The brokers a Metadata response of `version` names (body after the size prefix).
 /// Entries whose port cannot be a broker's (0, or outside u16) are left out.
 pub fn parse_metadata(version: i16, body: Bytes) -> anyhow::Result<Vec<(i32, BrokerAddr)>> {
-    let mut response = apis::decode(ApiKey::Metadata as i16, version, body)?;
+    let response = apis::decode(ApiKey::Metadata as i16, version, body)?;
     if response.correlation_id() != METADATA_CORRELATION_ID {
         bail!(
             "Metadata response has correlation id {} instead of {METADATA_CORRELATION_ID}",
@@ -124,10 +124,10 @@ pub fn parse_metadata(version: i16, body: Bytes) -> anyhow::Result<Vec<(i32, Bro
     }
     Ok(response
         .endpoints()
-        .into_iter()
+        .iter()
         .filter_map(|e| {
             let port = u16::try_from(e.port).ok().filter(|p| *p != 0)?;
-            Some((e.node_id, BrokerAddr::new(e.host, port)))
+            Some((e.node_id, BrokerAddr::new(e.host.clone(), port)))
         })
         .collect())
 }

@@ -12,8 +12,16 @@
 //! The tables (declared with each API under `proxy/rewrite/apis/`) mirror kafka-protocol's
 //! generated decoders (Kafka 4.1 schemas) field by field; the walk must read exactly what
 //! kafka-protocol reads, which `kafka::guarded` verifies on every decode.
+//!
+//! The same walk rewrites broker addresses in place (`visit_endpoints`, `rewritten_len`,
+//! `rewrite`): the tables mark where an endpoint's node id, host and port are, and every
+//! other byte is copied verbatim. Decoding a whole response with kafka-protocol to change
+//! a few hosts cost 5-8 times the frame in memory (many small structs per partition); the
+//! walk needs the frame and the output, nothing per partition.
 
 use std::{fmt, ops::Range};
+
+use bytes::{BufMut, BytesMut};
 
 #[derive(Clone, Copy, Debug)]
 pub enum Ty {
@@ -29,6 +37,13 @@ pub enum Ty {
     Array(&'static [Field]),
     /// Inline struct.
     Struct(&'static [Field]),
+    /// int32 broker id of the endpoint whose host and port follow (in this struct or in
+    /// an array inside it).
+    NodeId,
+    /// String: an endpoint's host.
+    Host,
+    /// The port after an endpoint's host: int32, or uint16 (DescribeQuorum's listeners).
+    Port(usize),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +78,10 @@ pub const UUID: Ty = Ty::Fixed(16);
 pub const STR: Ty = Ty::Str;
 pub const BYTES: Ty = Ty::Bytes;
 pub const BROKER_IDS: Ty = Ty::FixedArray(4);
+pub const NODE_ID: Ty = Ty::NodeId;
+pub const HOST: Ty = Ty::Host;
+pub const PORT: Ty = Ty::Port(4);
+pub const PORT16: Ty = Ty::Port(2);
 
 pub const fn all(name: &'static str, ty: Ty) -> Field {
     between(0, i16::MAX, name, ty)
@@ -102,14 +121,16 @@ pub struct ShapeError {
 }
 
 impl ShapeError {
-    /// The count check kafka-protocol lacks failed: kafka-protocol must not see this input.
+    /// One of the checks kafka-protocol lacks failed (an impossible count it would reserve,
+    /// a tag it would count but not write back): kafka-protocol must not see this input.
     #[cfg(test)]
-    pub fn is_impossible_count(&self) -> bool {
-        self.problem == IMPOSSIBLE_COUNT
+    pub fn guards_kafka_protocol(&self) -> bool {
+        self.problem == IMPOSSIBLE_COUNT || self.problem == TAG_TOO_LARGE
     }
 }
 
 const IMPOSSIBLE_COUNT: &str = "claims more entries than the remaining bytes hold";
+const TAG_TOO_LARGE: &str = "is 2^31 or more";
 
 impl fmt::Display for ShapeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -127,21 +148,6 @@ pub fn check(
     let mut walker = Walker::after_header(body, header_version, schema, version)?;
     walker.fields(schema.fields)?;
     Ok(walker.pos)
-}
-
-/// Where the contents of every string field named in `names` lie in `body`, in wire
-/// order (a null string is an empty span).
-pub fn string_spans(
-    body: &[u8],
-    header_version: i16,
-    schema: &Schema,
-    version: i16,
-    names: &'static [&'static str],
-) -> Result<Vec<Range<usize>>, ShapeError> {
-    let mut walker = Walker::after_header(body, header_version, schema, version)?;
-    walker.strings = Some((names, Vec::new()));
-    walker.fields(schema.fields)?;
-    Ok(walker.strings.map(|(_, spans)| spans).unwrap_or_default())
 }
 
 /// `body` without the top-level tagged field `tag`, or `None` when the body has no such
@@ -202,24 +208,163 @@ pub fn without_top_level_tag(
     Ok(Some(out))
 }
 
-fn put_uvarint(out: &mut Vec<u8>, mut value: u32) {
+fn put_uvarint(out: &mut impl BufMut, mut value: u32) {
     while value >= 0x80 {
-        out.push((value as u8) | 0x80);
+        out.put_u8((value as u8) | 0x80);
         value >>= 7;
     }
-    out.push(value as u8);
+    out.put_u8(value as u8);
 }
 
-struct Walker<'a> {
+fn uvarint_len(value: u32) -> usize {
+    match value {
+        0..0x80 => 1,
+        0x80..0x4000 => 2,
+        0x4000..0x20_0000 => 3,
+        0x20_0000..0x1000_0000 => 4,
+        _ => 5,
+    }
+}
+
+/// Told every endpoint a response carries, in wire order. Endpoints with an empty (or
+/// null) host name no broker (FindCoordinator's "no coordinator": node -1, host "") and
+/// are not reported.
+pub trait EndpointSink {
+    /// An error refuses the response; it reads as "host <problem>".
+    fn endpoint(&mut self, node_id: i32, host: &[u8], port: i32) -> Result<(), &'static str>;
+}
+
+/// What an endpoint becomes in a rewrite: its new host and port, or `None` to keep it.
+pub trait Replacements {
+    fn replacement(&self, node_id: i32, host: &[u8], port: i32) -> Option<(&str, i32)>;
+}
+
+/// Walks header + message like [`check`], telling `sink` every endpoint; returns where the
+/// message ends.
+pub fn visit_endpoints(
+    body: &[u8],
+    header_version: i16,
+    schema: &Schema,
+    version: i16,
+    sink: &mut dyn EndpointSink,
+) -> Result<usize, ShapeError> {
+    let mut walker = Walker::after_header(body, header_version, schema, version)?;
+    walker.mode = Mode::Visit(sink);
+    walker.fields(schema.fields)?;
+    Ok(walker.pos)
+}
+
+/// The length of `body` once [`rewrite`] has replaced its endpoints; fails where the
+/// replacement cannot be encoded (a port above 65535 in a uint16 field, a host too long
+/// for its length prefix), so a caller can refuse before writing anything.
+pub fn rewritten_len(
+    body: &[u8],
+    header_version: i16,
+    schema: &Schema,
+    version: i16,
+    map: &dyn Replacements,
+) -> Result<usize, ShapeError> {
+    let mut walker = Walker::after_header(body, header_version, schema, version)?;
+    walker.mode = Mode::Measure { map, delta: 0 };
+    walker.fields(schema.fields)?;
+    let Mode::Measure { delta, .. } = walker.mode else {
+        unreachable!("the mode is set above")
+    };
+    body.len()
+        .checked_add_signed(delta)
+        .ok_or_else(|| walker.fail("response", "shrinks below nothing"))
+}
+
+/// Appends `body` to `out` with every endpoint `map` replaces rewritten: the host's length
+/// prefix and bytes, the port, and the size of every known tagged field around them
+/// (re-encoded as the content's real length). Every other byte, unknown tagged fields and
+/// bytes after the schema's last field included, is copied as it was. On error `out` may
+/// hold part of the output: callers truncate it.
+pub fn rewrite(
+    body: &[u8],
+    header_version: i16,
+    schema: &Schema,
+    version: i16,
+    map: &dyn Replacements,
+    out: &mut BytesMut,
+) -> Result<(), ShapeError> {
+    let mut walker = Walker::after_header(body, header_version, schema, version)?;
+    walker.mode = Mode::Emit {
+        map,
+        out,
+        copied: 0,
+    };
+    walker.fields(schema.fields)?;
+    let Mode::Emit { out, copied, .. } = walker.mode else {
+        unreachable!("the mode is set above")
+    };
+    out.extend_from_slice(&body[copied..]);
+    Ok(())
+}
+
+/// Checks that every known tagged field holding endpoints declares its content's real
+/// length (what [`rewrite`] writes; kafka-protocol and Kafka's Java client read known
+/// tagged fields in place and ignore the size, so a decode alone does not show it).
+pub fn check_endpoint_tag_sizes(
+    body: &[u8],
+    header_version: i16,
+    schema: &Schema,
+    version: i16,
+) -> Result<(), ShapeError> {
+    let mut walker = Walker::after_header(body, header_version, schema, version)?;
+    walker.mode = Mode::CheckTagSizes;
+    walker.fields(schema.fields)?;
+    Ok(())
+}
+
+/// What a walk does besides checking the shape.
+enum Mode<'v> {
+    Check,
+    Visit(&'v mut dyn EndpointSink),
+    CheckTagSizes,
+    /// Adds up how many bytes the rewrite adds (negative: removes).
+    Measure {
+        map: &'v dyn Replacements,
+        delta: isize,
+    },
+    /// Writes the rewritten body; `copied` is how far `buf` has been copied to `out`.
+    Emit {
+        map: &'v dyn Replacements,
+        out: &'v mut BytesMut,
+        copied: usize,
+    },
+}
+
+/// An endpoint's host as read: where its length prefix starts, and its bytes.
+#[derive(Clone)]
+struct HostSpan {
+    prefix: usize,
+    content: Range<usize>,
+}
+
+/// Whether a value of `ty` can hold an endpoint in `version`.
+fn carries_endpoints(ty: Ty, version: i16) -> bool {
+    match ty {
+        Ty::Host => true,
+        Ty::Array(fields) | Ty::Struct(fields) => fields
+            .iter()
+            .any(|f| f.present(version) && carries_endpoints(f.ty, version)),
+        _ => false,
+    }
+}
+
+struct Walker<'a, 'v> {
     buf: &'a [u8],
     pos: usize,
     version: i16,
     flexible: bool,
-    /// String fields whose content spans to record, and the spans recorded.
-    strings: Option<(&'a [&'static str], Vec<Range<usize>>)>,
+    mode: Mode<'v>,
+    /// The endpoint being read: the last node id, and the host read after it.
+    node_id: i32,
+    host: Option<HostSpan>,
 }
 
-impl<'a> Walker<'a> {
+impl<'a, 'v> Walker<'a, 'v> {
     /// A walker positioned after the response header (correlation id, and tagged fields
     /// in header v1), set for the message's own encoding.
     fn after_header(
@@ -233,7 +378,9 @@ impl<'a> Walker<'a> {
             pos: 0,
             version,
             flexible: header_version >= 1,
-            strings: None,
+            mode: Mode::Check,
+            node_id: -1,
+            host: None,
         };
         walker.fields(HEADER)?;
         walker.flexible = version >= schema.flexible_from;
@@ -285,7 +432,7 @@ impl<'a> Walker<'a> {
     fn tag(&mut self) -> Result<u32, ShapeError> {
         let tag = self.uvarint("tagged field tag")?;
         if i32::try_from(tag).is_err() {
-            return Err(self.fail("tagged field tag", "is 2^31 or more"));
+            return Err(self.fail("tagged field tag", TAG_TOO_LARGE));
         }
         Ok(tag)
     }
@@ -349,6 +496,7 @@ impl<'a> Walker<'a> {
             let count = self.uvarint("tagged field count")?;
             for _ in 0..count {
                 let tag = self.tag()?;
+                let size_at = self.pos;
                 let size = self.uvarint("tagged field size")?;
                 // kafka-protocol decodes known tagged fields in place, ignoring their size,
                 // and skips unknown ones by size.
@@ -356,10 +504,138 @@ impl<'a> Walker<'a> {
                     .iter()
                     .find(|f| f.tag == Some(tag) && f.present(version))
                 {
+                    Some(field)
+                        if !matches!(self.mode, Mode::Check | Mode::Visit(_))
+                            && carries_endpoints(field.ty, version) =>
+                    {
+                        self.endpoint_tag(size_at, size, field)?
+                    }
                     Some(field) => self.value(field.ty, field.name)?,
                     None => self.skip(size as usize, "unknown tagged field")?,
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A known tagged field holding endpoints, its size varint at `size_at` declaring
+    /// `declared` bytes: its size follows what its content becomes.
+    fn endpoint_tag(
+        &mut self,
+        size_at: usize,
+        declared: u32,
+        field: &Field,
+    ) -> Result<(), ShapeError> {
+        let content = self.pos;
+        let map = match &self.mode {
+            Mode::Measure { map, .. } | Mode::Emit { map, .. } => Some(*map),
+            _ => None,
+        };
+        let Some(map) = map else {
+            // CheckTagSizes.
+            self.value(field.ty, field.name)?;
+            if self.pos - content != declared as usize {
+                return Err(self.fail(field.name, "declares a size other than its length"));
+            }
+            return Ok(());
+        };
+        // The size comes before the content: measure the content's rewrite first.
+        let mut inner = Walker {
+            buf: self.buf,
+            pos: content,
+            version: self.version,
+            flexible: self.flexible,
+            mode: Mode::Measure { map, delta: 0 },
+            node_id: self.node_id,
+            host: None,
+        };
+        inner.value(field.ty, field.name)?;
+        let Mode::Measure { delta, .. } = inner.mode else {
+            unreachable!("set above")
+        };
+        let size = (inner.pos - content)
+            .checked_add_signed(delta)
+            .and_then(|size| u32::try_from(size).ok())
+            .ok_or_else(|| self.fail(field.name, "would not fit its size field"))?;
+        match &mut self.mode {
+            Mode::Measure { delta: outer, .. } => {
+                *outer += delta + uvarint_len(size) as isize - (content - size_at) as isize;
+                self.pos = inner.pos;
+                Ok(())
+            }
+            Mode::Emit { out, copied, .. } => {
+                out.extend_from_slice(&self.buf[*copied..size_at]);
+                put_uvarint(*out, size);
+                *copied = content;
+                self.value(field.ty, field.name)
+            }
+            _ => unreachable!("only rewrites get here"),
+        }
+    }
+
+    /// The port of the endpoint whose host was just read, at `at`, `width` bytes wide.
+    fn endpoint(&mut self, port: i32, at: usize, width: usize) -> Result<(), ShapeError> {
+        let Some(host) = self.host.take().filter(|h| !h.content.is_empty()) else {
+            return Ok(());
+        };
+        let buf = self.buf;
+        let bytes = &buf[host.content.clone()];
+        let node_id = self.node_id;
+        let flexible = self.flexible;
+        let replacement = match &mut self.mode {
+            Mode::Check | Mode::CheckTagSizes => return Ok(()),
+            Mode::Visit(sink) => {
+                return sink
+                    .endpoint(node_id, bytes, port)
+                    .map_err(|problem| self.fail("host", problem));
+            }
+            Mode::Measure { map, .. } | Mode::Emit { map, .. } => {
+                map.replacement(node_id, bytes, port)
+            }
+        };
+        let Some((new_host, new_port)) = replacement else {
+            return Ok(());
+        };
+        let fits = match width {
+            2 => u16::try_from(new_port).is_ok(),
+            _ => true,
+        };
+        if !fits {
+            return Err(self.fail("port", "cannot hold the advertised port"));
+        }
+        if !flexible && i16::try_from(new_host.len()).is_err() {
+            return Err(self.fail("host", "cannot hold the advertised host"));
+        }
+        let new_host_len = u32::try_from(new_host.len())
+            .ok()
+            .filter(|len| *len < u32::MAX)
+            .ok_or_else(|| self.fail("host", "cannot hold the advertised host"))?;
+        let prefix_len = if flexible {
+            uvarint_len(new_host_len + 1)
+        } else {
+            2
+        };
+        match &mut self.mode {
+            Mode::Measure { delta, .. } => {
+                *delta += (prefix_len + new_host.len()) as isize
+                    - (host.content.end - host.prefix) as isize;
+            }
+            Mode::Emit { out, copied, .. } => {
+                out.extend_from_slice(&self.buf[*copied..host.prefix]);
+                if flexible {
+                    put_uvarint(*out, new_host_len + 1);
+                } else {
+                    out.put_i16(new_host.len() as i16);
+                }
+                out.extend_from_slice(new_host.as_bytes());
+                out.extend_from_slice(&self.buf[host.content.end..at]);
+                match width {
+                    2 => out.put_u16(new_port as u16),
+                    _ => out.put_i32(new_port),
+                }
+                *copied = at + width;
+            }
+            _ => unreachable!("returned above"),
         }
         Ok(())
     }
@@ -369,14 +645,7 @@ impl<'a> Walker<'a> {
             Ty::Fixed(width) => self.skip(width, name),
             Ty::Str => {
                 let len = self.length(name, false)?;
-                let start = self.pos;
-                self.skip(len, name)?;
-                if let Some((names, spans)) = &mut self.strings
-                    && names.contains(&name)
-                {
-                    spans.push(start..self.pos);
-                }
-                Ok(())
+                self.skip(len, name)
             }
             Ty::Bytes => {
                 let len = self.length(name, true)?;
@@ -394,6 +663,29 @@ impl<'a> Walker<'a> {
                 Ok(())
             }
             Ty::Struct(fields) => self.fields(fields),
+            Ty::NodeId => {
+                self.node_id = self.int32(name)?;
+                Ok(())
+            }
+            Ty::Host => {
+                let prefix = self.pos;
+                let len = self.length(name, false)?;
+                let start = self.pos;
+                self.skip(len, name)?;
+                self.host = Some(HostSpan {
+                    prefix,
+                    content: start..self.pos,
+                });
+                Ok(())
+            }
+            Ty::Port(width) => {
+                let at = self.pos;
+                let port = match width {
+                    2 => i32::from(u16::from_be_bytes(self.array(name)?)),
+                    _ => self.int32(name)?,
+                };
+                self.endpoint(port, at, width)
+            }
         }
     }
 }
@@ -406,8 +698,9 @@ fn min_size(fields: &[Field], version: i16, flexible: bool) -> usize {
         .iter()
         .filter(|f| f.tag.is_none() && f.present(version))
         .map(|f| match f.ty {
-            Ty::Fixed(width) => width,
-            Ty::Str => narrow,
+            Ty::Fixed(width) | Ty::Port(width) => width,
+            Ty::NodeId => 4,
+            Ty::Str | Ty::Host => narrow,
             Ty::Bytes | Ty::FixedArray(_) | Ty::Array(_) => wide,
             Ty::Struct(inner) => min_size(inner, version, flexible),
         })

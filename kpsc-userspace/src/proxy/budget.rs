@@ -1,7 +1,7 @@
 //! The memory budget shared by every connection's rewrites. Rewriting a response holds the
-//! frame, the decoded message and the re-encoded frame at once (about
-//! `REWRITE_MEMORY_PER_FRAME_BYTE` times the frame); a per-connection allowance would let
-//! a few clients asking for huge Metadata responses at once take gigabytes. Each rewrite
+//! frame and the rewritten frame at once (`REWRITE_MEMORY_PER_FRAME_BYTE` times the frame,
+//! plus what longer advertised hosts add); a per-connection allowance would let a few
+//! clients asking for huge Metadata responses at once take gigabytes. Each rewrite
 //! reserves its share first: when the budget is spent it waits for others to finish, and
 //! a response that could never fit closes its connection instead of growing the process.
 
@@ -20,12 +20,12 @@ pub enum BudgetError {
         "rewriting a {frame} byte response needs about {needed} bytes, more than the whole --rewrite-memory-budget ({budget})"
     )]
     NeverFits {
-        frame: u32,
+        frame: u64,
         needed: u64,
         budget: u64,
     },
     #[error("no room in --rewrite-memory-budget for a {frame} byte response within {waited:?}")]
-    Timeout { frame: u32, waited: Duration },
+    Timeout { frame: u64, waited: Duration },
 }
 
 pub struct RewriteBudget {
@@ -68,18 +68,58 @@ impl RewriteBudget {
         let needed = u64::from(frame) * REWRITE_MEMORY_PER_FRAME_BYTE;
         if needed > self.total {
             return Err(BudgetError::NeverFits {
-                frame,
+                frame: u64::from(frame),
                 needed,
                 budget: self.total,
             });
         }
-        let units = needed.div_ceil(UNIT).max(1) as u32;
+        let permit = self.acquire(needed, u64::from(frame), wait, waited).await?;
+        Ok(Reservation { permit })
+    }
+
+    /// Grows `reservation` to cover `bytes` in all, e.g. once a rewrite knows its output is
+    /// longer than the frame (advertised hosts longer than the real ones).
+    pub async fn grow<'b>(
+        &'b self,
+        reservation: &mut Reservation<'b>,
+        frame: u32,
+        bytes: u64,
+        wait: Duration,
+        waited: &mut bool,
+    ) -> Result<(), BudgetError> {
+        let held = reservation.permit.num_permits() as u64 * UNIT;
+        if bytes <= held {
+            return Ok(());
+        }
+        if bytes > self.total {
+            return Err(BudgetError::NeverFits {
+                frame: u64::from(frame),
+                needed: bytes,
+                budget: self.total,
+            });
+        }
+        let more = self
+            .acquire(bytes - held, u64::from(frame), wait, waited)
+            .await?;
+        // Both permits come from this budget's semaphore.
+        reservation.permit.merge(more);
+        Ok(())
+    }
+
+    async fn acquire(
+        &self,
+        bytes: u64,
+        frame: u64,
+        wait: Duration,
+        waited: &mut bool,
+    ) -> Result<SemaphorePermit<'_>, BudgetError> {
+        let units = bytes.div_ceil(UNIT).max(1) as u32;
         if let Ok(permit) = self.units.try_acquire_many(units) {
-            return Ok(Reservation { permit });
+            return Ok(permit);
         }
         *waited = true;
         match tokio::time::timeout(wait, self.units.acquire_many(units)).await {
-            Ok(Ok(permit)) => Ok(Reservation { permit }),
+            Ok(Ok(permit)) => Ok(permit),
             // The semaphore is never closed; a timeout is the only way to get here.
             _ => Err(BudgetError::Timeout {
                 frame,
@@ -89,8 +129,8 @@ impl RewriteBudget {
     }
 }
 
-/// Gives memory freed by a large rewrite back to the system: glibc keeps freed heap pages
-/// (the decoded message is many small allocations) unless asked.
+/// Gives memory freed by a large rewrite back to the system: glibc may keep freed heap
+/// pages (the frame and output buffers, the endpoint index) unless asked.
 pub fn release_after_large_rewrite() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only walks glibc's own free lists; it has no preconditions.
@@ -103,18 +143,20 @@ pub fn release_after_large_rewrite() {
 mod tests {
     use super::*;
 
+    const MIB: u32 = 1 << 20;
+
     #[tokio::test]
     async fn rewrites_share_one_budget() {
-        let budget = RewriteBudget::new(100 << 20);
+        // Room for one 8 MiB frame's rewrite and a bit.
+        let budget = RewriteBudget::new(u64::from(9 * MIB) * REWRITE_MEMORY_PER_FRAME_BYTE);
         let mut waited = false;
-        // 8 MiB frames take 80 MiB each: one fits, the second waits until it is released.
         let first = budget
-            .reserve(8 << 20, Duration::from_secs(1), &mut waited)
+            .reserve(8 * MIB, Duration::from_secs(1), &mut waited)
             .await
             .unwrap();
         assert!(!waited);
         let err = budget
-            .reserve(8 << 20, Duration::from_millis(50), &mut waited)
+            .reserve(8 * MIB, Duration::from_millis(50), &mut waited)
             .await
             .err()
             .unwrap();
@@ -122,26 +164,93 @@ mod tests {
         assert!(matches!(err, BudgetError::Timeout { .. }), "{err}");
         // Once encoded, a rewrite keeps only what its output needs while it is written.
         let mut first = first;
-        first.shrink_to(1 << 20);
+        first.shrink_to(MIB as usize);
         let mut waited = false;
         let second = budget
-            .reserve(8 << 20, Duration::from_millis(50), &mut waited)
+            .reserve(8 * MIB, Duration::from_millis(50), &mut waited)
             .await
             .unwrap();
         assert!(!waited);
         drop((first, second));
         let mut waited = false;
         budget
-            .reserve(8 << 20, Duration::from_millis(50), &mut waited)
+            .reserve(8 * MIB, Duration::from_millis(50), &mut waited)
             .await
             .unwrap();
         assert!(!waited);
         // A frame whose rewrite could never fit fails at once, naming the flag.
         let err = budget
-            .reserve(11 << 20, Duration::from_secs(60), &mut waited)
+            .reserve(10 * MIB, Duration::from_secs(60), &mut waited)
             .await
             .err()
             .unwrap();
         assert!(err.to_string().contains("--rewrite-memory-budget"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_rewrite_that_grows_reserves_the_difference() {
+        let total = u64::from(10 * MIB) * REWRITE_MEMORY_PER_FRAME_BYTE;
+        let budget = RewriteBudget::new(total);
+        let mut waited = false;
+        let frame = 4 * MIB;
+        let mut first = budget
+            .reserve(frame, Duration::from_secs(1), &mut waited)
+            .await
+            .unwrap();
+        let held = u64::from(frame) * REWRITE_MEMORY_PER_FRAME_BYTE;
+        // Already covered: nothing more is taken.
+        budget
+            .grow(&mut first, frame, held, Duration::ZERO, &mut waited)
+            .await
+            .unwrap();
+        assert_eq!(
+            budget.units.available_permits() as u64,
+            (total - held) / UNIT
+        );
+        budget
+            .grow(
+                &mut first,
+                frame,
+                held + u64::from(MIB),
+                Duration::ZERO,
+                &mut waited,
+            )
+            .await
+            .unwrap();
+        assert!(!waited);
+        assert_eq!(
+            budget.units.available_permits() as u64,
+            (total - held - u64::from(MIB)) / UNIT
+        );
+        // More than the whole budget never fits; more than what is left waits, then fails.
+        let err = budget
+            .grow(
+                &mut first,
+                frame,
+                total + 1,
+                Duration::from_secs(60),
+                &mut waited,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BudgetError::NeverFits { .. }), "{err}");
+        let other = budget
+            .reserve(frame, Duration::ZERO, &mut waited)
+            .await
+            .unwrap();
+        let err = budget
+            .grow(
+                &mut first,
+                frame,
+                total,
+                Duration::from_millis(20),
+                &mut waited,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BudgetError::Timeout { .. }), "{err}");
+        assert!(waited);
+        drop((first, other));
+        assert_eq!(budget.units.available_permits() as u64, total / UNIT);
     }
 }

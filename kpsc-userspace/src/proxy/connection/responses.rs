@@ -18,15 +18,11 @@ use crate::{
     },
     mapping::addr::BrokerAddr,
     proxy::{
-        budget::release_after_large_rewrite,
+        budget::{Reservation, release_after_large_rewrite},
         bulk::transfer::Transfer,
         connection::{error::ConnError, requests::InFlight},
         listeners::Route,
-        rewrite::{
-            api_versions, apis,
-            declaration::{Advertised, Endpoint},
-            policy,
-        },
+        rewrite::{api_versions, apis, declaration::Advertised, policy},
         state::ProxyState,
     },
 };
@@ -181,7 +177,15 @@ where
             if is_api_versions {
                 rewrite_api_versions(api_version, frame, state, &mut out)?;
             } else {
-                rewrite_addresses(api_key, api_version, frame, state, &mut out).await?;
+                rewrite_addresses(
+                    api_key,
+                    api_version,
+                    frame,
+                    state,
+                    &mut reservation,
+                    &mut out,
+                )
+                .await?;
             }
             // The client may read slowly: only the output stays reserved meanwhile.
             reservation.shrink_to(out.len());
@@ -241,19 +245,18 @@ fn rewrite_api_versions(
     Ok(())
 }
 
-/// Placeholder endpoints ("no coordinator": node -1, empty host) name no broker and are
-/// left as they are. Anything with a host must be mapped, whatever its port says.
-fn is_placeholder(e: &Endpoint) -> bool {
-    e.host.is_empty()
-}
-
-async fn rewrite_addresses(
+/// Endpoints with an empty host ("no coordinator": node -1, host "") are not listed by
+/// the decode and stay as they are; anything with a host must be mapped, whatever its
+/// port says.
+async fn rewrite_addresses<'s>(
     api_key: i16,
     api_version: i16,
     frame: Bytes,
-    state: &ProxyState,
+    state: &'s ProxyState,
+    reservation: &mut Reservation<'s>,
     out: &mut BytesMut,
 ) -> Result<(), ConnError> {
+    let frame_len = frame.len();
     let mut response = apis::decode(api_key, api_version, frame)
         .inspect_err(|_| state.metrics.decode_failure(api_key))?;
     if response.stripped_hidden() {
@@ -265,12 +268,11 @@ async fn rewrite_addresses(
     }
     let brokers: Vec<(i32, BrokerAddr)> = response
         .endpoints()
-        .into_iter()
-        .filter(|e| !is_placeholder(e))
+        .iter()
         .filter_map(|e| {
             Some((
                 e.node_id,
-                BrokerAddr::new(e.host, u16::try_from(e.port).ok()?),
+                BrokerAddr::new(e.host.clone(), u16::try_from(e.port).ok()?),
             ))
         })
         .collect();
@@ -286,12 +288,6 @@ async fn rewrite_addresses(
     }
     let snapshot = state.listeners.snapshot();
     let rewritten = response.rewrite(|e| {
-        if is_placeholder(e) {
-            return Some(Advertised {
-                host: e.host.clone(),
-                port: e.port,
-            });
-        }
         snapshot
             .map
             .advertised_for(&e.host, e.port)
@@ -300,6 +296,22 @@ async fn rewrite_addresses(
                 port: i32::from(a.port),
             })
     })?;
+    // Advertised hosts longer than the real ones make the output longer than the frame.
+    let needed = (frame_len + response.encoded_len()) as u64;
+    let mut waited = false;
+    state
+        .rewrite_budget
+        .grow(
+            reservation,
+            frame_len as u32,
+            needed,
+            REWRITE_BUDGET_WAIT,
+            &mut waited,
+        )
+        .await?;
+    if waited {
+        state.metrics.rewrite_budget_waits.inc();
+    }
     response.encode(out)?;
     if rewritten > 0 {
         state.metrics.rewrite(api_key);

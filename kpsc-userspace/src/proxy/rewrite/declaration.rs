@@ -1,21 +1,17 @@
 //! What declaring an address-bearing API takes: its key, the versions kpsc decodes, from
-//! which version its responses carry addresses, its layout table for the walker, and where
-//! in the decoded message the addresses are (`Addresses::slots`). Dispatch, the endpoint
-//! list, the rewrite and the ApiVersions caps are all derived from that one declaration.
+//! which version its responses carry addresses, and its layout table for the walker, which
+//! also marks where the addresses are (`layout::NODE_ID`, `HOST`, `PORT`). Dispatch, the
+//! endpoint list, the rewrite and the ApiVersions caps are all derived from that one
+//! declaration.
 
-use std::fmt;
-
+#[cfg(test)]
 use bytes::Bytes;
 use kafka_protocol::{
-    messages::{ApiKey, ResponseHeader},
-    protocol::{Decodable, Encodable, Message, StrBytes},
+    messages::ApiKey,
+    protocol::{Decodable, Message},
 };
 
-use crate::kafka::{
-    guarded::{self, CodecError, EncodeBody},
-    layout::Schema,
-    names::api_name,
-};
+use crate::kafka::{guarded::CodecError, layout::Schema, names::api_name};
 
 /// A broker endpoint as a response carries it (real address).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -61,10 +57,6 @@ pub struct AddressApi {
     /// an earlier version that carries it anyway loses it before decoding: clients that
     /// read it regardless would follow real addresses.
     pub hidden_tag: Option<u32>,
-    /// String fields passed through byte for byte: a client may put any bytes there (the
-    /// group or transactional id FindCoordinator echoes), which kafka-protocol's UTF-8
-    /// check would refuse although only the addresses need rewriting.
-    pub opaque_strings: &'static [&'static str],
     /// Under `--bulk-policy cap` the version is capped below `addresses_since`, so the
     /// responses (the bulk of the traffic) never carry addresses and pass opaquely.
     pub capped_by_bulk_policy: bool,
@@ -86,7 +78,6 @@ impl AddressApi {
             addresses_since: 0,
             inspect_from: 0,
             hidden_tag: None,
-            opaque_strings: &[],
             capped_by_bulk_policy: false,
             schema,
             codec,
@@ -110,152 +101,35 @@ fn no_fixture(_: i16) -> Bytes {
     panic!("every address-bearing API declares a fixture")
 }
 
-/// The decoded message behind a trait object, with its header and trailing bytes.
-pub struct Decoded {
-    pub header: ResponseHeader,
-    pub message: Box<dyn AddressMessage>,
-    pub trailing: Bytes,
-}
-
-type DecodeFn = fn(i16, i16, i16, &Schema, Bytes) -> Result<Decoded, CodecError>;
-
-/// The kafka-protocol message type of an API, reduced to what dispatch needs.
+/// The kafka-protocol message type of an API: the versions it decodes, and in tests the
+/// oracle the layout walk is checked against.
 #[derive(Debug)]
 pub struct Codec {
     pub min_version: i16,
     pub max_version: i16,
-    decode: DecodeFn,
-    /// Whether kafka-protocol alone (no layout walk) decodes header + message: the walker
-    /// must never be stricter, except on counts kafka-protocol must not be given.
+    /// Where kafka-protocol alone (no layout walk) ends header + message, if it decodes
+    /// them: the walker must read the same, and never be stricter except on counts
+    /// kafka-protocol must not be given.
     #[cfg(test)]
-    pub decodes_unguarded: fn(i16, i16, Bytes) -> bool,
+    pub unguarded_end: fn(i16, i16, Bytes) -> Option<usize>,
 }
 
 impl Codec {
-    pub const fn of<M>() -> Self
-    where
-        M: Addresses + Decodable + Encodable + Message + Send + Sync + fmt::Debug + 'static,
-    {
+    pub const fn of<M: Decodable + Message>() -> Self {
         Self {
             min_version: M::VERSIONS.min,
             max_version: M::VERSIONS.max,
-            decode: decode_boxed::<M>,
             #[cfg(test)]
-            decodes_unguarded: decodes_unguarded::<M>,
+            unguarded_end: unguarded_end::<M>,
         }
     }
-
-    /// Guarded decode of a response body (header included).
-    pub fn decode(
-        &self,
-        api_key: i16,
-        header_version: i16,
-        version: i16,
-        schema: &Schema,
-        body: Bytes,
-    ) -> Result<Decoded, CodecError> {
-        (self.decode)(api_key, header_version, version, schema, body)
-    }
-}
-
-fn decode_boxed<M>(
-    api_key: i16,
-    header_version: i16,
-    version: i16,
-    schema: &Schema,
-    body: Bytes,
-) -> Result<Decoded, CodecError>
-where
-    M: Addresses + Decodable + Encodable + Message + Send + Sync + fmt::Debug + 'static,
-{
-    let frame = guarded::decode_response::<M>(api_key, header_version, version, schema, body)?;
-    Ok(Decoded {
-        header: frame.header,
-        message: Box::new(frame.message),
-        trailing: frame.trailing,
-    })
 }
 
 #[cfg(test)]
-fn decodes_unguarded<M: Decodable>(header_version: i16, version: i16, mut body: Bytes) -> bool {
-    ResponseHeader::decode(&mut body, header_version).is_ok()
-        && M::decode(&mut body, version).is_ok()
-}
-
-/// Where a message's broker addresses are. Implemented once per address-bearing message.
-pub trait Addresses {
-    /// Mutable views of every endpoint, in wire order. Entries with an empty host are not
-    /// addresses (e.g. FindCoordinator errors report node -1, host "", port -1) and are
-    /// dropped by the caller.
-    fn slots(&mut self) -> Vec<Slot<'_>>;
-}
-
-/// A decoded address-bearing message: its endpoints and its encoding.
-pub trait AddressMessage: EncodeBody + Send + Sync + fmt::Debug {
-    fn slots(&mut self) -> Vec<Slot<'_>>;
-}
-
-impl<M: Addresses + Encodable + Send + Sync + fmt::Debug> AddressMessage for M {
-    fn slots(&mut self) -> Vec<Slot<'_>> {
-        Addresses::slots(self)
-    }
-}
-
-/// One endpoint inside a decoded response, borrowed for rewriting.
-pub struct Slot<'a> {
-    pub node_id: i32,
-    pub host: &'a mut StrBytes,
-    pub port: Port<'a>,
-}
-
-impl<'a> Slot<'a> {
-    pub fn new(node_id: i32, host: &'a mut StrBytes, port: Port<'a>) -> Self {
-        Self {
-            node_id,
-            host,
-            port,
-        }
-    }
-
-    pub fn endpoint(&self) -> Endpoint {
-        Endpoint {
-            node_id: self.node_id,
-            host: self.host.to_string(),
-            port: self.port.get(),
-        }
-    }
-}
-
-/// Port fields are int32 everywhere except DescribeQuorum's listeners (uint16).
-pub enum Port<'a> {
-    I32(&'a mut i32),
-    U16(&'a mut u16),
-}
-
-impl Port<'_> {
-    pub fn get(&self) -> i32 {
-        match self {
-            Port::I32(port) => **port,
-            Port::U16(port) => i32::from(**port),
-        }
-    }
-
-    pub fn fits(&self, port: i32) -> bool {
-        match self {
-            Port::I32(_) => true,
-            Port::U16(_) => u16::try_from(port).is_ok(),
-        }
-    }
-
-    /// Stores `port`; callers check [`Self::fits`] first.
-    pub fn set(&mut self, port: i32) {
-        match self {
-            Port::I32(field) => **field = port,
-            Port::U16(field) => {
-                if let Ok(port) = u16::try_from(port) {
-                    **field = port;
-                }
-            }
-        }
-    }
+fn unguarded_end<M: Decodable>(header_version: i16, version: i16, body: Bytes) -> Option<usize> {
+    use kafka_protocol::messages::ResponseHeader;
+    let mut buf = body.clone();
+    ResponseHeader::decode(&mut buf, header_version).ok()?;
+    M::decode(&mut buf, version).ok()?;
+    Some(body.len() - buf.len())
 }

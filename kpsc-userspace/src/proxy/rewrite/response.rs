@@ -1,38 +1,47 @@
-//! A decoded address-bearing response: its endpoints, the rewrite that replaces them, and
-//! the re-encoding that keeps everything else (unknown tagged fields, bytes after the
-//! schema's last field) verbatim.
+//! An address-bearing response as kpsc rewrites it: the frame as received, the distinct
+//! endpoints the layout walk found in it, and (after `rewrite`) what each becomes. The
+//! output is the input with hosts, ports and the sizes around them replaced, every other
+//! byte copied: unknown tagged fields, strings that are not UTF-8 and bytes after the
+//! schema's last field pass as they came, and memory is the frame plus the output.
+
+use std::collections::HashMap;
 
 use bytes::{Bytes, BytesMut};
-use kafka_protocol::{messages::ResponseHeader, protocol::StrBytes};
 
 use crate::{
     kafka::{
-        guarded::{self, CodecError},
-        layout,
+        guarded::CodecError,
+        layout::{self, EndpointSink, Replacements},
     },
-    proxy::rewrite::declaration::{
-        AddressApi, AddressMessage, Advertised, Endpoint, RewriteError, Slot,
-    },
+    proxy::rewrite::declaration::{AddressApi, Advertised, Endpoint, RewriteError},
 };
 
-/// Header + message + trailing bytes of one response, decoded.
+/// More distinct endpoints than any cluster has brokers (and than ports a proxy could
+/// give them): a response naming more is refused rather than indexed.
+pub const MAX_DISTINCT_ENDPOINTS: usize = 4096;
+
 #[derive(Debug)]
 pub struct AddressResponse {
     api: &'static AddressApi,
     version: i16,
     header_version: i16,
-    header: ResponseHeader,
-    message: Box<dyn AddressMessage>,
-    trailing: Bytes,
+    body: Bytes,
+    endpoints: DistinctEndpoints,
+    /// Set by a successful `rewrite`.
+    plan: Option<Plan>,
     stripped_hidden: bool,
-    /// Opaque strings that were not UTF-8: (index among the API's opaque string spans,
-    /// original bytes), masked for kafka-protocol and put back when encoding.
-    masked: Vec<(usize, Bytes)>,
+}
+
+/// What each distinct endpoint becomes (same order), and the rewritten body's length.
+#[derive(Debug)]
+struct Plan {
+    advertised: Vec<Advertised>,
+    encoded_len: usize,
 }
 
 impl AddressResponse {
-    /// Decodes `body`, the frame body after the 4-byte size (it starts with the response
-    /// header), as a response of `api` version `version`.
+    /// Walks `body`, the frame body after the 4-byte size (it starts with the response
+    /// header), as a response of `api` version `version`, and lists its endpoints.
     pub fn decode(
         api: &'static AddressApi,
         version: i16,
@@ -45,134 +54,143 @@ impl AddressResponse {
             });
         }
         let header_version = api.key.response_header_version(version);
+        let decode_error = |reason: String| CodecError::Decode {
+            api: api.name(),
+            version,
+            reason,
+        };
         let mut stripped_hidden = false;
         let mut body = body;
         if let Some(tag) = api.hidden_tag.filter(|_| version < api.addresses_since) {
             let without =
                 layout::without_top_level_tag(&body, header_version, api.schema, version, tag)
-                    .map_err(|e| CodecError::Decode {
-                        api: api.name(),
-                        version,
-                        reason: e.to_string(),
-                    })?;
+                    .map_err(|e| decode_error(e.to_string()))?;
             if let Some(without) = without {
                 body = Bytes::from(without);
                 stripped_hidden = true;
             }
         }
-        let (body, masked) = mask_opaque_strings(api, header_version, version, body)?;
-        let decoded =
-            api.codec
-                .decode(api.key as i16, header_version, version, api.schema, body)?;
+        let mut endpoints = DistinctEndpoints::default();
+        let end =
+            layout::visit_endpoints(&body, header_version, api.schema, version, &mut endpoints)
+                .map_err(|e| decode_error(e.to_string()))?;
+        if end < body.len() {
+            // librdkafka's mock cluster appends a byte to Metadata v12/v13: kept verbatim.
+            tracing::debug!(
+                api = api.name(),
+                version,
+                trailing = body.len() - end,
+                "response has bytes after its last schema field; keeping them"
+            );
+        }
         Ok(Self {
             api,
             version,
             header_version,
-            header: decoded.header,
-            message: decoded.message,
-            trailing: decoded.trailing,
+            body,
+            endpoints,
+            plan: None,
             stripped_hidden,
-            masked,
         })
     }
 
     pub fn correlation_id(&self) -> i32 {
-        self.header.correlation_id
+        // The walk read the header: the body starts with these four bytes.
+        i32::from_be_bytes(self.body[..4].try_into().expect("walked header"))
     }
 
-    /// Every endpoint the response carries, in wire order. Entries with an empty host are
-    /// not addresses (e.g. FindCoordinator errors report node -1, host "", port -1) and are
-    /// neither listed nor rewritten.
-    pub fn endpoints(&mut self) -> Vec<Endpoint> {
-        self.slots().iter().map(Slot::endpoint).collect()
+    /// Every distinct endpoint the response carries, in the order first seen. Entries
+    /// with an empty host are not addresses (e.g. FindCoordinator errors report node -1,
+    /// host "", port -1) and are neither listed nor rewritten.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints.list
     }
 
-    /// Replaces each endpoint's host/port with what `map` returns; returns how many were
-    /// rewritten.
+    /// Plans replacing each endpoint's host/port with what `map` returns (asked once per
+    /// distinct endpoint); returns how many distinct endpoints will be rewritten.
     ///
-    /// If `map` returns `None` for any endpoint the result is [`RewriteError::Unmapped`] and
-    /// the response is left untouched (all endpoints are mapped before any is replaced).
+    /// If `map` returns `None` for any endpoint the result is [`RewriteError::Unmapped`],
+    /// and if a replacement cannot be encoded (a port above 65535 in a uint16 field) a
+    /// [`CodecError::Encode`]; either way the response is left as it was.
     pub fn rewrite(
         &mut self,
         mut map: impl FnMut(&Endpoint) -> Option<Advertised>,
     ) -> Result<usize, RewriteError> {
-        let api = self.api.name();
-        let version = self.version;
-        let mut slots = self.slots();
-        let mut plan = Vec::with_capacity(slots.len());
-        for slot in &slots {
-            let endpoint = slot.endpoint();
-            let Some(advertised) = map(&endpoint) else {
+        let mut advertised = Vec::with_capacity(self.endpoints.list.len());
+        for endpoint in &self.endpoints.list {
+            let Some(to) = map(endpoint) else {
                 return Err(RewriteError::Unmapped {
                     node_id: endpoint.node_id,
-                    host: endpoint.host,
+                    host: endpoint.host.clone(),
                     port: endpoint.port,
                 });
             };
-            if !slot.port.fits(advertised.port) {
-                return Err(CodecError::Encode {
-                    api,
-                    version,
-                    reason: format!(
-                        "advertised port {} for broker {} does not fit the response's port field",
-                        advertised.port, endpoint.node_id
-                    ),
-                }
-                .into());
-            }
-            plan.push(advertised);
+            advertised.push(to);
         }
-        for (slot, advertised) in slots.iter_mut().zip(plan) {
-            *slot.host = StrBytes::from_string(advertised.host);
-            slot.port.set(advertised.port);
-        }
-        Ok(slots.len())
-    }
-
-    /// Appends header + message + trailing bytes (no size prefix) to `out`; on error `out`
-    /// is left as it was.
-    pub fn encode(&self, out: &mut BytesMut) -> Result<(), RewriteError> {
-        let start = out.len();
-        guarded::encode_response(
-            self.api.key as i16,
-            self.header_version,
-            self.version,
-            &self.header,
-            self.message.as_ref(),
-            &self.trailing,
-            out,
-        )?;
-        if !self.masked.is_empty() {
-            self.unmask(&mut out[start..])
-                .inspect_err(|_| out.truncate(start))?;
-        }
-        Ok(())
-    }
-
-    /// Puts the original bytes of masked opaque strings back into an encoded body: the
-    /// rewrite never touches them, so each has the same length and position in order.
-    fn unmask(&self, body: &mut [u8]) -> Result<(), RewriteError> {
-        let error = |reason: String| CodecError::Encode {
-            api: self.api.name(),
-            version: self.version,
-            reason,
-        };
-        let spans = layout::string_spans(
-            body,
+        let encoded_len = layout::rewritten_len(
+            &self.body,
             self.header_version,
             self.api.schema,
             self.version,
-            self.api.opaque_strings,
+            &Planned {
+                endpoints: &self.endpoints,
+                advertised: &advertised,
+            },
         )
-        .map_err(|e| error(e.to_string()))?;
-        for (index, original) in &self.masked {
-            let span = spans
-                .get(*index)
-                .filter(|span| span.len() == original.len())
-                .ok_or_else(|| error("an opaque string moved while rewriting".into()))?;
-            body[span.clone()].copy_from_slice(original);
+        .map_err(|e| self.encode_error(e.to_string()))?;
+        let count = advertised.len();
+        self.plan = Some(Plan {
+            advertised,
+            encoded_len,
+        });
+        Ok(count)
+    }
+
+    /// Length of what `encode` appends.
+    pub fn encoded_len(&self) -> usize {
+        self.plan
+            .as_ref()
+            .map_or(self.body.len(), |p| p.encoded_len)
+    }
+
+    /// Appends header + message + trailing bytes (no size prefix) to `out`, rewritten if
+    /// `rewrite` succeeded; on error `out` is left as it was.
+    pub fn encode(&self, out: &mut BytesMut) -> Result<(), RewriteError> {
+        let Some(plan) = &self.plan else {
+            out.extend_from_slice(&self.body);
+            return Ok(());
+        };
+        let start = out.len();
+        out.reserve(plan.encoded_len);
+        let planned = Planned {
+            endpoints: &self.endpoints,
+            advertised: &plan.advertised,
+        };
+        let written = layout::rewrite(
+            &self.body,
+            self.header_version,
+            self.api.schema,
+            self.version,
+            &planned,
+            out,
+        );
+        match written {
+            Ok(()) if out.len() - start == plan.encoded_len => Ok(()),
+            Ok(()) => {
+                let len = out.len() - start;
+                out.truncate(start);
+                Err(self
+                    .encode_error(format!(
+                        "wrote {len} bytes where the rewrite measured {}",
+                        plan.encoded_len
+                    ))
+                    .into())
+            }
+            Err(e) => {
+                out.truncate(start);
+                Err(self.encode_error(e.to_string()).into())
+            }
         }
-        Ok(())
     }
 
     /// Whether the response carried the API's address tag outside its version's schema
@@ -181,48 +199,80 @@ impl AddressResponse {
         self.stripped_hidden
     }
 
-    fn slots(&mut self) -> Vec<Slot<'_>> {
-        let mut slots = self.message.slots();
-        slots.retain(|slot| !slot.host.is_empty());
-        slots
+    fn encode_error(&self, reason: String) -> CodecError {
+        CodecError::Encode {
+            api: self.api.name(),
+            version: self.version,
+            reason,
+        }
     }
 }
 
-/// Replaces the bytes of opaque strings that are not UTF-8 with `?` of the same length, so
-/// kafka-protocol decodes the response; returns the body to decode and what was masked.
-fn mask_opaque_strings(
-    api: &AddressApi,
-    header_version: i16,
-    version: i16,
-    body: Bytes,
-) -> Result<(Bytes, Vec<(usize, Bytes)>), RewriteError> {
-    if api.opaque_strings.is_empty() {
-        return Ok((body, Vec::new()));
+/// The distinct endpoints of one response, found again by host (then node id and port)
+/// without allocating while the rewrite walks.
+#[derive(Debug, Default)]
+struct DistinctEndpoints {
+    list: Vec<Endpoint>,
+    by_host: HashMap<String, Vec<usize>>,
+}
+
+impl DistinctEndpoints {
+    fn find(&self, node_id: i32, host: &[u8], port: i32) -> Option<usize> {
+        let host = std::str::from_utf8(host).ok()?;
+        self.by_host.get(host)?.iter().copied().find(|&i| {
+            let e = &self.list[i];
+            e.node_id == node_id && e.port == port
+        })
     }
-    let spans = layout::string_spans(
-        &body,
-        header_version,
-        api.schema,
-        version,
-        api.opaque_strings,
-    )
-    .map_err(|e| CodecError::Decode {
-        api: api.name(),
-        version,
-        reason: e.to_string(),
-    })?;
-    let masked: Vec<(usize, Bytes)> = spans
-        .iter()
-        .enumerate()
-        .filter(|(_, span)| std::str::from_utf8(&body[(*span).clone()]).is_err())
-        .map(|(index, span)| (index, body.slice(span.clone())))
-        .collect();
-    if masked.is_empty() {
-        return Ok((body, masked));
+}
+
+impl EndpointSink for DistinctEndpoints {
+    fn endpoint(&mut self, node_id: i32, host: &[u8], port: i32) -> Result<(), &'static str> {
+        if self.find(node_id, host, port).is_some() {
+            return Ok(());
+        }
+        let host = std::str::from_utf8(host).map_err(|_| "is not UTF-8")?;
+        if self.list.len() == MAX_DISTINCT_ENDPOINTS {
+            return Err("is one of more than 4096 distinct broker endpoints");
+        }
+        self.by_host
+            .entry(host.to_owned())
+            .or_default()
+            .push(self.list.len());
+        self.list.push(Endpoint {
+            node_id,
+            host: host.to_owned(),
+            port,
+        });
+        Ok(())
     }
-    let mut copy = body.to_vec();
-    for (index, _) in &masked {
-        copy[spans[*index].clone()].fill(b'?');
+}
+
+struct Planned<'a> {
+    endpoints: &'a DistinctEndpoints,
+    advertised: &'a [Advertised],
+}
+
+impl Replacements for Planned<'_> {
+    fn replacement(&self, node_id: i32, host: &[u8], port: i32) -> Option<(&str, i32)> {
+        let to = &self.advertised[self.endpoints.find(node_id, host, port)?];
+        Some((&to.host, to.port))
     }
-    Ok((Bytes::from(copy), masked))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_distinct_endpoint_limit_is_stated_in_its_error() {
+        let mut endpoints = DistinctEndpoints::default();
+        for port in 0..MAX_DISTINCT_ENDPOINTS as i32 {
+            endpoints.endpoint(1, b"h", port).unwrap();
+        }
+        // Seen before: no new entry, no error.
+        endpoints.endpoint(1, b"h", 0).unwrap();
+        let err = endpoints.endpoint(1, b"h", -1).unwrap_err();
+        assert!(err.contains(&MAX_DISTINCT_ENDPOINTS.to_string()), "{err}");
+    }
 }

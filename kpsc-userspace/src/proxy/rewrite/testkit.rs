@@ -8,9 +8,12 @@ use kafka_protocol::{
     protocol::{Decodable, Encodable, StrBytes},
 };
 
-use crate::proxy::rewrite::{
-    declaration::{AddressApi, Advertised, Endpoint},
-    response::AddressResponse,
+use crate::{
+    kafka::layout,
+    proxy::rewrite::{
+        declaration::{AddressApi, Advertised, Endpoint},
+        response::AddressResponse,
+    },
 };
 
 pub const CORRELATION_ID: i32 = 0x0102_0304;
@@ -131,6 +134,11 @@ fn check_version<T: Encodable + Decodable>(
     let mut out = BytesMut::from(&b"prefix"[..]);
     response.encode(&mut out).unwrap();
     assert_eq!(&out[..6], b"prefix", "{ctx}: encode appends");
+    assert_eq!(
+        out.len() - 6,
+        response.encoded_len(),
+        "{ctx}: measured length"
+    );
     let output = out.freeze().slice(6..);
     if !expected.is_empty() {
         assert!(
@@ -139,8 +147,11 @@ fn check_version<T: Encodable + Decodable>(
         );
     }
 
+    let header_version = api.key.response_header_version(v);
+    layout::check_endpoint_tag_sizes(&output, header_version, api.schema, v)
+        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
     let mut buf = output.clone();
-    let header = ResponseHeader::decode(&mut buf, api.key.response_header_version(v)).unwrap();
+    let header = ResponseHeader::decode(&mut buf, header_version).unwrap();
     assert_eq!(header.correlation_id, CORRELATION_ID, "{ctx}");
     let decoded = T::decode(&mut buf, v).unwrap();
     assert!(buf.is_empty(), "{ctx}: extra bytes after rewrite");

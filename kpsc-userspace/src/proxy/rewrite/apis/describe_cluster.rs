@@ -4,8 +4,8 @@
 use kafka_protocol::messages::{ApiKey, DescribeClusterResponse};
 
 use crate::{
-    kafka::layout::{BOOL, Field, I8, I16, I32, STR, Schema, Ty, all, since},
-    proxy::rewrite::declaration::{AddressApi, Addresses, Codec, Port, Slot},
+    kafka::layout::{BOOL, Field, HOST, I8, I16, I32, NODE_ID, PORT, STR, Schema, Ty, all, since},
+    proxy::rewrite::declaration::{AddressApi, Codec},
 };
 
 pub static API: AddressApi = AddressApi {
@@ -14,19 +14,11 @@ pub static API: AddressApi = AddressApi {
     ..AddressApi::every_version(ApiKey::DescribeCluster, &SCHEMA, Codec::of::<DescribeClusterResponse>())
 };
 
-impl Addresses for DescribeClusterResponse {
-    fn slots(&mut self) -> Vec<Slot<'_>> {
-        self.brokers
-            .iter_mut()
-            .map(|b| Slot::new(b.broker_id.0, &mut b.host, Port::I32(&mut b.port)))
-            .collect()
-    }
-}
 
 const BROKER: &[Field] = &[
-    all("broker_id", I32),
-    all("host", STR),
-    all("port", I32),
+    all("broker_id", NODE_ID),
+    all("host", HOST),
+    all("port", PORT),
     all("rack", STR),
     since(2, "is_fenced", BOOL),
 ];

@@ -3,8 +3,10 @@
 use kafka_protocol::messages::{ApiKey, DescribeQuorumResponse};
 
 use crate::{
-    kafka::layout::{Field, I16, I32, I64, STR, Schema, Ty, U16, UUID, all, since},
-    proxy::rewrite::declaration::{AddressApi, Addresses, Codec, Port, Slot},
+    kafka::layout::{
+        Field, HOST, I16, I32, I64, NODE_ID, PORT16, STR, Schema, Ty, UUID, all, since,
+    },
+    proxy::rewrite::declaration::{AddressApi, Codec},
 };
 
 pub static API: AddressApi = AddressApi {
@@ -15,20 +17,6 @@ pub static API: AddressApi = AddressApi {
     ..AddressApi::every_version(ApiKey::DescribeQuorum, &SCHEMA, Codec::of::<DescribeQuorumResponse>())
 };
 
-impl Addresses for DescribeQuorumResponse {
-    fn slots(&mut self) -> Vec<Slot<'_>> {
-        let mut slots = Vec::new();
-        for n in &mut self.nodes {
-            let node_id = n.node_id.0;
-            slots.extend(
-                n.listeners
-                    .iter_mut()
-                    .map(|l| Slot::new(node_id, &mut l.host, Port::U16(&mut l.port))),
-            );
-        }
-        slots
-    }
-}
 
 const REPLICA: &[Field] = &[
     all("replica_id", I32),
@@ -51,9 +39,9 @@ const TOPIC: &[Field] = &[
     all("topic_name", STR),
     all("partitions", Ty::Array(PARTITION)),
 ];
-const LISTENER: &[Field] = &[all("name", STR), all("host", STR), all("port", U16)];
+const LISTENER: &[Field] = &[all("name", STR), all("host", HOST), all("port", PORT16)];
 const NODE: &[Field] = &[
-    all("node_id", I32),
+    all("node_id", NODE_ID),
     all("listeners", Ty::Array(LISTENER)),
 ];
 pub const SCHEMA: Schema = Schema {

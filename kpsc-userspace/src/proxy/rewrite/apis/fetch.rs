@@ -7,8 +7,8 @@ use kafka_protocol::messages::{ApiKey, FetchResponse};
 use crate::{
     kafka::layout::{BYTES, Field, I16, I32, I64, STR, Schema, Ty, UUID, all, since, tagged, until},
     proxy::rewrite::{
-        apis::shared::{LEADER_ID_AND_EPOCH, NODE_ENDPOINT, node_endpoint_slots},
-        declaration::{AddressApi, Addresses, Codec, Slot},
+        apis::shared::{LEADER_ID_AND_EPOCH, NODE_ENDPOINT},
+        declaration::{AddressApi, Codec},
     },
 };
 
@@ -27,11 +27,6 @@ pub static API: AddressApi = AddressApi {
 /// (README: what `--bulk-policy cap` leaves to the broker).
 const NODE_ENDPOINTS_TAG: u32 = 0;
 
-impl Addresses for FetchResponse {
-    fn slots(&mut self) -> Vec<Slot<'_>> {
-        node_endpoint_slots!(self.node_endpoints)
-    }
-}
 
 const ABORTED_TRANSACTION: &[Field] = &[all("producer_id", I64), all("first_offset", I64)];
 const EPOCH_END_OFFSET: &[Field] = &[all("epoch", I32), all("end_offset", I64)];

@@ -4,38 +4,24 @@
 use kafka_protocol::messages::{ApiKey, FindCoordinatorResponse};
 
 use crate::{
-    kafka::layout::{Field, I16, I32, STR, Schema, Ty, all, between, since, until},
-    proxy::rewrite::declaration::{AddressApi, Addresses, Codec, Port, Slot},
+    kafka::layout::{
+        Field, HOST, I16, I32, NODE_ID, PORT, STR, Schema, Ty, all, between, since, until,
+    },
+    proxy::rewrite::declaration::{AddressApi, Codec},
 };
 
 pub static API: AddressApi = AddressApi {
-    opaque_strings: &["key"],
     #[cfg(test)]
     fixture: tests::fixture_frame,
     ..AddressApi::every_version(ApiKey::FindCoordinator, &SCHEMA, Codec::of::<FindCoordinatorResponse>())
 };
 
-impl Addresses for FindCoordinatorResponse {
-    fn slots(&mut self) -> Vec<Slot<'_>> {
-        let mut slots = vec![Slot::new(
-            self.node_id.0,
-            &mut self.host,
-            Port::I32(&mut self.port),
-        )];
-        slots.extend(
-            self.coordinators
-                .iter_mut()
-                .map(|c| Slot::new(c.node_id.0, &mut c.host, Port::I32(&mut c.port))),
-        );
-        slots
-    }
-}
 
 const COORDINATOR: &[Field] = &[
     all("key", STR),
-    all("node_id", I32),
-    all("host", STR),
-    all("port", I32),
+    all("node_id", NODE_ID),
+    all("host", HOST),
+    all("port", PORT),
     all("error_code", I16),
     all("error_message", STR),
 ];
@@ -45,9 +31,9 @@ pub const SCHEMA: Schema = Schema {
         since(1, "throttle_time_ms", I32),
         until(3, "error_code", I16),
         between(1, 3, "error_message", STR),
-        until(3, "node_id", I32),
-        until(3, "host", STR),
-        until(3, "port", I32),
+        until(3, "node_id", NODE_ID),
+        until(3, "host", HOST),
+        until(3, "port", PORT),
         since(4, "coordinators", Ty::Array(COORDINATOR)),
     ],
 };

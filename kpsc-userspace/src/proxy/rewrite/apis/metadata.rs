@@ -4,8 +4,11 @@
 use kafka_protocol::messages::{ApiKey, MetadataResponse};
 
 use crate::{
-    kafka::layout::{BOOL, BROKER_IDS, Field, I16, I32, STR, Schema, Ty, UUID, all, between, since},
-    proxy::rewrite::declaration::{AddressApi, Addresses, Codec, Port, Slot},
+    kafka::layout::{
+        BOOL, BROKER_IDS, Field, HOST, I16, I32, NODE_ID, PORT, STR, Schema, Ty, UUID, all, between,
+        since,
+    },
+    proxy::rewrite::declaration::{AddressApi, Codec},
 };
 
 pub static API: AddressApi = AddressApi {
@@ -14,19 +17,11 @@ pub static API: AddressApi = AddressApi {
     ..AddressApi::every_version(ApiKey::Metadata, &SCHEMA, Codec::of::<MetadataResponse>())
 };
 
-impl Addresses for MetadataResponse {
-    fn slots(&mut self) -> Vec<Slot<'_>> {
-        self.brokers
-            .iter_mut()
-            .map(|b| Slot::new(b.node_id.0, &mut b.host, Port::I32(&mut b.port)))
-            .collect()
-    }
-}
 
 const BROKER: &[Field] = &[
-    all("node_id", I32),
-    all("host", STR),
-    all("port", I32),
+    all("node_id", NODE_ID),
+    all("host", HOST),
+    all("port", PORT),
     since(1, "rack", STR),
 ];
 const PARTITION: &[Field] = &[

@@ -7,8 +7,8 @@ use kafka_protocol::messages::{ApiKey, ProduceResponse};
 use crate::{
     kafka::layout::{Field, I16, I32, I64, STR, Schema, Ty, UUID, all, since, tagged, until},
     proxy::rewrite::{
-        apis::shared::{LEADER_ID_AND_EPOCH, NODE_ENDPOINT, node_endpoint_slots},
-        declaration::{AddressApi, Addresses, Codec, Slot},
+        apis::shared::{LEADER_ID_AND_EPOCH, NODE_ENDPOINT},
+        declaration::{AddressApi, Codec},
     },
 };
 
@@ -28,11 +28,6 @@ pub static API: AddressApi = AddressApi {
 /// addresses in it, around the proxy: v9 responses are inspected and lose it.
 const NODE_ENDPOINTS_TAG: u32 = 0;
 
-impl Addresses for ProduceResponse {
-    fn slots(&mut self) -> Vec<Slot<'_>> {
-        node_endpoint_slots!(self.node_endpoints)
-    }
-}
 
 const BATCH_ERROR: &[Field] = &[
     all("batch_index", I32),

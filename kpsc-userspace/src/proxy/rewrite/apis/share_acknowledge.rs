@@ -5,8 +5,8 @@ use kafka_protocol::messages::{ApiKey, ShareAcknowledgeResponse};
 use crate::{
     kafka::layout::{Field, I16, I32, STR, Schema, Ty, UUID, all},
     proxy::rewrite::{
-        apis::shared::{LEADER_ID_AND_EPOCH, NODE_ENDPOINT, node_endpoint_slots},
-        declaration::{AddressApi, Addresses, Codec, Slot},
+        apis::shared::{LEADER_ID_AND_EPOCH, NODE_ENDPOINT},
+        declaration::{AddressApi, Codec},
     },
 };
 
@@ -16,11 +16,6 @@ pub static API: AddressApi = AddressApi {
     ..AddressApi::every_version(ApiKey::ShareAcknowledge, &SCHEMA, Codec::of::<ShareAcknowledgeResponse>())
 };
 
-impl Addresses for ShareAcknowledgeResponse {
-    fn slots(&mut self) -> Vec<Slot<'_>> {
-        node_endpoint_slots!(self.node_endpoints)
-    }
-}
 
 const PARTITION: &[Field] = &[
     all("partition_index", I32),

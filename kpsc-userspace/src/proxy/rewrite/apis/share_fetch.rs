@@ -5,8 +5,8 @@ use kafka_protocol::messages::{ApiKey, ShareFetchResponse};
 use crate::{
     kafka::layout::{BYTES, Field, I16, I32, I64, STR, Schema, Ty, UUID, all},
     proxy::rewrite::{
-        apis::shared::{LEADER_ID_AND_EPOCH, NODE_ENDPOINT, node_endpoint_slots},
-        declaration::{AddressApi, Addresses, Codec, Slot},
+        apis::shared::{LEADER_ID_AND_EPOCH, NODE_ENDPOINT},
+        declaration::{AddressApi, Codec},
     },
 };
 
@@ -16,11 +16,6 @@ pub static API: AddressApi = AddressApi {
     ..AddressApi::every_version(ApiKey::ShareFetch, &SCHEMA, Codec::of::<ShareFetchResponse>())
 };
 
-impl Addresses for ShareFetchResponse {
-    fn slots(&mut self) -> Vec<Slot<'_>> {
-        node_endpoint_slots!(self.node_endpoints)
-    }
-}
 
 const ACQUIRED_RECORDS: &[Field] = &[
     all("first_offset", I64),

@@ -1,24 +1,6 @@
 //! Layout tables of structs several APIs share (only reached in versions that have them).
 
-use crate::kafka::layout::{Field, I32, STR, all};
-
-/// The slots of a KIP-951 `node_endpoints` list. Each API has its own generated
-/// NodeEndpoint type with the same fields, hence a macro rather than a function.
-macro_rules! node_endpoint_slots {
-    ($endpoints:expr) => {
-        $endpoints
-            .iter_mut()
-            .map(|e| {
-                $crate::proxy::rewrite::declaration::Slot::new(
-                    e.node_id.0,
-                    &mut e.host,
-                    $crate::proxy::rewrite::declaration::Port::I32(&mut e.port),
-                )
-            })
-            .collect()
-    };
-}
-pub(crate) use node_endpoint_slots;
+use crate::kafka::layout::{Field, HOST, I32, NODE_ID, PORT, STR, all};
 
 /// Test support: the endpoints of a `node_endpoints` list, as the fixtures declare them.
 #[cfg(test)]
@@ -35,9 +17,9 @@ pub(crate) use node_endpoint_list;
 
 /// KIP-951 `node_endpoints` entry: Produce, Fetch, ShareFetch, ShareAcknowledge.
 pub const NODE_ENDPOINT: &[Field] = &[
-    all("node_id", I32),
-    all("host", STR),
-    all("port", I32),
+    all("node_id", NODE_ID),
+    all("host", HOST),
+    all("port", PORT),
     all("rack", STR),
 ];
 
