@@ -10,6 +10,7 @@
 
 mod command;
 mod mock_cluster;
+pub mod portmap;
 mod rdkafka_client;
 mod tansu;
 
