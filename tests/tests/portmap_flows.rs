@@ -24,10 +24,14 @@ fn connect_from(src_port: u16, port: u16, timeout: Duration) -> anyhow::Result<R
     socket.set_reuseaddr(true)?;
     socket.bind(format!("{}:{src_port}", client_ip(0)).parse()?)?;
     let remote: SocketAddr = format!("{NODE_CLIENT_IP}:{port}").parse()?;
-    let stream = rt
-        .block_on(tokio::time::timeout(timeout, socket.connect(remote)))
-        .map_err(|_| anyhow::anyhow!("connect timed out after {timeout:?}"))??
-        .into_std()?;
+    // into_std deregisters from the runtime's reactor: inside the runtime.
+    let stream = rt.block_on(async {
+        tokio::time::timeout(timeout, socket.connect(remote))
+            .await
+            .map_err(|_| anyhow::anyhow!("connect timed out after {timeout:?}"))??
+            .into_std()
+            .map_err(anyhow::Error::from)
+    })?;
     stream.set_nonblocking(false)?;
     RawClient::from_stream(stream)
 }
@@ -61,7 +65,8 @@ fn every_mapped_source_port_connects(listen_host: &str) {
                 let mut conn = connect_from(src_port, port, Duration::from_secs(3))?;
                 cluster_id(&mut conn)
             })
-            .unwrap();
+            .unwrap()
+            .map_err(|e| format!("{e:#}"));
             match got {
                 Ok(id) if id == format!("cluster-{i}") => {}
                 other => failures.push(format!("{src_port} -> {port}: {other:?}")),
