@@ -89,3 +89,231 @@ fn clients_on_mapped_source_ports_connect_to_a_wildcard_listener() {
 fn clients_on_mapped_source_ports_connect_to_a_specific_listener() {
     every_mapped_source_port_connects(NODE_CLIENT_IP);
 }
+
+/// A new connection that must be up within 5 s (a SYN lost to a full table would
+/// otherwise wait for the kernel's two-minute connect timeout).
+fn connect_within(addr: &str) -> anyhow::Result<RawClient> {
+    let addr: SocketAddr = addr.parse()?;
+    RawClient::from_stream(std::net::TcpStream::connect_timeout(
+        &addr,
+        Duration::from_secs(5),
+    )?)
+}
+
+/// A one-record batch (Kafka record batch v2, uncompressed).
+fn record_batch(value: &[u8]) -> bytes::Bytes {
+    use kafka_protocol::records::{
+        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
+    let record = Record {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: -1,
+        producer_epoch: -1,
+        timestamp_type: TimestampType::Creation,
+        offset: 0,
+        sequence: -1,
+        timestamp: 0,
+        key: None,
+        value: Some(bytes::Bytes::copy_from_slice(value)),
+        headers: Default::default(),
+    };
+    let mut batch = bytes::BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut batch,
+        [record].iter(),
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .unwrap();
+    batch.freeze()
+}
+
+/// Produces one record on `conn` (acks=1) and checks the broker took it.
+fn produce_one(conn: &mut RawClient, topic: &str, value: &[u8]) -> anyhow::Result<()> {
+    use kafka_protocol::{
+        messages::{
+            ProduceRequest, ProduceResponse, TopicName,
+            produce_request::{PartitionProduceData, TopicProduceData},
+        },
+        protocol::StrBytes,
+    };
+    let request = ProduceRequest::default()
+        .with_acks(1)
+        .with_timeout_ms(5_000)
+        .with_topic_data(vec![
+            TopicProduceData::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_owned())))
+                .with_partition_data(vec![
+                    PartitionProduceData::default()
+                        .with_index(0)
+                        .with_records(Some(record_batch(value))),
+                ]),
+        ]);
+    let (r, _): (ProduceResponse, _) = conn.call(ApiKey::Produce, 7, &request)?;
+    let code = r
+        .responses
+        .first()
+        .and_then(|t| t.partition_responses.first())
+        .map(|p| p.error_code);
+    anyhow::ensure!(code == Some(0), "produce answered {code:?}");
+    Ok(())
+}
+
+/// 100,000 spoofed SYNs at the mapped port (half from 50,000 addresses, half from two, as
+/// a flood from a few hosts looks) while one connection keeps producing through portmap:
+/// that connection never errs and keeps its flow, and new clients connect during and after
+/// the flood. Before half-open flows had their own table, the flood's SYNs took every
+/// translated tuple (new clients locked out) or evicted the open connection.
+#[test]
+fn syn_flood_neither_breaks_open_connections_nor_locks_new_clients_out() {
+    use kpsc_tests::{datapath::PinnedMaps, portmap::pins, syn_flood};
+    use rdkafka::{
+        ClientConfig,
+        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+        client::DefaultClientContext,
+    };
+    use std::{
+        net::Ipv4Addr,
+        sync::atomic::{AtomicBool, AtomicU32, Ordering},
+        time::Instant,
+    };
+
+    const SYNS: u32 = 100_000;
+    const FLOOD_TIME: Duration = Duration::from_secs(6);
+    let mut topo = Topology::new(1, 1).unwrap();
+    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
+        .unwrap();
+    let kpscd = start_portmap(
+        &topo,
+        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &[]),
+    );
+    let bootstrap = format!("{NODE_CLIENT_IP}:{FIRST_PORT}");
+    let topic = "flood";
+    in_netns(&topo.client, || {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let created = rt
+            .block_on(admin.create_topics(
+                &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            ))
+            .unwrap();
+        assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    })
+    .unwrap();
+    let mut stream = in_netns(&topo.client, || RawClient::connect(&bootstrap))
+        .unwrap()
+        .unwrap();
+    produce_one(&mut stream, topic, b"before the flood").unwrap();
+    let flows_before = PinnedMaps::open(&pins(&topo)).unwrap().flows();
+    let node = Ipv4Addr::new(198, 18, 1, 1);
+
+    let flooding = AtomicBool::new(true);
+    let produced_during = AtomicU32::new(0);
+    let (sent, flood_took, during, stream_result) = std::thread::scope(|s| {
+        let streamer = s.spawn(|| -> anyhow::Result<()> {
+            let mut n = 0u64;
+            while flooding.load(Ordering::Relaxed) {
+                n += 1;
+                produce_one(&mut stream, topic, format!("during {n}").as_bytes())?;
+                produced_during.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(())
+        });
+        let connector = s.spawn(|| {
+            kpsc_tests::netns::enter(&topo.client).unwrap();
+            let mut results = Vec::new();
+            while flooding.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let r = connect_within(&bootstrap).and_then(|mut c| c.api_versions());
+                results.push((
+                    started.elapsed(),
+                    r.map(|_| ()).map_err(|e| format!("{e:#}")),
+                ));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            results
+        });
+        let flooder = s.spawn(|| {
+            kpsc_tests::netns::enter(&topo.client).unwrap();
+            let started = Instant::now();
+            let sent = syn_flood::flood(node, FIRST_PORT, SYNS, FLOOD_TIME, |i| {
+                if i % 2 == 0 {
+                    // 50,000 addresses in 198.19.0.0/16.
+                    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + (i / 2) % 50_000)
+                } else {
+                    Ipv4Addr::new(198, 18, 200, 1 + (i / 2 % 2) as u8)
+                }
+            })
+            .unwrap();
+            (sent, started.elapsed())
+        });
+        let (sent, took) = flooder.join().unwrap();
+        flooding.store(false, Ordering::Relaxed);
+        (
+            sent,
+            took,
+            connector.join().unwrap(),
+            streamer.join().unwrap(),
+        )
+    });
+    let maps = PinnedMaps::open(&pins(&topo)).unwrap();
+    let stats = maps.stats(FIRST_PORT);
+    eprintln!(
+        "flood: {sent} SYNs in {flood_took:?}; produced during it: {}; new connections \
+         during it: {} (slowest {:?}); counters: {stats:?}; half-open now: {}",
+        produced_during.load(Ordering::Relaxed),
+        during.len(),
+        during.iter().map(|(t, _)| *t).max(),
+        maps.embryos().len()
+    );
+    stream_result.unwrap_or_else(|e| panic!("the open connection failed: {e:#}"));
+    assert_eq!(sent, SYNS);
+    assert!(produced_during.load(Ordering::Relaxed) > 0);
+    let failed: Vec<_> = during.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        !during.is_empty() && failed.is_empty(),
+        "new connections during the flood failed: {failed:?}"
+    );
+    // The flood went through the half-open table and the budgets, not the open flow.
+    assert!(stats.embryos > 10_000, "{stats:?}");
+    assert!(stats.drop_source_limit > 0, "{stats:?}");
+    let flows_after = maps.flows();
+    for (key, flow) in &flows_before {
+        assert!(
+            flows_after
+                .iter()
+                .any(|(k, f)| k == key && f.translated == flow.translated),
+            "flow {key:?} lost its entry"
+        );
+    }
+    assert!(
+        flows_after.len() <= flows_before.len() + during.len() + 1,
+        "spoofed SYNs entered the established table: {} flows",
+        flows_after.len()
+    );
+
+    // After the flood: the stream goes on and new clients connect at once.
+    produce_one(&mut stream, topic, b"after the flood").unwrap();
+    for i in 0..20 {
+        in_netns(&topo.client, || {
+            let mut c = connect_within(&bootstrap)?;
+            c.api_versions()
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("new connection {i} after the flood: {e:#}"));
+    }
+    assert!(kpscd.alive(), "log:\n{}", kpscd.log());
+}
