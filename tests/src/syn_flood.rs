@@ -57,6 +57,70 @@ fn syn_packet(src: Ipv4Addr, src_port: u16, dst: Ipv4Addr, dst_port: u16, seq: u
     p
 }
 
+/// A raw IPv4 socket that sends hand-made SYNs (root only). Closed on drop.
+pub struct SynSender {
+    fd: i32,
+}
+
+impl SynSender {
+    /// Opens the socket in the calling thread's network namespace.
+    pub fn new() -> anyhow::Result<Self> {
+        // SAFETY: plain socket(2); the fd is owned by the value and closed on drop.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        if fd < 0 {
+            bail!("raw socket: {}", std::io::Error::last_os_error());
+        }
+        Ok(Self { fd })
+    }
+
+    /// Sends one SYN; waits out a full transmit queue rather than lose the packet.
+    pub fn send(
+        &self,
+        src: Ipv4Addr,
+        src_port: u16,
+        dst: Ipv4Addr,
+        dst_port: u16,
+        seq: u32,
+    ) -> anyhow::Result<()> {
+        if !in_test_range(src) {
+            bail!("spoofed source {src} is outside 198.18.0.0/15");
+        }
+        let packet = syn_packet(src, src_port, dst, dst_port, seq);
+        // SAFETY: an all-zero sockaddr_in is valid; the fields that matter are set.
+        let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        to.sin_family = libc::AF_INET as libc::sa_family_t;
+        to.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
+        loop {
+            // SAFETY: `packet` and `to` are valid for the lengths passed.
+            let n = unsafe {
+                libc::sendto(
+                    self.fd,
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&raw const to).cast(),
+                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            if n >= 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOBUFS) {
+                return Err(e).context("sending a SYN");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for SynSender {
+    fn drop(&mut self) {
+        // SAFETY: fd is ours and open.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
 /// Sends `count` SYNs to `dst:dst_port` from the addresses `source(i)` (source ports and
 /// sequence numbers vary per packet), spread evenly over `over`. Call it from a thread in
 /// the namespace the flood comes from. Returns how many were sent.
@@ -67,60 +131,12 @@ pub fn flood(
     over: Duration,
     source: impl Fn(u32) -> Ipv4Addr,
 ) -> anyhow::Result<u32> {
-    // SAFETY: plain socket(2); the fd is owned below and closed on every path.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-    if fd < 0 {
-        bail!("raw socket: {}", std::io::Error::last_os_error());
-    }
-    let result = send_all(fd, dst, dst_port, count, over, source);
-    // SAFETY: fd is ours and open.
-    unsafe { libc::close(fd) };
-    result
-}
-
-fn send_all(
-    fd: i32,
-    dst: Ipv4Addr,
-    dst_port: u16,
-    count: u32,
-    over: Duration,
-    source: impl Fn(u32) -> Ipv4Addr,
-) -> anyhow::Result<u32> {
-    // SAFETY: an all-zero sockaddr_in is valid; the fields are set below.
-    let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    to.sin_family = libc::AF_INET as libc::sa_family_t;
-    to.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
+    let sender = SynSender::new()?;
     const BURST: u32 = 500;
     let bursts = count.div_ceil(BURST).max(1);
     let started = Instant::now();
-    let mut sent = 0;
     for i in 0..count {
-        let src = source(i);
-        if !in_test_range(src) {
-            bail!("spoofed source {src} is outside 198.18.0.0/15");
-        }
-        let packet = syn_packet(src, 1024 + (i % 64_000) as u16, dst, dst_port, i);
-        // SAFETY: `packet` and `to` are valid for the lengths passed.
-        let n = unsafe {
-            libc::sendto(
-                fd,
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&raw const to).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            // A full transmit queue: wait for it rather than count a packet never sent.
-            if e.raw_os_error() == Some(libc::ENOBUFS) {
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-            return Err(e).context("sending a SYN");
-        }
-        sent += 1;
+        sender.send(source(i), 1024 + (i % 64_000) as u16, dst, dst_port, i)?;
         if (i + 1) % BURST == 0 {
             let due = over.mul_f64(f64::from((i + 1) / BURST) / f64::from(bursts));
             if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -128,7 +144,7 @@ fn send_all(
             }
         }
     }
-    Ok(sent)
+    Ok(count)
 }
 
 #[cfg(test)]

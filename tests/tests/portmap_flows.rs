@@ -317,3 +317,98 @@ fn syn_flood_neither_breaks_open_connections_nor_locks_new_clients_out() {
     }
     assert!(kpscd.alive(), "log:\n{}", kpscd.log());
 }
+
+/// Pins the calling thread to one CPU.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET and sched_setaffinity get
+    // valid pointers and the set's size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The same SYN sent on two CPUs at the same moment, for 2,000 flows: each flow ends up
+/// with one client-side entry and exactly one reply-side entry pointing back at it, with
+/// the same tuple. Before, the flow entry was written with BPF_ANY: the CPU that lost the
+/// reply tuple took another one and overwrote the flow, leaving an orphaned reply entry
+/// that held a tuple no flow used.
+#[test]
+fn the_same_syn_on_two_cpus_leaves_one_flow_and_no_orphans() {
+    use kpsc_tests::{datapath::PinnedMaps, portmap::pins, syn_flood::SynSender};
+    use std::{collections::HashMap, net::Ipv4Addr, sync::Barrier};
+
+    const FLOWS: u32 = 2_000;
+    assert!(
+        std::thread::available_parallelism().unwrap().get() >= 2,
+        "needs two CPUs to race"
+    );
+    let mut topo = Topology::new(1, 1).unwrap();
+    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
+        .unwrap();
+    let _kpscd = start_portmap(
+        &topo,
+        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &[]),
+    );
+    let node = Ipv4Addr::new(198, 18, 1, 1);
+    let source = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i);
+    let barrier = Barrier::new(2);
+    std::thread::scope(|s| {
+        for cpu in 0..2 {
+            let (barrier, topo) = (&barrier, &topo);
+            s.spawn(move || {
+                pin_to_cpu(cpu);
+                kpsc_tests::netns::enter(&topo.client).unwrap();
+                let sender = SynSender::new().unwrap();
+                for i in 0..FLOWS {
+                    barrier.wait();
+                    sender
+                        .send(source(i), 40_000 + i as u16, node, FIRST_PORT, i)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let maps = PinnedMaps::open(&pins(&topo)).unwrap();
+    let ours = |client: &kpsc_common::FlowKey| {
+        let ip = Ipv4Addr::from(client.src_ip.to_ne_bytes());
+        ip >= source(0) && ip < source(FLOWS)
+    };
+    // Client side (half-open or, were any completed, established): client -> its tuple.
+    let client_side: HashMap<_, _> = maps
+        .embryos()
+        .into_iter()
+        .map(|(k, e)| (k, e.translated))
+        .chain(maps.flows().into_iter().map(|(k, f)| (k, f.translated)))
+        .filter(|(k, _)| ours(k))
+        .collect();
+    let (established, half_open) = maps.replies();
+    let reply_side: Vec<_> = established
+        .into_iter()
+        .chain(half_open)
+        .filter(|(_, back)| ours(&back.translated.reversed()))
+        .collect();
+    assert_eq!(client_side.len(), FLOWS as usize, "flows lost");
+    let mut problems = Vec::new();
+    for (reply_key, back) in &reply_side {
+        let client = back.translated.reversed();
+        match client_side.get(&client) {
+            Some(t) if t.reversed() == *reply_key => {}
+            other => problems.push(format!(
+                "reply entry {reply_key:?} for {client:?}, whose flow uses {other:?}"
+            )),
+        }
+    }
+    assert!(
+        problems.is_empty() && reply_side.len() == client_side.len(),
+        "{} client-side entries, {} reply-side; orphans: {problems:#?}",
+        client_side.len(),
+        reply_side.len()
+    );
+}

@@ -343,6 +343,7 @@ pub struct PinnedMaps {
     flows: HashMap<MapData, FlowKey, FlowNat>,
     replies: HashMap<MapData, FlowKey, FlowNat>,
     embryos: HashMap<MapData, FlowKey, Embryo>,
+    embryo_replies: HashMap<MapData, FlowKey, FlowNat>,
     stats: PerCpuHashMap<MapData, u32, PortmapStats>,
 }
 
@@ -388,6 +389,7 @@ impl PinnedMaps {
             flows: HashMap::try_from(open_pin(dir, FLOWS_MAP)?)?,
             replies: HashMap::try_from(open_pin(dir, REPLIES_MAP)?)?,
             embryos: HashMap::try_from(open_pin(dir, EMBRYOS_MAP)?)?,
+            embryo_replies: HashMap::try_from(open_pin(dir, EMBRYO_REPLIES_MAP)?)?,
             stats: PerCpuHashMap::try_from(open_pin(dir, STATS_MAP)?)?,
         })
     }
@@ -419,6 +421,15 @@ impl PinnedMaps {
     /// tuple.
     pub fn embryos(&self) -> Vec<(FlowKey, Embryo)> {
         self.embryos.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Reply sides: of established flows (broker->node tuple -> node->client), then of
+    /// half-open ones.
+    pub fn replies(&self) -> (Vec<(FlowKey, FlowNat)>, Vec<(FlowKey, FlowNat)>) {
+        (
+            self.replies.iter().filter_map(Result::ok).collect(),
+            self.embryo_replies.iter().filter_map(Result::ok).collect(),
+        )
     }
 
     /// CLOCK_MONOTONIC nanoseconds of a flow's last packet either way (to the second).
