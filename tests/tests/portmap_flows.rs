@@ -388,10 +388,10 @@ fn the_same_syn_on_two_cpus_leaves_one_flow_and_no_orphans() {
         .chain(maps.flows().into_iter().map(|(k, f)| (k, f.translated)))
         .filter(|(k, _)| ours(k))
         .collect();
-    let (established, half_open) = maps.replies();
-    let reply_side: Vec<_> = established
+    let reply_side: Vec<_> = maps
+        .established_replies()
         .into_iter()
-        .chain(half_open)
+        .chain(maps.half_open_replies())
         .filter(|(_, back)| ours(&back.translated.reversed()))
         .collect();
     assert_eq!(client_side.len(), FLOWS as usize, "flows lost");

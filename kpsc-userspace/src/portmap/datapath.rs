@@ -423,13 +423,14 @@ impl PinnedMaps {
         self.embryos.iter().filter_map(Result::ok).collect()
     }
 
-    /// Reply sides: of established flows (broker->node tuple -> node->client), then of
-    /// half-open ones.
-    pub fn replies(&self) -> (Vec<(FlowKey, FlowNat)>, Vec<(FlowKey, FlowNat)>) {
-        (
-            self.replies.iter().filter_map(Result::ok).collect(),
-            self.embryo_replies.iter().filter_map(Result::ok).collect(),
-        )
+    /// Reply sides of established flows: broker->node tuple -> node->client.
+    pub fn established_replies(&self) -> Vec<(FlowKey, FlowNat)> {
+        self.replies.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Reply sides of half-open flows: broker->node tuple -> node->client.
+    pub fn half_open_replies(&self) -> Vec<(FlowKey, FlowNat)> {
+        self.embryo_replies.iter().filter_map(Result::ok).collect()
     }
 
     /// CLOCK_MONOTONIC nanoseconds of a flow's last packet either way (to the second).
