@@ -29,8 +29,18 @@ fn checksum(chunks: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
-/// One IPv4 + TCP SYN packet (20 + 20 bytes, valid checksums).
-fn syn_packet(src: Ipv4Addr, src_port: u16, dst: Ipv4Addr, dst_port: u16, seq: u32) -> [u8; 40] {
+/// TCP flags of the segments the sender makes.
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+
+/// One IPv4 + TCP segment without payload (20 + 20 bytes, valid checksums).
+fn segment(
+    (src, src_port): (Ipv4Addr, u16),
+    (dst, dst_port): (Ipv4Addr, u16),
+    seq: u32,
+    ack: u32,
+    flags: u8,
+) -> [u8; 40] {
     let mut p = [0u8; 40];
     p[0] = 0x45;
     p[2..4].copy_from_slice(&40u16.to_be_bytes());
@@ -44,8 +54,9 @@ fn syn_packet(src: Ipv4Addr, src_port: u16, dst: Ipv4Addr, dst_port: u16, seq: u
     tcp[0..2].copy_from_slice(&src_port.to_be_bytes());
     tcp[2..4].copy_from_slice(&dst_port.to_be_bytes());
     tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
     tcp[12] = 5 << 4; // data offset: 5 words
-    tcp[13] = 0x02; // SYN
+    tcp[13] = flags;
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
     let mut pseudo = [0u8; 12];
     pseudo[0..4].copy_from_slice(&src.octets());
@@ -82,10 +93,23 @@ impl SynSender {
         dst_port: u16,
         seq: u32,
     ) -> anyhow::Result<()> {
+        self.send_segment((src, src_port), (dst, dst_port), seq, 0, SYN)
+    }
+
+    /// Sends one segment with `flags` (SYN, ACK) and acknowledgement number `ack`.
+    pub fn send_segment(
+        &self,
+        from: (Ipv4Addr, u16),
+        to_addr: (Ipv4Addr, u16),
+        seq: u32,
+        ack: u32,
+        flags: u8,
+    ) -> anyhow::Result<()> {
+        let (src, dst) = (from.0, to_addr.0);
         if !in_test_range(src) {
             bail!("spoofed source {src} is outside 198.18.0.0/15");
         }
-        let packet = syn_packet(src, src_port, dst, dst_port, seq);
+        let packet = segment(from, to_addr, seq, ack, flags);
         // SAFETY: an all-zero sockaddr_in is valid; the fields that matter are set.
         let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
         to.sin_family = libc::AF_INET as libc::sa_family_t;
@@ -153,12 +177,12 @@ mod tests {
 
     #[test]
     fn syn_checksums_verify() {
-        let p = syn_packet(
-            Ipv4Addr::new(198, 19, 1, 2),
-            4242,
-            Ipv4Addr::new(198, 18, 1, 1),
-            9093,
+        let p = segment(
+            (Ipv4Addr::new(198, 19, 1, 2), 4242),
+            (Ipv4Addr::new(198, 18, 1, 1), 9093),
             7,
+            9,
+            ACK,
         );
         assert_eq!(checksum(&[&p[..20]]), 0, "IP header checksum");
         let mut pseudo = [0u8; 12];

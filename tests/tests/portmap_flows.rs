@@ -412,3 +412,70 @@ fn the_same_syn_on_two_cpus_leaves_one_flow_and_no_orphans() {
         reply_side.len()
     );
 }
+
+/// A spoofed source never sees the broker's SYN-ACK, so its ACKs can only guess the
+/// acknowledgement number: 200 spoofed handshakes with 5 guesses each leave no established
+/// flow, and every guess is counted. Before, the SYN alone created the flow that carries
+/// traffic, so spoofed SYNs filled that table.
+#[test]
+fn spoofed_handshakes_never_reach_the_established_table() {
+    use kpsc_tests::{
+        datapath::PinnedMaps,
+        portmap::pins,
+        syn_flood::{ACK, SynSender},
+    };
+    use std::net::Ipv4Addr;
+
+    const SOURCES: u32 = 200;
+    const GUESSES: u32 = 5;
+    let mut topo = Topology::new(1, 1).unwrap();
+    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
+        .unwrap();
+    let _kpscd = start_portmap(
+        &topo,
+        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &[]),
+    );
+    let node = (Ipv4Addr::new(198, 18, 1, 1), FIRST_PORT);
+    let source = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i);
+    in_netns(&topo.client, || {
+        let sender = SynSender::new().unwrap();
+        for i in 0..SOURCES {
+            sender.send(source(i), 30_000, node.0, node.1, i).unwrap();
+        }
+        // The broker's SYN-ACKs come back through the node (and die there: no route to
+        // the spoofed addresses) before the guesses go out.
+        std::thread::sleep(Duration::from_millis(300));
+        for g in 1..=GUESSES {
+            for i in 0..SOURCES {
+                let guess = g.wrapping_mul(0x9e37_79b9) ^ i;
+                sender
+                    .send_segment((source(i), 30_000), node, i + 1, guess, ACK)
+                    .unwrap();
+            }
+        }
+    })
+    .unwrap();
+    let maps = PinnedMaps::open(&pins(&topo)).unwrap();
+    let stats = maps.stats(FIRST_PORT);
+    let spoofed: Vec<_> = maps
+        .flows()
+        .into_iter()
+        .filter(|(k, _)| Ipv4Addr::from(k.src_ip.to_ne_bytes()) >= source(0))
+        .collect();
+    assert!(spoofed.is_empty(), "spoofed flows established: {spoofed:?}");
+    assert_eq!(stats.embryos, u64::from(SOURCES), "{stats:?}");
+    assert_eq!(
+        stats.drop_handshake,
+        u64::from(SOURCES * GUESSES),
+        "{stats:?}"
+    );
+    assert_eq!(stats.new_flows, 0, "{stats:?}");
+    // A real client completes its handshake as usual.
+    let mut conn = in_netns(&topo.client, || {
+        connect_within(&format!("{NODE_CLIENT_IP}:{FIRST_PORT}"))
+    })
+    .unwrap()
+    .unwrap();
+    conn.api_versions().unwrap();
+    assert_eq!(maps.stats(FIRST_PORT).new_flows, 1);
+}
