@@ -8,21 +8,58 @@
 /// Maximum number of listen ports one instance maps (map capacity).
 pub const MAX_MAPPED_PORTS: u32 = 4096;
 
-/// Names of the portmap program and its maps (pinned under `/sys/fs/bpf/kpsc/<instance>/`).
+/// Names of the portmap program and its maps (pinned under `/sys/fs/bpf/kpsc/<instance>/`),
+/// and the capacities that bound its state.
 pub mod portmap {
     pub const PROGRAM: &str = "kpsc_portmap";
     pub const TARGETS_MAP: &str = "PORTMAP_TARGETS";
     pub const FLOWS_MAP: &str = "PORTMAP_FLOWS";
     pub const REPLIES_MAP: &str = "PORTMAP_REPLIES";
+    pub const EMBRYOS_MAP: &str = "PORTMAP_EMBRYOS";
+    pub const EMBRYO_REPLIES_MAP: &str = "PORTMAP_EMBRYO_REPLIES";
+    pub const SOURCES_MAP: &str = "PORTMAP_SOURCES";
+    pub const CONFIG_MAP: &str = "PORTMAP_CONFIG";
     pub const STATS_MAP: &str = "PORTMAP_STATS";
-    /// Capacity of the connection-tracking maps (LRU: the oldest idle flows go first).
+    /// Established flows (plain hash, never evicted): at capacity new connections are
+    /// refused, open ones keep working.
     pub const MAX_FLOWS: u32 = 65_536;
-    /// Source ports tried before a new flow is dropped for lack of a free translated tuple.
+    /// Half-open flows (LRU): a SYN flood only ever rotates this table.
+    pub const MAX_EMBRYOS: u32 = 8_192;
+    /// Source addresses whose SYN budget is tracked (LRU).
+    pub const MAX_SOURCES: u32 = 16_384;
+    /// A half-open flow older than this is not completed any more (its client's ACK is
+    /// dropped; a retransmitted SYN gets a fresh one).
+    pub const EMBRYO_TTL_NS: u64 = 10_000_000_000;
+    /// New half-open flows one source address may open per second, unless configured.
+    pub const DEFAULT_SYN_RATE_PER_SOURCE: u32 = 1_000;
+    /// Random source ports tried before a new flow is dropped for lack of a free tuple.
     pub const PORT_ATTEMPTS: u32 = 8;
-    /// Where replacement source ports come from when the client's own is taken.
-    pub const EPHEMERAL_FIRST: u16 = 32_768;
-    pub const EPHEMERAL_COUNT: u16 = 28_232;
+    /// Translated source ports are drawn from SNAT_PORT_FIRST..=65535, minus the node's
+    /// own ephemeral range (PortmapConfig) and the mapped ports.
+    pub const SNAT_PORT_FIRST: u16 = 1024;
 }
+
+/// Settings userspace gives the program (PORTMAP_CONFIG, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortmapConfig {
+    /// New half-open flows per source address per second; 0 = no limit.
+    pub syn_rate_per_source: u32,
+    /// The node's own ephemeral port range (`ip_local_port_range`), never used as a
+    /// translated source port so the node's own connections (probes, anything else) to a
+    /// broker cannot collide with a translated flow. 0/0 = nothing excluded.
+    pub local_port_first: u16,
+    pub local_port_last: u16,
+}
+
+const _: () = {
+    use core::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<PortmapConfig>() == 8);
+    assert!(align_of::<PortmapConfig>() == align_of::<u32>());
+    assert!(offset_of!(PortmapConfig, syn_rate_per_source) == 0);
+    assert!(offset_of!(PortmapConfig, local_port_first) == 4);
+    assert!(offset_of!(PortmapConfig, local_port_last) == 6);
+};
 
 /// Where a mapped listen port goes. Addresses and ports in network byte order, as in the
 /// packet, so the program copies them without swapping.
@@ -84,37 +121,82 @@ impl FlowKey {
     }
 }
 
-/// A translated flow: `FLOWS[client->node] = {client->node as sent to the broker}`, and
+/// An established flow: `FLOWS[client->node] = {client->node as sent to the broker}`, and
 /// `REPLIES[broker->node] = {node->client as the client must see it}`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowNat {
     /// The rewritten tuple.
     pub translated: FlowKey,
-    /// `FLOW_*` bits seen in this direction (FIN, RST), for `kpscctl` and the cleanup of
-    /// closed flows.
-    pub flags: u32,
+    /// 1 once a FIN went this way (client -> broker in PORTMAP_FLOWS, broker -> client in
+    /// PORTMAP_REPLIES), for `kpscctl` and the cleanup of closed flows.
+    pub fin: u8,
+    /// 1 once a RST went this way.
+    pub rst: u8,
+    pub _pad: [u8; 2],
     /// CLOCK_MONOTONIC nanoseconds when the flow was created.
     pub created_ns: u64,
+    /// CLOCK_MONOTONIC nanoseconds of the last packet in this direction, to the second
+    /// (written at most once a second), for the removal of idle flows.
+    pub last_ns: u64,
 }
 
-// Map value shared by the kernel and userspace; `flags` sits right after the 12-byte key
-// so `created_ns` is 8-aligned without a hole.
+// Map value shared by the kernel and userspace. `fin` and `rst` are separate bytes, each
+// only ever set to 1 by a plain store, so two CPUs marking one flow (FIN one way, RST the
+// other) cannot lose each other's update: BPF has no atomic OR for Rust code here.
 const _: () = {
     use core::mem::{align_of, offset_of, size_of};
-    assert!(size_of::<FlowNat>() == 24);
+    assert!(size_of::<FlowNat>() == 32);
     assert!(align_of::<FlowNat>() == align_of::<u64>());
     assert!(offset_of!(FlowNat, translated) == 0);
-    assert!(offset_of!(FlowNat, flags) == 12);
+    assert!(offset_of!(FlowNat, fin) == 12);
+    assert!(offset_of!(FlowNat, rst) == 13);
+    assert!(offset_of!(FlowNat, _pad) == 14);
     assert!(offset_of!(FlowNat, created_ns) == 16);
+    assert!(offset_of!(FlowNat, last_ns) == 24);
 };
 
-/// A FIN went from the client to the broker (set in PORTMAP_FLOWS).
-pub const FLOW_FIN_FROM_CLIENT: u32 = 1;
-/// A FIN went from the broker to the client (set in PORTMAP_REPLIES).
-pub const FLOW_FIN_FROM_BROKER: u32 = 2;
-/// A RST went either way.
-pub const FLOW_RST: u32 = 4;
+/// A half-open flow, `EMBRYOS[client->node]`: the tuple its SYN was given, and what the
+/// client's handshake ACK must acknowledge. Its reply side is
+/// `EMBRYO_REPLIES[broker->node] = FlowNat { node->client, .. }`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Embryo {
+    pub translated: FlowKey,
+    /// The broker's SYN-ACK sequence number + 1 (host order), valid once `synack` is 1.
+    pub expect_ack: u32,
+    pub created_ns: u64,
+    /// 1 once the broker's SYN-ACK went through.
+    pub synack: u32,
+    pub _pad: u32,
+}
+
+const _: () = {
+    use core::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<Embryo>() == 32);
+    assert!(align_of::<Embryo>() == align_of::<u64>());
+    assert!(offset_of!(Embryo, translated) == 0);
+    assert!(offset_of!(Embryo, expect_ack) == 12);
+    assert!(offset_of!(Embryo, created_ns) == 16);
+    assert!(offset_of!(Embryo, synack) == 24);
+};
+
+/// One source address's SYN budget, `SOURCES[src ip]`: half-open flows opened in the
+/// one-second window that started at `window_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceBudget {
+    pub window_ns: u64,
+    pub opened: u64,
+}
+
+const _: () = {
+    use core::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<SourceBudget>() == 16);
+    assert!(align_of::<SourceBudget>() == align_of::<u64>());
+    assert!(offset_of!(SourceBudget, window_ns) == 0);
+    assert!(offset_of!(SourceBudget, opened) == 8);
+};
 
 /// Per listen port, per CPU traffic through the portmap program.
 #[repr(C)]
@@ -126,8 +208,9 @@ pub struct PortmapStats {
     /// Broker -> client.
     pub packets_out: u64,
     pub bytes_out: u64,
+    /// Flows that completed their handshake (entered the established table).
     pub new_flows: u64,
-    /// A non-SYN packet for a flow the program does not know (e.g. evicted).
+    /// A non-SYN packet for a flow the program does not know (e.g. removed as idle).
     pub drop_no_flow: u64,
     /// No free translated source port after `PORT_ATTEMPTS` tries.
     pub drop_no_port: u64,
@@ -135,39 +218,116 @@ pub struct PortmapStats {
     pub drop_no_route: u64,
     /// Rewriting the packet failed.
     pub drop_rewrite: u64,
+    /// Half-open flows opened (SYNs that got a translated tuple).
+    pub embryos: u64,
+    /// SYNs over their source address's budget (`syn_rate_per_source`).
+    pub drop_source_limit: u64,
+    /// Handshakes completed while the established table was full.
+    pub drop_table_full: u64,
+    /// Client ACKs that do not complete a known handshake: no SYN-ACK yet, wrong
+    /// acknowledgement number, or the half-open flow expired.
+    pub drop_handshake: u64,
+    /// Lost an insert race with another CPU and found no usable entry on re-lookup.
+    pub drop_race: u64,
 }
 
-// Per-CPU map value read by userspace: nine u64 counters, no holes, same order both sides.
+/// Number of u64 counters in PortmapStats.
+const STATS_FIELDS: usize = 14;
+
+// Per-CPU map value read by userspace: u64 counters, no holes, same order both sides.
 const _: () = {
     use core::mem::{align_of, offset_of, size_of};
-    assert!(size_of::<PortmapStats>() == 9 * 8);
+    assert!(size_of::<PortmapStats>() == STATS_FIELDS * 8);
     assert!(align_of::<PortmapStats>() == align_of::<u64>());
     assert!(offset_of!(PortmapStats, packets_in) == 0);
-    assert!(offset_of!(PortmapStats, bytes_in) == 8);
-    assert!(offset_of!(PortmapStats, packets_out) == 16);
-    assert!(offset_of!(PortmapStats, bytes_out) == 24);
     assert!(offset_of!(PortmapStats, new_flows) == 32);
-    assert!(offset_of!(PortmapStats, drop_no_flow) == 40);
-    assert!(offset_of!(PortmapStats, drop_no_port) == 48);
-    assert!(offset_of!(PortmapStats, drop_no_route) == 56);
     assert!(offset_of!(PortmapStats, drop_rewrite) == 64);
+    assert!(offset_of!(PortmapStats, embryos) == 72);
+    assert!(offset_of!(PortmapStats, drop_race) == 104);
 };
 
 impl PortmapStats {
+    fn fields(&self) -> [u64; STATS_FIELDS] {
+        [
+            self.packets_in,
+            self.bytes_in,
+            self.packets_out,
+            self.bytes_out,
+            self.new_flows,
+            self.drop_no_flow,
+            self.drop_no_port,
+            self.drop_no_route,
+            self.drop_rewrite,
+            self.embryos,
+            self.drop_source_limit,
+            self.drop_table_full,
+            self.drop_handshake,
+            self.drop_race,
+        ]
+    }
+
+    fn from_fields(f: [u64; STATS_FIELDS]) -> Self {
+        let [
+            packets_in,
+            bytes_in,
+            packets_out,
+            bytes_out,
+            new_flows,
+            drop_no_flow,
+            drop_no_port,
+            drop_no_route,
+            drop_rewrite,
+            embryos,
+            drop_source_limit,
+            drop_table_full,
+            drop_handshake,
+            drop_race,
+        ] = f;
+        Self {
+            packets_in,
+            bytes_in,
+            packets_out,
+            bytes_out,
+            new_flows,
+            drop_no_flow,
+            drop_no_port,
+            drop_no_route,
+            drop_rewrite,
+            embryos,
+            drop_source_limit,
+            drop_table_full,
+            drop_handshake,
+            drop_race,
+        }
+    }
+
+    /// All drops, whatever the reason.
+    pub fn dropped(&self) -> u64 {
+        self.drops().iter().map(|(_, n)| n).sum()
+    }
+
     pub fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a PortmapStats>) -> PortmapStats {
-        per_cpu
-            .into_iter()
-            .fold(PortmapStats::default(), |a, c| PortmapStats {
-                packets_in: a.packets_in + c.packets_in,
-                bytes_in: a.bytes_in + c.bytes_in,
-                packets_out: a.packets_out + c.packets_out,
-                bytes_out: a.bytes_out + c.bytes_out,
-                new_flows: a.new_flows + c.new_flows,
-                drop_no_flow: a.drop_no_flow + c.drop_no_flow,
-                drop_no_port: a.drop_no_port + c.drop_no_port,
-                drop_no_route: a.drop_no_route + c.drop_no_route,
-                drop_rewrite: a.drop_rewrite + c.drop_rewrite,
-            })
+        let mut total = [0u64; STATS_FIELDS];
+        for cpu in per_cpu {
+            for (t, v) in total.iter_mut().zip(cpu.fields()) {
+                *t += v;
+            }
+        }
+        Self::from_fields(total)
+    }
+
+    /// Every drop counter with its reason's name, as metrics and `kpscctl` show them.
+    pub fn drops(&self) -> [(&'static str, u64); 8] {
+        [
+            ("no_flow", self.drop_no_flow),
+            ("no_port", self.drop_no_port),
+            ("no_route", self.drop_no_route),
+            ("rewrite", self.drop_rewrite),
+            ("source_limit", self.drop_source_limit),
+            ("table_full", self.drop_table_full),
+            ("handshake", self.drop_handshake),
+            ("race", self.drop_race),
+        ]
     }
 }
 
@@ -179,4 +339,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowNat {}
     unsafe impl aya::Pod for super::PortmapStats {}
+    unsafe impl aya::Pod for super::Embryo {}
+    unsafe impl aya::Pod for super::SourceBudget {}
+    unsafe impl aya::Pod for super::PortmapConfig {}
 }

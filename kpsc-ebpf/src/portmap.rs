@@ -5,11 +5,34 @@
 //! come back to the node because of the SNAT, are rewritten to `<node>:<mapped port> ->
 //! <client>` and redirected towards the client. Everything else passes untouched.
 //!
-//! Invariants:
-//! - a flow keeps the translation it got on its SYN for its whole life (PORTMAP_FLOWS),
-//!   whatever happens to PORTMAP_TARGETS later: a map reload never breaks a connection;
-//! - no two flows share a translated tuple: the reply entry is inserted with BPF_NOEXIST
-//!   and a flow whose client port is taken gets another source port, or is dropped;
+//! Flow life:
+//! - a client's SYN opens a *half-open* flow in PORTMAP_EMBRYOS (client tuple) and
+//!   PORTMAP_EMBRYO_REPLIES (the translated tuple as replies arrive), two bounded LRU maps:
+//!   a SYN flood only rotates them and never touches an established flow. Each source
+//!   address may open `syn_rate_per_source` of them per second (PORTMAP_SOURCES);
+//! - the broker's SYN-ACK records the acknowledgement number the client must send; the
+//!   client's ACK that carries it (which a spoofed source cannot see) moves the flow into
+//!   PORTMAP_FLOWS/PORTMAP_REPLIES, plain hash maps that nothing evicts: at capacity new
+//!   handshakes are dropped (counted), open flows keep working. Userspace removes closed
+//!   and idle flows;
+//! - a flow keeps the translation it got on its SYN for its whole life, whatever happens to
+//!   PORTMAP_TARGETS later: a map reload never breaks a connection.
+//!
+//! Direction is decided by the flow tables before the port map: a packet that belongs to a
+//! known flow (either direction) is translated as that flow, and only a packet that belongs
+//! to none is looked up as a client packet to a mapped port. Translated source ports are
+//! never mapped ports nor in the node's own ephemeral range, so a broker's reply cannot look
+//! like a client packet to a mapped port, whatever source port the client chose.
+//!
+//! Uniqueness of translated tuples: a half-open flow claims its reply tuple with a
+//! BPF_NOEXIST insert into PORTMAP_EMBRYO_REPLIES and then checks PORTMAP_REPLIES (an
+//! established flow that was promoted meanwhile wins, and the claim is given back); a
+//! promotion inserts into PORTMAP_REPLIES with BPF_NOEXIST. Two SYNs of one flow on two CPUs:
+//! both claim a tuple, one wins the BPF_NOEXIST insert into PORTMAP_EMBRYOS, the other gives
+//! its tuple back and uses the winner's (re-lookup). The kernel checks and inserts under the
+//! bucket lock, so two CPUs cannot both win an insert.
+//!
+//! Also:
 //! - checksums are updated incrementally with the kernel's helpers (they also handle
 //!   CHECKSUM_PARTIAL packets from a local stack);
 //! - packets go out with `bpf_fib_lookup` + `bpf_redirect` (or `bpf_redirect_neigh` when
@@ -24,13 +47,16 @@
 //!   packet pointers; with none held, the verifier needs no `data_end` checks. The offsets
 //!   stay valid across them: nothing here changes the packet's length or header layout.
 //!   The copied `ip`/`tcp` headers describe the packet as it arrived.
-//! - PORTMAP_TARGETS, PORTMAP_FLOWS and PORTMAP_REPLIES are shared by every CPU and by
-//!   userspace, and preallocated (hash maps without `BPF_F_NO_PREALLOC`; LRU maps always),
-//!   so an element that is deleted (userspace cleanup, reload), replaced (userspace
-//!   re-inserting a target) or evicted (LRU) can be reused for another key at once, while a
-//!   pointer from an earlier lookup is still held. Hence values are copied right after the
-//!   lookup, and the only in-place write is the `flags` OR in `mark_closing`. A copy that
-//!   races such a reuse can mix two values; the window is a few instructions.
+//! - The maps are shared by every CPU and by userspace, and preallocated (hash maps without
+//!   `BPF_F_NO_PREALLOC`; LRU maps always), so an element that is deleted (userspace
+//!   cleanup, promotion, reload) or evicted (LRU) can be reused for another key at once,
+//!   while a pointer from an earlier lookup is still held. Hence values are copied right
+//!   after the lookup, and in-place writes are limited to: FIN/RST bytes (set to 1, never cleared),
+//!   `last_ns` (one aligned u64 store), a half-open flow's SYN-ACK fields (checked against
+//!   the flow's tuple first) and a source's budget (approximate by design). A write that
+//!   races a reuse lands on the new owner: at worst a wrong bit or timestamp on an entry
+//!   that was being deleted anyway (userspace deletes only flows closed for a minute or
+//!   idle for long; promotion deletes half-open entries it owns).
 //! - PORTMAP_STATS is per-CPU: a lookup returns this CPU's copy. TC programs run with
 //!   bottom halves disabled and cannot migrate, so no other run of the program writes that
 //!   copy while this one does; the increments are plain, not atomic. Userspace reads every
@@ -46,13 +72,13 @@ use aya_ebpf::{
         bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
     },
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
 use kpsc_common::{
-    FLOW_FIN_FROM_BROKER, FLOW_FIN_FROM_CLIENT, FLOW_RST, FlowKey, FlowNat, MAX_MAPPED_PORTS,
-    PortTarget, PortmapStats,
-    portmap::{EPHEMERAL_COUNT, EPHEMERAL_FIRST, MAX_FLOWS, PORT_ATTEMPTS},
+    Embryo, FlowKey, FlowNat, MAX_MAPPED_PORTS, PortTarget, PortmapConfig, PortmapStats,
+    SourceBudget,
+    portmap::{EMBRYO_TTL_NS, MAX_EMBRYOS, MAX_FLOWS, MAX_SOURCES, PORT_ATTEMPTS, SNAT_PORT_FIRST},
 };
 use network_types::{eth::EthHdr, tcp::TcpHdr};
 
@@ -60,13 +86,30 @@ use network_types::{eth::EthHdr, tcp::TcpHdr};
 #[map(name = "PORTMAP_TARGETS")]
 static TARGETS: HashMap<u32, PortTarget> = HashMap::pinned(MAX_MAPPED_PORTS, 0);
 
-/// client->node tuple -> client->node as sent to the broker.
+/// Established flows: client->node tuple -> client->node as sent to the broker.
 #[map(name = "PORTMAP_FLOWS")]
-static FLOWS: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(MAX_FLOWS, 0);
+static FLOWS: HashMap<FlowKey, FlowNat> = HashMap::pinned(MAX_FLOWS, 0);
 
-/// broker->node tuple (as replies arrive) -> node->client as the client must see it.
+/// Established flows: broker->node tuple (as replies arrive) -> node->client as the client
+/// must see it.
 #[map(name = "PORTMAP_REPLIES")]
-static REPLIES: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(MAX_FLOWS, 0);
+static REPLIES: HashMap<FlowKey, FlowNat> = HashMap::pinned(MAX_FLOWS, 0);
+
+/// Half-open flows by client->node tuple.
+#[map(name = "PORTMAP_EMBRYOS")]
+static EMBRYOS: LruHashMap<FlowKey, Embryo> = LruHashMap::pinned(MAX_EMBRYOS, 0);
+
+/// Half-open flows by broker->node tuple -> node->client.
+#[map(name = "PORTMAP_EMBRYO_REPLIES")]
+static EMBRYO_REPLIES: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(MAX_EMBRYOS, 0);
+
+/// Source address -> its SYN budget this second.
+#[map(name = "PORTMAP_SOURCES")]
+static SOURCES: LruHashMap<u32, SourceBudget> = LruHashMap::pinned(MAX_SOURCES, 0);
+
+/// Settings from userspace (entry 0).
+#[map(name = "PORTMAP_CONFIG")]
+static CONFIG: Array<PortmapConfig> = Array::pinned(1, 0);
 
 /// listen port (host order) -> counters. Userspace creates the entries.
 #[map(name = "PORTMAP_STATS")]
@@ -76,13 +119,20 @@ const AF_INET: u8 = 2;
 const IP_CSUM_OFF: usize = EthHdr::LEN + 10;
 const IP_SRC_OFF: usize = EthHdr::LEN + 12;
 const IP_DST_OFF: usize = EthHdr::LEN + 16;
+const EEXIST: i32 = 17;
+const SECOND_NS: u64 = 1_000_000_000;
 
 /// Why a packet was dropped: picks the `PortmapStats` counter.
+#[derive(Clone, Copy)]
 enum DropReason {
     NoFlow,
     NoPort,
     NoRoute,
     Rewrite,
+    SourceLimit,
+    TableFull,
+    Handshake,
+    Race,
 }
 
 /// This CPU's counters for `port`, if userspace created the entry.
@@ -106,6 +156,10 @@ fn count_drop(port: u16, why: DropReason) -> i32 {
             DropReason::NoPort => s.drop_no_port += 1,
             DropReason::NoRoute => s.drop_no_route += 1,
             DropReason::Rewrite => s.drop_rewrite += 1,
+            DropReason::SourceLimit => s.drop_source_limit += 1,
+            DropReason::TableFull => s.drop_table_full += 1,
+            DropReason::Handshake => s.drop_handshake += 1,
+            DropReason::Race => s.drop_race += 1,
         }
     }
     TC_ACT_SHOT as i32
@@ -118,156 +172,396 @@ pub fn run(ctx: &TcContext) -> i32 {
     }
 }
 
+/// What the handlers need to know about the packet.
+struct Packet {
+    seen: FlowKey,
+    tcp: TcpHdr,
+    l4: usize,
+    ip_len: u64,
+    now: u64,
+}
+
+impl Packet {
+    /// A SYN without ACK: the first packet of a connection.
+    #[inline(always)]
+    fn syn_only(&self) -> bool {
+        self.tcp.syn() != 0 && self.tcp.ack() == 0
+    }
+
+    /// The mapped port of a client packet.
+    #[inline(always)]
+    fn listen_port(&self) -> u16 {
+        u16::from_be(self.seen.dst_port)
+    }
+}
+
 /// None: not ours, pass. Some(action): translated (redirect) or dropped.
 #[inline(always)]
 fn classify(ctx: &TcContext) -> Option<i32> {
     let crate::packet::Ipv4Tcp { ip, tcp, l4 } = crate::packet::ipv4_tcp(ctx)?;
-    let seen = FlowKey {
-        src_ip: u32::from_ne_bytes(ip.src_addr),
-        dst_ip: u32::from_ne_bytes(ip.dst_addr),
-        src_port: u16::from_ne_bytes(tcp.source),
-        dst_port: u16::from_ne_bytes(tcp.dest),
+    let pkt = Packet {
+        seen: FlowKey {
+            src_ip: u32::from_ne_bytes(ip.src_addr),
+            dst_ip: u32::from_ne_bytes(ip.dst_addr),
+            src_port: u16::from_ne_bytes(tcp.source),
+            dst_port: u16::from_ne_bytes(tcp.dest),
+        },
+        tcp,
+        l4,
+        ip_len: u64::from(u16::from_be_bytes(ip.tot_len)),
+        // SAFETY: helper without preconditions.
+        now: unsafe { bpf_ktime_get_ns() },
     };
-    let ip_len = u64::from(u16::from_be_bytes(ip.tot_len));
-    let listen_port = u16::from_be(seen.dst_port);
-    // SAFETY: the reference is dropped as soon as the value is copied, before anything else
-    // runs; a userspace reload racing the copy may mix two targets (module doc).
-    if let Some(target) = unsafe { TARGETS.get(u32::from(listen_port)) }.copied()
-        && (target.listen_ip == 0 || target.listen_ip == seen.dst_ip)
-    {
-        return Some(to_broker(
-            ctx,
-            l4,
-            &seen,
-            &target,
-            &tcp,
-            listen_port,
-            ip_len,
-        ));
+    let seen = &pkt.seen;
+    // Known flows first, whatever their ports: direction comes from the tables.
+    if let Some(p) = FLOWS.get_ptr_mut(seen) {
+        // SAFETY: a non-null, aligned pointer to a shared map value, copied at once
+        // (module doc).
+        let flow = unsafe { *p };
+        // A SYN on a finished flow's tuple is a new connection (a client or its NAT reusing
+        // the source port): the old translation goes. On an open flow it is passed on for
+        // the broker's stack to judge (a challenge ACK), as a spoofed SYN must not end it.
+        if !(pkt.syn_only() && finished(&flow)) {
+            // SAFETY: as above; only `last_ns` and `flags` are written, as the doc says.
+            unsafe { touch(p, pkt.now, &pkt.tcp) };
+            return Some(to_broker(ctx, &pkt, &flow.translated));
+        }
+        let _ = FLOWS.remove(seen);
+        let _ = REPLIES.remove(flow.translated.reversed());
     }
-    // SAFETY: copied at once, as above. REPLIES values are written whole on insertion and
-    // only their `flags` in place afterwards; a copy racing the deletion or eviction of this
-    // entry and its reuse can see another flow's translation (module doc).
-    let reply = unsafe { REPLIES.get(seen) }.copied()?;
-    mark_closing(&REPLIES, &seen, &tcp, FLOW_FIN_FROM_BROKER);
-    Some(to_client(ctx, l4, &seen, &reply.translated, ip_len))
+    if let Some(p) = REPLIES.get_ptr_mut(seen) {
+        // SAFETY: as for FLOWS.
+        let back = unsafe { *p };
+        // SAFETY: as for FLOWS.
+        unsafe { touch(p, pkt.now, &pkt.tcp) };
+        return Some(to_client(ctx, &pkt, &back.translated));
+    }
+    // SAFETY: copied at once (module doc).
+    if let Some(embryo) = unsafe { EMBRYOS.get(seen) }.copied()
+        && let Some(action) = embryo_from_client(ctx, &pkt, &embryo)
+    {
+        return Some(action);
+    }
+    // SAFETY: copied at once (module doc).
+    if let Some(back) = unsafe { EMBRYO_REPLIES.get(seen) }.copied() {
+        return Some(embryo_from_broker(ctx, &pkt, &back));
+    }
+    let listen_port = pkt.listen_port();
+    // SAFETY: copied at once; a userspace reload racing the copy may mix two targets.
+    let target = unsafe { TARGETS.get(u32::from(listen_port)) }.copied()?;
+    if target.listen_ip != 0 && target.listen_ip != seen.dst_ip {
+        return None;
+    }
+    // Only a SYN opens a flow; anything else for an unknown flow is dropped rather than
+    // handed to a stack that has no such connection.
+    if !pkt.syn_only() {
+        return Some(count_drop(listen_port, DropReason::NoFlow));
+    }
+    Some(open_embryo(ctx, &pkt, &target))
+}
+
+/// FIN or RST seen on the client side of an established flow or on its reply side.
+#[inline(always)]
+fn finished(flow: &FlowNat) -> bool {
+    // SAFETY: copied at once (module doc).
+    let reply = unsafe { REPLIES.get(flow.translated.reversed()) }.copied();
+    flow.fin | flow.rst != 0 || reply.is_none_or(|r| r.fin | r.rst != 0)
+}
+
+/// Records activity (at most one store a second) and FIN/RST on one direction of an
+/// established flow.
+///
+/// # Safety
+/// `p` is a pointer returned by a lookup in FLOWS or REPLIES during this run.
+#[inline(always)]
+unsafe fn touch(p: *mut FlowNat, now: u64, tcp: &TcpHdr) {
+    // SAFETY: the caller's pointer is valid, aligned map memory (preallocated, never freed
+    // while the program runs). Each store is a single aligned u64 or u8, and `fin`/`rst`
+    // are only ever set to 1, so concurrent marks from other CPUs are never lost.
+    unsafe {
+        if now.wrapping_sub((*p).last_ns) >= SECOND_NS {
+            (*p).last_ns = now;
+        }
+        if tcp.fin() != 0 {
+            (*p).fin = 1;
+        }
+        if tcp.rst() != 0 {
+            (*p).rst = 1;
+        }
+    }
+}
+
+/// A client packet of a half-open flow. None: the flow is stale and was forgotten (the
+/// caller opens a fresh one for this SYN).
+#[inline(always)]
+fn embryo_from_client(ctx: &TcContext, pkt: &Packet, embryo: &Embryo) -> Option<i32> {
+    let listen_port = pkt.listen_port();
+    let reply_key = embryo.translated.reversed();
+    let fresh = pkt.now.wrapping_sub(embryo.created_ns) <= EMBRYO_TTL_NS;
+    if pkt.syn_only() {
+        // A retransmitted SYN keeps the tuple while the flow is fresh and still owns its
+        // reply side (the LRU may have evicted it, and another flow taken the tuple).
+        // SAFETY: copied at once (module doc).
+        let owned = unsafe { EMBRYO_REPLIES.get(reply_key) }
+            .is_some_and(|b| b.translated == pkt.seen.reversed());
+        if fresh && owned {
+            return Some(to_broker(ctx, pkt, &embryo.translated));
+        }
+        let _ = EMBRYOS.remove(pkt.seen);
+        if owned {
+            let _ = EMBRYO_REPLIES.remove(reply_key);
+        }
+        return None;
+    }
+    if pkt.tcp.rst() != 0 {
+        forget_embryo(&pkt.seen, &reply_key);
+        return Some(to_broker(ctx, pkt, &embryo.translated));
+    }
+    // Only the ACK of the broker's SYN-ACK completes the handshake: a spoofed source never
+    // saw that SYN-ACK, so it cannot fill the established table.
+    if pkt.tcp.ack() == 0
+        || embryo.synack == 0
+        || !fresh
+        || u32::from_be_bytes(pkt.tcp.ack_seq) != embryo.expect_ack
+    {
+        return Some(count_drop(listen_port, DropReason::Handshake));
+    }
+    match promote(&pkt.seen, embryo, pkt.now) {
+        Ok(()) => Some(to_broker(ctx, pkt, &embryo.translated)),
+        Err(why) => Some(count_drop(listen_port, why)),
+    }
 }
 
 #[inline(always)]
-fn to_broker(
-    ctx: &TcContext,
-    l4: usize,
-    seen: &FlowKey,
-    target: &PortTarget,
-    tcp: &TcpHdr,
-    listen_port: u16,
-    ip_len: u64,
-) -> i32 {
-    // SAFETY: copied at once; same sharing as REPLIES in `classify`.
-    let translated = match unsafe { FLOWS.get(seen) }.copied() {
-        Some(flow) => {
-            mark_closing(&FLOWS, seen, tcp, FLOW_FIN_FROM_CLIENT);
-            flow.translated
-        }
-        None => {
-            // Only a SYN opens a flow; anything else for an unknown flow is dropped rather
-            // than handed to a stack that has no such connection.
-            if tcp.syn() == 0 || tcp.ack() != 0 {
-                return count_drop(listen_port, DropReason::NoFlow);
-            }
-            match open_flow(seen, target) {
-                Some(t) => {
-                    if let Some(s) = stats(listen_port) {
-                        s.new_flows += 1;
-                    }
-                    t
+fn forget_embryo(client: &FlowKey, reply_key: &FlowKey) {
+    let _ = EMBRYOS.remove(client);
+    let _ = EMBRYO_REPLIES.remove(reply_key);
+}
+
+/// A broker packet of a half-open flow: the SYN-ACK (recorded for the client's ACK) or a
+/// RST (the broker refused: forgotten).
+#[inline(always)]
+fn embryo_from_broker(ctx: &TcContext, pkt: &Packet, back: &FlowNat) -> i32 {
+    let client = back.translated.reversed();
+    if let Some(p) = EMBRYOS.get_ptr_mut(client) {
+        // SAFETY: a non-null, aligned pointer to an LRU value; the tuple is checked first so
+        // a half-open flow that moved to another tuple (or a reused element) is left alone;
+        // the stores are single u32s.
+        unsafe {
+            if (*p).translated == pkt.seen.reversed() {
+                if pkt.tcp.syn() != 0 && pkt.tcp.ack() != 0 {
+                    (*p).expect_ack = u32::from_be_bytes(pkt.tcp.seq).wrapping_add(1);
+                    (*p).synack = 1;
+                } else if pkt.tcp.rst() != 0 {
+                    forget_embryo(&client, &pkt.seen);
                 }
-                None => return count_drop(listen_port, DropReason::NoPort),
+            }
+        }
+    }
+    to_client(ctx, pkt, &back.translated)
+}
+
+/// Moves a half-open flow whose handshake completed into the established tables.
+#[inline(always)]
+fn promote(client: &FlowKey, embryo: &Embryo, now: u64) -> Result<(), DropReason> {
+    let reply_key = embryo.translated.reversed();
+    let back = FlowNat {
+        translated: client.reversed(),
+        fin: 0,
+        rst: 0,
+        _pad: [0; 2],
+        created_ns: embryo.created_ns,
+        last_ns: now,
+    };
+    if let Err(e) = REPLIES.insert(reply_key, back, u64::from(BPF_NOEXIST)) {
+        if e != -EEXIST {
+            return Err(DropReason::TableFull);
+        }
+        // Another CPU promoted this very flow a moment ago: carry on with its entries.
+        // SAFETY: copied at once (module doc).
+        return match unsafe { REPLIES.get(reply_key) }.copied() {
+            Some(r) if r.translated == back.translated => Ok(()),
+            _ => Err(DropReason::Race),
+        };
+    }
+    let flow = FlowNat {
+        translated: embryo.translated,
+        ..back
+    };
+    if let Err(e) = FLOWS.insert(client, flow, u64::from(BPF_NOEXIST)) {
+        let _ = REPLIES.remove(reply_key);
+        return Err(if e == -EEXIST {
+            DropReason::Race
+        } else {
+            DropReason::TableFull
+        });
+    }
+    forget_embryo(client, &reply_key);
+    if let Some(s) = stats(u16::from_be(client.dst_port)) {
+        s.new_flows += 1;
+    }
+    Ok(())
+}
+
+/// A client's SYN for a mapped port: a half-open flow with a tuple of its own, within the
+/// source's budget.
+#[inline(always)]
+fn open_embryo(ctx: &TcContext, pkt: &Packet, target: &PortTarget) -> i32 {
+    let listen_port = pkt.listen_port();
+    let config = CONFIG.get(0).copied().unwrap_or_default();
+    if !within_budget(pkt.seen.src_ip, pkt.now, config.syn_rate_per_source) {
+        return count_drop(listen_port, DropReason::SourceLimit);
+    }
+    let back = FlowNat {
+        translated: pkt.seen.reversed(),
+        fin: 0,
+        rst: 0,
+        _pad: [0; 2],
+        created_ns: pkt.now,
+        last_ns: pkt.now,
+    };
+    let Some(translated) = claim_tuple(target, &back, &config) else {
+        return count_drop(listen_port, DropReason::NoPort);
+    };
+    let embryo = Embryo {
+        translated,
+        expect_ack: 0,
+        created_ns: pkt.now,
+        synack: 0,
+        _pad: 0,
+    };
+    let translated = match EMBRYOS.insert(pkt.seen, embryo, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {
+            if let Some(s) = stats(listen_port) {
+                s.embryos += 1;
+            }
+            translated
+        }
+        Err(_) => {
+            // The same SYN on another CPU opened this flow first: give our tuple back and
+            // use the winner's.
+            let _ = EMBRYO_REPLIES.remove(translated.reversed());
+            // SAFETY: copied at once (module doc).
+            match unsafe { EMBRYOS.get(pkt.seen) }.copied() {
+                Some(winner) => winner.translated,
+                None => return count_drop(listen_port, DropReason::Race),
             }
         }
     };
-    if rewrite(ctx, l4, seen, &translated).is_err() {
-        return count_drop(listen_port, DropReason::Rewrite);
-    }
-    if let Some(s) = stats(listen_port) {
-        s.packets_in += 1;
-        s.bytes_in += ip_len;
-    }
-    forward(ctx, &translated, listen_port)
+    to_broker(ctx, pkt, &translated)
 }
 
-/// Records FIN/RST so userspace can show closing flows and remove closed ones.
+/// Counts a new half-open flow against its source's budget for this second. The count is a
+/// plain read-modify-write (BPF gives Rust code no atomic add here): two CPUs counting the
+/// same source at once may lose an increment, so a source may get a few more than its
+/// budget. The budget bounds a flood's share; it is not an exact quota.
 #[inline(always)]
-fn mark_closing(map: &LruHashMap<FlowKey, FlowNat>, key: &FlowKey, tcp: &TcpHdr, fin_bit: u32) {
-    let bits = if tcp.rst() != 0 { FLOW_RST } else { 0 } | if tcp.fin() != 0 { fin_bit } else { 0 };
-    if bits != 0
-        && let Some(flow) = map.get_ptr_mut(key)
-    {
-        // SAFETY: a non-null, aligned pointer to a shared map value; only `flags` is written.
-        // The OR is a plain load and store, not atomic: another CPU marking the same flow at
-        // the same moment (FIN one way, RST the other) can lose one update, and if the
-        // element was deleted or evicted and reused since the lookup, the bits land on the
-        // flow that now owns it. Userspace only reads `flags`.
-        unsafe { (*flow).flags |= bits };
+fn within_budget(src_ip: u32, now: u64, rate: u32) -> bool {
+    if rate == 0 {
+        return true;
     }
-}
-
-/// Allocates the translated tuple of a new flow and records both directions.
-#[inline(always)]
-fn open_flow(seen: &FlowKey, target: &PortTarget) -> Option<FlowKey> {
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let back = FlowNat {
-        translated: seen.reversed(),
-        flags: 0,
-        created_ns: now,
+    let Some(p) = SOURCES.get_ptr_mut(src_ip) else {
+        let fresh = SourceBudget {
+            window_ns: now,
+            opened: 1,
+        };
+        // A concurrent first SYN of the same source may win this insert: one SYN uncounted.
+        let _ = SOURCES.insert(src_ip, fresh, u64::from(BPF_NOEXIST));
+        return true;
     };
+    // SAFETY: a non-null, aligned pointer to an LRU value; aligned single loads and
+    // stores (approximate under concurrency, see above).
+    unsafe {
+        if now.wrapping_sub((*p).window_ns) >= SECOND_NS {
+            (*p).window_ns = now;
+            (*p).opened = 1;
+            return true;
+        }
+        if (*p).opened >= u64::from(rate) {
+            return false;
+        }
+        (*p).opened += 1;
+    }
+    true
+}
+
+/// Claims a free translated tuple towards `target`: a random source port from
+/// SNAT_PORT_FIRST..=65535 outside the node's own ephemeral range and the mapped ports,
+/// held by no half-open (BPF_NOEXIST) and no established flow.
+#[inline(always)]
+fn claim_tuple(target: &PortTarget, back: &FlowNat, config: &PortmapConfig) -> Option<FlowKey> {
+    let (first, last) = (
+        u32::from(config.local_port_first),
+        u32::from(config.local_port_last),
+    );
+    let skip = if first >= u32::from(SNAT_PORT_FIRST) && last >= first {
+        last - first + 1
+    } else {
+        0
+    };
+    let count = (65_536 - u32::from(SNAT_PORT_FIRST)).checked_sub(skip)?;
+    if count == 0 {
+        return None;
+    }
     let mut attempt = 0;
     while attempt < PORT_ATTEMPTS {
-        let src_port = if attempt == 0 {
-            seen.src_port
-        } else {
-            // SAFETY: helper without preconditions.
-            let r = unsafe { bpf_get_prandom_u32() } % u32::from(EPHEMERAL_COUNT);
-            (EPHEMERAL_FIRST + r as u16).to_be()
-        };
+        attempt += 1;
+        // SAFETY: helper without preconditions.
+        let mut port = u32::from(SNAT_PORT_FIRST) + unsafe { bpf_get_prandom_u32() } % count;
+        if skip != 0 && port >= first {
+            port += skip;
+        }
+        // SAFETY: only tested for presence.
+        if unsafe { TARGETS.get(port) }.is_some() {
+            continue;
+        }
         let translated = FlowKey {
             src_ip: target.snat_ip,
             dst_ip: target.broker_ip,
-            src_port,
+            src_port: (port as u16).to_be(),
             dst_port: target.broker_port,
         };
-        // NOEXIST: the reply tuple is the uniqueness check; only one flow can own it. The
-        // kernel checks and inserts under the bucket lock, so two CPUs cannot both win.
-        if REPLIES
-            .insert(translated.reversed(), back, u64::from(BPF_NOEXIST))
-            .is_ok()
+        let reply_key = translated.reversed();
+        if EMBRYO_REPLIES
+            .insert(reply_key, back, u64::from(BPF_NOEXIST))
+            .is_err()
         {
-            let flow = FlowNat {
-                translated,
-                flags: 0,
-                created_ns: now,
-            };
-            if FLOWS.insert(seen, flow, 0).is_err() {
-                let _ = REPLIES.remove(translated.reversed());
-                return None;
-            }
-            return Some(translated);
+            continue;
         }
-        attempt += 1;
+        // Checked after claiming: a flow promoted with this tuple before our claim is seen
+        // here (it inserts into REPLIES before giving its half-open entry up).
+        // SAFETY: only tested for presence.
+        if unsafe { REPLIES.get(reply_key) }.is_some() {
+            let _ = EMBRYO_REPLIES.remove(reply_key);
+            continue;
+        }
+        return Some(translated);
     }
     None
 }
 
 #[inline(always)]
-fn to_client(ctx: &TcContext, l4: usize, seen: &FlowKey, translated: &FlowKey, ip_len: u64) -> i32 {
+fn to_broker(ctx: &TcContext, pkt: &Packet, translated: &FlowKey) -> i32 {
+    let listen_port = pkt.listen_port();
+    if rewrite(ctx, pkt.l4, &pkt.seen, translated).is_err() {
+        return count_drop(listen_port, DropReason::Rewrite);
+    }
+    if let Some(s) = stats(listen_port) {
+        s.packets_in += 1;
+        s.bytes_in += pkt.ip_len;
+    }
+    forward(ctx, translated, listen_port)
+}
+
+#[inline(always)]
+fn to_client(ctx: &TcContext, pkt: &Packet, translated: &FlowKey) -> i32 {
     let listen_port = u16::from_be(translated.src_port);
-    if rewrite(ctx, l4, seen, translated).is_err() {
+    if rewrite(ctx, pkt.l4, &pkt.seen, translated).is_err() {
         return count_drop(listen_port, DropReason::Rewrite);
     }
     if let Some(s) = stats(listen_port) {
         s.packets_out += 1;
-        s.bytes_out += ip_len;
+        s.bytes_out += pkt.ip_len;
     }
     forward(ctx, translated, listen_port)
 }

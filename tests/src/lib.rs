@@ -10,7 +10,9 @@
 
 mod command;
 mod mock_cluster;
+pub mod portmap;
 mod rdkafka_client;
+pub mod syn_flood;
 mod tansu;
 
 pub use command::run_with_timeout;

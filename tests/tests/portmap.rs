@@ -5,7 +5,6 @@
 use std::{
     collections::HashSet,
     net::{SocketAddr, TcpStream, UdpSocket},
-    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -14,9 +13,10 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, MetadataRequest, MetadataResponse};
 use kpsc_tests::{
     Kpscd, RawClient, TansuHost,
-    datapath::{DEFAULT_PIN_ROOT, FlowState, PinnedMaps, pin_dir},
+    datapath::{FlowState, PinnedMaps},
     eventually, kpscctl_bin, kpscd_bin,
     netns::{NODE_CLIENT_IP, Topology, broker_ip, client_ip, in_netns},
+    portmap::{BROKER_PORT, FIRST_PORT, mapping, pins, portmap_args, start_portmap},
 };
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
@@ -26,42 +26,6 @@ use rdkafka::{
     producer::{BaseProducer, BaseRecord, Producer},
 };
 
-const BROKER_PORT: u16 = 39092;
-/// Broker i is served on node port FIRST_PORT + i (the guide's 9093, 9094, ...).
-const FIRST_PORT: u16 = 9093;
-
-fn mapping(i: usize) -> String {
-    let port = FIRST_PORT + i as u16;
-    format!(
-        "{}:{BROKER_PORT},0.0.0.0:{port},{NODE_CLIENT_IP}:{port}",
-        broker_ip(i)
-    )
-}
-
-fn portmap_args(topo: &Topology, mappings: &[String], extra: &[&str]) -> Vec<String> {
-    let mut args = vec!["portmap".to_owned()];
-    for m in mappings {
-        args.push("--bootstrap-server-mapping".into());
-        args.push(m.clone());
-    }
-    args.extend(
-        [
-            "--interface",
-            "n0,n1",
-            "--instance",
-            &topo.node,
-            "--metadata-refresh-interval",
-            "1s",
-            "--kafka-dial-timeout",
-            "2s",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
 /// Three tansu brokers, each advertising the node's address and its own mapped port.
 fn three_brokers() -> Topology {
     let mut topo = Topology::without_checksum_offload(1, 3).unwrap();
@@ -70,16 +34,6 @@ fn three_brokers() -> Topology {
             .unwrap();
     }
     topo
-}
-
-fn start_portmap(topo: &Topology, args: &[String]) -> Kpscd {
-    let k = Kpscd::spawn_mode(args, Some(&topo.node)).unwrap();
-    k.wait_ready(Duration::from_secs(20)).unwrap();
-    k
-}
-
-fn pins(topo: &Topology) -> std::path::PathBuf {
-    pin_dir(Path::new(DEFAULT_PIN_ROOT), &topo.node)
 }
 
 /// TCP sockets of the node's own stack that involve `port`.

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kpsc::{
     admin::{MAPS_PATH, MapRow},
-    portmap::datapath::{DEFAULT_PIN_ROOT, FlowState, PinnedMaps, pin_dir},
+    portmap::datapath::{DEFAULT_PIN_ROOT, FlowState, PinnedMaps, monotonic_ns, pin_dir},
 };
 use kpsc_common::FlowKey;
 
@@ -125,16 +125,6 @@ fn admin_maps(admin: &str, json: bool) -> anyhow::Result<String> {
     }
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn ip(bits: u32) -> Ipv4Addr {
     Ipv4Addr::from(bits.to_ne_bytes())
 }
@@ -169,8 +159,9 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
                 "packets_in": s.packets_in, "bytes_in": s.bytes_in,
                 "packets_out": s.packets_out, "bytes_out": s.bytes_out,
                 "flows_opened": s.new_flows,
-                "drops": {"no_flow": s.drop_no_flow, "no_port": s.drop_no_port,
-                          "no_route": s.drop_no_route, "rewrite": s.drop_rewrite},
+                "half_open_opened": s.embryos,
+                "drops": s.drops().iter().map(|(r, n)| ((*r).to_owned(), serde_json::json!(n)))
+                    .collect::<serde_json::Map<_, _>>(),
             })
         })
         .collect();
@@ -194,6 +185,7 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
             "{}\n",
             serde_json::to_string_pretty(&serde_json::json!({
                 "pins": pins.display().to_string(),
+                "half_open_flows": maps.embryos().len(),
                 "ports": ports,
                 "flows": flow_rows,
             }))?
@@ -205,7 +197,7 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
         .iter()
         .map(|(port, t)| {
             let s = maps.stats(*port);
-            let drops = s.drop_no_flow + s.drop_no_port + s.drop_no_route + s.drop_rewrite;
+            let drops = s.dropped();
             vec![
                 port.to_string(),
                 endpoint(t.broker_ip, t.broker_port),
@@ -223,10 +215,13 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
                 if drops == 0 {
                     "0".into()
                 } else {
-                    format!(
-                        "{drops} (no_flow {}, no_port {}, no_route {}, rewrite {})",
-                        s.drop_no_flow, s.drop_no_port, s.drop_no_route, s.drop_rewrite
-                    )
+                    let reasons: Vec<String> = s
+                        .drops()
+                        .iter()
+                        .filter(|(_, n)| *n > 0)
+                        .map(|(r, n)| format!("{r} {n}"))
+                        .collect();
+                    format!("{drops} ({})", reasons.join(", "))
                 },
             ]
         })
@@ -249,8 +244,10 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
         .filter(|(_, f)| maps.flow_state(f) != FlowState::Closed)
         .count();
     out.push_str(&format!(
-        "\n{live} live flow(s); {} closed, kept a minute after closing (see --json)\n",
-        flows.len() - live
+        "\n{live} live flow(s); {} closed, kept a minute after closing (see --json); \
+         {} half-open (handshake in progress)\n",
+        flows.len() - live,
+        maps.embryos().len()
     ));
     // The table lists live flows; closed ones are counted above and listed by --json.
     let flow_cells: Vec<Vec<String>> = flows

@@ -42,6 +42,12 @@ pub struct PortmapArgs {
     /// bpffs directory for the pins.
     #[arg(long = "pin-root", value_name = "DIR")]
     pub pin_root: Option<PathBuf>,
+
+    /// New connections (SYNs that get a half-open flow) one client address may open per
+    /// second; 0 = no limit. A cloud endpoint's NAT puts many clients behind few addresses:
+    /// keep this well above their combined connection rate. [default: 1000]
+    #[arg(long = "syn-rate-per-source", value_name = "N")]
+    pub syn_rate_per_source: Option<u32>,
 }
 
 /// One validated mapping: listen port -> broker, and what the broker should advertise.
@@ -61,6 +67,7 @@ pub struct PortmapConfig {
     pub interfaces: Vec<String>,
     pub instance: String,
     pub pin_root: PathBuf,
+    pub syn_rate_per_source: u32,
 }
 
 impl PortmapConfig {
@@ -124,6 +131,8 @@ impl PortmapConfig {
                 format!("{}: portmap handles IPv4 only", e.listen),
             ));
         }
+        let syn_rate_per_source = pick(flags.syn_rate_per_source, file.syn_rate_per_source)
+            .unwrap_or(kpsc_common::portmap::DEFAULT_SYN_RATE_PER_SOURCE);
         Ok(Self {
             args: original,
             common,
@@ -131,6 +140,7 @@ impl PortmapConfig {
             interfaces,
             instance,
             pin_root,
+            syn_rate_per_source,
         })
     }
 }

@@ -15,14 +15,16 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, MapType, PerCpuHashMap, PerCpuValues},
     programs::{SchedClassifier, TcAttachType, tc},
     util::nr_cpus,
 };
 use kpsc_common::{
-    FLOW_FIN_FROM_BROKER, FLOW_FIN_FROM_CLIENT, FLOW_RST, FlowKey, FlowNat, PortTarget,
-    PortmapStats,
-    portmap::{FLOWS_MAP, PROGRAM, REPLIES_MAP, STATS_MAP, TARGETS_MAP},
+    Embryo, FlowKey, FlowNat, PortTarget, PortmapConfig, PortmapStats, SourceBudget,
+    portmap::{
+        CONFIG_MAP, EMBRYO_REPLIES_MAP, EMBRYOS_MAP, FLOWS_MAP, PROGRAM, REPLIES_MAP, SOURCES_MAP,
+        STATS_MAP, TARGETS_MAP,
+    },
 };
 use tracing::{info, warn};
 
@@ -30,6 +32,18 @@ pub use crate::config::portmap::DEFAULT_PIN_ROOT;
 use crate::portmap::ebpf::{OBJECT, privilege_hint};
 
 const BPFFS: &str = "/sys/fs/bpf";
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock of `bpf_ktime_get_ns`, which stamps the
+/// flows.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 /// Where one instance's maps are pinned.
 pub fn pin_dir(pin_root: &Path, instance: &str) -> PathBuf {
@@ -62,7 +76,16 @@ pub fn ensure_bpffs(pin_root: &Path) -> anyhow::Result<()> {
 }
 
 /// Names of every pinned map, for cleanup.
-const PINNED_MAPS: [&str; 4] = [TARGETS_MAP, FLOWS_MAP, REPLIES_MAP, STATS_MAP];
+const PINNED_MAPS: [&str; 8] = [
+    TARGETS_MAP,
+    FLOWS_MAP,
+    REPLIES_MAP,
+    EMBRYOS_MAP,
+    EMBRYO_REPLIES_MAP,
+    SOURCES_MAP,
+    CONFIG_MAP,
+    STATS_MAP,
+];
 
 fn remove_pins(dir: &Path) -> io::Result<()> {
     for name in PINNED_MAPS {
@@ -77,22 +100,59 @@ fn remove_pins(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// Sizes the program expects: a pin with other sizes is from an incompatible build.
+/// Types and sizes the program expects: a pin that differs is from an incompatible build.
 fn pins_compatible(dir: &Path) -> bool {
+    let flow = (size_of::<FlowKey>(), size_of::<FlowNat>());
     let expected = [
-        (TARGETS_MAP, size_of::<u32>(), size_of::<PortTarget>()),
-        (FLOWS_MAP, size_of::<FlowKey>(), size_of::<FlowNat>()),
-        (REPLIES_MAP, size_of::<FlowKey>(), size_of::<FlowNat>()),
-        (STATS_MAP, size_of::<u32>(), size_of::<PortmapStats>()),
+        (
+            TARGETS_MAP,
+            MapType::Hash,
+            (size_of::<u32>(), size_of::<PortTarget>()),
+        ),
+        (FLOWS_MAP, MapType::Hash, flow),
+        (REPLIES_MAP, MapType::Hash, flow),
+        (
+            EMBRYOS_MAP,
+            MapType::LruHash,
+            (size_of::<FlowKey>(), size_of::<Embryo>()),
+        ),
+        (EMBRYO_REPLIES_MAP, MapType::LruHash, flow),
+        (
+            SOURCES_MAP,
+            MapType::LruHash,
+            (size_of::<u32>(), size_of::<SourceBudget>()),
+        ),
+        (
+            CONFIG_MAP,
+            MapType::Array,
+            (size_of::<u32>(), size_of::<PortmapConfig>()),
+        ),
+        (
+            STATS_MAP,
+            MapType::PerCpuHash,
+            (size_of::<u32>(), size_of::<PortmapStats>()),
+        ),
     ];
-    expected.iter().all(|(name, key, value)| {
+    // A pin missing while others exist (an older build had fewer maps): start afresh.
+    let present = expected
+        .iter()
+        .filter(|(name, ..)| dir.join(name).exists())
+        .count();
+    if present != 0 && present != expected.len() {
+        return false;
+    }
+    expected.iter().all(|(name, map_type, (key, value))| {
         let path = dir.join(name);
         if !path.exists() {
             return true;
         }
         MapData::from_pin(&path)
             .and_then(|m| m.info())
-            .map(|info| info.key_size() as usize == *key && info.value_size() as usize == *value)
+            .map(|info| {
+                info.map_type().is_ok_and(|t| t == *map_type)
+                    && info.key_size() as usize == *key
+                    && info.value_size() as usize == *value
+            })
             .unwrap_or(false)
     })
 }
@@ -141,6 +201,18 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Gives the program its settings (PORTMAP_CONFIG).
+    pub fn set_config(&mut self, config: PortmapConfig) -> anyhow::Result<()> {
+        let mut map: Array<_, PortmapConfig> = Array::try_from(
+            self.ebpf
+                .map_mut(CONFIG_MAP)
+                .context("config map missing")?,
+        )?;
+        map.set(0, config, 0)
+            .context("writing the program's settings")?;
+        Ok(())
     }
 
     /// Attaches to TC ingress of `iface` (tcx on kernels >= 6.6, clsact before), first
@@ -267,9 +339,11 @@ impl Datapath {
 /// Read-only view of an instance's pinned maps: what `kpscctl maps` and the metrics read.
 pub struct PinnedMaps {
     targets: HashMap<MapData, u32, PortTarget>,
-    // LRU hash maps are read through aya's HashMap.
+    // LRU hash maps (half-open flows) are read through aya's HashMap.
     flows: HashMap<MapData, FlowKey, FlowNat>,
     replies: HashMap<MapData, FlowKey, FlowNat>,
+    embryos: HashMap<MapData, FlowKey, Embryo>,
+    embryo_replies: HashMap<MapData, FlowKey, FlowNat>,
     stats: PerCpuHashMap<MapData, u32, PortmapStats>,
 }
 
@@ -314,6 +388,8 @@ impl PinnedMaps {
             targets: HashMap::try_from(open_pin(dir, TARGETS_MAP)?)?,
             flows: HashMap::try_from(open_pin(dir, FLOWS_MAP)?)?,
             replies: HashMap::try_from(open_pin(dir, REPLIES_MAP)?)?,
+            embryos: HashMap::try_from(open_pin(dir, EMBRYOS_MAP)?)?,
+            embryo_replies: HashMap::try_from(open_pin(dir, EMBRYO_REPLIES_MAP)?)?,
             stats: PerCpuHashMap::try_from(open_pin(dir, STATS_MAP)?)?,
         })
     }
@@ -336,23 +412,45 @@ impl PinnedMaps {
             .unwrap_or_default()
     }
 
+    /// Established flows.
     pub fn flows(&self) -> Vec<(FlowKey, FlowNat)> {
         self.flows.iter().filter_map(Result::ok).collect()
     }
 
-    /// State of a flow from both directions' bits. A flow whose reply entry is gone (LRU
-    /// eviction) can carry no more replies: closed.
+    /// Half-open flows (a SYN went through, the handshake has not completed), by client
+    /// tuple.
+    pub fn embryos(&self) -> Vec<(FlowKey, Embryo)> {
+        self.embryos.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Reply sides of established flows: broker->node tuple -> node->client.
+    pub fn established_replies(&self) -> Vec<(FlowKey, FlowNat)> {
+        self.replies.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Reply sides of half-open flows: broker->node tuple -> node->client.
+    pub fn half_open_replies(&self) -> Vec<(FlowKey, FlowNat)> {
+        self.embryo_replies.iter().filter_map(Result::ok).collect()
+    }
+
+    /// CLOCK_MONOTONIC nanoseconds of a flow's last packet either way (to the second).
+    pub fn last_activity_ns(&self, flow: &FlowNat) -> u64 {
+        let reply = self
+            .replies
+            .get(&flow.translated.reversed(), 0)
+            .map_or(0, |r| r.last_ns);
+        flow.last_ns.max(reply)
+    }
+
+    /// State of a flow from both directions' bits. A flow whose reply entry is gone can
+    /// carry no more replies: closed.
     pub fn flow_state(&self, flow: &FlowNat) -> FlowState {
         let Ok(reply) = self.replies.get(&flow.translated.reversed(), 0) else {
             return FlowState::Closed;
         };
-        let bits = flow.flags | reply.flags;
-        if bits & FLOW_RST != 0
-            || bits & (FLOW_FIN_FROM_CLIENT | FLOW_FIN_FROM_BROKER)
-                == FLOW_FIN_FROM_CLIENT | FLOW_FIN_FROM_BROKER
-        {
+        if flow.rst | reply.rst != 0 || flow.fin & reply.fin != 0 {
             FlowState::Closed
-        } else if bits != 0 {
+        } else if flow.fin | reply.fin != 0 {
             FlowState::Closing
         } else {
             FlowState::Open

@@ -1,5 +1,6 @@
-//! Closed flows are removed a while after they close, so the table shows live flows and
-//! the LRU does not evict open ones first.
+//! Established flows leave the kernel's table (which nothing evicts) here: closed ones a
+//! while after they close, and ones that have been silent for ESTABLISHED_IDLE (a client
+//! that vanished without FIN or RST).
 
 use std::{
     collections::HashMap,
@@ -11,15 +12,19 @@ use kpsc_common::FlowKey;
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-use crate::portmap::datapath::{FlowState, PinnedMaps};
+use crate::portmap::datapath::{FlowState, PinnedMaps, monotonic_ns};
 
 /// How long a closed flow stays in the table (late segments, the client's TIME_WAIT)
-/// before userspace removes it; LRU eviction is the backstop.
+/// before userspace removes it.
 const CLOSED_FLOW_LINGER: Duration = Duration::from_secs(60);
+/// How long an established flow may carry no packet either way before it is removed. Kafka
+/// brokers close connections idle for 10 minutes (`connections.max.idle.ms`), and clients
+/// send metadata requests more often than that, so a live Kafka connection never gets here.
+pub const ESTABLISHED_IDLE: Duration = Duration::from_secs(3600);
 const FLOW_CLEANUP_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Removes flows that have been closed for CLOSED_FLOW_LINGER, so the table shows live
-/// flows and the LRU does not evict open ones first. Uses its own handles on the pinned
+/// Removes flows that have been closed for CLOSED_FLOW_LINGER or idle for
+/// ESTABLISHED_IDLE, so the table holds live flows only. Uses its own handles on the pinned
 /// maps, and walks them off the async threads: a walk of 65,536 flows is as many system
 /// calls, and neither the admin endpoint nor the runtime waits for it.
 pub async fn cleanup_loop(pin_dir: PathBuf, shutdown: CancellationToken) {
@@ -60,8 +65,9 @@ pub async fn cleanup_loop(pin_dir: PathBuf, shutdown: CancellationToken) {
     }
 }
 
-/// One pass: flows closed for CLOSED_FLOW_LINGER by `now` are removed; returns when each
-/// still-lingering closed flow was first seen closed, and how many were removed.
+/// One pass: flows closed for CLOSED_FLOW_LINGER by `now`, or idle for ESTABLISHED_IDLE,
+/// are removed; returns when each still-lingering closed flow was first seen closed, and
+/// how many were removed.
 fn remove_closed(
     maps: &mut PinnedMaps,
     closed_since: HashMap<FlowKey, Instant>,
@@ -69,8 +75,14 @@ fn remove_closed(
 ) -> (HashMap<FlowKey, Instant>, usize) {
     let mut still_closed = HashMap::new();
     let mut removed = 0;
+    let now_ns = monotonic_ns();
     for (key, flow) in maps.flows() {
         if maps.flow_state(&flow) != FlowState::Closed {
+            let idle = now_ns.saturating_sub(maps.last_activity_ns(&flow));
+            if idle >= ESTABLISHED_IDLE.as_nanos() as u64 {
+                maps.remove_flow(&key, &flow);
+                removed += 1;
+            }
             continue;
         }
         let since = closed_since.get(&key).copied().unwrap_or(now);

@@ -7,7 +7,7 @@ pub fn render(out: &mut String, rows: &[(u16, String, PortmapStats)]) {
     let family = |out: &mut String,
                   name: &str,
                   help: &str,
-                  pick: &dyn Fn(&PortmapStats) -> Vec<(&'static str, u64)>| {
+                  pick: &dyn Fn(&PortmapStats) -> Vec<(String, u64)>| {
         out.push_str(&format!(
             "# HELP kpsc_portmap_{name} {help}\n# TYPE kpsc_portmap_{name} counter\n"
         ));
@@ -19,45 +19,45 @@ pub fn render(out: &mut String, rows: &[(u16, String, PortmapStats)]) {
             }
         }
     };
+    let direction = |from_client: u64, to_client: u64| {
+        vec![
+            (",direction=\"from_client\"".to_owned(), from_client),
+            (",direction=\"to_client\"".to_owned(), to_client),
+        ]
+    };
     family(
         out,
         "packets",
         "Packets translated by the TC program, per port and direction",
-        &|s| {
-            vec![
-                (",direction=\"from_client\"", s.packets_in),
-                (",direction=\"to_client\"", s.packets_out),
-            ]
-        },
+        &|s| direction(s.packets_in, s.packets_out),
     );
     family(
         out,
         "bytes",
         "IP bytes translated by the TC program, per port and direction",
-        &|s| {
-            vec![
-                (",direction=\"from_client\"", s.bytes_in),
-                (",direction=\"to_client\"", s.bytes_out),
-            ]
-        },
+        &|s| direction(s.bytes_in, s.bytes_out),
     );
     family(
         out,
         "flows",
-        "Flows opened by the TC program, per port",
-        &|s| vec![("", s.new_flows)],
+        "Flows established through the TC program (handshake completed), per port",
+        &|s| vec![(String::new(), s.new_flows)],
+    );
+    family(
+        out,
+        "half_open_flows",
+        "Half-open flows opened by the TC program (SYNs given a translated tuple), per port",
+        &|s| vec![(String::new(), s.embryos)],
     );
     family(
         out,
         "drops",
         "Packets dropped by the TC program, per port and reason",
         &|s| {
-            vec![
-                (",reason=\"no_flow\"", s.drop_no_flow),
-                (",reason=\"no_port\"", s.drop_no_port),
-                (",reason=\"no_route\"", s.drop_no_route),
-                (",reason=\"rewrite\"", s.drop_rewrite),
-            ]
+            s.drops()
+                .iter()
+                .map(|(reason, n)| (format!(",reason=\"{reason}\""), *n))
+                .collect()
         },
     );
 }

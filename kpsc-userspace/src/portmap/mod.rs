@@ -31,7 +31,7 @@ use crate::{
         datapath::{Datapath, PinnedMaps},
         privileges::{EXIT_PRIVILEGE, missing_capabilities},
         state::{PortmapState, ProbeState},
-        targets::{check_forwarding, kernel_targets},
+        targets::{check_forwarding, kernel_targets, program_config},
     },
 };
 
@@ -57,6 +57,7 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
         .context("resolving the brokers")??;
 
     let mut datapath = Datapath::load(&config.pin_root, &config.instance)?;
+    datapath.set_config(program_config(config.syn_rate_per_source)?)?;
     datapath.set_targets(&targets)?;
     let shutdown = CancellationToken::new();
     let state = Arc::new(PortmapState {
@@ -138,6 +139,17 @@ async fn reload(state: &Arc<PortmapState>, datapath: &mut Datapath) {
             return;
         }
     };
+    let settings = match program_config(config.syn_rate_per_source) {
+        Ok(settings) => settings,
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "SIGHUP: keeping the old configuration");
+            return;
+        }
+    };
+    if let Err(e) = datapath.set_config(settings) {
+        error!(error = %format!("{e:#}"), "SIGHUP: the kernel refused the new settings, keeping the old configuration");
+        return;
+    }
     if let Err(e) = datapath.set_targets(&targets) {
         error!(error = %format!("{e:#}"), "SIGHUP: the kernel refused the new port map, keeping the old one");
         return;

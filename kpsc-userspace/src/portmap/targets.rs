@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, ToSocketAddrs, UdpSocket};
 
 use anyhow::{Context as _, bail};
-use kpsc_common::PortTarget;
+use kpsc_common::{PortTarget, PortmapConfig};
 
 use crate::config::portmap::PortmapEntry;
 
@@ -60,4 +60,21 @@ pub fn check_forwarding(interfaces: &[String]) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The program's settings: the SYN budget, and the node's own ephemeral port range, which
+/// translated source ports avoid so the node's own connections to a broker (the
+/// advertised-listener probe among them) never share a tuple with a translated flow.
+pub fn program_config(syn_rate_per_source: u32) -> anyhow::Result<PortmapConfig> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(PATH).with_context(|| format!("reading {PATH}"))?;
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(first)), Some(Ok(last))) = (ports.next(), ports.next()) else {
+        bail!("{PATH}: expected two ports, got {text:?}");
+    };
+    Ok(PortmapConfig {
+        syn_rate_per_source,
+        local_port_first: first,
+        local_port_last: last,
+    })
 }
