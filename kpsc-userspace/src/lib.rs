@@ -5,7 +5,8 @@
 //! - `config/`: flags and the TOML file, one schema per mode;
 //! - `mapping/`: the broker/port map both modes serve;
 //! - `kafka/`: the wire protocol (framing, request header, guarded decoding, discovery);
-//! - `admin`, `metrics`, `logging`: the operator's view.
+//! - `admin`, `metrics`, `logging`: the operator's view;
+//! - `shutdown`: the stop signals and the grace period both modes honour.
 pub mod admin;
 pub mod config;
 pub mod kafka;
@@ -14,3 +15,4 @@ pub mod mapping;
 pub mod metrics;
 pub mod portmap;
 pub mod proxy;
+pub mod shutdown;

@@ -209,7 +209,7 @@ impl Metrics {
         );
         registry.register(
             "ready",
-            "1 when metadata is known and every listen port is bound",
+            "1 when metadata is known, every listen port is bound and no stop signal came",
             ready.clone(),
         );
         registry.register(

@@ -76,12 +76,17 @@ impl Kpscd {
 
     /// Starts `cmd`, a kpscd command line (mode and flags, wrapped as the caller likes, e.g.
     /// in taskset), with its admin endpoint on `admin`, reachable from namespace `netns`.
+    /// Without a `--shutdown-grace` flag it gets `0s`: tests stop many instances and most
+    /// have no load balancer to wait for (a file's `shutdown_grace` is overridden too).
     pub fn launch(
         mut cmd: Command,
         admin: SocketAddr,
         netns: Option<String>,
     ) -> anyhow::Result<Self> {
         cmd.arg("--http-listen-address").arg(admin.to_string());
+        if !cmd.get_args().any(|a| a == "--shutdown-grace") {
+            cmd.args(["--shutdown-grace", "0s"]);
+        }
         let process = Process::spawn(&mut cmd, STOP_GRACE).context("starting kpscd")?;
         Ok(Self {
             process,
@@ -149,6 +154,12 @@ impl Kpscd {
     /// Sends SIGTERM and waits for the exit code.
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<i32> {
         let status = self.process.terminate(timeout).context("kpscd")?;
+        status.code().context("kpscd killed by a signal")
+    }
+
+    /// Waits for it to exit on its own (after a signal already sent) and its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<i32> {
+        let status = self.process.wait(timeout).context("kpscd")?;
         status.code().context("kpscd killed by a signal")
     }
 }

@@ -54,10 +54,15 @@ impl Process {
     /// Sends SIGTERM and waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         self.signal(libc::SIGTERM);
+        self.wait(timeout).context("after SIGTERM")
+    }
+
+    /// Waits up to `timeout` for the exit status, sending nothing.
+    pub fn wait(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         while self.alive() {
             if Instant::now() > deadline {
-                bail!("did not exit {timeout:?} after SIGTERM");
+                bail!("did not exit within {timeout:?}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -243,6 +243,8 @@ class Kpscd:
             "--default-listener-ip", "0.0.0.0",
             "--metadata-refresh-interval", "1s",
             "--http-listen-address", self.admin,
+            # No load balancer to wait for: stop at once (the default grace is 5 s).
+            "--shutdown-grace", "0s",
         ]
         if bulk_policy:
             self.args += ["--bulk-policy", bulk_policy]

@@ -1,9 +1,14 @@
 //! Operating kpscd: the port map (deterministic, identical across instances, growing when
-//! a broker joins), configuration errors, `kpscctl maps`, graceful shutdown, and a second
+//! a broker joins), configuration errors, `kpscctl maps`, graceful shutdown (unready
+//! first, then drained), and a second
 //! independent broker implementation (tansu).
 
 use std::{
     process::{Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -16,7 +21,12 @@ use kafka_protocol::{
 };
 use kpsc_tests::{
     Kpscd, MockCluster, RawClient, Tansu, contains_bytes, eventually, free_port_base, kpscctl_bin,
-    kpscd_bin, proxy_args,
+    kpscd_bin, proxy_args, send_waiting,
+};
+use rdkafka::{
+    ClientConfig, ClientContext, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, Consumer},
+    producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext},
 };
 
 fn map_rows(kpscd: &Kpscd) -> Vec<(String, String, String, i64)> {
@@ -201,6 +211,16 @@ fn bad_configuration_exits_2_and_names_the_flag() {
         ),
         (&["proxy", "--no-such-flag"], "--no-such-flag"),
         (&["proxy", "--config", "/nonexistent/kpsc.toml"], "--config"),
+        (
+            &[
+                "proxy",
+                "--bootstrap-server-mapping",
+                "127.0.0.1:1,127.0.0.1:2",
+                "--shutdown-grace",
+                "soon",
+            ],
+            "--shutdown-grace",
+        ),
     ];
     // An argument that is not UTF-8 is a configuration error too, not a panic.
     {
@@ -338,6 +358,194 @@ fn sigterm_lets_in_flight_requests_finish() {
     let code = kpscd.terminate(Duration::from_secs(15)).unwrap();
     assert_eq!(code, 0);
     assert!(started.elapsed() >= Duration::from_millis(1000));
+}
+
+/// Records when each message was delivered (producer) or received (consumer).
+#[derive(Clone, Default)]
+struct Timeline(Arc<Mutex<Vec<Instant>>>);
+
+impl Timeline {
+    fn push(&self) {
+        self.0.lock().unwrap().push(Instant::now());
+    }
+    fn count(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    fn between(&self, from: Instant, to: Instant) -> usize {
+        let times = self.0.lock().unwrap();
+        times.iter().filter(|t| **t >= from && **t < to).count()
+    }
+}
+
+impl ClientContext for Timeline {}
+impl ProducerContext for Timeline {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if result.is_ok() {
+            self.push();
+        }
+    }
+}
+
+/// A producer and a consumer through kpscd until `stop`, each marking its messages on
+/// its timeline.
+fn run_clients(
+    bootstrap: String,
+    stop: Arc<AtomicBool>,
+) -> (Timeline, Timeline, Vec<std::thread::JoinHandle<()>>) {
+    let (produced, consumed) = (Timeline::default(), Timeline::default());
+    let config = |bootstrap: &str| {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", bootstrap)
+            .set("topic.metadata.refresh.interval.ms", "1000")
+            .set("reconnect.backoff.max.ms", "200");
+        c
+    };
+    let producer: BaseProducer<Timeline> = config(&bootstrap)
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "5000")
+        .create_with_context(produced.clone())
+        .unwrap();
+    let consumer: BaseConsumer = config(&bootstrap)
+        .set("group.id", "drain")
+        // Closing would otherwise try to commit to a coordinator that is gone, for as
+        // long as the session timeout.
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "100")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition_offset("t", p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let stop_p = Arc::clone(&stop);
+    let p = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !stop_p.load(Ordering::Relaxed) {
+            let value = n.to_string();
+            send_waiting(&producer, BaseRecord::to("t").key(&value).payload(&value)).unwrap();
+            n += 1;
+            producer.poll(Duration::from_millis(10));
+        }
+        // Whatever is left after kpscd exited cannot be delivered: do not wait for it.
+        producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+    });
+    let timeline = consumed.clone();
+    let c = std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(Ok(_)) = consumer.poll(Duration::from_millis(50)) {
+                timeline.push();
+            }
+        }
+    });
+    (produced, consumed, vec![p, c])
+}
+
+/// What a load balancer's health check follows: on SIGTERM `/ready` turns 503 at once,
+/// while kpscd serves on for `--shutdown-grace` (existing clients and new connections);
+/// then it stops accepting, drains and exits. A second signal in the grace stops at once.
+#[test]
+fn sigterm_turns_unready_first_and_serves_through_the_grace() {
+    const GRACE: Duration = Duration::from_secs(3);
+    let cluster = MockCluster::new(3).unwrap();
+    cluster.create_topic("t", 3).unwrap();
+    let base = free_port_base(20);
+    let mut kpscd = Kpscd::start(&proxy_args(&cluster, base, &["--shutdown-grace", "3s"])).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (produced, consumed, clients) = run_clients(format!("127.0.1.1:{base}"), Arc::clone(&stop));
+    eventually(Duration::from_secs(20), || {
+        anyhow::ensure!(
+            produced.count() >= 50 && consumed.count() >= 50,
+            "clients not flowing yet"
+        );
+        Ok(())
+    })
+    .unwrap();
+
+    let signalled = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &kpscd.pid().to_string()])
+        .status()
+        .unwrap();
+    eventually(Duration::from_millis(500), || {
+        let (status, body) = kpscd.get("/ready")?;
+        anyhow::ensure!(status == 503, "/ready still {status}");
+        anyhow::ensure!(body.contains("shutting down"), "{body}");
+        Ok(())
+    })
+    .unwrap();
+    // During the grace: still unready, and a new connection is accepted and served.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut fresh = RawClient::connect(&format!("127.0.1.1:{base}")).unwrap();
+    let (metadata, _): (MetadataResponse, _) = fresh
+        .call(
+            ApiKey::Metadata,
+            12,
+            &MetadataRequest::default().with_topics(Some(vec![])),
+        )
+        .unwrap();
+    assert_eq!(metadata.brokers.len(), 3);
+    assert_eq!(kpscd.get("/ready").unwrap().0, 503);
+    let (_, metrics) = kpscd.get("/metrics").unwrap();
+    assert!(metrics.lines().any(|l| l == "kpsc_ready 0"), "{metrics}");
+    assert!(
+        kpscd.alive(),
+        "exited during the grace; log:\n{}",
+        kpscd.log()
+    );
+
+    let code = kpscd.wait_exit(GRACE + Duration::from_secs(5)).unwrap();
+    let exited = signalled.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(code, 0, "log:\n{}", kpscd.log());
+    assert!(
+        exited >= GRACE,
+        "exited {exited:?} after SIGTERM, before the grace ended"
+    );
+    assert!(
+        exited < GRACE + Duration::from_secs(3),
+        "drain took {exited:?} in all"
+    );
+    // The clients kept going between the 503 and the end of the grace.
+    let window = (signalled + Duration::from_millis(500), signalled + GRACE);
+    let (p, c) = (
+        produced.between(window.0, window.1),
+        consumed.between(window.0, window.1),
+    );
+    assert!(
+        p >= 20 && c >= 20,
+        "during the grace: {p} delivered, {c} consumed"
+    );
+    eprintln!("grace {GRACE:?}: exited after {exited:?}; during it {p} delivered, {c} consumed");
+
+    // A second signal in the grace stops at once.
+    let mut kpscd = Kpscd::start(&proxy_args(
+        &cluster,
+        free_port_base(20),
+        &["--shutdown-grace", "60s"],
+    ))
+    .unwrap();
+    Command::new("kill")
+        .args(["-TERM", &kpscd.pid().to_string()])
+        .status()
+        .unwrap();
+    eventually(Duration::from_millis(500), || {
+        anyhow::ensure!(kpscd.get("/ready")?.0 == 503);
+        Ok(())
+    })
+    .unwrap();
+    let second = Instant::now();
+    Command::new("kill")
+        .args(["-INT", &kpscd.pid().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(kpscd.wait_exit(Duration::from_secs(3)).unwrap(), 0);
+    assert!(second.elapsed() < Duration::from_secs(3));
+    assert!(kpscd.log().contains("stopping now"), "{}", kpscd.log());
 }
 
 /// tansu: an independent Kafka-compatible broker. It supports FindCoordinator v4-6 and

@@ -543,7 +543,10 @@ fn sigkill_then_restart_leaves_one_attachment_and_working_traffic() {
         "pins survive a crash (kpscctl can still read them)"
     );
 
-    let mut second = start_portmap(&topo, &args);
+    let grace = Duration::from_secs(2);
+    let mut with_grace = args.clone();
+    with_grace.extend(["--shutdown-grace".to_owned(), "2s".to_owned()]);
+    let mut second = start_portmap(&topo, &with_grace);
     assert_eq!(attachments(&topo), vec![("n0".into(), 1), ("n1".into(), 1)]);
     // The flow tracked before the crash still works: its translation was in the pins.
     api_versions_ok(&mut conn).unwrap();
@@ -552,7 +555,30 @@ fn sigkill_then_restart_leaves_one_attachment_and_working_traffic() {
         .unwrap();
     api_versions_ok(&mut fresh).unwrap();
 
-    assert_eq!(second.terminate(Duration::from_secs(10)).unwrap(), 0);
+    // A stop a load balancer can follow: unready at once, still translating (old flows
+    // and new ones) for the grace, then detached.
+    let signalled = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &second.pid().to_string()])
+        .status()
+        .unwrap();
+    eventually(Duration::from_millis(500), || {
+        let (status, body) = second.get("/ready")?;
+        anyhow::ensure!(
+            status == 503 && body.contains("shutting down"),
+            "{status} {body}"
+        );
+        Ok(())
+    })
+    .unwrap();
+    api_versions_ok(&mut fresh).unwrap();
+    let mut during = in_netns(&topo.client, || RawClient::connect(&addr))
+        .unwrap()
+        .unwrap();
+    api_versions_ok(&mut during).unwrap();
+    assert_eq!(attachments(&topo), vec![("n0".into(), 1), ("n1".into(), 1)]);
+    assert_eq!(second.wait_exit(Duration::from_secs(10)).unwrap(), 0);
+    assert!(signalled.elapsed() >= grace, "{:?}", signalled.elapsed());
     assert_eq!(attachments(&topo), vec![("n0".into(), 0), ("n1".into(), 0)]);
     assert!(!pins(&topo).exists(), "a clean stop removes the pins");
 }

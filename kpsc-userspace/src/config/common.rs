@@ -58,6 +58,12 @@ pub struct CommonArgs {
     /// Log level (kafka-proxy's warning, fatal and panic are accepted).
     #[arg(long = "log-level", value_name = "LEVEL")]
     pub log_level: Option<LogLevel>,
+
+    /// After SIGTERM/SIGINT, how long `/ready` answers 503 while kpscd keeps serving (and
+    /// accepting), so a load balancer's health check takes the instance out before it
+    /// stops, e.g. `5s` (the default); `0s` stops at once.
+    #[arg(long = "shutdown-grace", value_name = "DURATION")]
+    pub shutdown_grace: Option<HumanDuration>,
 }
 
 #[derive(Clone, Debug)]
@@ -82,7 +88,11 @@ pub struct CommonSettings {
     pub dial_timeout: Duration,
     pub http: HttpConfig,
     pub log: LogConfig,
+    pub shutdown_grace: Duration,
 }
+
+/// Long enough for a health check every 1-2 s with a failure threshold of 2 to notice.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 impl CommonSettings {
     /// Validates the common flags merged with the file's.
@@ -148,6 +158,8 @@ impl CommonSettings {
                 format: pick(flags.log_format, file.log_format).unwrap_or_default(),
                 level: pick(flags.log_level, file.log_level).unwrap_or_default(),
             },
+            shutdown_grace: pick(flags.shutdown_grace, file.shutdown_grace)
+                .map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
         })
     }
 }

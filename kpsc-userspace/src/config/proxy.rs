@@ -382,6 +382,7 @@ mod tests {
             (&["--bulk-transfer", "sendfile"][..], "--bulk-transfer"),
             (&["--log-level", "loud"][..], "--log-level"),
             (&["--shutdown-timeout", "soon"][..], "--shutdown-timeout"),
+            (&["--shutdown-grace", "later"][..], "--shutdown-grace"),
         ] {
             let err = parse(args).err().unwrap().to_string();
             assert!(err.contains(name), "{err}");
@@ -430,6 +431,7 @@ bulk_policy = "rewrite"
 bulk_transfer = "copy"
 log_format = "json"
 shutdown_timeout = "3s"
+shutdown_grace = "1s"
 "#,
         )
         .unwrap();
@@ -445,6 +447,7 @@ shutdown_timeout = "3s"
         assert_eq!(c.bulk_transfer, BulkTransfer::Copy);
         assert_eq!(c.common.log.format, LogFormat::Json);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(3));
+        assert_eq!(c.common.shutdown_grace, Duration::from_secs(1));
         assert!(matches!(
             c.port_map.dynamic,
             DynamicPorts::Deterministic {

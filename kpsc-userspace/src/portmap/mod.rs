@@ -33,6 +33,7 @@ use crate::{
         state::{PortmapState, ProbeState},
         targets::{check_forwarding, kernel_targets, program_config},
     },
+    shutdown::{Draining, StopSignals},
 };
 
 /// Runs portmap mode until SIGTERM/SIGINT. Errors are reported (and turned into an exit
@@ -46,8 +47,7 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(EXIT_PRIVILEGE));
     }
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut stop = StopSignals::install()?;
     let mut sighup = signal(SignalKind::hangup())?;
     check_forwarding(&config.interfaces)?;
     let entries = config.entries.clone();
@@ -66,6 +66,7 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
         probe: Mutex::new(ProbeState::default()),
         attached: false.into(),
         reprobe: tokio::sync::Notify::new(),
+        draining: Draining::default(),
         config: Mutex::new(config.clone()),
     });
     let admin = admin::serve(
@@ -97,14 +98,28 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
             datapath.pin_dir().to_path_buf(),
             shutdown.clone(),
         ));
-        let stop = loop {
+        let signal_name = loop {
             tokio::select! {
-                _ = sigterm.recv() => break "SIGTERM",
-                _ = sigint.recv() => break "SIGINT",
+                name = stop.recv() => break name,
                 _ = sighup.recv() => reload(&state, &mut datapath).await,
             }
         };
-        info!(signal = stop, "stopping");
+        // Unready first, still attached: the load balancer stops sending new flows here
+        // while the ones it sent keep being translated.
+        let grace = config.common.shutdown_grace;
+        state.draining.start();
+        info!(
+            signal = signal_name,
+            ?grace,
+            "shutting down: /ready answers 503; the program stays attached for the grace period"
+        );
+        if let Some(second) = stop.grace(grace).await {
+            info!(
+                signal = second,
+                "second signal during the grace period: stopping now"
+            );
+        }
+        info!("stopping: detaching the program");
         prober.abort();
         cleaner.abort();
         shutdown.cancel();

@@ -14,6 +14,7 @@ use crate::{
         datapath::{FlowState, PinnedMaps},
         kernel_metrics,
     },
+    shutdown::Draining,
 };
 
 /// What the last advertised-listener probe found.
@@ -33,6 +34,8 @@ pub struct PortmapState {
     pub attached: std::sync::atomic::AtomicBool,
     /// Wakes the prober after a reload.
     pub reprobe: tokio::sync::Notify,
+    /// Set on the first SIGTERM/SIGINT: not ready any more, still attached.
+    pub draining: Draining,
 }
 
 impl PortmapState {
@@ -50,6 +53,7 @@ impl PortmapState {
 
 impl AdminView for PortmapState {
     fn readiness(&self) -> Result<(), String> {
+        self.draining.check()?;
         if !self.attached.load(std::sync::atomic::Ordering::Acquire) {
             return Err("program not attached".into());
         }

@@ -5,7 +5,8 @@
 //! share, `refresh` keeps the port map current from cluster metadata.
 //!
 //! This file runs the mode start to finish: admin endpoint, static listeners, first
-//! metadata, periodic refresh, and a graceful stop on SIGTERM/SIGINT.
+//! metadata, periodic refresh, and a graceful stop on SIGTERM/SIGINT: unready for the
+//! grace period while serving, then no new connections while in-flight requests finish.
 pub mod budget;
 pub mod bulk;
 pub mod connection;
@@ -27,6 +28,7 @@ use crate::{
     admin,
     config::{error::EXIT_CONFIG, proxy::ProxyConfig},
     proxy::{listeners::Accepted, state::ProxyState},
+    shutdown::StopSignals,
 };
 
 /// Runs proxy mode until SIGTERM/SIGINT. Errors are reported (and turned into an exit
@@ -39,10 +41,7 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
         max_in_flight = config.max_in_flight,
         "kpscd proxy starting"
     );
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    // Installed so SIGHUP (sent by service managers and `kill -HUP` habits) does not
-    // terminate the proxy, whose default action it would be.
+    let mut stop = StopSignals::install()?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
     let (state, incoming) = ProxyState::start(config)?;
@@ -76,32 +75,52 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
 
     let signal_name = loop {
         tokio::select! {
-            _ = sigterm.recv() => break "SIGTERM",
-            _ = sigint.recv() => break "SIGINT",
+            name = stop.recv() => break name,
             _ = sighup.recv() => info!(
                 "SIGHUP: proxy mode reloads nothing (flags and file are read at start); \
                  restart kpscd to apply a new configuration"
             ),
         }
     };
-    let timeout = state.config.shutdown_timeout;
+    // Unready first, still serving: the load balancer's health check takes this instance
+    // out while its ports still accept, so no client is refused in between.
+    let grace = state.config.common.shutdown_grace;
+    state.start_draining();
     info!(
         signal = signal_name,
-        ?timeout,
-        "stopping: no new connections, finishing in-flight requests"
+        ?grace,
+        "shutting down: /ready answers 503; serving on for the grace period"
     );
+    let cut_short = stop.grace(grace).await;
+    let timeout = state.config.shutdown_timeout;
     state.shutdown.cancel();
     state.tasks.close();
     refresher.abort();
-    tokio::select! {
-        _ = state.tasks.wait() => {}
-        _ = tokio::time::sleep(timeout) => warn!(
-            remaining = state.tasks.len(),
-            "shutdown timeout reached; closing the remaining connections"
-        ),
+    match cut_short {
         // An operator who signals again does not want to wait.
-        _ = sigterm.recv() => warn!(remaining = state.tasks.len(), "second SIGTERM: stopping now"),
-        _ = sigint.recv() => warn!(remaining = state.tasks.len(), "second SIGINT: stopping now"),
+        Some(second) => warn!(
+            signal = second,
+            remaining = state.tasks.len(),
+            "second signal during the grace period: stopping now"
+        ),
+        None => {
+            info!(
+                ?timeout,
+                "stopping: no new connections, finishing in-flight requests"
+            );
+            tokio::select! {
+                _ = state.tasks.wait() => {}
+                _ = tokio::time::sleep(timeout) => warn!(
+                    remaining = state.tasks.len(),
+                    "shutdown timeout reached; closing the remaining connections"
+                ),
+                second = stop.recv() => warn!(
+                    signal = second,
+                    remaining = state.tasks.len(),
+                    "second signal: stopping now"
+                ),
+            }
+        }
     }
     if let Some(admin) = admin {
         admin.abort();

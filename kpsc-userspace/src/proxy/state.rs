@@ -18,6 +18,7 @@ use crate::{
         budget::RewriteBudget,
         listeners::{Accepted, Listeners},
     },
+    shutdown::Draining,
 };
 
 pub struct ProxyState {
@@ -27,6 +28,8 @@ pub struct ProxyState {
     /// Memory for rewriting responses, shared by every connection.
     pub rewrite_budget: RewriteBudget,
     metadata_known: AtomicBool,
+    /// Set on the first SIGTERM/SIGINT: not ready any more, still serving.
+    draining: Draining,
     /// Cancelled on SIGTERM/SIGINT: listeners stop accepting, connections stop reading.
     pub shutdown: CancellationToken,
     /// Every listener and connection task, so shutdown can wait for them.
@@ -55,6 +58,7 @@ impl ProxyState {
             metrics,
             listeners,
             metadata_known: AtomicBool::new(false),
+            draining: Draining::default(),
             shutdown,
             tasks,
         });
@@ -75,6 +79,12 @@ impl ProxyState {
         problems
     }
 
+    /// Turns `/ready` (and the ready gauge) to "shutting down"; serving goes on.
+    pub fn start_draining(&self) {
+        self.draining.start();
+        self.update_ready();
+    }
+
     fn update_ready(&self) {
         let ready = self.readiness().is_ok();
         self.metrics.ready.set(i64::from(ready));
@@ -86,6 +96,7 @@ impl ProxyState {
 
 impl AdminView for ProxyState {
     fn readiness(&self) -> Result<(), String> {
+        self.draining.check()?;
         if !self.metadata_known.load(Ordering::Acquire) {
             return Err("cluster metadata not fetched yet".into());
         }
