@@ -636,7 +636,9 @@ fn missing_privileges_and_bad_flags_are_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("CAP_BPF") && stderr.contains("CAP_NET_ADMIN"),
+        stderr.contains("CAP_BPF")
+            && stderr.contains("CAP_PERFMON")
+            && stderr.contains("CAP_NET_ADMIN"),
         "{stderr}"
     );
 

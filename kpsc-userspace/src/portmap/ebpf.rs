@@ -8,7 +8,7 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub fn privilege_hint(e: anyhow::Error) -> anyhow::Error {
     let text = format!("{e:#}");
     if text.contains("Operation not permitted") || text.contains("EPERM") {
-        e.context("loading eBPF programs needs CAP_BPF and CAP_NET_ADMIN (or root)")
+        e.context("loading eBPF programs needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or root)")
     } else {
         e
     }

@@ -29,7 +29,7 @@ use crate::{
     metrics::Metrics,
     portmap::{
         datapath::{Datapath, PinnedMaps},
-        privileges::{EXIT_PRIVILEGE, missing_capabilities},
+        privileges::{EXIT_PRIVILEGE, NEEDED, missing_capabilities},
         state::{PortmapState, ProbeState},
         targets::{check_forwarding, kernel_targets, program_config},
     },
@@ -42,7 +42,8 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
     let missing = missing_capabilities();
     if !missing.is_empty() {
         eprintln!(
-            "kpscd portmap needs CAP_BPF and CAP_NET_ADMIN (or root); missing: {}",
+            "kpscd portmap needs {}; missing: {}",
+            NEEDED,
             missing.join(", ")
         );
         return Ok(ExitCode::from(EXIT_PRIVILEGE));

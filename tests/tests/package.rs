@@ -1,0 +1,551 @@
+//! The package an operator installs: the .deb is built with cargo-deb (as `cargo xtask
+//! package` does), unpacked into a scratch root (`dpkg-deb -x`), its units checked with
+//! `systemd-analyze verify --root`, and each unit's ExecStart run the way systemd would
+//! run it: as the unit's user, with exactly the unit's capabilities (setpriv) and
+//! descriptor limit (prlimit), on the shipped example configuration with only its
+//! placeholders replaced. A unit that verifies but cannot start is the failure this finds.
+//!
+//! Not covered here (no systemd as PID 1 in the test machine): the units' sandboxing
+//! (ProtectSystem, SystemCallFilter, ...) is verified for syntax, not enforced.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse,
+};
+use kpsc_tests::{
+    MockCluster, Process, RawClient, TansuHost, eventually, free_port_base, http_get,
+    netns::{NODE_CLIENT_IP, Topology, broker_ip, in_netns},
+};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
+}
+
+/// Builds the .deb once per test process, from the release binaries already built (the
+/// test command builds them first), into target/package-test/.
+fn deb() -> &'static Path {
+    static DEB: OnceLock<PathBuf> = OnceLock::new();
+    DEB.get_or_init(|| {
+        let out = workspace().join("target").join("package-test");
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out).unwrap();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // The arguments `cargo xtask package` passes (xtask's CARGO_DEB_ARGS).
+        let built = Command::new(cargo)
+            .current_dir(workspace())
+            .args(["deb", "-p", "kpsc-userspace", "--no-build", "--strip"])
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            built.status.success(),
+            "cargo deb failed (`cargo xtask setup` installs cargo-deb): {}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+        let debs: Vec<PathBuf> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+            .collect();
+        assert_eq!(debs.len(), 1, "{debs:?}");
+        debs[0].clone()
+    })
+}
+
+/// The package unpacked into a scratch root that also has what a Debian host with systemd
+/// has and the units name (systemd's own units, /bin/sh, /bin/kill). Removed on drop.
+struct ScratchRoot {
+    dir: PathBuf,
+    /// Absolute paths the package installed.
+    packaged: BTreeSet<String>,
+}
+
+impl ScratchRoot {
+    fn install(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("kpsc-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // The units' users must reach the files (the package's own modes apply inside).
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let deb = deb().to_str().unwrap();
+        let unpacked = Command::new("dpkg-deb")
+            .args(["-x", deb])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(unpacked.success(), "dpkg-deb -x {deb}: {unpacked}");
+        let mut packaged = BTreeSet::new();
+        walk(&dir, &dir, &mut packaged);
+        let root = Self { dir, packaged };
+        // What the host contributes, as on an installed system.
+        let units = root.dir.join("lib/systemd/system");
+        for entry in std::fs::read_dir("/lib/systemd/system").unwrap() {
+            let entry = entry.unwrap();
+            let to = units.join(entry.file_name());
+            if entry.file_type().unwrap().is_file() && !to.exists() {
+                std::fs::copy(entry.path(), to).unwrap();
+            }
+        }
+        std::fs::create_dir_all(root.dir.join("bin")).unwrap();
+        for tool in ["sh", "kill"] {
+            std::fs::copy(format!("/bin/{tool}"), root.dir.join("bin").join(tool)).unwrap();
+        }
+        root
+    }
+
+    fn path(&self) -> &str {
+        self.dir.to_str().unwrap()
+    }
+
+    fn file(&self, absolute: &str) -> PathBuf {
+        self.dir.join(absolute.trim_start_matches('/'))
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> String {
+        let out = Command::new(program).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The unit `name` (a template instantiated with `instance`), read from the package.
+    fn unit(&self, template: &str, instance: &str) -> Unit {
+        let text = std::fs::read_to_string(self.file(&format!("/lib/systemd/system/{template}")))
+            .unwrap_or_else(|e| panic!("{template} not in the package: {e}"));
+        Unit::parse(&text.replace("%i", instance))
+    }
+
+    /// `systemd-analyze verify` of the instance, inside the scratch root: must be silent.
+    fn verify(&self, unit: &str) {
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no", &format!("--root={}", self.path())])
+            .arg(format!("/lib/systemd/system/{unit}"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.trim().is_empty(),
+            "systemd-analyze verify {unit}: {}\n{stderr}",
+            out.status
+        );
+    }
+
+    /// A command line of the unit with its absolute paths found in the scratch root (the
+    /// package's files and the operator's configuration).
+    fn argv(&self, line: &str) -> Vec<String> {
+        let words = shlex::split(line).unwrap_or_else(|| panic!("cannot split {line:?}"));
+        words
+            .into_iter()
+            .map(|w| {
+                if w.starts_with('/') && self.file(&w).exists() {
+                    self.file(&w).to_str().unwrap().to_owned()
+                } else {
+                    w
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for ScratchRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn walk(base: &Path, dir: &Path, out: &mut BTreeSet<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            walk(base, &path, out);
+        } else {
+            out.insert(format!("/{}", path.strip_prefix(base).unwrap().display()));
+        }
+    }
+}
+
+/// The [Service] settings of a unit, each key with its values in order.
+struct Unit(HashMap<String, Vec<String>>);
+
+impl Unit {
+    fn parse(text: &str) -> Self {
+        let mut settings: HashMap<String, Vec<String>> = HashMap::new();
+        let mut section = "";
+        for line in text.lines().map(str::trim) {
+            if line.starts_with('[') {
+                section = line;
+            } else if section == "[Service]"
+                && let Some((k, v)) = line.split_once('=')
+                && !line.starts_with('#')
+            {
+                settings
+                    .entry(k.trim().to_owned())
+                    .or_default()
+                    .push(v.trim().to_owned());
+            }
+        }
+        Self(settings)
+    }
+
+    fn one(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.last()).map(String::as_str)
+    }
+
+    fn all(&self, key: &str) -> Vec<&str> {
+        self.0
+            .get(key)
+            .map(|v| v.iter().map(String::as_str).collect())
+            .unwrap_or_default()
+    }
+
+    /// Capability names as setpriv takes them: "-all,+bpf,+perfmon,+net_admin".
+    fn caps(&self, key: &str) -> String {
+        let mut list = "-all".to_owned();
+        for cap in self.one(key).unwrap_or_default().split_whitespace() {
+            list.push_str(",+");
+            list.push_str(&cap.trim_start_matches("CAP_").to_ascii_lowercase());
+        }
+        list
+    }
+
+    fn timeout_stop(&self) -> Duration {
+        let text = self.one("TimeoutStopSec").expect("TimeoutStopSec");
+        Duration::from_secs(text.trim_end_matches('s').parse().unwrap())
+    }
+
+    /// The unit's LimitNOFILE, as far as this machine lets a process raise it: systemd
+    /// (PID 1, every capability) applies it whole, but a test run inside a container
+    /// without CAP_SYS_RESOURCE cannot go past its own hard limit.
+    fn nofile(&self) -> u64 {
+        let wanted: u64 = self
+            .one("LimitNOFILE")
+            .expect("LimitNOFILE")
+            .parse()
+            .unwrap();
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct it is given.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let effective = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap();
+        const CAP_SYS_RESOURCE: u64 = 1 << 24;
+        if effective & CAP_SYS_RESOURCE == 0 && limit.rlim_max < wanted {
+            eprintln!(
+                "LimitNOFILE={wanted} applied as {}: this test process cannot raise its hard limit",
+                limit.rlim_max
+            );
+            return limit.rlim_max;
+        }
+        wanted
+    }
+
+    /// `prlimit` + `setpriv` running `argv` as the unit runs its ExecStart: uid and gid,
+    /// no supplementary groups, the unit's capability sets and descriptor limit.
+    fn command(&self, uid: u32, argv: &[String]) -> Command {
+        let nofile = self.nofile();
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("setpriv")
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .arg("--clear-groups")
+            .arg(format!("--inh-caps={}", self.caps("AmbientCapabilities")))
+            .arg(format!(
+                "--ambient-caps={}",
+                self.caps("AmbientCapabilities")
+            ))
+            .arg(format!(
+                "--bounding-set={}",
+                self.caps("CapabilityBoundingSet")
+            ));
+        if self.one("NoNewPrivileges") == Some("yes") {
+            cmd.arg("--no-new-privs");
+        }
+        cmd.arg("--").args(argv);
+        cmd
+    }
+}
+
+/// The shipped example with its placeholders replaced (each must be there) and every
+/// commented-out setting switched on, so the examples an operator uncomments are valid.
+fn configure(example: &str, replace: &[(&str, String)]) -> String {
+    let mut text = example.to_owned();
+    for (from, to) in replace {
+        assert!(text.contains(from), "example lost its {from:?}");
+        text = text.replace(from, to);
+    }
+    text.lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(setting)
+                if setting.split_once(" = ").is_some_and(|(k, _)| {
+                    k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                }) =>
+            {
+                setting.to_owned()
+            }
+            _ => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Effective capabilities and uid of a running process.
+fn identity(pid: u32) -> (u64, u32, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let caps = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
+    let uid = field("Uid:")
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .parse()
+        .unwrap();
+    (caps, uid, nofile)
+}
+
+/// SIGTERM, then the exit code, which must come within the unit's TimeoutStopSec.
+fn stop(mut process: Process, unit: &Unit) -> i32 {
+    let started = Instant::now();
+    let status = process.terminate(unit.timeout_stop()).unwrap();
+    eprintln!("stopped in {:?}", started.elapsed());
+    status.code().expect("exit code")
+}
+
+#[test]
+fn package_holds_binaries_units_and_conffiles() {
+    let root = ScratchRoot::install("contents");
+    for path in [
+        "/usr/bin/kpscd",
+        "/usr/bin/kpscctl",
+        "/lib/systemd/system/kpscd-proxy@.service",
+        "/lib/systemd/system/kpscd-portmap@.service",
+        "/etc/kpsc/proxy-example.toml",
+        "/etc/kpsc/portmap-example.toml",
+    ] {
+        assert!(root.packaged.contains(path), "{path} not packaged");
+    }
+    let conffiles = root.run(
+        "dpkg-deb",
+        &["--info", deb().to_str().unwrap(), "conffiles"],
+    );
+    for conf in [
+        "/etc/kpsc/proxy-example.toml",
+        "/etc/kpsc/portmap-example.toml",
+    ] {
+        assert!(conffiles.lines().any(|l| l == conf), "{conffiles}");
+    }
+    let control = root.run("dpkg-deb", &["--field", deb().to_str().unwrap()]);
+    assert!(control.contains("Package: kpsc\n"), "{control}");
+    // The packaged binaries run, and explain themselves.
+    let help = root.run(
+        root.file("/usr/bin/kpscd").to_str().unwrap(),
+        &["proxy", "--help"],
+    );
+    assert!(help.contains("--shutdown-grace"), "{help}");
+    let help = root.run(root.file("/usr/bin/kpscctl").to_str().unwrap(), &["--help"]);
+    assert!(help.contains("maps"), "{help}");
+    // The units' promises.
+    let proxy = root.unit("kpscd-proxy@.service", "x");
+    assert_eq!(proxy.one("DynamicUser"), Some("yes"));
+    assert_eq!(proxy.caps("CapabilityBoundingSet"), "-all");
+    assert_eq!(proxy.caps("AmbientCapabilities"), "-all");
+    let nofile: u64 = proxy.one("LimitNOFILE").unwrap().parse().unwrap();
+    assert!(nofile >= 65536, "{nofile}");
+    let portmap = root.unit("kpscd-portmap@.service", "x");
+    assert_eq!(
+        portmap.caps("CapabilityBoundingSet"),
+        "-all,+bpf,+perfmon,+net_admin"
+    );
+}
+
+#[test]
+fn proxy_unit_verifies_and_starts_unprivileged_against_a_real_broker() {
+    let root = ScratchRoot::install("proxy");
+    let cluster = MockCluster::new(3).unwrap();
+    let base = free_port_base(20);
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port_base(1)).parse().unwrap();
+    let example = std::fs::read_to_string(root.file("/etc/kpsc/proxy-example.toml")).unwrap();
+    let config = configure(
+        &example,
+        &[
+            ("kafka-1.internal:9092", cluster.broker_addr(1)),
+            ("0.0.0.0:9092", format!("0.0.0.0:{base}")),
+            ("b1.kafka.example.com:9092", format!("127.0.1.1:{base}")),
+            ("= 9100", format!("= {}", base + 10)),
+            (
+                "b<broker_id>.kafka.example.com",
+                "127.0.1.<broker_id>".into(),
+            ),
+            ("0.0.0.0:9080", admin.to_string()),
+            (
+                "# shutdown_grace = \"5s\"",
+                "shutdown_grace = \"1s\"".into(),
+            ),
+        ],
+    );
+    std::fs::write(root.file("/etc/kpsc/proxy-pkgtest.toml"), config).unwrap();
+
+    let unit_name = "kpscd-proxy@pkgtest.service";
+    root.verify(unit_name);
+    let unit = root.unit("kpscd-proxy@.service", "pkgtest");
+    assert_eq!(unit.one("DynamicUser"), Some("yes"));
+    // A uid from systemd's DynamicUser range that no account uses.
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let uid = (61184..65519)
+        .find(|u| !passwd.contains(&format!(":{u}:")))
+        .unwrap();
+    let argv = root.argv(unit.one("ExecStart").unwrap());
+    let process = Process::spawn(&mut unit.command(uid, &argv), Duration::from_secs(5)).unwrap();
+
+    eventually(Duration::from_secs(20), || {
+        let (status, body) = http_get(admin, "/ready")?;
+        anyhow::ensure!(status == 200, "/ready {status}: {body}");
+        Ok(())
+    })
+    .unwrap();
+    let (caps, running_as, nofile) = identity(process.id());
+    assert_eq!(
+        (caps, running_as),
+        (0, uid),
+        "no capabilities, the unit's user"
+    );
+    assert_eq!(nofile, unit.nofile());
+    // A client through the listener it bound, and the packaged kpscctl reading its map.
+    let mut client = RawClient::connect(&format!("127.0.1.1:{base}")).unwrap();
+    let (metadata, _): (MetadataResponse, _) = client
+        .call(
+            ApiKey::Metadata,
+            12,
+            &MetadataRequest::default().with_topics(Some(vec![])),
+        )
+        .unwrap();
+    assert_eq!(metadata.brokers.len(), 3);
+    let maps = root.run(
+        root.file("/usr/bin/kpscctl").to_str().unwrap(),
+        &["maps", "--admin", &admin.to_string()],
+    );
+    assert!(maps.contains(&format!("0.0.0.0:{base}")), "{maps}");
+    assert_eq!(stop(process, &unit), 0);
+}
+
+#[test]
+fn portmap_unit_verifies_and_loads_with_only_its_capabilities() {
+    const BROKER_PORT: u16 = 39092;
+    const PORT: u16 = 9093;
+    let root = ScratchRoot::install("portmap");
+    let mut topo = Topology::new(1, 1).unwrap();
+    topo.start_advertising_node(0, BROKER_PORT, PORT).unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port_base(1)).parse().unwrap();
+    let example = std::fs::read_to_string(root.file("/etc/kpsc/portmap-example.toml")).unwrap();
+    let config = configure(
+        &example,
+        &[
+            (
+                "10.0.0.11:39092,0.0.0.0:9093,b1.kafka.example.com:9093",
+                format!(
+                    "{}:{BROKER_PORT},0.0.0.0:{PORT},{NODE_CLIENT_IP}:{PORT}",
+                    broker_ip(0)
+                ),
+            ),
+            ("[\"eth0\"]", "[\"n0\", \"n1\"]".into()),
+            ("0.0.0.0:9080", admin.to_string()),
+            (
+                "# shutdown_grace = \"5s\"",
+                "shutdown_grace = \"1s\"".into(),
+            ),
+        ],
+    );
+    // The instance is the test's node, so its pins do not meet another test's.
+    let instance = topo.node.clone();
+    std::fs::write(
+        root.file(&format!("/etc/kpsc/portmap-{instance}.toml")),
+        config,
+    )
+    .unwrap();
+
+    root.verify(&format!("kpscd-portmap@{instance}.service"));
+    let unit = root.unit("kpscd-portmap@.service", &instance);
+    assert_eq!(unit.one("User"), Some("root"));
+    // ExecStartPre lines marked "+" run with full privileges, as systemd runs them.
+    for pre in unit.all("ExecStartPre") {
+        let line = pre.strip_prefix('+').expect("only privileged ExecStartPre");
+        let argv = root.argv(line);
+        let status = Command::new(&argv[0]).args(&argv[1..]).status().unwrap();
+        assert!(status.success(), "ExecStartPre {line}: {status}");
+    }
+    let argv = root.argv(unit.one("ExecStart").unwrap());
+    let mut cmd = Command::new("nsenter");
+    let inner = unit.command(0, &argv);
+    cmd.arg(format!("--net=/var/run/netns/{}", topo.node))
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    let process = Process::spawn(&mut cmd, Duration::from_secs(5)).unwrap();
+
+    let ready = eventually(Duration::from_secs(20), || {
+        let (status, body) = in_netns(&topo.node, || http_get(admin, "/ready"))??;
+        anyhow::ensure!(status == 200, "/ready {status}: {body}");
+        Ok(())
+    });
+    if let Err(e) = ready {
+        panic!("{e:#}; alive: {}", process.alive());
+    }
+    let (caps, uid, _) = identity(process.id());
+    const CAP_NET_ADMIN: u64 = 1 << 12;
+    const CAP_PERFMON: u64 = 1 << 38;
+    const CAP_BPF: u64 = 1 << 39;
+    assert_eq!((caps, uid), (CAP_NET_ADMIN | CAP_PERFMON | CAP_BPF, 0));
+    // A client on the client host reaches the broker through the node's port.
+    let addr = format!("{NODE_CLIENT_IP}:{PORT}");
+    let mut client = in_netns(&topo.client, || RawClient::connect(&addr))
+        .unwrap()
+        .unwrap();
+    let (r, _): (ApiVersionsResponse, _) = client
+        .call(ApiKey::ApiVersions, 0, &ApiVersionsRequest::default())
+        .unwrap();
+    assert_eq!(r.error_code, 0);
+    assert_eq!(stop(process, &unit), 0);
+    assert!(
+        !Path::new("/sys/fs/bpf/kpsc").join(&instance).exists(),
+        "a clean stop removes the pins"
+    );
+}
