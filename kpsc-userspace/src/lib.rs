@@ -5,12 +5,13 @@
 //! - `config/`: flags and the TOML file, one schema per mode;
 //! - `mapping/`: the broker/port map both modes serve;
 //! - `kafka/`: the wire protocol (framing, request header, guarded decoding, discovery);
-//! - `admin`, `metrics`, `logging`: the operator's view;
+//! - `admin`, `metrics`, `logging`, `man`: the operator's view;
 //! - `shutdown`: the stop signals and the grace period both modes honour.
 pub mod admin;
 pub mod config;
 pub mod kafka;
 pub mod logging;
+pub mod man;
 pub mod mapping;
 pub mod metrics;
 pub mod portmap;

@@ -1,5 +1,5 @@
-//! The package an operator installs: the .deb is built with cargo-deb (as `cargo xtask
-//! package` does), unpacked into a scratch root (`dpkg-deb -x`), its units checked with
+//! The package an operator installs: the .deb is built by `cargo xtask package`
+//! (cargo-deb), unpacked into a scratch root (`dpkg-deb -x`), its units checked with
 //! `systemd-analyze verify --root`, and each unit's ExecStart run the way systemd would
 //! run it: as the unit's user, with exactly the unit's capabilities (setpriv) and
 //! descriptor limit (prlimit), on the shipped example configuration with only its
@@ -33,26 +33,22 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds the .deb once per test process, from the release binaries already built (the
-/// test command builds them first), into target/package-test/.
+/// Builds the .deb once per test process with `cargo xtask package`, from the release
+/// binaries already built (the test command builds them first).
 fn deb() -> &'static Path {
     static DEB: OnceLock<PathBuf> = OnceLock::new();
     DEB.get_or_init(|| {
-        let out = workspace().join("target").join("package-test");
+        let out = workspace().join("target").join("debian");
         let _ = std::fs::remove_dir_all(&out);
-        std::fs::create_dir_all(&out).unwrap();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        // The arguments `cargo xtask package` passes (xtask's CARGO_DEB_ARGS).
         let built = Command::new(cargo)
             .current_dir(workspace())
-            .args(["deb", "-p", "kpsc-userspace", "--no-build", "--strip"])
-            .arg("--output")
-            .arg(&out)
+            .args(["xtask", "package", "--no-setup", "--no-build"])
             .output()
             .unwrap();
         assert!(
             built.status.success(),
-            "cargo deb failed (`cargo xtask setup` installs cargo-deb): {}",
+            "cargo xtask package failed (`cargo xtask setup` installs cargo-deb): {}",
             String::from_utf8_lossy(&built.stderr)
         );
         let debs: Vec<PathBuf> = std::fs::read_dir(&out)
@@ -361,9 +357,21 @@ fn package_holds_binaries_units_and_conffiles() {
         "/lib/systemd/system/kpscd-portmap@.service",
         "/etc/kpsc/proxy-example.toml",
         "/etc/kpsc/portmap-example.toml",
+        "/usr/share/man/man1/kpscd.1.gz",
+        "/usr/share/man/man1/kpscd-proxy.1.gz",
+        "/usr/share/man/man1/kpscd-portmap.1.gz",
+        "/usr/share/man/man1/kpscctl.1.gz",
     ] {
         assert!(root.packaged.contains(path), "{path} not packaged");
     }
+    // The proxy's page documents its flags, the drain included.
+    let page = Command::new("zcat")
+        .arg(root.file("/usr/share/man/man1/kpscd-proxy.1.gz"))
+        .output()
+        .unwrap();
+    let page = String::from_utf8_lossy(&page.stdout);
+    assert!(page.contains(".TH kpscd-proxy 1"), "{page}");
+    assert!(page.contains("shutdown\\-grace"), "{page}");
     let conffiles = root.run(
         "dpkg-deb",
         &["--info", deb().to_str().unwrap(), "conffiles"],

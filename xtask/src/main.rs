@@ -94,8 +94,15 @@ enum Task {
         seed: bool,
     },
     /// Build the Debian package (kpscd, kpscctl, systemd units, example configs in
-    /// /etc/kpsc) into target/debian/.
-    Package,
+    /// /etc/kpsc, man pages) into target/debian/.
+    Package {
+        /// Skip `setup`.
+        #[arg(long)]
+        no_setup: bool,
+        /// Package the release binaries already built instead of building them.
+        #[arg(long)]
+        no_build: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -105,7 +112,9 @@ fn main() -> ExitCode {
         Task::Demo { messages } => setup().and_then(|()| demo(messages)),
         Task::Bench { args } => setup().and_then(|()| bench(&args)),
         Task::Test { no_setup } => if no_setup { Ok(()) } else { setup() }.and_then(|()| test()),
-        Task::Package => setup().and_then(|()| package()),
+        Task::Package { no_setup, no_build } => {
+            if no_setup { Ok(()) } else { setup() }.and_then(|()| package(no_build))
+        }
         Task::Fuzz {
             minutes,
             targets,
@@ -353,18 +362,38 @@ fn build_with(driver: &str) -> anyhow::Result<()> {
     ]))
 }
 
-/// The arguments of `cargo deb` that build the package from already built binaries; the
-/// package test (tests/tests/package.rs) uses the same.
-const CARGO_DEB_ARGS: &[&str] = &["deb", "-p", "kpsc-userspace", "--no-build", "--strip"];
-
-fn package() -> anyhow::Result<()> {
-    step("build kpscd and kpscctl (release)");
-    run(cargo().args(["build", "--release", "--bins", "-p", "kpsc-userspace"]))?;
+/// Builds target/debian/kpsc_<version>-1_<arch>.deb; the package test
+/// (tests/tests/package.rs) runs this with `--no-setup --no-build`.
+fn package(no_build: bool) -> anyhow::Result<()> {
+    if !no_build {
+        step("build kpscd, kpscctl and kpsc-man (release)");
+        run(cargo().args(["build", "--release", "--bins", "-p", "kpsc-userspace"]))?;
+    }
+    let release = root().join("target").join("release");
+    let man = release.join("man");
+    step("man pages (kpsc-man, from the clap declarations)");
+    let _ = std::fs::remove_dir_all(&man);
+    run(Command::new(release.join("kpsc-man")).arg(&man))?;
+    for page in std::fs::read_dir(&man).context("reading the man pages")? {
+        // -n: no name or time in the header, so the package is the same for the same input.
+        run(Command::new("gzip")
+            .args(["-9", "-n", "-f"])
+            .arg(page?.path()))?;
+    }
     let out = root().join("target").join("debian");
     // An --output that does not exist would be taken for the file's name.
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     step(&format!("cargo deb -> {}", out.display()));
-    run(cargo().args(CARGO_DEB_ARGS).arg("--output").arg(&out))
+    run(cargo()
+        .args([
+            "deb",
+            "-p",
+            "kpsc-userspace",
+            "--no-build",
+            "--strip",
+            "--output",
+        ])
+        .arg(&out))
 }
 
 fn demo(messages: usize) -> anyhow::Result<()> {

@@ -1,51 +1,14 @@
 //! kpscctl: operator's view of a running kpscd.
-use std::{
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-    process::ExitCode,
-    time::Duration,
-};
+use std::{net::Ipv4Addr, path::Path, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::Parser as _;
 use kpsc::{
     admin::{MAPS_PATH, MapRow},
-    portmap::datapath::{DEFAULT_PIN_ROOT, FlowState, PinnedMaps, monotonic_ns, pin_dir},
+    config::ctl::{Command, CtlCli as Cli},
+    portmap::datapath::{FlowState, PinnedMaps, monotonic_ns, pin_dir},
 };
 use kpsc_common::FlowKey;
-
-#[derive(Parser, Debug)]
-#[command(name = "kpscctl", version, about = "Inspect a running kpscd")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Print the live port map: listen address, broker, advertised address, connections, bytes.
-    ///
-    /// For `kpscd portmap` it reads the kernel's pinned maps directly (port map, per-port
-    /// counters, live flows), so it works even when the daemon is busy or gone; for `kpscd
-    /// proxy` it asks the daemon's admin endpoint.
-    Maps {
-        /// kpscd's admin address (--http-listen-address); forces the admin endpoint.
-        #[arg(long, env = "KPSC_ADMIN")]
-        admin: Option<String>,
-        /// Portmap instance whose pinned maps to read.
-        #[arg(long, default_value = "default")]
-        instance: String,
-        /// bpffs directory of the pins.
-        #[arg(long = "pin-root", default_value = DEFAULT_PIN_ROOT)]
-        pin_root: PathBuf,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Refresh every N seconds (default 1), like top. Ctrl-C stops.
-        #[arg(long, num_args = 0..=1, default_missing_value = "1", value_name = "SECS")]
-        watch: Option<f64>,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

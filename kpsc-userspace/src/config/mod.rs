@@ -5,6 +5,7 @@
 //! so a key of the other mode is an error naming the key.
 pub mod cli;
 pub mod common;
+pub mod ctl;
 pub mod error;
 pub mod file;
 pub mod kafka_proxy;
