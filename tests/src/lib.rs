@@ -14,11 +14,13 @@ pub mod portmap;
 mod rdkafka_client;
 pub mod syn_flood;
 mod tansu;
+mod unit;
 
 pub use command::run_with_timeout;
 pub use mock_cluster::{ADVERTISED_PATTERN, MockCluster, REAL_BROKER_HOST, proxy_args};
 pub use rdkafka_client::{Delivered, LeakWatch, send_waiting};
 pub use tansu::{Tansu, TansuHost, tansu_bin};
+pub use unit::{Started, Unit};
 
 /// The kit shared with kpsc-bench, re-exported so tests name one crate.
 pub use kpsc_testkit::{

@@ -5,24 +5,26 @@
 //! descriptor limit (prlimit), on the shipped example configuration with only its
 //! placeholders replaced. A unit that verifies but cannot start is the failure this finds.
 //!
-//! Not covered here (no systemd as PID 1 in the test machine): the units' sandboxing
-//! (ProtectSystem, SystemCallFilter, ...) is verified for syntax, not enforced.
+//! Each runs under strace, and every system call it made must be one its unit's
+//! SystemCallFilter allows. Not covered (no systemd as PID 1 on the test machine): the
+//! rest of the sandboxing (ProtectSystem, RestrictAddressFamilies, ...) is verified for
+//! syntax, not enforced.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::BTreeSet,
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::Command,
     sync::OnceLock,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse,
 };
 use kpsc_tests::{
-    MockCluster, Process, RawClient, TansuHost, eventually, free_port_base, http_get,
+    MockCluster, RawClient, TansuHost, Unit, eventually, free_port_base, http_get,
     netns::{NODE_CLIENT_IP, Topology, broker_ip, in_netns},
 };
 
@@ -176,117 +178,6 @@ fn walk(base: &Path, dir: &Path, out: &mut BTreeSet<String>) {
     }
 }
 
-/// The [Service] settings of a unit, each key with its values in order.
-struct Unit(HashMap<String, Vec<String>>);
-
-impl Unit {
-    fn parse(text: &str) -> Self {
-        let mut settings: HashMap<String, Vec<String>> = HashMap::new();
-        let mut section = "";
-        for line in text.lines().map(str::trim) {
-            if line.starts_with('[') {
-                section = line;
-            } else if section == "[Service]"
-                && let Some((k, v)) = line.split_once('=')
-                && !line.starts_with('#')
-            {
-                settings
-                    .entry(k.trim().to_owned())
-                    .or_default()
-                    .push(v.trim().to_owned());
-            }
-        }
-        Self(settings)
-    }
-
-    fn one(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.last()).map(String::as_str)
-    }
-
-    fn all(&self, key: &str) -> Vec<&str> {
-        self.0
-            .get(key)
-            .map(|v| v.iter().map(String::as_str).collect())
-            .unwrap_or_default()
-    }
-
-    /// Capability names as setpriv takes them: "-all,+bpf,+perfmon,+net_admin".
-    fn caps(&self, key: &str) -> String {
-        let mut list = "-all".to_owned();
-        for cap in self.one(key).unwrap_or_default().split_whitespace() {
-            list.push_str(",+");
-            list.push_str(&cap.trim_start_matches("CAP_").to_ascii_lowercase());
-        }
-        list
-    }
-
-    fn timeout_stop(&self) -> Duration {
-        let text = self.one("TimeoutStopSec").expect("TimeoutStopSec");
-        Duration::from_secs(text.trim_end_matches('s').parse().unwrap())
-    }
-
-    /// The unit's LimitNOFILE, as far as this machine lets a process raise it: systemd
-    /// (PID 1, every capability) applies it whole, but a test run inside a container
-    /// without CAP_SYS_RESOURCE cannot go past its own hard limit.
-    fn nofile(&self) -> u64 {
-        let wanted: u64 = self
-            .one("LimitNOFILE")
-            .expect("LimitNOFILE")
-            .parse()
-            .unwrap();
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes into the struct it is given.
-        assert_eq!(
-            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-            0
-        );
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let effective = status
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
-            .unwrap();
-        const CAP_SYS_RESOURCE: u64 = 1 << 24;
-        if effective & CAP_SYS_RESOURCE == 0 && limit.rlim_max < wanted {
-            eprintln!(
-                "LimitNOFILE={wanted} applied as {}: this test process cannot raise its hard limit",
-                limit.rlim_max
-            );
-            return limit.rlim_max;
-        }
-        wanted
-    }
-
-    /// `prlimit` + `setpriv` running `argv` as the unit runs its ExecStart: uid and gid,
-    /// no supplementary groups, the unit's capability sets and descriptor limit.
-    fn command(&self, uid: u32, argv: &[String]) -> Command {
-        let nofile = self.nofile();
-        let mut cmd = Command::new("prlimit");
-        cmd.arg(format!("--nofile={nofile}:{nofile}"))
-            .arg("setpriv")
-            .arg(format!("--reuid={uid}"))
-            .arg(format!("--regid={uid}"))
-            .arg("--clear-groups")
-            .arg(format!("--inh-caps={}", self.caps("AmbientCapabilities")))
-            .arg(format!(
-                "--ambient-caps={}",
-                self.caps("AmbientCapabilities")
-            ))
-            .arg(format!(
-                "--bounding-set={}",
-                self.caps("CapabilityBoundingSet")
-            ));
-        if self.one("NoNewPrivileges") == Some("yes") {
-            cmd.arg("--no-new-privs");
-        }
-        cmd.arg("--").args(argv);
-        cmd
-    }
-}
-
 /// The shipped example with its placeholders replaced (each must be there) and every
 /// commented-out setting switched on, so the examples an operator uncomments are valid.
 fn configure(example: &str, replace: &[(&str, String)]) -> String {
@@ -337,14 +228,6 @@ fn identity(pid: u32) -> (u64, u32, u64) {
         .parse()
         .unwrap();
     (caps, uid, nofile)
-}
-
-/// SIGTERM, then the exit code, which must come within the unit's TimeoutStopSec.
-fn stop(mut process: Process, unit: &Unit) -> i32 {
-    let started = Instant::now();
-    let status = process.terminate(unit.timeout_stop()).unwrap();
-    eprintln!("stopped in {:?}", started.elapsed());
-    status.code().expect("exit code")
 }
 
 #[test]
@@ -443,7 +326,7 @@ fn proxy_unit_verifies_and_starts_unprivileged_against_a_real_broker() {
         .find(|u| !passwd.contains(&format!(":{u}:")))
         .unwrap();
     let argv = root.argv(unit.one("ExecStart").unwrap());
-    let process = Process::spawn(&mut unit.command(uid, &argv), Duration::from_secs(5)).unwrap();
+    let mut service = unit.start(uid, &argv, None);
 
     eventually(Duration::from_secs(20), || {
         let (status, body) = http_get(admin, "/ready")?;
@@ -451,7 +334,7 @@ fn proxy_unit_verifies_and_starts_unprivileged_against_a_real_broker() {
         Ok(())
     })
     .unwrap();
-    let (caps, running_as, nofile) = identity(process.id());
+    let (caps, running_as, nofile) = identity(service.pid);
     assert_eq!(
         (caps, running_as),
         (0, uid),
@@ -473,7 +356,7 @@ fn proxy_unit_verifies_and_starts_unprivileged_against_a_real_broker() {
         &["maps", "--admin", &admin.to_string()],
     );
     assert!(maps.contains(&format!("0.0.0.0:{base}")), "{maps}");
-    assert_eq!(stop(process, &unit), 0);
+    assert_eq!(service.stop(&unit, "/usr/bin/kpscd"), 0);
 }
 
 #[test]
@@ -522,12 +405,7 @@ fn portmap_unit_verifies_and_loads_with_only_its_capabilities() {
         assert!(status.success(), "ExecStartPre {line}: {status}");
     }
     let argv = root.argv(unit.one("ExecStart").unwrap());
-    let mut cmd = Command::new("nsenter");
-    let inner = unit.command(0, &argv);
-    cmd.arg(format!("--net=/var/run/netns/{}", topo.node))
-        .arg(inner.get_program())
-        .args(inner.get_args());
-    let process = Process::spawn(&mut cmd, Duration::from_secs(5)).unwrap();
+    let mut service = unit.start(0, &argv, Some(&topo.node));
 
     let ready = eventually(Duration::from_secs(20), || {
         let (status, body) = in_netns(&topo.node, || http_get(admin, "/ready"))??;
@@ -535,9 +413,9 @@ fn portmap_unit_verifies_and_loads_with_only_its_capabilities() {
         Ok(())
     });
     if let Err(e) = ready {
-        panic!("{e:#}; alive: {}", process.alive());
+        panic!("{e:#}; alive: {}", service.alive());
     }
-    let (caps, uid, _) = identity(process.id());
+    let (caps, uid, _) = identity(service.pid);
     const CAP_NET_ADMIN: u64 = 1 << 12;
     const CAP_PERFMON: u64 = 1 << 38;
     const CAP_BPF: u64 = 1 << 39;
@@ -551,7 +429,7 @@ fn portmap_unit_verifies_and_loads_with_only_its_capabilities() {
         .call(ApiKey::ApiVersions, 0, &ApiVersionsRequest::default())
         .unwrap();
     assert_eq!(r.error_code, 0);
-    assert_eq!(stop(process, &unit), 0);
+    assert_eq!(service.stop(&unit, "/usr/bin/kpscd"), 0);
     assert!(
         !Path::new("/sys/fs/bpf/kpsc").join(&instance).exists(),
         "a clean stop removes the pins"

@@ -27,10 +27,12 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "python3-venv",
     // The package test: systemd-analyze verifies the units, the units' ExecReload uses
-    // procps's kill, setpriv/prlimit (util-linux) run ExecStart as the unit would.
+    // procps's kill, setpriv/prlimit (util-linux) run ExecStart as the unit would, strace
+    // records its system calls for the SystemCallFilter check.
     "systemd",
     "procps",
     "util-linux",
+    "strace",
 ];
 const EBPF_TOOLCHAIN: &str = "debian-1.96";
 const BPF_LINKER_VERSION: &str = "0.13.0";
