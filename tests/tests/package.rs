@@ -379,7 +379,7 @@ fn portmap_unit_verifies_and_loads_with_only_its_capabilities() {
                 ),
             ),
             ("[\"eth0\"]", "[\"n0\", \"n1\"]".into()),
-            ("0.0.0.0:9080", admin.to_string()),
+            ("0.0.0.0:9081", admin.to_string()),
             (
                 "# shutdown_grace = \"5s\"",
                 "shutdown_grace = \"1s\"".into(),
