@@ -1,7 +1,10 @@
 //! Prometheus metrics. Hot-path handles (per api key, per port) are resolved once so a
 //! frame costs an atomic add, not a label lookup.
 
-use std::sync::{Arc, OnceLock};
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex, OnceLock, PoisonError},
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -36,6 +39,15 @@ pub struct ByteLabels {
 pub struct ReasonLabel {
     pub reason: String,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    pub endpoint_id: String,
+}
+
+/// Distinct endpoint ids that get their own series when no allow-list bounds them; later
+/// ones share `endpoint_id="other"`, so a stream of forged ids cannot grow the scrape.
+const MAX_ENDPOINT_SERIES: usize = 64;
 
 /// Counters of one listen port, shared by all its connections; also read by `/maps`.
 #[derive(Clone, Debug)]
@@ -84,6 +96,9 @@ pub struct Metrics {
     connection_errors: Family<ReasonLabel, Counter>,
     brokers_refused: Family<ReasonLabel, Counter>,
     forbidden_requests: Family<ApiLabel, Counter>,
+    connections_rejected: Family<ReasonLabel, Counter>,
+    endpoint_connections: Family<EndpointLabel, Counter>,
+    endpoint_ids_seen: Mutex<BTreeSet<String>>,
     pub ready: Gauge,
     pub brokers_known: Gauge,
     pub metadata_refresh_failures: Counter,
@@ -142,6 +157,21 @@ impl Metrics {
             brokers_refused.clone(),
         );
         let forbidden_requests = Family::<ApiLabel, Counter>::default();
+        let connections_rejected = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "connections_rejected",
+            "Client connections closed before any byte reached a broker, per reason \
+             (proxy_header_missing, proxy_header_malformed, proxy_header_timeout, \
+             source_not_allowed, endpoint_id_not_allowed)",
+            connections_rejected.clone(),
+        );
+        let endpoint_connections = Family::<EndpointLabel, Counter>::default();
+        registry.register(
+            "endpoint_connections",
+            "Client connections admitted, per private endpoint id from the PROXY v2 header \
+             (none: no id; other: past the first 64 ids when no --allow-endpoint-id bounds them)",
+            endpoint_connections.clone(),
+        );
         let ready = Gauge::default();
         let brokers_known = Gauge::default();
         let metadata_refresh_failures = Counter::default();
@@ -236,6 +266,9 @@ impl Metrics {
             connection_errors,
             brokers_refused,
             forbidden_requests,
+            connections_rejected,
+            endpoint_connections,
+            endpoint_ids_seen: Mutex::default(),
             ready,
             brokers_known,
             metadata_refresh_failures,
@@ -304,6 +337,39 @@ impl Metrics {
             .inc();
     }
 
+    pub fn connection_rejected(&self, reason: &str) {
+        self.connections_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts an admitted connection under its endpoint id. `bounded` says the id was
+    /// checked against an allow-list (so the label set is the operator's); otherwise only
+    /// the first ids seen get a series of their own.
+    pub fn endpoint_connection(&self, endpoint_id: Option<&str>, bounded: bool) {
+        let label = match endpoint_id {
+            None => "none".to_owned(),
+            Some(id) if bounded => id.to_owned(),
+            Some(id) => {
+                let mut seen = self
+                    .endpoint_ids_seen
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if seen.contains(id) || seen.len() < MAX_ENDPOINT_SERIES {
+                    seen.insert(id.to_owned());
+                    id.to_owned()
+                } else {
+                    "other".to_owned()
+                }
+            }
+        };
+        self.endpoint_connections
+            .get_or_create(&EndpointLabel { endpoint_id: label })
+            .inc();
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -336,5 +402,28 @@ mod tests {
             used.matches("api=\"Metadata\"").count()
         );
         assert!(!used.contains("api=\"Produce\""), "{used}");
+    }
+
+    /// Without an allow-list, forged endpoint ids cannot add series without bound.
+    #[test]
+    fn endpoint_id_series_are_bounded() {
+        let metrics = Metrics::new();
+        for i in 0..1000 {
+            metrics.endpoint_connection(Some(&format!("vpce-{i}")), false);
+        }
+        metrics.endpoint_connection(Some("vpce-1"), false);
+        metrics.endpoint_connection(None, false);
+        let text = metrics.render();
+        let series = text.matches("kpsc_endpoint_connections_total{").count();
+        assert_eq!(series, MAX_ENDPOINT_SERIES + 2, "{text}");
+        assert!(text.contains("endpoint_id=\"vpce-1\"} 2"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "endpoint_id=\"other\"}} {}",
+                1000 - MAX_ENDPOINT_SERIES
+            )),
+            "{text}"
+        );
+        assert!(text.contains("endpoint_id=\"none\"} 1"), "{text}");
     }
 }

@@ -6,7 +6,6 @@ use crate::config::error::ConfigError;
 /// kafka-proxy `server` flags that kpsc does not implement (yet). They are rejected with a
 /// clear message instead of being silently ignored.
 pub const UNSUPPORTED_KAFKA_PROXY_FLAGS: &[(&str, &str)] = &[
-    ("dial-address-mapping", "not implemented yet"),
     ("proxy-request-buffer-size", "kpsc sizes its buffers itself"),
     (
         "proxy-response-buffer-size",

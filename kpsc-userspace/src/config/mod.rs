@@ -9,6 +9,7 @@ pub mod ctl;
 pub mod error;
 pub mod file;
 pub mod kafka_proxy;
+pub mod listener;
 pub mod portmap;
 pub mod proxy;
 pub mod values;

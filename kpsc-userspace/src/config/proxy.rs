@@ -10,10 +10,12 @@ use crate::{
         common::{CommonArgs, CommonSettings},
         error::ConfigError,
         file::{self, pick, pick_list},
+        listener::{AccessConfig, ListenerArgs},
         values::{ByteSize, HumanDuration},
     },
     mapping::{
         addr::{AdvertisedTemplate, BrokerAddr},
+        dial::DialMap,
         map::{DynamicPorts, PortMapConfig},
     },
 };
@@ -89,6 +91,12 @@ pub struct DynamicArgs {
     #[arg(long = "deterministic-listeners", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub deterministic_listeners: Option<bool>,
 
+    /// Subtracted from broker ids for deterministic ports (port = min port + id - offset),
+    /// e.g. `1001` for auto-generated ids 1001, 1002, ...: the port range stays tight and
+    /// identical on every instance.
+    #[arg(long = "dynamic-broker-id-offset", value_name = "ID")]
+    pub dynamic_broker_id_offset: Option<i32>,
+
     /// Advertised host for dynamic listeners, with `{{.brokerId}}` or `<broker_id>`
     /// replaced by the broker id; an optional `:port` fixes the advertised port.
     #[arg(long = "dynamic-advertised-listener", value_name = "HOST[:PORT]")]
@@ -115,6 +123,15 @@ pub struct ProxyArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub dynamic: DynamicArgs,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub listener: ListenerArgs,
+
+    /// Broker reached under another address: `broker_host:port,dial_host:port` (what
+    /// the broker advertises, where kpscd connects). Repeatable.
+    #[arg(long = "dial-address-mapping", value_name = "MAPPING")]
+    pub dial_address_mapping: Vec<String>,
 
     /// Request api keys to refuse (the connection is closed), e.g. `20` (DeleteTopics).
     /// Comma-separated or repeated.
@@ -160,6 +177,8 @@ pub struct ProxyArgs {
 pub struct ProxyConfig {
     pub common: CommonSettings,
     pub port_map: PortMapConfig,
+    pub access: AccessConfig,
+    pub dial: DialMap,
     pub forbidden_api_keys: Vec<i16>,
     pub bulk_policy: BulkPolicy,
     pub max_frame_size: u32,
@@ -189,6 +208,12 @@ impl ProxyConfig {
         let file: ProxyArgs = file::load(flags.common.config.as_deref())?;
         let common = CommonSettings::resolve(flags.common, file.common)?;
         let port_map = resolve_port_map(&common, flags.dynamic, file.dynamic)?;
+        let access = AccessConfig::resolve(flags.listener, file.listener)?;
+        let dial = DialMap::parse(&pick_list(
+            flags.dial_address_mapping,
+            file.dial_address_mapping,
+        ))
+        .map_err(|e| ConfigError::new("--dial-address-mapping", e))?;
         let max_frame_size =
             pick(flags.max_frame_size, file.max_frame_size).unwrap_or(DEFAULT_MAX_FRAME_SIZE);
         if max_frame_size < 1024 {
@@ -222,6 +247,8 @@ impl ProxyConfig {
         Ok(Self {
             common,
             port_map,
+            access,
+            dial,
             rewrite_memory_budget,
             forbidden_api_keys: pick_list(flags.forbidden_api_keys, file.forbidden_api_keys),
             bulk_policy: pick(flags.bulk_policy, file.bulk_policy).unwrap_or_default(),
@@ -261,9 +288,24 @@ fn resolve_port_map(
         file.dynamic_sequential_max_ports,
     )
     .unwrap_or(0);
-    let deterministic =
-        pick(flags.deterministic_listeners, file.deterministic_listeners).unwrap_or(true);
-    let dynamic = if disabled {
+    let deterministic_flag = pick(flags.deterministic_listeners, file.deterministic_listeners);
+    let deterministic = deterministic_flag.unwrap_or(true);
+    let id_offset = pick(
+        flags.dynamic_broker_id_offset,
+        file.dynamic_broker_id_offset,
+    );
+    // Without a first port, a command line that asks for nothing dynamic is kafka-proxy's
+    // "every broker mapped statically": it runs without dynamic listeners, and a broker
+    // that appears unmapped is refused. One that does ask for them needs the first port.
+    let asks_for_dynamic = [
+        flags.dynamic_advertised_listener.is_some() || file.dynamic_advertised_listener.is_some(),
+        max_ports != 0,
+        deterministic_flag.is_some(),
+        id_offset.is_some(),
+        flags.max_dynamic_listeners.is_some() || file.max_dynamic_listeners.is_some(),
+    ]
+    .contains(&true);
+    let dynamic = if disabled || (min_port == 0 && !asks_for_dynamic) {
         DynamicPorts::Disabled
     } else if min_port == 0 {
         return Err(ConfigError::new(
@@ -275,7 +317,13 @@ fn resolve_port_map(
         DynamicPorts::Deterministic {
             min_port,
             max_ports,
+            id_offset: id_offset.unwrap_or(0),
         }
+    } else if id_offset.is_some() {
+        return Err(ConfigError::new(
+            "--dynamic-broker-id-offset",
+            "applies to deterministic listeners only (not with --deterministic-listeners=false)",
+        ));
     } else {
         DynamicPorts::Sequential {
             min_port,
@@ -356,7 +404,8 @@ mod tests {
             c.port_map.dynamic,
             DynamicPorts::Deterministic {
                 min_port: 9095,
-                max_ports: 0
+                max_ports: 0,
+                id_offset: 0,
             }
         ));
     }
@@ -373,8 +422,34 @@ mod tests {
             "--bootstrap-server-mapping"
         );
         assert_eq!(
-            flag(&["--bootstrap-server-mapping", "b1:9092,0.0.0.0:9092"]),
+            flag(&[
+                "--bootstrap-server-mapping",
+                "b1:9092,0.0.0.0:9092",
+                "--dynamic-advertised-listener",
+                "b<broker_id>.example.com"
+            ]),
             "--dynamic-sequential-min-port"
+        );
+        assert_eq!(
+            flag(&[
+                "--bootstrap-server-mapping",
+                "b1:9092,0.0.0.0:9092",
+                "--dynamic-sequential-min-port",
+                "9095",
+                "--deterministic-listeners=false",
+                "--dynamic-broker-id-offset",
+                "1000"
+            ]),
+            "--dynamic-broker-id-offset"
+        );
+        assert_eq!(
+            flag(&[
+                "--bootstrap-server-mapping",
+                "b1:9092,0.0.0.0:9092",
+                "--dial-address-mapping",
+                "b1:9092"
+            ]),
+            "--dial-address-mapping"
         );
         // Typed values are refused by clap, naming the flag.
         for (args, name) in [
@@ -387,6 +462,44 @@ mod tests {
             let err = parse(args).err().unwrap().to_string();
             assert!(err.contains(name), "{err}");
         }
+    }
+
+    /// kafka-proxy's all-static command line (no dynamic-listener flag) runs without
+    /// dynamic listeners instead of exiting.
+    #[test]
+    fn every_broker_mapped_statically_needs_no_dynamic_flag() {
+        let c = resolve(&[
+            "--bootstrap-server-mapping",
+            "b1:9092,0.0.0.0:9092",
+            "--bootstrap-server-mapping",
+            "b2:9092,0.0.0.0:9093",
+            "--dial-address-mapping",
+            "b1:9092,10.0.0.1:9092",
+        ])
+        .unwrap();
+        assert_eq!(c.port_map.dynamic, DynamicPorts::Disabled);
+        assert_eq!(
+            c.dial
+                .dial_address(&BrokerAddr::new("b1", 9092))
+                .to_string(),
+            "10.0.0.1:9092"
+        );
+        let c = resolve(&[
+            "--bootstrap-server-mapping",
+            "b1:9092,0.0.0.0:9092",
+            "--dynamic-sequential-min-port",
+            "9095",
+            "--dynamic-broker-id-offset",
+            "1001",
+        ])
+        .unwrap();
+        assert!(matches!(
+            c.port_map.dynamic,
+            DynamicPorts::Deterministic {
+                id_offset: 1001,
+                ..
+            }
+        ));
     }
 
     #[test]

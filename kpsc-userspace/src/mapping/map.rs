@@ -21,10 +21,12 @@ use crate::mapping::addr::{AdvertisedTemplate, BrokerAddr, StaticMapping};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DynamicPorts {
     Disabled,
-    /// `min_port + node_id` (0 max_ports = no limit but 65535).
+    /// `min_port + node_id - id_offset` (0 max_ports = no limit but 65535). The offset
+    /// keeps the range tight for clusters whose ids start high (1001, 1002, ...).
     Deterministic {
         min_port: u16,
         max_ports: u16,
+        id_offset: i32,
     },
     /// Next free port from `min_port`, in node-id order per metadata snapshot.
     Sequential {
@@ -57,13 +59,14 @@ pub enum PortMapError {
     #[error("broker {broker} is mapped twice")]
     DuplicateBroker { broker: String },
     #[error(
-        "broker id {node_id} ({broker}) gets port {min_port}+{node_id}, outside the allowed range {min_port}..{end} (--dynamic-sequential-min-port/--dynamic-sequential-max-ports)"
+        "broker id {node_id} ({broker}) gets port {min_port}+{node_id}-{id_offset}, outside the allowed range {min_port}..{end} (--dynamic-sequential-min-port, --dynamic-sequential-max-ports, --dynamic-broker-id-offset {id_offset})"
     )]
     OutOfRange {
         node_id: i32,
         broker: String,
         min_port: u16,
         end: u32,
+        id_offset: i32,
     },
     #[error("no free dynamic port left for broker id {node_id} ({broker}) in {min_port}..{end}")]
     Exhausted {
@@ -73,7 +76,7 @@ pub enum PortMapError {
         end: u32,
     },
     #[error(
-        "broker id {node_id} ({broker}) is not mapped and dynamic listeners are disabled: add a --bootstrap-server-mapping or --external-server-mapping for it"
+        "broker id {node_id} ({broker}) is not mapped and dynamic listeners are disabled: add a --bootstrap-server-mapping or --external-server-mapping for it, or set --dynamic-sequential-min-port"
     )]
     Unmapped { node_id: i32, broker: String },
     #[error(
@@ -269,15 +272,17 @@ impl PortMap {
             DynamicPorts::Deterministic {
                 min_port,
                 max_ports,
+                id_offset,
             } => {
                 let end = range_end(min_port, max_ports);
-                let port = i64::from(min_port) + i64::from(node_id);
-                if node_id < 0 || port >= i64::from(end) {
+                let port = i64::from(min_port) + i64::from(node_id) - i64::from(id_offset);
+                if node_id < 0 || port < i64::from(min_port) || port >= i64::from(end) {
                     return Err(PortMapError::OutOfRange {
                         node_id,
                         broker: broker.to_string(),
                         min_port,
                         end,
+                        id_offset,
                     });
                 }
                 port as u16
@@ -351,6 +356,7 @@ mod tests {
         let det = DynamicPorts::Deterministic {
             min_port: 9095,
             max_ports: 0,
+            id_offset: 0,
         };
         let mut a = PortMap::new(config(det)).unwrap();
         let mut b = PortMap::new(config(det)).unwrap();
@@ -388,6 +394,7 @@ mod tests {
         let mut m = PortMap::new(config(DynamicPorts::Deterministic {
             min_port: 9090,
             max_ports: 0,
+            id_offset: 0,
         }))
         .unwrap();
         let (_, errors) = m.learn(&brokers());
@@ -420,6 +427,7 @@ mod tests {
         let mut m = PortMap::new(config(DynamicPorts::Deterministic {
             min_port: 9095,
             max_ports: 3,
+            id_offset: 0,
         }))
         .unwrap();
         let (added, errors) = m.learn(&brokers());
@@ -432,6 +440,7 @@ mod tests {
         let mut m = PortMap::new(config(DynamicPorts::Deterministic {
             min_port: 65530,
             max_ports: 0,
+            id_offset: 0,
         }))
         .unwrap();
         let (_, errors) = m.learn(&[(10, BrokerAddr::new("x", 1))]);
@@ -448,6 +457,38 @@ mod tests {
                 .to_string()
                 .contains("dynamic listeners are disabled")
         );
+    }
+
+    #[test]
+    fn an_id_offset_keeps_large_ids_in_a_tight_range_and_is_named_when_an_id_misses_it() {
+        let mut m = PortMap::new(config(DynamicPorts::Deterministic {
+            min_port: 9095,
+            max_ports: 3,
+            id_offset: 1001,
+        }))
+        .unwrap();
+        let ids = [1001, 1002, 1003, 1000, 1004];
+        let brokers: Vec<(i32, BrokerAddr)> = ids
+            .iter()
+            .map(|&id| (id, BrokerAddr::new(format!("kafka-{id}"), 9092)))
+            .collect();
+        let (added, errors) = m.learn(&brokers);
+        let ports: Vec<(Option<i32>, u16)> = added
+            .iter()
+            .map(|e| (e.node_id, e.listen.unwrap().port()))
+            .collect();
+        assert_eq!(
+            ports,
+            vec![(Some(1001), 9095), (Some(1002), 9096), (Some(1003), 9097)]
+        );
+        // Below the offset and past the range: both refused, naming the offset.
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        for e in &errors {
+            assert!(
+                e.to_string().contains("--dynamic-broker-id-offset 1001"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
@@ -481,6 +522,7 @@ mod tests {
             ..config(DynamicPorts::Deterministic {
                 min_port: 10_000,
                 max_ports: 0,
+                id_offset: 0,
             })
         })
         .unwrap();
@@ -499,6 +541,7 @@ mod tests {
         let mut m = PortMap::new(config(DynamicPorts::Deterministic {
             min_port: 10_000,
             max_ports: 0,
+            id_offset: 0,
         }))
         .unwrap();
         let (added, errors) = m.learn(&[(4, BrokerAddr::new("kafka-4", 0))]);

@@ -308,6 +308,7 @@ mod tests {
             dynamic: DynamicPorts::Deterministic {
                 min_port: first - 1,
                 max_ports: 0,
+                id_offset: 0,
             },
             listen_ip: [127, 0, 0, 1].into(),
             advertised: None,

@@ -1,16 +1,19 @@
 //! `kpscd proxy`: kafka-proxy's job. Data flow: `listeners` accept client connections on
 //! one port per broker -> `connection` forwards each to its broker, requests up and
 //! responses down in order -> frames that pass through unchanged go through a `bulk` mover
-//! (copy or splice), address-bearing responses through `rewrite`. `state` is what they
+//! (copy or splice), address-bearing responses through `rewrite`. Before that, `access`
+//! admits the client (PROXY protocol header via `proxy_header`, allow-lists). `state` is what they
 //! share, `refresh` keeps the port map current from cluster metadata.
 //!
 //! This file runs the mode start to finish: admin endpoint, static listeners, first
 //! metadata, periodic refresh, and a graceful stop on SIGTERM/SIGINT: unready for the
 //! grace period while serving, then no new connections while in-flight requests finish.
+pub mod access;
 pub mod budget;
 pub mod bulk;
 pub mod connection;
 pub mod listeners;
+pub mod proxy_header;
 pub mod refresh;
 pub mod rewrite;
 pub mod state;

@@ -25,7 +25,8 @@ pub async fn refresh_metadata(state: &ProxyState) -> anyhow::Result<Vec<anyhow::
         .collect();
     let mut last_error = None;
     for broker in candidates {
-        match discovery::fetch_brokers(&broker, state.config.common.dial_timeout).await {
+        let dial = state.config.dial.dial_address(&broker);
+        match discovery::fetch_brokers(dial, state.config.common.dial_timeout).await {
             Ok(brokers) => {
                 let problems = state.learn(&brokers).await;
                 state.set_metadata_known();

@@ -15,6 +15,7 @@ use crate::{
     mapping::{addr::BrokerAddr, map::PortMap},
     metrics::Metrics,
     proxy::{
+        access::Gate,
         budget::RewriteBudget,
         listeners::{Accepted, Listeners},
     },
@@ -27,6 +28,8 @@ pub struct ProxyState {
     pub listeners: Listeners,
     /// Memory for rewriting responses, shared by every connection.
     pub rewrite_budget: RewriteBudget,
+    /// Admission of new client connections (PROXY header, allow-lists).
+    pub gate: Gate,
     metadata_known: AtomicBool,
     /// Set on the first SIGTERM/SIGINT: not ready any more, still serving.
     draining: Draining,
@@ -54,6 +57,7 @@ impl ProxyState {
         )?;
         let state = Arc::new(Self {
             rewrite_budget: RewriteBudget::new(config.rewrite_memory_budget),
+            gate: Gate::new(config.access.clone()),
             config,
             metrics,
             listeners,

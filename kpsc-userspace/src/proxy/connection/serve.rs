@@ -9,7 +9,7 @@ use tokio::{
     sync::mpsc,
     time::timeout,
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     mapping::addr::BrokerAddr,
@@ -22,35 +22,67 @@ use crate::{
 };
 
 /// Serves one accepted client connection to completion, logging and counting how it ended.
-pub async fn serve(client: TcpStream, peer: SocketAddr, route: Route, state: Arc<ProxyState>) {
+/// Nothing reaches a broker before the client is admitted (PROXY header, allow-lists).
+pub async fn serve(mut client: TcpStream, peer: SocketAddr, route: Route, state: Arc<ProxyState>) {
+    let Some(who) = state
+        .gate
+        .admit(&mut client, peer, route.listen_port, &state.metrics)
+        .await
+    else {
+        return;
+    };
+    // Behind a cloud endpoint the peer is the endpoint's NAT address: the header's source
+    // and endpoint id are what tell clients apart.
+    let client_addr = who.addr;
+    let endpoint_id = who.endpoint.as_ref().map(ToString::to_string);
+    let endpoint_id = endpoint_id.as_deref().unwrap_or("-");
+    if let Some(version) = who.header_version {
+        info!(
+            client = %client_addr,
+            %peer,
+            endpoint_id,
+            cloud = who.endpoint.as_ref().map_or("-", |id| id.cloud()),
+            proxy_protocol = version,
+            listen_port = route.listen_port,
+            broker = %route.broker,
+            "client connected"
+        );
+    }
     route.counters.connections_total.inc();
     route.counters.connections_open.inc();
     let result = run(client, &route, &state).await;
     route.counters.connections_open.dec();
     match result {
         Ok(()) => {
-            debug!(%peer, listen_port = route.listen_port, broker = %route.broker, "connection closed")
+            debug!(client = %client_addr, endpoint_id, listen_port = route.listen_port, broker = %route.broker, "connection closed")
         }
         Err(e) => {
             state.metrics.connection_error(e.reason());
             if e.is_fault() {
-                warn!(%peer, listen_port = route.listen_port, broker = %route.broker, error = %e, "connection closed on error");
+                warn!(client = %client_addr, endpoint_id, listen_port = route.listen_port, broker = %route.broker, error = %e, "connection closed on error");
             } else {
-                debug!(%peer, listen_port = route.listen_port, broker = %route.broker, error = %e, "client left");
+                debug!(client = %client_addr, endpoint_id, listen_port = route.listen_port, broker = %route.broker, error = %e, "client left");
             }
         }
     }
 }
 
 async fn connect(broker: &BrokerAddr, state: &ProxyState) -> Result<TcpStream, ConnError> {
+    // --dial-address-mapping: reach the broker under another name; errors name both.
+    let dial = state.config.dial.dial_address(broker);
+    let name = if dial == broker {
+        broker.to_string()
+    } else {
+        format!("{broker} (dialled at {dial})")
+    };
     let stream = timeout(
         state.config.common.dial_timeout,
-        TcpStream::connect((broker.host.as_str(), broker.port)),
+        TcpStream::connect((dial.host.as_str(), dial.port)),
     )
     .await
-    .map_err(|_| ConnError::ConnectTimeout(broker.to_string()))?
+    .map_err(|_| ConnError::ConnectTimeout(name.clone()))?
     .map_err(|source| ConnError::Connect {
-        broker: broker.to_string(),
+        broker: name,
         source,
     })?;
     stream.set_nodelay(true).ok();

@@ -1,0 +1,177 @@
+//! Who may connect to the proxy's listeners, and what they must send first: the PROXY
+//! protocol header a cloud endpoint prepends (`--proxy-protocol`) and the allow-lists
+//! checked against it (`--allow-source`, `--allow-endpoint-id`).
+
+use std::{collections::BTreeSet, fmt, time::Duration};
+
+use clap::Args;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::config::{
+    error::ConfigError,
+    file::{pick, pick_list},
+    values::HumanDuration,
+};
+
+/// `--proxy-protocol`: whether client connections start with a PROXY protocol header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// No header is expected: every byte goes to the broker as it came.
+    #[default]
+    Off,
+    /// A v1 or v2 header is read when the connection starts with one.
+    Optional,
+    /// Every connection must start with a v1 or v2 header; others are closed.
+    Required,
+}
+
+impl fmt::Display for ProxyProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::Optional => "optional",
+            Self::Required => "required",
+        })
+    }
+}
+
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct ListenerArgs {
+    /// PROXY protocol (v1 or v2) from the load balancer or private endpoint in front:
+    /// `off` (default), `optional` or `required`.
+    #[arg(long = "proxy-protocol", value_name = "MODE")]
+    pub proxy_protocol: Option<ProxyProtocol>,
+
+    /// How long a client may take to send its PROXY protocol header, e.g. `5s`.
+    #[arg(long = "proxy-protocol-timeout", value_name = "DURATION")]
+    pub proxy_protocol_timeout: Option<HumanDuration>,
+
+    /// Client addresses allowed to connect (the PROXY header's source when there is one,
+    /// else the TCP peer), e.g. `10.0.0.0/8`. Repeatable; none = everyone.
+    #[arg(long = "allow-source", value_name = "CIDR")]
+    pub allow_source: Vec<String>,
+
+    /// Endpoint ids allowed to connect, matched against the PROXY v2 header's cloud TLV:
+    /// a Google PSC connection id (decimal), an AWS VPC endpoint id (`vpce-...`) or an
+    /// Azure Private Link LinkID (decimal). Repeatable; none = every endpoint.
+    #[arg(long = "allow-endpoint-id", value_name = "ID")]
+    pub allow_endpoint_id: Vec<String>,
+}
+
+/// The validated listener settings.
+#[derive(Clone, Debug, Default)]
+pub struct AccessConfig {
+    pub proxy_protocol: ProxyProtocol,
+    pub header_timeout: Duration,
+    /// Empty: every source.
+    pub allow_sources: Vec<IpNet>,
+    /// Empty: every endpoint (and connections without one).
+    pub allow_endpoint_ids: BTreeSet<String>,
+}
+
+const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl AccessConfig {
+    pub fn resolve(flags: ListenerArgs, file: ListenerArgs) -> Result<Self, ConfigError> {
+        let proxy_protocol = pick(flags.proxy_protocol, file.proxy_protocol).unwrap_or_default();
+        let header_timeout = pick(flags.proxy_protocol_timeout, file.proxy_protocol_timeout)
+            .map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0);
+        if header_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "--proxy-protocol-timeout",
+                "must be greater than zero",
+            ));
+        }
+        let allow_sources = pick_list(flags.allow_source, file.allow_source)
+            .iter()
+            .map(|text| parse_cidr(text))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::new("--allow-source", e))?;
+        let allow_endpoint_ids: BTreeSet<String> =
+            pick_list(flags.allow_endpoint_id, file.allow_endpoint_id)
+                .into_iter()
+                .map(|id| id.trim().to_owned())
+                .collect();
+        if allow_endpoint_ids.iter().any(String::is_empty) {
+            return Err(ConfigError::new("--allow-endpoint-id", "empty id"));
+        }
+        if !allow_endpoint_ids.is_empty() && proxy_protocol == ProxyProtocol::Off {
+            return Err(ConfigError::new(
+                "--allow-endpoint-id",
+                "endpoint ids arrive in the PROXY protocol header: set --proxy-protocol required",
+            ));
+        }
+        Ok(Self {
+            proxy_protocol,
+            header_timeout,
+            allow_sources,
+            allow_endpoint_ids,
+        })
+    }
+}
+
+/// A CIDR, or a bare address meaning that one address.
+fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map(|net| net.trunc())
+        .map_err(|_| format!("{text:?} is not a CIDR like 10.0.0.0/8 or an IP address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(
+        protocol: Option<ProxyProtocol>,
+        sources: &[&str],
+        ids: &[&str],
+    ) -> Result<AccessConfig, ConfigError> {
+        AccessConfig::resolve(
+            ListenerArgs {
+                proxy_protocol: protocol,
+                allow_source: sources.iter().map(|s| s.to_string()).collect(),
+                allow_endpoint_id: ids.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+            ListenerArgs::default(),
+        )
+    }
+
+    #[test]
+    fn cidrs_and_ids_resolve_and_bad_ones_name_the_flag() {
+        let c = resolve(
+            Some(ProxyProtocol::Required),
+            &["198.18.3.7/24", "10.1.2.3", "fd00::/8"],
+            &["vpce-0abc", "43686719580552292"],
+        )
+        .unwrap();
+        assert_eq!(c.allow_sources[0].to_string(), "198.18.3.0/24");
+        assert_eq!(c.allow_sources[1].to_string(), "10.1.2.3/32");
+        assert_eq!(c.allow_endpoint_ids.len(), 2);
+        assert_eq!(c.header_timeout, DEFAULT_HEADER_TIMEOUT);
+        assert_eq!(
+            resolve(None, &["10.0.0.0/33"], &[]).unwrap_err().flag,
+            "--allow-source"
+        );
+        assert_eq!(
+            resolve(None, &["example.com"], &[]).unwrap_err().flag,
+            "--allow-source"
+        );
+        // Without a header there is no endpoint id to match.
+        assert_eq!(
+            resolve(None, &[], &["vpce-0abc"]).unwrap_err().flag,
+            "--allow-endpoint-id"
+        );
+        assert_eq!(
+            resolve(Some(ProxyProtocol::Optional), &[], &[" "])
+                .unwrap_err()
+                .flag,
+            "--allow-endpoint-id"
+        );
+    }
+}
