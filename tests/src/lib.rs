@@ -2,12 +2,15 @@
 //! - [`MockCluster`]: librdkafka's mock Kafka cluster (a real, independent broker
 //!   implementation shipped with librdkafka), owned by this process;
 //! - [`Tansu`]: tansu, an independent Kafka-compatible broker;
+//! - [`CloudEndpoint`]: the cloud's private endpoint in front of kpscd, prepending the
+//!   PROXY protocol header each cloud sends;
 //! - from the shared kit (kpsc-testkit): [`Kpscd`], the real `kpscd` binary as an operator
 //!   runs it, and [`RawClient`], a raw Kafka client for exact request versions.
 //!
 //! Addresses: brokers listen on 127.0.0.1 (the mock cannot choose); kpscd advertises
 //! 127.0.1.<broker id>, so any `127.0.0.1` in a client-visible answer is a leak.
 
+mod cloud_endpoint;
 mod command;
 mod mock_cluster;
 pub mod portmap;
@@ -16,6 +19,7 @@ pub mod syn_flood;
 mod tansu;
 mod unit;
 
+pub use cloud_endpoint::{Cloud, CloudEndpoint, Header, encode_v2};
 pub use command::run_with_timeout;
 pub use mock_cluster::{ADVERTISED_PATTERN, MockCluster, REAL_BROKER_HOST, proxy_args};
 pub use rdkafka_client::{Delivered, LeakWatch, send_waiting};

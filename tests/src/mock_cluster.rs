@@ -121,6 +121,17 @@ impl MockCluster {
         )
     }
 
+    /// Makes broker `id` advertise `host:port` in metadata (it keeps listening where it
+    /// was): a broker whose advertised name the proxy node must dial under another.
+    pub fn set_advertised(&self, id: i32, host: &str, port: u16) -> anyhow::Result<()> {
+        let host = CString::new(host)?;
+        // SAFETY: valid handle; librdkafka copies the host string.
+        unsafe {
+            rd::rd_kafka_mock_broker_set_host_port(self.cluster, id, host.as_ptr(), port.into())
+        };
+        Ok(())
+    }
+
     /// Delays every response of a broker (to keep requests in flight).
     pub fn set_rtt(&self, id: i32, rtt: Duration) -> anyhow::Result<()> {
         // SAFETY: valid handle.

@@ -190,13 +190,47 @@ fn bad_configuration_exits_2_and_names_the_flag() {
             ],
             "--bulk-policy",
         ),
+        // Dynamic listeners asked for (an advertised pattern) but no first port. (Without
+        // any dynamic flag, kafka-proxy's all-static command line, kpscd starts.)
         (
             &[
                 "proxy",
                 "--bootstrap-server-mapping",
                 "127.0.0.1:1,127.0.0.1:2",
+                "--dynamic-advertised-listener",
+                "b<broker_id>.example.com",
             ],
             "--dynamic-sequential-min-port",
+        ),
+        (
+            &[
+                "proxy",
+                "--bootstrap-server-mapping",
+                "127.0.0.1:1,127.0.0.1:2",
+                "--proxy-protocol",
+                "sometimes",
+            ],
+            "--proxy-protocol",
+        ),
+        (
+            &[
+                "proxy",
+                "--bootstrap-server-mapping",
+                "127.0.0.1:1,127.0.0.1:2",
+                "--allow-source",
+                "10.0.0.0/40",
+            ],
+            "--allow-source",
+        ),
+        (
+            &[
+                "proxy",
+                "--bootstrap-server-mapping",
+                "127.0.0.1:1,127.0.0.1:2",
+                "--allow-endpoint-id",
+                "vpce-0abc",
+            ],
+            "--allow-endpoint-id",
         ),
         (
             &[
