@@ -244,7 +244,11 @@ fn each_clouds_endpoint_id_is_read_logged_and_checked() {
         .filter(|l| l.contains("connection refused") && l.contains(VPCE_ID))
         .collect();
     assert_eq!(lines.len(), 1, "logged once per source:\n{log}");
-    assert!(lines[0].contains("aws_privatelink"), "{}", lines[0]);
+    assert!(
+        lines[0].contains("aws_privatelink") && lines[0].contains("client=198.18.3.4"),
+        "{}",
+        lines[0]
+    );
     assert!(kpscd.alive());
 }
 

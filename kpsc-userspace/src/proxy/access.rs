@@ -42,8 +42,8 @@ pub enum Refusal {
     HeaderTimeout(Duration),
     #[error("source {0} is not in --allow-source")]
     Source(IpAddr),
-    #[error("endpoint id {} is not in --allow-endpoint-id", .0.as_ref().map_or_else(|| "(none)".to_owned(), |id| format!("{id} ({})", id.cloud())))]
-    Endpoint(Option<EndpointId>),
+    #[error("endpoint id {} is not in --allow-endpoint-id", .1.as_ref().map_or_else(|| "(none)".to_owned(), |id| format!("{id} ({})", id.cloud())))]
+    Endpoint(IpAddr, Option<EndpointId>),
     /// The client closed before sending a byte (e.g. a TCP health check): not a refusal.
     #[error("client closed before sending anything")]
     Closed,
@@ -58,7 +58,7 @@ impl Refusal {
             Self::Header(HeaderError::Truncated | HeaderError::Io(_)) => "proxy_header_truncated",
             Self::HeaderTimeout(_) => "proxy_header_timeout",
             Self::Source(_) => "source_not_allowed",
-            Self::Endpoint(_) => "endpoint_id_not_allowed",
+            Self::Endpoint(..) => "endpoint_id_not_allowed",
             Self::Closed => "closed",
         }
     }
@@ -109,8 +109,9 @@ impl Gate {
             }
             Err(refusal) => {
                 metrics.connection_rejected(refusal.reason());
+                // The real client when the header named one, else the TCP peer.
                 let source = match &refusal {
-                    Refusal::Source(ip) => *ip,
+                    Refusal::Source(ip) | Refusal::Endpoint(ip, _) => *ip,
                     _ => peer.ip(),
                 };
                 if let Some(suppressed) = self.log.should_log(source, Instant::now()) {
@@ -145,7 +146,7 @@ impl Gate {
                 .as_ref()
                 .is_some_and(|id| ids.contains(&id.to_string()))
         {
-            return Err(Refusal::Endpoint(endpoint));
+            return Err(Refusal::Endpoint(addr.ip(), endpoint));
         }
         Ok(Client {
             peer,
@@ -304,11 +305,11 @@ mod tests {
                 peer,
                 header("198.18.3.9:1", Some(EndpointId::AzureLinkId(43)))
             ),
-            Err(Refusal::Endpoint(Some(_)))
+            Err(Refusal::Endpoint(_, Some(_)))
         ));
         assert!(matches!(
             g.check(peer, header("198.18.3.9:1", None)),
-            Err(Refusal::Endpoint(None))
+            Err(Refusal::Endpoint(_, None))
         ));
         // No header: the peer is the client.
         assert!(matches!(g.check(peer, None), Err(Refusal::Source(_))));

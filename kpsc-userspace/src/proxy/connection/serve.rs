@@ -40,7 +40,7 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, route: Route, state:
         info!(
             client = %client_addr,
             %peer,
-            endpoint_id,
+            endpoint_id = %endpoint_id,
             cloud = who.endpoint.as_ref().map_or("-", |id| id.cloud()),
             proxy_protocol = version,
             listen_port = route.listen_port,
@@ -54,14 +54,14 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, route: Route, state:
     route.counters.connections_open.dec();
     match result {
         Ok(()) => {
-            debug!(client = %client_addr, endpoint_id, listen_port = route.listen_port, broker = %route.broker, "connection closed")
+            debug!(client = %client_addr, endpoint_id = %endpoint_id, listen_port = route.listen_port, broker = %route.broker, "connection closed")
         }
         Err(e) => {
             state.metrics.connection_error(e.reason());
             if e.is_fault() {
-                warn!(client = %client_addr, endpoint_id, listen_port = route.listen_port, broker = %route.broker, error = %e, "connection closed on error");
+                warn!(client = %client_addr, endpoint_id = %endpoint_id, listen_port = route.listen_port, broker = %route.broker, error = %e, "connection closed on error");
             } else {
-                debug!(client = %client_addr, endpoint_id, listen_port = route.listen_port, broker = %route.broker, error = %e, "client left");
+                debug!(client = %client_addr, endpoint_id = %endpoint_id, listen_port = route.listen_port, broker = %route.broker, error = %e, "client left");
             }
         }
     }
