@@ -14,18 +14,21 @@ pub const UNSUPPORTED_KAFKA_PROXY_FLAGS: &[(&str, &str)] = &[
     ("proxy-listener-read-buffer-size", "not implemented yet"),
     ("proxy-listener-write-buffer-size", "not implemented yet"),
     ("proxy-listener-keep-alive", "not implemented yet"),
-    ("proxy-listener-tls-enable", "TLS is not implemented yet"),
-    ("proxy-listener-cert-file", "TLS is not implemented yet"),
-    ("proxy-listener-key-file", "TLS is not implemented yet"),
-    ("proxy-listener-key-password", "TLS is not implemented yet"),
+    (
+        "proxy-listener-key-password",
+        "not implemented yet (listener TLS takes a certificate and an unencrypted key)",
+    ),
     (
         "proxy-listener-ca-chain-cert-file",
-        "TLS is not implemented yet",
+        "not implemented yet (listener TLS takes a certificate and an unencrypted key)",
     ),
-    ("proxy-listener-cipher-suites", "TLS is not implemented yet"),
+    (
+        "proxy-listener-cipher-suites",
+        "not implemented yet (listener TLS takes a certificate and an unencrypted key)",
+    ),
     (
         "proxy-listener-curve-preferences",
-        "TLS is not implemented yet",
+        "not implemented yet (listener TLS takes a certificate and an unencrypted key)",
     ),
     (
         "auth-local-enable",

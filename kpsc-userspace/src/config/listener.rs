@@ -2,7 +2,7 @@
 //! protocol header a cloud endpoint prepends (`--proxy-protocol`) and the allow-lists
 //! checked against it (`--allow-source`, `--allow-endpoint-id`).
 
-use std::{collections::BTreeSet, fmt, time::Duration};
+use std::{collections::BTreeSet, fmt, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Args;
 use ipnet::IpNet;
@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::config::{
     error::ConfigError,
     file::{pick, pick_list},
+    tls,
     values::HumanDuration,
 };
 
@@ -59,6 +60,18 @@ pub struct ListenerArgs {
     /// Azure Private Link LinkID (decimal). Repeatable; none = every endpoint.
     #[arg(long = "allow-endpoint-id", value_name = "ID")]
     pub allow_endpoint_id: Vec<String>,
+
+    /// Serve TLS to clients on every listener (after the PROXY protocol header, if any).
+    #[arg(long = "proxy-listener-tls-enable", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub proxy_listener_tls_enable: Option<bool>,
+
+    /// PEM certificate chain of the listeners, leaf first.
+    #[arg(long = "proxy-listener-cert-file", value_name = "PATH")]
+    pub proxy_listener_cert_file: Option<PathBuf>,
+
+    /// PEM private key of that certificate (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long = "proxy-listener-key-file", value_name = "PATH")]
+    pub proxy_listener_key_file: Option<PathBuf>,
 }
 
 /// The validated listener settings.
@@ -70,6 +83,8 @@ pub struct AccessConfig {
     pub allow_sources: Vec<IpNet>,
     /// Empty: every endpoint (and connections without one).
     pub allow_endpoint_ids: BTreeSet<String>,
+    /// TLS towards clients (`--proxy-listener-tls-enable`).
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,11 +119,44 @@ impl AccessConfig {
                 "endpoint ids arrive in the PROXY protocol header: set --proxy-protocol required",
             ));
         }
+        let tls_enable = pick(
+            flags.proxy_listener_tls_enable,
+            file.proxy_listener_tls_enable,
+        )
+        .unwrap_or(false);
+        let cert = pick(
+            flags.proxy_listener_cert_file,
+            file.proxy_listener_cert_file,
+        );
+        let key = pick(flags.proxy_listener_key_file, file.proxy_listener_key_file);
+        let tls = match (tls_enable, cert, key) {
+            (false, None, None) => None,
+            (false, _, _) => {
+                return Err(ConfigError::new(
+                    "--proxy-listener-tls-enable",
+                    "a listener certificate or key is given but TLS is not enabled",
+                ));
+            }
+            (true, Some(cert), Some(key)) => Some(tls::server_config(&cert, &key)?),
+            (true, None, _) => {
+                return Err(ConfigError::new(
+                    tls::CERT_FLAG,
+                    "required with --proxy-listener-tls-enable",
+                ));
+            }
+            (true, _, None) => {
+                return Err(ConfigError::new(
+                    tls::KEY_FLAG,
+                    "required with --proxy-listener-tls-enable",
+                ));
+            }
+        };
         Ok(Self {
             proxy_protocol,
             header_timeout,
             allow_sources,
             allow_endpoint_ids,
+            tls,
         })
     }
 }

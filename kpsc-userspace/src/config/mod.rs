@@ -12,4 +12,5 @@ pub mod kafka_proxy;
 pub mod listener;
 pub mod portmap;
 pub mod proxy;
+pub mod tls;
 pub mod values;

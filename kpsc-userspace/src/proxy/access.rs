@@ -272,6 +272,7 @@ mod tests {
             header_timeout: Duration::from_secs(1),
             allow_sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
             allow_endpoint_ids: ids.iter().map(|s| s.to_string()).collect(),
+            tls: None,
         })
     }
 

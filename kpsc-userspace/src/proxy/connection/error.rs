@@ -16,6 +16,8 @@ pub enum ConnError {
     ConnectTimeout(String),
     #[error("client: {0}")]
     Client(FrameError),
+    #[error("client TLS handshake failed (--proxy-listener-tls-enable): {0}")]
+    TlsHandshake(std::io::Error),
     #[error("broker: {0}")]
     Broker(FrameError),
     #[error("request for forbidden api {api} ({key}) refused (--forbidden-api-keys)")]
@@ -63,6 +65,7 @@ impl ConnError {
                 "client_closed"
             }
             ConnError::Client(FrameError::Io(_)) | ConnError::ClientWrite(_) => "client_io",
+            ConnError::TlsHandshake(_) => "client_tls_handshake",
             ConnError::Broker(FrameError::Io(_)) => "broker_io",
             ConnError::Broker(_) => "broker_bad_frame",
             ConnError::Forbidden { .. } => "forbidden_api",

@@ -4,17 +4,18 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, split},
     net::TcpStream,
     sync::mpsc,
-    time::timeout,
+    time::{Duration, timeout},
 };
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::{
     mapping::addr::BrokerAddr,
     proxy::{
-        bulk::{tcp::TcpMover, transfer::Transfer},
+        bulk::{copy::CopyMover, tcp::TcpMover, transfer::Transfer},
         connection::{error::ConnError, requests::forward_requests, responses::forward_responses},
         listeners::Route,
         state::ProxyState,
@@ -89,8 +90,32 @@ async fn connect(broker: &BrokerAddr, state: &ProxyState) -> Result<TcpStream, C
     Ok(stream)
 }
 
+/// How long a client may take for its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn run(client: TcpStream, route: &Route, state: &ProxyState) -> Result<(), ConnError> {
     client.set_nodelay(true).ok();
+    if let Some(tls) = &state.config.access.tls {
+        // Handshake before dialling: a client that is not speaking TLS costs no broker
+        // connection. TLS bytes cannot be spliced; both directions are copied.
+        let client = timeout(
+            TLS_HANDSHAKE_TIMEOUT,
+            TlsAcceptor::from(Arc::clone(tls)).accept(client),
+        )
+        .await
+        .map_err(|_| ConnError::TlsHandshake(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(ConnError::TlsHandshake)?;
+        let upstream = connect(&route.broker, state).await?;
+        let (upstream_r, upstream_w) = upstream.into_split();
+        return proxy_streams(
+            split(client),
+            (upstream_r, upstream_w),
+            (CopyMover, CopyMover),
+            route,
+            state,
+        )
+        .await;
+    }
     let upstream = connect(&route.broker, state).await?;
     let (client_r, client_w) = client.into_split();
     let (upstream_r, upstream_w) = upstream.into_split();
@@ -145,13 +170,10 @@ where
 #[cfg(test)]
 mod tests {
     use clap::Parser;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex, split};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
     use super::*;
-    use crate::{
-        config::proxy::{ProxyArgs, ProxyConfig},
-        proxy::bulk::copy::CopyMover,
-    };
+    use crate::config::proxy::{ProxyArgs, ProxyConfig};
 
     #[derive(Parser)]
     struct Cli {

@@ -1,0 +1,215 @@
+//! TLS on kpscd's listeners (`--proxy-listener-tls-enable`): a CA and a server certificate
+//! made here with rcgen, confluent-kafka (Python, librdkafka 2.16 with OpenSSL) producing
+//! and consuming with `security.protocol=ssl` and hostname verification through every
+//! broker's listener; a plaintext client on a TLS listener closes that connection only;
+//! a missing certificate or a key of another certificate exits 2 naming the flag.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use kpsc_tests::{Kpscd, MockCluster, RawClient, free_port_base, kpscd_bin, proxy_args};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+
+/// The Python of the test venv (`cargo xtask setup` installs confluent-kafka there).
+fn python() -> PathBuf {
+    std::env::var_os("KPSC_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/venv/bin/python")
+        })
+}
+
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    /// A CA, and a certificate it signed for the advertised addresses 127.0.1.1-3.
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("kpsc-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Distinct names: a leaf whose subject equals its issuer's is taken as self-signed.
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "kpsc test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let server = |name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec!["kafka.example".to_owned()]).unwrap();
+            params
+                .distinguished_name
+                .push(DnType::CommonName, format!("kpsc test {name}"));
+            for i in 1..=3u8 {
+                params
+                    .subject_alt_names
+                    .push(SanType::IpAddress([127, 0, 1, i].into()));
+            }
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        };
+        server("server");
+        server("other");
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        if std::env::var_os("KPSC_KEEP_PKI").is_some() {
+            eprintln!("PKI kept in {}", self.dir.display());
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const CLIENT: &str = r#"
+import sys
+from confluent_kafka import Consumer, Producer, TopicPartition
+bootstrap, ca, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tls = {"bootstrap.servers": bootstrap, "security.protocol": "ssl", "ssl.ca.location": ca,
+       "ssl.endpoint.identification.algorithm": "https"}
+acked = []
+p = Producer({**tls, "acks": "all", "message.timeout.ms": 20000})
+for i in range(n):
+    p.produce("secure", value=f"m{i}".encode(), partition=i % 3,
+              on_delivery=lambda err, msg: err is None and acked.append(msg))
+    p.poll(0)
+p.flush(30)
+c = Consumer({**tls, "group.id": "tls", "enable.auto.commit": False})
+c.assign([TopicPartition("secure", q, 0) for q in range(3)])
+got = 0
+for _ in range(300):
+    m = c.poll(0.1)
+    if m is not None and m.error() is None:
+        got += 1
+    if got == n:
+        break
+c.close()
+print(f"acked={len(acked)} consumed={got}")
+"#;
+
+fn kpscd_exit(args: &[String]) -> (i32, String) {
+    let out = Command::new(kpscd_bin())
+        .arg("proxy")
+        .args(args)
+        .arg("--http-disable")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn confluent_kafka_over_tls_through_every_listener() {
+    let pki = Pki::new();
+    let cluster = MockCluster::new(3).unwrap();
+    cluster.create_topic("secure", 3).unwrap();
+    for p in 0..3 {
+        cluster.set_leader("secure", p, p + 1).unwrap();
+    }
+    let base = free_port_base(20);
+    let tls_flags = |cert: &str, key: &str| {
+        vec![
+            "--proxy-listener-tls-enable".to_owned(),
+            "--proxy-listener-cert-file".to_owned(),
+            pki.path(cert),
+            "--proxy-listener-key-file".to_owned(),
+            pki.path(key),
+        ]
+    };
+    let flags = tls_flags("server.pem", "server.key");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let kpscd = Kpscd::start(&proxy_args(&cluster, base, &flags)).unwrap();
+
+    let out = Command::new(python())
+        .args([
+            "-c",
+            CLIENT,
+            &format!("127.0.1.1:{base}"),
+            &pki.path("ca.pem"),
+            "300",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("acked=300 consumed=300"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // All three brokers' listeners carried TLS traffic.
+    for port in [base, base + 12, base + 13] {
+        assert!(
+            kpscd.metric("kpsc_connections_total", &format!("listen_port=\"{port}\"")) >= 1.0,
+            "no connection on {port}"
+        );
+    }
+
+    // A plaintext Kafka client on the TLS listener: its connection closes, nothing else.
+    let mut plain = RawClient::connect(&format!("127.0.0.1:{base}")).unwrap();
+    plain
+        .stream()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert!(plain.api_versions().is_err());
+    assert!(
+        kpscd.metric(
+            "kpsc_connection_errors_total",
+            "reason=\"client_tls_handshake\""
+        ) >= 1.0
+    );
+    assert!(kpscd.alive());
+    drop(kpscd);
+
+    // Bad listener TLS configuration: exit 2 naming the flag.
+    let mapping = format!("{},127.0.0.1:{base}", cluster.broker_addr(1));
+    let with = |extra: Vec<String>| {
+        let mut args = vec!["--bootstrap-server-mapping".to_owned(), mapping.clone()];
+        args.extend(extra);
+        args
+    };
+    for (args, flag) in [
+        (
+            with(tls_flags("missing.pem", "server.key")),
+            "--proxy-listener-cert-file",
+        ),
+        (
+            with(tls_flags("server.key", "server.key")),
+            "--proxy-listener-cert-file",
+        ),
+        (
+            with(tls_flags("server.pem", "other.key")),
+            "--proxy-listener-key-file",
+        ),
+        (
+            with(tls_flags("server.pem", "ca.pem")),
+            "--proxy-listener-key-file",
+        ),
+        (
+            with(vec!["--proxy-listener-tls-enable".to_owned()]),
+            "--proxy-listener-cert-file",
+        ),
+    ] {
+        let (code, stderr) = kpscd_exit(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
+    assert!(Path::new(&pki.path("ca.pem")).exists());
+}
