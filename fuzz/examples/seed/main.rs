@@ -50,6 +50,7 @@ fn main() -> anyhow::Result<()> {
     fixture_seeds(&mut corpus);
     request_seeds(&mut corpus);
     config_seeds(&mut corpus);
+    proxy_header_seeds(&mut corpus);
     if capture {
         for capture in [record::mock_cluster()?, record::tansu()?] {
             capture_seeds(&mut corpus, &capture);
@@ -108,6 +109,52 @@ impl Corpus {
             *seen += 1;
             self.add(target, name, data);
         }
+    }
+}
+
+/// What cloud endpoints and load balancers send: v2 with each cloud's endpoint TLV (and
+/// an unrelated one), v2 LOCAL, v1 lines; each followed by the first bytes of a Kafka frame.
+fn proxy_header_seeds(corpus: &mut Corpus) {
+    use kpsc::proxy::proxy_header::{TLV_AWS, TLV_AZURE, TLV_GCP, encode_v2};
+    let src: std::net::SocketAddr = "198.18.3.4:40000".parse().expect("address");
+    let dst: std::net::SocketAddr = "[2001:db8::2]:9092".parse().expect("address");
+    let dst4: std::net::SocketAddr = "198.18.0.1:9092".parse().expect("address");
+    let kafka = b"\0\0\0\x16\0\x12\0\x03";
+    let vpce = [&[1u8][..], b"vpce-08d2bf15fac5001c9"].concat();
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "v2-gcp",
+            encode_v2(
+                src,
+                dst4,
+                &[(TLV_GCP, &43_686_719_580_552_292u64.to_be_bytes())],
+            ),
+        ),
+        (
+            "v2-aws",
+            encode_v2(src, dst4, &[(0x02, b"kafka.example"), (TLV_AWS, &vpce)]),
+        ),
+        (
+            "v2-azure",
+            encode_v2(src, dst4, &[(TLV_AZURE, &[1, 0x33, 0, 0, 0x26])]),
+        ),
+        (
+            "v2-v6",
+            encode_v2("[2001:db8::1]:40000".parse().expect("address"), dst, &[]),
+        ),
+        ("v2-local", b"\r\n\r\n\0\r\nQUIT\n\x20\0\0\0".to_vec()),
+        (
+            "v1-tcp4",
+            b"PROXY TCP4 198.18.3.4 198.18.0.1 40000 9092\r\n".to_vec(),
+        ),
+        (
+            "v1-tcp6",
+            b"PROXY TCP6 2001:db8::1 2001:db8::2 40000 9092\r\n".to_vec(),
+        ),
+        ("v1-unknown", b"PROXY UNKNOWN\r\n".to_vec()),
+    ];
+    for (name, header) in seeds {
+        corpus.add("proxy_header", name, &[&header[..], kafka].concat());
     }
 }
 
