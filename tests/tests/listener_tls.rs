@@ -2,15 +2,20 @@
 //! made here with rcgen, confluent-kafka (Python, librdkafka 2.16 with OpenSSL) producing
 //! and consuming with `security.protocol=ssl` and hostname verification through every
 //! broker's listener; a plaintext client on a TLS listener closes that connection only;
-//! a missing certificate or a key of another certificate exits 2 naming the flag.
+//! a missing certificate or a key of another certificate exits 2 naming the flag; and
+//! behind a cloud endpoint, the PROXY header in clear before the TLS handshake.
 
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
-use kpsc_tests::{Kpscd, MockCluster, RawClient, free_port_base, kpscd_bin, proxy_args};
+use kpsc_tests::{
+    Cloud, CloudEndpoint, Header, Kpscd, MockCluster, RawClient, free_port_base, kpscd_bin,
+    proxy_args,
+};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
 
 /// The Python of the test venv (`cargo xtask setup` installs confluent-kafka there).
@@ -29,7 +34,13 @@ struct Pki {
 impl Pki {
     /// A CA, and a certificate it signed for the advertised addresses 127.0.1.1-3.
     fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("kpsc-tls-{}", std::process::id()));
+        // One directory per test: tests run in parallel and each removes its own.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "kpsc-tls-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -212,4 +223,75 @@ fn confluent_kafka_over_tls_through_every_listener() {
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
     }
     assert!(Path::new(&pki.path("ca.pem")).exists());
+}
+
+/// The PSC endpoint's PROXY header comes in clear, then the client's TLS: kpscd reads the
+/// one, then terminates the other.
+#[test]
+fn tls_after_the_proxy_protocol_header() {
+    let pki = Pki::new();
+    let cluster = MockCluster::new(3).unwrap();
+    cluster.create_topic("secure", 3).unwrap();
+    for p in 0..3 {
+        cluster.set_leader("secure", p, p + 1).unwrap();
+    }
+    let base = free_port_base(20);
+    let args: Vec<String> = [
+        "--bootstrap-server-mapping",
+        &format!(
+            "{},127.0.0.1:{base},127.0.1.1:{base}",
+            cluster.broker_addr(1)
+        ),
+        "--dynamic-sequential-min-port",
+        &(base + 10).to_string(),
+        "--dynamic-advertised-listener",
+        "127.0.1.<broker_id>",
+        "--default-listener-ip",
+        "127.0.0.1",
+        "--proxy-protocol",
+        "required",
+        "--allow-endpoint-id",
+        "77",
+        "--proxy-listener-tls-enable",
+        "--proxy-listener-cert-file",
+        &pki.path("server.pem"),
+        "--proxy-listener-key-file",
+        &pki.path("server.key"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let kpscd = Kpscd::start(&args).unwrap();
+    // The endpoint listens on the advertised addresses and forwards to kpscd's.
+    let routes: Vec<_> = [(1, base), (2, base + 12), (3, base + 13)]
+        .iter()
+        .map(|&(id, port)| {
+            (
+                format!("127.0.1.{id}:{port}").parse().unwrap(),
+                format!("127.0.0.1:{port}").parse().unwrap(),
+            )
+        })
+        .collect();
+    let header = Header::V2 {
+        client: "198.18.3.4:40000".parse().unwrap(),
+        cloud: Some(Cloud::GooglePsc(77)),
+    };
+    let _psc = CloudEndpoint::start(&routes, header).unwrap();
+    let out = Command::new(python())
+        .args([
+            "-c",
+            CLIENT,
+            &format!("127.0.1.1:{base}"),
+            &pki.path("ca.pem"),
+            "60",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("acked=60 consumed=60"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(kpscd.metric("kpsc_endpoint_connections_total", "endpoint_id=\"77\"") >= 3.0);
 }
