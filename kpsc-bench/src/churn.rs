@@ -40,6 +40,9 @@ pub struct ChurnResult {
     /// The first failure of the run and how many there were by kind.
     pub first_failure: Option<String>,
     pub timeouts: u64,
+    /// Answered attempts that took a second or more: their first SYN was lost (dropped)
+    /// and the kernel sent it again after 1 s.
+    pub retried: u64,
     /// The run's window (attempts end after it, but are not counted in the rate).
     pub elapsed: Duration,
     /// Connect + request of completed attempts, microseconds.
@@ -51,6 +54,13 @@ impl ChurnResult {
         self.completed_in_time as f64 / self.elapsed.as_secs_f64()
     }
 
+    pub fn retried_pct(&self) -> f64 {
+        if self.attempts == 0 {
+            return 0.0;
+        }
+        100.0 * self.retried as f64 / self.attempts as f64
+    }
+
     pub fn success_pct(&self) -> f64 {
         if self.attempts == 0 {
             return 0.0;
@@ -58,6 +68,9 @@ impl ChurnResult {
         100.0 * self.completed as f64 / self.attempts as f64
     }
 }
+
+/// Linux resends an unanswered SYN after 1 s: an attempt this slow lost its first SYN.
+const SYN_RETRANSMISSION: Duration = Duration::from_millis(1000);
 
 /// One attempt: connect, ApiVersions v0, its answer (right correlation id, error 0), close.
 async fn attempt(target: SocketAddr, body: &[u8], correlation_id: i32) -> anyhow::Result<()> {
@@ -107,6 +120,7 @@ pub async fn run_churn(target: &str, load: &ChurnLoad) -> anyhow::Result<ChurnRe
                     completed_in_time: 0,
                     first_failure: None,
                     timeouts: 0,
+                    retried: 0,
                     elapsed: Duration::ZERO,
                     latency: Histogram::new(3)?,
                 };
@@ -126,6 +140,9 @@ pub async fn run_churn(target: &str, load: &ChurnLoad) -> anyhow::Result<ChurnRe
                             result.completed += 1;
                             if started.elapsed() <= load.duration {
                                 result.completed_in_time += 1;
+                            }
+                            if begun.elapsed() >= SYN_RETRANSMISSION {
+                                result.retried += 1;
                             }
                             result.latency.record(begun.elapsed().as_micros() as u64)?;
                         }
@@ -153,6 +170,7 @@ pub async fn run_churn(target: &str, load: &ChurnLoad) -> anyhow::Result<ChurnRe
         completed_in_time: 0,
         first_failure: None,
         timeouts: 0,
+        retried: 0,
         elapsed: Duration::ZERO,
         latency: Histogram::new(3)?,
     };
@@ -162,6 +180,7 @@ pub async fn run_churn(target: &str, load: &ChurnLoad) -> anyhow::Result<ChurnRe
         total.completed += r.completed;
         total.completed_in_time += r.completed_in_time;
         total.timeouts += r.timeouts;
+        total.retried += r.retried;
         if total.first_failure.is_none() {
             total.first_failure = r.first_failure;
         }

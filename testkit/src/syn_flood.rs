@@ -175,7 +175,7 @@ pub fn flood(
 /// from 50,000 addresses in 198.19.0.0/16, odd ones from 198.18.200.1 and .2. None is a
 /// client or broker address of the namespace topologies.
 pub fn few_and_many_sources(i: u32) -> Ipv4Addr {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + (i / 2) % 50_000)
     } else {
         Ipv4Addr::new(198, 18, 200, 1 + (i / 2 % 2) as u8)
