@@ -5,6 +5,8 @@
 //! - `kpscd-proxy`: through `kpscd proxy --bulk-transfer copy` (the plain tokio path);
 //! - `kpscd-splice`: through `kpscd proxy` moving bulk bytes with splice(2);
 //! - `kpscd-portmap`: through the TC program of `kpscd portmap` (namespaces only);
+//! - `nftables`: DNAT + masquerade rules the bench loads on the node (namespaces only),
+//!   what an operator writes instead of portmap;
 //! - `external`: any proxy the user names with `--proxy-cmd` (placeholders `{broker}`,
 //!   `{listen}`), e.g. the kafka-proxy binary they run today.
 //!
@@ -23,6 +25,7 @@ use anyhow::{Context as _, ensure};
 use clap::Parser;
 
 use kpsc_bench::{
+    churn::{ChurnLoad, ChurnResult, Flood, flood_during, run_churn},
     load::{ControlRequest, ProduceLoad, run_control, run_produce},
     report::{Measurement, Report},
     sink::Sink,
@@ -51,10 +54,26 @@ struct Args {
     /// Workloads to run, comma-separated: `produce` and `fetch` (pipelined, per batch
     /// size), `sweep` (produce over a range of connection counts), `small` (one small
     /// produce at a time), `control` (Metadata and FindCoordinator, the rewrite path),
-    /// `idle` (memory per idle connection).
+    /// `idle` (memory per idle connection), `churn` (connect, one ApiVersions, close:
+    /// new connections per second), `flood` (churn while spoofed SYNs hit the same
+    /// address; namespaces only).
     #[arg(long, value_delimiter = ',', default_values_t = WORKLOADS.map(String::from),
           value_parser = WORKLOADS)]
     workloads: Vec<String>,
+    /// Connections the churn and flood workloads open at once (each a loop of connect,
+    /// request, close).
+    #[arg(long, default_value_t = 16)]
+    churn_concurrency: usize,
+    /// Spoofed SYNs per second of the flood workload (sources in 198.18.0.0/15: half
+    /// from 50,000 addresses, half from two).
+    #[arg(long, default_value_t = 20_000)]
+    flood_rate: u32,
+    /// `--syn-rate-per-source` of the portmap target. 0 (no per-source budget) by
+    /// default: the churn comes from one client address, and kpscd's default budget
+    /// (1,000 new flows per second and address) would measure the budget, not the data
+    /// path.
+    #[arg(long, default_value_t = 0)]
+    portmap_syn_rate: u32,
     /// Producer connections of the produce and fetch workloads.
     #[arg(long, default_value_t = 4)]
     connections: usize,
@@ -79,9 +98,10 @@ struct Args {
     /// Targets to run, comma-separated (default: every one that applies): `direct`
     /// (`routed` in namespaces), `proxy` (kpscd proxy copying through userspace: the
     /// plain tokio path), `splice` (kpscd proxy moving bulk bytes with splice(2)),
-    /// `portmap` (kpscd portmap, namespaces only), `external` (the --proxy-cmd proxy).
+    /// `portmap` (kpscd portmap, namespaces only), `nftables` (DNAT + masquerade rules
+    /// loaded on the node, namespaces only), `external` (the --proxy-cmd proxy).
     #[arg(long, value_delimiter = ',',
-          value_parser = ["direct", "proxy", "splice", "portmap", "external"])]
+          value_parser = ["direct", "proxy", "splice", "portmap", "nftables", "external"])]
     targets: Vec<String>,
     /// Idle connections to open per proxy target for the memory measurement.
     #[arg(long, default_value_t = 1000)]
@@ -111,7 +131,13 @@ struct Args {
     out: PathBuf,
 }
 
-const WORKLOADS: [&str; 6] = ["produce", "fetch", "sweep", "small", "control", "idle"];
+/// How long the kernel-side targets keep a closed connection: conntrack's TIME_WAIT
+/// (120 s), which also covers portmap's closed flows (60 s, removed by a sweep), and a margin.
+const CHURN_STATE_GONE: Duration = Duration::from_secs(125);
+
+const WORKLOADS: [&str; 8] = [
+    "produce", "fetch", "sweep", "small", "control", "idle", "churn", "flood",
+];
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s.trim().split_at(
@@ -199,9 +225,14 @@ fn run_loopback(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> a
 fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyhow::Result<()> {
     let topo = Topology::new(1, 1)?;
     topo.add_routes()?;
+    // A busy client host reuses ports in TIME_WAIT for new connections; without it the
+    // churn would measure the client's own port space (28,232 ports per destination per
+    // minute), not the node.
+    topo.sysctl(&topo.client, "net.ipv4.tcp_tw_reuse", "1")?;
     let broker_ip = netns::broker_ip(0);
     let sink_addr: SocketAddr = format!("{broker_ip}:39092").parse()?;
     let portmap_sink_addr: SocketAddr = format!("{broker_ip}:39093").parse()?;
+    let nftables_sink_addr: SocketAddr = format!("{broker_ip}:39094").parse()?;
     // Sinks live in the broker namespace on a thread of their own.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let broker_ns = topo.broker.clone();
@@ -220,7 +251,12 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
                     Some(format!("{}:19093", netns::NODE_CLIENT_IP).parse()?),
                 )
                 .await?;
-                anyhow::Ok((sink, portmap_sink))
+                let nftables_sink = Sink::start(
+                    nftables_sink_addr,
+                    Some(format!("{}:19096", netns::NODE_CLIENT_IP).parse()?),
+                )
+                .await?;
+                anyhow::Ok((sink, portmap_sink, nftables_sink))
             })?;
             anyhow::Ok((rt, sinks))
         })();
@@ -234,15 +270,16 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
             }
         }
     });
-    let (sink, portmap_sink) = ready_rx.recv().context("sink thread")??;
+    let (sink, portmap_sink, nftables_sink) = ready_rx.recv().context("sink thread")??;
     let client_ns = topo.client.clone();
     let place = Placement {
         node_ns: Some(topo.node.clone()),
         listen_ip: netns::NODE_CLIENT_IP.into(),
         interfaces: vec!["n0".into(), "n1".into()],
+        client_ns: Some(client_ns.clone()),
         pinning,
     };
-    let kinds = target_kinds(args, kpscd, Some(portmap_sink));
+    let kinds = target_kinds(args, kpscd, Some((portmap_sink, nftables_sink)));
     let result = netns::in_netns(&client_ns, || {
         if let Some(cpu) = pinning.generator_cpu() {
             target::pin_self_to_cpu(cpu)?;
@@ -259,9 +296,9 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
     result
 }
 
-/// The targets of one topology that --targets selects; portmap only where a sink
-/// advertising the node's port exists (namespaces).
-fn target_kinds(args: &Args, kpscd: &Path, portmap_sink: Option<Sink>) -> Vec<TargetKind> {
+/// The targets of one topology that --targets selects; portmap and nftables only where
+/// sinks advertising the node's ports exist (namespaces).
+fn target_kinds(args: &Args, kpscd: &Path, node_sinks: Option<(Sink, Sink)>) -> Vec<TargetKind> {
     let wanted = |name: &str| args.targets.is_empty() || args.targets.iter().any(|t| t == name);
     let mut kinds = Vec::new();
     if wanted("direct") {
@@ -279,11 +316,19 @@ fn target_kinds(args: &Args, kpscd: &Path, portmap_sink: Option<Sink>) -> Vec<Ta
             splice: true,
         });
     }
-    if let Some(sink) = portmap_sink.filter(|_| wanted("portmap")) {
-        kinds.push(TargetKind::KpscdPortmap {
-            bin: kpscd.to_owned(),
-            sink,
-        });
+    if let Some((portmap_sink, nftables_sink)) = node_sinks {
+        if wanted("portmap") {
+            kinds.push(TargetKind::KpscdPortmap {
+                bin: kpscd.to_owned(),
+                sink: portmap_sink,
+                syn_rate_per_source: args.portmap_syn_rate,
+            });
+        }
+        if wanted("nftables") {
+            kinds.push(TargetKind::Nftables {
+                sink: nftables_sink,
+            });
+        }
     }
     if let Some(cmd) = args.proxy_cmd.as_ref().filter(|_| wanted("external")) {
         kinds.push(TargetKind::External(cmd.clone()));
@@ -388,10 +433,31 @@ async fn run(
         if wants("control") {
             bench.control(suffix).await;
         }
+        // Every new connection wakes the proxy: as latency-bound as the above.
+        if wants("churn") {
+            bench.churn(suffix).await;
+        }
     }
     if let Some(cpu) = place.pinning.proxy_cpu() {
         for t in &targets {
             t.pin_to_cpu(cpu)?;
+        }
+    }
+    // Last: a flood leaves state behind (conntrack keeps a flooded SYN for 120 s).
+    if wants("flood") {
+        if place.client_ns.is_some() {
+            if wants("churn") && !args.quick {
+                // The churn's closed connections stay in portmap's flow table for a minute
+                // and in conntrack (TIME_WAIT) for two: let both go, so the flood meets
+                // tables that hold only what the flood itself puts there.
+                eprintln!(
+                    "kpsc-bench: waiting {CHURN_STATE_GONE:?} for the churn's flow state to expire"
+                );
+                tokio::time::sleep(CHURN_STATE_GONE).await;
+            }
+            bench.flood().await;
+        } else {
+            eprintln!("kpsc-bench: flood skipped on loopback (spoofed sources need namespaces)");
         }
     }
     for t in &targets {
@@ -520,6 +586,101 @@ impl Bench<'_> {
         Ok(())
     }
 
+    fn churn_load(&self) -> ChurnLoad {
+        ChurnLoad {
+            concurrency: self.args.churn_concurrency,
+            duration: self.args.duration,
+            attempt_timeout: Duration::from_secs(3),
+        }
+    }
+
+    /// Connections opened, one request, closed, as fast as the loops go. With --quick
+    /// every attempt must be answered.
+    async fn churn(&mut self, suffix: &str) {
+        let load = self.churn_load();
+        let workload = &format!("churn, {} at once{suffix}", load.concurrency);
+        for rep in 0..self.args.repetitions {
+            for t in order(self.targets, rep) {
+                let result = run_churn(&t.addr, &load).await.and_then(|r| {
+                    ensure!(
+                        r.completed > 0,
+                        "no connection answered: {:?}",
+                        r.first_failure
+                    );
+                    ensure!(
+                        !self.args.quick || r.completed == r.attempts,
+                        "{} of {} attempts failed, first: {:?}",
+                        r.attempts - r.completed,
+                        r.attempts,
+                        r.first_failure
+                    );
+                    Ok(r)
+                });
+                if let Some(r) = self.outcome(t, workload, result) {
+                    report_churn(t, workload, rep, &r, None);
+                    self.report
+                        .add(Measurement::churn(&t.name, workload, rep, &r));
+                }
+            }
+        }
+        self.note_kernel_state(workload);
+    }
+
+    /// Portmap's counters and conntrack's entries after a workload, into the report.
+    fn note_kernel_state(&mut self, workload: &str) {
+        for t in self.targets {
+            // Blocking, briefly: kpscd's admin endpoint answers without the sink (which has
+            // a thread of its own where portmap and nftables exist).
+            if let Some(state) = t.kernel_state() {
+                let note = format!("after \"{workload}\", {}: {state}", t.name);
+                eprintln!("  {note}");
+                self.report.note(note);
+            }
+        }
+    }
+
+    /// The churn while spoofed SYNs hit the target's address: how many legitimate
+    /// connections still get through, and how fast.
+    async fn flood(&mut self) {
+        let load = self.churn_load();
+        let flood = Flood {
+            rate: self.args.flood_rate,
+        };
+        let workload = &format!(
+            "churn, {} at once, under {} spoofed SYN/s",
+            load.concurrency, flood.rate
+        );
+        let expected = (f64::from(flood.rate) * load.duration.as_secs_f64()) as u32;
+        // Lets the SYN-ACK retransmissions of one run die down before the next.
+        let settle = if self.args.quick {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(2)
+        };
+        for rep in 0..self.args.repetitions {
+            for t in order(self.targets, rep) {
+                let result = flood_during(&t.addr, &load, flood)
+                    .await
+                    .and_then(|(r, sent)| {
+                        ensure!(sent == expected, "{sent} SYNs sent, {expected} due");
+                        ensure!(
+                            r.completed > 0,
+                            "no connection answered during the flood: {:?}",
+                            r.first_failure
+                        );
+                        Ok((r, sent))
+                    });
+                if let Some((r, sent)) = self.outcome(t, workload, result) {
+                    report_churn(t, workload, rep, &r, Some(sent));
+                    self.report
+                        .add(Measurement::churn(&t.name, workload, rep, &r));
+                }
+                tokio::time::sleep(settle).await;
+            }
+        }
+        self.note_kernel_state(workload);
+    }
+
     /// Metadata and FindCoordinator one at a time: responses kpscd decodes and rewrites.
     async fn control(&mut self, suffix: &str) {
         for request in [ControlRequest::Metadata, ControlRequest::FindCoordinator] {
@@ -535,6 +696,24 @@ impl Bench<'_> {
             }
         }
     }
+}
+
+fn report_churn(t: &Target, workload: &str, rep: usize, r: &ChurnResult, syns: Option<u32>) {
+    eprintln!(
+        "  {workload} #{rep} {:<14} {:>7.0} conn/s, {:.1}% of {} answered ({} after a SYN \
+         retransmission, {} timed out){}{}",
+        t.name,
+        r.connections_per_s(),
+        r.success_pct(),
+        r.attempts,
+        r.retried,
+        r.timeouts,
+        syns.map_or(String::new(), |n| format!(", {n} SYNs sent")),
+        r.first_failure
+            .as_ref()
+            .filter(|_| r.completed < r.attempts)
+            .map_or(String::new(), |f| format!("; first failure: {f}")),
+    );
 }
 
 fn describe(args: &Args, pinning: Pinning, cpus: usize) -> String {

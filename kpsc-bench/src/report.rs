@@ -9,7 +9,7 @@ use std::{
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::load::ProduceResult;
+use crate::{churn::ChurnResult, load::ProduceResult};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Measurement {
@@ -25,6 +25,16 @@ pub struct Measurement {
     pub proxy_cpu_s_per_gb: Option<f64>,
     /// Kernel softirq time of the whole machine per GB (network stack + TC programs).
     pub softirq_s_per_gb: Option<f64>,
+    /// Churn and flood workloads: connections opened, answered and closed per second.
+    #[serde(default)]
+    pub connections_per_s: Option<f64>,
+    /// Churn and flood workloads: attempts answered within the timeout, percent.
+    #[serde(default)]
+    pub success_pct: Option<f64>,
+    /// Churn and flood workloads: attempts answered only after a SYN retransmission
+    /// (a second or more), percent.
+    #[serde(default)]
+    pub retried_pct: Option<f64>,
 }
 
 fn quantiles(h: &Histogram<u64>) -> (Option<u64>, Option<u64>, Option<u64>) {
@@ -62,6 +72,19 @@ impl Measurement {
             proxy_cpu_s_per_gb: (!matches!(target, "direct" | "routed") && gb > 0.0)
                 .then(|| cpu_s / gb),
             softirq_s_per_gb: (gb > 0.0).then(|| softirq_s / gb),
+            connections_per_s: None,
+            success_pct: None,
+            retried_pct: None,
+        }
+    }
+
+    /// A churn run: rate, success and connect + request latency.
+    pub fn churn(target: &str, workload: &str, repetition: usize, r: &ChurnResult) -> Self {
+        Self {
+            connections_per_s: Some(r.connections_per_s()),
+            success_pct: Some(r.success_pct()),
+            retried_pct: Some(r.retried_pct()),
+            ..Self::latency(target, workload, repetition, &r.latency)
         }
     }
 
@@ -78,6 +101,9 @@ impl Measurement {
             p999_us: p999,
             proxy_cpu_s_per_gb: None,
             softirq_s_per_gb: None,
+            connections_per_s: None,
+            success_pct: None,
+            retried_pct: None,
         }
     }
 }
@@ -91,6 +117,9 @@ pub struct Report {
     /// (open connections, KiB per connection) per target.
     pub idle_kib_per_connection: BTreeMap<String, Vec<(usize, f64)>>,
     pub peak_rss_kib: BTreeMap<String, u64>,
+    /// Kernel-side state after a workload (portmap's counters, conntrack entries).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -132,6 +161,7 @@ impl Report {
             measurements: Vec::new(),
             idle_kib_per_connection: BTreeMap::new(),
             peak_rss_kib: BTreeMap::new(),
+            notes: Vec::new(),
         })
     }
 
@@ -152,6 +182,10 @@ impl Report {
 
     pub fn idle_memory(&mut self, target: &str, points: Vec<(usize, f64)>) {
         self.idle_kib_per_connection.insert(target.into(), points);
+    }
+
+    pub fn note(&mut self, note: String) {
+        self.notes.push(note);
     }
 
     pub fn peak_rss(&mut self, target: &str, kib: u64) {
@@ -200,6 +234,13 @@ impl Report {
         })
     }
 
+    /// Target/reference connections per second, pair by pair.
+    fn churn_ratio(&self, workload: &str, target: &str, reference: &str) -> Option<f64> {
+        self.pairwise(workload, target, reference, |m, r| {
+            Some(m.connections_per_s? / r.connections_per_s?)
+        })
+    }
+
     /// Workloads and targets in the order they were measured.
     fn workloads_and_targets(&self) -> (Vec<&str>, Vec<&str>) {
         let mut workloads: Vec<&str> = Vec::new();
@@ -239,15 +280,38 @@ impl Report {
         );
         let mut throughput = String::new();
         let mut latency = String::new();
+        let mut churn = String::new();
         for w in &workloads {
             let is_throughput = self
                 .measurements
                 .iter()
                 .any(|m| m.workload == *w && m.mb_per_s.is_some());
+            let is_churn = self
+                .measurements
+                .iter()
+                .any(|m| m.workload == *w && m.connections_per_s.is_some());
             let cells: Vec<String> = targets
                 .iter()
                 .map(|t| {
-                    if is_throughput {
+                    if is_churn {
+                        let Some(rate) = med(w, t, |m| m.connections_per_s) else {
+                            return "-".into();
+                        };
+                        let ratio = (t != &baseline)
+                            .then(|| self.churn_ratio(w, t, baseline))
+                            .flatten()
+                            .map_or(String::new(), |r| format!(" ({r:.2}x)"));
+                        let q = |f: fn(&Measurement) -> Option<f64>| {
+                            med(w, t, f).map_or("-".into(), |v| format!("{v:.0}"))
+                        };
+                        let ok = med(w, t, |m| m.success_pct).unwrap_or(0.0);
+                        let retried = med(w, t, |m| m.retried_pct).unwrap_or(0.0);
+                        format!(
+                            "{rate:.0}{ratio}, {} / {} µs, {ok:.1}% ok, {retried:.2}% retried",
+                            q(|m| m.p50_us.map(|v| v as f64)),
+                            q(|m| m.p99_us.map(|v| v as f64)),
+                        )
+                    } else if is_throughput {
                         let Some(mb) = med(w, t, |m| m.mb_per_s) else {
                             return "-".into();
                         };
@@ -282,7 +346,9 @@ impl Report {
                 })
                 .collect();
             let row = format!("| {w} | {} |\n", cells.join(" | "));
-            if is_throughput {
+            if is_churn {
+                churn.push_str(&row);
+            } else if is_throughput {
                 throughput.push_str(&row);
             } else {
                 latency.push_str(&row);
@@ -293,6 +359,14 @@ impl Report {
             out.push_str(&format!(
                 "Throughput: MB/s forwarded (median), ratio to {baseline} pair by pair, and CPU \
                  seconds per GB (proxy process + machine softirq):\n\n{header}{throughput}\n"
+            ));
+        }
+        if !churn.is_empty() {
+            out.push_str(&format!(
+                "Connection churn (connect, one ApiVersions request, close): new connections \
+                 per second (median), ratio to {baseline} pair by pair, p50 / p99 connect + \
+                 request µs, attempts answered within the timeout (3 s) and answered only \
+                 after a SYN retransmission (1 s or more):\n\n{header}{churn}\n"
             ));
         }
         if !latency.is_empty() {
@@ -311,13 +385,22 @@ impl Report {
         let baseline = targets.first().copied().unwrap_or("direct");
         let mut out = format!(
             "Machine: {}\n\n## Summary\n\n{}## All figures\n\n\
-             Median [min-max] over repetitions; ratios are medians of per-repetition pairs.\n\n\
-             | workload | target | MB/s | records/s | vs {baseline} | vs kpscd-proxy | p50 us | p99 us | p99.9 us | proxy CPU s/GB | softirq s/GB |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|\n",
+             Median [min-max] over repetitions; ratios are medians of per-repetition pairs.\n",
             self.machine,
             self.summary(),
         );
-        for w in &workloads {
+        let is_churn = |w: &str| {
+            self.measurements
+                .iter()
+                .any(|m| m.workload == w && m.connections_per_s.is_some())
+        };
+        if workloads.iter().any(|w| !is_churn(w)) {
+            out.push_str(&format!(
+                "\n| workload | target | MB/s | records/s | vs {baseline} | vs kpscd-proxy | p50 us | p99 us | p99.9 us | proxy CPU s/GB | softirq s/GB |\n\
+                 |---|---|---|---|---|---|---|---|---|---|---|\n"
+            ));
+        }
+        for w in workloads.iter().filter(|w| !is_churn(w)) {
             for t in &targets {
                 let get = |f: fn(&Measurement) -> Option<f64>| spread(&self.values(w, t, f));
                 let ratio = |reference: &str| {
@@ -342,6 +425,33 @@ impl Report {
                 ));
             }
         }
+        let churn: Vec<&str> = workloads.iter().copied().filter(|w| is_churn(w)).collect();
+        if !churn.is_empty() {
+            out.push_str(&format!(
+                "\n| workload | target | connections/s | vs {baseline} | answered % | retried % | p50 us | p99 us | p99.9 us |\n\
+                 |---|---|---|---|---|---|---|---|---|\n"
+            ));
+        }
+        for w in churn {
+            for t in &targets {
+                let get = |f: fn(&Measurement) -> Option<f64>| spread(&self.values(w, t, f));
+                let ratio = if *t == baseline {
+                    "-".to_owned()
+                } else {
+                    self.churn_ratio(w, t, baseline)
+                        .map_or("-".into(), |r| format!("{r:.2}x"))
+                };
+                out.push_str(&format!(
+                    "| {w} | {t} | {} | {ratio} | {} | {} | {} | {} | {} |\n",
+                    get(|m| m.connections_per_s),
+                    get(|m| m.success_pct),
+                    get(|m| m.retried_pct),
+                    get(|m| m.p50_us.map(|v| v as f64)),
+                    get(|m| m.p99_us.map(|v| v as f64)),
+                    get(|m| m.p999_us.map(|v| v as f64)),
+                ));
+            }
+        }
         out.push_str(
             "\n| target | proxy memory per idle connection, KiB (at N open) | peak RSS (MiB) |\n|---|---|---|\n",
         );
@@ -362,6 +472,12 @@ impl Report {
                     .get(*t)
                     .map_or("-".into(), |k| format!("{:.1}", *k as f64 / 1024.0)),
             ));
+        }
+        if !self.notes.is_empty() {
+            out.push_str("\nKernel-side state after the connection workloads:\n\n");
+            for n in &self.notes {
+                out.push_str(&format!("- {n}\n"));
+            }
         }
         out
     }

@@ -1,5 +1,5 @@
-//! What the load goes through: nothing (direct), `kpscd proxy`, or an external proxy; and
-//! what it costs them (CPU from /proc, memory).
+//! What the load goes through: nothing (direct), `kpscd proxy`, `kpscd portmap`, nftables
+//! DNAT + masquerade, or an external proxy; and what it costs them (CPU from /proc, memory).
 
 use std::{
     net::SocketAddr,
@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, ApiVersionsResponse};
 use kpsc_testkit::{Kpscd, Process, RawClient, free_port_base, wait_listening};
 
-use crate::sink::Sink;
+use crate::{nftables::NatRules, sink::Sink};
 
 pub enum TargetKind {
     /// Straight to the sink (loopback), or routed by the node (namespaces).
@@ -27,6 +27,13 @@ pub enum TargetKind {
     /// broker configured for portmap does.
     KpscdPortmap {
         bin: PathBuf,
+        sink: Sink,
+        /// kpscd's `--syn-rate-per-source` (0: no budget).
+        syn_rate_per_source: u32,
+    },
+    /// nftables DNAT + masquerade on the node (namespaces only); the sink advertises the
+    /// node's address and port, as for portmap.
+    Nftables {
         sink: Sink,
     },
     External(String),
@@ -76,11 +83,14 @@ pub struct Placement {
     pub listen_ip: String,
     /// Interfaces of the node (portmap attaches there).
     pub interfaces: Vec<String>,
+    /// The load generator's network namespace (where a flood comes from); None: this
+    /// process's (loopback, where nothing is flooded).
+    pub client_ns: Option<String>,
     pub pinning: Pinning,
 }
 
 /// Fixed ports in a fresh namespace; free ones on a shared loopback.
-const NETNS_PORTS: [u16; 4] = [19092, 19093, 19094, 19095];
+const NETNS_PORTS: [u16; 5] = [19092, 19093, 19094, 19095, 19096];
 
 impl Placement {
     pub fn loopback(pinning: Pinning) -> Self {
@@ -88,6 +98,7 @@ impl Placement {
             node_ns: None,
             listen_ip: "127.0.0.1".into(),
             interfaces: Vec::new(),
+            client_ns: None,
             pinning,
         }
     }
@@ -154,6 +165,10 @@ pub struct Target {
 enum Proxy {
     None,
     Kpscd(Kpscd),
+    /// Rules in the node's namespace, deleted on drop.
+    Nat {
+        _rules: NatRules,
+    },
     External(Process),
 }
 
@@ -286,6 +301,7 @@ impl Target {
             TargetKind::KpscdPortmap {
                 bin,
                 sink: advertising_sink,
+                syn_rate_per_source,
             } => {
                 let ns = place
                     .node_ns
@@ -301,6 +317,8 @@ impl Target {
                         place.interfaces.join(","),
                         "--instance".into(),
                         ns,
+                        "--syn-rate-per-source".into(),
+                        syn_rate_per_source.to_string(),
                     ],
                 );
                 Ok(Self {
@@ -308,6 +326,23 @@ impl Target {
                     addr: format!("{ip}:{port}"),
                     proxy: Proxy::Kpscd(place.start_kpscd(&bin, &args, admin).await?),
                     sink: advertising_sink,
+                })
+            }
+            TargetKind::Nftables {
+                sink: advertising_sink,
+            } => {
+                let ns = place
+                    .node_ns
+                    .as_deref()
+                    .context("nftables needs the namespace topology (--topology netns)")?;
+                let (port, _) = place.ports(4);
+                let listen: SocketAddr = format!("{ip}:{port}").parse()?;
+                let rules = NatRules::load(ns, listen, advertising_sink.addr)?;
+                Ok(Self {
+                    name: "nftables".into(),
+                    addr: listen.to_string(),
+                    sink: advertising_sink,
+                    proxy: Proxy::Nat { _rules: rules },
                 })
             }
             TargetKind::External(template) => {
@@ -334,13 +369,13 @@ impl Target {
 
     fn pid(&self) -> Option<u32> {
         match &self.proxy {
-            Proxy::None => None,
+            Proxy::None | Proxy::Nat { .. } => None,
             Proxy::Kpscd(k) => Some(k.pid()),
             Proxy::External(p) => Some(p.id()),
         }
     }
 
-    /// User + system CPU of the proxy process so far (0 for direct).
+    /// User + system CPU of the proxy process so far (0 for direct and nftables).
     pub fn cpu_seconds(&self) -> f64 {
         let Some(pid) = self.pid() else { return 0.0 };
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -369,6 +404,40 @@ impl Target {
             pin_thread(tid, cpu).with_context(|| format!("pinning {}", self.name))?;
         }
         Ok(())
+    }
+
+    /// What the kernel-side targets hold or dropped so far, for the report's notes:
+    /// portmap's flow and drop counters, nftables' conntrack entries.
+    pub fn kernel_state(&self) -> Option<String> {
+        match &self.proxy {
+            Proxy::Kpscd(k) if self.name == "kpscd-portmap" => {
+                let (_, metrics) = k.get("/metrics").ok()?;
+                // `kpsc_portmap_<name>{...,reason="r"} value` -> `<name> r value`.
+                let counters: Vec<String> = metrics
+                    .lines()
+                    .filter_map(|l| {
+                        let name = l.strip_prefix("kpsc_portmap_")?.split('{').next()?;
+                        let value = l.rsplit(' ').next()?;
+                        let reason = l
+                            .split("reason=\"")
+                            .nth(1)
+                            .and_then(|r| r.split('"').next())
+                            .map_or(String::new(), |r| format!(" {r}"));
+                        (matches!(
+                            name,
+                            "drops_total" | "flows_total" | "half_open_flows_total"
+                        ) && value != "0")
+                            .then(|| format!("{name}{reason} {value}"))
+                    })
+                    .collect();
+                Some(counters.join(", "))
+            }
+            Proxy::Nat { _rules: rules } => rules
+                .conntrack_count()
+                .ok()
+                .map(|n| format!("{n} conntrack entries")),
+            _ => None,
+        }
     }
 
     pub fn peak_rss_kib(&self) -> Option<u64> {

@@ -7,7 +7,9 @@
 //!   ports;
 //! - [`netns`]: client -> node -> broker topologies in network namespaces;
 //! - [`cleanup`]: what a run started, removed at Ctrl-C as at a normal end;
-//! - [`datapath`]: kpscd's pinned portmap maps.
+//! - [`datapath`]: kpscd's pinned portmap maps;
+//! - [`syn_flood`]: SYNs from spoofed 198.18.0.0/15 sources (raw socket), for the flood
+//!   test and the benchmark's flood workload.
 pub mod cleanup;
 pub mod datapath;
 mod http;
@@ -15,6 +17,7 @@ mod kafka;
 mod kpscd;
 pub mod netns;
 mod process;
+pub mod syn_flood;
 mod wait;
 
 pub use http::http_get;

@@ -15,7 +15,6 @@ mod command;
 mod mock_cluster;
 pub mod portmap;
 mod rdkafka_client;
-pub mod syn_flood;
 mod tansu;
 mod unit;
 
@@ -29,5 +28,5 @@ pub use unit::{Started, Unit};
 /// The kit shared with kpsc-bench, re-exported so tests name one crate.
 pub use kpsc_testkit::{
     Kpscd, Process, RawClient, contains_bytes, datapath, eventually, free_port_base, http_get,
-    kpsc_bench_bin, kpscctl_bin, kpscd_bin, netns, request_body, wait_listening,
+    kpsc_bench_bin, kpscctl_bin, kpscd_bin, netns, request_body, syn_flood, wait_listening,
 };

@@ -249,14 +249,13 @@ fn syn_flood_neither_breaks_open_connections_nor_locks_new_clients_out() {
         let flooder = s.spawn(|| {
             kpsc_tests::netns::enter(&topo.client).unwrap();
             let started = Instant::now();
-            let sent = syn_flood::flood(node, FIRST_PORT, SYNS, FLOOD_TIME, |i| {
-                if i % 2 == 0 {
-                    // 50,000 addresses in 198.19.0.0/16.
-                    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + (i / 2) % 50_000)
-                } else {
-                    Ipv4Addr::new(198, 18, 200, 1 + (i / 2 % 2) as u8)
-                }
-            })
+            let sent = syn_flood::flood(
+                node,
+                FIRST_PORT,
+                SYNS,
+                FLOOD_TIME,
+                syn_flood::few_and_many_sources,
+            )
             .unwrap();
             (sent, started.elapsed())
         });

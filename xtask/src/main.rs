@@ -33,6 +33,8 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     "util-linux",
     "strace",
+    // nft: the benchmark's nftables target (DNAT + masquerade, what portmap replaces).
+    "nftables",
 ];
 const EBPF_TOOLCHAIN: &str = "debian-1.96";
 const BPF_LINKER_VERSION: &str = "0.13.0";

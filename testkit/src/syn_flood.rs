@@ -171,6 +171,17 @@ pub fn flood(
     Ok(count)
 }
 
+/// The flood's sources as a flood from a few hosts plus a spread one looks: even packets
+/// from 50,000 addresses in 198.19.0.0/16, odd ones from 198.18.200.1 and .2. None is a
+/// client or broker address of the namespace topologies.
+pub fn few_and_many_sources(i: u32) -> Ipv4Addr {
+    if i.is_multiple_of(2) {
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + (i / 2) % 50_000)
+    } else {
+        Ipv4Addr::new(198, 18, 200, 1 + (i / 2 % 2) as u8)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +202,11 @@ mod tests {
         pseudo[9] = 6;
         pseudo[10..12].copy_from_slice(&20u16.to_be_bytes());
         assert_eq!(checksum(&[&pseudo, &p[20..]]), 0, "TCP checksum");
+    }
+
+    #[test]
+    fn flood_sources_stay_in_the_test_range() {
+        assert!((0..200_000).all(|i| in_test_range(few_and_many_sources(i))));
     }
 
     #[test]
