@@ -465,7 +465,7 @@ fn test() -> anyhow::Result<()> {
     // kpscd stands in for the external proxy an operator would name (it takes
     // kafka-proxy's flags), so the --proxy-cmd plumbing is exercised too.
     let external = format!(
-        "{} proxy --bootstrap-server-mapping {{broker}},{{listen}} --dynamic-listeners-disable --http-disable",
+        "{} proxy --bootstrap-server-mapping {{broker}},{{listen}} --dynamic-listeners-disable --http-disable --shutdown-grace 0s",
         root().join("target/release/kpscd").display()
     );
     run(Command::new(root().join("target/release/kpsc-bench"))
