@@ -137,8 +137,31 @@ pub struct FlowNat {
     /// CLOCK_MONOTONIC nanoseconds when the flow was created.
     pub created_ns: u64,
     /// CLOCK_MONOTONIC nanoseconds of the last packet in this direction, to the second
-    /// (written at most once a second), for the removal of idle flows.
+    /// (written at most once a second), for the removal of idle flows; written at once by
+    /// the first packet after `closed_ns`, so a packet after a FIN/RST always shows.
     pub last_ns: u64,
+    /// CLOCK_MONOTONIC nanoseconds of the last FIN or RST either way (written into both
+    /// directions' entries), 0 if none.
+    pub closed_ns: u64,
+}
+
+impl FlowNat {
+    /// Whether a flow is over, from its two entries. Both sides sent FIN (a normal close),
+    /// or a FIN/RST was the last packet either way: a FIN or RST followed by more traffic
+    /// was forged or out of window (the stacks ignored it), and must not end the flow.
+    pub fn closed(&self, reply: &FlowNat) -> bool {
+        let closed_ns = if self.closed_ns > reply.closed_ns {
+            self.closed_ns
+        } else {
+            reply.closed_ns
+        };
+        let last_ns = if self.last_ns > reply.last_ns {
+            self.last_ns
+        } else {
+            reply.last_ns
+        };
+        self.fin & reply.fin != 0 || (closed_ns != 0 && last_ns <= closed_ns)
+    }
 }
 
 // Map value shared by the kernel and userspace. `fin` and `rst` are separate bytes, each
@@ -146,7 +169,7 @@ pub struct FlowNat {
 // other) cannot lose each other's update: BPF has no atomic OR for Rust code here.
 const _: () = {
     use core::mem::{align_of, offset_of, size_of};
-    assert!(size_of::<FlowNat>() == 32);
+    assert!(size_of::<FlowNat>() == 40);
     assert!(align_of::<FlowNat>() == align_of::<u64>());
     assert!(offset_of!(FlowNat, translated) == 0);
     assert!(offset_of!(FlowNat, fin) == 12);
@@ -154,6 +177,7 @@ const _: () = {
     assert!(offset_of!(FlowNat, _pad) == 14);
     assert!(offset_of!(FlowNat, created_ns) == 16);
     assert!(offset_of!(FlowNat, last_ns) == 24);
+    assert!(offset_of!(FlowNat, closed_ns) == 32);
 };
 
 /// A half-open flow, `EMBRYOS[client->node]`: the tuple its SYN was given, and what the
@@ -168,7 +192,9 @@ pub struct Embryo {
     pub created_ns: u64,
     /// 1 once the broker's SYN-ACK went through.
     pub synack: u32,
-    pub _pad: u32,
+    /// The client's initial sequence number (host order): only a SYN-ACK that
+    /// acknowledges it is the broker's.
+    pub client_isn: u32,
 }
 
 const _: () = {
@@ -179,6 +205,7 @@ const _: () = {
     assert!(offset_of!(Embryo, expect_ack) == 12);
     assert!(offset_of!(Embryo, created_ns) == 16);
     assert!(offset_of!(Embryo, synack) == 24);
+    assert!(offset_of!(Embryo, client_isn) == 28);
 };
 
 /// One source address's SYN budget, `SOURCES[src ip]`: half-open flows opened in the

@@ -10,11 +10,14 @@
 //!   PORTMAP_EMBRYO_REPLIES (the translated tuple as replies arrive), two bounded LRU maps:
 //!   a SYN flood only rotates them and never touches an established flow. Each source
 //!   address may open `syn_rate_per_source` of them per second (PORTMAP_SOURCES);
-//! - the broker's SYN-ACK records the acknowledgement number the client must send; the
+//! - the broker's SYN-ACK (the first one that acknowledges the client's ISN, stored at SYN
+//!   time) records the acknowledgement number the client must send; the
 //!   client's ACK that carries it (which a spoofed source cannot see) moves the flow into
 //!   PORTMAP_FLOWS/PORTMAP_REPLIES, plain hash maps that nothing evicts: at capacity new
 //!   handshakes are dropped (counted), open flows keep working. Userspace removes closed
-//!   and idle flows;
+//!   and idle flows. Closed (`FlowNat::closed`) means FIN both ways, or a FIN/RST that no
+//!   packet followed either way: a forged FIN/RST (no sequence check here) that the stacks
+//!   ignored is followed by traffic and ends nothing;
 //! - a flow keeps the translation it got on its SYN for its whole life, whatever happens to
 //!   PORTMAP_TARGETS later: a map reload never breaks a connection.
 //!
@@ -52,7 +55,7 @@
 //!   cleanup, promotion, reload) or evicted (LRU) can be reused for another key at once,
 //!   while a pointer from an earlier lookup is still held. Hence values are copied right
 //!   after the lookup, and in-place writes are limited to: FIN/RST bytes (set to 1, never cleared),
-//!   `last_ns` (one aligned u64 store), a half-open flow's SYN-ACK fields (checked against
+//!   `last_ns` and `closed_ns` (one aligned u64 store each), a half-open flow's SYN-ACK fields (checked against
 //!   the flow's tuple first) and a source's budget (approximate by design). A write that
 //!   races a reuse lands on the new owner: at worst a wrong bit or timestamp on an entry
 //!   that was being deleted anyway (userspace deletes only flows closed for a minute or
@@ -222,8 +225,14 @@ fn classify(ctx: &TcContext) -> Option<i32> {
         // the source port): the old translation goes. On an open flow it is passed on for
         // the broker's stack to judge (a challenge ACK), as a spoofed SYN must not end it.
         if !(pkt.syn_only() && finished(&flow)) {
-            // SAFETY: as above; only `last_ns` and `flags` are written, as the doc says.
-            unsafe { touch(p, pkt.now, &pkt.tcp) };
+            let other = if closing(&pkt.tcp) {
+                REPLIES.get_ptr_mut(flow.translated.reversed())
+            } else {
+                None
+            };
+            // SAFETY: as above; only `last_ns`, `closed_ns` and the FIN/RST bytes are
+            // written, as the doc says.
+            unsafe { touch(p, other, pkt.now, &pkt.tcp) };
             return Some(to_broker(ctx, &pkt, &flow.translated));
         }
         let _ = FLOWS.remove(seen);
@@ -232,8 +241,13 @@ fn classify(ctx: &TcContext) -> Option<i32> {
     if let Some(p) = REPLIES.get_ptr_mut(seen) {
         // SAFETY: as for FLOWS.
         let back = unsafe { *p };
+        let other = if closing(&pkt.tcp) {
+            FLOWS.get_ptr_mut(back.translated.reversed())
+        } else {
+            None
+        };
         // SAFETY: as for FLOWS.
-        unsafe { touch(p, pkt.now, &pkt.tcp) };
+        unsafe { touch(p, other, pkt.now, &pkt.tcp) };
         return Some(to_client(ctx, &pkt, &back.translated));
     }
     // SAFETY: copied at once (module doc).
@@ -260,33 +274,50 @@ fn classify(ctx: &TcContext) -> Option<i32> {
     Some(open_embryo(ctx, &pkt, &target))
 }
 
-/// FIN or RST seen on the client side of an established flow or on its reply side.
+/// The flow is over (`FlowNat::closed`: FIN both ways, or a FIN/RST that no packet
+/// followed), or its reply side is gone.
 #[inline(always)]
 fn finished(flow: &FlowNat) -> bool {
     // SAFETY: copied at once (module doc).
     let reply = unsafe { REPLIES.get(flow.translated.reversed()) }.copied();
-    flow.fin | flow.rst != 0 || reply.is_none_or(|r| r.fin | r.rst != 0)
+    reply.is_none_or(|r| flow.closed(&r))
 }
 
-/// Records activity (at most one store a second) and FIN/RST on one direction of an
-/// established flow.
+#[inline(always)]
+fn closing(tcp: &TcpHdr) -> bool {
+    tcp.fin() != 0 || tcp.rst() != 0
+}
+
+/// Records activity and FIN/RST on one direction of an established flow. `last_ns` is
+/// stored at most once a second, except for the first packet after a FIN/RST, which must
+/// show at once: it is what tells a forged or ignored FIN/RST from a real close. A FIN/RST
+/// stamps `closed_ns` into both directions' entries (`other`, looked up for those packets
+/// only), so that first packet either way sees it.
 ///
 /// # Safety
-/// `p` is a pointer returned by a lookup in FLOWS or REPLIES during this run.
+/// `p` and `other` are pointers returned by lookups in FLOWS or REPLIES during this run.
 #[inline(always)]
-unsafe fn touch(p: *mut FlowNat, now: u64, tcp: &TcpHdr) {
-    // SAFETY: the caller's pointer is valid, aligned map memory (preallocated, never freed
-    // while the program runs). Each store is a single aligned u64 or u8, and `fin`/`rst`
-    // are only ever set to 1, so concurrent marks from other CPUs are never lost.
+unsafe fn touch(p: *mut FlowNat, other: Option<*mut FlowNat>, now: u64, tcp: &TcpHdr) {
+    // SAFETY: the caller's pointers are valid, aligned map memory (preallocated, never
+    // freed while the program runs). Each store is a single aligned u64 or u8, and
+    // `fin`/`rst` are only ever set to 1, so concurrent marks from other CPUs are never
+    // lost; a lost `closed_ns`/`last_ns` race between CPUs errs on whichever packet came
+    // last, and the next packet corrects it.
     unsafe {
-        if now.wrapping_sub((*p).last_ns) >= SECOND_NS {
+        if closing(tcp) {
+            if tcp.fin() != 0 {
+                (*p).fin = 1;
+            }
+            if tcp.rst() != 0 {
+                (*p).rst = 1;
+            }
+            (*p).closed_ns = now;
             (*p).last_ns = now;
-        }
-        if tcp.fin() != 0 {
-            (*p).fin = 1;
-        }
-        if tcp.rst() != 0 {
-            (*p).rst = 1;
+            if let Some(o) = other {
+                (*o).closed_ns = now;
+            }
+        } else if now.wrapping_sub((*p).last_ns) >= SECOND_NS || (*p).last_ns <= (*p).closed_ns {
+            (*p).last_ns = now;
         }
     }
 }
@@ -298,12 +329,13 @@ fn embryo_from_client(ctx: &TcContext, pkt: &Packet, embryo: &Embryo) -> Option<
     let listen_port = pkt.listen_port();
     let reply_key = embryo.translated.reversed();
     let fresh = pkt.now.wrapping_sub(embryo.created_ns) <= EMBRYO_TTL_NS;
+    // Whether this half-open flow still owns its reply side: the LRU may have evicted it,
+    // and another flow taken the tuple, whose entry must then be left alone.
+    // SAFETY: copied at once (module doc).
+    let owned = unsafe { EMBRYO_REPLIES.get(reply_key) }
+        .is_some_and(|b| b.translated == pkt.seen.reversed());
     if pkt.syn_only() {
-        // A retransmitted SYN keeps the tuple while the flow is fresh and still owns its
-        // reply side (the LRU may have evicted it, and another flow taken the tuple).
-        // SAFETY: copied at once (module doc).
-        let owned = unsafe { EMBRYO_REPLIES.get(reply_key) }
-            .is_some_and(|b| b.translated == pkt.seen.reversed());
+        // A retransmitted SYN keeps the tuple while the flow is fresh and still owns it.
         if fresh && owned {
             return Some(to_broker(ctx, pkt, &embryo.translated));
         }
@@ -314,8 +346,17 @@ fn embryo_from_client(ctx: &TcContext, pkt: &Packet, embryo: &Embryo) -> Option<
         return None;
     }
     if pkt.tcp.rst() != 0 {
-        forget_embryo(&pkt.seen, &reply_key);
+        let _ = EMBRYOS.remove(pkt.seen);
+        if owned {
+            let _ = EMBRYO_REPLIES.remove(reply_key);
+        }
         return Some(to_broker(ctx, pkt, &embryo.translated));
+    }
+    if !owned {
+        // Its tuple went to another flow: completing this one would take that flow's
+        // reply side. The client retries with a new SYN.
+        let _ = EMBRYOS.remove(pkt.seen);
+        return Some(count_drop(listen_port, DropReason::Race));
     }
     // Only the ACK of the broker's SYN-ACK completes the handshake: a spoofed source never
     // saw that SYN-ACK, so it cannot fill the established table.
@@ -326,7 +367,7 @@ fn embryo_from_client(ctx: &TcContext, pkt: &Packet, embryo: &Embryo) -> Option<
     {
         return Some(count_drop(listen_port, DropReason::Handshake));
     }
-    match promote(&pkt.seen, embryo, pkt.now) {
+    match promote(&pkt.seen, embryo, pkt) {
         Ok(()) => Some(to_broker(ctx, pkt, &embryo.translated)),
         Err(why) => Some(count_drop(listen_port, why)),
     }
@@ -349,7 +390,14 @@ fn embryo_from_broker(ctx: &TcContext, pkt: &Packet, back: &FlowNat) -> i32 {
         // the stores are single u32s.
         unsafe {
             if (*p).translated == pkt.seen.reversed() {
-                if pkt.tcp.syn() != 0 && pkt.tcp.ack() != 0 {
+                // Only the first SYN-ACK that acknowledges the client's SYN is recorded:
+                // a forged one (a guessed or later SYN-ACK) could otherwise set the ACK a
+                // spoofed client then sends, or break the real client's.
+                if pkt.tcp.syn() != 0
+                    && pkt.tcp.ack() != 0
+                    && (*p).synack == 0
+                    && u32::from_be_bytes(pkt.tcp.ack_seq) == (*p).client_isn.wrapping_add(1)
+                {
                     (*p).expect_ack = u32::from_be_bytes(pkt.tcp.seq).wrapping_add(1);
                     (*p).synack = 1;
                 } else if pkt.tcp.rst() != 0 {
@@ -361,17 +409,20 @@ fn embryo_from_broker(ctx: &TcContext, pkt: &Packet, back: &FlowNat) -> i32 {
     to_client(ctx, pkt, &back.translated)
 }
 
-/// Moves a half-open flow whose handshake completed into the established tables.
+/// Moves a half-open flow whose handshake completed into the established tables, with
+/// the FIN the completing segment may carry (else that flow would look open until idle).
 #[inline(always)]
-fn promote(client: &FlowKey, embryo: &Embryo, now: u64) -> Result<(), DropReason> {
+fn promote(client: &FlowKey, embryo: &Embryo, pkt: &Packet) -> Result<(), DropReason> {
     let reply_key = embryo.translated.reversed();
+    let fin = u8::from(pkt.tcp.fin() != 0);
     let back = FlowNat {
         translated: client.reversed(),
         fin: 0,
         rst: 0,
         _pad: [0; 2],
         created_ns: embryo.created_ns,
-        last_ns: now,
+        last_ns: pkt.now,
+        closed_ns: if fin != 0 { pkt.now } else { 0 },
     };
     if let Err(e) = REPLIES.insert(reply_key, back, u64::from(BPF_NOEXIST)) {
         if e != -EEXIST {
@@ -386,6 +437,7 @@ fn promote(client: &FlowKey, embryo: &Embryo, now: u64) -> Result<(), DropReason
     }
     let flow = FlowNat {
         translated: embryo.translated,
+        fin,
         ..back
     };
     if let Err(e) = FLOWS.insert(client, flow, u64::from(BPF_NOEXIST)) {
@@ -419,6 +471,7 @@ fn open_embryo(ctx: &TcContext, pkt: &Packet, target: &PortTarget) -> i32 {
         _pad: [0; 2],
         created_ns: pkt.now,
         last_ns: pkt.now,
+        closed_ns: 0,
     };
     let Some(translated) = claim_tuple(target, &back, &config) else {
         return count_drop(listen_port, DropReason::NoPort);
@@ -428,7 +481,7 @@ fn open_embryo(ctx: &TcContext, pkt: &Packet, target: &PortTarget) -> i32 {
         expect_ack: 0,
         created_ns: pkt.now,
         synack: 0,
-        _pad: 0,
+        client_isn: u32::from_be_bytes(pkt.tcp.seq),
     };
     let translated = match EMBRYOS.insert(pkt.seen, embryo, u64::from(BPF_NOEXIST)) {
         Ok(()) => {

@@ -30,7 +30,9 @@ fn checksum(chunks: &[&[u8]]) -> u16 {
 }
 
 /// TCP flags of the segments the sender makes.
+pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
 pub const ACK: u8 = 0x10;
 
 /// One IPv4 + TCP segment without payload (20 + 20 bytes, valid checksums).
@@ -96,7 +98,7 @@ impl SynSender {
         self.send_segment((src, src_port), (dst, dst_port), seq, 0, SYN)
     }
 
-    /// Sends one segment with `flags` (SYN, ACK) and acknowledgement number `ack`.
+    /// Sends one segment with `flags` (FIN, SYN, RST, ACK) and acknowledgement number `ack`.
     pub fn send_segment(
         &self,
         from: (Ipv4Addr, u16),

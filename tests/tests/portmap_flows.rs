@@ -478,3 +478,261 @@ fn spoofed_handshakes_never_reach_the_established_table() {
     conn.api_versions().unwrap();
     assert_eq!(maps.stats(FIRST_PORT).new_flows, 1);
 }
+
+/// Spoofed client addresses (198.19.0.0/16) for the handshake tests.
+fn spoofed(i: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 19, 0, 0)) + i)
+}
+
+/// The half-open flows of the spoofed sources below `count`, by client tuple.
+fn spoofed_embryos(
+    maps: &kpsc_tests::datapath::PinnedMaps,
+    count: u32,
+) -> std::collections::HashMap<kpsc_common::FlowKey, kpsc_common::Embryo> {
+    maps.embryos()
+        .into_iter()
+        .filter(|(k, _)| {
+            let ip = std::net::Ipv4Addr::from(k.src_ip.to_ne_bytes());
+            ip >= spoofed(0) && ip < spoofed(count)
+        })
+        .collect()
+}
+
+fn addr(ip: u32, port: u16) -> (std::net::Ipv4Addr, u16) {
+    (
+        std::net::Ipv4Addr::from(ip.to_ne_bytes()),
+        u16::from_be(port),
+    )
+}
+
+/// Forged SYN-ACKs from the broker's address, after the broker's own: one that
+/// acknowledges the client's ISN (a forger who sent the SYN knows it) and one that does
+/// not. Neither changes what the handshake expects: the spoofed client's ACK for the
+/// forged SYN-ACK is dropped, and the ACK for the broker's real SYN-ACK (read from the
+/// table, as a real client would see it) still completes the flow. Before, every SYN-ACK
+/// on the tuple overwrote the expected ACK: a forger completed spoofed handshakes, and the
+/// real client's ACK was dropped. Also: the ACK that completes a handshake with a FIN
+/// leaves a flow marked FIN (before, the FIN was lost and the flow looked open for an
+/// hour). About 3 s.
+#[test]
+fn forged_syn_acks_neither_complete_spoofed_handshakes_nor_break_real_ones() {
+    use kpsc_tests::{
+        datapath::PinnedMaps,
+        portmap::pins,
+        syn_flood::{ACK, FIN, SYN, SynSender},
+    };
+    use std::net::Ipv4Addr;
+
+    const SOURCES: u32 = 20;
+    const FORGED_SEQ: u32 = 0x5eed_0000;
+    let isn = |i: u32| 7_000_000 + i * 1_000;
+    let mut topo = Topology::new(1, 1).unwrap();
+    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
+        .unwrap();
+    let kpscd = start_portmap(
+        &topo,
+        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &[]),
+    );
+    let node = (Ipv4Addr::new(198, 18, 1, 1), FIRST_PORT);
+    in_netns(&topo.client, || {
+        let sender = SynSender::new().unwrap();
+        for i in 0..SOURCES {
+            sender
+                .send(spoofed(i), 30_000, node.0, node.1, isn(i))
+                .unwrap();
+        }
+    })
+    .unwrap();
+    // The broker's SYN-ACKs go through the node (and die there: no route back to the
+    // spoofed addresses). Its first retransmission comes 1 s later: the forged SYN-ACKs
+    // and the ACKs below go out before it.
+    std::thread::sleep(Duration::from_millis(200));
+    let maps = PinnedMaps::open(&pins(&topo)).unwrap();
+    let real = spoofed_embryos(&maps, SOURCES);
+    assert_eq!(real.len(), SOURCES as usize, "{real:?}");
+    assert!(real.values().all(|e| e.synack == 1), "{real:?}");
+    in_netns(&topo.broker, || {
+        let sender = SynSender::new().unwrap();
+        for (client, e) in &real {
+            let t = e.translated;
+            let from = addr(t.dst_ip, t.dst_port);
+            let to = addr(t.src_ip, t.src_port);
+            // Acknowledges the client's ISN, then a wrong one.
+            let index =
+                u32::from(Ipv4Addr::from(client.src_ip.to_ne_bytes())) - u32::from(spoofed(0));
+            sender
+                .send_segment(from, to, FORGED_SEQ, isn(index).wrapping_add(1), SYN | ACK)
+                .unwrap();
+            sender
+                .send_segment(from, to, FORGED_SEQ + 7, 12_345, SYN | ACK)
+                .unwrap();
+        }
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let after = spoofed_embryos(&maps, SOURCES);
+    for (client, e) in &real {
+        assert_eq!(
+            after.get(client).map(|a| a.expect_ack),
+            Some(e.expect_ack),
+            "a forged SYN-ACK changed what {client:?} must acknowledge"
+        );
+    }
+    let ack = |guess: &(dyn Fn(&kpsc_common::Embryo) -> u32 + Sync), flags: u8| {
+        in_netns(&topo.client, || {
+            let sender = SynSender::new().unwrap();
+            for i in 0..SOURCES {
+                let client = kpsc_common::FlowKey {
+                    src_ip: u32::from_ne_bytes(spoofed(i).octets()),
+                    dst_ip: u32::from_ne_bytes(node.0.octets()),
+                    src_port: 30_000u16.to_be(),
+                    dst_port: node.1.to_be(),
+                };
+                // The first source completes its handshake with a FIN as well.
+                let flags = if i == 0 { flags | FIN } else { flags };
+                sender
+                    .send_segment(
+                        (spoofed(i), 30_000),
+                        node,
+                        isn(i) + 1,
+                        guess(&real[&client]),
+                        flags,
+                    )
+                    .unwrap();
+            }
+        })
+        .unwrap()
+    };
+    ack(&|_| FORGED_SEQ + 1, ACK);
+    ack(&|_| FORGED_SEQ + 8, ACK);
+    std::thread::sleep(Duration::from_millis(100));
+    let stats = maps.stats(FIRST_PORT);
+    assert_eq!(
+        stats.new_flows, 0,
+        "forged SYN-ACKs completed handshakes: {stats:?}"
+    );
+    assert_eq!(stats.drop_handshake, u64::from(2 * SOURCES), "{stats:?}");
+    ack(&|e| e.expect_ack, ACK);
+    std::thread::sleep(Duration::from_millis(100));
+    let stats = maps.stats(FIRST_PORT);
+    assert_eq!(
+        stats.new_flows,
+        u64::from(SOURCES),
+        "the real SYN-ACKs' ACKs must complete: {stats:?}\nlog:\n{}",
+        kpscd.log()
+    );
+    let first = maps
+        .flows()
+        .into_iter()
+        .find(|(k, _)| k.src_ip == u32::from_ne_bytes(spoofed(0).octets()))
+        .expect("the first source's flow");
+    assert_eq!(first.1.fin, 1, "the FIN of the completing ACK: {first:?}");
+}
+
+/// The only established flow to `port` from the test client.
+fn client_flow(
+    maps: &kpsc_tests::datapath::PinnedMaps,
+    port: u16,
+) -> (kpsc_common::FlowKey, kpsc_common::FlowNat) {
+    let flows: Vec<_> = maps
+        .flows()
+        .into_iter()
+        .filter(|(k, _)| {
+            u16::from_be(k.dst_port) == port
+                && std::net::Ipv4Addr::from(k.src_ip.to_ne_bytes()).to_string() == client_ip(0)
+        })
+        .collect();
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    flows[0]
+}
+
+/// RSTs and FINs forged with the client's tuple and a wrong sequence number, which the
+/// broker's stack ignores, on a live connection: the connection goes on, so the flow is not
+/// closed (userspace would remove it a minute later), and a forged SYN after them does not
+/// retire it. Before, any RST marked the flow closed for good, and the next SYN on its
+/// tuple replaced it at once, cutting the connection. About 2 s.
+#[test]
+fn forged_rst_and_fin_do_not_end_a_live_flow() {
+    use kpsc_tests::{
+        datapath::{FlowState, PinnedMaps},
+        portmap::pins,
+        syn_flood::{ACK, FIN, RST, SYN, SynSender},
+    };
+    use std::net::Ipv4Addr;
+
+    let mut topo = Topology::new(1, 1).unwrap();
+    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
+        .unwrap();
+    let kpscd = start_portmap(
+        &topo,
+        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &[]),
+    );
+    let bootstrap = format!("{NODE_CLIENT_IP}:{FIRST_PORT}");
+    let mut conn = in_netns(&topo.client, || connect_within(&bootstrap))
+        .unwrap()
+        .unwrap();
+    conn.api_versions().unwrap();
+    let maps = PinnedMaps::open(&pins(&topo)).unwrap();
+    let (key, flow) = client_flow(&maps, FIRST_PORT);
+    let client: Ipv4Addr = client_ip(0).parse().unwrap();
+    let from = (client, u16::from_be(key.src_port));
+    let node = (Ipv4Addr::new(198, 18, 1, 1), FIRST_PORT);
+    let forge = |seq: u32, flags: u8| {
+        in_netns(&topo.client, || {
+            SynSender::new()
+                .unwrap()
+                .send_segment(from, node, seq, 0, flags)
+                .unwrap()
+        })
+        .unwrap()
+    };
+    for (what, flags) in [("RST", RST), ("FIN", FIN | ACK), ("RST+ACK", RST | ACK)] {
+        forge(0x0bad_5eed, flags);
+        std::thread::sleep(Duration::from_millis(50));
+        conn.api_versions()
+            .unwrap_or_else(|e| panic!("after a forged {what}: {e:#}"));
+        let (_, now) = client_flow(&maps, FIRST_PORT);
+        assert_ne!(
+            maps.flow_state(&now),
+            FlowState::Closed,
+            "a forged {what} followed by traffic closed the flow: {now:?}"
+        );
+    }
+    forge(0x0bad_5eed, SYN);
+    std::thread::sleep(Duration::from_millis(50));
+    conn.api_versions()
+        .unwrap_or_else(|e| panic!("after a forged SYN: {e:#}"));
+    let (_, now) = client_flow(&maps, FIRST_PORT);
+    assert_eq!(now.translated, flow.translated, "the flow was replaced");
+    assert_eq!(now.created_ns, flow.created_ns, "the flow was replaced");
+
+    // A real close still closes: the client's RST is the last packet either way.
+    {
+        use std::os::fd::AsRawFd;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid socket and a linger struct of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                conn.stream().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    }
+    // Closing with linger 0 sends a RST.
+    drop(conn);
+    std::thread::sleep(Duration::from_millis(100));
+    let (_, last) = client_flow(&maps, FIRST_PORT);
+    assert_eq!(
+        maps.flow_state(&last),
+        FlowState::Closed,
+        "{last:?}\nlog:\n{}",
+        kpscd.log()
+    );
+}

@@ -442,13 +442,13 @@ impl PinnedMaps {
         flow.last_ns.max(reply)
     }
 
-    /// State of a flow from both directions' bits. A flow whose reply entry is gone can
-    /// carry no more replies: closed.
+    /// State of a flow from both directions' entries (`FlowNat::closed`). A flow whose
+    /// reply entry is gone can carry no more replies: closed.
     pub fn flow_state(&self, flow: &FlowNat) -> FlowState {
         let Ok(reply) = self.replies.get(&flow.translated.reversed(), 0) else {
             return FlowState::Closed;
         };
-        if flow.rst | reply.rst != 0 || flow.fin & reply.fin != 0 {
+        if flow.closed(&reply) {
             FlowState::Closed
         } else if flow.fin | reply.fin != 0 {
             FlowState::Closing
@@ -457,9 +457,49 @@ impl PinnedMaps {
         }
     }
 
-    /// Forgets a flow in both directions.
-    pub fn remove_flow(&mut self, key: &FlowKey, flow: &FlowNat) {
+    /// Forgets a flow in both directions if it is still the one `snapshot` (read from
+    /// FLOWS[key] earlier) describes: a tuple that a new connection reused since keeps its
+    /// new entries, and a reply entry is removed only if it points back at `key`. Returns
+    /// whether the flow was removed. (The re-read and the delete are two system calls: a
+    /// reuse in the microseconds between them is not caught; the sweep of orphaned reply
+    /// entries cleans up after it.)
+    pub fn remove_flow(&mut self, key: &FlowKey, snapshot: &FlowNat) -> bool {
+        match self.flows.get(key, 0) {
+            Ok(current) if current == *snapshot => {}
+            _ => return false,
+        }
         let _ = self.flows.remove(key);
-        let _ = self.replies.remove(&flow.translated.reversed());
+        let reply_key = snapshot.translated.reversed();
+        if self
+            .replies
+            .get(&reply_key, 0)
+            .is_ok_and(|r| r.translated == key.reversed())
+        {
+            let _ = self.replies.remove(&reply_key);
+        }
+        true
+    }
+
+    /// Removes reply entries whose flow entry is gone or belongs to another tuple, silent
+    /// (no packet either way, to the second) for `grace`: a promotion inserts the reply
+    /// entry a moment before the flow entry, and stamps it. Returns how many went.
+    pub fn remove_orphaned_replies(&mut self, now_ns: u64, grace_ns: u64) -> usize {
+        let mut removed = 0;
+        for (reply_key, back) in self.established_replies() {
+            let client = back.translated.reversed();
+            let owned = self
+                .flows
+                .get(&client, 0)
+                .is_ok_and(|f| f.translated == reply_key.reversed());
+            if owned || now_ns.saturating_sub(back.last_ns) < grace_ns {
+                continue;
+            }
+            // Re-read: a promotion that reused the tuple since the walk is not an orphan.
+            if self.replies.get(&reply_key, 0).is_ok_and(|r| r == back) {
+                let _ = self.replies.remove(&reply_key);
+                removed += 1;
+            }
+        }
+        removed
     }
 }

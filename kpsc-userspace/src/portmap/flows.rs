@@ -22,6 +22,9 @@ const CLOSED_FLOW_LINGER: Duration = Duration::from_secs(60);
 /// send metadata requests more often than that, so a live Kafka connection never gets here.
 pub const ESTABLISHED_IDLE: Duration = Duration::from_secs(3600);
 const FLOW_CLEANUP_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a reply entry without its flow entry must stay silent before it is removed: a
+/// promotion writes the reply entry a moment before the flow entry.
+const ORPHAN_REPLY_GRACE: Duration = Duration::from_secs(10);
 
 /// Removes flows that have been closed for CLOSED_FLOW_LINGER or idle for
 /// ESTABLISHED_IDLE, so the table holds live flows only. Uses its own handles on the pinned
@@ -66,7 +69,8 @@ pub async fn cleanup_loop(pin_dir: PathBuf, shutdown: CancellationToken) {
 }
 
 /// One pass: flows closed for CLOSED_FLOW_LINGER by `now`, or idle for ESTABLISHED_IDLE,
-/// are removed; returns when each still-lingering closed flow was first seen closed, and
+/// are removed (each only if its entry is unchanged since the walk read it), and so are
+/// reply entries left without their flow; returns when each still-lingering closed flow was first seen closed, and
 /// how many were removed.
 fn remove_closed(
     maps: &mut PinnedMaps,
@@ -79,19 +83,18 @@ fn remove_closed(
     for (key, flow) in maps.flows() {
         if maps.flow_state(&flow) != FlowState::Closed {
             let idle = now_ns.saturating_sub(maps.last_activity_ns(&flow));
-            if idle >= ESTABLISHED_IDLE.as_nanos() as u64 {
-                maps.remove_flow(&key, &flow);
+            if idle >= ESTABLISHED_IDLE.as_nanos() as u64 && maps.remove_flow(&key, &flow) {
                 removed += 1;
             }
             continue;
         }
         let since = closed_since.get(&key).copied().unwrap_or(now);
-        if now.duration_since(since) >= CLOSED_FLOW_LINGER {
-            maps.remove_flow(&key, &flow);
-            removed += 1;
-        } else {
+        if now.duration_since(since) < CLOSED_FLOW_LINGER {
             still_closed.insert(key, since);
+        } else if maps.remove_flow(&key, &flow) {
+            removed += 1;
         }
     }
+    removed += maps.remove_orphaned_replies(now_ns, ORPHAN_REPLY_GRACE.as_nanos() as u64);
     (still_closed, removed)
 }
