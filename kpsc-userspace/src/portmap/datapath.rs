@@ -203,8 +203,36 @@ impl Datapath {
         &self.pin_dir
     }
 
+    /// Gives the program its settings and port map, all or nothing: if the port map is
+    /// refused, the previous settings are put back (`set_targets` restores the previous
+    /// map itself), so a failed reload leaves the old configuration serving whole.
+    pub fn apply(
+        &mut self,
+        config: PortmapConfig,
+        targets: &[(u16, PortTarget)],
+    ) -> anyhow::Result<()> {
+        let old = self.config()?;
+        self.set_config(config)?;
+        if let Err(e) = self.set_targets(targets) {
+            if let Err(restore) = self.set_config(old) {
+                warn!(error = %format!("{restore:#}"), "restoring the previous settings failed too");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn config(&mut self) -> anyhow::Result<PortmapConfig> {
+        let map: Array<_, PortmapConfig> = Array::try_from(
+            self.ebpf
+                .map_mut(CONFIG_MAP)
+                .context("config map missing")?,
+        )?;
+        map.get(&0, 0).context("reading the program's settings")
+    }
+
     /// Gives the program its settings (PORTMAP_CONFIG).
-    pub fn set_config(&mut self, config: PortmapConfig) -> anyhow::Result<()> {
+    fn set_config(&mut self, config: PortmapConfig) -> anyhow::Result<()> {
         let mut map: Array<_, PortmapConfig> = Array::try_from(
             self.ebpf
                 .map_mut(CONFIG_MAP)

@@ -58,8 +58,10 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
         .context("resolving the brokers")??;
 
     let mut datapath = Datapath::load(&config.pin_root, &config.instance)?;
-    datapath.set_config(program_config(config.syn_rate_per_source)?)?;
-    datapath.set_targets(&targets)?;
+    datapath.apply(
+        program_config(config.syn_rate_per_source, &mapped_ports(&targets))?,
+        &targets,
+    )?;
     let shutdown = CancellationToken::new();
     let state = Arc::new(PortmapState {
         pins: RwLock::new(None),
@@ -136,6 +138,10 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn mapped_ports(targets: &[(u16, kpsc_common::PortTarget)]) -> Vec<u16> {
+    targets.iter().map(|(port, _)| *port).collect()
+}
+
 /// SIGHUP: re-reads flags and file, resolves the brokers (off the async threads) and
 /// swaps the kernel's port map. Anything that fails leaves the old map and config serving.
 async fn reload(state: &Arc<PortmapState>, datapath: &mut Datapath) {
@@ -155,19 +161,15 @@ async fn reload(state: &Arc<PortmapState>, datapath: &mut Datapath) {
             return;
         }
     };
-    let settings = match program_config(config.syn_rate_per_source) {
+    let settings = match program_config(config.syn_rate_per_source, &mapped_ports(&targets)) {
         Ok(settings) => settings,
         Err(e) => {
             error!(error = %format!("{e:#}"), "SIGHUP: keeping the old configuration");
             return;
         }
     };
-    if let Err(e) = datapath.set_config(settings) {
-        error!(error = %format!("{e:#}"), "SIGHUP: the kernel refused the new settings, keeping the old configuration");
-        return;
-    }
-    if let Err(e) = datapath.set_targets(&targets) {
-        error!(error = %format!("{e:#}"), "SIGHUP: the kernel refused the new port map, keeping the old one");
+    if let Err(e) = datapath.apply(settings, &targets) {
+        error!(error = %format!("{e:#}"), "SIGHUP: the kernel refused the new settings or port map, keeping the old configuration");
         return;
     }
     info!(

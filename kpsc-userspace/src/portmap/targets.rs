@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, ToSocketAddrs, UdpSocket};
 
 use anyhow::{Context as _, bail};
-use kpsc_common::{PortTarget, PortmapConfig};
+use kpsc_common::{PortTarget, PortmapConfig, portmap::SNAT_PORT_FIRST};
 
 use crate::config::portmap::PortmapEntry;
 
@@ -65,16 +65,37 @@ pub fn check_forwarding(interfaces: &[String]) -> anyhow::Result<()> {
 /// The program's settings: the SYN budget, and the node's own ephemeral port range, which
 /// translated source ports avoid so the node's own connections to a broker (the
 /// advertised-listener probe among them) never share a tuple with a translated flow.
-pub fn program_config(syn_rate_per_source: u32) -> anyhow::Result<PortmapConfig> {
+/// Translated ports come from SNAT_PORT_FIRST..=65535, so the range is clamped to that
+/// (a range starting lower would otherwise exclude nothing); a range and port map that
+/// leave no translated port at all are refused, as every SYN would be dropped.
+pub fn program_config(syn_rate_per_source: u32, mapped: &[u16]) -> anyhow::Result<PortmapConfig> {
     const PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
     let text = std::fs::read_to_string(PATH).with_context(|| format!("reading {PATH}"))?;
     let mut ports = text.split_whitespace().map(str::parse::<u16>);
     let (Some(Ok(first)), Some(Ok(last))) = (ports.next(), ports.next()) else {
         bail!("{PATH}: expected two ports, got {text:?}");
     };
+    let (excluded_first, excluded_last) = (first.max(SNAT_PORT_FIRST), last);
+    let free = (SNAT_PORT_FIRST..=u16::MAX)
+        .filter(|p| !(excluded_first..=excluded_last).contains(p) && !mapped.contains(p))
+        .count();
+    if free == 0 {
+        bail!(
+            "no source port left for translated flows: they use {SNAT_PORT_FIRST}-65535 minus \
+             the node's ephemeral range ({PATH} = {first}-{last}) and the mapped ports; \
+             narrow the range, e.g. `sysctl -w net.ipv4.ip_local_port_range=\"32768 60999\"`"
+        );
+    }
+    if free < 1024 {
+        tracing::warn!(
+            free,
+            range = %format!("{first}-{last}"),
+            "few source ports left for translated flows outside {PATH}: new connections may be dropped (counted as drop_no_port)"
+        );
+    }
     Ok(PortmapConfig {
         syn_rate_per_source,
-        local_port_first: first,
-        local_port_last: last,
+        local_port_first: excluded_first,
+        local_port_last: excluded_last,
     })
 }
