@@ -295,3 +295,120 @@ fn tls_after_the_proxy_protocol_header() {
     );
     assert!(kpscd.metric("kpsc_endpoint_connections_total", "endpoint_id=\"77\"") >= 3.0);
 }
+
+/// One 8 MB record fetched in one Fetch over TLS by a client with a small receive buffer
+/// that pauses a second before reading: the whole response arrives without another
+/// request. (kpscd once left the tail of a response queued in rustls, unflushed; here the
+/// kernel's autotuned send buffer makes that race rare, so the forwarder's unit test
+/// `a_tls_client_gets_the_whole_response_after_pausing` pins it with small buffers.)
+#[test]
+fn a_large_response_reaches_a_slow_tls_client_whole() {
+    use std::{
+        io::{Read, Write},
+        net::SocketAddr,
+        sync::Arc,
+    };
+
+    use kafka_protocol::{
+        messages::{
+            ApiKey, FetchRequest, TopicName,
+            fetch_request::{FetchPartition, FetchTopic},
+        },
+        protocol::StrBytes,
+    };
+    use kpsc_tests::request_body;
+    use rdkafka::{
+        ClientConfig,
+        producer::{BaseProducer, BaseRecord, Producer},
+    };
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+
+    const VALUE: usize = 8 << 20;
+    let pki = Pki::new();
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("large", 1).unwrap();
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.broker_addr(1))
+        .set("message.max.bytes", (2 * VALUE).to_string())
+        .set("linger.ms", "0")
+        .create()
+        .unwrap();
+    let value = vec![0x5a; VALUE];
+    producer
+        .send(BaseRecord::<(), _>::to("large").payload(&value))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(Duration::from_secs(20)).unwrap();
+    drop(producer);
+
+    let base = free_port_base(20);
+    let flags = [
+        "--proxy-listener-tls-enable".to_owned(),
+        "--proxy-listener-cert-file".to_owned(),
+        pki.path("server.pem"),
+        "--proxy-listener-key-file".to_owned(),
+        pki.path("server.key"),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let kpscd = Kpscd::start(&proxy_args(&cluster, base, &flags)).unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(pki.path("ca.pem")).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    // Small before connecting, so the window offered stays small too.
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let addr: SocketAddr = format!("127.0.1.1:{base}").parse().unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let tcp: std::net::TcpStream = socket.into();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = ServerName::try_from("127.0.1.1").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+
+    // Fetch v4: no flexible versions, no KIP-951 endpoints, passed through unchanged.
+    let fetch = FetchRequest::default()
+        .with_replica_id((-1).into())
+        .with_max_wait_ms(0)
+        .with_min_bytes(1)
+        .with_max_bytes(64 << 20)
+        .with_topics(vec![
+            FetchTopic::default()
+                .with_topic(TopicName(StrBytes::from_static_str("large")))
+                .with_partitions(vec![
+                    FetchPartition::default()
+                        .with_partition(0)
+                        .with_fetch_offset(0)
+                        .with_partition_max_bytes(64 << 20),
+                ]),
+        ]);
+    let body = request_body(ApiKey::Fetch, 4, 7, "kpsc-tls-slow", &fetch).unwrap();
+    let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    tls.write_all(&frame).unwrap();
+    tls.flush().unwrap();
+    // Not reading: kpscd fills the socket buffers and is blocked when it writes the end.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut size = [0u8; 4];
+    tls.read_exact(&mut size).unwrap();
+    let size = i32::from_be_bytes(size) as usize;
+    assert!(size > VALUE, "the response ({size} bytes) lacks the record");
+    let mut response = vec![0u8; size];
+    // Without a flush the last bytes never come: the read times out.
+    tls.read_exact(&mut response)
+        .unwrap_or_else(|e| panic!("reading the {size}-byte response: {e}"));
+    assert_eq!(&response[..4], &7i32.to_be_bytes());
+    assert!(
+        response.windows(4096).any(|w| w.iter().all(|&b| b == 0x5a)),
+        "the record's value is not in the response"
+    );
+    assert!(kpscd.alive());
+}

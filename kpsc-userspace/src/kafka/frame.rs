@@ -9,6 +9,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Bytes in the size prefix.
 pub const SIZE_LEN: usize = 4;
 
+/// One read from `inner`, with a TLS peer that closed without close_notify (rustls says
+/// `UnexpectedEof`) taken as an EOF: callers then tell a close between frames (a client
+/// leaving) from a truncated frame as they do for TCP.
+async fn read_some<R: AsyncRead + Unpin>(inner: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    match inner.read(buf).await {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+        other => other,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("frame size {0} is negative")]
@@ -119,7 +129,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.start = 0;
         }
         while self.end - self.start < n {
-            let read = self.inner.read(&mut self.buf[self.end..]).await?;
+            let read = read_some(&mut self.inner, &mut self.buf[self.end..]).await?;
             if read == 0 {
                 return if self.end == self.start {
                     Ok(false)
@@ -132,7 +142,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Ok(true)
     }
 
-    /// Copies exactly `n` bytes (buffered first) to `out`.
+    /// Copies exactly `n` bytes (buffered first) to `out`, and flushes it: a TLS stream
+    /// may keep the tail of what it accepted queued until flushed, and the peer would wait
+    /// for it forever.
     pub async fn copy_to<W: AsyncWrite + Unpin>(
         &mut self,
         mut n: usize,
@@ -142,9 +154,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.start == self.end {
                 self.start = 0;
                 self.end = 0;
-                let read = self
-                    .inner
-                    .read(&mut self.buf)
+                let read = read_some(&mut self.inner, &mut self.buf)
                     .await
                     .map_err(|e| MoveError::Source(e.into()))?;
                 if read == 0 {
@@ -159,7 +169,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.start += chunk;
             n -= chunk;
         }
-        Ok(())
+        out.flush().await.map_err(MoveError::Sink)
     }
 
     /// Appends exactly `n` bytes (buffered first) to `out`.
@@ -169,7 +179,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.start == self.end {
                 self.start = 0;
                 self.end = 0;
-                let read = self.inner.read(&mut self.buf).await?;
+                let read = read_some(&mut self.inner, &mut self.buf).await?;
                 if read == 0 {
                     return Err(FrameError::Truncated);
                 }
@@ -203,7 +213,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 }
 
 /// Writes `size` + `body` in one vectored write (with TCP_NODELAY, two writes would be two
-/// segments).
+/// segments), then flushes (see `FrameReader::copy_to`; free on a TCP socket).
 pub async fn write_frame<W: AsyncWrite + Unpin>(out: &mut W, body: &[u8]) -> io::Result<()> {
     let size = i32::try_from(body.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?
@@ -217,7 +227,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(out: &mut W, body: &[u8]) -> io:
         }
         io::IoSlice::advance_slices(&mut slices, n);
     }
-    Ok(())
+    out.flush().await
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@ pub trait Transfer<R, W>: Send {
     /// request header (and a Produce request's `acks`).
     fn read_buffer_size(&self) -> usize;
 
-    /// Forwards exactly `n` bytes of `reader`'s stream (what it buffered first) to `out`.
+    /// Forwards exactly `n` bytes of `reader`'s stream (what it buffered first) to `out`,
+    /// flushed: nothing of the frame may stay queued in `out` (a TLS stream's buffer).
     /// The error says which side failed: the source (EOF first is `Truncated`) or `out`.
     fn forward(
         &mut self,

@@ -40,7 +40,7 @@ const KEPT_OUTPUT_CAPACITY: usize = 1 << 20;
 /// or the broker side ends.
 pub async fn forward_responses<R, W, M>(
     upstream_r: R,
-    mut client_w: W,
+    client_w: &mut W,
     mut mover: M,
     mut in_flight: mpsc::Receiver<InFlight>,
     route: &Route,
@@ -80,7 +80,7 @@ where
             };
             if let Some(request) = pending.take_if(|r| r.local_response.is_some()) {
                 let body = request.local_response.expect("checked");
-                write_frame(&mut client_w, &body)
+                write_frame(client_w, &body)
                     .await
                     .map_err(ConnError::ClientWrite)?;
                 route
@@ -189,7 +189,7 @@ where
             }
             // The client may read slowly: only the output stays reserved meanwhile.
             reservation.shrink_to(out.len());
-            write_frame(&mut client_w, &out)
+            write_frame(client_w, &out)
                 .await
                 .map_err(ConnError::ClientWrite)?;
             let written = SIZE_LEN + out.len();
@@ -204,7 +204,7 @@ where
         } else {
             let frame_len = SIZE_LEN + size as usize;
             mover
-                .forward(&mut reader, frame_len, &mut client_w)
+                .forward(&mut reader, frame_len, client_w)
                 .await
                 .map_err(|e| match e {
                     MoveError::Source(FrameError::Truncated) => ConnError::BrokerClosed(waiting),

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, split},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, split},
     net::TcpStream,
     sync::mpsc,
     time::{Duration, timeout},
@@ -134,9 +134,13 @@ async fn run(client: TcpStream, route: &Route, state: &ProxyState) -> Result<(),
     .await
 }
 
+/// How long a finished connection may take to deliver its last bytes and its close to the
+/// client (TLS close_notify) before it is dropped anyway.
+const CLIENT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Both directions of one proxied connection, over any streams.
 pub async fn proxy_streams<CR, CW, UR, UW, Up, Down>(
-    (client_r, client_w): (CR, CW),
+    (client_r, mut client_w): (CR, CW),
     (upstream_r, mut upstream_w): (UR, UW),
     (up, down): (Up, Down),
     route: &Route,
@@ -153,18 +157,26 @@ where
     // The upstream write half outlives both loops: dropping it sends FIN, and brokers drop
     // the responses still owed on a connection whose client side has closed.
     let (in_flight_tx, in_flight_rx) = mpsc::channel(state.config.max_in_flight);
-    let requests = forward_requests(client_r, &mut upstream_w, up, in_flight_tx, route, state);
-    let responses = forward_responses(upstream_r, client_w, down, in_flight_rx, route, state);
-    tokio::pin!(requests, responses);
-    tokio::select! {
-        // The client stopped sending (EOF or shutdown): deliver what is still in flight.
-        r = &mut requests => {
-            r?;
-            responses.await
+    let result = {
+        let requests = forward_requests(client_r, &mut upstream_w, up, in_flight_tx, route, state);
+        let responses =
+            forward_responses(upstream_r, &mut client_w, down, in_flight_rx, route, state);
+        tokio::pin!(requests, responses);
+        tokio::select! {
+            // The client stopped sending (EOF or shutdown): deliver what is still in flight.
+            r = &mut requests => match r {
+                Ok(()) => responses.await,
+                Err(e) => Err(e),
+            },
+            // The broker side ended or failed: nothing more can be answered.
+            r = &mut responses => r,
         }
-        // The broker side ended or failed: nothing more can be answered.
-        r = &mut responses => r,
-    }
+    };
+    // A TLS client learns of a clean end from close_notify (dropping would only close the
+    // socket); on TCP this is the FIN the drop would send. The connection ends either way,
+    // so a failure here changes nothing.
+    let _ = timeout(CLIENT_SHUTDOWN_TIMEOUT, client_w.shutdown()).await;
+    result
 }
 
 #[cfg(test)]
@@ -349,5 +361,94 @@ mod tests {
         assert_eq!(&got[0][4..8], &7i32.to_be_bytes());
         let rewritten = MetadataResponse::decode(&mut answer, 1).unwrap();
         assert_eq!(rewritten.brokers[0].host.as_str(), "proxy.example");
+    }
+
+    /// A response much larger than the socket buffers, to a TLS client that is not reading
+    /// when kpsc writes the response's end: the end must still be sent. rustls keeps what
+    /// it accepted queued until flushed, and kpsc used to never flush: the client waited
+    /// for the tail forever. Real sockets with small buffers (kernel autotuning would make
+    /// the race rare), a real rustls client; the broker is an in-memory stream.
+    #[tokio::test]
+    async fn a_tls_client_gets_the_whole_response_after_pausing() {
+        use tokio::net::{TcpSocket, TcpStream};
+        use tokio_rustls::{
+            TlsConnector,
+            rustls::{self, pki_types::ServerName},
+        };
+
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into()),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).unwrap();
+        let client_config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        // Accepted sockets inherit the listener's small send buffer.
+        let listener = TcpSocket::new_v4().unwrap();
+        listener.set_send_buffer_size(4096).unwrap();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listener = listener.listen(1).unwrap();
+        let client_socket = TcpSocket::new_v4().unwrap();
+        client_socket.set_recv_buffer_size(4096).unwrap();
+        let (client, accepted) = tokio::join!(client_socket.connect(addr), listener.accept());
+        let (client, (accepted, _)): (TcpStream, _) = (client.unwrap(), accepted.unwrap());
+
+        let payload: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+        let answer = response(5, &payload);
+        let (state, route) = state();
+        let (upstream_side, mut broker) = duplex(1 << 16);
+        let proxy = tokio::spawn(async move {
+            let tls = TlsAcceptor::from(Arc::new(server_config))
+                .accept(accepted)
+                .await
+                .unwrap();
+            proxy_streams(
+                split(tls),
+                split(upstream_side),
+                (CopyMover, CopyMover),
+                &route,
+                &state,
+            )
+            .await
+        });
+        let heartbeat = request(12, 0, 5, b"heartbeat");
+        let broker_task = tokio::spawn(async move {
+            let got = read_frame(&mut broker).await;
+            broker.write_all(&answer).await.unwrap();
+            (got, broker)
+        });
+        let mut client = TlsConnector::from(Arc::new(client_config))
+            .connect(ServerName::try_from("localhost").unwrap(), client)
+            .await
+            .unwrap();
+        client.write_all(&heartbeat).await.unwrap();
+        client.flush().await.unwrap();
+        // Not reading: kpsc fills the socket buffers and rustls' queue.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut got = vec![0; 8 + payload.len()];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("the end of the response never came")
+            .unwrap();
+        assert_eq!(got, response(5, &payload));
+        let (forwarded, _broker) = broker_task.await.unwrap();
+        assert_eq!(forwarded, heartbeat);
+        // The client leaves; the connection ends cleanly.
+        client.shutdown().await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), proxy).await;
+        ended.expect("the connection did not end").unwrap().unwrap();
     }
 }
