@@ -277,4 +277,36 @@ mod tests {
             Err(FrameError::Truncated)
         ));
     }
+
+    /// What rustls reports when a TLS peer closes without close_notify.
+    struct NoCloseNotify;
+
+    impl AsyncRead for NoCloseNotify {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()))
+        }
+    }
+
+    /// A TLS client that leaves without close_notify between frames has left (a clean
+    /// EOF, not an I/O fault); inside a frame it truncated the frame.
+    #[tokio::test]
+    async fn a_tls_close_without_close_notify_is_an_eof() {
+        let frame = [0u8, 0, 0, 4, 7, 7, 7, 7];
+        let mut r = FrameReader::new((&frame[..]).chain(NoCloseNotify), 64);
+        let mut body = Vec::new();
+        assert!(r.read_frame(100, &mut body).await.unwrap());
+        assert!(!r.fill_to(4).await.unwrap());
+        let mut r = FrameReader::new((&frame[..3]).chain(NoCloseNotify), 64);
+        assert!(matches!(r.fill_to(4).await, Err(FrameError::Truncated)));
+        let mut r = FrameReader::new((&frame[..5]).chain(NoCloseNotify), 2);
+        assert!(r.fill_to(2).await.unwrap());
+        assert!(matches!(
+            r.copy_to(8, &mut tokio::io::sink()).await,
+            Err(MoveError::Source(FrameError::Truncated))
+        ));
+    }
 }
