@@ -87,6 +87,9 @@ impl Gate {
         listen_port: u16,
         metrics: &Metrics,
     ) -> Option<Client> {
+        // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d: logged and matched
+        // as the IPv4 addresses they are.
+        let peer = canonical(peer);
         let result = match self.config.proxy_protocol {
             ProxyProtocol::Off => Ok(None),
             mode => match timeout(self.config.header_timeout, header(stream, mode)).await {
@@ -136,6 +139,8 @@ impl Gate {
             Some(h) => (h.source.unwrap_or(peer), h.endpoint, Some(h.version)),
             None => (peer, None, None),
         };
+        // ipnet never matches an IPv4 net against an IPv4-mapped IPv6 address.
+        let (peer, addr) = (canonical(peer), canonical(addr));
         let sources = &self.config.allow_sources;
         if !sources.is_empty() && !sources.iter().any(|net| net.contains(&addr.ip())) {
             return Err(Refusal::Source(addr.ip()));
@@ -155,6 +160,10 @@ impl Gate {
             header_version,
         })
     }
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Looks at the first byte without taking it: only a header is consumed, so without one
@@ -315,5 +324,34 @@ mod tests {
         // No header: the peer is the client.
         assert!(matches!(g.check(peer, None), Err(Refusal::Source(_))));
         assert!(gate(&["127.0.0.0/8"], &[]).check(peer, None).is_ok());
+    }
+
+    /// IPv4 clients of a dual-stack listener, or in a PROXY v2 header's IPv6 family, come
+    /// as ::ffff:a.b.c.d: they match IPv4 entries and are reported as IPv4.
+    #[test]
+    fn ipv4_mapped_addresses_match_ipv4_entries() {
+        let g = gate(&["198.18.3.0/24"], &[]);
+        let mapped: SocketAddr = "[::ffff:198.18.3.9]:1".parse().unwrap();
+        let client = g.check(mapped, None).unwrap();
+        assert_eq!(client.addr.to_string(), "198.18.3.9:1");
+        assert_eq!(client.peer.to_string(), "198.18.3.9:1");
+        let header = ProxyHeader {
+            version: 2,
+            source: Some("[::ffff:198.18.3.10]:2".parse().unwrap()),
+            endpoint: None,
+        };
+        let client = g
+            .check("[::1]:5000".parse().unwrap(), Some(header))
+            .unwrap();
+        assert_eq!(client.addr.to_string(), "198.18.3.10:2");
+        match g.check("[::ffff:198.18.4.9]:1".parse().unwrap(), None) {
+            Err(Refusal::Source(ip)) => assert_eq!(ip.to_string(), "198.18.4.9"),
+            other => panic!("{other:?}"),
+        }
+        // Real IPv6 addresses are left as they are.
+        assert!(matches!(
+            g.check("[2001:db8::1]:1".parse().unwrap(), None),
+            Err(Refusal::Source(_))
+        ));
     }
 }
