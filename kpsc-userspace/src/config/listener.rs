@@ -89,6 +89,30 @@ pub struct AccessConfig {
 
 const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// An allowed endpoint id in the form the PROXY header's id is printed in, so they
+/// compare as strings: a decimal id (GCP PSC connection id, Azure LinkID) as the number
+/// (`007` is `7`), an AWS VPC endpoint id as `vpce-` and lowercase letters and digits.
+fn endpoint_id(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if let Ok(id) = text.parse::<u64>() {
+        return Ok(id.to_string());
+    }
+    let aws = text.strip_prefix("vpce-").is_some_and(|rest| {
+        !rest.is_empty()
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    });
+    if aws {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "{text:?} is neither a decimal id (GCP PSC connection id, Azure LinkID) nor an \
+             AWS VPC endpoint id (vpce-...)"
+        ))
+    }
+}
+
 impl AccessConfig {
     pub fn resolve(flags: ListenerArgs, file: ListenerArgs) -> Result<Self, ConfigError> {
         let proxy_protocol = pick(flags.proxy_protocol, file.proxy_protocol).unwrap_or_default();
@@ -107,12 +131,10 @@ impl AccessConfig {
             .map_err(|e| ConfigError::new("--allow-source", e))?;
         let allow_endpoint_ids: BTreeSet<String> =
             pick_list(flags.allow_endpoint_id, file.allow_endpoint_id)
-                .into_iter()
-                .map(|id| id.trim().to_owned())
-                .collect();
-        if allow_endpoint_ids.iter().any(String::is_empty) {
-            return Err(ConfigError::new("--allow-endpoint-id", "empty id"));
-        }
+                .iter()
+                .map(|id| endpoint_id(id))
+                .collect::<Result<_, _>>()
+                .map_err(|e| ConfigError::new("--allow-endpoint-id", e))?;
         if !allow_endpoint_ids.is_empty() && proxy_protocol == ProxyProtocol::Off {
             return Err(ConfigError::new(
                 "--allow-endpoint-id",
@@ -221,5 +243,33 @@ mod tests {
                 .flag,
             "--allow-endpoint-id"
         );
+    }
+
+    /// Ids are checked at start and kept as the header's ids print, or they would never
+    /// match: `0042` is `42`.
+    #[test]
+    fn endpoint_ids_are_validated_and_normalised() {
+        let c = resolve(
+            Some(ProxyProtocol::Required),
+            &[],
+            &["0042", " vpce-0abc123 ", "18446744073709551615"],
+        )
+        .unwrap();
+        let ids: Vec<&str> = c.allow_endpoint_ids.iter().map(String::as_str).collect();
+        assert_eq!(ids, ["18446744073709551615", "42", "vpce-0abc123"]);
+        for bad in [
+            "vpce-",
+            "vpce-0ABC",
+            "VPCE-0abc",
+            "vpc-0abc",
+            "-1",
+            "4.2",
+            "18446744073709551616",
+            "psc:42",
+        ] {
+            let e = resolve(Some(ProxyProtocol::Required), &[], &[bad]).unwrap_err();
+            assert_eq!(e.flag, "--allow-endpoint-id", "{bad}");
+            assert!(e.to_string().contains(bad), "{bad}: {e}");
+        }
     }
 }
