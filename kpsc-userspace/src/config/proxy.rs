@@ -305,6 +305,15 @@ fn resolve_port_map(
         flags.max_dynamic_listeners.is_some() || file.max_dynamic_listeners.is_some(),
     ]
     .contains(&true);
+    // The offset only places dynamic listeners: with none, accepting it would hide a
+    // mistake in the command line.
+    if disabled && id_offset.is_some() {
+        return Err(ConfigError::new(
+            "--dynamic-broker-id-offset",
+            "places dynamic listeners, and --dynamic-listeners-disable turns them off: \
+             drop one of the two",
+        ));
+    }
     let dynamic = if disabled || (min_port == 0 && !asks_for_dynamic) {
         DynamicPorts::Disabled
     } else if min_port == 0 {
@@ -437,6 +446,16 @@ mod tests {
                 "--dynamic-sequential-min-port",
                 "9095",
                 "--deterministic-listeners=false",
+                "--dynamic-broker-id-offset",
+                "1000"
+            ]),
+            "--dynamic-broker-id-offset"
+        );
+        assert_eq!(
+            flag(&[
+                "--bootstrap-server-mapping",
+                "b1:9092,0.0.0.0:9092",
+                "--dynamic-listeners-disable",
                 "--dynamic-broker-id-offset",
                 "1000"
             ]),
