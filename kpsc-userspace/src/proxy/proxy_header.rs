@@ -6,7 +6,7 @@
 //! is read up to its CRLF), so the first Kafka byte is still in the socket for the
 //! forwarder. Parsing is the `ppp` crate's, which bounds-checks every field; this module
 //! adds the cloud TLVs. Whatever the input, the result is a header or an error, and at most
-//! 16 + 65,535 bytes are buffered.
+//! 16 + 4,096 bytes are buffered.
 
 use std::{fmt, net::SocketAddr};
 
@@ -16,6 +16,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// v2 headers start with these 12 bytes; v1 with `PROXY`.
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 const V2_FIXED_LEN: usize = 16;
+/// Longest v2 address block + TLVs accepted. Real ones (addresses, an endpoint id, a few
+/// small TLVs) are well under 100 bytes; the field allows 65,535, which an unauthenticated
+/// peer could make kpscd allocate per connection.
+const V2_MAX_LEN: usize = 4096;
 /// v1's longest header, CRLF included (the specification's bound).
 const V1_MAX_LEN: usize = 107;
 /// v1's shortest header: `PROXY UNKNOWN\r\n`.
@@ -125,6 +129,11 @@ async fn read_v2<R: AsyncRead + Unpin>(
         return Err(malformed("starts with \\r but not with the v2 signature"));
     }
     let length = usize::from(u16::from_be_bytes([header[14], header[15]]));
+    if length > V2_MAX_LEN {
+        return Err(malformed(format!(
+            "v2 header length {length} exceeds {V2_MAX_LEN} bytes"
+        )));
+    }
     header.resize(V2_FIXED_LEN + length, 0);
     reader.read_exact(&mut header[V2_FIXED_LEN..]).await?;
     parse_v2(&header)
@@ -360,6 +369,12 @@ mod tests {
         let short_gcp = encode_v2(src, dst, &[(TLV_GCP, &[1, 2, 3])]);
         let bad_vpce = encode_v2(src, dst, &[(TLV_AWS, b"\x01vpce/../x")]);
         let long_azure = encode_v2(src, dst, &[(TLV_AZURE, &[1, 1, 2, 3, 4, 5])]);
+        // A length field over the bound: refused before anything past the 16 bytes is read.
+        let mut too_long = good.clone();
+        too_long[14..16].copy_from_slice(&4097u16.to_be_bytes());
+        let (got, rest) = read(&[&too_long[..], &[0u8; 4200][..]].concat()).await;
+        assert!(matches!(got, Err(HeaderError::Malformed(_))), "{got:?}");
+        assert_eq!(rest.len(), too_long.len() - 16 + 4200);
         let two_ids = encode_v2(
             src,
             dst,
