@@ -101,11 +101,15 @@ impl Kpscd {
     }
 
     /// Its stderr so far (empty when not captured).
+    /// kpscd's log so far, without the terminal colours its text format puts around field
+    /// names (so tests can look for `field=value`).
     pub fn log(&self) -> String {
-        self.log
+        let raw = self
+            .log
             .as_ref()
             .and_then(|l| std::fs::read_to_string(l).ok())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        without_ansi_escapes(&raw)
     }
 
     /// Still running?
@@ -173,5 +177,35 @@ impl Drop for Kpscd {
             }
             let _ = std::fs::remove_file(log);
         }
+    }
+}
+
+/// `text` without ANSI escape sequences (ESC ... final letter).
+fn without_ansi_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn colours_are_removed_from_the_log() {
+        let coloured = "\x1b[2m2026-11-27\x1b[0m \x1b[32m INFO\x1b[0m \x1b[3mclient\x1b[0m\x1b[2m=\x1b[0m198.18.3.9:41000";
+        assert_eq!(
+            super::without_ansi_escapes(coloured),
+            "2026-11-27  INFO client=198.18.3.9:41000"
+        );
     }
 }

@@ -15,25 +15,6 @@ use rdkafka::{
     producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext},
 };
 
-/// kpscd's log without the terminal colours its text format adds around field names.
-fn log_of(kpscd: &Kpscd) -> String {
-    let mut out = String::new();
-    let log = kpscd.log();
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Counts the messages the brokers acknowledged (flush alone returns Ok for messages
 /// that timed out).
 #[derive(Default)]
@@ -122,7 +103,7 @@ fn all_static_mapping_with_dial_address_mapping_starts_and_refuses_a_new_broker(
         Ok(())
     })
     .unwrap();
-    let log = log_of(&kpscd);
+    let log = kpscd.log();
     assert!(
         log.lines().any(|l| l.contains("broker cannot be served")
             && l.contains("broker id 4")

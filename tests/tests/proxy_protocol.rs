@@ -21,25 +21,6 @@ use rdkafka::{
     topic_partition_list::{Offset, TopicPartitionList},
 };
 
-/// kpscd's log without the terminal colours its text format adds around field names.
-fn log_of(kpscd: &Kpscd) -> String {
-    let mut out = String::new();
-    let log = kpscd.log();
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 const TOPIC: &str = "changefeed";
 const PSC_ID: u64 = 43_686_719_580_552_292;
 const AZURE_LINK_ID: u32 = 0x2600_0033;
@@ -184,7 +165,7 @@ fn each_clouds_endpoint_id_is_read_logged_and_checked() {
         let _psc = CloudEndpoint::start(&routes(base), header).unwrap();
         assert_eq!(produce_and_consume(&bootstrap, 300), 300);
     }
-    let log = log_of(&kpscd);
+    let log = kpscd.log();
     assert!(
         log.contains(&format!("endpoint_id={PSC_ID}"))
             && log.contains("client=198.18.3.4:40001")
@@ -209,7 +190,7 @@ fn each_clouds_endpoint_id_is_read_logged_and_checked() {
         assert!(metadata_ok(&bootstrap));
         assert_eq!(produce_and_consume(&bootstrap, 30), 30);
     }
-    assert!(log_of(&kpscd).contains("endpoint_id=637534259"));
+    assert!(kpscd.log().contains("endpoint_id=637534259"));
 
     // AWS PrivateLink with an endpoint not on the list: refused before any broker is
     // dialled; the client retries, the log says so once.
@@ -238,7 +219,7 @@ fn each_clouds_endpoint_id_is_read_logged_and_checked() {
         kpscd.metric("kpsc_bytes_total", "direction=\"from_client\""),
         bytes_before
     );
-    let log = log_of(&kpscd);
+    let log = kpscd.log();
     let lines: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("connection refused") && l.contains(VPCE_ID))
@@ -274,8 +255,8 @@ fn v1_headers_and_allow_source() {
         let _lb = CloudEndpoint::start(&routes(base), header).unwrap();
         assert_eq!(produce_and_consume(&bootstrap, 60), 60);
     }
-    assert!(log_of(&kpscd).contains("client=198.18.3.9:41000"));
-    assert!(log_of(&kpscd).contains("proxy_protocol=1"));
+    assert!(kpscd.log().contains("client=198.18.3.9:41000"));
+    assert!(kpscd.log().contains("proxy_protocol=1"));
 
     // A v2 header naming a source outside the list, and a client without a header (whose
     // TCP peer, 127.0.0.1, is outside it too): both refused.
@@ -297,7 +278,7 @@ fn v1_headers_and_allow_source() {
         ) >= 2.0
     );
     assert_eq!(admitted(&kpscd), before);
-    let log = log_of(&kpscd);
+    let log = kpscd.log();
     assert!(
         log.lines()
             .any(|l| l.contains("connection refused") && l.contains("client=198.18.9.9")),
@@ -415,7 +396,7 @@ fn malformed_truncated_missing_and_unexpected_headers_close_one_connection() {
         0.0,
         "no refused connection reached a broker"
     );
-    assert!(log_of(&kpscd).contains("malformed PROXY protocol header"));
+    assert!(kpscd.log().contains("malformed PROXY protocol header"));
 
     // The daemon still serves a well-formed connection.
     let mut stream = TcpStream::connect(&addr).unwrap();
