@@ -9,6 +9,8 @@ use kpsc_testkit::{
     netns::{NODE_CLIENT_IP, Topology, broker_ip},
 };
 
+use crate::tansu::TansuHost;
+
 /// Where each tansu broker listens in the broker namespace.
 pub const BROKER_PORT: u16 = 39092;
 /// Broker i is served on node port FIRST_PORT + i (the guide's 9093, 9094, ...).
@@ -58,6 +60,19 @@ pub fn start_portmap(topo: &Topology, args: &[String]) -> Kpscd {
     let k = Kpscd::spawn_mode(args, Some(&topo.node)).unwrap();
     k.wait_ready(Duration::from_secs(20)).unwrap();
     k
+}
+
+/// One client namespace, one tansu broker advertising the node's first port, and kpscd
+/// portmap mapping `FIRST_PORT` on every node address: where most flow tests start.
+pub fn one_broker_behind_portmap() -> (Topology, Kpscd) {
+    let mut topo = Topology::new(1, 1).unwrap();
+    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
+        .unwrap();
+    let kpscd = start_portmap(
+        &topo,
+        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &[]),
+    );
+    (topo, kpscd)
 }
 
 /// Where the instance of `topo` pins its maps.

@@ -6,11 +6,11 @@ use std::{net::SocketAddr, time::Duration};
 
 use kpsc_common::{FlowKey, FlowNat};
 use kpsc_tests::{
-    RawClient, TansuHost,
+    RawClient,
     datapath::PinnedMaps,
     eventually,
-    netns::{NODE_CLIENT_IP, Topology, client_ip, in_netns},
-    portmap::{BROKER_PORT, FIRST_PORT, mapping_on, pins, portmap_args, start_portmap},
+    netns::{NODE_CLIENT_IP, client_ip, in_netns},
+    portmap::{FIRST_PORT, one_broker_behind_portmap, pins},
 };
 
 fn connect(addr: &str) -> anyhow::Result<RawClient> {
@@ -27,13 +27,7 @@ fn connect(addr: &str) -> anyhow::Result<RawClient> {
 /// About 20-30 s (the cleanup runs every 10 s, the grace is 10 s).
 #[test]
 fn orphaned_reply_entries_are_swept_and_live_flows_kept() {
-    let mut topo = Topology::new(1, 1).unwrap();
-    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
-        .unwrap();
-    let kpscd = start_portmap(
-        &topo,
-        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &[]),
-    );
+    let (topo, kpscd) = one_broker_behind_portmap();
     let bootstrap = format!("{NODE_CLIENT_IP}:{FIRST_PORT}");
     let mut orphaned = in_netns(&topo.client, || connect(&bootstrap))
         .unwrap()

@@ -9,7 +9,9 @@ use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse};
 use kpsc_tests::{
     RawClient, TansuHost,
     netns::{NODE_CLIENT_IP, Topology, client_ip, in_netns},
-    portmap::{BROKER_PORT, FIRST_PORT, mapping_on, portmap_args, start_portmap},
+    portmap::{
+        BROKER_PORT, FIRST_PORT, mapping_on, one_broker_behind_portmap, portmap_args, start_portmap,
+    },
 };
 
 const BROKERS: usize = 3;
@@ -185,13 +187,7 @@ fn syn_flood_neither_breaks_open_connections_nor_locks_new_clients_out() {
 
     const SYNS: u32 = 100_000;
     const FLOOD_TIME: Duration = Duration::from_secs(6);
-    let mut topo = Topology::new(1, 1).unwrap();
-    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
-        .unwrap();
-    let kpscd = start_portmap(
-        &topo,
-        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &[]),
-    );
+    let (topo, kpscd) = one_broker_behind_portmap();
     let bootstrap = format!("{NODE_CLIENT_IP}:{FIRST_PORT}");
     let topic = "flood";
     in_netns(&topo.client, || {
@@ -348,13 +344,7 @@ fn the_same_syn_on_two_cpus_leaves_one_flow_and_no_orphans() {
         std::thread::available_parallelism().unwrap().get() >= 2,
         "needs two CPUs to race"
     );
-    let mut topo = Topology::new(1, 1).unwrap();
-    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
-        .unwrap();
-    let _kpscd = start_portmap(
-        &topo,
-        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &[]),
-    );
+    let (topo, _kpscd) = one_broker_behind_portmap();
     let node = Ipv4Addr::new(198, 18, 1, 1);
     let source = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i);
     let barrier = Barrier::new(2);
@@ -427,13 +417,7 @@ fn spoofed_handshakes_never_reach_the_established_table() {
 
     const SOURCES: u32 = 200;
     const GUESSES: u32 = 5;
-    let mut topo = Topology::new(1, 1).unwrap();
-    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
-        .unwrap();
-    let _kpscd = start_portmap(
-        &topo,
-        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &[]),
-    );
+    let (topo, _kpscd) = one_broker_behind_portmap();
     let node = (Ipv4Addr::new(198, 18, 1, 1), FIRST_PORT);
     let source = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i);
     in_netns(&topo.client, || {
@@ -526,13 +510,7 @@ fn forged_syn_acks_neither_complete_spoofed_handshakes_nor_break_real_ones() {
     const SOURCES: u32 = 20;
     const FORGED_SEQ: u32 = 0x5eed_0000;
     let isn = |i: u32| 7_000_000 + i * 1_000;
-    let mut topo = Topology::new(1, 1).unwrap();
-    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
-        .unwrap();
-    let kpscd = start_portmap(
-        &topo,
-        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &[]),
-    );
+    let (topo, kpscd) = one_broker_behind_portmap();
     let node = (Ipv4Addr::new(198, 18, 1, 1), FIRST_PORT);
     in_netns(&topo.client, || {
         let sender = SynSender::new().unwrap();
@@ -660,13 +638,7 @@ fn forged_rst_and_fin_do_not_end_a_live_flow() {
     };
     use std::net::Ipv4Addr;
 
-    let mut topo = Topology::new(1, 1).unwrap();
-    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
-        .unwrap();
-    let kpscd = start_portmap(
-        &topo,
-        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &[]),
-    );
+    let (topo, kpscd) = one_broker_behind_portmap();
     let bootstrap = format!("{NODE_CLIENT_IP}:{FIRST_PORT}");
     let mut conn = in_netns(&topo.client, || connect_within(&bootstrap))
         .unwrap()
