@@ -217,8 +217,7 @@ struct DistinctEndpoints {
 }
 
 impl DistinctEndpoints {
-    fn find(&self, node_id: i32, host: &[u8], port: i32) -> Option<usize> {
-        let host = std::str::from_utf8(host).ok()?;
+    fn find(&self, node_id: i32, host: &str, port: i32) -> Option<usize> {
         self.by_host.get(host)?.iter().copied().find(|&i| {
             let e = &self.list[i];
             e.node_id == node_id && e.port == port
@@ -228,10 +227,10 @@ impl DistinctEndpoints {
 
 impl EndpointSink for DistinctEndpoints {
     fn endpoint(&mut self, node_id: i32, host: &[u8], port: i32) -> Result<(), &'static str> {
+        let host = std::str::from_utf8(host).map_err(|_| "is not UTF-8")?;
         if self.find(node_id, host, port).is_some() {
             return Ok(());
         }
-        let host = std::str::from_utf8(host).map_err(|_| "is not UTF-8")?;
         if self.list.len() == MAX_DISTINCT_ENDPOINTS {
             return Err("is one of more than 4096 distinct broker endpoints");
         }
@@ -255,6 +254,8 @@ struct Planned<'a> {
 
 impl Replacements for Planned<'_> {
     fn replacement(&self, node_id: i32, host: &[u8], port: i32) -> Option<(&str, i32)> {
+        // Hosts that are not UTF-8 were refused when the endpoints were listed.
+        let host = std::str::from_utf8(host).ok()?;
         let to = &self.advertised[self.endpoints.find(node_id, host, port)?];
         Some((&to.host, to.port))
     }
