@@ -50,6 +50,21 @@ pub struct ChurnResult {
 }
 
 impl ChurnResult {
+    fn empty() -> anyhow::Result<Self> {
+        Ok(Self {
+            attempts: 0,
+            completed: 0,
+            completed_in_time: 0,
+            first_failure: None,
+            timeouts: 0,
+            retried: 0,
+            elapsed: Duration::ZERO,
+            latency: Histogram::new(3)?,
+        })
+    }
+}
+
+impl ChurnResult {
     pub fn connections_per_s(&self) -> f64 {
         self.completed_in_time as f64 / self.elapsed.as_secs_f64()
     }
@@ -114,16 +129,7 @@ pub async fn run_churn(target: &str, load: &ChurnLoad) -> anyhow::Result<ChurnRe
                     "kpsc-bench-churn",
                     &ApiVersionsRequest::default(),
                 )?;
-                let mut result = ChurnResult {
-                    attempts: 0,
-                    completed: 0,
-                    completed_in_time: 0,
-                    first_failure: None,
-                    timeouts: 0,
-                    retried: 0,
-                    elapsed: Duration::ZERO,
-                    latency: Histogram::new(3)?,
-                };
+                let mut result = ChurnResult::empty()?;
                 let mut correlation_id = (worker as i32) << 24;
                 while started.elapsed() < load.duration {
                     correlation_id = correlation_id.wrapping_add(1);
@@ -164,16 +170,7 @@ pub async fn run_churn(target: &str, load: &ChurnLoad) -> anyhow::Result<ChurnRe
             })
         })
         .collect();
-    let mut total = ChurnResult {
-        attempts: 0,
-        completed: 0,
-        completed_in_time: 0,
-        first_failure: None,
-        timeouts: 0,
-        retried: 0,
-        elapsed: Duration::ZERO,
-        latency: Histogram::new(3)?,
-    };
+    let mut total = ChurnResult::empty()?;
     for l in loops {
         let r = l.await??;
         total.attempts += r.attempts;

@@ -113,6 +113,27 @@ c.close()
 print(f"acked={len(acked)} consumed={got}")
 "#;
 
+/// Runs `CLIENT`: `count` messages produced and consumed over TLS through kpscd's first
+/// listener, trusting the test CA; every one must be acknowledged and read back.
+fn produce_and_consume_over_tls(base: u16, pki: &Pki, count: usize) {
+    let out = Command::new(python())
+        .args([
+            "-c",
+            CLIENT,
+            &format!("127.0.1.1:{base}"),
+            &pki.path("ca.pem"),
+            &count.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(&format!("acked={count} consumed={count}")),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn kpscd_exit(args: &[String]) -> (i32, String) {
     let out = Command::new(kpscd_bin())
         .arg("proxy")
@@ -149,22 +170,7 @@ fn confluent_kafka_over_tls_through_every_listener() {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let kpscd = Kpscd::start(&proxy_args(&cluster, base, &flags)).unwrap();
 
-    let out = Command::new(python())
-        .args([
-            "-c",
-            CLIENT,
-            &format!("127.0.1.1:{base}"),
-            &pki.path("ca.pem"),
-            "300",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("acked=300 consumed=300"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    produce_and_consume_over_tls(base, &pki, 300);
     // All three brokers' listeners carried TLS traffic.
     for port in [base, base + 12, base + 13] {
         assert!(
@@ -277,22 +283,7 @@ fn tls_after_the_proxy_protocol_header() {
         cloud: Some(Cloud::GooglePsc(77)),
     };
     let _psc = CloudEndpoint::start(&routes, header).unwrap();
-    let out = Command::new(python())
-        .args([
-            "-c",
-            CLIENT,
-            &format!("127.0.1.1:{base}"),
-            &pki.path("ca.pem"),
-            "60",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("acked=60 consumed=60"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    produce_and_consume_over_tls(base, &pki, 60);
     assert!(kpscd.metric("kpsc_endpoint_connections_total", "endpoint_id=\"77\"") >= 3.0);
 }
 
