@@ -16,7 +16,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::{config::common::HttpConfig, mapping::map::Origin};
+use crate::{
+    config::common::{HttpConfig, MapsEndpoint},
+    mapping::map::Origin,
+};
 
 /// Path of the JSON port map.
 pub const MAPS_PATH: &str = "/maps";
@@ -49,34 +52,57 @@ pub trait AdminView: Send + Sync + 'static {
     fn metrics_text(&self) -> String;
 }
 
-/// Binds the admin endpoint (so a busy port is a start-up error) and serves it until
-/// `shutdown`.
+/// Binds the admin endpoint, and `/maps`'s own listener when it has one (so a busy port
+/// is a start-up error), and serves them until `shutdown`.
 pub async fn serve(
     http: &HttpConfig,
     view: Arc<dyn AdminView>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
-    let Some(addr) = &http.listen else {
+    let mut servers = Vec::new();
+    if let Some(addr) = &http.listen {
+        let mut router = Router::new()
+            .route(&http.metrics_path, get(metrics))
+            .route(&http.health_path, get(|| async { "OK\n" }))
+            .route(READY_PATH, get(ready));
+        if http.maps == MapsEndpoint::Admin {
+            router = router.route(MAPS_PATH, get(maps));
+        }
+        let listener = bind(addr, "--http-listen-address").await?;
+        info!(address = %listener.local_addr()?, maps = http.maps == MapsEndpoint::Admin, "admin endpoint listening");
+        servers.push((listener, router.with_state(Arc::clone(&view))));
+    }
+    if let MapsEndpoint::Separate(addr) = &http.maps {
+        let listener = bind(addr, "--http-maps-listen-address").await?;
+        info!(address = %listener.local_addr()?, "port map endpoint (/maps) listening");
+        let router = Router::new().route(MAPS_PATH, get(maps)).with_state(view);
+        servers.push((listener, router));
+    }
+    if servers.is_empty() {
         return Ok(None);
-    };
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on --http-listen-address {addr}"))?;
-    let router = Router::new()
-        .route(&http.metrics_path, get(metrics))
-        .route(&http.health_path, get(|| async { "OK\n" }))
-        .route(READY_PATH, get(ready))
-        .route(MAPS_PATH, get(maps))
-        .with_state(view);
-    info!(address = %listener.local_addr()?, "admin endpoint listening");
+    }
     Ok(Some(tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "admin endpoint failed");
+        let mut served = tokio::task::JoinSet::new();
+        for (listener, router) in servers {
+            let shutdown = shutdown.clone();
+            served.spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                    .await
+            });
+        }
+        while let Some(result) = served.join_next().await {
+            if let Ok(Err(e)) = result {
+                tracing::error!(error = %e, "admin endpoint failed");
+            }
         }
     })))
+}
+
+async fn bind(addr: &str, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {flag} {addr}"))
 }
 
 /// Views may read kernel maps entry by entry: they run off the async threads, two at a

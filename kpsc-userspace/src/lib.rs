@@ -15,5 +15,6 @@ pub mod man;
 pub mod mapping;
 pub mod metrics;
 pub mod portmap;
+pub mod privilege;
 pub mod proxy;
 pub mod shutdown;

@@ -21,7 +21,7 @@ mod unit;
 pub use cloud_endpoint::{Cloud, CloudEndpoint, Header, encode_v2};
 pub use command::run_with_timeout;
 pub use mock_cluster::{ADVERTISED_PATTERN, MockCluster, REAL_BROKER_HOST, proxy_args};
-pub use rdkafka_client::{Delivered, LeakWatch, send_waiting};
+pub use rdkafka_client::{Delivered, LeakWatch, produce_acked, send_waiting};
 pub use tansu::{Tansu, TansuHost, tansu_bin};
 pub use unit::{Started, Unit};
 

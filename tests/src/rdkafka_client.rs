@@ -14,7 +14,7 @@ use rdkafka::{
     consumer::ConsumerContext,
     error::KafkaError,
     message::ToBytes,
-    producer::{BaseProducer, BaseRecord, DeliveryResult, ProducerContext},
+    producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext},
     types::RDKafkaErrorCode,
 };
 
@@ -229,4 +229,48 @@ mod tests {
         );
         assert!(super::ipv4_ports("v1.2.3 at 12:30, 1.2.3:4").is_empty());
     }
+}
+
+/// Counts the messages the brokers acknowledged (flush alone returns Ok for messages
+/// that timed out).
+#[derive(Default)]
+struct Acked(std::sync::atomic::AtomicUsize);
+
+impl ClientContext for Acked {}
+impl ProducerContext for Acked {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if result.is_ok() {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+/// Produces `n` messages (acks=all) through `bootstrap` to topic `topic`, spread over its
+/// partitions 0..3 (the tests lead them from three different brokers, so every broker's
+/// port is used); returns how many were acknowledged.
+pub fn produce_acked(bootstrap: &str, topic: &str, n: usize) -> usize {
+    let producer: BaseProducer<Acked> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("log_level", "3")
+        .set("message.timeout.ms", "20000")
+        .create_with_context(Acked::default())
+        .expect("creating the producer");
+    for i in 0..n {
+        let value = format!("m{i}");
+        let record = BaseRecord::<(), _>::to(topic)
+            .partition((i % 3) as i32)
+            .payload(&value);
+        producer
+            .send(record)
+            .map_err(|(e, _)| e)
+            .expect("queueing a message");
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).expect("flushing");
+    producer
+        .context()
+        .0
+        .load(std::sync::atomic::Ordering::SeqCst)
 }

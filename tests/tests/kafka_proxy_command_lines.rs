@@ -5,52 +5,14 @@
 
 use std::{
     process::{Command, Stdio},
-    sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
-use kpsc_tests::{Kpscd, MockCluster, eventually, free_port_base, kpscd_bin};
+use kpsc_tests::{Kpscd, MockCluster, eventually, free_port_base, kpscd_bin, produce_acked};
 use rdkafka::{
-    ClientConfig, ClientContext,
-    producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext},
+    ClientConfig,
+    producer::{BaseProducer, Producer as _},
 };
-
-/// Counts the messages the brokers acknowledged (flush alone returns Ok for messages
-/// that timed out).
-#[derive(Default)]
-struct Acked(AtomicUsize);
-
-impl ClientContext for Acked {}
-impl ProducerContext for Acked {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if result.is_ok() {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-}
-
-/// Produces `n` messages through `bootstrap` to a 3-partition topic led by all three
-/// brokers; returns how many were acknowledged.
-fn produce(bootstrap: &str, n: usize) -> usize {
-    let producer: BaseProducer<Acked> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("acks", "all")
-        .set("log_level", "3")
-        .set("message.timeout.ms", "20000")
-        .create_with_context(Acked::default())
-        .unwrap();
-    for i in 0..n {
-        let value = format!("m{i}");
-        let record = BaseRecord::<(), _>::to("t")
-            .partition((i % 3) as i32)
-            .payload(&value);
-        producer.send(record).map_err(|(e, _)| e).unwrap();
-        producer.poll(Duration::ZERO);
-    }
-    producer.flush(Duration::from_secs(30)).unwrap();
-    producer.context().0.load(Ordering::SeqCst)
-}
 
 fn cluster() -> MockCluster {
     let cluster = MockCluster::new(3).unwrap();
@@ -94,7 +56,10 @@ fn all_static_mapping_with_dial_address_mapping_starts_and_refuses_a_new_broker(
         .filter_map(|row| row["node_id"].as_i64())
         .collect();
     assert_eq!(node_ids.len(), 3, "{maps}");
-    assert_eq!(produce(&format!("127.0.1.1:{}", base + 1), 300), 300);
+    assert_eq!(
+        produce_acked(&format!("127.0.1.1:{}", base + 1), "t", 300),
+        300
+    );
 
     cluster.add_broker(4).unwrap();
     eventually(Duration::from_secs(10), || {
@@ -179,7 +144,10 @@ fn broker_id_offset_keeps_the_port_range_tight() {
             (3, format!("0.0.0.0:{}", base + 1))
         ]
     );
-    assert_eq!(produce(&format!("127.0.1.1:{}", base + 20), 30), 30);
+    assert_eq!(
+        produce_acked(&format!("127.0.1.1:{}", base + 20), "t", 30),
+        30
+    );
     drop(kpscd);
 
     let out = Command::new(kpscd_bin())

@@ -71,12 +71,16 @@ fn admin_maps(admin: &str, json: bool) -> anyhow::Result<String> {
         .timeout_global(Some(Duration::from_secs(5)))
         .build()
         .into();
-    let body = agent
-        .get(&url)
-        .call()
-        .with_context(|| {
+    let mut response = match agent.get(&url).call() {
+        Err(ureq::Error::StatusCode(404)) => anyhow::bail!(
+            "kpscd at {admin} does not serve {MAPS_PATH}: it was started with \
+             --http-maps-listen-address (pass that address with --admin) or --http-maps-disable"
+        ),
+        other => other.with_context(|| {
             format!("cannot reach kpscd at {url} (is it running? --admin sets the address)")
-        })?
+        })?,
+    };
+    let body = response
         .body_mut()
         .read_to_string()
         .context("reading the port map")?;

@@ -47,6 +47,17 @@ pub struct CommonArgs {
     #[arg(long = "http-metrics-path", value_name = "PATH")]
     pub http_metrics_path: Option<String>,
 
+    /// Serve `/maps` (the port map with the real broker addresses) on this address only,
+    /// e.g. `127.0.0.1:9079`, instead of beside `/metrics` and `/ready`: whoever reaches
+    /// the main admin port then cannot read the brokers' addresses.
+    #[arg(long = "http-maps-listen-address", value_name = "ADDR")]
+    pub http_maps_listen_address: Option<String>,
+
+    /// Do not serve `/maps` at all (`kpscctl maps` then works only for portmap, from the
+    /// pinned kernel maps).
+    #[arg(long = "http-maps-disable", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub http_maps_disable: Option<bool>,
+
     /// Path of the liveness endpoint.
     #[arg(long = "http-health-path", value_name = "PATH")]
     pub http_health_path: Option<String>,
@@ -78,6 +89,19 @@ pub struct HttpConfig {
     pub listen: Option<String>,
     pub metrics_path: String,
     pub health_path: String,
+    pub maps: MapsEndpoint,
+}
+
+/// Where `/maps` is served: it names the real brokers, which an operator may not want
+/// readable by everyone who reaches the health check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapsEndpoint {
+    /// Beside `/metrics` and `/ready` (the default, as before).
+    Admin,
+    /// On its own listener (`--http-maps-listen-address`).
+    Separate(String),
+    /// Nowhere (`--http-maps-disable`).
+    Disabled,
 }
 
 /// The common settings, validated.
@@ -145,6 +169,30 @@ impl CommonSettings {
                 ));
             }
         }
+        let maps_disable = pick(flags.http_maps_disable, file.http_maps_disable).unwrap_or(false);
+        let maps_listen = pick(
+            flags.http_maps_listen_address,
+            file.http_maps_listen_address,
+        );
+        let maps = match (maps_disable, maps_listen) {
+            (true, Some(_)) => {
+                return Err(ConfigError::new(
+                    "--http-maps-listen-address",
+                    "/maps cannot be served on its own address and disabled (--http-maps-disable): drop one of the two",
+                ));
+            }
+            (true, None) => MapsEndpoint::Disabled,
+            (false, Some(addr)) if addr == http_listen && !http_disable => {
+                return Err(ConfigError::new(
+                    "--http-maps-listen-address",
+                    format!(
+                        "{addr} is the admin endpoint's own address (--http-listen-address); pick another one"
+                    ),
+                ));
+            }
+            (false, Some(addr)) => MapsEndpoint::Separate(addr),
+            (false, None) => MapsEndpoint::Admin,
+        };
         Ok(Self {
             static_mappings,
             metadata_refresh_interval,
@@ -153,6 +201,11 @@ impl CommonSettings {
                 listen: (!http_disable).then_some(http_listen),
                 metrics_path,
                 health_path,
+                maps: if http_disable && maps == MapsEndpoint::Admin {
+                    MapsEndpoint::Disabled
+                } else {
+                    maps
+                },
             },
             log: LogConfig {
                 format: pick(flags.log_format, file.log_format).unwrap_or_default(),

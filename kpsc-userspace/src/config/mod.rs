@@ -12,5 +12,6 @@ pub mod kafka_proxy;
 pub mod listener;
 pub mod portmap;
 pub mod proxy;
+pub mod run_as;
 pub mod tls;
 pub mod values;

@@ -11,6 +11,7 @@ use crate::{
         error::ConfigError,
         file::{self, pick, pick_list},
         listener::{AccessConfig, ListenerArgs},
+        run_as::{RunAs, RunAsArgs},
         values::{ByteSize, HumanDuration},
     },
     mapping::{
@@ -128,6 +129,10 @@ pub struct ProxyArgs {
     #[serde(flatten)]
     pub listener: ListenerArgs,
 
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run_as: RunAsArgs,
+
     /// Broker reached under another address: `broker_host:port,dial_host:port` (what
     /// the broker advertises, where kpscd connects). Repeatable.
     #[arg(long = "dial-address-mapping", value_name = "MAPPING")]
@@ -186,6 +191,8 @@ pub struct ProxyConfig {
     pub max_in_flight: usize,
     pub rewrite_memory_budget: u64,
     pub shutdown_timeout: Duration,
+    /// Who to become once the listeners are bound (`--user`/`--group`).
+    pub run_as: Option<RunAs>,
 }
 
 /// Memory rewriting one response takes, per byte of the response: the frame as received
@@ -209,6 +216,19 @@ impl ProxyConfig {
         let common = CommonSettings::resolve(flags.common, file.common)?;
         let port_map = resolve_port_map(&common, flags.dynamic, file.dynamic)?;
         let access = AccessConfig::resolve(flags.listener, file.listener)?;
+        let run_as = RunAs::resolve(flags.run_as, file.run_as)?;
+        if let (Some(run_as), Some(min_port)) = (&run_as, port_map.dynamic.min_port())
+            && min_port < 1024
+        {
+            return Err(ConfigError::new(
+                "--dynamic-sequential-min-port",
+                format!(
+                    "{min_port}: dynamic listeners are bound after kpscd became --user {}, \
+                     which cannot bind ports below 1024; start them at 1024 or above",
+                    run_as.user
+                ),
+            ));
+        }
         let dial = DialMap::parse(&pick_list(
             flags.dial_address_mapping,
             file.dial_address_mapping,
@@ -257,6 +277,7 @@ impl ProxyConfig {
             max_in_flight,
             shutdown_timeout: pick(flags.shutdown_timeout, file.shutdown_timeout)
                 .map_or(Duration::from_secs(10), |d| d.0),
+            run_as,
         })
     }
 }

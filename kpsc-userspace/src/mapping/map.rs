@@ -35,6 +35,18 @@ pub enum DynamicPorts {
     },
 }
 
+impl DynamicPorts {
+    /// The first port dynamic listeners may take; None when there are none.
+    pub fn min_port(&self) -> Option<u16> {
+        match self {
+            Self::Disabled => None,
+            Self::Deterministic { min_port, .. } | Self::Sequential { min_port, .. } => {
+                Some(*min_port)
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct PortMapConfig {
     pub static_mappings: Vec<StaticMapping>,

@@ -4,18 +4,6 @@
 /// Exit code when privileges are missing.
 pub const EXIT_PRIVILEGE: u8 = 4;
 
-/// Effective capabilities of this process (from /proc/self/status).
-fn effective_caps() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .unwrap_or(0)
-}
-
 /// What portmap needs, as operators grant it (systemd's names).
 pub const NEEDED: &str = "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or root)";
 
@@ -28,7 +16,7 @@ pub fn missing_capabilities() -> Vec<&'static str> {
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
-    let caps = effective_caps();
+    let caps = crate::privilege::effective_caps();
     let has = |c: u32| caps & (1 << c) != 0;
     let mut missing = Vec::new();
     if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {

@@ -30,6 +30,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin,
     config::{error::EXIT_CONFIG, proxy::ProxyConfig},
+    privilege,
     proxy::{listeners::Accepted, state::ProxyState},
     shutdown::StopSignals,
 };
@@ -54,6 +55,13 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
         state.shutdown.clone(),
     )
     .await?;
+    // Everything that may need root is bound: from here on kpscd needs no privilege.
+    match &state.config.run_as {
+        Some(run_as) => privilege::drop_root(run_as)?,
+        None => privilege::warn_if_root(
+            "kpscd proxy needs no privilege once its listeners are bound (none at all for ports above 1023)",
+        ),
+    }
     state.tasks.spawn(dispatch(incoming, Arc::clone(&state)));
 
     // First metadata: port-map conflicts found here are configuration errors.
