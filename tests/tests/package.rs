@@ -295,6 +295,7 @@ fn proxy_unit_verifies_and_starts_unprivileged_against_a_real_broker() {
     let cluster = MockCluster::new(3).unwrap();
     let base = free_port_base(20);
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port_base(1)).parse().unwrap();
+    let maps: SocketAddr = format!("127.0.0.1:{}", free_port_base(1)).parse().unwrap();
     let example = std::fs::read_to_string(root.file("/etc/kpsc/proxy-example.toml")).unwrap();
     let config = configure(
         &example,
@@ -308,6 +309,7 @@ fn proxy_unit_verifies_and_starts_unprivileged_against_a_real_broker() {
                 "127.0.1.<broker_id>".into(),
             ),
             ("0.0.0.0:9080", admin.to_string()),
+            ("127.0.0.1:9079", maps.to_string()),
             (
                 "# shutdown_grace = \"5s\"",
                 "shutdown_grace = \"1s\"".into(),
@@ -351,11 +353,13 @@ fn proxy_unit_verifies_and_starts_unprivileged_against_a_real_broker() {
         )
         .unwrap();
     assert_eq!(metadata.brokers.len(), 3);
-    let maps = root.run(
+    // The example serves /maps on loopback only, not beside /ready.
+    assert_eq!(http_get(admin, "/maps").unwrap().0, 404);
+    let table = root.run(
         root.file("/usr/bin/kpscctl").to_str().unwrap(),
-        &["maps", "--admin", &admin.to_string()],
+        &["maps", "--admin", &maps.to_string()],
     );
-    assert!(maps.contains(&format!("0.0.0.0:{base}")), "{maps}");
+    assert!(table.contains(&format!("0.0.0.0:{base}")), "{table}");
     assert_eq!(service.stop(&unit, "/usr/bin/kpscd"), 0);
 }
 
