@@ -11,7 +11,13 @@ pub const MAX_MAPPED_PORTS: u32 = 4096;
 /// Names of the portmap program and its maps (pinned under `/sys/fs/bpf/kpsc/<instance>/`),
 /// and the capacities that bound its state.
 pub mod portmap {
+    /// The TC program (always attached).
     pub const PROGRAM: &str = "kpsc_portmap";
+    /// The XDP program (`--attach xdp`), in front of the TC one.
+    pub const XDP_PROGRAM: &str = "kpsc_portmap_xdp";
+    /// Interfaces XDP may redirect to (DEVMAP_HASH, not pinned: rebuilt at each start).
+    pub const DEVICES_MAP: &str = "PORTMAP_DEVICES";
+    pub const MAX_DEVICES: u32 = 64;
     pub const TARGETS_MAP: &str = "PORTMAP_TARGETS";
     pub const FLOWS_MAP: &str = "PORTMAP_FLOWS";
     pub const REPLIES_MAP: &str = "PORTMAP_REPLIES";
@@ -20,6 +26,9 @@ pub mod portmap {
     pub const SOURCES_MAP: &str = "PORTMAP_SOURCES";
     pub const CONFIG_MAP: &str = "PORTMAP_CONFIG";
     pub const STATS_MAP: &str = "PORTMAP_STATS";
+    pub const ALLOW_MAP: &str = "PORTMAP_ALLOW";
+    /// Networks `--allow-source` may list (LPM trie capacity).
+    pub const MAX_ALLOW_SOURCES: u32 = 1_024;
     /// Established flows (plain hash, never evicted): at capacity new connections are
     /// refused, open ones keep working.
     pub const MAX_FLOWS: u32 = 65_536;
@@ -256,10 +265,12 @@ pub struct PortmapStats {
     pub drop_handshake: u64,
     /// Lost an insert race with another CPU and found no usable entry on re-lookup.
     pub drop_race: u64,
+    /// SYNs from a source outside every `--allow-source` network.
+    pub drop_source_denied: u64,
 }
 
 /// Number of u64 counters in PortmapStats.
-const STATS_FIELDS: usize = 14;
+const STATS_FIELDS: usize = 15;
 
 // Per-CPU map value read by userspace: u64 counters, no holes, same order both sides.
 const _: () = {
@@ -271,6 +282,7 @@ const _: () = {
     assert!(offset_of!(PortmapStats, drop_rewrite) == 64);
     assert!(offset_of!(PortmapStats, embryos) == 72);
     assert!(offset_of!(PortmapStats, drop_race) == 104);
+    assert!(offset_of!(PortmapStats, drop_source_denied) == 112);
 };
 
 impl PortmapStats {
@@ -290,6 +302,7 @@ impl PortmapStats {
             self.drop_table_full,
             self.drop_handshake,
             self.drop_race,
+            self.drop_source_denied,
         ]
     }
 
@@ -309,6 +322,7 @@ impl PortmapStats {
             drop_table_full,
             drop_handshake,
             drop_race,
+            drop_source_denied,
         ] = f;
         Self {
             packets_in,
@@ -325,6 +339,7 @@ impl PortmapStats {
             drop_table_full,
             drop_handshake,
             drop_race,
+            drop_source_denied,
         }
     }
 
@@ -344,7 +359,7 @@ impl PortmapStats {
     }
 
     /// Every drop counter with its reason's name, as metrics and `kpscctl` show them.
-    pub fn drops(&self) -> [(&'static str, u64); 8] {
+    pub fn drops(&self) -> [(&'static str, u64); 9] {
         [
             ("no_flow", self.drop_no_flow),
             ("no_port", self.drop_no_port),
@@ -354,6 +369,7 @@ impl PortmapStats {
             ("table_full", self.drop_table_full),
             ("handshake", self.drop_handshake),
             ("race", self.drop_race),
+            ("source_denied", self.drop_source_denied),
         ]
     }
 }

@@ -1,18 +1,31 @@
 //! kpsc's kernel programs.
 //!
-//! `kpsc_portmap` (module `portmap`) is the portmap data plane: per-port DNAT/SNAT to the
-//! brokers on TC ingress. `packet` parses the headers it needs.
+//! The portmap data plane (per-port DNAT/SNAT to the brokers) is `portmap`, run by two
+//! thin entry points: `kpsc_portmap` on TC ingress (`tc`) and `kpsc_portmap_xdp` in XDP
+//! (`xdp`), which hands TC what it cannot finish. `frame` is what the logic needs from
+//! either; `packet` parses the headers.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
+mod frame;
 mod packet;
 mod portmap;
+mod tc;
+mod xdp;
 
 #[classifier]
 pub fn kpsc_portmap(ctx: TcContext) -> i32 {
     portmap::run(&ctx)
+}
+
+#[xdp]
+pub fn kpsc_portmap_xdp(ctx: XdpContext) -> u32 {
+    portmap::run(&ctx) as u32
 }
 
 #[cfg(not(test))]

@@ -1,4 +1,7 @@
-//! `kpsc_portmap`: per-port DNAT/SNAT to the brokers, in the kernel (TC ingress).
+//! The portmap logic: per-port DNAT/SNAT to the brokers, in the kernel. It runs on TC
+//! ingress (`kpsc_portmap`, module `tc`) and, with `--attach xdp`, first in XDP
+//! (`kpsc_portmap_xdp`, module `xdp`), which passes up to TC whatever it cannot send
+//! itself; both run this same code through the `Frame` trait, on the same maps.
 //!
 //! A TCP packet to `<node>:<mapped port>` is rewritten to `<snat ip>:<port'> ->
 //! <broker>:<broker port>` and redirected towards the broker; the broker's replies, which
@@ -35,21 +38,14 @@
 //! its tuple back and uses the winner's (re-lookup). The kernel checks and inserts under the
 //! bucket lock, so two CPUs cannot both win an insert.
 //!
-//! Also:
-//! - checksums are updated incrementally with the kernel's helpers (they also handle
-//!   CHECKSUM_PARTIAL packets from a local stack);
-//! - packets go out with `bpf_fib_lookup` + `bpf_redirect` (or `bpf_redirect_neigh` when
-//!   the neighbour is not resolved yet), bypassing the input path, which would drop a
-//!   forwarded packet whose new source is the node's own address.
+//! A packet XDP passes up after changing flow state (it changes state, then finds it
+//! cannot send) meets that state in TC: a SYN finds its half-open flow, an ACK its
+//! established one, and is translated the same way; counters are bumped only when a packet
+//! is sent, so nothing counts twice.
 //!
 //! Memory and concurrency (what the `SAFETY` comments below rely on):
-//! - No pointer into packet data is ever held. Headers are copied out with
-//!   `bpf_skb_load_bytes` (`TcContext::load`) and every write is a helper
-//!   (`bpf_skb_store_bytes`, `bpf_l3/l4_csum_replace`) that checks its offset at run time.
-//!   Those helpers may unclone or reallocate the packet, which would invalidate direct
-//!   packet pointers; with none held, the verifier needs no `data_end` checks. The offsets
-//!   stay valid across them: nothing here changes the packet's length or header layout.
-//!   The copied `ip`/`tcp` headers describe the packet as it arrived.
+//! - Packet access is the program type's (`tc`, `xdp`); the copied `ip`/`tcp` headers
+//!   describe the packet as it arrived.
 //! - The maps are shared by every CPU and by userspace, and preallocated (hash maps without
 //!   `BPF_F_NO_PREALLOC`; LRU maps always), so an element that is deleted (userspace
 //!   cleanup, promotion, reload) or evicted (LRU) can be reused for another key at once,
@@ -60,30 +56,28 @@
 //!   races a reuse lands on the new owner: at worst a wrong bit or timestamp on an entry
 //!   that was being deleted anyway (userspace deletes only flows closed for a minute or
 //!   idle for long; promotion deletes half-open entries it owns).
-//! - PORTMAP_STATS is per-CPU: a lookup returns this CPU's copy. TC programs run with
+//! - PORTMAP_STATS is per-CPU: a lookup returns this CPU's copy. TC and XDP programs run with
 //!   bottom halves disabled and cannot migrate, so no other run of the program writes that
 //!   copy while this one does; the increments are plain, not atomic. Userspace reads every
 //!   CPU's copy, each `u64` whole, and is assumed not to delete or overwrite an entry while
 //!   the program is attached (it only creates missing ones).
 
+use crate::frame::{Frame, Route};
 use aya_ebpf::{
-    bindings::{
-        BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
-        TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
-    },
-    helpers::generated::{
-        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
-    },
+    bindings::BPF_NOEXIST,
+    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
-    programs::TcContext,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
 };
 use kpsc_common::{
     Embryo, FlowKey, FlowNat, MAX_MAPPED_PORTS, PortTarget, PortmapConfig, PortmapStats,
     SourceBudget,
-    portmap::{EMBRYO_TTL_NS, MAX_EMBRYOS, MAX_FLOWS, MAX_SOURCES, PORT_ATTEMPTS, SNAT_PORT_FIRST},
+    portmap::{
+        EMBRYO_TTL_NS, MAX_ALLOW_SOURCES, MAX_EMBRYOS, MAX_FLOWS, MAX_SOURCES, PORT_ATTEMPTS,
+        SNAT_PORT_FIRST,
+    },
 };
-use network_types::{eth::EthHdr, tcp::TcpHdr};
+use network_types::tcp::TcpHdr;
 
 /// listen port (host order) -> where it goes. Filled by userspace.
 #[map(name = "PORTMAP_TARGETS")]
@@ -110,6 +104,11 @@ static EMBRYO_REPLIES: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(MAX_EMB
 #[map(name = "PORTMAP_SOURCES")]
 static SOURCES: LruHashMap<u32, SourceBudget> = LruHashMap::pinned(MAX_SOURCES, 0);
 
+/// `--allow-source` networks (network byte order, as in the packet) -> 1. Userspace puts
+/// 0.0.0.0/0 here when the list is empty, so an empty trie allows nobody.
+#[map(name = "PORTMAP_ALLOW")]
+static ALLOW: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_ALLOW_SOURCES, 0);
+
 /// Settings from userspace (entry 0).
 #[map(name = "PORTMAP_CONFIG")]
 static CONFIG: Array<PortmapConfig> = Array::pinned(1, 0);
@@ -118,10 +117,6 @@ static CONFIG: Array<PortmapConfig> = Array::pinned(1, 0);
 #[map(name = "PORTMAP_STATS")]
 static STATS: PerCpuHashMap<u32, PortmapStats> = PerCpuHashMap::pinned(MAX_MAPPED_PORTS, 0);
 
-const AF_INET: u8 = 2;
-const IP_CSUM_OFF: usize = EthHdr::LEN + 10;
-const IP_SRC_OFF: usize = EthHdr::LEN + 12;
-const IP_DST_OFF: usize = EthHdr::LEN + 16;
 const EEXIST: i32 = 17;
 const SECOND_NS: u64 = 1_000_000_000;
 
@@ -136,6 +131,7 @@ enum DropReason {
     TableFull,
     Handshake,
     Race,
+    SourceDenied,
 }
 
 /// This CPU's counters for `port`, if userspace created the entry.
@@ -152,7 +148,7 @@ fn stats(port: u16) -> Option<&'static mut PortmapStats> {
 }
 
 #[inline(always)]
-fn count_drop(port: u16, why: DropReason) -> i32 {
+fn count_drop<C: Frame>(port: u16, why: DropReason) -> i32 {
     if let Some(s) = stats(port) {
         match why {
             DropReason::NoFlow => s.drop_no_flow += 1,
@@ -163,15 +159,16 @@ fn count_drop(port: u16, why: DropReason) -> i32 {
             DropReason::TableFull => s.drop_table_full += 1,
             DropReason::Handshake => s.drop_handshake += 1,
             DropReason::Race => s.drop_race += 1,
+            DropReason::SourceDenied => s.drop_source_denied += 1,
         }
     }
-    TC_ACT_SHOT as i32
+    C::DROP
 }
 
-pub fn run(ctx: &TcContext) -> i32 {
+pub fn run<C: Frame>(ctx: &C) -> i32 {
     match classify(ctx) {
         Some(action) => action,
-        None => TC_ACT_OK as i32,
+        None => C::PASS,
     }
 }
 
@@ -200,8 +197,8 @@ impl Packet {
 
 /// None: not ours, pass. Some(action): translated (redirect) or dropped.
 #[inline(always)]
-fn classify(ctx: &TcContext) -> Option<i32> {
-    let crate::packet::Ipv4Tcp { ip, tcp, l4 } = crate::packet::ipv4_tcp(ctx)?;
+fn classify<C: Frame>(ctx: &C) -> Option<i32> {
+    let crate::packet::Ipv4Tcp { ip, tcp, l4 } = ctx.headers()?;
     let pkt = Packet {
         seen: FlowKey {
             src_ip: u32::from_ne_bytes(ip.src_addr),
@@ -269,7 +266,12 @@ fn classify(ctx: &TcContext) -> Option<i32> {
     // Only a SYN opens a flow; anything else for an unknown flow is dropped rather than
     // handed to a stack that has no such connection.
     if !pkt.syn_only() {
-        return Some(count_drop(listen_port, DropReason::NoFlow));
+        return Some(count_drop::<C>(listen_port, DropReason::NoFlow));
+    }
+    // `--allow-source`: checked before any state exists for the SYN. Known flows (above)
+    // are not checked again, so a reload that narrows the list ends no open connection.
+    if ALLOW.get(Key::new(32, seen.src_ip)).is_none() {
+        return Some(count_drop::<C>(listen_port, DropReason::SourceDenied));
     }
     Some(open_embryo(ctx, &pkt, &target))
 }
@@ -325,7 +327,7 @@ unsafe fn touch(p: *mut FlowNat, other: Option<*mut FlowNat>, now: u64, tcp: &Tc
 /// A client packet of a half-open flow. None: the flow is stale and was forgotten (the
 /// caller opens a fresh one for this SYN).
 #[inline(always)]
-fn embryo_from_client(ctx: &TcContext, pkt: &Packet, embryo: &Embryo) -> Option<i32> {
+fn embryo_from_client<C: Frame>(ctx: &C, pkt: &Packet, embryo: &Embryo) -> Option<i32> {
     let listen_port = pkt.listen_port();
     let reply_key = embryo.translated.reversed();
     let fresh = pkt.now.wrapping_sub(embryo.created_ns) <= EMBRYO_TTL_NS;
@@ -356,7 +358,7 @@ fn embryo_from_client(ctx: &TcContext, pkt: &Packet, embryo: &Embryo) -> Option<
         // Its tuple went to another flow: completing this one would take that flow's
         // reply side. The client retries with a new SYN.
         let _ = EMBRYOS.remove(pkt.seen);
-        return Some(count_drop(listen_port, DropReason::Race));
+        return Some(count_drop::<C>(listen_port, DropReason::Race));
     }
     // Only the ACK of the broker's SYN-ACK completes the handshake: a spoofed source never
     // saw that SYN-ACK, so it cannot fill the established table.
@@ -365,11 +367,11 @@ fn embryo_from_client(ctx: &TcContext, pkt: &Packet, embryo: &Embryo) -> Option<
         || !fresh
         || u32::from_be_bytes(pkt.tcp.ack_seq) != embryo.expect_ack
     {
-        return Some(count_drop(listen_port, DropReason::Handshake));
+        return Some(count_drop::<C>(listen_port, DropReason::Handshake));
     }
     match promote(&pkt.seen, embryo, pkt) {
         Ok(()) => Some(to_broker(ctx, pkt, &embryo.translated)),
-        Err(why) => Some(count_drop(listen_port, why)),
+        Err(why) => Some(count_drop::<C>(listen_port, why)),
     }
 }
 
@@ -382,7 +384,7 @@ fn forget_embryo(client: &FlowKey, reply_key: &FlowKey) {
 /// A broker packet of a half-open flow: the SYN-ACK (recorded for the client's ACK) or a
 /// RST (the broker refused: forgotten).
 #[inline(always)]
-fn embryo_from_broker(ctx: &TcContext, pkt: &Packet, back: &FlowNat) -> i32 {
+fn embryo_from_broker<C: Frame>(ctx: &C, pkt: &Packet, back: &FlowNat) -> i32 {
     let client = back.translated.reversed();
     if let Some(p) = EMBRYOS.get_ptr_mut(client) {
         // SAFETY: a non-null, aligned pointer to an LRU value; the tuple is checked first so
@@ -458,11 +460,11 @@ fn promote(client: &FlowKey, embryo: &Embryo, pkt: &Packet) -> Result<(), DropRe
 /// A client's SYN for a mapped port: a half-open flow with a tuple of its own, within the
 /// source's budget.
 #[inline(always)]
-fn open_embryo(ctx: &TcContext, pkt: &Packet, target: &PortTarget) -> i32 {
+fn open_embryo<C: Frame>(ctx: &C, pkt: &Packet, target: &PortTarget) -> i32 {
     let listen_port = pkt.listen_port();
     let config = CONFIG.get(0).copied().unwrap_or_default();
     if !within_budget(pkt.seen.src_ip, pkt.now, config.syn_rate_per_source) {
-        return count_drop(listen_port, DropReason::SourceLimit);
+        return count_drop::<C>(listen_port, DropReason::SourceLimit);
     }
     let back = FlowNat {
         translated: pkt.seen.reversed(),
@@ -474,7 +476,7 @@ fn open_embryo(ctx: &TcContext, pkt: &Packet, target: &PortTarget) -> i32 {
         closed_ns: 0,
     };
     let Some(translated) = claim_tuple(target, &back, &config) else {
-        return count_drop(listen_port, DropReason::NoPort);
+        return count_drop::<C>(listen_port, DropReason::NoPort);
     };
     let embryo = Embryo {
         translated,
@@ -497,7 +499,7 @@ fn open_embryo(ctx: &TcContext, pkt: &Packet, target: &PortTarget) -> i32 {
             // SAFETY: copied at once (module doc).
             match unsafe { EMBRYOS.get(pkt.seen) }.copied() {
                 Some(winner) => winner.translated,
-                None => return count_drop(listen_port, DropReason::Race),
+                None => return count_drop::<C>(listen_port, DropReason::Race),
             }
         }
     };
@@ -593,122 +595,53 @@ fn claim_tuple(target: &PortTarget, back: &FlowNat, config: &PortmapConfig) -> O
     None
 }
 
+/// Client -> broker.
 #[inline(always)]
-fn to_broker(ctx: &TcContext, pkt: &Packet, translated: &FlowKey) -> i32 {
-    let listen_port = pkt.listen_port();
-    if rewrite(ctx, pkt.l4, &pkt.seen, translated).is_err() {
-        return count_drop(listen_port, DropReason::Rewrite);
-    }
-    if let Some(s) = stats(listen_port) {
-        s.packets_in += 1;
-        s.bytes_in += pkt.ip_len;
-    }
-    forward(ctx, translated, listen_port)
+fn to_broker<C: Frame>(ctx: &C, pkt: &Packet, translated: &FlowKey) -> i32 {
+    deliver(ctx, pkt, translated, pkt.listen_port(), true)
 }
 
+/// Broker -> client.
 #[inline(always)]
-fn to_client(ctx: &TcContext, pkt: &Packet, translated: &FlowKey) -> i32 {
-    let listen_port = u16::from_be(translated.src_port);
-    if rewrite(ctx, pkt.l4, &pkt.seen, translated).is_err() {
-        return count_drop(listen_port, DropReason::Rewrite);
-    }
-    if let Some(s) = stats(listen_port) {
-        s.packets_out += 1;
-        s.bytes_out += pkt.ip_len;
-    }
-    forward(ctx, translated, listen_port)
+fn to_client<C: Frame>(ctx: &C, pkt: &Packet, translated: &FlowKey) -> i32 {
+    deliver(
+        ctx,
+        pkt,
+        translated,
+        u16::from_be(translated.src_port),
+        false,
+    )
 }
 
-/// Rewrites addresses and ports from `old` to `new`, keeping IP and TCP checksums right.
-///
-/// Only helpers touch the packet (module doc), so `l4` and the `IP_*_OFF` offsets, checked
-/// when the headers were loaded, stay valid after each of them. Each checksum update takes
-/// the old and new values explicitly, so it does not matter that the field is stored after.
+/// Routes, rewrites, counts and sends a packet of a flow. The route comes first, so a
+/// program type that cannot send it (XDP) passes the packet up untouched.
 #[inline(always)]
-fn rewrite(ctx: &TcContext, l4: usize, old: &FlowKey, new: &FlowKey) -> Result<(), i64> {
-    let tcp_csum = l4 + 16;
-    let pseudo = u64::from(BPF_F_PSEUDO_HDR);
-    if old.src_ip != new.src_ip {
-        ctx.l4_csum_replace(
-            tcp_csum,
-            u64::from(old.src_ip),
-            u64::from(new.src_ip),
-            pseudo | 4,
-        )?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old.src_ip), u64::from(new.src_ip), 4)?;
-        ctx.store(IP_SRC_OFF, &new.src_ip, 0)?;
-    }
-    if old.dst_ip != new.dst_ip {
-        ctx.l4_csum_replace(
-            tcp_csum,
-            u64::from(old.dst_ip),
-            u64::from(new.dst_ip),
-            pseudo | 4,
-        )?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old.dst_ip), u64::from(new.dst_ip), 4)?;
-        ctx.store(IP_DST_OFF, &new.dst_ip, 0)?;
-    }
-    if old.src_port != new.src_port {
-        ctx.l4_csum_replace(
-            tcp_csum,
-            u64::from(old.src_port),
-            u64::from(new.src_port),
-            2,
-        )?;
-        ctx.store(l4, &new.src_port, 0)?;
-    }
-    if old.dst_port != new.dst_port {
-        ctx.l4_csum_replace(
-            tcp_csum,
-            u64::from(old.dst_port),
-            u64::from(new.dst_port),
-            2,
-        )?;
-        ctx.store(l4 + 2, &new.dst_port, 0)?;
-    }
-    Ok(())
-}
-
-/// Sends the rewritten packet out of the interface the route to its new destination uses.
-#[inline(always)]
-fn forward(ctx: &TcContext, to: &FlowKey, listen_port: u16) -> i32 {
-    // SAFETY: all-zero is a valid bpf_fib_lookup.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = 6;
-    params.sport = to.src_port;
-    params.dport = to.dst_port;
-    // tot_len 0: the kernel checks the skb against the egress MTU itself, which handles
-    // GSO packets (a non-zero tot_len of a GSO packet fails with FRAG_NEEDED).
-    params.__bindgen_anon_1.tot_len = 0;
-    // SAFETY: `ctx.skb.skb` is the program's context pointer, valid for the whole run; the
-    // verifier turns this constant-offset field load into a read of the real sk_buff.
-    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    params.__bindgen_anon_3.ipv4_src = to.src_ip;
-    params.__bindgen_anon_4.ipv4_dst = to.dst_ip;
-    // SAFETY: `params` is a fully initialised bpf_fib_lookup on our stack and its size is
-    // passed; the helper writes its result back into it. The first argument is the
-    // unmodified context pointer, as the verifier requires.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut params,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
+fn deliver<C: Frame>(
+    ctx: &C,
+    pkt: &Packet,
+    translated: &FlowKey,
+    listen_port: u16,
+    inbound: bool,
+) -> i32 {
+    let hop = match ctx.route(translated, pkt.ip_len as u16) {
+        Route::Send(hop) => hop,
+        Route::Pass => return C::PASS,
+        Route::NoRoute => return count_drop::<C>(listen_port, DropReason::NoRoute),
     };
-    if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        if ctx.store(0, &params.dmac, 0).is_err() || ctx.store(6, &params.smac, 0).is_err() {
-            return count_drop(listen_port, DropReason::Rewrite);
+    if ctx.rewrite(pkt.l4, &pkt.seen, translated).is_err() {
+        return count_drop::<C>(listen_port, DropReason::Rewrite);
+    }
+    if let Some(s) = stats(listen_port) {
+        if inbound {
+            s.packets_in += 1;
+            s.bytes_in += pkt.ip_len;
+        } else {
+            s.packets_out += 1;
+            s.bytes_out += pkt.ip_len;
         }
-        // SAFETY: helper without memory arguments; the redirect happens after we return.
-        return unsafe { bpf_redirect(params.ifindex, 0) } as i32;
     }
-    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
-        // The kernel resolves the neighbour and sends the packet when it can.
-        // SAFETY: null params with length 0 are allowed: the helper then looks up the next
-        // hop from the packet's own IP header.
-        return unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    match ctx.send(&hop) {
+        Ok(action) => action,
+        Err(_) => count_drop::<C>(listen_port, DropReason::Rewrite),
     }
-    count_drop(listen_port, DropReason::NoRoute)
 }

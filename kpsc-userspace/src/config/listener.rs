@@ -38,6 +38,28 @@ impl fmt::Display for ProxyProtocol {
     }
 }
 
+/// `--allow-source`, shared by proxy and portmap mode.
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct AllowSourceArgs {
+    /// Client addresses allowed to connect, e.g. `10.0.0.0/8` (proxy mode: the PROXY
+    /// header's source when there is one, else the TCP peer; portmap mode: the SYN's
+    /// source). Repeatable; none = everyone.
+    #[arg(long = "allow-source", value_name = "CIDR")]
+    pub allow_source: Vec<String>,
+}
+
+impl AllowSourceArgs {
+    /// The flag's networks (the command line's if given, else the file's).
+    pub fn resolve(flags: Self, file: Self) -> Result<Vec<IpNet>, ConfigError> {
+        pick_list(flags.allow_source, file.allow_source)
+            .iter()
+            .map(|text| parse_cidr(text))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::new("--allow-source", e))
+    }
+}
+
 #[derive(Args, Deserialize, Debug, Default, Clone)]
 #[serde(default)]
 pub struct ListenerArgs {
@@ -50,10 +72,9 @@ pub struct ListenerArgs {
     #[arg(long = "proxy-protocol-timeout", value_name = "DURATION")]
     pub proxy_protocol_timeout: Option<HumanDuration>,
 
-    /// Client addresses allowed to connect (the PROXY header's source when there is one,
-    /// else the TCP peer), e.g. `10.0.0.0/8`. Repeatable; none = everyone.
-    #[arg(long = "allow-source", value_name = "CIDR")]
-    pub allow_source: Vec<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub allow: AllowSourceArgs,
 
     /// Endpoint ids allowed to connect, matched against the PROXY v2 header's cloud TLV:
     /// a Google PSC connection id (decimal), an AWS VPC endpoint id (`vpce-...`) or an
@@ -124,11 +145,7 @@ impl AccessConfig {
                 "must be greater than zero",
             ));
         }
-        let allow_sources = pick_list(flags.allow_source, file.allow_source)
-            .iter()
-            .map(|text| parse_cidr(text))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ConfigError::new("--allow-source", e))?;
+        let allow_sources = AllowSourceArgs::resolve(flags.allow, file.allow)?;
         let allow_endpoint_ids: BTreeSet<String> =
             pick_list(flags.allow_endpoint_id, file.allow_endpoint_id)
                 .iter()
@@ -204,7 +221,9 @@ mod tests {
         AccessConfig::resolve(
             ListenerArgs {
                 proxy_protocol: protocol,
-                allow_source: sources.iter().map(|s| s.to_string()).collect(),
+                allow: AllowSourceArgs {
+                    allow_source: sources.iter().map(|s| s.to_string()).collect(),
+                },
                 allow_endpoint_id: ids.iter().map(|s| s.to_string()).collect(),
                 ..Default::default()
             },

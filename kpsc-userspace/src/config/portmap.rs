@@ -2,9 +2,10 @@
 //! advertise the endpoint's names, so metadata cannot reveal addresses to map dynamically,
 //! and the flags for dynamic listeners are not offered at all.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{fmt, net::SocketAddr, path::PathBuf};
 
 use clap::Args;
+use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 
 use crate::{
@@ -12,6 +13,7 @@ use crate::{
         common::{CommonArgs, CommonSettings},
         error::ConfigError,
         file::{self, pick, pick_list},
+        listener::AllowSourceArgs,
     },
     mapping::{
         addr::BrokerAddr,
@@ -21,6 +23,30 @@ use crate::{
 
 /// bpffs directory the maps are pinned under by default.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/kpsc";
+
+/// `--attach`: which kernel hook translates packets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// The choice the measurements in the README support for this node (logged at start).
+    #[default]
+    Auto,
+    /// TC ingress only: handles every packet, GSO and locally generated ones included.
+    Tc,
+    /// Native (driver) XDP in front of TC: XDP translates and redirects what it can, TC
+    /// the rest. Refused when an interface's driver has no native XDP.
+    Xdp,
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Tc => "tc",
+            Self::Xdp => "xdp",
+        })
+    }
+}
 
 /// Portmap-mode flags: the port map (static mappings only) plus where to attach.
 #[derive(Args, Deserialize, Debug, Default, Clone)]
@@ -48,6 +74,14 @@ pub struct PortmapArgs {
     /// keep this well above their combined connection rate. [default: 1000]
     #[arg(long = "syn-rate-per-source", value_name = "N")]
     pub syn_rate_per_source: Option<u32>,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub allow: AllowSourceArgs,
+
+    /// Kernel hook: `tc`, `xdp` (native XDP in front of TC) or `auto`. [default: auto]
+    #[arg(long = "attach", value_name = "MODE")]
+    pub attach: Option<AttachMode>,
 }
 
 /// One validated mapping: listen port -> broker, and what the broker should advertise.
@@ -68,6 +102,9 @@ pub struct PortmapConfig {
     pub instance: String,
     pub pin_root: PathBuf,
     pub syn_rate_per_source: u32,
+    /// SYNs from elsewhere are dropped in the kernel. Empty: every source.
+    pub allow_sources: Vec<Ipv4Net>,
+    pub attach: AttachMode,
 }
 
 impl PortmapConfig {
@@ -133,6 +170,27 @@ impl PortmapConfig {
         }
         let syn_rate_per_source = pick(flags.syn_rate_per_source, file.syn_rate_per_source)
             .unwrap_or(kpsc_common::portmap::DEFAULT_SYN_RATE_PER_SOURCE);
+        let allow_sources = AllowSourceArgs::resolve(flags.allow, file.allow)?
+            .into_iter()
+            .map(|net| match net {
+                IpNet::V4(v4) => Ok(v4),
+                IpNet::V6(v6) => Err(ConfigError::new(
+                    "--allow-source",
+                    format!("{v6}: portmap handles IPv4 only"),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let max = kpsc_common::portmap::MAX_ALLOW_SOURCES as usize;
+        if allow_sources.len() > max {
+            return Err(ConfigError::new(
+                "--allow-source",
+                format!(
+                    "{} networks given; portmap holds at most {max}",
+                    allow_sources.len()
+                ),
+            ));
+        }
+        let attach = pick(flags.attach, file.attach).unwrap_or_default();
         Ok(Self {
             args: original,
             common,
@@ -141,6 +199,8 @@ impl PortmapConfig {
             instance,
             pin_root,
             syn_rate_per_source,
+            allow_sources,
+            attach,
         })
     }
 }

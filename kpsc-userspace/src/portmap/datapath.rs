@@ -15,21 +15,28 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapType, PerCpuHashMap, PerCpuValues},
-    programs::{SchedClassifier, TcAttachType, tc},
+    maps::xdp::DevMapHash,
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapType, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
+    },
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
     util::nr_cpus,
 };
+use ipnet::Ipv4Net;
 use kpsc_common::{
     Embryo, FlowKey, FlowNat, PortTarget, PortmapConfig, PortmapStats, SourceBudget,
     portmap::{
-        CONFIG_MAP, EMBRYO_REPLIES_MAP, EMBRYOS_MAP, FLOWS_MAP, PROGRAM, REPLIES_MAP, SOURCES_MAP,
-        STATS_MAP, TARGETS_MAP,
+        ALLOW_MAP, CONFIG_MAP, DEVICES_MAP, EMBRYO_REPLIES_MAP, EMBRYOS_MAP, FLOWS_MAP, PROGRAM,
+        REPLIES_MAP, SOURCES_MAP, STATS_MAP, TARGETS_MAP, XDP_PROGRAM,
     },
 };
 use tracing::{info, warn};
 
 pub use crate::config::portmap::DEFAULT_PIN_ROOT;
-use crate::portmap::ebpf::{OBJECT, privilege_hint};
+use crate::portmap::{
+    ebpf::{OBJECT, privilege_hint},
+    hook::{Hook, driver},
+};
 
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -76,7 +83,7 @@ pub fn ensure_bpffs(pin_root: &Path) -> anyhow::Result<()> {
 }
 
 /// Names of every pinned map, for cleanup.
-const PINNED_MAPS: [&str; 8] = [
+const PINNED_MAPS: [&str; 9] = [
     TARGETS_MAP,
     FLOWS_MAP,
     REPLIES_MAP,
@@ -85,6 +92,7 @@ const PINNED_MAPS: [&str; 8] = [
     SOURCES_MAP,
     CONFIG_MAP,
     STATS_MAP,
+    ALLOW_MAP,
 ];
 
 fn remove_pins(dir: &Path) -> io::Result<()> {
@@ -131,6 +139,11 @@ fn pins_compatible(dir: &Path) -> bool {
             STATS_MAP,
             MapType::PerCpuHash,
             (size_of::<u32>(), size_of::<PortmapStats>()),
+        ),
+        (
+            ALLOW_MAP,
+            MapType::LpmTrie,
+            (size_of::<Key<u32>>(), size_of::<u8>()),
         ),
     ];
     // A pin missing while others exist (an older build had fewer maps): start afresh.
@@ -210,14 +223,74 @@ impl Datapath {
         &mut self,
         config: PortmapConfig,
         targets: &[(u16, PortTarget)],
+        allow: &[Ipv4Net],
     ) -> anyhow::Result<()> {
         let old = self.config()?;
+        let old_allow = self.allowed()?;
         self.set_config(config)?;
-        if let Err(e) = self.set_targets(targets) {
+        let applied = self
+            .set_allowed(allow)
+            .and_then(|()| self.set_targets(targets));
+        if let Err(e) = applied {
             if let Err(restore) = self.set_config(old) {
                 warn!(error = %format!("{restore:#}"), "restoring the previous settings failed too");
             }
+            if let Err(restore) = self.set_allowed(&old_allow) {
+                warn!(error = %format!("{restore:#}"), "restoring the previous --allow-source failed too");
+            }
             return Err(e);
+        }
+        Ok(())
+    }
+
+    fn allow_map(&mut self) -> anyhow::Result<LpmTrie<&mut MapData, u32, u8>> {
+        Ok(LpmTrie::try_from(
+            self.ebpf.map_mut(ALLOW_MAP).context("allow map missing")?,
+        )?)
+    }
+
+    /// The networks in PORTMAP_ALLOW.
+    fn allowed(&mut self) -> anyhow::Result<Vec<Ipv4Net>> {
+        self.allow_map()?
+            .keys()
+            .map(|k| {
+                let k = k.context("reading the kernel's --allow-source networks")?;
+                let addr = std::net::Ipv4Addr::from(k.data().to_ne_bytes());
+                Ipv4Net::new(addr, k.prefix_len() as u8).context("a bad prefix in the allow map")
+            })
+            .collect()
+    }
+
+    /// Makes PORTMAP_ALLOW exactly `allow` (0.0.0.0/0 when empty: everyone). New networks
+    /// go in before stale ones leave, so a source allowed before and after is never
+    /// refused in between.
+    fn set_allowed(&mut self, allow: &[Ipv4Net]) -> anyhow::Result<()> {
+        let everyone = [Ipv4Net::default()];
+        let wanted = if allow.is_empty() {
+            &everyone[..]
+        } else {
+            allow
+        };
+        let key = |net: &Ipv4Net| {
+            Key::new(
+                u32::from(net.prefix_len()),
+                u32::from_ne_bytes(net.network().octets()),
+            )
+        };
+        let stale: Vec<Ipv4Net> = self
+            .allowed()?
+            .into_iter()
+            .filter(|net| !wanted.contains(net))
+            .collect();
+        let mut map = self.allow_map()?;
+        for net in wanted {
+            map.insert(&key(net), 1, 0)
+                .with_context(|| format!("adding {net} to the kernel's --allow-source networks"))?;
+        }
+        for net in &stale {
+            map.remove(&key(net)).with_context(|| {
+                format!("removing {net} from the kernel's --allow-source networks")
+            })?;
         }
         Ok(())
     }
@@ -243,9 +316,22 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches to every interface: TC ingress always (it handles whatever XDP passes up),
+    /// then, for `Hook::Xdp`, native XDP in front of it, with the interfaces as the
+    /// redirect targets XDP may use.
+    pub fn attach(&mut self, interfaces: &[String], hook: Hook) -> anyhow::Result<()> {
+        for iface in interfaces {
+            self.attach_tc(iface)?;
+        }
+        if hook == Hook::Xdp {
+            self.attach_xdp(interfaces)?;
+        }
+        Ok(())
+    }
+
     /// Attaches to TC ingress of `iface` (tcx on kernels >= 6.6, clsact before), first
     /// removing a netlink attachment a killed earlier run may have left.
-    pub fn attach(&mut self, iface: &str) -> anyhow::Result<()> {
+    fn attach_tc(&mut self, iface: &str) -> anyhow::Result<()> {
         // tcx links die with their process; clsact filters do not. Best effort: absent
         // qdiscs or filters are the normal case.
         let _ = tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROGRAM);
@@ -266,6 +352,43 @@ impl Datapath {
             .with_context(|| format!("attaching {PROGRAM} to {iface} ingress"))?;
         info!(interface = iface, "attached {PROGRAM} to TC ingress");
         self.interfaces.push(iface.to_owned());
+        Ok(())
+    }
+
+    /// Native (driver mode) XDP on every interface, as bpf links: they die with the
+    /// process, so a SIGKILL leaves no XDP program behind. Generic (skb) XDP is never
+    /// used: it runs after the sk_buff exists and would only add a pass before TC.
+    fn attach_xdp(&mut self, interfaces: &[String]) -> anyhow::Result<()> {
+        let mut devices: DevMapHash<_> = DevMapHash::try_from(
+            self.ebpf
+                .map_mut(DEVICES_MAP)
+                .context("devices map missing")?,
+        )?;
+        for iface in interfaces {
+            let index = ifindex(iface)?;
+            devices
+                .insert(index, index, None, 0)
+                .with_context(|| format!("adding {iface} to the XDP redirect map"))?;
+        }
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(XDP_PROGRAM)
+            .with_context(|| format!("program {XDP_PROGRAM} missing from the object"))?
+            .try_into()?;
+        program
+            .load()
+            .map_err(|e| privilege_hint(e.into()))
+            .with_context(|| format!("the kernel refused {XDP_PROGRAM}"))?;
+        for iface in interfaces {
+            program.attach(iface, XdpMode::Driver).map_err(|e| {
+                anyhow::Error::new(e).context(format!(
+                    "--attach xdp: interface {iface} (driver {}) refused native XDP; \
+                     use --attach tc",
+                    driver(iface)
+                ))
+            })?;
+            info!(interface = iface, driver = %driver(iface), "attached {XDP_PROGRAM} (native XDP) in front of TC");
+        }
         Ok(())
     }
 
@@ -361,6 +484,16 @@ impl Datapath {
         remove_pins(&dir).with_context(|| format!("removing pins in {}", dir.display()))?;
         info!(pins = %dir.display(), "detached and unpinned");
         Ok(())
+    }
+}
+
+fn ifindex(iface: &str) -> anyhow::Result<u32> {
+    let name =
+        std::ffi::CString::new(iface).with_context(|| format!("interface name {iface:?}"))?;
+    // SAFETY: a NUL-terminated string that outlives the call.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(io::Error::last_os_error()).with_context(|| format!("no interface {iface}")),
+        index => Ok(index),
     }
 }
 

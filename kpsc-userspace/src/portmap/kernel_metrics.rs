@@ -28,31 +28,31 @@ pub fn render(out: &mut String, rows: &[(u16, String, PortmapStats)]) {
     family(
         out,
         "packets",
-        "Packets translated by the TC program, per port and direction",
+        "Packets translated by the kernel program, per port and direction",
         &|s| direction(s.packets_in, s.packets_out),
     );
     family(
         out,
         "bytes",
-        "IP bytes translated by the TC program, per port and direction",
+        "IP bytes translated by the kernel program, per port and direction",
         &|s| direction(s.bytes_in, s.bytes_out),
     );
     family(
         out,
         "flows",
-        "Flows established through the TC program (handshake completed), per port",
+        "Flows established through the kernel program (handshake completed), per port",
         &|s| vec![(String::new(), s.new_flows)],
     );
     family(
         out,
         "half_open_flows",
-        "Half-open flows opened by the TC program (SYNs given a translated tuple), per port",
+        "Half-open flows opened by the kernel program (SYNs given a translated tuple), per port",
         &|s| vec![(String::new(), s.embryos)],
     );
     family(
         out,
         "drops",
-        "Packets dropped by the TC program, per port and reason",
+        "Packets dropped by the kernel program (TC or XDP), per port and reason",
         &|s| {
             s.drops()
                 .iter()

@@ -6,6 +6,7 @@
 pub mod datapath;
 pub mod ebpf;
 pub mod flows;
+pub mod hook;
 pub mod kernel_metrics;
 pub mod privileges;
 pub mod probe;
@@ -21,7 +22,7 @@ use std::{
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, AdminView},
@@ -61,7 +62,10 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
     datapath.apply(
         program_config(config.syn_rate_per_source, &mapped_ports(&targets))?,
         &targets,
+        &config.allow_sources,
     )?;
+    let (hook, why) = hook::choose(config.attach);
+    info!(attach = hook.as_str(), reason = why, "kernel hook chosen");
     let shutdown = CancellationToken::new();
     let state = Arc::new(PortmapState {
         pins: RwLock::new(None),
@@ -80,9 +84,7 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
     .await;
     let result = async {
         let admin = admin?;
-        for iface in &config.interfaces {
-            datapath.attach(iface)?;
-        }
+        datapath.attach(&config.interfaces, hook)?;
         state.set_pins(Some(Arc::new(PinnedMaps::open(datapath.pin_dir())?)));
         state
             .attached
@@ -168,13 +170,18 @@ async fn reload(state: &Arc<PortmapState>, datapath: &mut Datapath) {
             return;
         }
     };
-    if let Err(e) = datapath.apply(settings, &targets) {
+    if config.attach != state.config.lock().expect("config lock").attach {
+        warn!("SIGHUP: --attach changes only with a restart; keeping the current hook");
+    }
+    if let Err(e) = datapath.apply(settings, &targets, &config.allow_sources) {
         error!(error = %format!("{e:#}"), "SIGHUP: the kernel refused the new settings or port map, keeping the old configuration");
         return;
     }
     info!(
         ports = targets.len(),
-        "SIGHUP: port map reloaded; established flows keep their brokers"
+        allow_sources = config.allow_sources.len(),
+        "SIGHUP: port map and --allow-source reloaded; established flows keep their brokers \
+         and are not checked against --allow-source again"
     );
     *state.config.lock().expect("config lock") = config;
     state.probe.lock().expect("probe lock").done = false;

@@ -1,0 +1,178 @@
+//! The portmap logic in XDP, in the driver's receive path before any sk_buff exists.
+//!
+//! It translates and sends only what it can finish here: an unfragmented IPv4 TCP packet
+//! whose route is resolved (`bpf_fib_lookup` success, within the egress MTU) and leaves
+//! through the interface it came in (XDP_TX) or another interface in PORTMAP_DEVICES
+//! (`bpf_redirect_map`). Everything else — non-TCP, fragments, an unresolved neighbour, an
+//! egress kpscd did not attach to — is passed up untouched, and the TC program on the same
+//! interface handles it as in `--attach tc`. The route is decided before the packet is
+//! rewritten, so a passed packet is exactly what arrived.
+//!
+//! Checksums are updated incrementally (RFC 1624) in the packet: XDP frames carry full
+//! checksums (from a wire, or from a veth peer with checksum offload off), never the
+//! CHECKSUM_PARTIAL of a local stack, which only TC can see and handle.
+//!
+//! Packet access is direct: every pointer is bounds-checked against `data_end` right
+//! before use (the verifier requires it), and none is kept across a helper call.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    },
+    helpers::generated::bpf_fib_lookup,
+    macros::map,
+    maps::DevMapHash,
+    programs::XdpContext,
+};
+use kpsc_common::{FlowKey, portmap::MAX_DEVICES};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
+
+use crate::{
+    frame::{Failed, Frame, Hop, Route, fib_params},
+    packet::{Ipv4Tcp, Load, MAX_L4},
+};
+
+/// ifindex -> the same interface: where XDP may redirect to (the interfaces kpscd
+/// attached to). Filled by userspace.
+#[map(name = "PORTMAP_DEVICES")]
+static DEVICES: DevMapHash = DevMapHash::with_max_entries(MAX_DEVICES, 0);
+
+/// A pointer to a `T` at `offset` in the frame, if the frame holds it whole.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+impl Load for XdpContext {
+    #[inline(always)]
+    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        // SAFETY: in bounds (checked just now); read_unaligned as frame data has no
+        // alignment guarantee.
+        ptr_at::<T>(self, offset).map(|p| unsafe { p.read_unaligned() })
+    }
+}
+
+/// One's complement sum folded to 16 bits.
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// RFC 1624 eqn. 3, `HC' = ~(~HC + ~m + m')`, for a 32-bit field. Checksum and field are
+/// read from the frame in the same (native) byte order; one's complement sums do not
+/// depend on it.
+#[inline(always)]
+fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
+    let sum = u32::from(!check)
+        + u32::from(!(old as u16))
+        + u32::from(!((old >> 16) as u16))
+        + u32::from(new as u16)
+        + u32::from((new >> 16) as u16);
+    !fold(sum)
+}
+
+#[inline(always)]
+fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
+    !fold(u32::from(!check) + u32::from(!old) + u32::from(new))
+}
+
+impl Frame for XdpContext {
+    const PASS: i32 = XDP_PASS as i32;
+    const DROP: i32 = XDP_DROP as i32;
+
+    #[inline(always)]
+    fn headers(&self) -> Option<Ipv4Tcp> {
+        crate::packet::ipv4_tcp(self)
+    }
+
+    #[inline(always)]
+    fn route(&self, to: &FlowKey, ip_len: u16) -> Route {
+        let ingress = self.ingress_ifindex() as u32;
+        // tot_len: XDP frames are never GSO, so the helper can check the egress MTU.
+        let mut params = fib_params(to, ingress, ip_len);
+        // SAFETY: as in TC: a fully initialised bpf_fib_lookup on our stack, its size, and
+        // the unmodified context pointer.
+        let rc = unsafe {
+            bpf_fib_lookup(
+                self.ctx as *mut _,
+                &mut params,
+                core::mem::size_of::<FibParams>() as i32,
+                0,
+            )
+        };
+        if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+            return Route::Pass;
+        }
+        if params.ifindex != ingress && DEVICES.get_ifindex(params.ifindex).is_none() {
+            return Route::Pass;
+        }
+        Route::Send(Hop {
+            ifindex: params.ifindex,
+            dmac: params.dmac,
+            smac: params.smac,
+            resolved: true,
+        })
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, l4: usize, old: &FlowKey, new: &FlowKey) -> Result<(), Failed> {
+        if l4 > MAX_L4 {
+            return Err(Failed);
+        }
+        let ip = ptr_at::<Ipv4Hdr>(self, EthHdr::LEN).ok_or(Failed)?;
+        let tcp = ptr_at::<TcpHdr>(self, l4).ok_or(Failed)?;
+        // SAFETY: both headers are inside the frame (checked just now); u16/u32 fields are
+        // accessed unaligned; nothing else touches this frame while the program runs.
+        unsafe {
+            let ip_check = core::ptr::addr_of_mut!((*ip).check) as *mut u16;
+            let tcp_check = core::ptr::addr_of_mut!((*tcp).check) as *mut u16;
+            let mut ipc = ip_check.read_unaligned();
+            let mut tcpc = tcp_check.read_unaligned();
+            if old.src_ip != new.src_ip {
+                ipc = csum_replace4(ipc, old.src_ip, new.src_ip);
+                tcpc = csum_replace4(tcpc, old.src_ip, new.src_ip);
+                (core::ptr::addr_of_mut!((*ip).src_addr) as *mut u32).write_unaligned(new.src_ip);
+            }
+            if old.dst_ip != new.dst_ip {
+                ipc = csum_replace4(ipc, old.dst_ip, new.dst_ip);
+                tcpc = csum_replace4(tcpc, old.dst_ip, new.dst_ip);
+                (core::ptr::addr_of_mut!((*ip).dst_addr) as *mut u32).write_unaligned(new.dst_ip);
+            }
+            if old.src_port != new.src_port {
+                tcpc = csum_replace2(tcpc, old.src_port, new.src_port);
+                (core::ptr::addr_of_mut!((*tcp).source) as *mut u16).write_unaligned(new.src_port);
+            }
+            if old.dst_port != new.dst_port {
+                tcpc = csum_replace2(tcpc, old.dst_port, new.dst_port);
+                (core::ptr::addr_of_mut!((*tcp).dest) as *mut u16).write_unaligned(new.dst_port);
+            }
+            ip_check.write_unaligned(ipc);
+            tcp_check.write_unaligned(tcpc);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn send(&self, hop: &Hop) -> Result<i32, Failed> {
+        let eth = ptr_at::<[u8; 12]>(self, 0).ok_or(Failed)?;
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&hop.dmac);
+        macs[6..].copy_from_slice(&hop.smac);
+        // SAFETY: the first 12 bytes are inside the frame (checked just now).
+        unsafe { eth.write_unaligned(macs) };
+        if hop.ifindex == self.ingress_ifindex() as u32 {
+            return Ok(XDP_TX as i32);
+        }
+        DEVICES
+            .redirect(hop.ifindex, 0)
+            .map(|a| a as i32)
+            .map_err(|_| Failed)
+    }
+}
