@@ -207,6 +207,35 @@ impl Topology {
             .with_context(|| format!("{name} not in nstat output: {out}"))
     }
 
+    /// Lets the client and broker hosts receive what XDP on the node redirects to them: a
+    /// veth delivers a redirected XDP frame only when its peer runs NAPI, i.e. has GRO on
+    /// (or an XDP program of its own); otherwise the frame is dropped silently.
+    pub fn enable_xdp_delivery(&self) -> anyhow::Result<()> {
+        for (ns, dev) in [(&self.client, "c0"), (&self.broker, "b0")] {
+            self.run(ns, "ethtool", &["-K", dev, "gro", "on"])?;
+        }
+        Ok(())
+    }
+
+    /// The sum of `dev`'s `ethtool -S` counters in `ns` whose names end with `suffix`
+    /// (veth counts XDP verdicts per queue, e.g. `rx_queue_0_xdp_redirect`).
+    pub fn nic_counter(&self, ns: &str, dev: &str, suffix: &str) -> anyhow::Result<u64> {
+        let out = self.run(ns, "ethtool", &["-S", dev])?;
+        let mut found = false;
+        let mut total = 0;
+        for line in out.lines() {
+            let Some((name, value)) = line.trim().split_once(':') else {
+                continue;
+            };
+            if name.trim().ends_with(suffix) {
+                found = true;
+                total += value.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+        anyhow::ensure!(found, "no counter *{suffix} in ethtool -S {dev}: {out}");
+        Ok(total)
+    }
+
     /// `ip netns exec <ns> <program> <args>`, output captured.
     pub fn run(&self, ns: &str, program: &str, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new("ip")

@@ -5,91 +5,23 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse};
 use kpsc_tests::{
     RawClient, TansuHost,
     netns::{NODE_CLIENT_IP, Topology, client_ip, in_netns},
     portmap::{
-        BROKER_PORT, FIRST_PORT, mapping_on, one_broker_behind_portmap, portmap_args, start_portmap,
+        Attach, BROKER_PORT, FIRST_PORT, every_mapped_source_port_connects, mapping_on,
+        one_broker_behind_portmap, portmap_args, produce_one, start_portmap,
     },
 };
 
-const BROKERS: usize = 3;
-
-/// Connects from `client_ip(0):src_port` to the node's `port`, within `timeout`.
-fn connect_from(src_port: u16, port: u16, timeout: Duration) -> anyhow::Result<RawClient> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    // Earlier connections from this source port linger in TIME_WAIT (other destinations).
-    socket.set_reuseaddr(true)?;
-    socket.bind(format!("{}:{src_port}", client_ip(0)).parse()?)?;
-    let remote: SocketAddr = format!("{NODE_CLIENT_IP}:{port}").parse()?;
-    // into_std deregisters from the runtime's reactor: inside the runtime.
-    let stream = rt.block_on(async {
-        tokio::time::timeout(timeout, socket.connect(remote))
-            .await
-            .map_err(|_| anyhow::anyhow!("connect timed out after {timeout:?}"))??
-            .into_std()
-            .map_err(anyhow::Error::from)
-    })?;
-    stream.set_nonblocking(false)?;
-    RawClient::from_stream(stream)
-}
-
-/// The cluster id the broker behind a connection reports (tansu broker i: `cluster-i`).
-fn cluster_id(conn: &mut RawClient) -> anyhow::Result<String> {
-    let (r, _): (MetadataResponse, _) = conn.call(
-        ApiKey::Metadata,
-        4,
-        &MetadataRequest::default().with_topics(Some(vec![])),
-    )?;
-    Ok(r.cluster_id.map(|c| c.to_string()).unwrap_or_default())
-}
-
-/// From every mapped port as source port, to every mapped port: each connection reaches
-/// the broker of its destination port. A broker's reply to a translated source port that
-/// equals a mapped port used to be taken for a client packet to that port and dropped.
-fn every_mapped_source_port_connects(listen_host: &str) {
-    let mut topo = Topology::new(1, BROKERS).unwrap();
-    for i in 0..BROKERS {
-        topo.start_advertising_node(i, BROKER_PORT, FIRST_PORT + i as u16)
-            .unwrap();
-    }
-    let mappings: Vec<String> = (0..BROKERS).map(|i| mapping_on(i, listen_host)).collect();
-    let kpscd = start_portmap(&topo, &portmap_args(&topo, &mappings, &[]));
-    let ports: Vec<u16> = (0..BROKERS).map(|i| FIRST_PORT + i as u16).collect();
-    let mut failures = Vec::new();
-    for (i, &port) in ports.iter().enumerate() {
-        for &src_port in &ports {
-            let got = in_netns(&topo.client, || {
-                let mut conn = connect_from(src_port, port, Duration::from_secs(3))?;
-                cluster_id(&mut conn)
-            })
-            .unwrap()
-            .map_err(|e| format!("{e:#}"));
-            match got {
-                Ok(id) if id == format!("cluster-{i}") => {}
-                other => failures.push(format!("{src_port} -> {port}: {other:?}")),
-            }
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "listen {listen_host}: {failures:#?}\nkpscd log:\n{}",
-        kpscd.log()
-    );
-}
-
 #[test]
 fn clients_on_mapped_source_ports_connect_to_a_wildcard_listener() {
-    every_mapped_source_port_connects("0.0.0.0");
+    every_mapped_source_port_connects("0.0.0.0", Attach::Tc);
 }
 
 #[test]
 fn clients_on_mapped_source_ports_connect_to_a_specific_listener() {
-    every_mapped_source_port_connects(NODE_CLIENT_IP);
+    every_mapped_source_port_connects(NODE_CLIENT_IP, Attach::Tc);
 }
 
 /// A new connection that must be up within 5 s (a SYN lost to a full table would
@@ -100,70 +32,6 @@ fn connect_within(addr: &str) -> anyhow::Result<RawClient> {
         &addr,
         Duration::from_secs(5),
     )?)
-}
-
-/// A one-record batch (Kafka record batch v2, uncompressed).
-fn record_batch(value: &[u8]) -> bytes::Bytes {
-    use kafka_protocol::records::{
-        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-    };
-    let record = Record {
-        transactional: false,
-        control: false,
-        delete_horizon: false,
-        partition_leader_epoch: -1,
-        producer_id: -1,
-        producer_epoch: -1,
-        timestamp_type: TimestampType::Creation,
-        offset: 0,
-        sequence: -1,
-        timestamp: 0,
-        key: None,
-        value: Some(bytes::Bytes::copy_from_slice(value)),
-        headers: Default::default(),
-    };
-    let mut batch = bytes::BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut batch,
-        [record].iter(),
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .unwrap();
-    batch.freeze()
-}
-
-/// Produces one record on `conn` (acks=1) and checks the broker took it.
-fn produce_one(conn: &mut RawClient, topic: &str, value: &[u8]) -> anyhow::Result<()> {
-    use kafka_protocol::{
-        messages::{
-            ProduceRequest, ProduceResponse, TopicName,
-            produce_request::{PartitionProduceData, TopicProduceData},
-        },
-        protocol::StrBytes,
-    };
-    let request = ProduceRequest::default()
-        .with_acks(1)
-        .with_timeout_ms(5_000)
-        .with_topic_data(vec![
-            TopicProduceData::default()
-                .with_name(TopicName(StrBytes::from_string(topic.to_owned())))
-                .with_partition_data(vec![
-                    PartitionProduceData::default()
-                        .with_index(0)
-                        .with_records(Some(record_batch(value))),
-                ]),
-        ]);
-    let (r, _): (ProduceResponse, _) = conn.call(ApiKey::Produce, 7, &request)?;
-    let code = r
-        .responses
-        .first()
-        .and_then(|t| t.partition_responses.first())
-        .map(|p| p.error_code);
-    anyhow::ensure!(code == Some(0), "produce answered {code:?}");
-    Ok(())
 }
 
 /// 100,000 spoofed SYNs at the mapped port (half from 50,000 addresses, half from two, as

@@ -1,0 +1,187 @@
+//! `kpscd portmap --attach tc|xdp`: the flow cases that matter run under both hooks, in
+//! namespaces with real TCP stacks and tansu brokers. Under XDP the test also reads the
+//! node veths' XDP counters, so a pass that silently fell back to TC fails it, and the
+//! client's data arriving proves the redirected frames were delivered (a redirect into a
+//! veth whose peer cannot receive XDP frames drops them without an error).
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use kpsc_tests::{
+    TansuHost,
+    datapath::{FlowState, PinnedMaps},
+    kpscd_bin,
+    netns::{NODE_CLIENT_IP, client_ip, in_netns},
+    portmap::{
+        Attach, BROKER_PORT, FIRST_PORT, cluster_id, connect_bound,
+        every_mapped_source_port_connects, mapping_on, pins, portmap_args, produce_one,
+        start_portmap,
+    },
+};
+
+/// XDP verdicts the node's veth took so far, summed over both interfaces.
+fn xdp_redirects(topo: &kpsc_tests::netns::Topology) -> u64 {
+    ["n0", "n1"]
+        .iter()
+        .map(|dev| {
+            topo.nic_counter(&topo.node, dev, "xdp_redirect")
+                .unwrap_or_else(|e| panic!("{e:#}"))
+        })
+        .sum()
+}
+
+/// Connect, transfer (64 produce requests of 16 KiB each, so full-size segments both
+/// ways), read back through the broker's metadata, close with FINs both ways: the flow
+/// is counted, ends closed, and no segment arrived with a bad checksum. Under XDP, the
+/// node's veths redirected at least one frame per request and response.
+fn connect_transfer_close(attach: Attach) {
+    let mut topo = attach.topology(1, 1).unwrap();
+    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
+        .unwrap();
+    let args = portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &attach.args());
+    let kpscd = start_portmap(&topo, &args);
+    let redirects_before = xdp_redirects(&topo);
+    let value = vec![0x5au8; 16 * 1024];
+    const REQUESTS: u64 = 64;
+    let src_port = in_netns(&topo.client, || {
+        let mut conn = connect_bound(&client_ip(0), 0, FIRST_PORT, Duration::from_secs(3))?;
+        for _ in 0..REQUESTS {
+            produce_one(&mut conn, "attach", &value)?;
+        }
+        anyhow::ensure!(cluster_id(&mut conn)? == "cluster-0", "wrong broker");
+        let port = conn.stream().local_addr()?.port();
+        conn.stream().shutdown(std::net::Shutdown::Write)?;
+        // The broker closes its side on our FIN: read to EOF.
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(conn.stream(), &mut rest)?;
+        anyhow::Ok(port)
+    })
+    .unwrap()
+    .unwrap_or_else(|e| panic!("{attach:?}: {e:#}\nlog:\n{}", kpscd.log()));
+
+    let maps = PinnedMaps::open(&pins(&topo)).unwrap();
+    let stats = maps.stats(FIRST_PORT);
+    assert_eq!(stats.new_flows, 1, "{attach:?}: {stats:?}");
+    assert_eq!(stats.dropped(), 0, "{attach:?}: {stats:?}");
+    assert!(
+        stats.bytes_in >= REQUESTS * value.len() as u64,
+        "{attach:?}: {stats:?}"
+    );
+    let flow = maps
+        .flows()
+        .into_iter()
+        .find(|(k, _)| u16::from_be(k.src_port) == src_port)
+        .unwrap_or_else(|| panic!("{attach:?}: no flow from port {src_port}"));
+    assert_eq!(
+        maps.flow_state(&flow.1),
+        FlowState::Closed,
+        "{attach:?}: {flow:?}"
+    );
+    for ns in [&topo.client, &topo.broker] {
+        assert_eq!(
+            topo.counter(ns, "TcpInCsumErrors").unwrap(),
+            0,
+            "{attach:?}"
+        );
+    }
+    let redirected = xdp_redirects(&topo) - redirects_before;
+    match attach {
+        Attach::Xdp => assert!(
+            redirected >= 2 * REQUESTS,
+            "XDP redirected only {redirected} frames: {stats:?}"
+        ),
+        Attach::Tc => assert_eq!(redirected, 0, "no XDP program under --attach tc"),
+    }
+}
+
+/// About 2 s.
+#[test]
+fn tc_connect_transfer_close() {
+    connect_transfer_close(Attach::Tc);
+}
+
+/// About 2 s.
+#[test]
+fn xdp_connect_transfer_close() {
+    connect_transfer_close(Attach::Xdp);
+}
+
+/// Replies to translated source ports that equal mapped ports, under XDP (the TC runs
+/// are in portmap_flows.rs). About 3 s each.
+#[test]
+fn xdp_clients_on_mapped_source_ports_connect_to_a_wildcard_listener() {
+    every_mapped_source_port_connects("0.0.0.0", Attach::Xdp);
+}
+
+#[test]
+fn xdp_clients_on_mapped_source_ports_connect_to_a_specific_listener() {
+    every_mapped_source_port_connects(NODE_CLIENT_IP, Attach::Xdp);
+}
+
+/// Whether `dev` in `ns` has an XDP program attached (`ip link` prints `prog/xdp`).
+fn has_xdp(topo: &kpsc_tests::netns::Topology, dev: &str) -> bool {
+    topo.run(&topo.node, "ip", &["-d", "link", "show", dev])
+        .unwrap()
+        .contains("prog/xdp")
+}
+
+/// XDP goes away with the process, even on SIGKILL (bpf links), and the next start
+/// attaches again and translates. About 3 s.
+#[test]
+fn xdp_leaves_nothing_attached_after_sigkill_and_restarts() {
+    let mut topo = Attach::Xdp.topology(1, 1).unwrap();
+    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
+        .unwrap();
+    let args = portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &Attach::Xdp.args());
+    let kpscd = start_portmap(&topo, &args);
+    assert!(has_xdp(&topo, "n0") && has_xdp(&topo, "n1"));
+    // SAFETY: a plain kill(2) of the kpscd this test started.
+    unsafe { libc::kill(kpscd.pid() as i32, libc::SIGKILL) };
+    kpsc_tests::eventually(Duration::from_secs(5), || {
+        anyhow::ensure!(!has_xdp(&topo, "n0") && !has_xdp(&topo, "n1"));
+        Ok(())
+    })
+    .expect("XDP still attached after SIGKILL");
+    drop(kpscd);
+    let kpscd = start_portmap(&topo, &args);
+    assert!(has_xdp(&topo, "n0"), "{}", kpscd.log());
+    let id = in_netns(&topo.client, || {
+        let mut conn = connect_bound(&client_ip(0), 0, FIRST_PORT, Duration::from_secs(3))?;
+        cluster_id(&mut conn)
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(id, "cluster-0");
+}
+
+/// An interface whose driver has no native XDP (a bridge): `--attach xdp` fails at start
+/// naming the interface and the driver, and leaves nothing pinned. About 1 s.
+#[test]
+fn xdp_on_a_driver_without_native_xdp_is_a_clear_error() {
+    let topo = Attach::Tc.topology(1, 1).unwrap();
+    topo.run(&topo.node, "ip", &["link", "add", "xb0", "type", "bridge"])
+        .unwrap();
+    topo.run(&topo.node, "ip", &["link", "set", "xb0", "up"])
+        .unwrap();
+    let mut args = portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &Attach::Xdp.args());
+    let at = args.iter().position(|a| a == "n0,n1").unwrap();
+    args[at] = "xb0".into();
+    args.push("--http-disable".into());
+    let out = Command::new("ip")
+        .args(["netns", "exec", &topo.node])
+        .arg(kpscd_bin())
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("interface xb0") && stderr.contains("driver bridge"),
+        "{stderr}"
+    );
+    // The failed start cleaned up after itself (the TC attachment went with its link).
+    assert!(!pins(&topo).exists(), "pins left behind: {stderr}");
+}
