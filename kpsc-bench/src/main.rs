@@ -4,7 +4,8 @@
 //! - `direct`: the load generator talks to the benchmark sink (the limit);
 //! - `kpscd-proxy`: through `kpscd proxy --bulk-transfer copy` (the plain tokio path);
 //! - `kpscd-splice`: through `kpscd proxy` moving bulk bytes with splice(2);
-//! - `kpscd-portmap`: through the TC program of `kpscd portmap` (namespaces only);
+//! - `kpscd-portmap`: through the kernel programs of `kpscd portmap` (namespaces only;
+//!   `--portmap-attach tc|xdp`);
 //! - `nftables`: DNAT + masquerade rules the bench loads on the node (namespaces only),
 //!   what an operator writes instead of portmap;
 //! - `external`: any proxy the user names with `--proxy-cmd` (placeholders `{broker}`,
@@ -74,6 +75,15 @@ struct Args {
     /// path.
     #[arg(long, default_value_t = 0)]
     portmap_syn_rate: u32,
+    /// `--attach` of the portmap target: `tc` or `xdp` (one kpscd portmap per node, so
+    /// run the bench once per hook to compare them). `xdp` needs --full-checksums.
+    #[arg(long, default_value = "tc", value_parser = ["tc", "xdp"])]
+    portmap_attach: String,
+    /// Namespaces only: the client and broker hosts send full checksums (checksum offload
+    /// off, as frames from a real wire carry) and receive XDP-redirected frames (GRO on).
+    /// XDP on the node needs both; use it for the TC run too, to compare like with like.
+    #[arg(long)]
+    full_checksums: bool,
     /// Producer connections of the produce and fetch workloads.
     #[arg(long, default_value_t = 4)]
     connections: usize,
@@ -223,7 +233,17 @@ fn run_loopback(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> a
 
 /// Client host -> proxy node -> broker host. "routed" means the node only forwards.
 fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyhow::Result<()> {
-    let topo = Topology::new(1, 1)?;
+    anyhow::ensure!(
+        args.full_checksums || args.portmap_attach != "xdp",
+        "--portmap-attach xdp needs --full-checksums (XDP cannot fix a veth peer's partial checksums)"
+    );
+    let topo = if args.full_checksums {
+        let topo = Topology::without_checksum_offload(1, 1)?;
+        topo.enable_xdp_delivery()?;
+        topo
+    } else {
+        Topology::new(1, 1)?
+    };
     topo.add_routes()?;
     // A busy client host reuses ports in TIME_WAIT for new connections; without it the
     // churn would measure the client's own port space (28,232 ports per destination per
@@ -286,7 +306,15 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
         }
         current_thread_runtime()?.block_on(run(
             args,
-            &format!("{machine}; namespaces client -> node -> broker over veth"),
+            &format!(
+                "{machine}; namespaces client -> node -> broker over veth{}; portmap --attach {}",
+                if args.full_checksums {
+                    " (client/broker: checksum offload off, GRO on)"
+                } else {
+                    ""
+                },
+                args.portmap_attach
+            ),
             &sink,
             kinds,
             &place,
@@ -322,6 +350,7 @@ fn target_kinds(args: &Args, kpscd: &Path, node_sinks: Option<(Sink, Sink)>) -> 
                 bin: kpscd.to_owned(),
                 sink: portmap_sink,
                 syn_rate_per_source: args.portmap_syn_rate,
+                attach: args.portmap_attach.clone(),
             });
         }
         if wanted("nftables") {

@@ -30,6 +30,8 @@ pub enum TargetKind {
         sink: Sink,
         /// kpscd's `--syn-rate-per-source` (0: no budget).
         syn_rate_per_source: u32,
+        /// kpscd's `--attach` (`tc` or `xdp`).
+        attach: String,
     },
     /// nftables DNAT + masquerade on the node (namespaces only); the sink advertises the
     /// node's address and port, as for portmap.
@@ -302,6 +304,7 @@ impl Target {
                 bin,
                 sink: advertising_sink,
                 syn_rate_per_source,
+                attach,
             } => {
                 let ns = place
                     .node_ns
@@ -319,10 +322,16 @@ impl Target {
                         ns,
                         "--syn-rate-per-source".into(),
                         syn_rate_per_source.to_string(),
+                        "--attach".into(),
+                        attach.clone(),
                     ],
                 );
                 Ok(Self {
-                    name: "kpscd-portmap".into(),
+                    name: if attach == "tc" {
+                        "kpscd-portmap".into()
+                    } else {
+                        format!("kpscd-portmap-{attach}")
+                    },
                     addr: format!("{ip}:{port}"),
                     proxy: Proxy::Kpscd(place.start_kpscd(&bin, &args, admin).await?),
                     sink: advertising_sink,
@@ -410,7 +419,7 @@ impl Target {
     /// portmap's flow and drop counters, nftables' conntrack entries.
     pub fn kernel_state(&self) -> Option<String> {
         match &self.proxy {
-            Proxy::Kpscd(k) if self.name == "kpscd-portmap" => {
+            Proxy::Kpscd(k) if self.name.starts_with("kpscd-portmap") => {
                 let (_, metrics) = k.get("/metrics").ok()?;
                 // `kpsc_portmap_<name>{...,reason="r"} value` -> `<name> r value`.
                 let counters: Vec<String> = metrics

@@ -80,7 +80,11 @@ fn allow_source(attach: Attach) {
     // SAFETY: a plain kill(2) of the kpscd this test started.
     unsafe { libc::kill(kpscd.pid() as i32, libc::SIGHUP) };
     kpsc_tests::eventually(Duration::from_secs(5), || {
-        anyhow::ensure!(kpscd.log().contains("--allow-source reloaded"));
+        anyhow::ensure!(
+            kpscd
+                .log()
+                .contains("port map reloaded, --allow-source too")
+        );
         Ok(())
     })
     .unwrap();

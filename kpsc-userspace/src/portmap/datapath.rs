@@ -387,7 +387,19 @@ impl Datapath {
                     driver(iface)
                 ))
             })?;
-            info!(interface = iface, driver = %driver(iface), "attached {XDP_PROGRAM} (native XDP) in front of TC");
+            let driver = driver(iface);
+            info!(interface = iface, %driver, "attached {XDP_PROGRAM} (native XDP) in front of TC");
+            if driver == "veth" {
+                // Measured: a veth peer's CHECKSUM_PARTIAL segments reach XDP with only the
+                // pseudo-header sum, which the receiver then rejects; and a redirected frame
+                // is dropped unless the receiving peer runs NAPI.
+                warn!(
+                    interface = iface,
+                    "XDP on a veth: its peer must send full checksums (tx checksum offload \
+                     off) and the veths XDP redirects into must have GRO on at their peer, \
+                     or translated segments are dropped; --attach tc has neither limit"
+                );
+            }
         }
         Ok(())
     }

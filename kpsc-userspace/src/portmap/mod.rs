@@ -180,8 +180,8 @@ async fn reload(state: &Arc<PortmapState>, datapath: &mut Datapath) {
     info!(
         ports = targets.len(),
         allow_sources = config.allow_sources.len(),
-        "SIGHUP: port map and --allow-source reloaded; established flows keep their brokers \
-         and are not checked against --allow-source again"
+        "SIGHUP: port map reloaded, --allow-source too; established flows keep their \
+         brokers and are not checked against --allow-source again"
     );
     *state.config.lock().expect("config lock") = config;
     state.probe.lock().expect("probe lock").done = false;
