@@ -6,7 +6,10 @@
 //! (`bpf_redirect_map`). Everything else — non-TCP, fragments, an unresolved neighbour, an
 //! egress kpscd did not attach to — is passed up untouched, and the TC program on the same
 //! interface handles it as in `--attach tc`. The route is decided before the packet is
-//! rewritten, so a passed packet is exactly what arrived.
+//! rewritten, so a passed packet is exactly what arrived. Flow state may already have
+//! changed for it (see `portmap`); one corner is lost that way: a RST that ends a
+//! half-open flow in XDP and then cannot be sent from XDP finds no flow in TC and is
+//! dropped, so the other side's half-open connection times out instead.
 //!
 //! Checksums are updated incrementally (RFC 1624) in the packet: XDP frames carry full
 //! checksums (from a wire, or from a veth peer with checksum offload off), never the

@@ -32,9 +32,14 @@ pub fn choose(mode: AttachMode) -> (Hook, &'static str) {
     }
 }
 
-/// What the README's measurements showed (docs/bench/xdp): see there.
-const AUTO_REASON: &str = "auto: TC, measured no slower than XDP here on small requests, \
-     connection churn and bulk, and it handles every packet (GSO, local checksums) itself";
+/// Why `auto` is TC, from the measurements in the README ("TC or XDP", docs/bench/xdp):
+/// on veth, the one driver measured, XDP matched TC on small requests and connection
+/// churn and was ahead on bulk, but there it is correct only when the veth peers send
+/// full checksums and receive with GRO on, which kpscd cannot see from its namespace;
+/// no NIC driver could be measured here, so XDP stays opt-in.
+const AUTO_REASON: &str = "auto: tc (measured on veth: XDP equal on small requests and churn, \
+     ahead on bulk, but correct only if the peers send full checksums, which kpscd cannot \
+     check; NIC drivers unmeasured: use --attach xdp to opt in)";
 
 /// The driver behind `iface` (ethtool's driver name, e.g. `veth`, `virtio_net`), or
 /// "unknown" when the interface does not say.
