@@ -1,11 +1,17 @@
-//! The process's privileges: which capabilities it holds, and giving root up.
+//! The process's privileges: which capabilities it holds, giving root up (proxy), and
+//! keeping only the capabilities still needed (portmap).
 //!
 //! Credentials are per thread in Linux. glibc's setuid family changes every thread of the
-//! process (it signals each one), which is why the drop goes through it (nix calls the
-//! libc functions) and not through raw syscalls; afterwards every thread is checked in
-//! /proc, so a thread that kept root would stop the daemon instead of going unnoticed.
+//! process (it signals each one), which is why the root drop goes through it (nix calls
+//! the libc functions) and not through raw syscalls. Capability sets have no such
+//! broadcast, so they are narrowed while the process has one thread (portmap does it
+//! before its async runtime starts). Either way every thread is checked in /proc
+//! afterwards, so a thread that kept a privilege stops the daemon instead of going
+//! unnoticed.
 
 use anyhow::{Context as _, bail};
+pub use caps::Capability;
+use caps::{CapSet, CapsHashSet};
 use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
 use tracing::{info, warn};
 
@@ -49,15 +55,7 @@ pub fn drop_root(run_as: &RunAs) -> anyhow::Result<()> {
 
 /// Every thread runs as `run_as` and holds no capability.
 fn check_every_thread(run_as: &RunAs) -> anyhow::Result<()> {
-    let tasks = std::fs::read_dir("/proc/self/task").context("listing /proc/self/task")?;
-    for task in tasks {
-        let path = task?.path().join("status");
-        let status = match std::fs::read_to_string(&path) {
-            Ok(status) => status,
-            // A thread that ended since the listing is not a thread that kept root.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
+    for_every_thread(|status| {
         let ids = |field: &str| -> Vec<u32> {
             status
                 .lines()
@@ -70,18 +68,75 @@ fn check_every_thread(run_as: &RunAs) -> anyhow::Result<()> {
                 .unwrap_or_default()
         };
         let (uids, gids) = (ids("Uid:"), ids("Gid:"));
-        let caps = effective_caps_in(&status);
+        let caps = effective_caps_in(status);
         if uids.len() != 4
             || uids.iter().any(|&u| u != run_as.uid)
             || gids.iter().any(|&g| g != run_as.gid)
             || caps != Some(0)
         {
-            bail!(
-                "{} still has uids {uids:?}, gids {gids:?}, capabilities {caps:x?}",
-                path.display()
-            );
+            bail!("uids {uids:?}, gids {gids:?}, capabilities {caps:x?}");
+        }
+        Ok(())
+    })
+}
+
+/// Runs `check` on the /proc status text of every thread of this process.
+fn for_every_thread(check: impl Fn(&str) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let tasks = std::fs::read_dir("/proc/self/task").context("listing /proc/self/task")?;
+    for task in tasks {
+        let path = task?.path().join("status");
+        let status = match std::fs::read_to_string(&path) {
+            Ok(status) => status,
+            // A thread that ended since the listing is not a thread that kept privileges.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        check(&status).with_context(|| format!("{} still has", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Narrows this thread's capabilities to those of `keep` it holds: effective and
+/// permitted sets, nothing inheritable or ambient, and a bounding set without the rest
+/// where CAP_SETPCAP allows it. Call it while the process has a single thread: the
+/// check afterwards fails if another thread still holds more.
+pub fn keep_only_capabilities(keep: &[Capability]) -> anyhow::Result<()> {
+    let held = caps::read(None, CapSet::Permitted).context("reading the permitted capabilities")?;
+    let kept: CapsHashSet = keep.iter().copied().filter(|c| held.contains(c)).collect();
+    // The bounding set first, while CAP_SETPCAP (if held) is still effective.
+    if held.contains(&Capability::CAP_SETPCAP) {
+        for cap in caps::all().difference(&kept) {
+            caps::drop(None, CapSet::Bounding, *cap)
+                .with_context(|| format!("dropping {cap} from the bounding set"))?;
         }
     }
+    let cleared = caps::clear(None, CapSet::Ambient)
+        .and_then(|()| caps::clear(None, CapSet::Inheritable))
+        .and_then(|()| caps::set(None, CapSet::Effective, &kept))
+        .and_then(|()| caps::set(None, CapSet::Permitted, &kept));
+    cleared.context("narrowing the capability sets")?;
+    let mask = kept.iter().fold(0u64, |m, c| m | c.bitmask());
+    for_every_thread(|status| {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        };
+        let (effective, permitted) = (field("CapEff:"), field("CapPrm:"));
+        if effective != Some(mask) || permitted != Some(mask) {
+            bail!(
+                "capabilities effective {effective:x?} permitted {permitted:x?}, expected {mask:x}"
+            );
+        }
+        Ok(())
+    })
+    .context("after narrowing the capabilities")?;
+    let names: Vec<String> = kept.iter().map(ToString::to_string).collect();
+    info!(
+        kept = names.join(","),
+        "loaded and attached; every other capability dropped"
+    );
     Ok(())
 }
 

@@ -40,20 +40,30 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.mode {
-        Mode::Proxy(args) => launch(ProxyConfig::resolve(*args), |c| &c.common.log, proxy::run),
+        Mode::Proxy(args) => launch(
+            ProxyConfig::resolve(*args),
+            |c| &c.common.log,
+            |c| Ok(Ok(c)),
+            proxy::run,
+        ),
         Mode::Portmap(args) => launch(
             PortmapConfig::resolve(*args),
             |c| &c.common.log,
+            portmap::prepare,
             portmap::run,
         ),
     }
 }
 
-/// Exits 2 on a configuration error; otherwise sets up logging and runs the mode.
-fn launch<C, F: Future<Output = anyhow::Result<ExitCode>>>(
+/// Exits 2 on a configuration error; otherwise sets up logging, runs the mode's
+/// `prepare` on this single thread (what must happen before other threads exist, e.g.
+/// dropping capabilities) and then the mode itself on the async runtime. `prepare` may
+/// end the process early with its own exit code.
+fn launch<C, P, F: Future<Output = anyhow::Result<ExitCode>>>(
     config: Result<C, ConfigError>,
     log: impl Fn(&C) -> &LogConfig,
-    run: impl FnOnce(C) -> F,
+    prepare: impl FnOnce(C) -> anyhow::Result<Result<P, ExitCode>>,
+    run: impl FnOnce(P) -> F,
 ) -> ExitCode {
     let config = match config {
         Ok(c) => c,
@@ -63,15 +73,19 @@ fn launch<C, F: Future<Output = anyhow::Result<ExitCode>>>(
         }
     };
     logging::init(log(&config));
-    let result = tokio::runtime::Runtime::new()
-        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
-        .and_then(|runtime| {
-            let result = runtime.block_on(run(config));
-            // A blocking task still running (a DNS lookup, an admin view walking kernel
-            // maps) must not hold the exit the operator asked for.
-            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-            result
-        });
+    let result = prepare(config).and_then(|prepared| {
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(code) => return Ok(code),
+        };
+        let runtime = tokio::runtime::Runtime::new()
+            .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+        let result = runtime.block_on(run(prepared));
+        // A blocking task still running (a DNS lookup, an admin view walking kernel
+        // maps) must not hold the exit the operator asked for.
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+        result
+    });
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -34,12 +34,24 @@ use crate::{
         state::{PortmapState, ProbeState},
         targets::{check_forwarding, kernel_targets, program_config},
     },
+    privilege,
     shutdown::{Draining, StopSignals},
 };
 
-/// Runs portmap mode until SIGTERM/SIGINT. Errors are reported (and turned into an exit
-/// code) by kpscd's `main`.
-pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
+/// What `prepare` made: the program loaded, filled and attached.
+pub struct Prepared {
+    config: PortmapConfig,
+    datapath: Datapath,
+    pins: Arc<PinnedMaps>,
+    targets: Vec<(u16, kpsc_common::PortTarget)>,
+}
+
+/// Everything that needs more than CAP_BPF and CAP_NET_ADMIN: check the capabilities,
+/// resolve the brokers, load, fill and attach the program, then give up every other
+/// capability. It runs before the async runtime exists because capabilities belong to
+/// threads: with only this thread alive, dropping them here drops them for good (the
+/// drop checks every thread). `Err(code)` inside is an exit without an error to report.
+pub fn prepare(config: PortmapConfig) -> anyhow::Result<Result<Prepared, ExitCode>> {
     let missing = missing_capabilities();
     if !missing.is_empty() {
         eprintln!(
@@ -47,25 +59,68 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
             NEEDED,
             missing.join(", ")
         );
-        return Ok(ExitCode::from(EXIT_PRIVILEGE));
+        return Ok(Err(ExitCode::from(EXIT_PRIVILEGE)));
     }
-    let mut stop = StopSignals::install()?;
-    let mut sighup = signal(SignalKind::hangup())?;
     check_forwarding(&config.interfaces)?;
-    let entries = config.entries.clone();
-    // Resolving brokers may wait on DNS: off the async threads.
-    let targets = tokio::task::spawn_blocking(move || kernel_targets(&entries))
-        .await
-        .context("resolving the brokers")??;
-
+    let targets = kernel_targets(&config.entries).context("resolving the brokers")?;
     let mut datapath = Datapath::load(&config.pin_root, &config.instance)?;
-    datapath.apply(
-        program_config(config.syn_rate_per_source, &mapped_ports(&targets))?,
-        &targets,
-        &config.allow_sources,
-    )?;
     let (hook, why) = hook::choose(config.attach);
     info!(attach = hook.as_str(), reason = why, "kernel hook chosen");
+    let attached = datapath
+        .apply(
+            program_config(config.syn_rate_per_source, &mapped_ports(&targets))?,
+            &targets,
+            &config.allow_sources,
+        )
+        .and_then(|()| datapath.attach(&config.interfaces, hook))
+        .and_then(|()| PinnedMaps::open(datapath.pin_dir()))
+        .and_then(|pins| {
+            privilege::keep_only_capabilities(&KEPT_CAPABILITIES)?;
+            Ok(pins)
+        });
+    match attached {
+        Ok(pins) => Ok(Ok(Prepared {
+            config,
+            datapath,
+            pins: Arc::new(pins),
+            targets,
+        })),
+        Err(e) => {
+            if let Err(cleanup) = datapath.shutdown() {
+                error!(error = %format!("{cleanup:#}"), "cleaning up after a failed start");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// What portmap keeps once attached: map reads and updates (CAP_BPF), and detaching
+/// from the interfaces at exit (CAP_NET_ADMIN). CAP_PERFMON was only for the verifier.
+const KEPT_CAPABILITIES: [privilege::Capability; 2] = [
+    privilege::Capability::CAP_BPF,
+    privilege::Capability::CAP_NET_ADMIN,
+];
+
+/// Runs portmap mode until SIGTERM/SIGINT. Errors are reported (and turned into an exit
+/// code) by kpscd's `main`.
+pub async fn run(prepared: Prepared) -> anyhow::Result<ExitCode> {
+    let Prepared {
+        config,
+        mut datapath,
+        pins,
+        targets,
+    } = prepared;
+    let signals = StopSignals::install().and_then(|stop| {
+        let sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        Ok((stop, sighup))
+    });
+    let (mut stop, mut sighup) = match signals {
+        Ok(signals) => signals,
+        Err(e) => {
+            datapath.shutdown()?;
+            return Err(e);
+        }
+    };
     let shutdown = CancellationToken::new();
     let state = Arc::new(PortmapState {
         pins: RwLock::new(None),
@@ -84,8 +139,7 @@ pub async fn run(config: PortmapConfig) -> anyhow::Result<ExitCode> {
     .await;
     let result = async {
         let admin = admin?;
-        datapath.attach(&config.interfaces, hook)?;
-        state.set_pins(Some(Arc::new(PinnedMaps::open(datapath.pin_dir())?)));
+        state.set_pins(Some(pins));
         state
             .attached
             .store(true, std::sync::atomic::Ordering::Release);
