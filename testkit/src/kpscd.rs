@@ -51,11 +51,23 @@ impl Kpscd {
     /// (network namespace only, through nsenter, so it shares this process's bpffs), its
     /// stderr in a log file.
     pub fn spawn_mode(args: &[String], netns: Option<&str>) -> anyhow::Result<Self> {
-        let admin_port = free_port_base(1);
-        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port_base(1)).parse()?;
+        Self::spawn_at(args, netns, admin)
+    }
+
+    /// Like [`Kpscd::spawn_mode`], with the admin endpoint on `admin` (e.g. the
+    /// namespace's own address, where a load balancer's health check reaches it).
+    pub fn spawn_at(
+        args: &[String],
+        netns: Option<&str>,
+        admin: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let log = std::env::temp_dir().join(format!(
-            "kpscd-test-{}-{admin_port}.log",
-            std::process::id()
+            "kpscd-test-{}-{}-{}.log",
+            std::process::id(),
+            admin.port(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let mut cmd = match netns {
             Some(ns) => {
@@ -110,6 +122,11 @@ impl Kpscd {
             .and_then(|l| std::fs::read_to_string(l).ok())
             .unwrap_or_default();
         without_ansi_escapes(&raw)
+    }
+
+    /// Sends `signal` (e.g. SIGKILL for a crash) unless it was already reaped.
+    pub fn signal(&self, signal: libc::c_int) {
+        self.process.signal(signal);
     }
 
     /// Still running?
