@@ -15,6 +15,7 @@ mod command;
 mod mock_cluster;
 pub mod portmap;
 mod rdkafka_client;
+pub mod soak;
 mod tansu;
 mod unit;
 
