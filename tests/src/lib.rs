@@ -12,6 +12,7 @@
 
 mod cloud_endpoint;
 mod command;
+pub mod ha;
 mod mock_cluster;
 pub mod portmap;
 mod rdkafka_client;
