@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | demo | test | bench | fuzz | package`.
+//! Project tasks: `cargo xtask setup | demo | test | bench | soak | fuzz | package`.
 //!
 //! `setup` installs everything the project needs on a fresh Debian 12 machine and is
 //! idempotent (each step checks first). `demo`, `test`, `bench` and `fuzz` run it first,
@@ -35,6 +35,8 @@ const APT_PACKAGES: &[&str] = &[
     "strace",
     // nft: the benchmark's nftables target (DNAT + masquerade, what portmap replaces).
     "nftables",
+    // The load balancer in front of several kpscd instances (tests/tests/ha.rs).
+    "haproxy",
 ];
 const EBPF_TOOLCHAIN: &str = "debian-1.96";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -76,6 +78,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Changefeed soak: keyed records through kpscd to the 3-broker mock under a fault
+    /// schedule; prints lost/duplicated/reordered, latency and stalls (target/soak/).
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+    },
     /// Run every test: lints, unit, integration (real brokers and clients), Python clients,
     /// and each fuzz target briefly.
     Test {
@@ -115,6 +124,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Demo { messages } => setup().and_then(|()| demo(messages)),
         Task::Bench { args } => setup().and_then(|()| bench(&args)),
+        Task::Soak { minutes } => setup().and_then(|()| soak(minutes)),
         Task::Test { no_setup } => if no_setup { Ok(()) } else { setup() }.and_then(|()| test()),
         Task::Package { no_setup, no_build } => {
             if no_setup { Ok(()) } else { setup() }.and_then(|()| package(no_build))
@@ -432,6 +442,17 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         if quick { &["--quick"] } else { &[] },
         &root().join("results"),
     )
+}
+
+fn soak(minutes: f64) -> anyhow::Result<()> {
+    build_with("kpsc-tests")?;
+    step(&format!("changefeed soak, {minutes} minutes"));
+    run(Command::new(root().join("target/release/kpsc-soak"))
+        .arg("--minutes")
+        .arg(minutes.to_string())
+        .arg("--out")
+        .arg(root().join("target/soak"))
+        .env("KPSCD_BIN", root().join("target/release/kpscd")))
 }
 
 fn test() -> anyhow::Result<()> {
