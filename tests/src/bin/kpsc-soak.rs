@@ -18,9 +18,21 @@ struct Args {
     /// Seconds between two faults.
     #[arg(long, default_value_t = 20)]
     fault_gap: u64,
+    /// Extra librdkafka producer setting, `key=value` (repeatable), e.g.
+    /// `metadata.recovery.strategy=none`.
+    #[arg(long = "producer-config", value_name = "KEY=VALUE", value_parser = key_value)]
+    producer_config: Vec<(String, String)>,
     /// Results folder.
     #[arg(long, default_value = "target/soak")]
     out: PathBuf,
+}
+
+/// `key=value` (clap reports anything else as a usage error, exit 2).
+fn key_value(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))?;
+    Ok((key.to_owned(), value.to_owned()))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,6 +42,7 @@ fn main() -> anyhow::Result<()> {
     let mut config = SoakConfig::minutes(args.minutes);
     config.rate = args.rate;
     config.fault_gap = std::time::Duration::from_secs(args.fault_gap.max(5));
+    config.producer_config = args.producer_config;
     let report = run(&config)?;
     print!("{}", report.markdown());
     let path = report.write(&args.out)?;

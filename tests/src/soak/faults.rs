@@ -79,6 +79,8 @@ pub struct Target<'a> {
     pub kpscd: Option<Kpscd>,
     /// kpscd processes started so far (the first included).
     pub kpscd_starts: usize,
+    /// The logs of the kpscd processes stopped so far, in order.
+    pub kpscd_logs: Vec<String>,
     leader_shift: i32,
 }
 
@@ -91,6 +93,7 @@ impl<'a> Target<'a> {
             base,
             kpscd: None,
             kpscd_starts: 0,
+            kpscd_logs: Vec::new(),
             leader_shift: 0,
         }
     }
@@ -147,6 +150,7 @@ impl<'a> Target<'a> {
                     .terminate(Duration::from_secs(30))
                     .context("kpscd after SIGTERM")?;
                 anyhow::ensure!(code == 0, "kpscd exited {code} after SIGTERM");
+                self.kpscd_logs.push(old.log());
                 drop(old);
                 self.start_kpscd()?;
                 format!("exit code {code}")
@@ -154,6 +158,7 @@ impl<'a> Target<'a> {
             Fault::KpscdSigkill => {
                 let old = self.kpscd.take().expect("kpscd running");
                 old.signal(libc::SIGKILL);
+                self.kpscd_logs.push(old.log());
                 drop(old);
                 self.start_kpscd()?;
                 "killed".to_owned()

@@ -9,7 +9,9 @@ use std::{
 
 use rdkafka::{
     ClientContext, Message,
+    config::RDKafkaLogLevel,
     consumer::ConsumerContext,
+    error::KafkaError,
     producer::{DeliveryResult, ProducerContext},
 };
 
@@ -23,8 +25,8 @@ pub struct Sent {
 /// The producer's delivery reports.
 #[derive(Default)]
 pub struct Acks {
-    /// Per key: sequence numbers the broker acknowledged.
-    pub acked: Vec<BTreeSet<u64>>,
+    /// Per key: sequence numbers the broker acknowledged, with when each was queued.
+    pub acked: Vec<BTreeMap<u64, Instant>>,
     /// Per key: sequence numbers the client gave up on (a delivery error).
     pub failed: Vec<BTreeSet<u64>>,
     /// Acknowledged twice (librdkafka should never report a record twice).
@@ -35,6 +37,8 @@ pub struct Acks {
     pub ack_times: BTreeMap<i32, Vec<Instant>>,
     /// Delivery error texts and how often each was seen.
     pub errors: BTreeMap<String, usize>,
+    /// The producer's warnings and errors (librdkafka retries through them).
+    pub events: Vec<(Instant, String)>,
 }
 
 /// What the consumer read, per key, in read order.
@@ -67,7 +71,7 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl ProducerLedger {
     pub fn new(keys: usize) -> Self {
         Self(Arc::new(Mutex::new(Acks {
-            acked: vec![BTreeSet::new(); keys],
+            acked: vec![BTreeMap::new(); keys],
             failed: vec![BTreeSet::new(); keys],
             ..Acks::default()
         })))
@@ -75,12 +79,25 @@ impl ProducerLedger {
 }
 
 impl ClientContext for ProducerLedger {
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-        // Only asked for with KPSC_SOAK_DEBUG (librdkafka's `debug` contexts).
-        eprintln!(
-            "{:?} producer {level:?} {facility} {message}",
-            Instant::now()
-        );
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        if std::env::var_os("KPSC_SOAK_DEBUG").is_some() {
+            eprintln!(
+                "{:?} producer {level:?} {facility} {message}",
+                Instant::now()
+            );
+        }
+        // Warnings and worse explain a stall (e.g. an idempotence epoch bump).
+        if (level as i32) <= RDKafkaLogLevel::Warning as i32 {
+            lock(&self.0)
+                .events
+                .push((Instant::now(), format!("{facility} {message}")));
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        lock(&self.0)
+            .events
+            .push((Instant::now(), format!("error {error}: {reason}")));
     }
 }
 
@@ -92,7 +109,7 @@ impl ProducerContext for ProducerLedger {
         let mut acks = lock(&self.0);
         match result {
             Ok(m) => {
-                if !acks.acked[sent.key].insert(sent.seq) {
+                if acks.acked[sent.key].insert(sent.seq, sent.at).is_some() {
                     acks.double_reports += 1;
                 }
                 let us = now.duration_since(sent.at).as_micros() as u64;
@@ -182,7 +199,7 @@ impl std::ops::AddAssign for Verdict {
 }
 
 /// Checks one key's reads against its acknowledgements.
-pub fn verdict(acked: &BTreeSet<u64>, reads: &[u64]) -> Verdict {
+pub fn verdict(acked: &BTreeMap<u64, Instant>, reads: &[u64]) -> Verdict {
     let mut v = Verdict::default();
     let mut seen = BTreeSet::new();
     let mut highest = None;
@@ -195,12 +212,18 @@ pub fn verdict(acked: &BTreeSet<u64>, reads: &[u64]) -> Verdict {
             v.reordered += 1;
         }
         highest = highest.max(Some(seq));
-        if !acked.contains(&seq) {
+        if !acked.contains_key(&seq) {
             v.read_unacked += 1;
         }
     }
-    v.lost = acked.difference(&seen).count();
+    v.lost = acked.keys().filter(|s| !seen.contains(s)).count();
     v
+}
+
+/// Sequence numbers read more than once (each extra reading once).
+pub fn duplicated(reads: &[u64]) -> Vec<u64> {
+    let mut seen = BTreeSet::new();
+    reads.iter().copied().filter(|s| !seen.insert(*s)).collect()
 }
 
 /// Lost, duplicated and reordered records over all keys.
@@ -242,14 +265,12 @@ pub fn stall_after(acks: &Acks, at: Instant, until: Instant) -> (Duration, Durat
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
-
     use std::{
         collections::BTreeMap,
         time::{Duration, Instant},
     };
 
-    use super::{Acks, Verdict, stall_after, verdict};
+    use super::{Acks, Verdict, duplicated, stall_after, verdict};
 
     #[test]
     fn stall_is_the_longest_gap_after_the_fault() {
@@ -276,7 +297,7 @@ mod tests {
 
     #[test]
     fn verdict_counts_each_kind_once() {
-        let acked: BTreeSet<u64> = (1..=5).collect();
+        let acked: BTreeMap<u64, Instant> = (1..=5).map(|s| (s, Instant::now())).collect();
         assert_eq!(verdict(&acked, &[1, 2, 3, 4, 5]), Verdict::default());
         let v = verdict(&acked, &[1, 3, 2, 3, 5, 6]);
         assert_eq!(
@@ -288,5 +309,6 @@ mod tests {
                 read_unacked: 1
             }
         );
+        assert_eq!(duplicated(&[1, 3, 2, 3, 5, 3]), vec![3, 3]);
     }
 }

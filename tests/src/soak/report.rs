@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::soak::{
     config::SoakConfig,
     faults::{Fault, Injected},
-    ledger::{Acks, Reads, Verdict, stall_after, tally},
+    ledger::{Acks, Reads, Verdict, duplicated, stall_after, tally},
 };
 
 /// One injected fault and what it cost the producer.
@@ -27,6 +27,9 @@ pub struct FaultResult {
     pub stall: Duration,
     /// From the fault to the next acknowledged record on any partition.
     pub first_ack: Duration,
+    /// Records read twice that were queued up to 2 s before this fault or during its stall
+    /// (until the next fault).
+    pub duplicates: usize,
 }
 
 pub struct Report {
@@ -50,6 +53,12 @@ pub struct Report {
     pub decode_failures: f64,
     pub delivery_errors: Vec<(String, usize)>,
     pub consumer_errors: Vec<(String, usize)>,
+    /// The producer's warnings and errors: (seconds from the start, text).
+    pub producer_events: Vec<(f64, String)>,
+    /// Records read twice that were queued before the first fault's window.
+    pub duplicates_outside_faults: usize,
+    /// Each kpscd process's log, in start order (written next to the report).
+    pub kpscd_logs: Vec<String>,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -77,6 +86,29 @@ impl Report {
         let mut latencies = acks.latencies_us.clone();
         latencies.sort_unstable();
         let end = Instant::now();
+        // When each record read twice was queued, to find the fault it belongs to.
+        let queued_duplicates: Vec<Instant> = acks
+            .acked
+            .iter()
+            .zip(&reads.seqs)
+            .flat_map(|(acked, seqs)| {
+                duplicated(seqs)
+                    .into_iter()
+                    .filter_map(|seq| acked.get(&seq).copied())
+            })
+            .collect();
+        // Each duplicate belongs to one fault: the next one if it came within 2 s of the
+        // record being queued (the record was in flight when it struck), else the last
+        // one before (a retry during its stall).
+        let owner = |t: Instant| {
+            let next = injected.partition_point(|i| i.at < t);
+            match injected.get(next) {
+                Some(i) if i.at - t <= Duration::from_secs(2) => Some(next),
+                _ => next.checked_sub(1),
+            }
+        };
+        let owners: Vec<Option<usize>> = queued_duplicates.iter().map(|t| owner(*t)).collect();
+        let duplicates_outside_faults = owners.iter().filter(|o| o.is_none()).count();
         let faults = injected
             .iter()
             .enumerate()
@@ -90,6 +122,7 @@ impl Report {
                     detail: i.detail.clone(),
                     stall,
                     first_ack,
+                    duplicates: owners.iter().filter(|o| **o == Some(n)).count(),
                 }
             })
             .collect();
@@ -105,6 +138,8 @@ impl Report {
             read: reads.seqs.iter().map(Vec::len).sum(),
             malformed: reads.malformed,
             redelivered: reads.redelivered,
+            duplicates_outside_faults,
+            kpscd_logs: Vec::new(),
             verdict: total,
             p50_ms: percentile(&latencies, 0.50),
             p99_ms: percentile(&latencies, 0.99),
@@ -115,6 +150,11 @@ impl Report {
             decode_failures: decode_failures + 0.0,
             delivery_errors: acks.errors.iter().map(|(e, n)| (e.clone(), *n)).collect(),
             consumer_errors: reads.errors.iter().map(|(e, n)| (e.clone(), *n)).collect(),
+            producer_events: acks
+                .events
+                .iter()
+                .map(|(t, e)| (t.duration_since(started).as_secs_f64(), e.clone()))
+                .collect(),
         }
     }
 
@@ -136,8 +176,8 @@ impl Report {
              | records sent | acknowledged | failed | read | lost | duplicated | reordered | \
              produce p50 | p99 | max |\n|---|---|---|---|---|---|---|---|---|---|\n\
              | {} | {} | {} | {} | {} | {} | {} | {:.1} ms | {:.1} ms | {:.0} ms |\n\n\
-             | t (s) | fault | took | longest stall (any partition) | to first ack | detail |\n\
-             |---|---|---|---|---|---|\n",
+             | t (s) | fault | took | longest stall (any partition) | to first ack | \
+             duplicates | detail |\n|---|---|---|---|---|---|---|\n",
             self.keys,
             self.partitions,
             self.rate,
@@ -155,12 +195,13 @@ impl Report {
         );
         for f in &self.faults {
             md.push_str(&format!(
-                "| {:.1} | {} | {:.2} s | {:.2} s | {:.2} s | {} |\n",
+                "| {:.1} | {} | {:.2} s | {:.2} s | {:.2} s | {} | {} |\n",
                 f.at_s,
                 f.fault.name(),
                 f.took.as_secs_f64(),
                 f.stall.as_secs_f64(),
                 f.first_ack.as_secs_f64(),
+                f.duplicates,
                 f.detail
             ));
         }
@@ -168,12 +209,13 @@ impl Report {
             "\nkpscd processes: {}; decode failures in the last one: {}; records read \
              although reported failed: {}; malformed records read: {}; records handed to the \
              consumer again at an offset it had read (client re-delivery, not counted as \
-             duplicates): {}.\n",
+             duplicates): {}; records read twice that were queued before any fault: {}.\n",
             self.kpscd_starts,
             self.decode_failures,
             v.read_unacked,
             self.malformed,
-            self.redelivered
+            self.redelivered,
+            self.duplicates_outside_faults
         ));
         for (what, errors) in [
             ("delivery errors", &self.delivery_errors),
@@ -187,6 +229,15 @@ impl Report {
                 for (e, n) in errors {
                     md.push_str(&format!("- {n} x {e}\n"));
                 }
+            }
+        }
+        if !self.producer_events.is_empty() {
+            md.push_str(&format!(
+                "\nproducer warnings and errors ({}, first 40):\n",
+                self.producer_events.len()
+            ));
+            for (t, e) in self.producer_events.iter().take(40) {
+                md.push_str(&format!("- {t:.2} s: {e}\n"));
             }
         }
         md
@@ -210,6 +261,7 @@ impl Report {
             "read_unacknowledged": v.read_unacked,
             "malformed": self.malformed,
             "redelivered_same_offset": self.redelivered,
+            "duplicates_outside_faults": self.duplicates_outside_faults,
             "produce_latency_ms": {"p50": self.p50_ms, "p99": self.p99_ms, "max": self.max_ms},
             "kpscd_starts": self.kpscd_starts,
             "decode_failures": self.decode_failures,
@@ -219,10 +271,12 @@ impl Report {
                 "took_s": f.took.as_secs_f64(),
                 "stall_s": f.stall.as_secs_f64(),
                 "first_ack_s": f.first_ack.as_secs_f64(),
+                "duplicates": f.duplicates,
                 "detail": f.detail,
             })).collect::<Vec<_>>(),
             "delivery_errors": self.delivery_errors,
             "consumer_errors": self.consumer_errors,
+            "producer_events": self.producer_events,
         })
     }
 
@@ -238,6 +292,9 @@ impl Report {
             md.with_extension("json"),
             serde_json::to_string_pretty(&self.json())?,
         )?;
+        for (i, log) in self.kpscd_logs.iter().enumerate() {
+            std::fs::write(dir.join(format!("soak-{stamp}-kpscd-{}.log", i + 1)), log)?;
+        }
         Ok(md)
     }
 }

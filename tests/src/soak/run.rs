@@ -15,6 +15,7 @@ use anyhow::Context as _;
 use kpsc_testkit::free_port_base;
 use rdkafka::{
     ClientConfig, Offset, TopicPartitionList,
+    config::RDKafkaLogLevel,
     consumer::{BaseConsumer, Consumer as _},
     producer::{BaseProducer, BaseRecord, Producer as _},
 };
@@ -37,11 +38,12 @@ fn client(bootstrap: &str) -> ClientConfig {
     c.set("bootstrap.servers", bootstrap)
         // Leader moves are found by the next metadata refresh (or the broker's error).
         .set("topic.metadata.refresh.interval.ms", "2000")
-        .set("log_level", "3");
+        // Warnings reach the ledger's log callback (rdkafka would otherwise ask for the
+        // `log` crate's level).
+        .set_log_level(RDKafkaLogLevel::Warning);
     // librdkafka's own account of a stall, e.g. KPSC_SOAK_DEBUG=broker,eos,msg.
     if let Ok(debug) = std::env::var("KPSC_SOAK_DEBUG") {
-        c.set("debug", debug)
-            .set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
+        c.set("debug", debug).set_log_level(RDKafkaLogLevel::Debug);
     }
     c
 }
@@ -55,12 +57,17 @@ pub fn produce(
     ledger: ProducerLedger,
     stop: &AtomicBool,
 ) -> anyhow::Result<u64> {
-    let producer: BaseProducer<ProducerLedger> = client(bootstrap)
+    let mut settings = client(bootstrap);
+    settings
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
         // Longer than any fault: a record is given up only if something stays broken.
-        .set("message.timeout.ms", "120000")
+        .set("message.timeout.ms", "120000");
+    for (key, value) in &config.producer_config {
+        settings.set(key, value);
+    }
+    let producer: BaseProducer<ProducerLedger> = settings
         .create_with_context(ledger)
         .context("creating the producer")?;
     let started = Instant::now();
@@ -203,8 +210,9 @@ pub fn run(config: &SoakConfig) -> anyhow::Result<Report> {
     consumed?;
     let kpscd = target.kpscd();
     let decode_failures = kpscd.metric("kpsc_decode_failures_total", "");
+    target.kpscd_logs.push(kpscd.log());
     let elapsed = started.elapsed();
-    Ok(Report::build(
+    let mut report = Report::build(
         config,
         elapsed,
         sent,
@@ -214,5 +222,7 @@ pub fn run(config: &SoakConfig) -> anyhow::Result<Report> {
         started,
         target.kpscd_starts,
         decode_failures,
-    ))
+    );
+    report.kpscd_logs = std::mem::take(&mut target.kpscd_logs);
+    Ok(report)
 }
