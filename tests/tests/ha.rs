@@ -224,9 +224,7 @@ fn instances_behind_haproxy_share_one_map_and_survive_kill_stop_and_scale_out() 
             verdict.duplicated
         );
     }
-    assert!(
-        haproxy.log().is_empty() || !haproxy.log().contains("ALERT"),
-        "{}",
-        haproxy.log()
-    );
+    // HAProxy logs configuration and runtime problems as ALERT lines.
+    let log = haproxy.log();
+    assert!(!log.contains("ALERT"), "{log}");
 }
