@@ -6,7 +6,9 @@
 //! - `mapping/`: the broker/port map both modes serve;
 //! - `kafka/`: the wire protocol (framing, request header, guarded decoding, discovery);
 //! - `admin`, `metrics`, `logging`, `man`: the operator's view;
-//! - `shutdown`: the stop signals and the grace period both modes honour.
+//! - `shutdown`: the stop signals and the grace period both modes honour;
+//! - `tls`: rustls on the listeners and towards brokers; `upstream`: how kpscd connects
+//!   to a broker (dial mapping, TLS), for client traffic and its own metadata requests.
 pub mod admin;
 pub mod config;
 pub mod kafka;
@@ -18,3 +20,5 @@ pub mod portmap;
 pub mod privilege;
 pub mod proxy;
 pub mod shutdown;
+pub mod tls;
+pub mod upstream;

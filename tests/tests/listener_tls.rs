@@ -188,8 +188,8 @@ fn confluent_kafka_over_tls_through_every_listener() {
     assert!(plain.api_versions().is_err());
     assert!(
         kpscd.metric(
-            "kpsc_connection_errors_total",
-            "reason=\"client_tls_handshake\""
+            "kpsc_connections_rejected_total",
+            "reason=\"tls_handshake\""
         ) >= 1.0
     );
     assert!(kpscd.alive());

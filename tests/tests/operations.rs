@@ -172,7 +172,19 @@ fn kpscd_exit(args: &[&str]) -> (i32, String) {
 #[test]
 fn bad_configuration_exits_2_and_names_the_flag() {
     let cases: &[(&[&str], &str)] = &[
-        (&["proxy", "--tls-enable"], "--tls-enable"),
+        (
+            &[
+                "proxy",
+                "--bootstrap-server-mapping",
+                "127.0.0.1:1,127.0.0.1:2",
+                "--tls-insecure-skip-verify",
+            ],
+            "--tls-enable",
+        ),
+        (
+            &["proxy", "--tls-client-key-password=x"],
+            "--tls-client-key-password",
+        ),
         (&["server", "--sasl-username=x"], "--sasl-username"),
         (&["proxy"], "--bootstrap-server-mapping"),
         (

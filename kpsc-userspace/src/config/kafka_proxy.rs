@@ -19,10 +19,6 @@ pub const UNSUPPORTED_KAFKA_PROXY_FLAGS: &[(&str, &str)] = &[
         "not implemented yet (listener TLS takes a certificate and an unencrypted key)",
     ),
     (
-        "proxy-listener-ca-chain-cert-file",
-        "not implemented yet (listener TLS takes a certificate and an unencrypted key)",
-    ),
-    (
         "proxy-listener-cipher-suites",
         "not implemented yet (listener TLS takes a certificate and an unencrypted key)",
     ),
@@ -56,30 +52,13 @@ pub const UNSUPPORTED_KAFKA_PROXY_FLAGS: &[(&str, &str)] = &[
         "producer-acks-0-disabled",
         "kpsc detects acks=0 produce requests itself; drop the flag",
     ),
-    ("tls-enable", "TLS to brokers is not implemented yet"),
-    (
-        "tls-insecure-skip-verify",
-        "TLS to brokers is not implemented yet",
-    ),
-    (
-        "tls-client-cert-file",
-        "TLS to brokers is not implemented yet",
-    ),
-    (
-        "tls-client-key-file",
-        "TLS to brokers is not implemented yet",
-    ),
     (
         "tls-client-key-password",
-        "TLS to brokers is not implemented yet",
-    ),
-    (
-        "tls-ca-chain-cert-file",
-        "TLS to brokers is not implemented yet",
+        "not implemented yet (--tls-client-key-file takes an unencrypted key)",
     ),
     (
         "tls-same-client-cert-enable",
-        "TLS to brokers is not implemented yet",
+        "not implemented yet (kpscd does not compare client certificates with its own)",
     ),
     ("sasl-enable", "SASL by proxy is not implemented yet"),
     ("sasl-username", "SASL by proxy is not implemented yet"),
@@ -128,8 +107,10 @@ mod tests {
 
     #[test]
     fn unsupported_kafka_proxy_flags_are_rejected() {
-        let err = reject_unsupported_flags(&["server", "--tls-enable"]).unwrap_err();
-        assert_eq!(err.flag, "--tls-enable");
+        let err = reject_unsupported_flags(&["server", "--tls-client-key-password"]).unwrap_err();
+        assert_eq!(err.flag, "--tls-client-key-password");
+        reject_unsupported_flags(&["--tls-enable", "--proxy-listener-ca-chain-cert-file=x"])
+            .unwrap();
         let err = reject_unsupported_flags(&["--sasl-username=x"]).unwrap_err();
         assert_eq!(err.flag, "--sasl-username");
         reject_unsupported_flags(&["--bootstrap-server-mapping", "a:1,b:2"]).unwrap();

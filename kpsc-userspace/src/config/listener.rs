@@ -2,17 +2,20 @@
 //! protocol header a cloud endpoint prepends (`--proxy-protocol`) and the allow-lists
 //! checked against it (`--allow-source`, `--allow-endpoint-id`).
 
-use std::{collections::BTreeSet, fmt, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, fmt, path::PathBuf, time::Duration};
 
 use clap::Args;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::config::{
-    error::ConfigError,
-    file::{pick, pick_list},
-    tls,
-    values::HumanDuration,
+use crate::{
+    config::{
+        error::ConfigError,
+        file::{pick, pick_list},
+        tls,
+        values::HumanDuration,
+    },
+    tls::listener::ListenerTls,
 };
 
 /// `--proxy-protocol`: whether client connections start with a PROXY protocol header.
@@ -90,9 +93,23 @@ pub struct ListenerArgs {
     #[arg(long = "proxy-listener-cert-file", value_name = "PATH")]
     pub proxy_listener_cert_file: Option<PathBuf>,
 
-    /// PEM private key of that certificate (PKCS#8, PKCS#1 or SEC1).
+    /// PEM private key of that certificate (PKCS#8, PKCS#1 or SEC1). Certificate and key
+    /// are read again on SIGHUP and when either file changes.
     #[arg(long = "proxy-listener-key-file", value_name = "PATH")]
     pub proxy_listener_key_file: Option<PathBuf>,
+
+    /// PEM CA certificates: clients must present a certificate one of them signed.
+    #[arg(long = "proxy-listener-ca-chain-cert-file", value_name = "PATH")]
+    pub proxy_listener_ca_chain_cert_file: Option<PathBuf>,
+
+    /// Subject the client certificate must have, kafka-proxy's form: `s:/CN=[name]/O=[org]`
+    /// (exact values) or `r:/CN=[^kafka-.*$]` (patterns); fields CN, C, L, O, OU, S.
+    /// Repeatable: one of them must match.
+    #[arg(
+        long = "proxy-listener-tls-required-client-subject",
+        value_name = "SUBJECT"
+    )]
+    pub proxy_listener_tls_required_client_subject: Vec<String>,
 }
 
 /// The validated listener settings.
@@ -105,7 +122,7 @@ pub struct AccessConfig {
     /// Empty: every endpoint (and connections without one).
     pub allow_endpoint_ids: BTreeSet<String>,
     /// TLS towards clients (`--proxy-listener-tls-enable`).
-    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    pub tls: Option<ListenerTls>,
 }
 
 const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -168,15 +185,26 @@ impl AccessConfig {
             file.proxy_listener_cert_file,
         );
         let key = pick(flags.proxy_listener_key_file, file.proxy_listener_key_file);
+        let ca = pick(
+            flags.proxy_listener_ca_chain_cert_file,
+            file.proxy_listener_ca_chain_cert_file,
+        );
+        let subjects = pick_list(
+            flags.proxy_listener_tls_required_client_subject,
+            file.proxy_listener_tls_required_client_subject,
+        );
         let tls = match (tls_enable, cert, key) {
-            (false, None, None) => None,
+            (false, None, None) if ca.is_none() && subjects.is_empty() => None,
             (false, _, _) => {
                 return Err(ConfigError::new(
                     "--proxy-listener-tls-enable",
-                    "a listener certificate or key is given but TLS is not enabled",
+                    "a listener certificate, key, CA or client subject is given but TLS is \
+                     not enabled",
                 ));
             }
-            (true, Some(cert), Some(key)) => Some(tls::server_config(&cert, &key)?),
+            (true, Some(cert), Some(key)) => {
+                Some(tls::listener(&cert, &key, ca.as_deref(), &subjects)?)
+            }
             (true, None, _) => {
                 return Err(ConfigError::new(
                     tls::CERT_FLAG,

@@ -14,4 +14,5 @@ pub mod portmap;
 pub mod proxy;
 pub mod run_as;
 pub mod tls;
+pub mod upstream_tls;
 pub mod values;

@@ -12,6 +12,7 @@ use crate::{
         file::{self, pick, pick_list},
         listener::{AccessConfig, ListenerArgs},
         run_as::{RunAs, RunAsArgs},
+        upstream_tls::{UpstreamTls, UpstreamTlsArgs},
         values::{ByteSize, HumanDuration},
     },
     mapping::{
@@ -133,6 +134,10 @@ pub struct ProxyArgs {
     #[serde(flatten)]
     pub run_as: RunAsArgs,
 
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub upstream_tls: UpstreamTlsArgs,
+
     /// Broker reached under another address: `broker_host:port,dial_host:port` (what
     /// the broker advertises, where kpscd connects). Repeatable.
     #[arg(long = "dial-address-mapping", value_name = "MAPPING")]
@@ -184,6 +189,8 @@ pub struct ProxyConfig {
     pub port_map: PortMapConfig,
     pub access: AccessConfig,
     pub dial: DialMap,
+    /// TLS towards the brokers (`--tls-enable`).
+    pub upstream_tls: Option<UpstreamTls>,
     pub forbidden_api_keys: Vec<i16>,
     pub bulk_policy: BulkPolicy,
     pub max_frame_size: u32,
@@ -229,6 +236,7 @@ impl ProxyConfig {
                 ),
             ));
         }
+        let upstream_tls = UpstreamTls::resolve(flags.upstream_tls, file.upstream_tls)?;
         let dial = DialMap::parse(&pick_list(
             flags.dial_address_mapping,
             file.dial_address_mapping,
@@ -269,6 +277,7 @@ impl ProxyConfig {
             port_map,
             access,
             dial,
+            upstream_tls,
             rewrite_memory_budget,
             forbidden_api_keys: pick_list(flags.forbidden_api_keys, file.forbidden_api_keys),
             bulk_policy: pick(flags.bulk_policy, file.bulk_policy).unwrap_or_default(),

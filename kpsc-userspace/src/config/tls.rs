@@ -1,53 +1,70 @@
 //! TLS on the proxy's listeners (kafka-proxy's `--proxy-listener-tls-enable`,
-//! `--proxy-listener-cert-file`, `--proxy-listener-key-file`): the certificate chain and
-//! key are read and checked at start, so a missing file, a file that holds no PEM
-//! certificate or key, or a key that does not belong to the certificate is a
-//! configuration error naming its flag, not a failure at the first client.
+//! `--proxy-listener-cert-file`, `--proxy-listener-key-file`,
+//! `--proxy-listener-ca-chain-cert-file`, `--proxy-listener-tls-required-client-subject`):
+//! every file is read and checked at start, so a missing file, a file that holds no PEM
+//! certificate or key, a key that does not belong to the certificate or a malformed
+//! subject is a configuration error naming its flag, not a failure at the first client.
 
-use std::{path::Path, sync::Arc};
+use std::path::Path;
 
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-use tokio_rustls::rustls::{self, ServerConfig};
-
-use crate::config::error::ConfigError;
+use crate::{
+    config::error::ConfigError,
+    tls::{
+        self,
+        listener::{ClientAuth, ListenerCert, ListenerTls},
+        pem::{self, KeyPairError},
+        subject::RequiredSubject,
+    },
+};
 
 pub const CERT_FLAG: &str = "--proxy-listener-cert-file";
 pub const KEY_FLAG: &str = "--proxy-listener-key-file";
+pub const CA_FLAG: &str = "--proxy-listener-ca-chain-cert-file";
+pub const SUBJECT_FLAG: &str = "--proxy-listener-tls-required-client-subject";
 
-/// The server configuration every listener's TLS acceptor shares.
-pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, ConfigError> {
-    let certs = CertificateDer::pem_file_iter(cert_file)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| ConfigError::new(CERT_FLAG, format!("{}: {e}", cert_file.display())))?;
-    if certs.is_empty() {
-        return Err(ConfigError::new(
-            CERT_FLAG,
-            format!("{}: no PEM certificate in it", cert_file.display()),
-        ));
+/// Names the flag of the file that is wrong.
+pub fn key_pair_error(e: KeyPairError, cert_flag: &str, key_flag: &str) -> ConfigError {
+    match e {
+        KeyPairError::Cert(e) => ConfigError::new(cert_flag, e),
+        KeyPairError::Key(e) => ConfigError::new(key_flag, e),
     }
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| ConfigError::new(KEY_FLAG, format!("{}: {e}", key_file.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let signing_key = provider
-        .key_provider
-        .load_private_key(key.clone_key())
-        .map_err(|e| ConfigError::new(KEY_FLAG, format!("{}: {e}", key_file.display())))?;
-    // Refuse a key from another certificate now: rustls would only notice in handshakes.
-    rustls::sign::CertifiedKey::new(certs.clone(), signing_key)
-        .keys_match()
-        .map_err(|e| {
-            ConfigError::new(
-                KEY_FLAG,
-                format!(
-                    "{} does not belong to the certificate in {}: {e}",
-                    key_file.display(),
-                    cert_file.display()
-                ),
-            )
-        })?;
-    let config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
-        .map_err(|e| ConfigError::new(CERT_FLAG, format!("{}: {e}", cert_file.display())))?;
-    Ok(Arc::new(config))
+}
+
+/// The listeners' TLS: certificate and key (reloadable), and client certificates when a
+/// CA is given.
+pub fn listener(
+    cert_file: &Path,
+    key_file: &Path,
+    ca_file: Option<&Path>,
+    subjects: &[String],
+) -> Result<ListenerTls, ConfigError> {
+    let provider = tls::provider();
+    let cert = ListenerCert::load(cert_file, key_file, provider.clone())
+        .map_err(|e| key_pair_error(e, CERT_FLAG, KEY_FLAG))?;
+    let subjects = subjects
+        .iter()
+        .map(|s| RequiredSubject::parse(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConfigError::new(SUBJECT_FLAG, e))?;
+    let client_auth = match ca_file {
+        Some(ca) => Some(ClientAuth {
+            roots: pem::roots(ca).map_err(|e| ConfigError::new(CA_FLAG, e))?,
+            subjects,
+        }),
+        None if !subjects.is_empty() => {
+            return Err(ConfigError::new(
+                SUBJECT_FLAG,
+                format!("checks client certificates: set {CA_FLAG} to require them"),
+            ));
+        }
+        None => None,
+    };
+    let required = client_auth.is_some();
+    let config = tls::listener::server_config(cert.clone(), client_auth, provider)
+        .map_err(|e| ConfigError::new(CA_FLAG, e))?;
+    Ok(ListenerTls {
+        config,
+        cert,
+        client_auth: required,
+    })
 }

@@ -14,12 +14,16 @@ use kafka_protocol::{
     messages::{ApiKey, ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, RequestHeader},
     protocol::{Encodable, HeaderVersion, StrBytes},
 };
-use tokio::{io::AsyncWriteExt, net::TcpStream, time::timeout};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, split},
+    time::timeout,
+};
 
 use crate::{
     kafka::frame::{FrameReader, write_frame},
     mapping::addr::BrokerAddr,
     proxy::rewrite::{api_versions::decode_api_versions, apis},
+    upstream::Upstream,
 };
 
 /// Highest Metadata version this client speaks (v13 only adds a top-level error code).
@@ -29,23 +33,22 @@ const CLIENT_ID: &str = "kpsc-discovery";
 const API_VERSIONS_CORRELATION_ID: i32 = 1;
 const METADATA_CORRELATION_ID: i32 = 2;
 
-/// One broker's answer: `(node_id, advertised address)` of every broker it knows.
+/// One broker's answer: `(node_id, advertised address)` of every broker it knows. The
+/// connection is made as for client traffic (dial mapping, TLS).
 pub async fn fetch_brokers(
+    upstream: &Upstream,
     addr: &BrokerAddr,
     io_timeout: Duration,
 ) -> anyhow::Result<Vec<(i32, BrokerAddr)>> {
-    timeout(io_timeout, fetch(addr))
+    timeout(io_timeout, fetch(upstream, addr))
         .await
         .with_context(|| format!("metadata from {addr}: timed out after {io_timeout:?}"))?
         .with_context(|| format!("metadata from {addr}"))
 }
 
-async fn fetch(addr: &BrokerAddr) -> anyhow::Result<Vec<(i32, BrokerAddr)>> {
-    let stream = TcpStream::connect((addr.host.as_str(), addr.port))
-        .await
-        .context("connect")?;
-    stream.set_nodelay(true)?;
-    let (r, mut w) = stream.into_split();
+async fn fetch(upstream: &Upstream, addr: &BrokerAddr) -> anyhow::Result<Vec<(i32, BrokerAddr)>> {
+    let stream = upstream.connect(addr).await?;
+    let (r, mut w) = split(stream);
     let mut reader = FrameReader::new(r, 16 * 1024);
 
     let body = call(
@@ -132,9 +135,9 @@ pub fn parse_metadata(version: i16, body: Bytes) -> anyhow::Result<Vec<(i32, Bro
         .collect())
 }
 
-async fn call<Req>(
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    w: &mut tokio::net::tcp::OwnedWriteHalf,
+async fn call<Req, R, W>(
+    reader: &mut FrameReader<R>,
+    w: &mut W,
     api: ApiKey,
     version: i16,
     correlation_id: i32,
@@ -142,6 +145,8 @@ async fn call<Req>(
 ) -> anyhow::Result<Bytes>
 where
     Req: Encodable + HeaderVersion,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
 {
     let header = RequestHeader::default()
         .with_request_api_key(api as i16)

@@ -11,14 +11,17 @@ use crate::{
     kafka::discovery,
     mapping::addr::BrokerAddr,
     portmap::state::{PortmapState, ProbeState},
+    upstream::Upstream,
 };
 
 /// Compares what each broker advertises with the port map. Returns the mismatches.
 pub async fn probe_advertised(entries: &[PortmapEntry], timeout: Duration) -> Vec<String> {
     let expected: BTreeSet<BrokerAddr> = entries.iter().map(|e| e.advertised.clone()).collect();
     let mut problems = Vec::new();
+    // Portmap carries client TLS end to end; its probe speaks plaintext Kafka.
+    let upstream = Upstream::plain(timeout);
     for e in entries {
-        match discovery::fetch_brokers(&e.broker, timeout).await {
+        match discovery::fetch_brokers(&upstream, &e.broker, timeout).await {
             Ok(brokers) => {
                 for (id, addr) in &brokers {
                     if !expected.contains(addr) {

@@ -111,26 +111,48 @@ impl Gate {
                 None
             }
             Err(refusal) => {
-                metrics.connection_rejected(refusal.reason());
                 // The real client when the header named one, else the TCP peer.
                 let source = match &refusal {
                     Refusal::Source(ip) | Refusal::Endpoint(ip, _) => *ip,
                     _ => peer.ip(),
                 };
-                if let Some(suppressed) = self.log.should_log(source, Instant::now()) {
-                    warn!(
-                        client = %source,
-                        %peer,
-                        listen_port,
-                        reason = refusal.reason(),
-                        suppressed,
-                        error = %refusal,
-                        "connection refused before reaching a broker; further refusals of this \
-                         source are logged at most once a minute"
-                    );
-                }
+                self.refuse(
+                    source,
+                    peer,
+                    listen_port,
+                    refusal.reason(),
+                    &refusal,
+                    metrics,
+                );
                 None
             }
+        }
+    }
+
+    /// Counts a refused connection and logs it, at most once per source per window: a
+    /// scanner, an L4 health check or a misconfigured client retrying in a loop must not
+    /// flood the log. Also for refusals made after admission (the client's TLS handshake).
+    pub fn refuse(
+        &self,
+        source: IpAddr,
+        peer: SocketAddr,
+        listen_port: u16,
+        reason: &'static str,
+        error: &dyn std::fmt::Display,
+        metrics: &Metrics,
+    ) {
+        metrics.connection_rejected(reason);
+        if let Some(suppressed) = self.log.should_log(source, Instant::now()) {
+            warn!(
+                client = %source,
+                %peer,
+                listen_port,
+                reason,
+                suppressed,
+                error = %error,
+                "connection refused before reaching a broker; further refusals of this \
+                 source are logged at most once a minute"
+            );
         }
     }
 

@@ -11,6 +11,7 @@
 pub mod access;
 pub mod budget;
 pub mod bulk;
+pub mod cert_reload;
 pub mod connection;
 pub mod listeners;
 pub mod proxy_header;
@@ -45,6 +46,7 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
         max_in_flight = config.max_in_flight,
         "kpscd proxy starting"
     );
+    log_tls(&config);
     let mut stop = StopSignals::install()?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
@@ -63,6 +65,15 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
         ),
     }
     state.tasks.spawn(dispatch(incoming, Arc::clone(&state)));
+    let listener_cert = state
+        .config
+        .access
+        .tls
+        .as_ref()
+        .map(|t| Arc::clone(&t.cert));
+    if let Some(cert) = &listener_cert {
+        tokio::spawn(cert_reload::watch(Arc::clone(cert), state.shutdown.clone()));
+    }
 
     // First metadata: port-map conflicts found here are configuration errors.
     match refresh::refresh_metadata(&state).await {
@@ -87,10 +98,13 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
     let signal_name = loop {
         tokio::select! {
             name = stop.recv() => break name,
-            _ = sighup.recv() => info!(
-                "SIGHUP: proxy mode reloads nothing (flags and file are read at start); \
-                 restart kpscd to apply a new configuration"
-            ),
+            _ = sighup.recv() => match &listener_cert {
+                Some(cert) => cert_reload::reload(cert, "SIGHUP"),
+                None => info!(
+                    "SIGHUP: no listener certificate to reload (flags and file are read at \
+                     start); restart kpscd to apply a new configuration"
+                ),
+            },
         }
     };
     // Unready first, still serving: the load balancer's health check takes this instance
@@ -138,6 +152,32 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
     }
     info!("kpscd stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// TLS as configured, once at start: which bulk path TLS connections take, and a loud
+/// warning when broker certificates are not checked.
+fn log_tls(config: &ProxyConfig) {
+    if let Some(tls) = &config.access.tls {
+        info!(
+            certificate = %tls.cert.describe(),
+            client_certificates_required = tls.client_auth,
+            "listener TLS on: client connections use the copy mover (TLS bytes cannot be \
+             spliced); the certificate is re-read on SIGHUP and when its files change"
+        );
+    }
+    if let Some(tls) = &config.upstream_tls {
+        info!(
+            trust = %tls.trust,
+            "TLS to the brokers on (client traffic and kpscd's metadata requests): broker \
+             connections use the copy mover (TLS bytes cannot be spliced)"
+        );
+        if tls.insecure {
+            warn!(
+                "--tls-insecure-skip-verify: broker certificates are NOT verified; anyone on \
+                 the path to the brokers can read and change all traffic. Use it for tests only"
+            );
+        }
+    }
 }
 
 /// Starts a connection task for every accepted client, until shutdown.

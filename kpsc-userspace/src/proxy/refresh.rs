@@ -25,8 +25,9 @@ pub async fn refresh_metadata(state: &ProxyState) -> anyhow::Result<Vec<anyhow::
         .collect();
     let mut last_error = None;
     for broker in candidates {
-        let dial = state.config.dial.dial_address(&broker);
-        match discovery::fetch_brokers(dial, state.config.common.dial_timeout).await {
+        match discovery::fetch_brokers(&state.upstream, &broker, state.config.common.dial_timeout)
+            .await
+        {
             Ok(brokers) => {
                 let problems = state.learn(&brokers).await;
                 state.set_metadata_known();
@@ -39,7 +40,9 @@ pub async fn refresh_metadata(state: &ProxyState) -> anyhow::Result<Vec<anyhow::
         }
     }
     state.metrics.metadata_refresh_failures.inc();
-    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no broker to ask for metadata")))
+    let error = last_error.unwrap_or_else(|| anyhow::anyhow!("no broker to ask for metadata"));
+    state.set_discovery_error(format!("{error:#}"));
+    Err(error)
 }
 
 /// Periodic metadata refresh until shutdown.

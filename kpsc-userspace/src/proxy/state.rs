@@ -1,7 +1,7 @@
 //! State shared by the connections, the metadata refresher and the admin endpoint.
 
 use std::sync::{
-    Arc,
+    Arc, Mutex, PoisonError,
     atomic::{AtomicBool, Ordering},
 };
 
@@ -20,6 +20,7 @@ use crate::{
         listeners::{Accepted, Listeners},
     },
     shutdown::Draining,
+    upstream::Upstream,
 };
 
 pub struct ProxyState {
@@ -30,7 +31,11 @@ pub struct ProxyState {
     pub rewrite_budget: RewriteBudget,
     /// Admission of new client connections (PROXY header, allow-lists).
     pub gate: Gate,
+    /// How connections to brokers are made (dial mapping, TLS), for clients and discovery.
+    pub upstream: Upstream,
     metadata_known: AtomicBool,
+    /// Why the last metadata request failed, until one succeeds: `/ready` says it.
+    discovery_error: Mutex<Option<String>>,
     /// Set on the first SIGTERM/SIGINT: not ready any more, still serving.
     draining: Draining,
     /// Cancelled on SIGTERM/SIGINT: listeners stop accepting, connections stop reading.
@@ -58,6 +63,12 @@ impl ProxyState {
         let state = Arc::new(Self {
             rewrite_budget: RewriteBudget::new(config.rewrite_memory_budget),
             gate: Gate::new(config.access.clone()),
+            upstream: Upstream::new(
+                config.dial.clone(),
+                config.upstream_tls.as_ref().map(|t| Arc::clone(&t.config)),
+                config.common.dial_timeout,
+            ),
+            discovery_error: Mutex::new(None),
             config,
             metrics,
             listeners,
@@ -71,8 +82,20 @@ impl ProxyState {
     }
 
     pub fn set_metadata_known(&self) {
+        *self.discovery_error_slot() = None;
         self.metadata_known.store(true, Ordering::Release);
         self.update_ready();
+    }
+
+    /// Records why no broker answered the last metadata request.
+    pub fn set_discovery_error(&self, error: String) {
+        *self.discovery_error_slot() = Some(error);
+    }
+
+    fn discovery_error_slot(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.discovery_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Maps and binds the brokers a metadata snapshot or a response names; returns what
@@ -102,7 +125,10 @@ impl AdminView for ProxyState {
     fn readiness(&self) -> Result<(), String> {
         self.draining.check()?;
         if !self.metadata_known.load(Ordering::Acquire) {
-            return Err("cluster metadata not fetched yet".into());
+            return Err(match self.discovery_error_slot().as_deref() {
+                Some(why) => format!("cluster metadata not fetched yet: {why}"),
+                None => "cluster metadata not fetched yet".into(),
+            });
         }
         let unbound = self.listeners.snapshot().unbound();
         if !unbound.is_empty() {

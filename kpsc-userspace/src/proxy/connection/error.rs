@@ -3,21 +3,15 @@
 use crate::{
     kafka::frame::FrameError,
     proxy::{budget::BudgetError, rewrite::declaration::RewriteError},
+    upstream::UpstreamError,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
-    #[error("cannot connect to broker {broker}: {source}")]
-    Connect {
-        broker: String,
-        source: std::io::Error,
-    },
-    #[error("timed out connecting to broker {0}")]
-    ConnectTimeout(String),
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
     #[error("client: {0}")]
     Client(FrameError),
-    #[error("client TLS handshake failed (--proxy-listener-tls-enable): {0}")]
-    TlsHandshake(std::io::Error),
     #[error("broker: {0}")]
     Broker(FrameError),
     #[error("request for forbidden api {api} ({key}) refused (--forbidden-api-keys)")]
@@ -54,7 +48,7 @@ impl ConnError {
     /// Metric label.
     pub fn reason(&self) -> &'static str {
         match self {
-            ConnError::Connect { .. } | ConnError::ConnectTimeout(_) => "broker_unreachable",
+            ConnError::Upstream(e) => e.reason(),
             ConnError::Client(FrameError::TooLarge { .. }) => "client_frame_too_large",
             ConnError::Client(FrameError::NegativeSize(_) | FrameError::TooSmall { .. }) => {
                 "client_bad_size"
@@ -65,7 +59,6 @@ impl ConnError {
                 "client_closed"
             }
             ConnError::Client(FrameError::Io(_)) | ConnError::ClientWrite(_) => "client_io",
-            ConnError::TlsHandshake(_) => "client_tls_handshake",
             ConnError::Broker(FrameError::Io(_)) => "broker_io",
             ConnError::Broker(_) => "broker_bad_frame",
             ConnError::Forbidden { .. } => "forbidden_api",

@@ -1,5 +1,5 @@
-//! Setting one connection up: connect to the broker, run both directions, log and count
-//! how it ended.
+//! Setting one connection up: the client's TLS handshake, connect to the broker, run both
+//! directions, log and count how it ended.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -9,21 +9,27 @@ use tokio::{
     sync::mpsc,
     time::{Duration, timeout},
 };
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_util::either::Either;
 use tracing::{debug, info, warn};
 
 use crate::{
-    mapping::addr::BrokerAddr,
     proxy::{
         bulk::{copy::CopyMover, tcp::TcpMover, transfer::Transfer},
         connection::{error::ConnError, requests::forward_requests, responses::forward_responses},
         listeners::Route,
         state::ProxyState,
     },
+    tls::listener::refusal_reason,
+    upstream::BrokerStream,
 };
 
+/// The client's side: plain TCP, or TLS terminated here.
+type ClientStream = Either<TcpStream, TlsStream<TcpStream>>;
+
 /// Serves one accepted client connection to completion, logging and counting how it ended.
-/// Nothing reaches a broker before the client is admitted (PROXY header, allow-lists).
+/// Nothing reaches a broker before the client is admitted (PROXY header, allow-lists, TLS
+/// handshake with its client certificate).
 pub async fn serve(mut client: TcpStream, peer: SocketAddr, route: Route, state: Arc<ProxyState>) {
     let Some(who) = state
         .gate
@@ -49,6 +55,10 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, route: Route, state:
             "client connected"
         );
     }
+    client.set_nodelay(true).ok();
+    let Some(client) = handshake(client, client_addr, peer, &route, &state).await else {
+        return;
+    };
     route.counters.connections_total.inc();
     route.counters.connections_open.inc();
     let result = run(client, &route, &state).await;
@@ -68,70 +78,83 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, route: Route, state:
     }
 }
 
-async fn connect(broker: &BrokerAddr, state: &ProxyState) -> Result<TcpStream, ConnError> {
-    // --dial-address-mapping: reach the broker under another name; errors name both.
-    let dial = state.config.dial.dial_address(broker);
-    let name = if dial == broker {
-        broker.to_string()
-    } else {
-        format!("{broker} (dialled at {dial})")
-    };
-    let stream = timeout(
-        state.config.common.dial_timeout,
-        TcpStream::connect((dial.host.as_str(), dial.port)),
-    )
-    .await
-    .map_err(|_| ConnError::ConnectTimeout(name.clone()))?
-    .map_err(|source| ConnError::Connect {
-        broker: name,
-        source,
-    })?;
-    stream.set_nodelay(true).ok();
-    Ok(stream)
-}
-
 /// How long a client may take for its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn run(client: TcpStream, route: &Route, state: &ProxyState) -> Result<(), ConnError> {
-    client.set_nodelay(true).ok();
-    if let Some(tls) = &state.config.access.tls {
-        // Handshake before dialling: a client that is not speaking TLS costs no broker
-        // connection. TLS bytes cannot be spliced; both directions are copied.
-        let client = timeout(
-            TLS_HANDSHAKE_TIMEOUT,
-            TlsAcceptor::from(Arc::clone(tls)).accept(client),
-        )
-        .await
-        .map_err(|_| ConnError::TlsHandshake(std::io::ErrorKind::TimedOut.into()))?
-        .map_err(ConnError::TlsHandshake)?;
-        let upstream = connect(&route.broker, state).await?;
-        let (upstream_r, upstream_w) = upstream.into_split();
-        return proxy_streams(
-            split(client),
-            (upstream_r, upstream_w),
-            (CopyMover, CopyMover),
-            route,
-            state,
-        )
-        .await;
-    }
-    let upstream = connect(&route.broker, state).await?;
-    let (client_r, client_w) = client.into_split();
-    let (upstream_r, upstream_w) = upstream.into_split();
-    let transfer = state.config.bulk_transfer;
-    let spliced = &state.metrics.spliced_bytes;
-    proxy_streams(
-        (client_r, client_w),
-        (upstream_r, upstream_w),
-        (
-            TcpMover::new(transfer, spliced.clone()),
-            TcpMover::new(transfer, spliced.clone()),
-        ),
-        route,
-        state,
+/// The client's TLS handshake when the listeners serve TLS, before any broker is dialled:
+/// a client that is not speaking TLS, or lacks the certificate asked for, costs no broker
+/// connection. A failure is a refusal (counted by reason, logged rate-limited per source).
+async fn handshake(
+    client: TcpStream,
+    client_addr: SocketAddr,
+    peer: SocketAddr,
+    route: &Route,
+    state: &ProxyState,
+) -> Option<ClientStream> {
+    let Some(tls) = &state.config.access.tls else {
+        return Some(Either::Left(client));
+    };
+    let accepted = timeout(
+        TLS_HANDSHAKE_TIMEOUT,
+        TlsAcceptor::from(Arc::clone(&tls.config)).accept(client),
     )
     .await
+    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    match accepted {
+        Ok(stream) => Some(Either::Right(stream)),
+        // Connected and closed without a byte (a TCP health check): not a refusal.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            debug!(%peer, listen_port = route.listen_port, "client closed during the TLS handshake");
+            None
+        }
+        Err(e) => {
+            let error = format!("client TLS handshake failed (--proxy-listener-tls-enable): {e}");
+            let reason = refusal_reason(&e);
+            state.gate.refuse(
+                client_addr.ip(),
+                peer,
+                route.listen_port,
+                reason,
+                &error,
+                &state.metrics,
+            );
+            None
+        }
+    }
+}
+
+async fn run(client: ClientStream, route: &Route, state: &ProxyState) -> Result<(), ConnError> {
+    let upstream = state.upstream.connect(&route.broker).await?;
+    match (client, upstream) {
+        (Either::Left(client), BrokerStream::Plain(upstream)) => {
+            let (client_r, client_w) = client.into_split();
+            let (upstream_r, upstream_w) = upstream.into_split();
+            let transfer = state.config.bulk_transfer;
+            let spliced = &state.metrics.spliced_bytes;
+            proxy_streams(
+                (client_r, client_w),
+                (upstream_r, upstream_w),
+                (
+                    TcpMover::new(transfer, spliced.clone()),
+                    TcpMover::new(transfer, spliced.clone()),
+                ),
+                route,
+                state,
+            )
+            .await
+        }
+        // TLS on either side: its bytes cannot be spliced; both directions are copied.
+        (client, upstream) => {
+            proxy_streams(
+                split(client),
+                split(upstream),
+                (CopyMover, CopyMover),
+                route,
+                state,
+            )
+            .await
+        }
+    }
 }
 
 /// How long a finished connection may take to deliver its last bytes and its close to the
