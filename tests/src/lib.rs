@@ -2,6 +2,7 @@
 //! - [`MockCluster`]: librdkafka's mock Kafka cluster (a real, independent broker
 //!   implementation shipped with librdkafka), owned by this process;
 //! - [`Tansu`]: tansu, an independent Kafka-compatible broker;
+//! - [`TlsFront`]: socat terminating TLS in front of a broker, with a [`Pki`] made per test;
 //! - [`CloudEndpoint`]: the cloud's private endpoint in front of kpscd, prepending the
 //!   PROXY protocol header each cloud sends;
 //! - from the shared kit (kpsc-testkit): [`Kpscd`], the real `kpscd` binary as an operator
@@ -14,17 +15,21 @@ mod cloud_endpoint;
 mod command;
 pub mod ha;
 mod mock_cluster;
+mod pki;
 pub mod portmap;
 mod rdkafka_client;
 pub mod soak;
 mod tansu;
+mod tls_peer;
 mod unit;
 
 pub use cloud_endpoint::{Cloud, CloudEndpoint, Header, encode_v2};
 pub use command::run_with_timeout;
 pub use mock_cluster::{ADVERTISED_PATTERN, MockCluster, REAL_BROKER_HOST, proxy_args};
+pub use pki::{Pki, python};
 pub use rdkafka_client::{Delivered, LeakWatch, produce_acked, send_waiting};
 pub use tansu::{Tansu, TansuHost, tansu_bin};
+pub use tls_peer::{TlsClient, TlsFront, cert_der};
 pub use unit::{Started, Unit};
 
 /// The kit shared with kpsc-bench, re-exported so tests name one crate.

@@ -6,86 +6,15 @@
 //! behind a cloud endpoint, the PROXY header in clear before the TLS handshake.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
-    sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
 use kpsc_tests::{
-    Cloud, CloudEndpoint, Header, Kpscd, MockCluster, RawClient, free_port_base, kpscd_bin,
-    proxy_args,
+    Cloud, CloudEndpoint, Header, Kpscd, MockCluster, Pki, RawClient, free_port_base, kpscd_bin,
+    proxy_args, python,
 };
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
-
-/// The Python of the test venv (`cargo xtask setup` installs confluent-kafka there).
-fn python() -> PathBuf {
-    std::env::var_os("KPSC_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/venv/bin/python")
-        })
-}
-
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    /// A CA, and a certificate it signed for the advertised addresses 127.0.1.1-3.
-    fn new() -> Self {
-        // One directory per test: tests run in parallel and each removes its own.
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "kpsc-tls-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        // Distinct names: a leaf whose subject equals its issuer's is taken as self-signed.
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "kpsc test CA");
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let server = |name: &str| {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(vec!["kafka.example".to_owned()]).unwrap();
-            params
-                .distinguished_name
-                .push(DnType::CommonName, format!("kpsc test {name}"));
-            for i in 1..=3u8 {
-                params
-                    .subject_alt_names
-                    .push(SanType::IpAddress([127, 0, 1, i].into()));
-            }
-            let cert = params.signed_by(&key, &issuer).unwrap();
-            std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-        };
-        server("server");
-        server("other");
-        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-        Self { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        if std::env::var_os("KPSC_KEEP_PKI").is_some() {
-            eprintln!("PKI kept in {}", self.dir.display());
-            return;
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 const CLIENT: &str = r#"
 import sys

@@ -208,7 +208,10 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
     use super::*;
-    use crate::config::proxy::{ProxyArgs, ProxyConfig};
+    use crate::{
+        config::proxy::{ProxyArgs, ProxyConfig},
+        mapping::addr::BrokerAddr,
+    };
 
     #[derive(Parser)]
     struct Cli {
