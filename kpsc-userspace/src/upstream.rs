@@ -39,12 +39,14 @@ pub enum BrokerStream {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("cannot connect to broker {broker}: {source}")]
-    Connect { broker: String, source: io::Error },
+    // Fields are not named `source`: the message already says it, and anyhow's `{:#}`
+    // would print it a second time.
+    #[error("cannot connect to broker {broker}: {error}")]
+    Connect { broker: String, error: io::Error },
     #[error("timed out connecting to broker {0}")]
     Timeout(String),
-    #[error("TLS handshake with broker {broker} failed (--tls-enable): {source}")]
-    Tls { broker: String, source: io::Error },
+    #[error("TLS handshake with broker {broker} failed (--tls-enable): {error}")]
+    Tls { broker: String, error: io::Error },
     #[error("broker {0}: its host is not a valid TLS server name")]
     ServerName(String),
 }
@@ -100,9 +102,9 @@ impl Upstream {
     ) -> Result<BrokerStream, UpstreamError> {
         let stream = TcpStream::connect((dial.host.as_str(), dial.port))
             .await
-            .map_err(|source| UpstreamError::Connect {
+            .map_err(|error| UpstreamError::Connect {
                 broker: name.to_owned(),
-                source,
+                error,
             })?;
         stream.set_nodelay(true).ok();
         let Some(tls) = &self.tls else {
@@ -113,9 +115,9 @@ impl Upstream {
         let stream =
             tls.connect(server_name, stream)
                 .await
-                .map_err(|source| UpstreamError::Tls {
+                .map_err(|error| UpstreamError::Tls {
                     broker: name.to_owned(),
-                    source,
+                    error,
                 })?;
         Ok(BrokerStream::Tls(Box::new(stream)))
     }

@@ -2,7 +2,7 @@
 //! - [`MockCluster`]: librdkafka's mock Kafka cluster (a real, independent broker
 //!   implementation shipped with librdkafka), owned by this process;
 //! - [`Tansu`]: tansu, an independent Kafka-compatible broker;
-//! - [`TlsFront`]: socat terminating TLS in front of a broker, with a [`Pki`] made per test;
+//! - [`TlsFront`]: stunnel terminating TLS in front of a broker, with a [`Pki`] made per test;
 //! - [`CloudEndpoint`]: the cloud's private endpoint in front of kpscd, prepending the
 //!   PROXY protocol header each cloud sends;
 //! - from the shared kit (kpsc-testkit): [`Kpscd`], the real `kpscd` binary as an operator

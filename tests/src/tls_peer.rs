@@ -1,7 +1,7 @@
-//! Real TLS peers for the TLS tests: socat's `openssl-listen` terminating TLS in front of a
-//! broker (OpenSSL, not rustls: an independent implementation on the other end of
-//! kpscd's broker connections), and a rustls client that reports the certificate it was
-//! served and speaks one Kafka request.
+//! Real TLS peers for the TLS tests: stunnel terminating TLS in front of a broker
+//! (OpenSSL, not rustls: an independent implementation on the other end of kpscd's
+//! broker connections), and a rustls client that reports the certificate it was served
+//! and speaks one Kafka request.
 
 use std::{
     io::{Read, Write},
@@ -18,11 +18,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObjec
 
 use crate::pki::Pki;
 
-/// socat terminating TLS on `listen_host:port` and forwarding each connection to
+/// stunnel terminating TLS on `listen_host:port` and forwarding each connection to
 /// `target` (a broker) in plaintext. With `client_ca`, clients must present a
-/// certificate from that CA.
+/// certificate from that CA. (socat's `openssl-listen` cannot stand in: with client
+/// verification on it leaves OpenSSL's session id context unset, so every resumed
+/// session fails with an internal error.)
 pub struct TlsFront {
-    _socat: Process,
+    _stunnel: Process,
     pub port: u16,
 }
 
@@ -38,28 +40,32 @@ impl TlsFront {
             .local_addr()?
             .port();
         let verify = match client_ca {
-            Some(ca) => format!("verify=1,cafile={}", pki.path(ca)),
-            None => "verify=0".to_owned(),
+            Some(ca) => format!(
+                "CAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
+                pki.path(ca)
+            ),
+            None => String::new(),
         };
-        let listen = format!(
-            "openssl-listen:{port},bind={listen_host},reuseaddr,fork,cert={},key={},{verify}",
+        let config = format!(
+            "foreground = yes\npid =\ndebug = warning\n[broker]\naccept = {listen_host}:{port}\n\
+             connect = {target}\ncert = {}\nkey = {}\n{verify}",
             pki.path(&format!("{server}.pem")),
             pki.path(&format!("{server}.key")),
         );
-        let socat = Process::spawn(
-            Command::new("socat")
-                .args([&listen, &format!("tcp:{target}")])
-                .stdin(Stdio::null()),
+        let path = pki.path(&format!("stunnel-{listen_host}-{port}.conf"));
+        std::fs::write(&path, config)?;
+        let stunnel = Process::spawn(
+            Command::new("stunnel4").arg(&path).stdin(Stdio::null()),
             Duration::ZERO,
         )
-        .context("socat (cargo xtask setup installs it)")?;
-        // Connecting costs socat one forked child that fails its handshake: harmless.
+        .context("stunnel4 (cargo xtask setup installs it)")?;
+        // Connecting costs stunnel one failed handshake: harmless.
         eventually(Duration::from_secs(5), || {
             TcpStream::connect((listen_host, port))
-                .with_context(|| format!("socat on {listen_host}:{port}"))
+                .with_context(|| format!("stunnel on {listen_host}:{port}"))
         })?;
         Ok(Self {
-            _socat: socat,
+            _stunnel: stunnel,
             port,
         })
     }

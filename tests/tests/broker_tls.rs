@@ -1,6 +1,6 @@
 //! TLS towards the brokers (`--tls-enable`): each of librdkafka's three mock brokers sits
-//! behind socat's OpenSSL server (`openssl-listen`, a certificate for the broker's IP from
-//! a CA made here, client certificates required) and advertises socat's address, as a
+//! behind stunnel (OpenSSL; a certificate for the broker's IP from
+//! a CA made here, client certificates required) and advertises stunnel's address, as a
 //! TLS-only cluster does. A plaintext rdkafka client produces and consumes through kpscd,
 //! which speaks TLS to every broker for client traffic and for its own discovery; a wrong
 //! CA keeps kpscd unready with the reason on `/ready` and fails client connections with
@@ -17,8 +17,8 @@ use rdkafka::{
 
 const TOPIC: &str = "secure";
 
-/// The mock cluster behind one socat TLS front per broker (127.0.2.<id>), advertising
-/// the fronts; socat asks clients for a certificate from `ca.pem`.
+/// The mock cluster behind one stunnel TLS front per broker (127.0.2.<id>), advertising
+/// the fronts; stunnel asks clients for a certificate from `ca.pem`.
 fn cluster_behind_tls(pki: &Pki) -> (MockCluster, Vec<TlsFront>) {
     let cluster = MockCluster::new(3).unwrap();
     cluster.create_topic(TOPIC, 3).unwrap();

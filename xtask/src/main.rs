@@ -37,9 +37,8 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     // The load balancer in front of several kpscd instances (tests/tests/ha.rs).
     "haproxy",
-    // socat's openssl-listen: a real TLS endpoint in front of the test brokers.
-    "socat",
-    "openssl",
+    // stunnel: a real TLS endpoint (OpenSSL) in front of the test brokers.
+    "stunnel4",
 ];
 const EBPF_TOOLCHAIN: &str = "debian-1.96";
 const BPF_LINKER_VERSION: &str = "0.13.0";
