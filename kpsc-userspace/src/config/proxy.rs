@@ -594,6 +594,8 @@ bulk_transfer = "copy"
 log_format = "json"
 shutdown_timeout = "3s"
 shutdown_grace = "1s"
+tls_enable = true
+tls_insecure_skip_verify = true
 "#,
         )
         .unwrap();
@@ -610,6 +612,7 @@ shutdown_grace = "1s"
         assert_eq!(c.common.log.format, LogFormat::Json);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(3));
         assert_eq!(c.common.shutdown_grace, Duration::from_secs(1));
+        assert!(c.upstream_tls.as_ref().is_some_and(|t| t.insecure));
         assert!(matches!(
             c.port_map.dynamic,
             DynamicPorts::Deterministic {

@@ -102,7 +102,7 @@ async fn handshake(
     .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
     match accepted {
         Ok(stream) => Some(Either::Right(stream)),
-        // Connected and closed without a byte (a TCP health check): not a refusal.
+        // Closed during the handshake without an alert (a TCP health check): not a refusal.
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             debug!(%peer, listen_port = route.listen_port, "client closed during the TLS handshake");
             None
