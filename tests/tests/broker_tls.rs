@@ -8,11 +8,12 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use kpsc_tests::{Kpscd, MockCluster, Pki, RawClient, TlsFront, eventually, free_port_base};
+use kpsc_tests::{
+    Kpscd, MockCluster, Pki, RawClient, TlsFront, eventually, free_port_base, produce_acked,
+};
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
-    producer::{BaseProducer, BaseRecord, Producer},
 };
 
 const TOPIC: &str = "secure";
@@ -79,27 +80,14 @@ fn tls_flags(pki: &Pki, ca: &str) -> Vec<String> {
     ]
 }
 
-/// Produces `n` messages over the three partitions through `bootstrap` and reads them back.
+/// Produces `n` messages over the three partitions through `bootstrap` (every one must be
+/// acknowledged) and reads them back.
 fn produce_and_consume(bootstrap: &str, n: usize) {
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "20000")
-        .create()
-        .unwrap();
-    for i in 0..n {
-        let value = format!("m{i}");
-        producer
-            .send(
-                BaseRecord::<(), _>::to(TOPIC)
-                    .payload(&value)
-                    .partition((i % 3) as i32),
-            )
-            .map_err(|(e, _)| e)
-            .unwrap();
-        producer.poll(Duration::ZERO);
-    }
-    producer.flush(Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        produce_acked(bootstrap, TOPIC, n),
+        n,
+        "not every message was acked"
+    );
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "broker-tls")
