@@ -63,7 +63,7 @@ impl RequiredSubject {
             }
         };
         let mut fields = Vec::new();
-        let mut chars = rest.char_indices().peekable();
+        let mut chars = rest.char_indices();
         while let Some((at, c)) = chars.next() {
             if c != '/' {
                 return Err(format!("{text:?}: expected / at {}", at + 2));
