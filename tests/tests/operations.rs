@@ -173,7 +173,17 @@ fn kpscd_exit(args: &[&str]) -> (i32, String) {
 fn bad_configuration_exits_2_and_names_the_flag() {
     let cases: &[(&[&str], &str)] = &[
         (&["proxy", "--tls-enable"], "--tls-enable"),
-        (&["server", "--sasl-username=x"], "--sasl-username"),
+        // kafka-proxy's SASL flags need --sasl-enable (kafka-proxy would ignore them).
+        (
+            &[
+                "server",
+                "--bootstrap-server-mapping",
+                "127.0.0.1:1,127.0.0.1:2",
+                "--sasl-username=x",
+            ],
+            "--sasl-username",
+        ),
+        (&["server", "--sasl-plugin-enable"], "--sasl-plugin-enable"),
         (&["proxy"], "--bootstrap-server-mapping"),
         (
             &["proxy", "--bootstrap-server-mapping", "127.0.0.1:1"],

@@ -81,14 +81,6 @@ pub const UNSUPPORTED_KAFKA_PROXY_FLAGS: &[(&str, &str)] = &[
         "tls-same-client-cert-enable",
         "TLS to brokers is not implemented yet",
     ),
-    ("sasl-enable", "SASL by proxy is not implemented yet"),
-    ("sasl-username", "SASL by proxy is not implemented yet"),
-    ("sasl-password", "SASL by proxy is not implemented yet"),
-    (
-        "sasl-jaas-config-file",
-        "SASL by proxy is not implemented yet",
-    ),
-    ("sasl-method", "SASL by proxy is not implemented yet"),
     ("sasl-plugin-enable", "SASL plugins are not implemented"),
     (
         "debug-enable",
@@ -130,8 +122,8 @@ mod tests {
     fn unsupported_kafka_proxy_flags_are_rejected() {
         let err = reject_unsupported_flags(&["server", "--tls-enable"]).unwrap_err();
         assert_eq!(err.flag, "--tls-enable");
-        let err = reject_unsupported_flags(&["--sasl-username=x"]).unwrap_err();
-        assert_eq!(err.flag, "--sasl-username");
+        let err = reject_unsupported_flags(&["--sasl-plugin-enable=true"]).unwrap_err();
+        assert_eq!(err.flag, "--sasl-plugin-enable");
         reject_unsupported_flags(&["--bootstrap-server-mapping", "a:1,b:2"]).unwrap();
     }
 }

@@ -13,5 +13,6 @@ pub mod listener;
 pub mod portmap;
 pub mod proxy;
 pub mod run_as;
+pub mod sasl;
 pub mod tls;
 pub mod values;

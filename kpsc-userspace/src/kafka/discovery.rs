@@ -17,7 +17,11 @@ use kafka_protocol::{
 use tokio::{io::AsyncWriteExt, net::TcpStream, time::timeout};
 
 use crate::{
-    kafka::frame::{FrameReader, write_frame},
+    config::sasl::SaslCredentials,
+    kafka::{
+        frame::{FrameReader, write_frame},
+        sasl,
+    },
     mapping::addr::BrokerAddr,
     proxy::rewrite::{api_versions::decode_api_versions, apis},
 };
@@ -29,22 +33,30 @@ const CLIENT_ID: &str = "kpsc-discovery";
 const API_VERSIONS_CORRELATION_ID: i32 = 1;
 const METADATA_CORRELATION_ID: i32 = 2;
 
-/// One broker's answer: `(node_id, advertised address)` of every broker it knows.
+/// One broker's answer: `(node_id, advertised address)` of every broker it knows. With
+/// `sasl`, the connection authenticates first.
 pub async fn fetch_brokers(
     addr: &BrokerAddr,
     io_timeout: Duration,
+    sasl: Option<&SaslCredentials>,
 ) -> anyhow::Result<Vec<(i32, BrokerAddr)>> {
-    timeout(io_timeout, fetch(addr))
+    timeout(io_timeout, fetch(addr, sasl))
         .await
         .with_context(|| format!("metadata from {addr}: timed out after {io_timeout:?}"))?
         .with_context(|| format!("metadata from {addr}"))
 }
 
-async fn fetch(addr: &BrokerAddr) -> anyhow::Result<Vec<(i32, BrokerAddr)>> {
-    let stream = TcpStream::connect((addr.host.as_str(), addr.port))
+async fn fetch(
+    addr: &BrokerAddr,
+    sasl: Option<&SaslCredentials>,
+) -> anyhow::Result<Vec<(i32, BrokerAddr)>> {
+    let mut stream = TcpStream::connect((addr.host.as_str(), addr.port))
         .await
         .context("connect")?;
     stream.set_nodelay(true)?;
+    if let Some(creds) = sasl {
+        sasl::authenticate(&mut stream, creds, &addr.to_string()).await?;
+    }
     let (r, mut w) = stream.into_split();
     let mut reader = FrameReader::new(r, 16 * 1024);
 

@@ -26,7 +26,10 @@ pub async fn refresh_metadata(state: &ProxyState) -> anyhow::Result<Vec<anyhow::
     let mut last_error = None;
     for broker in candidates {
         let dial = state.config.dial.dial_address(&broker);
-        match discovery::fetch_brokers(dial, state.config.common.dial_timeout).await {
+        let common = &state.config.common;
+        match discovery::fetch_brokers(dial, common.dial_timeout, common.discovery_sasl.as_ref())
+            .await
+        {
             Ok(brokers) => {
                 let problems = state.learn(&brokers).await;
                 state.set_metadata_known();
@@ -39,7 +42,10 @@ pub async fn refresh_metadata(state: &ProxyState) -> anyhow::Result<Vec<anyhow::
         }
     }
     state.metrics.metadata_refresh_failures.inc();
-    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no broker to ask for metadata")))
+    let error = last_error.unwrap_or_else(|| anyhow::anyhow!("no broker to ask for metadata"));
+    // Until metadata is known, /ready says why (e.g. SASL refused kpscd's credentials).
+    state.set_metadata_error(format!("{error:#}"));
+    Err(error)
 }
 
 /// Periodic metadata refresh until shutdown.

@@ -1,7 +1,7 @@
 //! State shared by the connections, the metadata refresher and the admin endpoint.
 
 use std::sync::{
-    Arc,
+    Arc, Mutex,
     atomic::{AtomicBool, Ordering},
 };
 
@@ -31,6 +31,8 @@ pub struct ProxyState {
     /// Admission of new client connections (PROXY header, allow-lists).
     pub gate: Gate,
     metadata_known: AtomicBool,
+    /// Why the last metadata refresh failed, for `/ready` while none has succeeded.
+    metadata_error: Mutex<Option<String>>,
     /// Set on the first SIGTERM/SIGINT: not ready any more, still serving.
     draining: Draining,
     /// Cancelled on SIGTERM/SIGINT: listeners stop accepting, connections stop reading.
@@ -62,6 +64,7 @@ impl ProxyState {
             metrics,
             listeners,
             metadata_known: AtomicBool::new(false),
+            metadata_error: Mutex::new(None),
             draining: Draining::default(),
             shutdown,
             tasks,
@@ -72,7 +75,19 @@ impl ProxyState {
 
     pub fn set_metadata_known(&self) {
         self.metadata_known.store(true, Ordering::Release);
+        *self
+            .metadata_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         self.update_ready();
+    }
+
+    /// Records why metadata could not be fetched (shown by `/ready` until it is).
+    pub fn set_metadata_error(&self, error: String) {
+        *self
+            .metadata_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(error);
     }
 
     /// Maps and binds the brokers a metadata snapshot or a response names; returns what
@@ -102,7 +117,14 @@ impl AdminView for ProxyState {
     fn readiness(&self) -> Result<(), String> {
         self.draining.check()?;
         if !self.metadata_known.load(Ordering::Acquire) {
-            return Err("cluster metadata not fetched yet".into());
+            let error = self
+                .metadata_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            return Err(match error.as_deref() {
+                Some(error) => format!("cluster metadata not fetched yet: {error}"),
+                None => "cluster metadata not fetched yet".into(),
+            });
         }
         let unbound = self.listeners.snapshot().unbound();
         if !unbound.is_empty() {

@@ -1,7 +1,7 @@
 //! How a proxied connection can end, and the metric label of each way.
 
 use crate::{
-    kafka::frame::FrameError,
+    kafka::{frame::FrameError, sasl::SaslError},
     proxy::{budget::BudgetError, rewrite::declaration::RewriteError},
 };
 
@@ -14,6 +14,10 @@ pub enum ConnError {
     },
     #[error("timed out connecting to broker {0}")]
     ConnectTimeout(String),
+    #[error("{0} (--sasl-enable)")]
+    Sasl(#[from] SaslError),
+    #[error("timed out authenticating to broker {0} (--sasl-enable)")]
+    SaslTimeout(String),
     #[error("client: {0}")]
     Client(FrameError),
     #[error("client TLS handshake failed (--proxy-listener-tls-enable): {0}")]
@@ -55,6 +59,7 @@ impl ConnError {
     pub fn reason(&self) -> &'static str {
         match self {
             ConnError::Connect { .. } | ConnError::ConnectTimeout(_) => "broker_unreachable",
+            ConnError::Sasl(_) | ConnError::SaslTimeout(_) => "broker_sasl",
             ConnError::Client(FrameError::TooLarge { .. }) => "client_frame_too_large",
             ConnError::Client(FrameError::NegativeSize(_) | FrameError::TooSmall { .. }) => {
                 "client_bad_size"

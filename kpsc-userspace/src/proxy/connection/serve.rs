@@ -13,6 +13,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::{
+    kafka::sasl,
     mapping::addr::BrokerAddr,
     proxy::{
         bulk::{copy::CopyMover, tcp::TcpMover, transfer::Transfer},
@@ -83,10 +84,20 @@ async fn connect(broker: &BrokerAddr, state: &ProxyState) -> Result<TcpStream, C
     .await
     .map_err(|_| ConnError::ConnectTimeout(name.clone()))?
     .map_err(|source| ConnError::Connect {
-        broker: name,
+        broker: name.clone(),
         source,
     })?;
+    let mut stream = stream;
     stream.set_nodelay(true).ok();
+    // --sasl-enable: the connection is authenticated before the client's first byte.
+    if let Some(creds) = &state.config.upstream_sasl.credentials {
+        timeout(
+            state.config.common.dial_timeout,
+            sasl::authenticate(&mut stream, creds, &name),
+        )
+        .await
+        .map_err(|_| ConnError::SaslTimeout(name.clone()))??;
+    }
     Ok(stream)
 }
 
