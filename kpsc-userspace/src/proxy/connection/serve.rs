@@ -77,7 +77,7 @@ async fn connect(broker: &BrokerAddr, state: &ProxyState) -> Result<TcpStream, C
     } else {
         format!("{broker} (dialled at {dial})")
     };
-    let stream = timeout(
+    let mut stream = timeout(
         state.config.common.dial_timeout,
         TcpStream::connect((dial.host.as_str(), dial.port)),
     )
@@ -87,7 +87,6 @@ async fn connect(broker: &BrokerAddr, state: &ProxyState) -> Result<TcpStream, C
         broker: name.clone(),
         source,
     })?;
-    let mut stream = stream;
     stream.set_nodelay(true).ok();
     // --sasl-enable: the connection is authenticated before the client's first byte.
     if let Some(creds) = &state.config.upstream_sasl.credentials {
