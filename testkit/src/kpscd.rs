@@ -51,6 +51,16 @@ impl Kpscd {
     /// (network namespace only, through nsenter, so it shares this process's bpffs), its
     /// stderr in a log file.
     pub fn spawn_mode(args: &[String], netns: Option<&str>) -> anyhow::Result<Self> {
+        Self::spawn_mode_with_env(args, netns, &[])
+    }
+
+    /// [`Kpscd::spawn_mode`] with extra environment variables for kpscd only (secrets it
+    /// reads from its environment, say).
+    pub fn spawn_mode_with_env(
+        args: &[String],
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let admin_port = free_port_base(1);
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse()?;
         let log = std::env::temp_dir().join(format!(
@@ -66,6 +76,7 @@ impl Kpscd {
             None => Command::new(kpscd_bin()),
         };
         cmd.args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);
