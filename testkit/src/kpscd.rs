@@ -51,16 +51,27 @@ impl Kpscd {
     /// (network namespace only, through nsenter, so it shares this process's bpffs), its
     /// stderr in a log file.
     pub fn spawn_mode(args: &[String], netns: Option<&str>) -> anyhow::Result<Self> {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port_base(1)).parse()?;
-        Self::spawn_at(args, netns, admin)
+        Self::spawn_mode_with_env(args, netns, &[])
     }
 
-    /// Like [`Kpscd::spawn_mode`], with the admin endpoint on `admin` (e.g. the
+    /// [`Kpscd::spawn_mode`] with extra environment variables for kpscd only (secrets it
+    /// reads from its environment, say).
+    pub fn spawn_mode_with_env(
+        args: &[String],
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port_base(1)).parse()?;
+        Self::spawn_at(args, netns, admin, env)
+    }
+
+    /// Like [`Kpscd::spawn_mode_with_env`], with the admin endpoint on `admin` (e.g. the
     /// namespace's own address, where a load balancer's health check reaches it).
     pub fn spawn_at(
         args: &[String],
         netns: Option<&str>,
         admin: SocketAddr,
+        env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let log = std::env::temp_dir().join(format!(
@@ -78,6 +89,7 @@ impl Kpscd {
             None => Command::new(kpscd_bin()),
         };
         cmd.args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);

@@ -23,7 +23,7 @@ fn start_instance(topo: &HaTopology, args: &[String], i: usize) -> Kpscd {
     let admin = format!("{}:{}", ha::instance_ip(i), ha::ADMIN_PORT)
         .parse()
         .unwrap();
-    let k = Kpscd::spawn_at(args, Some(&topo.instances[i]), admin).unwrap();
+    let k = Kpscd::spawn_at(args, Some(&topo.instances[i]), admin, &[]).unwrap();
     k.wait_ready(Duration::from_secs(20)).unwrap();
     k
 }

@@ -185,7 +185,17 @@ fn bad_configuration_exits_2_and_names_the_flag() {
             &["proxy", "--tls-client-key-password=x"],
             "--tls-client-key-password",
         ),
-        (&["server", "--sasl-username=x"], "--sasl-username"),
+        // kafka-proxy's SASL flags need --sasl-enable (kafka-proxy would ignore them).
+        (
+            &[
+                "server",
+                "--bootstrap-server-mapping",
+                "127.0.0.1:1,127.0.0.1:2",
+                "--sasl-username=x",
+            ],
+            "--sasl-username",
+        ),
+        (&["server", "--sasl-plugin-enable"], "--sasl-plugin-enable"),
         (&["proxy"], "--bootstrap-server-mapping"),
         (
             &["proxy", "--bootstrap-server-mapping", "127.0.0.1:1"],

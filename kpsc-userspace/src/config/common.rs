@@ -9,6 +9,7 @@ use crate::{
     config::{
         error::ConfigError,
         file::{pick, pick_list},
+        sasl::{DiscoverySaslArgs, SaslCredentials},
         values::{HumanDuration, LogFormat, LogLevel},
     },
     mapping::addr::StaticMapping,
@@ -75,6 +76,10 @@ pub struct CommonArgs {
     /// stops, e.g. `5s` (the default); `0s` stops at once.
     #[arg(long = "shutdown-grace", value_name = "DURATION")]
     pub shutdown_grace: Option<HumanDuration>,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub discovery_sasl: DiscoverySaslArgs,
 }
 
 #[derive(Clone, Debug)]
@@ -113,6 +118,8 @@ pub struct CommonSettings {
     pub http: HttpConfig,
     pub log: LogConfig,
     pub shutdown_grace: Duration,
+    /// What kpscd's own connections (discovery, refresh, probes) authenticate with.
+    pub discovery_sasl: Option<SaslCredentials>,
 }
 
 /// Long enough for a health check every 1-2 s with a failure threshold of 2 to notice.
@@ -193,7 +200,12 @@ impl CommonSettings {
             (false, Some(addr)) => MapsEndpoint::Separate(addr),
             (false, None) => MapsEndpoint::Admin,
         };
+        let discovery_sasl =
+            DiscoverySaslArgs::resolve(flags.discovery_sasl, file.discovery_sasl, &|name| {
+                std::env::var(name).ok()
+            })?;
         Ok(Self {
+            discovery_sasl,
             static_mappings,
             metadata_refresh_interval,
             dial_timeout,

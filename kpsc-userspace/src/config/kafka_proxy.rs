@@ -60,14 +60,6 @@ pub const UNSUPPORTED_KAFKA_PROXY_FLAGS: &[(&str, &str)] = &[
         "tls-same-client-cert-enable",
         "not implemented yet (kpscd does not compare client certificates with its own)",
     ),
-    ("sasl-enable", "SASL by proxy is not implemented yet"),
-    ("sasl-username", "SASL by proxy is not implemented yet"),
-    ("sasl-password", "SASL by proxy is not implemented yet"),
-    (
-        "sasl-jaas-config-file",
-        "SASL by proxy is not implemented yet",
-    ),
-    ("sasl-method", "SASL by proxy is not implemented yet"),
     ("sasl-plugin-enable", "SASL plugins are not implemented"),
     (
         "debug-enable",
@@ -111,8 +103,8 @@ mod tests {
         assert_eq!(err.flag, "--tls-client-key-password");
         reject_unsupported_flags(&["--tls-enable", "--proxy-listener-ca-chain-cert-file=x"])
             .unwrap();
-        let err = reject_unsupported_flags(&["--sasl-username=x"]).unwrap_err();
-        assert_eq!(err.flag, "--sasl-username");
+        let err = reject_unsupported_flags(&["--sasl-plugin-enable=true"]).unwrap_err();
+        assert_eq!(err.flag, "--sasl-plugin-enable");
         reject_unsupported_flags(&["--bootstrap-server-mapping", "a:1,b:2"]).unwrap();
     }
 }

@@ -13,6 +13,7 @@ pub mod listener;
 pub mod portmap;
 pub mod proxy;
 pub mod run_as;
+pub mod sasl;
 pub mod tls;
 pub mod upstream_tls;
 pub mod values;

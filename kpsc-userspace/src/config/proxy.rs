@@ -12,6 +12,7 @@ use crate::{
         file::{self, pick, pick_list},
         listener::{AccessConfig, ListenerArgs},
         run_as::{RunAs, RunAsArgs},
+        sasl::{ProxySasl, ProxySaslArgs},
         upstream_tls::{UpstreamTls, UpstreamTlsArgs},
         values::{ByteSize, HumanDuration},
     },
@@ -138,6 +139,10 @@ pub struct ProxyArgs {
     #[serde(flatten)]
     pub upstream_tls: UpstreamTlsArgs,
 
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub sasl: ProxySaslArgs,
+
     /// Broker reached under another address: `broker_host:port,dial_host:port` (what
     /// the broker advertises, where kpscd connects). Repeatable.
     #[arg(long = "dial-address-mapping", value_name = "MAPPING")]
@@ -191,6 +196,9 @@ pub struct ProxyConfig {
     pub dial: DialMap,
     /// TLS towards the brokers (`--tls-enable`).
     pub upstream_tls: Option<UpstreamTls>,
+    /// `--sasl-enable`: every upstream connection authenticates (so do kpscd's own, through
+    /// `common.discovery_sasl`).
+    pub upstream_sasl: ProxySasl,
     pub forbidden_api_keys: Vec<i16>,
     pub bulk_policy: BulkPolicy,
     pub max_frame_size: u32,
@@ -220,7 +228,20 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 impl ProxyConfig {
     pub fn resolve(flags: ProxyArgs) -> Result<Self, ConfigError> {
         let file: ProxyArgs = file::load(flags.common.config.as_deref())?;
-        let common = CommonSettings::resolve(flags.common, file.common)?;
+        let mut common = CommonSettings::resolve(flags.common, file.common)?;
+        let upstream_sasl =
+            ProxySaslArgs::resolve(flags.sasl, file.sasl, &|name| std::env::var(name).ok())?;
+        if let Some(creds) = &upstream_sasl.credentials {
+            // One identity towards the brokers: kafka-proxy's meaning of --sasl-enable.
+            if common.discovery_sasl.is_some() {
+                return Err(ConfigError::new(
+                    "--discovery-sasl-mechanism",
+                    "--sasl-enable already authenticates kpscd's own connections with the \
+                     same credentials: drop the --discovery-sasl-* flags",
+                ));
+            }
+            common.discovery_sasl = Some(creds.clone());
+        }
         let port_map = resolve_port_map(&common, flags.dynamic, file.dynamic)?;
         let access = AccessConfig::resolve(flags.listener, file.listener)?;
         let run_as = RunAs::resolve(flags.run_as, file.run_as)?;
@@ -278,6 +299,7 @@ impl ProxyConfig {
             access,
             dial,
             upstream_tls,
+            upstream_sasl,
             rewrite_memory_budget,
             forbidden_api_keys: pick_list(flags.forbidden_api_keys, file.forbidden_api_keys),
             bulk_policy: pick(flags.bulk_policy, file.bulk_policy).unwrap_or_default(),

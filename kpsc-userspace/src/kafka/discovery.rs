@@ -20,7 +20,11 @@ use tokio::{
 };
 
 use crate::{
-    kafka::frame::{FrameReader, write_frame},
+    config::sasl::SaslCredentials,
+    kafka::{
+        frame::{FrameReader, write_frame},
+        sasl,
+    },
     mapping::addr::BrokerAddr,
     proxy::rewrite::{api_versions::decode_api_versions, apis},
     upstream::Upstream,
@@ -34,20 +38,29 @@ const API_VERSIONS_CORRELATION_ID: i32 = 1;
 const METADATA_CORRELATION_ID: i32 = 2;
 
 /// One broker's answer: `(node_id, advertised address)` of every broker it knows. The
-/// connection is made as for client traffic (dial mapping, TLS).
+/// connection is made as for client traffic (dial mapping, TLS); with `sasl`, it
+/// authenticates first.
 pub async fn fetch_brokers(
     upstream: &Upstream,
     addr: &BrokerAddr,
     io_timeout: Duration,
+    sasl: Option<&SaslCredentials>,
 ) -> anyhow::Result<Vec<(i32, BrokerAddr)>> {
-    timeout(io_timeout, fetch(upstream, addr))
+    timeout(io_timeout, fetch(upstream, addr, sasl))
         .await
         .with_context(|| format!("metadata from {addr}: timed out after {io_timeout:?}"))?
         .with_context(|| format!("metadata from {addr}"))
 }
 
-async fn fetch(upstream: &Upstream, addr: &BrokerAddr) -> anyhow::Result<Vec<(i32, BrokerAddr)>> {
-    let stream = upstream.connect(addr).await?;
+async fn fetch(
+    upstream: &Upstream,
+    addr: &BrokerAddr,
+    sasl: Option<&SaslCredentials>,
+) -> anyhow::Result<Vec<(i32, BrokerAddr)>> {
+    let mut stream = upstream.connect(addr).await?;
+    if let Some(creds) = sasl {
+        sasl::authenticate(&mut stream, creds, &addr.to_string()).await?;
+    }
     let (r, mut w) = split(stream);
     let mut reader = FrameReader::new(r, 16 * 1024);
 

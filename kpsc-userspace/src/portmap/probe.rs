@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    config::portmap::PortmapEntry,
+    config::{portmap::PortmapEntry, sasl::SaslCredentials},
     kafka::discovery,
     mapping::addr::BrokerAddr,
     portmap::state::{PortmapState, ProbeState},
@@ -15,13 +15,17 @@ use crate::{
 };
 
 /// Compares what each broker advertises with the port map. Returns the mismatches.
-pub async fn probe_advertised(entries: &[PortmapEntry], timeout: Duration) -> Vec<String> {
+pub async fn probe_advertised(
+    entries: &[PortmapEntry],
+    timeout: Duration,
+    sasl: Option<&SaslCredentials>,
+) -> Vec<String> {
     let expected: BTreeSet<BrokerAddr> = entries.iter().map(|e| e.advertised.clone()).collect();
     let mut problems = Vec::new();
     // Portmap carries client TLS end to end; its probe speaks plaintext Kafka.
     let upstream = Upstream::plain(timeout);
     for e in entries {
-        match discovery::fetch_brokers(&upstream, &e.broker, timeout).await {
+        match discovery::fetch_brokers(&upstream, &e.broker, timeout, sasl).await {
             Ok(brokers) => {
                 for (id, addr) in &brokers {
                     if !expected.contains(addr) {
@@ -56,15 +60,16 @@ pub async fn probe_advertised(entries: &[PortmapEntry], timeout: Duration) -> Ve
 
 pub async fn probe_loop(state: Arc<PortmapState>, shutdown: CancellationToken) {
     loop {
-        let (entries, interval, timeout) = {
+        let (entries, interval, timeout, sasl) = {
             let c = state.config.lock().expect("config lock");
             (
                 c.entries.clone(),
                 c.common.metadata_refresh_interval,
                 c.common.dial_timeout,
+                c.common.discovery_sasl.clone(),
             )
         };
-        let problems = probe_advertised(&entries, timeout).await;
+        let problems = probe_advertised(&entries, timeout, sasl.as_ref()).await;
         for p in &problems {
             warn!("advertised listener mismatch: {p}");
         }

@@ -47,6 +47,21 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
         "kpscd proxy starting"
     );
     log_tls(&config);
+    if config.upstream_sasl.password_on_argv {
+        warn!(
+            "--sasl-password on the command line is visible to every local user (ps, \
+             /proc); prefer --sasl-password-file, --sasl-password-env or \
+             --sasl-jaas-config-file"
+        );
+    }
+    if let Some(creds) = &config.common.discovery_sasl {
+        info!(
+            mechanism = %creds.mechanism,
+            user = %creds.username,
+            every_connection = config.upstream_sasl.credentials.is_some(),
+            "authenticating to the brokers with SASL"
+        );
+    }
     let mut stop = StopSignals::install()?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 

@@ -25,8 +25,14 @@ pub async fn refresh_metadata(state: &ProxyState) -> anyhow::Result<Vec<anyhow::
         .collect();
     let mut last_error = None;
     for broker in candidates {
-        match discovery::fetch_brokers(&state.upstream, &broker, state.config.common.dial_timeout)
-            .await
+        let common = &state.config.common;
+        match discovery::fetch_brokers(
+            &state.upstream,
+            &broker,
+            common.dial_timeout,
+            common.discovery_sasl.as_ref(),
+        )
+        .await
         {
             Ok(brokers) => {
                 let problems = state.learn(&brokers).await;

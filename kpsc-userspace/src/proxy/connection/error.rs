@@ -1,7 +1,7 @@
 //! How a proxied connection can end, and the metric label of each way.
 
 use crate::{
-    kafka::frame::FrameError,
+    kafka::{frame::FrameError, sasl::SaslError},
     proxy::{budget::BudgetError, rewrite::declaration::RewriteError},
     upstream::UpstreamError,
 };
@@ -10,6 +10,10 @@ use crate::{
 pub enum ConnError {
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
+    #[error("{0} (--sasl-enable)")]
+    Sasl(#[from] SaslError),
+    #[error("timed out authenticating to broker {0} (--sasl-enable)")]
+    SaslTimeout(String),
     #[error("client: {0}")]
     Client(FrameError),
     #[error("broker: {0}")]
@@ -49,6 +53,7 @@ impl ConnError {
     pub fn reason(&self) -> &'static str {
         match self {
             ConnError::Upstream(e) => e.reason(),
+            ConnError::Sasl(_) | ConnError::SaslTimeout(_) => "broker_sasl",
             ConnError::Client(FrameError::TooLarge { .. }) => "client_frame_too_large",
             ConnError::Client(FrameError::NegativeSize(_) | FrameError::TooSmall { .. }) => {
                 "client_bad_size"

@@ -14,6 +14,7 @@ use tokio_util::either::Either;
 use tracing::{debug, info, warn};
 
 use crate::{
+    kafka::sasl,
     proxy::{
         bulk::{copy::CopyMover, tcp::TcpMover, transfer::Transfer},
         connection::{error::ConnError, requests::forward_requests, responses::forward_responses},
@@ -124,7 +125,17 @@ async fn handshake(
 }
 
 async fn run(client: ClientStream, route: &Route, state: &ProxyState) -> Result<(), ConnError> {
-    let upstream = state.upstream.connect(&route.broker).await?;
+    let mut upstream = state.upstream.connect(&route.broker).await?;
+    // --sasl-enable: the connection is authenticated before the client's first byte.
+    if let Some(creds) = &state.config.upstream_sasl.credentials {
+        let broker = route.broker.to_string();
+        timeout(
+            state.config.common.dial_timeout,
+            sasl::authenticate(&mut upstream, creds, &broker),
+        )
+        .await
+        .map_err(|_| ConnError::SaslTimeout(broker.clone()))??;
+    }
     match (client, upstream) {
         (Either::Left(client), BrokerStream::Plain(upstream)) => {
             let (client_r, client_w) = client.into_split();
