@@ -13,6 +13,7 @@
 
 mod cloud_endpoint;
 mod command;
+mod confluent_client;
 pub mod ha;
 mod mock_cluster;
 mod pki;
@@ -25,6 +26,7 @@ mod unit;
 
 pub use cloud_endpoint::{Cloud, CloudEndpoint, Header, encode_v2};
 pub use command::run_with_timeout;
+pub use confluent_client::confluent_produce_and_consume;
 pub use mock_cluster::{ADVERTISED_PATTERN, MockCluster, REAL_BROKER_HOST, proxy_args};
 pub use pki::{Pki, python};
 pub use rdkafka_client::{Delivered, LeakWatch, produce_acked, send_waiting};

@@ -11,35 +11,9 @@
 use std::{process::Command, time::Duration};
 
 use kpsc_tests::{
-    Kpscd, MockCluster, Pki, TlsClient, cert_der, eventually, free_port_base, proxy_args, python,
+    Kpscd, MockCluster, Pki, TlsClient, cert_der, confluent_produce_and_consume, eventually,
+    free_port_base, proxy_args,
 };
-
-const CLIENT: &str = r#"
-import sys
-from confluent_kafka import Consumer, Producer, TopicPartition
-bootstrap, ca, cert, key, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-tls = {"bootstrap.servers": bootstrap, "security.protocol": "ssl", "ssl.ca.location": ca,
-       "ssl.certificate.location": cert, "ssl.key.location": key,
-       "ssl.endpoint.identification.algorithm": "https"}
-acked = []
-p = Producer({**tls, "acks": "all", "message.timeout.ms": 20000})
-for i in range(n):
-    p.produce("secure", value=f"m{i}".encode(), partition=i % 3,
-              on_delivery=lambda err, msg: err is None and acked.append(msg))
-    p.poll(0)
-p.flush(30)
-c = Consumer({**tls, "group.id": "mtls", "enable.auto.commit": False})
-c.assign([TopicPartition("secure", q, 0) for q in range(3)])
-got = 0
-for _ in range(300):
-    m = c.poll(0.1)
-    if m is not None and m.error() is None:
-        got += 1
-    if got == n:
-        break
-c.close()
-print(f"acked={len(acked)} consumed={got}")
-"#;
 
 fn cluster() -> MockCluster {
     let cluster = MockCluster::new(3).unwrap();
@@ -91,23 +65,22 @@ fn client_certificates_are_required_and_their_subject_checked() {
     ]);
     let kpscd = start(&cluster, base, &flags);
 
-    let out = Command::new(python())
-        .args([
-            "-c",
-            CLIENT,
-            &format!("127.0.1.1:{base}"),
-            &pki.path("ca.pem"),
-            &pki.path("changefeed.pem"),
-            &pki.path("changefeed.key"),
-            "100",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("acked=100 consumed=100"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("changefeed.pem"),
+        pki.path("changefeed.key"),
+    );
+    confluent_produce_and_consume(
+        &format!("127.0.1.1:{base}"),
+        "secure",
+        100,
+        &[
+            ("security.protocol", "ssl"),
+            ("ssl.ca.location", &ca),
+            ("ssl.certificate.location", &cert),
+            ("ssl.key.location", &key),
+            ("ssl.endpoint.identification.algorithm", "https"),
+        ],
     );
     assert!(!refused(base, &pki, Some("changefeed")));
 

@@ -12,54 +12,23 @@ use std::{
 };
 
 use kpsc_tests::{
-    Cloud, CloudEndpoint, Header, Kpscd, MockCluster, Pki, RawClient, free_port_base, kpscd_bin,
-    proxy_args, python,
+    Cloud, CloudEndpoint, Header, Kpscd, MockCluster, Pki, RawClient,
+    confluent_produce_and_consume, free_port_base, kpscd_bin, proxy_args,
 };
 
-const CLIENT: &str = r#"
-import sys
-from confluent_kafka import Consumer, Producer, TopicPartition
-bootstrap, ca, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-tls = {"bootstrap.servers": bootstrap, "security.protocol": "ssl", "ssl.ca.location": ca,
-       "ssl.endpoint.identification.algorithm": "https"}
-acked = []
-p = Producer({**tls, "acks": "all", "message.timeout.ms": 20000})
-for i in range(n):
-    p.produce("secure", value=f"m{i}".encode(), partition=i % 3,
-              on_delivery=lambda err, msg: err is None and acked.append(msg))
-    p.poll(0)
-p.flush(30)
-c = Consumer({**tls, "group.id": "tls", "enable.auto.commit": False})
-c.assign([TopicPartition("secure", q, 0) for q in range(3)])
-got = 0
-for _ in range(300):
-    m = c.poll(0.1)
-    if m is not None and m.error() is None:
-        got += 1
-    if got == n:
-        break
-c.close()
-print(f"acked={len(acked)} consumed={got}")
-"#;
-
-/// Runs `CLIENT`: `count` messages produced and consumed over TLS through kpscd's first
-/// listener, trusting the test CA; every one must be acknowledged and read back.
+/// `count` messages produced and consumed over TLS through kpscd's first listener,
+/// trusting the test CA.
 fn produce_and_consume_over_tls(base: u16, pki: &Pki, count: usize) {
-    let out = Command::new(python())
-        .args([
-            "-c",
-            CLIENT,
-            &format!("127.0.1.1:{base}"),
-            &pki.path("ca.pem"),
-            &count.to_string(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains(&format!("acked={count} consumed={count}")),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let ca = pki.path("ca.pem");
+    confluent_produce_and_consume(
+        &format!("127.0.1.1:{base}"),
+        "secure",
+        count,
+        &[
+            ("security.protocol", "ssl"),
+            ("ssl.ca.location", &ca),
+            ("ssl.endpoint.identification.algorithm", "https"),
+        ],
     );
 }
 

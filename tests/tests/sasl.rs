@@ -19,7 +19,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kpsc_tests::{Kpscd, Process, RawClient, free_port_base, wait_listening};
+use kpsc_tests::{
+    Kpscd, Process, RawClient, confluent_produce_and_consume, free_port_base, wait_listening,
+};
 
 const ALICE_PASSWORD: &str = "alice-pw-4b1d";
 const BOB_PASSWORD: &str = "bob-pw-77e2";
@@ -38,15 +40,6 @@ fn tansu_sasl_bin() -> PathBuf {
         p.display()
     );
     p
-}
-
-/// The Python of the test venv (`cargo xtask setup` installs confluent-kafka there).
-fn python() -> PathBuf {
-    std::env::var_os("KPSC_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/venv/bin/python")
-        })
 }
 
 /// A directory of its own per test (tests run in parallel), removed on drop.
@@ -161,49 +154,20 @@ impl SaslBroker {
     }
 }
 
-const CLIENT: &str = r#"
-import sys
-from confluent_kafka import Consumer, Producer, TopicPartition
-bootstrap, topic, n, sasl = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-conf = {"bootstrap.servers": bootstrap}
-if sasl:
-    conf.update({"security.protocol": "sasl_plaintext", "sasl.mechanism": sasl[0],
-                 "sasl.username": sasl[1], "sasl.password": sasl[2]})
-acked = []
-p = Producer({**conf, "acks": "all", "message.timeout.ms": 20000})
-for i in range(n):
-    p.produce(topic, value=f"m{i}".encode(), partition=i % 3,
-              on_delivery=lambda err, msg: err is None and acked.append(msg))
-    p.poll(0)
-p.flush(30)
-c = Consumer({**conf, "group.id": "sasl", "enable.auto.commit": False})
-c.assign([TopicPartition(topic, q, 0) for q in range(3)])
-got = 0
-for _ in range(300):
-    m = c.poll(0.1)
-    if m is not None and m.error() is None:
-        got += 1
-    if got == n:
-        break
-c.close()
-print(f"acked={len(acked)} consumed={got}")
-"#;
-
 /// Produces `count` messages through `bootstrap` and reads them back; `sasl` is the
 /// client's own `[mechanism, user, password]` (empty: no SASL).
 fn produce_and_consume(bootstrap: &str, count: usize, sasl: &[&str]) {
-    let out = Command::new(python())
-        .args(["-c", CLIENT, bootstrap, TOPIC, &count.to_string()])
-        .args(sasl)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains(&format!("acked={count} consumed={count}")),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let conf: Vec<(&str, &str)> = match sasl {
+        [] => vec![],
+        [mechanism, user, password] => vec![
+            ("security.protocol", "sasl_plaintext"),
+            ("sasl.mechanism", mechanism),
+            ("sasl.username", user),
+            ("sasl.password", password),
+        ],
+        other => panic!("sasl is [mechanism, user, password], not {other:?}"),
+    };
+    confluent_produce_and_consume(bootstrap, TOPIC, count, &conf);
 }
 
 /// The broker's one listener behind kpscd's `base` (tansu names itself as its only
