@@ -67,7 +67,8 @@ pub fn maybe_in<T: Send>(ns: Option<&str>, f: impl FnOnce() -> T + Send) -> anyh
     }
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+/// Runs `ip ARGS`; a failure carries the command and its stderr.
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()

@@ -22,7 +22,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use kpsc_testkit::{Process, netns};
+use kpsc_testkit::{
+    Process,
+    netns::{self, ip},
+};
 
 use crate::mock_cluster::MockCluster;
 
@@ -36,21 +39,6 @@ const MIN_PORT: u16 = FIRST_PORT - 1;
 
 pub fn instance_ip(i: usize) -> String {
     format!("198.18.20.{}", 11 + i)
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// `ip netns exec <ns> <program> <args>`, with `stdin` fed to it.

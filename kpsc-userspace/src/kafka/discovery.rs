@@ -9,10 +9,10 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::{
-    messages::{ApiKey, ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, RequestHeader},
-    protocol::{Encodable, HeaderVersion, StrBytes},
+    messages::{ApiKey, ApiVersionsRequest, ApiVersionsResponse, MetadataRequest},
+    protocol::{Encodable, HeaderVersion},
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt, split},
@@ -23,6 +23,7 @@ use crate::{
     config::sasl::SaslCredentials,
     kafka::{
         frame::{FrameReader, write_frame},
+        request::encode_request,
         sasl,
     },
     mapping::addr::BrokerAddr,
@@ -161,14 +162,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let header = RequestHeader::default()
-        .with_request_api_key(api as i16)
-        .with_request_api_version(version)
-        .with_correlation_id(correlation_id)
-        .with_client_id(Some(StrBytes::from_static_str(CLIENT_ID)));
-    let mut buf = BytesMut::new();
-    header.encode(&mut buf, Req::header_version(version))?;
-    request.encode(&mut buf, version)?;
+    let buf = encode_request(api, version, correlation_id, CLIENT_ID, request)?;
     write_frame(w, &buf).await?;
     let mut body = Vec::new();
     if !reader.read_frame(MAX_RESPONSE, &mut body).await? {
@@ -179,10 +173,12 @@ where
 
 #[cfg(test)]
 mod tests {
+    use bytes::BytesMut;
     use kafka_protocol::messages::{
         BrokerId, MetadataResponse, ResponseHeader, api_versions_response::ApiVersion,
         metadata_response::MetadataResponseBroker,
     };
+    use kafka_protocol::protocol::StrBytes;
 
     use super::*;
 

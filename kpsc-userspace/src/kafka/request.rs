@@ -138,6 +138,32 @@ impl Cursor<'_> {
     }
 }
 
+/// Encodes a request kpscd sends itself (discovery, SASL): header and body, ready for
+/// `write_frame`.
+pub fn encode_request<Req>(
+    api: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    client_id: &'static str,
+    request: &Req,
+) -> anyhow::Result<bytes::BytesMut>
+where
+    Req: kafka_protocol::protocol::Encodable + kafka_protocol::protocol::HeaderVersion,
+{
+    use kafka_protocol::protocol::Encodable as _;
+    let header = kafka_protocol::messages::RequestHeader::default()
+        .with_request_api_key(api as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(correlation_id)
+        .with_client_id(Some(kafka_protocol::protocol::StrBytes::from_static_str(
+            client_id,
+        )));
+    let mut buf = bytes::BytesMut::new();
+    header.encode(&mut buf, Req::header_version(version))?;
+    request.encode(&mut buf, version)?;
+    Ok(buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,11 +5,11 @@
 //! exactly one response per request, so the stream is handed on with nothing buffered.
 //! The broker's answers go through the guarded decoder like every other response.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::{
     messages::{
-        ApiKey, RequestHeader, SaslAuthenticateRequest, SaslAuthenticateResponse,
-        SaslHandshakeRequest, SaslHandshakeResponse,
+        ApiKey, SaslAuthenticateRequest, SaslAuthenticateResponse, SaslHandshakeRequest,
+        SaslHandshakeResponse,
     },
     protocol::{Decodable, Encodable, HeaderVersion, StrBytes},
 };
@@ -21,6 +21,7 @@ use crate::{
         frame::{frame_size, write_frame},
         guarded::decode_response,
         layout::{BYTES, I16, I64, STR, Schema, Ty, all, since},
+        request::encode_request,
         scram::{ScramClient, ScramError, ScramHash, new_nonce},
     },
 };
@@ -229,15 +230,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<'_, S> {
     {
         let correlation_id = self.next_id;
         self.next_id += 1;
-        let header = RequestHeader::default()
-            .with_request_api_key(api as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(correlation_id)
-            .with_client_id(Some(StrBytes::from_static_str(CLIENT_ID)));
-        let mut buf = BytesMut::new();
-        header
-            .encode(&mut buf, Req::header_version(version))
-            .and_then(|()| request.encode(&mut buf, version))
+        let buf = encode_request(api, version, correlation_id, CLIENT_ID, request)
             .map_err(|e| format!("encoding {api:?}: {e}"))?;
         write_frame(self.stream, &buf)
             .await
@@ -286,6 +279,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<'_, S> {
 
 #[cfg(test)]
 mod tests {
+    use bytes::BytesMut;
     use kafka_protocol::messages::ResponseHeader;
 
     use super::*;
