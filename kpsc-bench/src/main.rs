@@ -84,6 +84,11 @@ struct Args {
     /// XDP on the node needs both; use it for the TC run too, to compare like with like.
     #[arg(long)]
     full_checksums: bool,
+    /// Namespaces only: the node's receive processing runs on this CPU (RPS), not on the
+    /// sending host's CPU; kernel-resident paths then do their node work there, as a
+    /// pinned proxy does (e.g. 1 with --pinning split).
+    #[arg(long)]
+    node_receive_cpu: Option<usize>,
     /// Producer connections of the produce and fetch workloads.
     #[arg(long, default_value_t = 4)]
     connections: usize,
@@ -109,9 +114,12 @@ struct Args {
     /// (`routed` in namespaces), `proxy` (kpscd proxy copying through userspace: the
     /// plain tokio path), `splice` (kpscd proxy moving bulk bytes with splice(2)),
     /// `portmap` (kpscd portmap, namespaces only), `nftables` (DNAT + masquerade rules
-    /// loaded on the node, namespaces only), `external` (the --proxy-cmd proxy).
+    /// loaded on the node, namespaces only), `external` (the --proxy-cmd proxy), and,
+    /// only when named, `sockmap-ceiling` (a probe that redirects every byte socket to
+    /// socket in the kernel with sockmap, no Kafka framing: the most a sockmap proxy could
+    /// reach here; produce, fetch and small workloads only; needs root).
     #[arg(long, value_delimiter = ',',
-          value_parser = ["direct", "proxy", "splice", "portmap", "nftables", "external"])]
+          value_parser = ["direct", "proxy", "splice", "portmap", "nftables", "external", "sockmap-ceiling"])]
     targets: Vec<String>,
     /// Idle connections to open per proxy target for the memory measurement.
     #[arg(long, default_value_t = 1000)]
@@ -245,6 +253,9 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
         Topology::new(1, 1)?
     };
     topo.add_routes()?;
+    if let Some(cpu) = args.node_receive_cpu {
+        topo.steer_receive(&topo.node, &["n0", "n1"], cpu)?;
+    }
     // A busy client host reuses ports in TIME_WAIT for new connections; without it the
     // churn would measure the client's own port space (28,232 ports per destination per
     // minute), not the node.
@@ -307,12 +318,14 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
         current_thread_runtime()?.block_on(run(
             args,
             &format!(
-                "{machine}; namespaces client -> node -> broker over veth{}; portmap --attach {}",
+                "{machine}; namespaces client -> node -> broker over veth{}{}; portmap --attach {}",
                 if args.full_checksums {
                     " (client/broker: checksum offload off, GRO on)"
                 } else {
                     ""
                 },
+                args.node_receive_cpu
+                    .map_or(String::new(), |c| format!(", node receive on CPU {c}")),
                 args.portmap_attach
             ),
             &sink,
@@ -361,6 +374,19 @@ fn target_kinds(args: &Args, kpscd: &Path, node_sinks: Option<(Sink, Sink)>) -> 
     }
     if let Some(cmd) = args.proxy_cmd.as_ref().filter(|_| wanted("external")) {
         kinds.push(TargetKind::External(cmd.clone()));
+    }
+    // Never by default: it is a measurement of the kernel path, not a proxy (it cannot
+    // answer the rewrite or churn workloads correctly).
+    if args.targets.iter().any(|t| t == "sockmap-ceiling") {
+        kinds.push(TargetKind::SockmapCeiling {
+            bin: std::env::current_exe()
+                .expect("exe")
+                .with_file_name("kpsc-sockmap-ceiling"),
+            counters: std::env::temp_dir().join(format!(
+                "kpsc-sockmap-ceiling-{}.counters",
+                std::process::id()
+            )),
+        });
     }
     kinds
 }
@@ -563,6 +589,7 @@ impl Bench<'_> {
             for t in order(self.targets, rep) {
                 let cpu_before = t.cpu_seconds();
                 let softirq_before = target::softirq_seconds();
+                let kworker_before = target::kernel_worker_seconds();
                 let result = run_produce(&t.addr, load, t.sink.produce_requests())
                     .await
                     .and_then(|r| {
@@ -577,6 +604,7 @@ impl Bench<'_> {
                         &r,
                         t.cpu_seconds() - cpu_before,
                         target::softirq_seconds() - softirq_before,
+                        target::kernel_worker_seconds() - kworker_before,
                     ));
                     eprintln!(
                         "  {workload} #{rep} {:<14} {:>8.1} MB/s",
@@ -586,6 +614,7 @@ impl Bench<'_> {
                 }
             }
         }
+        self.note_kernel_state(workload);
         Ok(())
     }
 
@@ -655,7 +684,8 @@ impl Bench<'_> {
         self.note_kernel_state(workload);
     }
 
-    /// Portmap's counters and conntrack's entries after a workload, into the report.
+    /// Portmap's counters, conntrack's entries and the sockmap probe's byte counts after a
+    /// workload, into the report.
     fn note_kernel_state(&mut self, workload: &str) {
         for t in self.targets {
             // Blocking, briefly: kpscd's admin endpoint answers without the sink (which has

@@ -25,6 +25,10 @@ pub struct Measurement {
     pub proxy_cpu_s_per_gb: Option<f64>,
     /// Kernel softirq time of the whole machine per GB (network stack + TC programs).
     pub softirq_s_per_gb: Option<f64>,
+    /// CPU of the kernel's worker threads (kworker) per GB: deferred kernel work, such as
+    /// sockmap's redirect backlog, which neither of the two above shows.
+    #[serde(default)]
+    pub kworker_s_per_gb: Option<f64>,
     /// Churn and flood workloads: connections opened, answered and closed per second.
     #[serde(default)]
     pub connections_per_s: Option<f64>,
@@ -56,6 +60,7 @@ impl Measurement {
         r: &ProduceResult,
         cpu_s: f64,
         softirq_s: f64,
+        kworker_s: f64,
     ) -> Self {
         let secs = r.elapsed.as_secs_f64();
         let gb = r.bytes as f64 / 1e9;
@@ -72,6 +77,7 @@ impl Measurement {
             proxy_cpu_s_per_gb: (!matches!(target, "direct" | "routed") && gb > 0.0)
                 .then(|| cpu_s / gb),
             softirq_s_per_gb: (gb > 0.0).then(|| softirq_s / gb),
+            kworker_s_per_gb: (gb > 0.0).then(|| kworker_s / gb),
             connections_per_s: None,
             success_pct: None,
             retried_pct: None,
@@ -101,6 +107,7 @@ impl Measurement {
             p999_us: p999,
             proxy_cpu_s_per_gb: None,
             softirq_s_per_gb: None,
+            kworker_s_per_gb: None,
             connections_per_s: None,
             success_pct: None,
             retried_pct: None,
@@ -316,7 +323,11 @@ impl Report {
                             return "-".into();
                         };
                         let cpu = med(w, t, |m| {
-                            Some(m.proxy_cpu_s_per_gb.unwrap_or(0.0) + m.softirq_s_per_gb?)
+                            Some(
+                                m.proxy_cpu_s_per_gb.unwrap_or(0.0)
+                                    + m.softirq_s_per_gb?
+                                    + m.kworker_s_per_gb.unwrap_or(0.0),
+                            )
                         });
                         let ratio = (t != &baseline)
                             .then(|| self.ratio(w, t, baseline))
@@ -358,7 +369,7 @@ impl Report {
         if !throughput.is_empty() {
             out.push_str(&format!(
                 "Throughput: MB/s forwarded (median), ratio to {baseline} pair by pair, and CPU \
-                 seconds per GB (proxy process + machine softirq):\n\n{header}{throughput}\n"
+                 seconds per GB (proxy process + machine softirq + kernel worker threads):\n\n{header}{throughput}\n"
             ));
         }
         if !churn.is_empty() {
@@ -396,8 +407,8 @@ impl Report {
         };
         if workloads.iter().any(|w| !is_churn(w)) {
             out.push_str(&format!(
-                "\n| workload | target | MB/s | records/s | vs {baseline} | vs kpscd-proxy | p50 us | p99 us | p99.9 us | proxy CPU s/GB | softirq s/GB |\n\
-                 |---|---|---|---|---|---|---|---|---|---|---|\n"
+                "\n| workload | target | MB/s | records/s | vs {baseline} | vs kpscd-proxy | p50 us | p99 us | p99.9 us | proxy CPU s/GB | softirq s/GB | kworker s/GB |\n\
+                 |---|---|---|---|---|---|---|---|---|---|---|---|\n"
             ));
         }
         for w in workloads.iter().filter(|w| !is_churn(w)) {
@@ -412,7 +423,7 @@ impl Report {
                     }
                 };
                 out.push_str(&format!(
-                    "| {w} | {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    "| {w} | {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                     get(|m| m.mb_per_s),
                     get(|m| m.records_per_s),
                     ratio(baseline),
@@ -422,6 +433,7 @@ impl Report {
                     get(|m| m.p999_us.map(|v| v as f64)),
                     get(|m| m.proxy_cpu_s_per_gb),
                     get(|m| m.softirq_s_per_gb),
+                    get(|m| m.kworker_s_per_gb),
                 ));
             }
         }

@@ -39,6 +39,13 @@ pub enum TargetKind {
         sink: Sink,
     },
     External(String),
+    /// The sockmap ceiling probe (`kpsc-sockmap-ceiling`, next to kpsc-bench): every byte
+    /// redirected socket to socket in the kernel, no framing; the bound for a sockmap
+    /// `kpscd proxy`. `counters`: the file it keeps its byte counts in.
+    SockmapCeiling {
+        bin: PathBuf,
+        counters: PathBuf,
+    },
 }
 
 /// Which CPUs the load generator, the sink and the proxy run on.
@@ -92,7 +99,7 @@ pub struct Placement {
 }
 
 /// Fixed ports in a fresh namespace; free ones on a shared loopback.
-const NETNS_PORTS: [u16; 5] = [19092, 19093, 19094, 19095, 19096];
+const NETNS_PORTS: [u16; 6] = [19092, 19093, 19094, 19095, 19096, 19097];
 
 impl Placement {
     pub fn loopback(pinning: Pinning) -> Self {
@@ -172,6 +179,11 @@ enum Proxy {
         _rules: NatRules,
     },
     External(Process),
+    /// The sockmap ceiling probe and the file it writes its counters to.
+    Probe {
+        process: Process,
+        counters: PathBuf,
+    },
 }
 
 /// How long an external proxy gets to exit after SIGTERM (what the kit gives kpscd).
@@ -180,6 +192,30 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
+}
+
+/// CPU time (user + system) of the kernel's worker threads, `kworker/*`, seconds: where
+/// deferred kernel work runs, such as sockmap's redirect backlog (`sk_psock_backlog`),
+/// which neither a proxy's process time nor softirq time includes. Threads that exited
+/// during a run take their time with them, so this can only undercount.
+pub fn kernel_worker_seconds() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let ticks: u64 = entries
+        .filter_map(|e| {
+            let name = e.ok()?.file_name();
+            name.to_str()?.parse::<u32>().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", name.to_str()?)).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            if !head.contains("(kworker") {
+                return None;
+            }
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks as f64 / clock_ticks()
 }
 
 /// Kernel softirq time of all CPUs (where TC programs and the network stack run), seconds.
@@ -373,6 +409,27 @@ impl Target {
                     proxy: Proxy::External(process),
                 })
             }
+            TargetKind::SockmapCeiling { bin, counters } => {
+                let (port, _) = place.ports(5);
+                let listen = format!("{ip}:{port}");
+                let args = [
+                    listen.clone(),
+                    sink.addr.to_string(),
+                    counters.display().to_string(),
+                ];
+                let process =
+                    Process::spawn(&mut place.command(bin.as_os_str(), &args), STOP_GRACE)?;
+                let addr = listen.clone();
+                blocking(move || wait_listening(&addr, Duration::from_secs(20)))
+                    .await
+                    .context("the sockmap ceiling probe did not listen")?;
+                Ok(Self {
+                    name: "sockmap-ceiling".into(),
+                    addr: listen,
+                    sink: sink.clone(),
+                    proxy: Proxy::Probe { process, counters },
+                })
+            }
         }
     }
 
@@ -380,7 +437,7 @@ impl Target {
         match &self.proxy {
             Proxy::None | Proxy::Nat { .. } => None,
             Proxy::Kpscd(k) => Some(k.pid()),
-            Proxy::External(p) => Some(p.id()),
+            Proxy::External(p) | Proxy::Probe { process: p, .. } => Some(p.id()),
         }
     }
 
@@ -445,6 +502,9 @@ impl Target {
                 .conntrack_count()
                 .ok()
                 .map(|n| format!("{n} conntrack entries")),
+            Proxy::Probe { counters, .. } => std::fs::read_to_string(counters)
+                .ok()
+                .map(|line| line.trim().to_owned()),
             _ => None,
         }
     }

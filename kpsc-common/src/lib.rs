@@ -8,6 +8,22 @@
 /// Maximum number of listen ports one instance maps (map capacity).
 pub const MAX_MAPPED_PORTS: u32 = 4096;
 
+/// Names and sizes of the sockmap ceiling probe (kpsc-ebpf's `kpsc-sockmap-ceiling`
+/// object), which kpsc-bench runs to measure the most a sockmap proxy could reach.
+pub mod sockmap_ceiling {
+    pub const VERDICT: &str = "kpsc_sockmap_ceiling";
+    pub const SOCKETS_MAP: &str = "CEILING_SOCKETS";
+    pub const PEERS_MAP: &str = "CEILING_PEERS";
+    pub const COUNTERS_MAP: &str = "CEILING_COUNTERS";
+    pub const DELIVERED_MAP: &str = "CEILING_DELIVERED";
+    /// Sockets forwarded at once (two per proxied connection).
+    pub const MAX_SOCKETS: u32 = 16_384;
+    /// Indexes in COUNTERS_MAP (per-CPU byte counts).
+    pub const COUNTER_REDIRECTED: u32 = 0;
+    pub const COUNTER_PASSED: u32 = 1;
+    pub const COUNTERS: u32 = 2;
+}
+
 /// Names of the portmap program and its maps (pinned under `/sys/fs/bpf/kpsc/<instance>/`),
 /// and the capacities that bound its state.
 pub mod portmap {

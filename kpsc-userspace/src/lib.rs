@@ -9,7 +9,9 @@
 //! - `shutdown`: the stop signals and the grace period both modes honour;
 //! - `tls`: rustls on the listeners and towards brokers; `upstream`: how kpscd connects
 //!   to a broker (dial mapping, TLS), for client traffic and its own metadata requests.
+//! - `bench_probe`: a BPF object kpscd never loads, built here for kpsc-bench.
 pub mod admin;
+pub mod bench_probe;
 pub mod config;
 pub mod kafka;
 pub mod logging;

@@ -218,6 +218,20 @@ impl Topology {
         Ok(())
     }
 
+    /// Steers the receive processing of `devs` in `ns` to `cpu` (RPS): packets a veth
+    /// peer sends are otherwise processed on the sending CPU. sysfs shows a namespace's
+    /// devices only when mounted inside it, hence `ip netns exec` (which does that).
+    pub fn steer_receive(&self, ns: &str, devs: &[&str], cpu: usize) -> anyhow::Result<()> {
+        let mask = format!("{:x}", 1u64 << cpu);
+        for dev in devs {
+            let script = format!(
+                "for q in /sys/class/net/{dev}/queues/rx-*/rps_cpus; do echo {mask} > $q; done"
+            );
+            self.run(ns, "sh", &["-c", &script])?;
+        }
+        Ok(())
+    }
+
     /// The sum of `dev`'s `ethtool -S` counters in `ns` whose names end with `suffix`
     /// (veth counts XDP verdicts per queue, e.g. `rx_queue_0_xdp_redirect`).
     pub fn nic_counter(&self, ns: &str, dev: &str, suffix: &str) -> anyhow::Result<u64> {

@@ -1,6 +1,7 @@
 //! kpsc-bench as an operator runs it: interrupted in the middle of a namespace run, it
-//! removes the namespaces, BPF pins and proxies it started, as at a normal end. Runs as
-//! root, like the other namespace tests.
+//! removes the namespaces, BPF pins and proxies it started, as at a normal end; and its
+//! sockmap ceiling probe forwards with every byte in the kernel. Runs as root, like the
+//! other namespace tests.
 
 use std::{
     path::Path,
@@ -108,5 +109,58 @@ fn interrupted_benchmark_removes_its_namespaces_pins_and_proxies() {
     })
     .context("the proxies outlived the benchmark")
     .unwrap();
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The `sockmap-ceiling` target measures the kernel path only if the kernel really carries
+/// the bytes: every produce and fetch request answered (--quick checks each response and
+/// that acks=0 requests all reached the sink), the probe's counters showing bytes
+/// redirected socket to socket and none handed to userspace.
+#[test]
+fn sockmap_ceiling_probe_forwards_every_byte_in_the_kernel() {
+    let out = std::env::temp_dir().join(format!("kpsc-bench-ceiling-{}", std::process::id()));
+    let output = Command::new(kpsc_bench_bin())
+        .args([
+            "--quick",
+            "--topology",
+            "netns",
+            "--targets",
+            "direct,sockmap-ceiling",
+            "--workloads",
+            "produce,fetch,small",
+            "--duration",
+            "1s",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .expect("starting kpsc-bench");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "kpsc-bench failed: {stderr}");
+    let results = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path().join("results.md"))
+        .next()
+        .expect("a results folder");
+    let results = std::fs::read_to_string(results).unwrap();
+    let counts: Vec<(u64, u64)> = results
+        .lines()
+        .filter_map(|l| l.split_once("sockmap-ceiling: redirected_bytes="))
+        .map(|(_, rest)| {
+            let (redirected, passed) = rest.split_once(" passed_bytes=").unwrap();
+            (redirected.parse().unwrap(), passed.trim().parse().unwrap())
+        })
+        .collect();
+    assert!(
+        !counts.is_empty(),
+        "no probe counters in the report: {results}"
+    );
+    let (redirected, passed) = *counts.last().unwrap();
+    // 1 s of each of four workloads at well over 10 MB/s.
+    assert!(
+        redirected > 40_000_000,
+        "kernel redirected {redirected} bytes: {results}"
+    );
+    assert_eq!(passed, 0, "bytes reached userspace: {results}");
     let _ = std::fs::remove_dir_all(&out);
 }

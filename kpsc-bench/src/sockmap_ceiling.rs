@@ -1,0 +1,303 @@
+//! The `sockmap-ceiling` target's process: a TCP forwarder whose bytes never enter
+//! userspace. Each accepted connection and its connection to the sink go into the probe's
+//! SOCKHASH (kpsc-ebpf's `kpsc-sockmap-ceiling`), and its verdict redirects every skb to the
+//! other socket. It measures what the kernel path itself costs and delivers on this
+//! machine, an upper bound for any `kpscd proxy` design on sockmap (which must also frame,
+//! rewrite and order). Not a proxy to run: it knows nothing of Kafka.
+
+use std::{os::fd::AsRawFd, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    programs::SkSkb,
+};
+use kpsc_common::sockmap_ceiling::{
+    COUNTER_PASSED, COUNTER_REDIRECTED, COUNTERS_MAP, DELIVERED_MAP, PEERS_MAP, SOCKETS_MAP,
+    VERDICT,
+};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpListener, TcpStream},
+    sync::Mutex,
+};
+
+struct Maps {
+    sockets: SockHash<MapData, u64>,
+    peers: HashMap<MapData, u64, u64>,
+    delivered: HashMap<MapData, u64, u64>,
+}
+
+/// The probe loaded and attached; dropping it detaches the verdict.
+pub struct Probe {
+    _ebpf: Ebpf,
+    maps: Mutex<Maps>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+fn take<M>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<M>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the probe object"))?;
+    M::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// A socket's cookie: the key the verdict computes for it.
+fn cookie(fd: &impl AsRawFd) -> std::io::Result<u64> {
+    let mut value = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: an 8-byte out-buffer and its length.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        Ok(value)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Bytes that reached the socket before it entered the map sit in its TCP queue, where
+/// the verdict never sees them; setting SO_RCVLOWAT runs the socket's data-ready callback,
+/// which (now the verdict's) takes them.
+fn hand_queued_bytes_to_verdict(fd: &impl AsRawFd) -> std::io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: a c_int option value of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+impl Probe {
+    /// Loads and attaches the verdict: needs CAP_BPF and CAP_NET_ADMIN (root here).
+    pub fn load() -> anyhow::Result<Arc<Self>> {
+        let mut ebpf = EbpfLoader::new()
+            .load(kpsc::bench_probe::SOCKMAP_CEILING_OBJECT)
+            .context("loading the sockmap ceiling probe (needs CAP_BPF and CAP_NET_ADMIN)")?;
+        let sockets: SockHash<MapData, u64> = take(&mut ebpf, SOCKETS_MAP)?;
+        let program: &mut SkSkb = ebpf
+            .program_mut(VERDICT)
+            .with_context(|| format!("program {VERDICT} missing from the probe object"))?
+            .try_into()
+            .with_context(|| format!("{VERDICT} is not an sk_skb program"))?;
+        program
+            .load()
+            .with_context(|| format!("loading {VERDICT}"))?;
+        program
+            .attach(sockets.fd())
+            .with_context(|| format!("attaching {VERDICT} to {SOCKETS_MAP}"))?;
+        let maps = Maps {
+            sockets,
+            peers: take(&mut ebpf, PEERS_MAP)?,
+            delivered: take(&mut ebpf, DELIVERED_MAP)?,
+        };
+        let counters = take(&mut ebpf, COUNTERS_MAP)?;
+        Ok(Arc::new(Self {
+            _ebpf: ebpf,
+            maps: Mutex::new(maps),
+            counters,
+        }))
+    }
+
+    /// (bytes the kernel redirected, bytes it passed to userspace) so far.
+    pub fn counts(&self) -> anyhow::Result<(u64, u64)> {
+        let sum = |index| -> anyhow::Result<u64> {
+            Ok(self
+                .counters
+                .get(&index, 0)
+                .context("reading the probe's counters")?
+                .iter()
+                .sum())
+        };
+        Ok((sum(COUNTER_REDIRECTED)?, sum(COUNTER_PASSED)?))
+    }
+
+    async fn insert(&self, a: &TcpStream, b: &TcpStream) -> anyhow::Result<(u64, u64)> {
+        let (ka, kb) = (cookie(a)?, cookie(b)?);
+        let mut maps = self.maps.lock().await;
+        let inserted = (|| {
+            maps.delivered.insert(ka, 0, 0)?;
+            maps.delivered.insert(kb, 0, 0)?;
+            maps.peers.insert(ka, kb, 0)?;
+            maps.peers.insert(kb, ka, 0)?;
+            maps.sockets.insert(kb, b.as_raw_fd(), 0)?;
+            maps.sockets.insert(ka, a.as_raw_fd(), 0)
+        })();
+        if let Err(e) = inserted {
+            Self::remove_locked(&mut maps, ka, kb);
+            return Err(e).context("adding a connection's sockets to the probe's maps");
+        }
+        Ok((ka, kb))
+    }
+
+    fn remove_locked(maps: &mut Maps, ka: u64, kb: u64) {
+        // Entries already gone are fine: the kernel drops closed sockets from the map.
+        for key in [ka, kb] {
+            let _ = maps.sockets.remove(&key);
+            let _ = maps.peers.remove(&key);
+            let _ = maps.delivered.remove(&key);
+        }
+    }
+
+    /// Forwards one connection until both sides have closed.
+    async fn forward(self: Arc<Self>, client: TcpStream, sink: String) -> anyhow::Result<()> {
+        let upstream = TcpStream::connect(&sink)
+            .await
+            .with_context(|| format!("connecting to the sink at {sink}"))?;
+        client.set_nodelay(true)?;
+        upstream.set_nodelay(true)?;
+        let (ka, kb) = self.insert(&client, &upstream).await?;
+        hand_queued_bytes_to_verdict(&client)?;
+        let (mut client, mut upstream) = (client, upstream);
+        let result = tokio::try_join!(
+            self.half_close_on_eof(&client, &upstream, kb),
+            self.half_close_on_eof(&upstream, &client, ka)
+        );
+        Self::remove_locked(&mut *self.maps.lock().await, ka, kb);
+        let _ = client.shutdown().await;
+        let _ = upstream.shutdown().await;
+        result.map(|_| ())
+    }
+}
+
+/// Bytes written into a socket's TCP stream so far (its own writes and the kernel's
+/// redirects alike): acknowledged + still queued. Read in that order, so a concurrent
+/// acknowledgement can only make it an underestimate.
+fn stream_bytes_written(fd: &impl AsRawFd) -> std::io::Result<u64> {
+    // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a tcp_info out-buffer and its length.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked + u64::try_from(queued).unwrap_or(0))
+}
+
+/// How long the redirect backlog may take to hand a socket its bytes before a FIN.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Probe {
+    /// Waits for `from` to end (its reads see EOF once the verdict has taken every byte
+    /// before the FIN), then for `to` (cookie `to_key`) to hold every byte redirected to
+    /// it, then ends that direction: a FIN sent earlier would overtake queued redirects.
+    async fn half_close_on_eof(
+        &self,
+        from: &TcpStream,
+        to: &TcpStream,
+        to_key: u64,
+    ) -> anyhow::Result<()> {
+        let mut buf = [0u8; 4096];
+        loop {
+            from.readable().await?;
+            match from.try_read(&mut buf) {
+                Ok(0) => break,
+                // Passed bytes (none while both sockets are mapped) are dropped; the
+                // counters show them.
+                Ok(_) => continue,
+                // The socket reports readable while the verdict holds bytes it redirects.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            let delivered = self
+                .maps
+                .lock()
+                .await
+                .delivered
+                .get(&to_key, 0)
+                .unwrap_or(0);
+            if stream_bytes_written(to)? >= delivered {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("the redirect backlog did not drain in {DRAIN_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // SAFETY: shutdown(2) on a socket this task borrows; its tokio write half is unused.
+        unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+        Ok(())
+    }
+}
+
+/// Runs the forwarder: `listen` -> `sink`, every connection through the probe. Writes the
+/// probe's counters (`redirected_bytes=N passed_bytes=M`) to `counters` every `report`.
+pub async fn run(
+    listen: &str,
+    sink: &str,
+    counters: std::path::PathBuf,
+    report: Duration,
+) -> anyhow::Result<()> {
+    let probe = Probe::load()?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    let reporter = Arc::clone(&probe);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(report).await;
+            if let Ok((redirected, passed)) = reporter.counts() {
+                let line = format!("redirected_bytes={redirected} passed_bytes={passed}\n");
+                if let Err(e) = std::fs::write(&counters, line) {
+                    eprintln!("writing {}: {e}", counters.display());
+                }
+            }
+        }
+    });
+    loop {
+        let (client, _) = listener.accept().await.context("accepting")?;
+        let (probe, sink) = (Arc::clone(&probe), sink.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = probe.forward(client, sink).await {
+                // A connection that closed before it entered the map (kpsc-bench's
+                // readiness check) is refused by the map with EOPNOTSUPP: nothing to say.
+                let closed_at_once = e.chain().any(|c| {
+                    c.downcast_ref::<std::io::Error>()
+                        .and_then(std::io::Error::raw_os_error)
+                        == Some(libc::EOPNOTSUPP)
+                });
+                if !closed_at_once {
+                    eprintln!("kpsc-sockmap-ceiling: connection ended: {e:#}");
+                }
+            }
+        });
+    }
+}
