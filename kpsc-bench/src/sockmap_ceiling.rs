@@ -209,32 +209,48 @@ fn stream_bytes_written(fd: &impl AsRawFd) -> std::io::Result<u64> {
     Ok(info.tcpi_bytes_acked + u64::try_from(queued).unwrap_or(0))
 }
 
+/// Blocks until the peer's FIN (or an error) reaches `fd`. Only POLLRDHUP is asked for:
+/// the data-ready wake-up the socket gets for every skb the verdict redirects carries
+/// POLLIN and so does not wake this poll, and the probe spends no CPU per skb (a readiness
+/// loop would wake up for every one and find nothing to read).
+fn wait_for_fin(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    loop {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, valid for the call.
+        let r = unsafe { libc::poll(&mut p, 1, -1) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            return Ok(());
+        }
+    }
+}
+
 /// How long the redirect backlog may take to hand a socket its bytes before a FIN.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Probe {
-    /// Waits for `from` to end (its reads see EOF once the verdict has taken every byte
-    /// before the FIN), then for `to` (cookie `to_key`) to hold every byte redirected to
-    /// it, then ends that direction: a FIN sent earlier would overtake queued redirects.
+    /// Waits for `from` to end, then for `to` (cookie `to_key`) to hold every byte
+    /// redirected to it, then ends that direction: a FIN sent earlier would overtake
+    /// queued redirects.
     async fn half_close_on_eof(
         &self,
         from: &TcpStream,
         to: &TcpStream,
         to_key: u64,
     ) -> anyhow::Result<()> {
-        let mut buf = [0u8; 4096];
-        loop {
-            from.readable().await?;
-            match from.try_read(&mut buf) {
-                Ok(0) => break,
-                // Passed bytes (none while both sockets are mapped) are dropped; the
-                // counters show them.
-                Ok(_) => continue,
-                // The socket reports readable while the verdict holds bytes it redirects.
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let fd = from.as_raw_fd();
+        // `from` outlives the wait: this future holds the borrow until it returns.
+        tokio::task::spawn_blocking(move || wait_for_fin(fd)).await??;
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
         loop {
             let delivered = self
