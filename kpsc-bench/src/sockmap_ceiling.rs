@@ -5,7 +5,12 @@
 //! machine, an upper bound for any `kpscd proxy` design on sockmap (which must also frame,
 //! rewrite and order). Not a proxy to run: it knows nothing of Kafka.
 
-use std::{os::fd::AsRawFd, sync::Arc, time::Duration};
+use std::{
+    net::{Shutdown, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use aya::{
@@ -16,11 +21,6 @@ use aya::{
 use kpsc_common::sockmap_ceiling::{
     COUNTER_PASSED, COUNTER_REDIRECTED, COUNTERS_MAP, DELIVERED_MAP, PEERS_MAP, SOCKETS_MAP,
     VERDICT,
-};
-use tokio::{
-    io::AsyncWriteExt as _,
-    net::{TcpListener, TcpStream},
-    sync::Mutex,
 };
 
 struct Maps {
@@ -133,9 +133,13 @@ impl Probe {
         Ok((sum(COUNTER_REDIRECTED)?, sum(COUNTER_PASSED)?))
     }
 
-    async fn insert(&self, a: &TcpStream, b: &TcpStream) -> anyhow::Result<(u64, u64)> {
+    fn maps(&self) -> MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn insert(&self, a: &TcpStream, b: &TcpStream) -> anyhow::Result<(u64, u64)> {
         let (ka, kb) = (cookie(a)?, cookie(b)?);
-        let mut maps = self.maps.lock().await;
+        let mut maps = self.maps();
         let inserted = (|| {
             maps.delivered.insert(ka, 0, 0)?;
             maps.delivered.insert(kb, 0, 0)?;
@@ -160,24 +164,26 @@ impl Probe {
         }
     }
 
-    /// Forwards one connection until both sides have closed.
-    async fn forward(self: Arc<Self>, client: TcpStream, sink: String) -> anyhow::Result<()> {
-        let upstream = TcpStream::connect(&sink)
-            .await
+    /// Forwards one connection until both sides have closed. Plain blocking sockets,
+    /// not tokio's: a socket registered with an epoll reactor wakes it for every skb the
+    /// verdict takes, which would charge the probe CPU per skb for nothing.
+    fn forward(&self, client: TcpStream, sink: &str) -> anyhow::Result<()> {
+        let upstream = TcpStream::connect(sink)
             .with_context(|| format!("connecting to the sink at {sink}"))?;
         client.set_nodelay(true)?;
         upstream.set_nodelay(true)?;
-        let (ka, kb) = self.insert(&client, &upstream).await?;
+        let (ka, kb) = self.insert(&client, &upstream)?;
         hand_queued_bytes_to_verdict(&client)?;
-        let (mut client, mut upstream) = (client, upstream);
-        let result = tokio::try_join!(
-            self.half_close_on_eof(&client, &upstream, kb),
-            self.half_close_on_eof(&upstream, &client, ka)
-        );
-        Self::remove_locked(&mut *self.maps.lock().await, ka, kb);
-        let _ = client.shutdown().await;
-        let _ = upstream.shutdown().await;
-        result.map(|_| ())
+        let result = std::thread::scope(|scope| {
+            let towards_sink = scope.spawn(|| self.half_close_on_eof(&client, &upstream, kb));
+            let towards_client = self.half_close_on_eof(&upstream, &client, ka);
+            let towards_sink = towards_sink
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("forwarding thread panicked")));
+            towards_sink.and(towards_client)
+        });
+        Self::remove_locked(&mut self.maps(), ka, kb);
+        result
     }
 }
 
@@ -242,54 +248,44 @@ impl Probe {
     /// Waits for `from` to end, then for `to` (cookie `to_key`) to hold every byte
     /// redirected to it, then ends that direction: a FIN sent earlier would overtake
     /// queued redirects.
-    async fn half_close_on_eof(
+    fn half_close_on_eof(
         &self,
         from: &TcpStream,
         to: &TcpStream,
         to_key: u64,
     ) -> anyhow::Result<()> {
-        let fd = from.as_raw_fd();
-        // `from` outlives the wait: this future holds the borrow until it returns.
-        tokio::task::spawn_blocking(move || wait_for_fin(fd)).await??;
-        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        wait_for_fin(from.as_raw_fd())?;
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
         loop {
-            let delivered = self
-                .maps
-                .lock()
-                .await
-                .delivered
-                .get(&to_key, 0)
-                .unwrap_or(0);
+            let delivered = self.maps().delivered.get(&to_key, 0).unwrap_or(0);
             if stream_bytes_written(to)? >= delivered {
                 break;
             }
-            if tokio::time::Instant::now() > deadline {
+            if Instant::now() > deadline {
                 anyhow::bail!("the redirect backlog did not drain in {DRAIN_TIMEOUT:?}");
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            std::thread::sleep(Duration::from_millis(1));
         }
-        // SAFETY: shutdown(2) on a socket this task borrows; its tokio write half is unused.
-        unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+        to.shutdown(Shutdown::Write)?;
         Ok(())
     }
 }
 
-/// Runs the forwarder: `listen` -> `sink`, every connection through the probe. Writes the
-/// probe's counters (`redirected_bytes=N passed_bytes=M`) to `counters` every `report`.
-pub async fn run(
+/// Runs the forwarder: `listen` -> `sink`, every connection through the probe, a thread
+/// per direction. Writes the probe's counters (`redirected_bytes=N passed_bytes=M`) to
+/// `counters` every `report`.
+pub fn run(
     listen: &str,
     sink: &str,
     counters: std::path::PathBuf,
     report: Duration,
 ) -> anyhow::Result<()> {
     let probe = Probe::load()?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listening on {listen}"))?;
+    let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
     let reporter = Arc::clone(&probe);
-    tokio::spawn(async move {
+    std::thread::spawn(move || {
         loop {
-            tokio::time::sleep(report).await;
+            std::thread::sleep(report);
             if let Ok((redirected, passed)) = reporter.counts() {
                 let line = format!("redirected_bytes={redirected} passed_bytes={passed}\n");
                 if let Err(e) = std::fs::write(&counters, line) {
@@ -298,11 +294,11 @@ pub async fn run(
             }
         }
     });
-    loop {
-        let (client, _) = listener.accept().await.context("accepting")?;
+    for client in listener.incoming() {
+        let client = client.context("accepting")?;
         let (probe, sink) = (Arc::clone(&probe), sink.to_owned());
-        tokio::spawn(async move {
-            if let Err(e) = probe.forward(client, sink).await {
+        std::thread::spawn(move || {
+            if let Err(e) = probe.forward(client, &sink) {
                 // A connection that closed before it entered the map (kpsc-bench's
                 // readiness check) is refused by the map with EOPNOTSUPP: nothing to say.
                 let closed_at_once = e.chain().any(|c| {
@@ -316,4 +312,5 @@ pub async fn run(
             }
         });
     }
+    Ok(())
 }

@@ -3,12 +3,10 @@
 
 use std::time::Duration;
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [listen, sink, counters] = args.as_slice() else {
         anyhow::bail!("usage: kpsc-sockmap-ceiling LISTEN_ADDRESS SINK_ADDRESS COUNTERS_FILE");
     };
     kpsc_bench::sockmap_ceiling::run(listen, sink, counters.into(), Duration::from_millis(200))
-        .await
 }
