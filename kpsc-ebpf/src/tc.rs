@@ -14,8 +14,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
-        TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+        BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT,
+        TC_ACT_UNSPEC, bpf_fib_lookup as FibParams,
     },
     helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -40,7 +40,12 @@ impl Load for TcContext {
 }
 
 impl Frame for TcContext {
-    const PASS: i32 = TC_ACT_OK as i32;
+    /// Not ours: TC_ACT_UNSPEC lets whatever is attached after us see the packet. kpscd
+    /// attaches with tcx on kernels >= 6.6 (aya's choice), where UNSPEC is TCX_NEXT: the
+    /// next tcx program, then the clsact filters, then the stack; TC_ACT_OK would end the
+    /// chain there. With netlink cls_bpf (older kernels, direct-action) UNSPEC likewise
+    /// continues with the next filter and, after the last, passes the packet on.
+    const PASS: i32 = TC_ACT_UNSPEC;
     const DROP: i32 = TC_ACT_SHOT as i32;
 
     #[inline(always)]

@@ -185,3 +185,80 @@ fn xdp_on_a_driver_without_native_xdp_is_a_clear_error() {
     // The failed start cleaned up after itself (the TC attachment went with its link).
     assert!(!pins(&topo).exists(), "pins left behind: {stderr}");
 }
+
+/// Packets of mirred's action counter on the node's n0 ingress filter.
+fn mirrored_packets(topo: &kpsc_tests::netns::Topology) -> u64 {
+    let out = topo
+        .run(
+            &topo.node,
+            "tc",
+            &["-s", "filter", "show", "dev", "n0", "ingress"],
+        )
+        .unwrap();
+    let sent = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Sent "))
+        .unwrap_or_else(|| panic!("no action statistics in:\n{out}"));
+    // "356 bytes 5 pkt (dropped 0, ...)"
+    sent.split_whitespace()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable statistics: {sent}"))
+}
+
+/// A packet that is not ours continues to whatever is attached after the program (tcx
+/// returns it as TC_ACT_UNSPEC, "next"): a clsact filter behind it (u32 with a mirred
+/// mirror, whose action counts packets) sees the client's SYNs to a port portmap does not
+/// map, and none of a mapped flow's packets, which the program redirected. With TC_ACT_OK
+/// the chain ended at portmap and the filter saw nothing. About 2 s.
+#[test]
+fn packets_that_are_not_ours_reach_the_next_tc_program() {
+    let mut topo = Attach::Tc.topology(1, 1).unwrap();
+    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
+        .unwrap();
+    let _kpscd = start_portmap(
+        &topo,
+        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &Attach::Tc.args()),
+    );
+    let node = topo.node.clone();
+    let ip = |args: &[&str]| topo.run(&node, "ip", args).unwrap();
+    ip(&["link", "add", "m0", "type", "veth", "peer", "name", "m1"]);
+    ip(&["link", "set", "m0", "up"]);
+    ip(&["link", "set", "m1", "up"]);
+    topo.run(&node, "tc", &["qdisc", "add", "dev", "n0", "clsact"])
+        .unwrap();
+    topo.run(
+        &node,
+        "tc",
+        &[
+            "filter", "add", "dev", "n0", "ingress", "protocol", "ip", "u32", "match", "ip",
+            "protocol", "6", "0xff", "action", "mirred", "egress", "mirror", "dev", "m0",
+        ],
+    )
+    .unwrap();
+    // A mapped flow: every one of its client packets is redirected by the program.
+    let before = mirrored_packets(&topo);
+    in_netns(&topo.client, || {
+        let mut conn = connect_bound(&client_ip(0), 0, FIRST_PORT, Duration::from_secs(3))?;
+        anyhow::ensure!(cluster_id(&mut conn)? == "cluster-0", "wrong broker");
+        anyhow::Ok(())
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        mirrored_packets(&topo),
+        before,
+        "a translated packet went on"
+    );
+    // Not ours: SYNs to an unmapped port (the node's stack answers with RST).
+    const SYNS: u64 = 5;
+    in_netns(&topo.client, || {
+        for _ in 0..SYNS {
+            let refused = connect_bound(&client_ip(0), 0, 9, Duration::from_secs(3));
+            assert!(refused.is_err(), "port 9 accepted");
+        }
+    })
+    .unwrap();
+    let seen = mirrored_packets(&topo) - before;
+    assert!(seen >= SYNS, "the next filter saw {seen} of {SYNS} SYNs");
+}
