@@ -86,16 +86,69 @@ const _: () = {
     assert!(offset_of!(PortmapConfig, local_port_last) == 6);
 };
 
-/// Where a mapped listen port goes. Addresses and ports in network byte order, as in the
-/// packet, so the program copies them without swapping.
+/// An IP address as the portmap program keys and rewrites it: 16 bytes in network byte
+/// order (as in the packet, so the program copies them without swapping), IPv6 as is and
+/// IPv4 as an IPv4-mapped address (`::ffff:a.b.c.d`). One flow table and one body of flow
+/// logic thus serve both families; the program never accepts an IPv4-mapped address in an
+/// IPv6 header, so the family of a key is never ambiguous.
+pub type Ip = [u32; 4];
+
+/// Word 2 of an IPv4-mapped address (`0000:ffff` in network byte order).
+const MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// `v4` (network byte order, as in the packet) as an IPv4-mapped `Ip`.
+pub const fn ip_from_v4(v4: [u8; 4]) -> Ip {
+    [0, 0, MAPPED_WORD, u32::from_ne_bytes(v4)]
+}
+
+/// Whether `ip` is IPv4 (IPv4-mapped).
+pub const fn ip_is_v4(ip: &Ip) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == MAPPED_WORD
+}
+
+/// The unspecified address: a `PortTarget::listen_ip` that matches any node address.
+pub const IP_ANY: Ip = [0; 4];
+
+/// `ip` as the program keys it.
+pub fn ip_bits(ip: core::net::IpAddr) -> Ip {
+    match ip {
+        core::net::IpAddr::V4(v4) => ip_from_v4(v4.octets()),
+        core::net::IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let mut words = [0u32; 4];
+            for (w, chunk) in words.iter_mut().zip(o.chunks_exact(4)) {
+                *w = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            }
+            words
+        }
+    }
+}
+
+/// The address the program's `ip` stands for (IPv4-mapped ones as IPv4).
+pub fn ip_addr(ip: &Ip) -> core::net::IpAddr {
+    let mut o = [0u8; 16];
+    for (chunk, w) in o.chunks_exact_mut(4).zip(ip) {
+        chunk.copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = core::net::Ipv6Addr::from(o);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => core::net::IpAddr::V4(v4),
+        None => core::net::IpAddr::V6(v6),
+    }
+}
+
+/// Where a mapped listen port goes. Addresses (`Ip`) and port in network byte order, as
+/// in the packet. Listen address and broker are of one family (kpscd refuses mappings
+/// that would translate between IPv4 and IPv6).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortTarget {
-    /// Only packets to this node address are translated; 0 = any address of the node.
-    pub listen_ip: u32,
-    pub broker_ip: u32,
+    /// Only packets to this node address are translated; IP_ANY = any address of the
+    /// node of the broker's family.
+    pub listen_ip: Ip,
+    pub broker_ip: Ip,
     /// The node's own address towards the broker (the translated source).
-    pub snat_ip: u32,
+    pub snat_ip: Ip,
     pub broker_port: u16,
     pub _pad: u16,
 }
@@ -103,35 +156,35 @@ pub struct PortTarget {
 // Map value written by userspace, read by the kernel: both must agree byte for byte.
 const _: () = {
     use core::mem::{align_of, offset_of, size_of};
-    assert!(size_of::<PortTarget>() == 16);
+    assert!(size_of::<PortTarget>() == 52);
     assert!(align_of::<PortTarget>() == align_of::<u32>());
     assert!(offset_of!(PortTarget, listen_ip) == 0);
-    assert!(offset_of!(PortTarget, broker_ip) == 4);
-    assert!(offset_of!(PortTarget, snat_ip) == 8);
-    assert!(offset_of!(PortTarget, broker_port) == 12);
-    assert!(offset_of!(PortTarget, _pad) == 14);
+    assert!(offset_of!(PortTarget, broker_ip) == 16);
+    assert!(offset_of!(PortTarget, snat_ip) == 32);
+    assert!(offset_of!(PortTarget, broker_port) == 48);
+    assert!(offset_of!(PortTarget, _pad) == 50);
 };
 
 /// One direction of a TCP flow as it appears on the wire (network byte order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    pub src_ip: u32,
-    pub dst_ip: u32,
+    pub src_ip: Ip,
+    pub dst_ip: Ip,
     pub src_port: u16,
     pub dst_port: u16,
 }
 
 // Map key (hashed as raw bytes): implicit padding would hold uninitialised bytes and make
-// lookups miss, and userspace must build the same 12 bytes as the kernel.
+// lookups miss, and userspace must build the same 36 bytes as the kernel.
 const _: () = {
     use core::mem::{align_of, offset_of, size_of};
-    assert!(size_of::<FlowKey>() == 12);
+    assert!(size_of::<FlowKey>() == 36);
     assert!(align_of::<FlowKey>() == align_of::<u32>());
     assert!(offset_of!(FlowKey, src_ip) == 0);
-    assert!(offset_of!(FlowKey, dst_ip) == 4);
-    assert!(offset_of!(FlowKey, src_port) == 8);
-    assert!(offset_of!(FlowKey, dst_port) == 10);
+    assert!(offset_of!(FlowKey, dst_ip) == 16);
+    assert!(offset_of!(FlowKey, src_port) == 32);
+    assert!(offset_of!(FlowKey, dst_port) == 34);
 };
 
 impl FlowKey {
@@ -194,15 +247,15 @@ impl FlowNat {
 // other) cannot lose each other's update: BPF has no atomic OR for Rust code here.
 const _: () = {
     use core::mem::{align_of, offset_of, size_of};
-    assert!(size_of::<FlowNat>() == 40);
+    assert!(size_of::<FlowNat>() == 64);
     assert!(align_of::<FlowNat>() == align_of::<u64>());
     assert!(offset_of!(FlowNat, translated) == 0);
-    assert!(offset_of!(FlowNat, fin) == 12);
-    assert!(offset_of!(FlowNat, rst) == 13);
-    assert!(offset_of!(FlowNat, _pad) == 14);
-    assert!(offset_of!(FlowNat, created_ns) == 16);
-    assert!(offset_of!(FlowNat, last_ns) == 24);
-    assert!(offset_of!(FlowNat, closed_ns) == 32);
+    assert!(offset_of!(FlowNat, fin) == 36);
+    assert!(offset_of!(FlowNat, rst) == 37);
+    assert!(offset_of!(FlowNat, _pad) == 38);
+    assert!(offset_of!(FlowNat, created_ns) == 40);
+    assert!(offset_of!(FlowNat, last_ns) == 48);
+    assert!(offset_of!(FlowNat, closed_ns) == 56);
 };
 
 /// A half-open flow, `EMBRYOS[client->node]`: the tuple its SYN was given, and what the
@@ -224,17 +277,18 @@ pub struct Embryo {
 
 const _: () = {
     use core::mem::{align_of, offset_of, size_of};
-    assert!(size_of::<Embryo>() == 32);
+    assert!(size_of::<Embryo>() == 56);
     assert!(align_of::<Embryo>() == align_of::<u64>());
     assert!(offset_of!(Embryo, translated) == 0);
-    assert!(offset_of!(Embryo, expect_ack) == 12);
-    assert!(offset_of!(Embryo, created_ns) == 16);
-    assert!(offset_of!(Embryo, synack) == 24);
-    assert!(offset_of!(Embryo, client_isn) == 28);
+    assert!(offset_of!(Embryo, expect_ack) == 36);
+    assert!(offset_of!(Embryo, created_ns) == 40);
+    assert!(offset_of!(Embryo, synack) == 48);
+    assert!(offset_of!(Embryo, client_isn) == 52);
 };
 
-/// One source address's SYN budget, `SOURCES[src ip]`: half-open flows opened in the
-/// one-second window that started at `window_ns`.
+/// One source's SYN budget, `SOURCES[src ip]` (an IPv6 source counts by its /64, which
+/// one host usually holds whole): half-open flows opened in the one-second window that
+/// started at `window_ns`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceBudget {

@@ -3,7 +3,7 @@
 //! The portmap data plane (per-port DNAT/SNAT to the brokers) is `portmap`, run by two
 //! thin entry points: `kpsc_portmap` on TC ingress (`tc`) and `kpsc_portmap_xdp` in XDP
 //! (`xdp`), which hands TC what it cannot finish. `frame` is what the logic needs from
-//! either; `packet` parses the headers.
+//! either; `packet` parses the headers; `verdict` is what the logic decides.
 #![no_std]
 #![no_main]
 
@@ -16,6 +16,7 @@ mod frame;
 mod packet;
 mod portmap;
 mod tc;
+mod verdict;
 mod xdp;
 
 #[classifier]

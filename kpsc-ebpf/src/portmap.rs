@@ -8,6 +8,10 @@
 //! come back to the node because of the SNAT, are rewritten to `<node>:<mapped port> ->
 //! <client>` and redirected towards the client. Everything else passes untouched.
 //!
+//! IPv4 and IPv6 run the same code on the same maps: addresses are 128-bit `Ip`s (IPv4 as
+//! IPv4-mapped), so a key's family is in its address and a flow never changes family; a
+//! mapped port serves only its broker's family (no translation between the two).
+//!
 //! Flow life:
 //! - a client's SYN opens a *half-open* flow in PORTMAP_EMBRYOS (client tuple) and
 //!   PORTMAP_EMBRYO_REPLIES (the translated tuple as replies arrive), two bounded LRU maps:
@@ -62,7 +66,10 @@
 //!   CPU's copy, each `u64` whole, and is assumed not to delete or overwrite an entry while
 //!   the program is attached (it only creates missing ones).
 
-use crate::frame::{Frame, Route};
+use crate::{
+    frame::{Frame, Route},
+    verdict::{Action, DropReason, Verdict},
+};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},
@@ -70,8 +77,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
 };
 use kpsc_common::{
-    Embryo, FlowKey, FlowNat, MAX_MAPPED_PORTS, PortTarget, PortmapConfig, PortmapStats,
-    SourceBudget,
+    Embryo, FlowKey, FlowNat, IP_ANY, Ip, MAX_MAPPED_PORTS, PortTarget, PortmapConfig,
+    PortmapStats, SourceBudget, ip_is_v4,
     portmap::{
         EMBRYO_TTL_NS, MAX_ALLOW_SOURCES, MAX_EMBRYOS, MAX_FLOWS, MAX_SOURCES, PORT_ATTEMPTS,
         SNAT_PORT_FIRST,
@@ -100,14 +107,14 @@ static EMBRYOS: LruHashMap<FlowKey, Embryo> = LruHashMap::pinned(MAX_EMBRYOS, 0)
 #[map(name = "PORTMAP_EMBRYO_REPLIES")]
 static EMBRYO_REPLIES: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(MAX_EMBRYOS, 0);
 
-/// Source address -> its SYN budget this second.
+/// Source address (an IPv6 source's /64) -> its SYN budget this second.
 #[map(name = "PORTMAP_SOURCES")]
-static SOURCES: LruHashMap<u32, SourceBudget> = LruHashMap::pinned(MAX_SOURCES, 0);
+static SOURCES: LruHashMap<Ip, SourceBudget> = LruHashMap::pinned(MAX_SOURCES, 0);
 
-/// `--allow-source` networks (network byte order, as in the packet) -> 1. Userspace puts
-/// 0.0.0.0/0 here when the list is empty, so an empty trie allows nobody.
+/// `--allow-source` networks (`Ip`, IPv4 ones as ::ffff:0:0/96 + their prefix) -> 1.
+/// Userspace puts ::/0 here when the list is empty, so an empty trie allows nobody.
 #[map(name = "PORTMAP_ALLOW")]
-static ALLOW: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_ALLOW_SOURCES, 0);
+static ALLOW: LpmTrie<Ip, u8> = LpmTrie::pinned(MAX_ALLOW_SOURCES, 0);
 
 /// Settings from userspace (entry 0).
 #[map(name = "PORTMAP_CONFIG")]
@@ -119,20 +126,6 @@ static STATS: PerCpuHashMap<u32, PortmapStats> = PerCpuHashMap::pinned(MAX_MAPPE
 
 const EEXIST: i32 = 17;
 const SECOND_NS: u64 = 1_000_000_000;
-
-/// Why a packet was dropped: picks the `PortmapStats` counter.
-#[derive(Clone, Copy)]
-enum DropReason {
-    NoFlow,
-    NoPort,
-    NoRoute,
-    Rewrite,
-    SourceLimit,
-    TableFull,
-    Handshake,
-    Race,
-    SourceDenied,
-}
 
 /// This CPU's counters for `port`, if userspace created the entry.
 ///
@@ -165,10 +158,35 @@ fn count_drop<C: Frame>(port: u16, why: DropReason) -> i32 {
     C::DROP
 }
 
+/// Parses, decides, then sends or drops. The stages are separate BPF functions
+/// (`inline(never)`), each with its own stack frame, that write their decision into one
+/// `Verdict` here rather than send or return it: with 128-bit addresses, one inlined body
+/// (or a call chain with a result slot per call) holds more flow keys and values at once
+/// than BPF's 512-byte stack allows.
 pub fn run<C: Frame>(ctx: &C) -> i32 {
-    match classify(ctx) {
-        Some(action) => action,
-        None => C::PASS,
+    // SAFETY: Packet is integers, byte arrays and a bool: all-zero is valid.
+    let mut pkt: Packet = unsafe { core::mem::zeroed() };
+    if !parse(ctx, &mut pkt) {
+        return C::PASS;
+    }
+    let mut verdict = Verdict::PASS;
+    known_flow(&pkt, &mut verdict);
+    if verdict.undecided() {
+        half_open_flow(&pkt, &mut verdict);
+    }
+    if verdict.undecided() {
+        new_flow(&pkt, &mut verdict);
+    }
+    match verdict.action {
+        Action::Send => deliver(
+            ctx,
+            &pkt,
+            &verdict.translated,
+            verdict.listen_port,
+            verdict.inbound,
+        ),
+        Action::Drop => count_drop::<C>(verdict.listen_port, verdict.why),
+        Action::Pass => C::PASS,
     }
 }
 
@@ -176,9 +194,13 @@ pub fn run<C: Frame>(ctx: &C) -> i32 {
 struct Packet {
     seen: FlowKey,
     tcp: TcpHdr,
-    l4: usize,
-    ip_len: u64,
+    /// Offset of the TCP header (at most `packet::MAX_L4`); u16 like `ip_len`, to keep
+    /// this struct, which lives in the bottom stack frame, small.
+    l4: u16,
+    ip_len: u16,
     now: u64,
+    /// IPv4 (else IPv6): how the headers are laid out and routed.
+    v4: bool,
 }
 
 impl Packet {
@@ -195,23 +217,30 @@ impl Packet {
     }
 }
 
-/// None: not ours, pass. Some(action): translated (redirect) or dropped.
-#[inline(always)]
-fn classify<C: Frame>(ctx: &C) -> Option<i32> {
-    let crate::packet::Ipv4Tcp { ip, tcp, l4 } = ctx.headers()?;
-    let pkt = Packet {
-        seen: FlowKey {
-            src_ip: u32::from_ne_bytes(ip.src_addr),
-            dst_ip: u32::from_ne_bytes(ip.dst_addr),
-            src_port: u16::from_ne_bytes(tcp.source),
-            dst_port: u16::from_ne_bytes(tcp.dest),
-        },
-        tcp,
-        l4,
-        ip_len: u64::from(u16::from_be_bytes(ip.tot_len)),
-        // SAFETY: helper without preconditions.
-        now: unsafe { bpf_ktime_get_ns() },
+/// Fills `pkt` from the headers; false: not a TCP packet the program handles.
+#[inline(never)]
+fn parse<C: Frame>(ctx: &C, pkt: &mut Packet) -> bool {
+    let Some(h) = ctx.headers() else {
+        return false;
     };
+    pkt.seen = FlowKey {
+        src_ip: h.src,
+        dst_ip: h.dst,
+        src_port: u16::from_ne_bytes(h.tcp.source),
+        dst_port: u16::from_ne_bytes(h.tcp.dest),
+    };
+    pkt.tcp = h.tcp;
+    pkt.l4 = h.l4 as u16;
+    pkt.ip_len = h.ip_len;
+    // SAFETY: helper without preconditions.
+    pkt.now = unsafe { bpf_ktime_get_ns() };
+    pkt.v4 = h.v4;
+    true
+}
+
+/// A packet of an established flow, either direction.
+#[inline(never)]
+fn known_flow(pkt: &Packet, out: &mut Verdict) {
     let seen = &pkt.seen;
     // Known flows first, whatever their ports: direction comes from the tables.
     if let Some(p) = FLOWS.get_ptr_mut(seen) {
@@ -230,7 +259,8 @@ fn classify<C: Frame>(ctx: &C) -> Option<i32> {
             // SAFETY: as above; only `last_ns`, `closed_ns` and the FIN/RST bytes are
             // written, as the doc says.
             unsafe { touch(p, other, pkt.now, &pkt.tcp) };
-            return Some(to_broker(ctx, &pkt, &flow.translated));
+            *out = Verdict::to_broker(pkt.listen_port(), &flow.translated);
+            return;
         }
         let _ = FLOWS.remove(seen);
         let _ = REPLIES.remove(flow.translated.reversed());
@@ -245,40 +275,61 @@ fn classify<C: Frame>(ctx: &C) -> Option<i32> {
         };
         // SAFETY: as for FLOWS.
         unsafe { touch(p, other, pkt.now, &pkt.tcp) };
-        return Some(to_client(ctx, &pkt, &back.translated));
+        *out = Verdict::to_client(&back.translated);
     }
+}
+
+/// A packet of a half-open flow, either direction.
+#[inline(never)]
+fn half_open_flow(pkt: &Packet, out: &mut Verdict) {
+    let seen = &pkt.seen;
     // SAFETY: copied at once (module doc).
-    if let Some(embryo) = unsafe { EMBRYOS.get(seen) }.copied()
-        && let Some(action) = embryo_from_client(ctx, &pkt, &embryo)
-    {
-        return Some(action);
+    if let Some(embryo) = unsafe { EMBRYOS.get(seen) }.copied() {
+        embryo_from_client(pkt, &embryo, out);
+        if !out.undecided() {
+            return;
+        }
     }
     // SAFETY: copied at once (module doc).
     if let Some(back) = unsafe { EMBRYO_REPLIES.get(seen) }.copied() {
-        return Some(embryo_from_broker(ctx, &pkt, &back));
+        embryo_from_broker(pkt, &back, out);
     }
+}
+
+/// A packet of no known flow: a client's SYN to a mapped port opens one; anything else
+/// to a mapped port is dropped, and the rest is not ours.
+#[inline(never)]
+fn new_flow(pkt: &Packet, out: &mut Verdict) {
+    let seen = &pkt.seen;
     let listen_port = pkt.listen_port();
     // SAFETY: copied at once; a userspace reload racing the copy may mix two targets.
-    let target = unsafe { TARGETS.get(u32::from(listen_port)) }.copied()?;
-    if target.listen_ip != 0 && target.listen_ip != seen.dst_ip {
-        return None;
+    let Some(target) = (unsafe { TARGETS.get(u32::from(listen_port)) }).copied() else {
+        return;
+    };
+    // A port serves one family, its broker's: no translation between IPv4 and IPv6.
+    if ip_is_v4(&target.broker_ip) != pkt.v4
+        || (target.listen_ip != IP_ANY && target.listen_ip != seen.dst_ip)
+    {
+        return;
     }
     // Only a SYN opens a flow; anything else for an unknown flow is dropped rather than
     // handed to a stack that has no such connection.
     if !pkt.syn_only() {
-        return Some(count_drop::<C>(listen_port, DropReason::NoFlow));
+        *out = Verdict::drop(listen_port, DropReason::NoFlow);
+        return;
     }
     // `--allow-source`: checked before any state exists for the SYN. Known flows (above)
     // are not checked again, so a reload that narrows the list ends no open connection.
-    if ALLOW.get(Key::new(32, seen.src_ip)).is_none() {
-        return Some(count_drop::<C>(listen_port, DropReason::SourceDenied));
+    if ALLOW.get(Key::new(128, seen.src_ip)).is_none() {
+        *out = Verdict::drop(listen_port, DropReason::SourceDenied);
+        return;
     }
-    Some(open_embryo(ctx, &pkt, &target))
+    open_embryo(pkt, &target, out);
 }
 
 /// The flow is over (`FlowNat::closed`: FIN both ways, or a FIN/RST that no packet
 /// followed), or its reply side is gone.
-#[inline(always)]
+#[inline(never)]
 fn finished(flow: &FlowNat) -> bool {
     // SAFETY: copied at once (module doc).
     let reply = unsafe { REPLIES.get(flow.translated.reversed()) }.copied();
@@ -326,8 +377,8 @@ unsafe fn touch(p: *mut FlowNat, other: Option<*mut FlowNat>, now: u64, tcp: &Tc
 
 /// A client packet of a half-open flow. None: the flow is stale and was forgotten (the
 /// caller opens a fresh one for this SYN).
-#[inline(always)]
-fn embryo_from_client<C: Frame>(ctx: &C, pkt: &Packet, embryo: &Embryo) -> Option<i32> {
+#[inline(never)]
+fn embryo_from_client(pkt: &Packet, embryo: &Embryo, out: &mut Verdict) {
     let listen_port = pkt.listen_port();
     let reply_key = embryo.translated.reversed();
     let fresh = pkt.now.wrapping_sub(embryo.created_ns) <= EMBRYO_TTL_NS;
@@ -339,26 +390,29 @@ fn embryo_from_client<C: Frame>(ctx: &C, pkt: &Packet, embryo: &Embryo) -> Optio
     if pkt.syn_only() {
         // A retransmitted SYN keeps the tuple while the flow is fresh and still owns it.
         if fresh && owned {
-            return Some(to_broker(ctx, pkt, &embryo.translated));
+            *out = Verdict::to_broker(pkt.listen_port(), &embryo.translated);
+            return;
         }
         let _ = EMBRYOS.remove(pkt.seen);
         if owned {
             let _ = EMBRYO_REPLIES.remove(reply_key);
         }
-        return None;
+        return;
     }
     if pkt.tcp.rst() != 0 {
         let _ = EMBRYOS.remove(pkt.seen);
         if owned {
             let _ = EMBRYO_REPLIES.remove(reply_key);
         }
-        return Some(to_broker(ctx, pkt, &embryo.translated));
+        *out = Verdict::to_broker(pkt.listen_port(), &embryo.translated);
+        return;
     }
     if !owned {
         // Its tuple went to another flow: completing this one would take that flow's
         // reply side. The client retries with a new SYN.
         let _ = EMBRYOS.remove(pkt.seen);
-        return Some(count_drop::<C>(listen_port, DropReason::Race));
+        *out = Verdict::drop(listen_port, DropReason::Race);
+        return;
     }
     // Only the ACK of the broker's SYN-ACK completes the handshake: a spoofed source never
     // saw that SYN-ACK, so it cannot fill the established table.
@@ -367,12 +421,11 @@ fn embryo_from_client<C: Frame>(ctx: &C, pkt: &Packet, embryo: &Embryo) -> Optio
         || !fresh
         || u32::from_be_bytes(pkt.tcp.ack_seq) != embryo.expect_ack
     {
-        return Some(count_drop::<C>(listen_port, DropReason::Handshake));
+        *out = Verdict::drop(listen_port, DropReason::Handshake);
+        return;
     }
-    match promote(&pkt.seen, embryo, pkt) {
-        Ok(()) => Some(to_broker(ctx, pkt, &embryo.translated)),
-        Err(why) => Some(count_drop::<C>(listen_port, why)),
-    }
+    *out = Verdict::to_broker(pkt.listen_port(), &embryo.translated);
+    promote(&pkt.seen, embryo, pkt, out);
 }
 
 #[inline(always)]
@@ -383,8 +436,8 @@ fn forget_embryo(client: &FlowKey, reply_key: &FlowKey) {
 
 /// A broker packet of a half-open flow: the SYN-ACK (recorded for the client's ACK) or a
 /// RST (the broker refused: forgotten).
-#[inline(always)]
-fn embryo_from_broker<C: Frame>(ctx: &C, pkt: &Packet, back: &FlowNat) -> i32 {
+#[inline(never)]
+fn embryo_from_broker(pkt: &Packet, back: &FlowNat, out: &mut Verdict) {
     let client = back.translated.reversed();
     if let Some(p) = EMBRYOS.get_ptr_mut(client) {
         // SAFETY: a non-null, aligned pointer to an LRU value; the tuple is checked first so
@@ -408,16 +461,18 @@ fn embryo_from_broker<C: Frame>(ctx: &C, pkt: &Packet, back: &FlowNat) -> i32 {
             }
         }
     }
-    to_client(ctx, pkt, &back.translated)
+    *out = Verdict::to_client(&back.translated);
 }
 
 /// Moves a half-open flow whose handshake completed into the established tables, with
 /// the FIN the completing segment may carry (else that flow would look open until idle).
-#[inline(always)]
-fn promote(client: &FlowKey, embryo: &Embryo, pkt: &Packet) -> Result<(), DropReason> {
+/// `out` holds the packet's translation; a failure replaces it with a drop.
+#[inline(never)]
+fn promote(client: &FlowKey, embryo: &Embryo, pkt: &Packet, out: &mut Verdict) {
+    let port = u16::from_be(client.dst_port);
     let reply_key = embryo.translated.reversed();
     let fin = u8::from(pkt.tcp.fin() != 0);
-    let back = FlowNat {
+    let mut entry = FlowNat {
         translated: client.reversed(),
         fin: 0,
         rst: 0,
@@ -426,92 +481,110 @@ fn promote(client: &FlowKey, embryo: &Embryo, pkt: &Packet) -> Result<(), DropRe
         last_ns: pkt.now,
         closed_ns: if fin != 0 { pkt.now } else { 0 },
     };
-    if let Err(e) = REPLIES.insert(reply_key, back, u64::from(BPF_NOEXIST)) {
+    if let Err(e) = REPLIES.insert(&reply_key, &entry, u64::from(BPF_NOEXIST)) {
         if e != -EEXIST {
-            return Err(DropReason::TableFull);
+            *out = Verdict::drop(port, DropReason::TableFull);
+            return;
         }
         // Another CPU promoted this very flow a moment ago: carry on with its entries.
-        // SAFETY: copied at once (module doc).
-        return match unsafe { REPLIES.get(reply_key) }.copied() {
-            Some(r) if r.translated == back.translated => Ok(()),
-            _ => Err(DropReason::Race),
+        let same = match REPLIES.get_ptr(&reply_key) {
+            // SAFETY: a non-null, aligned pointer to a map value; only its tuple is read.
+            Some(r) => (unsafe { (*r).translated }) == entry.translated,
+            None => false,
         };
+        if !same {
+            *out = Verdict::drop(port, DropReason::Race);
+        }
+        return;
     }
-    let flow = FlowNat {
-        translated: embryo.translated,
-        fin,
-        ..back
-    };
-    if let Err(e) = FLOWS.insert(client, flow, u64::from(BPF_NOEXIST)) {
+    // The same value serves the client side (one FlowNat on the stack, not two).
+    entry.translated = embryo.translated;
+    entry.fin = fin;
+    if let Err(e) = FLOWS.insert(client, &entry, u64::from(BPF_NOEXIST)) {
         let _ = REPLIES.remove(reply_key);
-        return Err(if e == -EEXIST {
+        let why = if e == -EEXIST {
             DropReason::Race
         } else {
             DropReason::TableFull
-        });
+        };
+        *out = Verdict::drop(port, why);
+        return;
     }
     forget_embryo(client, &reply_key);
-    if let Some(s) = stats(u16::from_be(client.dst_port)) {
+    if let Some(s) = stats(port) {
         s.new_flows += 1;
     }
-    Ok(())
 }
 
 /// A client's SYN for a mapped port: a half-open flow with a tuple of its own, within the
 /// source's budget.
-#[inline(always)]
-fn open_embryo<C: Frame>(ctx: &C, pkt: &Packet, target: &PortTarget) -> i32 {
+#[inline(never)]
+fn open_embryo(pkt: &Packet, target: &PortTarget, out: &mut Verdict) {
     let listen_port = pkt.listen_port();
     let config = CONFIG.get(0).copied().unwrap_or_default();
-    if !within_budget(pkt.seen.src_ip, pkt.now, config.syn_rate_per_source) {
-        return count_drop::<C>(listen_port, DropReason::SourceLimit);
+    if !within_budget(&budget_key(pkt), pkt.now, config.syn_rate_per_source) {
+        *out = Verdict::drop(listen_port, DropReason::SourceLimit);
+        return;
     }
-    let back = FlowNat {
-        translated: pkt.seen.reversed(),
-        fin: 0,
-        rst: 0,
-        _pad: [0; 2],
-        created_ns: pkt.now,
-        last_ns: pkt.now,
-        closed_ns: 0,
+    // SAFETY: FlowKey is integers and arrays: all-zero is valid.
+    let mut translated: FlowKey = unsafe { core::mem::zeroed() };
+    if !claim_tuple(pkt, target, &config, &mut translated) {
+        *out = Verdict::drop(listen_port, DropReason::NoPort);
+        return;
+    }
+    *out = if insert_embryo(pkt, &mut translated) {
+        Verdict::to_broker(pkt.listen_port(), &translated)
+    } else {
+        Verdict::drop(listen_port, DropReason::Race)
     };
-    let Some(translated) = claim_tuple(target, &back, &config) else {
-        return count_drop::<C>(listen_port, DropReason::NoPort);
-    };
+}
+
+/// Records the half-open flow of `pkt` with the tuple `translated` claimed for it. When the
+/// same SYN on another CPU opened this flow first, our tuple is given back and
+/// `translated` becomes the winner's; false when that one vanished meanwhile.
+#[inline(never)]
+fn insert_embryo(pkt: &Packet, translated: &mut FlowKey) -> bool {
     let embryo = Embryo {
-        translated,
+        translated: *translated,
         expect_ack: 0,
         created_ns: pkt.now,
         synack: 0,
         client_isn: u32::from_be_bytes(pkt.tcp.seq),
     };
-    let translated = match EMBRYOS.insert(pkt.seen, embryo, u64::from(BPF_NOEXIST)) {
-        Ok(()) => {
-            if let Some(s) = stats(listen_port) {
-                s.embryos += 1;
-            }
-            translated
+    if EMBRYOS
+        .insert(&pkt.seen, &embryo, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        if let Some(s) = stats(pkt.listen_port()) {
+            s.embryos += 1;
         }
-        Err(_) => {
-            // The same SYN on another CPU opened this flow first: give our tuple back and
-            // use the winner's.
-            let _ = EMBRYO_REPLIES.remove(translated.reversed());
-            // SAFETY: copied at once (module doc).
-            match unsafe { EMBRYOS.get(pkt.seen) }.copied() {
-                Some(winner) => winner.translated,
-                None => return count_drop::<C>(listen_port, DropReason::Race),
-            }
+        return true;
+    }
+    let _ = EMBRYO_REPLIES.remove(translated.reversed());
+    match EMBRYOS.get_ptr(&pkt.seen) {
+        Some(winner) => {
+            // SAFETY: a non-null, aligned pointer to an LRU value, its tuple copied at once.
+            *translated = unsafe { (*winner).translated };
+            true
         }
-    };
-    to_broker(ctx, pkt, &translated)
+        None => false,
+    }
+}
+
+/// Whose SYN budget a packet counts against: its source address, or for IPv6 the source's
+/// /64 (one host usually has a whole /64 to spoof from).
+#[inline(always)]
+fn budget_key(pkt: &Packet) -> Ip {
+    let src = &pkt.seen.src_ip;
+    if pkt.v4 { *src } else { [src[0], src[1], 0, 0] }
 }
 
 /// Counts a new half-open flow against its source's budget for this second. The count is a
 /// plain read-modify-write (BPF gives Rust code no atomic add here): two CPUs counting the
 /// same source at once may lose an increment, so a source may get a few more than its
 /// budget. The budget bounds a flood's share; it is not an exact quota.
-#[inline(always)]
-fn within_budget(src_ip: u32, now: u64, rate: u32) -> bool {
+#[inline(never)]
+fn within_budget(src_ip: &Ip, now: u64, rate: u32) -> bool {
     if rate == 0 {
         return true;
     }
@@ -540,11 +613,16 @@ fn within_budget(src_ip: u32, now: u64, rate: u32) -> bool {
     true
 }
 
-/// Claims a free translated tuple towards `target`: a random source port from
+/// Claims a free translated tuple towards `target` into `out`: a random source port from
 /// SNAT_PORT_FIRST..=65535 outside the node's own ephemeral range and the mapped ports,
 /// held by no half-open (BPF_NOEXIST) and no established flow.
-#[inline(always)]
-fn claim_tuple(target: &PortTarget, back: &FlowNat, config: &PortmapConfig) -> Option<FlowKey> {
+#[inline(never)]
+fn claim_tuple(
+    pkt: &Packet,
+    target: &PortTarget,
+    config: &PortmapConfig,
+    out: &mut FlowKey,
+) -> bool {
     let (first, last) = (
         u32::from(config.local_port_first),
         u32::from(config.local_port_last),
@@ -554,10 +632,21 @@ fn claim_tuple(target: &PortTarget, back: &FlowNat, config: &PortmapConfig) -> O
     } else {
         0
     };
-    let count = (65_536 - u32::from(SNAT_PORT_FIRST)).checked_sub(skip)?;
+    let Some(count) = (65_536 - u32::from(SNAT_PORT_FIRST)).checked_sub(skip) else {
+        return false;
+    };
     if count == 0 {
-        return None;
+        return false;
     }
+    let back = FlowNat {
+        translated: pkt.seen.reversed(),
+        fin: 0,
+        rst: 0,
+        _pad: [0; 2],
+        created_ns: pkt.now,
+        last_ns: pkt.now,
+        closed_ns: 0,
+    };
     let mut attempt = 0;
     while attempt < PORT_ATTEMPTS {
         attempt += 1;
@@ -570,15 +659,15 @@ fn claim_tuple(target: &PortTarget, back: &FlowNat, config: &PortmapConfig) -> O
         if unsafe { TARGETS.get(port) }.is_some() {
             continue;
         }
-        let translated = FlowKey {
+        *out = FlowKey {
             src_ip: target.snat_ip,
             dst_ip: target.broker_ip,
             src_port: (port as u16).to_be(),
             dst_port: target.broker_port,
         };
-        let reply_key = translated.reversed();
+        let reply_key = out.reversed();
         if EMBRYO_REPLIES
-            .insert(reply_key, back, u64::from(BPF_NOEXIST))
+            .insert(&reply_key, &back, u64::from(BPF_NOEXIST))
             .is_err()
         {
             continue;
@@ -586,36 +675,18 @@ fn claim_tuple(target: &PortTarget, back: &FlowNat, config: &PortmapConfig) -> O
         // Checked after claiming: a flow promoted with this tuple before our claim is seen
         // here (it inserts into REPLIES before giving its half-open entry up).
         // SAFETY: only tested for presence.
-        if unsafe { REPLIES.get(reply_key) }.is_some() {
-            let _ = EMBRYO_REPLIES.remove(reply_key);
+        if unsafe { REPLIES.get(&reply_key) }.is_some() {
+            let _ = EMBRYO_REPLIES.remove(&reply_key);
             continue;
         }
-        return Some(translated);
+        return true;
     }
-    None
-}
-
-/// Client -> broker.
-#[inline(always)]
-fn to_broker<C: Frame>(ctx: &C, pkt: &Packet, translated: &FlowKey) -> i32 {
-    deliver(ctx, pkt, translated, pkt.listen_port(), true)
-}
-
-/// Broker -> client.
-#[inline(always)]
-fn to_client<C: Frame>(ctx: &C, pkt: &Packet, translated: &FlowKey) -> i32 {
-    deliver(
-        ctx,
-        pkt,
-        translated,
-        u16::from_be(translated.src_port),
-        false,
-    )
+    false
 }
 
 /// Routes, rewrites, counts and sends a packet of a flow. The route comes first, so a
 /// program type that cannot send it (XDP) passes the packet up untouched.
-#[inline(always)]
+#[inline(never)]
 fn deliver<C: Frame>(
     ctx: &C,
     pkt: &Packet,
@@ -623,21 +694,29 @@ fn deliver<C: Frame>(
     listen_port: u16,
     inbound: bool,
 ) -> i32 {
-    let hop = match ctx.route(translated, pkt.ip_len as u16) {
+    // Flows are keyed by family-distinct addresses, so a flow never changes family; a
+    // packet that would is dropped rather than written into the wrong header layout.
+    if ip_is_v4(&translated.dst_ip) != pkt.v4 {
+        return count_drop::<C>(listen_port, DropReason::Rewrite);
+    }
+    let hop = match ctx.route(translated, pkt.v4, pkt.ip_len) {
         Route::Send(hop) => hop,
         Route::Pass => return C::PASS,
         Route::NoRoute => return count_drop::<C>(listen_port, DropReason::NoRoute),
     };
-    if ctx.rewrite(pkt.l4, &pkt.seen, translated).is_err() {
+    if ctx
+        .rewrite(usize::from(pkt.l4), pkt.v4, &pkt.seen, translated)
+        .is_err()
+    {
         return count_drop::<C>(listen_port, DropReason::Rewrite);
     }
     if let Some(s) = stats(listen_port) {
         if inbound {
             s.packets_in += 1;
-            s.bytes_in += pkt.ip_len;
+            s.bytes_in += u64::from(pkt.ip_len);
         } else {
             s.packets_out += 1;
-            s.bytes_out += pkt.ip_len;
+            s.bytes_out += u64::from(pkt.ip_len);
         }
     }
     match ctx.send(&hop) {

@@ -24,13 +24,12 @@ use kpsc_common::FlowKey;
 use network_types::eth::EthHdr;
 
 use crate::{
-    frame::{Failed, Frame, Hop, Route, fib_params},
-    packet::{Ipv4Tcp, Load},
+    frame::{Failed, Frame, Hop, Route, addr_offset, fib_params},
+    packet::{Headers, Load},
 };
 
+/// The IPv4 header checksum (IPv6 has none).
 const IP_CSUM_OFF: usize = EthHdr::LEN + 10;
-const IP_SRC_OFF: usize = EthHdr::LEN + 12;
-const IP_DST_OFF: usize = EthHdr::LEN + 16;
 
 impl Load for TcContext {
     #[inline(always)]
@@ -49,19 +48,19 @@ impl Frame for TcContext {
     const DROP: i32 = TC_ACT_SHOT as i32;
 
     #[inline(always)]
-    fn headers(&self) -> Option<Ipv4Tcp> {
-        crate::packet::ipv4_tcp(self)
+    fn headers(&self) -> Option<Headers> {
+        crate::packet::tcp(self)
     }
 
     #[inline(always)]
-    fn route(&self, to: &FlowKey, _ip_len: u16) -> Route {
+    fn route(&self, to: &FlowKey, v4: bool, _ip_len: u16) -> Route {
         // SAFETY: `self.skb.skb` is the program's context pointer, valid for the whole
         // run; the verifier turns this constant-offset field load into a read of the
         // real sk_buff.
         let ifindex = unsafe { (*self.skb.skb).ifindex };
         // tot_len 0: the kernel checks the skb against the egress MTU itself, which
         // handles GSO packets (a non-zero tot_len of a GSO packet fails with FRAG_NEEDED).
-        let mut params = fib_params(to, ifindex, 0);
+        let mut params = fib_params(to, v4, ifindex, 0);
         // SAFETY: `params` is a fully initialised bpf_fib_lookup on our stack and its size
         // is passed; the helper writes its result back into it. The first argument is the
         // unmodified context pointer, as the verifier requires.
@@ -86,23 +85,29 @@ impl Frame for TcContext {
     }
 
     /// Each checksum update takes the old and new values explicitly, so it does not matter
-    /// that the field is stored after.
+    /// that the field is stored after. Only the address words that change are touched:
+    /// an IPv4 address is word 3 of its mapped form.
     #[inline(always)]
-    fn rewrite(&self, l4: usize, old: &FlowKey, new: &FlowKey) -> Result<(), Failed> {
+    fn rewrite(&self, l4: usize, v4: bool, old: &FlowKey, new: &FlowKey) -> Result<(), Failed> {
         let tcp_csum = l4 + 16;
         let pseudo = u64::from(BPF_F_PSEUDO_HDR);
         let ok = |r: Result<(), i64>| r.map_err(|_| Failed);
-        if old.src_ip != new.src_ip {
-            let (o, n) = (u64::from(old.src_ip), u64::from(new.src_ip));
-            ok(self.l4_csum_replace(tcp_csum, o, n, pseudo | 4))?;
-            ok(self.l3_csum_replace(IP_CSUM_OFF, o, n, 4))?;
-            ok(self.store(IP_SRC_OFF, &new.src_ip, 0))?;
-        }
-        if old.dst_ip != new.dst_ip {
-            let (o, n) = (u64::from(old.dst_ip), u64::from(new.dst_ip));
-            ok(self.l4_csum_replace(tcp_csum, o, n, pseudo | 4))?;
-            ok(self.l3_csum_replace(IP_CSUM_OFF, o, n, 4))?;
-            ok(self.store(IP_DST_OFF, &new.dst_ip, 0))?;
+        let first = if v4 { 3 } else { 0 };
+        for (src, from, to) in [
+            (true, &old.src_ip, &new.src_ip),
+            (false, &old.dst_ip, &new.dst_ip),
+        ] {
+            let base = addr_offset(v4, src);
+            for i in first..4 {
+                if from[i] != to[i] {
+                    let (o, n) = (u64::from(from[i]), u64::from(to[i]));
+                    ok(self.l4_csum_replace(tcp_csum, o, n, pseudo | 4))?;
+                    if v4 {
+                        ok(self.l3_csum_replace(IP_CSUM_OFF, o, n, 4))?;
+                    }
+                    ok(self.store(base + 4 * (i - first), &to[i], 0))?;
+                }
+            }
         }
         if old.src_port != new.src_port {
             let (o, n) = (u64::from(old.src_port), u64::from(new.src_port));

@@ -1,6 +1,7 @@
 //! The portmap logic in XDP, in the driver's receive path before any sk_buff exists.
 //!
-//! It translates and sends only what it can finish here: an unfragmented IPv4 TCP packet
+//! It translates and sends only what it can finish here: an unfragmented TCP packet (IPv4,
+//! or IPv6 with at most the extension headers `packet` walks)
 //! whose route is resolved (`bpf_fib_lookup` success, within the egress MTU) and leaves
 //! through the interface it came in (XDP_TX) or another interface in PORTMAP_DEVICES
 //! (`bpf_redirect_map`). Everything else — non-TCP, fragments, an unresolved neighbour, an
@@ -32,8 +33,8 @@ use kpsc_common::{FlowKey, portmap::MAX_DEVICES};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
 use crate::{
-    frame::{Failed, Frame, Hop, Route, fib_params},
-    packet::{Ipv4Tcp, Load, MAX_L4},
+    frame::{Failed, Frame, Hop, Route, addr_offset, fib_params},
+    packet::{Headers, Load, MAX_L4},
 };
 
 /// ifindex -> the same interface: where XDP may redirect to (the interfaces kpscd
@@ -42,10 +43,20 @@ use crate::{
 static DEVICES: DevMapHash = DevMapHash::with_max_entries(MAX_DEVICES, 0);
 
 /// A pointer to a `T` at `offset` in the frame, if the frame holds it whole.
+///
+/// `data` and `data_end` are read with volatile loads: plain ones LLVM may hoist into the
+/// caller of a non-inlined function (`portmap::parse`) and pass as arguments, and the
+/// verifier refuses the zero-extension the callee then applies to `data_end`.
 #[inline(always)]
 fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
+    // SAFETY: `ctx.ctx` is the program's context pointer, valid for the whole run.
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    };
+    if start + offset + core::mem::size_of::<T>() > end {
         return None;
     }
     Some((start + offset) as *mut T)
@@ -91,15 +102,15 @@ impl Frame for XdpContext {
     const DROP: i32 = XDP_DROP as i32;
 
     #[inline(always)]
-    fn headers(&self) -> Option<Ipv4Tcp> {
-        crate::packet::ipv4_tcp(self)
+    fn headers(&self) -> Option<Headers> {
+        crate::packet::tcp(self)
     }
 
     #[inline(always)]
-    fn route(&self, to: &FlowKey, ip_len: u16) -> Route {
+    fn route(&self, to: &FlowKey, v4: bool, ip_len: u16) -> Route {
         let ingress = self.ingress_ifindex() as u32;
         // tot_len: XDP frames are never GSO, so the helper can check the egress MTU.
-        let mut params = fib_params(to, ingress, ip_len);
+        let mut params = fib_params(to, v4, ingress, ip_len);
         // SAFETY: as in TC: a fully initialised bpf_fib_lookup on our stack, its size, and
         // the unmodified context pointer.
         let rc = unsafe {
@@ -125,28 +136,41 @@ impl Frame for XdpContext {
     }
 
     #[inline(always)]
-    fn rewrite(&self, l4: usize, old: &FlowKey, new: &FlowKey) -> Result<(), Failed> {
+    fn rewrite(&self, l4: usize, v4: bool, old: &FlowKey, new: &FlowKey) -> Result<(), Failed> {
         if l4 > MAX_L4 {
             return Err(Failed);
         }
-        let ip = ptr_at::<Ipv4Hdr>(self, EthHdr::LEN).ok_or(Failed)?;
         let tcp = ptr_at::<TcpHdr>(self, l4).ok_or(Failed)?;
-        // SAFETY: both headers are inside the frame (checked just now); u16/u32 fields are
-        // accessed unaligned; nothing else touches this frame while the program runs.
+        // The IPv4 header checksum: read here, written at the end through a pointer taken
+        // again there (a pointer kept in an Option is merged with null into a scalar the
+        // verifier no longer lets us write through).
+        let mut ipc = 0u16;
+        if v4 {
+            let ip = ptr_at::<Ipv4Hdr>(self, EthHdr::LEN).ok_or(Failed)?;
+            // SAFETY: inside the frame (checked just now); an unaligned u16 read.
+            ipc = unsafe { (core::ptr::addr_of!((*ip).check) as *const u16).read_unaligned() };
+        }
+        // SAFETY: the headers are inside the frame (checked just now, and each address
+        // word below is checked before it is written); u16/u32 fields are accessed
+        // unaligned; nothing else touches this frame while the program runs.
         unsafe {
-            let ip_check = core::ptr::addr_of_mut!((*ip).check) as *mut u16;
             let tcp_check = core::ptr::addr_of_mut!((*tcp).check) as *mut u16;
-            let mut ipc = ip_check.read_unaligned();
             let mut tcpc = tcp_check.read_unaligned();
-            if old.src_ip != new.src_ip {
-                ipc = csum_replace4(ipc, old.src_ip, new.src_ip);
-                tcpc = csum_replace4(tcpc, old.src_ip, new.src_ip);
-                (core::ptr::addr_of_mut!((*ip).src_addr) as *mut u32).write_unaligned(new.src_ip);
-            }
-            if old.dst_ip != new.dst_ip {
-                ipc = csum_replace4(ipc, old.dst_ip, new.dst_ip);
-                tcpc = csum_replace4(tcpc, old.dst_ip, new.dst_ip);
-                (core::ptr::addr_of_mut!((*ip).dst_addr) as *mut u32).write_unaligned(new.dst_ip);
+            // An IPv4 address is word 3 of its mapped form.
+            let first = if v4 { 3 } else { 0 };
+            for (src, from, to) in [
+                (true, &old.src_ip, &new.src_ip),
+                (false, &old.dst_ip, &new.dst_ip),
+            ] {
+                let base = addr_offset(v4, src);
+                for i in first..4 {
+                    if from[i] != to[i] {
+                        let word = ptr_at::<u32>(self, base + 4 * (i - first)).ok_or(Failed)?;
+                        ipc = csum_replace4(ipc, from[i], to[i]);
+                        tcpc = csum_replace4(tcpc, from[i], to[i]);
+                        word.write_unaligned(to[i]);
+                    }
+                }
             }
             if old.src_port != new.src_port {
                 tcpc = csum_replace2(tcpc, old.src_port, new.src_port);
@@ -156,8 +180,12 @@ impl Frame for XdpContext {
                 tcpc = csum_replace2(tcpc, old.dst_port, new.dst_port);
                 (core::ptr::addr_of_mut!((*tcp).dest) as *mut u16).write_unaligned(new.dst_port);
             }
-            ip_check.write_unaligned(ipc);
             tcp_check.write_unaligned(tcpc);
+        }
+        if v4 {
+            let ip = ptr_at::<Ipv4Hdr>(self, EthHdr::LEN).ok_or(Failed)?;
+            // SAFETY: inside the frame (checked just now); an unaligned u16 write.
+            unsafe { (core::ptr::addr_of_mut!((*ip).check) as *mut u16).write_unaligned(ipc) };
         }
         Ok(())
     }

@@ -4,10 +4,12 @@
 //! ```text
 //!  client ns                node ns (kpscd portmap)                 broker ns
 //!  198.18.1.2..  c0 ---- n0 198.18.1.1 | 198.18.2.1 n1 ---- b0  198.18.2.2.. (brokers)
+//!  2001:2:0:1::2..          2001:2:0:1::1 | 2001:2:0:2::1           2001:2:0:2::2..
 //! ```
 //!
-//! Addresses come from 198.18.0.0/15 (reserved for benchmarks). Everything is removed on
-//! drop, also when the test fails.
+//! Addresses come from 198.18.0.0/15 and 2001:2::/48 (reserved for benchmarks, RFC 2544
+//! and RFC 5180); IPv6 ones skip duplicate address detection, so they work at once.
+//! Everything is removed on drop, also when the test fails.
 
 use std::{
     fs::File,
@@ -23,6 +25,19 @@ use crate::{datapath::DEFAULT_PIN_ROOT, process::Process, wait};
 
 pub const NODE_CLIENT_IP: &str = "198.18.1.1";
 pub const NODE_BROKER_IP: &str = "198.18.2.1";
+
+pub const NODE_CLIENT_IP6: &str = "2001:2:0:1::1";
+pub const NODE_BROKER_IP6: &str = "2001:2:0:2::1";
+
+/// The i-th client IPv6 address (i from 0).
+pub fn client_ip6(i: usize) -> String {
+    format!("2001:2:0:1::{:x}", 2 + i)
+}
+
+/// The i-th broker IPv6 address (i from 0).
+pub fn broker_ip6(i: usize) -> String {
+    format!("2001:2:0:2::{:x}", 2 + i)
+}
 
 /// The i-th client address (i from 0).
 pub fn client_ip(i: usize) -> String {
@@ -122,6 +137,10 @@ impl Topology {
             ip(&["netns", "add", ns])?;
             crate::cleanup::resource_created(ns, remove_namespace);
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            // Link-local addresses too are usable at once (the veths are created below).
+            for key in ["all", "default"] {
+                topo.sysctl(ns, &format!("net.ipv6.conf.{key}.accept_dad"), "0")?;
+            }
         }
         let (c, n, b) = (&topo.client, &topo.node, &topo.broker);
         ip(&[
@@ -170,6 +189,24 @@ impl Topology {
                 "b0",
             ])?;
         }
+        let mut v6: Vec<(&str, &str, String)> = vec![
+            (n, "n0", NODE_CLIENT_IP6.to_owned()),
+            (n, "n1", NODE_BROKER_IP6.to_owned()),
+        ];
+        v6.extend((0..client_ips).map(|i| (c.as_str(), "c0", client_ip6(i))));
+        v6.extend((0..broker_ips).map(|i| (b.as_str(), "b0", broker_ip6(i))));
+        for (ns, dev, addr) in &v6 {
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ])?;
+        }
         for (ns, dev) in [(c, "c0"), (n, "n0"), (n, "n1"), (b, "b0")] {
             ip(&["-n", ns, "link", "set", dev, "up"])?;
         }
@@ -179,6 +216,7 @@ impl Topology {
             }
         }
         topo.sysctl(&topo.node, "net.ipv4.ip_forward", "1")?;
+        topo.sysctl(&topo.node, "net.ipv6.conf.all.forwarding", "1")?;
         Ok(topo)
     }
 

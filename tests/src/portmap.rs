@@ -1,13 +1,20 @@
 //! What the portmap tests share: the namespace topology's port plan (broker i behind node
 //! port `FIRST_PORT + i`), kpscd portmap's command line, and where its maps are pinned.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse};
 use kpsc_testkit::{
     Kpscd, RawClient,
     datapath::{DEFAULT_PIN_ROOT, pin_dir},
-    netns::{NODE_CLIENT_IP, Topology, broker_ip, client_ip, in_netns},
+    netns::{
+        NODE_CLIENT_IP, NODE_CLIENT_IP6, Topology, broker_ip, broker_ip6, client_ip, client_ip6,
+        in_netns,
+    },
 };
 
 use crate::tansu::TansuHost;
@@ -46,6 +53,84 @@ impl Attach {
     }
 }
 
+/// The address family a portmap test runs over (the topology has both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The node's address on the client side.
+    pub fn node(self) -> &'static str {
+        match self {
+            Family::V4 => NODE_CLIENT_IP,
+            Family::V6 => NODE_CLIENT_IP6,
+        }
+    }
+
+    pub fn client(self, i: usize) -> String {
+        match self {
+            Family::V4 => client_ip(i),
+            Family::V6 => client_ip6(i),
+        }
+    }
+
+    pub fn broker(self, i: usize) -> String {
+        match self {
+            Family::V4 => broker_ip(i),
+            Family::V6 => broker_ip6(i),
+        }
+    }
+
+    /// Every node address of this family.
+    pub fn any(self) -> &'static str {
+        match self {
+            Family::V4 => "0.0.0.0",
+            Family::V6 => "::",
+        }
+    }
+
+    /// `host:port`, with brackets around an IPv6 host.
+    pub fn endpoint(self, host: &str, port: u16) -> String {
+        match self {
+            Family::V4 => format!("{host}:{port}"),
+            Family::V6 => format!("[{host}]:{port}"),
+        }
+    }
+
+    /// `--bootstrap-server-mapping` of broker `i` listening on `listen_host`, advertising
+    /// the node's client-side address.
+    pub fn mapping_on(self, i: usize, listen_host: &str) -> String {
+        let port = FIRST_PORT + i as u16;
+        format!(
+            "{},{},{}",
+            self.endpoint(&self.broker(i), BROKER_PORT),
+            self.endpoint(listen_host, port),
+            self.endpoint(self.node(), port)
+        )
+    }
+
+    /// Starts tansu broker `i` on its address of this family, advertising the node's.
+    pub fn start_broker(self, topo: &mut Topology, i: usize) -> anyhow::Result<()> {
+        let port = FIRST_PORT + i as u16;
+        topo.start_tansu(
+            &self.endpoint(&self.broker(i), BROKER_PORT),
+            &self.endpoint(self.node(), port),
+            &format!("cluster-{i}"),
+        )
+    }
+}
+
+/// The IPv4 address an `Ip` from the kernel maps holds (panics on IPv6: for tests whose
+/// flows are all IPv4).
+pub fn v4_of(ip: &kpsc_common::Ip) -> Ipv4Addr {
+    match kpsc_common::ip_addr(ip) {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(v6) => panic!("{v6} where an IPv4 address was expected"),
+    }
+}
+
 /// Where each tansu broker listens in the broker namespace.
 pub const BROKER_PORT: u16 = 39092;
 /// Broker i is served on node port FIRST_PORT + i (the guide's 9093, 9094, ...).
@@ -53,11 +138,7 @@ pub const FIRST_PORT: u16 = 9093;
 
 /// `--bootstrap-server-mapping` of broker `i`, listening on `listen_host`.
 pub fn mapping_on(i: usize, listen_host: &str) -> String {
-    let port = FIRST_PORT + i as u16;
-    format!(
-        "{}:{BROKER_PORT},{listen_host}:{port},{NODE_CLIENT_IP}:{port}",
-        broker_ip(i)
-    )
+    Family::V4.mapping_on(i, listen_host)
 }
 
 /// `--bootstrap-server-mapping` of broker `i` on every node address (the README's form).
@@ -122,14 +203,29 @@ pub fn connect_bound(
     port: u16,
     timeout: Duration,
 ) -> anyhow::Result<RawClient> {
+    connect_family(Family::V4, src_ip, src_port, port, timeout)
+}
+
+/// Connects from `src_ip:src_port` (0: any port) to the node's `port` on its address of
+/// `family`, within `timeout`.
+pub fn connect_family(
+    family: Family,
+    src_ip: &str,
+    src_port: u16,
+    port: u16,
+    timeout: Duration,
+) -> anyhow::Result<RawClient> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let socket = tokio::net::TcpSocket::new_v4()?;
+    let socket = match family {
+        Family::V4 => tokio::net::TcpSocket::new_v4()?,
+        Family::V6 => tokio::net::TcpSocket::new_v6()?,
+    };
     // Earlier connections from this source port linger in TIME_WAIT (other destinations).
     socket.set_reuseaddr(true)?;
-    socket.bind(format!("{src_ip}:{src_port}").parse()?)?;
-    let remote: SocketAddr = format!("{NODE_CLIENT_IP}:{port}").parse()?;
+    socket.bind(family.endpoint(src_ip, src_port).parse()?)?;
+    let remote: SocketAddr = family.endpoint(family.node(), port).parse()?;
     // into_std deregisters from the runtime's reactor: inside the runtime.
     let stream = rt.block_on(async {
         tokio::time::timeout(timeout, socket.connect(remote))
@@ -156,19 +252,31 @@ pub fn cluster_id(conn: &mut RawClient) -> anyhow::Result<String> {
 /// the broker of its destination port. A broker's reply to a translated source port that
 /// equals a mapped port used to be taken for a client packet to that port and dropped.
 pub fn every_mapped_source_port_connects(listen_host: &str, attach: Attach) {
+    every_mapped_source_port_connects_over(Family::V4, listen_host, attach)
+}
+
+/// `every_mapped_source_port_connects` over `family`.
+pub fn every_mapped_source_port_connects_over(family: Family, listen_host: &str, attach: Attach) {
     let mut topo = attach.topology(1, BROKERS).unwrap();
     for i in 0..BROKERS {
-        topo.start_advertising_node(i, BROKER_PORT, FIRST_PORT + i as u16)
-            .unwrap();
+        family.start_broker(&mut topo, i).unwrap();
     }
-    let mappings: Vec<String> = (0..BROKERS).map(|i| mapping_on(i, listen_host)).collect();
+    let mappings: Vec<String> = (0..BROKERS)
+        .map(|i| family.mapping_on(i, listen_host))
+        .collect();
     let kpscd = start_portmap(&topo, &portmap_args(&topo, &mappings, &attach.args()));
     let ports: Vec<u16> = (0..BROKERS).map(|i| FIRST_PORT + i as u16).collect();
     let mut failures = Vec::new();
     for (i, &port) in ports.iter().enumerate() {
         for &src_port in &ports {
             let got = in_netns(&topo.client, || {
-                let mut conn = connect_from(src_port, port, Duration::from_secs(3))?;
+                let mut conn = connect_family(
+                    family,
+                    &family.client(0),
+                    src_port,
+                    port,
+                    Duration::from_secs(3),
+                )?;
                 cluster_id(&mut conn)
             })
             .unwrap()
@@ -181,7 +289,7 @@ pub fn every_mapped_source_port_connects(listen_host: &str, attach: Attach) {
     }
     assert!(
         failures.is_empty(),
-        "listen {listen_host}, {attach:?}: {failures:#?}\nkpscd log:\n{}",
+        "listen {listen_host}, {attach:?}, {family:?}: {failures:#?}\nkpscd log:\n{}",
         kpscd.log()
     );
 }

@@ -43,7 +43,7 @@ fn orphaned_reply_entries_are_swept_and_live_flows_kept() {
     assert_eq!(flows.len(), 2, "{flows:?}");
     let (live_key, live_flow) = *flows.iter().find(|(k, _)| *k != key).unwrap();
     assert_eq!(
-        std::net::Ipv4Addr::from(key.src_ip.to_ne_bytes()).to_string(),
+        kpsc_tests::portmap::v4_of(&key.src_ip).to_string(),
         client_ip(0)
     );
 

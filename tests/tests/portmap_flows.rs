@@ -234,7 +234,7 @@ fn the_same_syn_on_two_cpus_leaves_one_flow_and_no_orphans() {
     });
     let maps = PinnedMaps::open(&pins(&topo)).unwrap();
     let ours = |client: &kpsc_common::FlowKey| {
-        let ip = Ipv4Addr::from(client.src_ip.to_ne_bytes());
+        let ip = kpsc_tests::portmap::v4_of(&client.src_ip);
         ip >= source(0) && ip < source(FLOWS)
     };
     // Client side (half-open or, were any completed, established): client -> its tuple.
@@ -311,7 +311,7 @@ fn spoofed_handshakes_never_reach_the_established_table() {
     let spoofed: Vec<_> = maps
         .flows()
         .into_iter()
-        .filter(|(k, _)| Ipv4Addr::from(k.src_ip.to_ne_bytes()) >= source(0))
+        .filter(|(k, _)| kpsc_tests::portmap::v4_of(&k.src_ip) >= source(0))
         .collect();
     assert!(spoofed.is_empty(), "spoofed flows established: {spoofed:?}");
     assert_eq!(stats.embryos, u64::from(SOURCES), "{stats:?}");
@@ -344,17 +344,14 @@ fn spoofed_embryos(
     maps.embryos()
         .into_iter()
         .filter(|(k, _)| {
-            let ip = std::net::Ipv4Addr::from(k.src_ip.to_ne_bytes());
+            let ip = kpsc_tests::portmap::v4_of(&k.src_ip);
             ip >= spoofed(0) && ip < spoofed(count)
         })
         .collect()
 }
 
-fn addr(ip: u32, port: u16) -> (std::net::Ipv4Addr, u16) {
-    (
-        std::net::Ipv4Addr::from(ip.to_ne_bytes()),
-        u16::from_be(port),
-    )
+fn addr(ip: kpsc_common::Ip, port: u16) -> (std::net::Ipv4Addr, u16) {
+    (kpsc_tests::portmap::v4_of(&ip), u16::from_be(port))
 }
 
 /// Forged SYN-ACKs from the broker's address, after the broker's own: one that
@@ -405,7 +402,7 @@ fn forged_syn_acks_neither_complete_spoofed_handshakes_nor_break_real_ones() {
             let to = addr(t.src_ip, t.src_port);
             // Acknowledges the client's ISN, then a wrong one.
             let index =
-                u32::from(Ipv4Addr::from(client.src_ip.to_ne_bytes())) - u32::from(spoofed(0));
+                u32::from(kpsc_tests::portmap::v4_of(&client.src_ip)) - u32::from(spoofed(0));
             sender
                 .send_segment(from, to, FORGED_SEQ, isn(index).wrapping_add(1), SYN | ACK)
                 .unwrap();
@@ -429,8 +426,8 @@ fn forged_syn_acks_neither_complete_spoofed_handshakes_nor_break_real_ones() {
             let sender = SynSender::new().unwrap();
             for i in 0..SOURCES {
                 let client = kpsc_common::FlowKey {
-                    src_ip: u32::from_ne_bytes(spoofed(i).octets()),
-                    dst_ip: u32::from_ne_bytes(node.0.octets()),
+                    src_ip: kpsc_common::ip_from_v4(spoofed(i).octets()),
+                    dst_ip: kpsc_common::ip_from_v4(node.0.octets()),
                     src_port: 30_000u16.to_be(),
                     dst_port: node.1.to_be(),
                 };
@@ -470,7 +467,7 @@ fn forged_syn_acks_neither_complete_spoofed_handshakes_nor_break_real_ones() {
     let first = maps
         .flows()
         .into_iter()
-        .find(|(k, _)| k.src_ip == u32::from_ne_bytes(spoofed(0).octets()))
+        .find(|(k, _)| k.src_ip == kpsc_common::ip_from_v4(spoofed(0).octets()))
         .expect("the first source's flow");
     assert_eq!(first.1.fin, 1, "the FIN of the completing ACK: {first:?}");
 }
@@ -485,7 +482,7 @@ fn client_flow(
         .into_iter()
         .filter(|(k, _)| {
             u16::from_be(k.dst_port) == port
-                && std::net::Ipv4Addr::from(k.src_ip.to_ne_bytes()).to_string() == client_ip(0)
+                && kpsc_tests::portmap::v4_of(&k.src_ip).to_string() == client_ip(0)
         })
         .collect();
     assert_eq!(flows.len(), 1, "{flows:?}");

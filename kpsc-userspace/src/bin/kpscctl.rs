@@ -1,5 +1,10 @@
 //! kpscctl: operator's view of a running kpscd.
-use std::{net::Ipv4Addr, path::Path, process::ExitCode, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::Parser as _;
@@ -8,7 +13,7 @@ use kpsc::{
     config::ctl::{Command, CtlCli as Cli},
     portmap::datapath::{FlowState, PinnedMaps, monotonic_ns, pin_dir},
 };
-use kpsc_common::FlowKey;
+use kpsc_common::{FlowKey, IP_ANY, Ip, ip_addr};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -92,12 +97,13 @@ fn admin_maps(admin: &str, json: bool) -> anyhow::Result<String> {
     }
 }
 
-fn ip(bits: u32) -> Ipv4Addr {
-    Ipv4Addr::from(bits.to_ne_bytes())
+fn ip(bits: Ip) -> IpAddr {
+    ip_addr(&bits)
 }
 
-fn endpoint(ip_bits: u32, port_be: u16) -> String {
-    format!("{}:{}", ip(ip_bits), u16::from_be(port_be))
+/// `a.b.c.d:port` or `[v6]:port`.
+fn endpoint(ip_bits: Ip, port_be: u16) -> String {
+    SocketAddr::new(ip(ip_bits), u16::from_be(port_be)).to_string()
 }
 
 fn human_age(ns: u64) -> String {
@@ -120,7 +126,7 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
             let s = maps.stats(*port);
             serde_json::json!({
                 "listen_port": port,
-                "listen_ip": if t.listen_ip == 0 { "*".to_owned() } else { ip(t.listen_ip).to_string() },
+                "listen_ip": if t.listen_ip == IP_ANY { "*".to_owned() } else { ip(t.listen_ip).to_string() },
                 "broker": endpoint(t.broker_ip, t.broker_port),
                 "snat_ip": ip(t.snat_ip).to_string(),
                 "packets_in": s.packets_in, "bytes_in": s.bytes_in,

@@ -5,7 +5,7 @@
 use std::{fmt, net::SocketAddr, path::PathBuf};
 
 use clap::Args;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::{
@@ -103,7 +103,7 @@ pub struct PortmapConfig {
     pub pin_root: PathBuf,
     pub syn_rate_per_source: u32,
     /// SYNs from elsewhere are dropped in the kernel. Empty: every source.
-    pub allow_sources: Vec<Ipv4Net>,
+    pub allow_sources: Vec<IpNet>,
     pub attach: AttachMode,
 }
 
@@ -162,24 +162,25 @@ impl PortmapConfig {
                 advertised: m.advertised.clone(),
             })
             .collect::<Vec<_>>();
-        if let Some(e) = entries.iter().find(|e| !e.listen.is_ipv4()) {
+        // NAT64/NAT46 is not portmap's job: a broker given as an address must be of its
+        // listen address's family (a name is resolved to that family at start).
+        if let Some((e, broker)) = entries.iter().find_map(|e| {
+            let broker: std::net::IpAddr = e.broker.host.parse().ok()?;
+            (broker.is_ipv4() != e.listen.is_ipv4()).then_some((e, broker))
+        }) {
             return Err(ConfigError::new(
                 "--bootstrap-server-mapping",
-                format!("{}: portmap handles IPv4 only", e.listen),
+                format!(
+                    "listen address {} and broker {broker} are of different IP families: \
+                     portmap does not translate between IPv4 and IPv6 (listen on an address \
+                     of the broker's family)",
+                    e.listen
+                ),
             ));
         }
         let syn_rate_per_source = pick(flags.syn_rate_per_source, file.syn_rate_per_source)
             .unwrap_or(kpsc_common::portmap::DEFAULT_SYN_RATE_PER_SOURCE);
-        let allow_sources = AllowSourceArgs::resolve(flags.allow, file.allow)?
-            .into_iter()
-            .map(|net| match net {
-                IpNet::V4(v4) => Ok(v4),
-                IpNet::V6(v6) => Err(ConfigError::new(
-                    "--allow-source",
-                    format!("{v6}: portmap handles IPv4 only"),
-                )),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let allow_sources = AllowSourceArgs::resolve(flags.allow, file.allow)?;
         let max = kpsc_common::portmap::MAX_ALLOW_SOURCES as usize;
         if allow_sources.len() > max {
             return Err(ConfigError::new(

@@ -43,6 +43,20 @@ impl BrokerAddr {
     }
 }
 
+impl BrokerAddr {
+    /// The same address in one spelling, for comparing what brokers advertise with what
+    /// the map expects: brackets around an IPv6 host dropped (some brokers advertise
+    /// `[2001:db8::1]` as the host) and IP literals in their canonical form.
+    pub fn normalized(&self) -> Self {
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        let host = match host.parse::<IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => host.to_owned(),
+        };
+        Self::new(host, self.port)
+    }
+}
+
 impl fmt::Display for BrokerAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.host.contains(':') {

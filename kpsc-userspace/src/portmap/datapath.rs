@@ -8,6 +8,7 @@
 use std::{
     collections::HashSet,
     io,
+    net::IpAddr,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -22,9 +23,10 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
     util::nr_cpus,
 };
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use kpsc_common::{
-    Embryo, FlowKey, FlowNat, PortTarget, PortmapConfig, PortmapStats, SourceBudget,
+    Embryo, FlowKey, FlowNat, Ip, PortTarget, PortmapConfig, PortmapStats, SourceBudget, ip_addr,
+    ip_bits,
     portmap::{
         ALLOW_MAP, CONFIG_MAP, DEVICES_MAP, EMBRYO_REPLIES_MAP, EMBRYOS_MAP, FLOWS_MAP, PROGRAM,
         REPLIES_MAP, SOURCES_MAP, STATS_MAP, TARGETS_MAP, XDP_PROGRAM,
@@ -128,7 +130,7 @@ fn pins_compatible(dir: &Path) -> bool {
         (
             SOURCES_MAP,
             MapType::LruHash,
-            (size_of::<u32>(), size_of::<SourceBudget>()),
+            (size_of::<Ip>(), size_of::<SourceBudget>()),
         ),
         (
             CONFIG_MAP,
@@ -143,7 +145,7 @@ fn pins_compatible(dir: &Path) -> bool {
         (
             ALLOW_MAP,
             MapType::LpmTrie,
-            (size_of::<Key<u32>>(), size_of::<u8>()),
+            (size_of::<Key<Ip>>(), size_of::<u8>()),
         ),
     ];
     // A pin missing while others exist (an older build had fewer maps): start afresh.
@@ -223,7 +225,7 @@ impl Datapath {
         &mut self,
         config: PortmapConfig,
         targets: &[(u16, PortTarget)],
-        allow: &[Ipv4Net],
+        allow: &[IpNet],
     ) -> anyhow::Result<()> {
         let old = self.config()?;
         let old_allow = self.allowed()?;
@@ -243,52 +245,45 @@ impl Datapath {
         Ok(())
     }
 
-    fn allow_map(&mut self) -> anyhow::Result<LpmTrie<&mut MapData, u32, u8>> {
+    fn allow_map(&mut self) -> anyhow::Result<LpmTrie<&mut MapData, Ip, u8>> {
         Ok(LpmTrie::try_from(
             self.ebpf.map_mut(ALLOW_MAP).context("allow map missing")?,
         )?)
     }
 
     /// The networks in PORTMAP_ALLOW.
-    fn allowed(&mut self) -> anyhow::Result<Vec<Ipv4Net>> {
+    fn allowed(&mut self) -> anyhow::Result<Vec<IpNet>> {
         self.allow_map()?
             .keys()
             .map(|k| {
                 let k = k.context("reading the kernel's --allow-source networks")?;
-                let addr = std::net::Ipv4Addr::from(k.data().to_ne_bytes());
-                Ipv4Net::new(addr, k.prefix_len() as u8).context("a bad prefix in the allow map")
+                allow_net(&k).context("a bad prefix in the allow map")
             })
             .collect()
     }
 
-    /// Makes PORTMAP_ALLOW exactly `allow` (0.0.0.0/0 when empty: everyone). New networks
-    /// go in before stale ones leave, so a source allowed before and after is never
-    /// refused in between.
-    fn set_allowed(&mut self, allow: &[Ipv4Net]) -> anyhow::Result<()> {
-        let everyone = [Ipv4Net::default()];
-        let wanted = if allow.is_empty() {
-            &everyone[..]
+    /// Makes PORTMAP_ALLOW exactly `allow` (::/0 when empty: everyone, IPv4 included). New
+    /// networks go in before stale ones leave, so a source allowed before and after is
+    /// never refused in between.
+    fn set_allowed(&mut self, allow: &[IpNet]) -> anyhow::Result<()> {
+        let everyone = [IpNet::V6(Ipv6Net::default())];
+        let wanted: Vec<IpNet> = if allow.is_empty() {
+            everyone.to_vec()
         } else {
-            allow
+            allow.iter().map(IpNet::trunc).collect()
         };
-        let key = |net: &Ipv4Net| {
-            Key::new(
-                u32::from(net.prefix_len()),
-                u32::from_ne_bytes(net.network().octets()),
-            )
-        };
-        let stale: Vec<Ipv4Net> = self
+        let stale: Vec<IpNet> = self
             .allowed()?
             .into_iter()
             .filter(|net| !wanted.contains(net))
             .collect();
         let mut map = self.allow_map()?;
-        for net in wanted {
-            map.insert(&key(net), 1, 0)
+        for net in &wanted {
+            map.insert(&allow_key(net), 1, 0)
                 .with_context(|| format!("adding {net} to the kernel's --allow-source networks"))?;
         }
         for net in &stale {
-            map.remove(&key(net)).with_context(|| {
+            map.remove(&allow_key(net)).with_context(|| {
                 format!("removing {net} from the kernel's --allow-source networks")
             })?;
         }
@@ -499,6 +494,23 @@ impl Datapath {
     }
 }
 
+/// The allow map's key for `net`: IPv4 networks as their IPv4-mapped form (::ffff:0:0/96
+/// plus their prefix), as the program looks up every source as an `Ip`.
+fn allow_key(net: &IpNet) -> Key<Ip> {
+    let extra = if matches!(net, IpNet::V4(_)) { 96 } else { 0 };
+    Key::new(u32::from(net.prefix_len()) + extra, ip_bits(net.network()))
+}
+
+/// The network an allow map key stands for (inverse of `allow_key`).
+fn allow_net(key: &Key<Ip>) -> anyhow::Result<IpNet> {
+    let len = u8::try_from(key.prefix_len()).context("prefix longer than 255")?;
+    Ok(match ip_addr(&key.data()) {
+        IpAddr::V4(v4) if len >= 96 => IpNet::V4(Ipv4Net::new(v4, len - 96)?),
+        IpAddr::V4(v4) => IpNet::V6(Ipv6Net::new(v4.to_ipv6_mapped(), len)?),
+        IpAddr::V6(v6) => IpNet::V6(Ipv6Net::new(v6, len)?),
+    })
+}
+
 fn ifindex(iface: &str) -> anyhow::Result<u32> {
     let name =
         std::ffi::CString::new(iface).with_context(|| format!("interface name {iface:?}"))?;
@@ -674,5 +686,29 @@ impl PinnedMaps {
             }
         }
         removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_keys_round_trip_both_families() {
+        for text in [
+            "198.18.0.0/15",
+            "0.0.0.0/0",
+            "2001:2::/48",
+            "::/0",
+            "10.1.2.3/32",
+        ] {
+            let net: IpNet = text.parse().unwrap();
+            let key = allow_key(&net);
+            assert_eq!(allow_net(&key).unwrap(), net, "{text}");
+        }
+        assert_eq!(
+            allow_key(&"198.18.0.0/15".parse().unwrap()).prefix_len(),
+            96 + 15
+        );
     }
 }

@@ -13,8 +13,9 @@ pub mod probe;
 pub mod state;
 pub mod targets;
 
+use kpsc_common::ip_addr;
 use std::{
-    net::Ipv4Addr,
+    net::SocketAddr,
     process::ExitCode,
     sync::{Arc, Mutex, RwLock},
 };
@@ -61,7 +62,7 @@ pub fn prepare(config: PortmapConfig) -> anyhow::Result<Result<Prepared, ExitCod
         );
         return Ok(Err(ExitCode::from(EXIT_PRIVILEGE)));
     }
-    check_forwarding(&config.interfaces)?;
+    check_forwarding(&config.interfaces, &config.entries)?;
     let targets = kernel_targets(&config.entries).context("resolving the brokers")?;
     let mut datapath = Datapath::load(&config.pin_root, &config.instance)?;
     let (hook, why) = hook::choose(config.attach);
@@ -146,9 +147,8 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<ExitCode> {
         for (port, t) in &targets {
             info!(
                 listen_port = port,
-                broker = %Ipv4Addr::from(t.broker_ip.to_ne_bytes()),
-                broker_port = u16::from_be(t.broker_port),
-                snat = %Ipv4Addr::from(t.snat_ip.to_ne_bytes()),
+                broker = %SocketAddr::new(ip_addr(&t.broker_ip), u16::from_be(t.broker_port)),
+                snat = %ip_addr(&t.snat_ip),
                 "port mapped in the kernel"
             );
         }

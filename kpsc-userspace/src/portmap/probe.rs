@@ -20,13 +20,18 @@ pub async fn probe_advertised(
     timeout: Duration,
     sasl: Option<&SaslCredentials>,
 ) -> Vec<String> {
-    let expected: BTreeSet<BrokerAddr> = entries.iter().map(|e| e.advertised.clone()).collect();
+    let expected: BTreeSet<BrokerAddr> =
+        entries.iter().map(|e| e.advertised.normalized()).collect();
     let mut problems = Vec::new();
     // Portmap carries client TLS end to end; its probe speaks plaintext Kafka.
     let upstream = Upstream::plain(timeout);
     for e in entries {
         match discovery::fetch_brokers(&upstream, &e.broker, timeout, sasl).await {
             Ok(brokers) => {
+                let brokers: Vec<(i32, BrokerAddr)> = brokers
+                    .into_iter()
+                    .map(|(id, addr)| (id, addr.normalized()))
+                    .collect();
                 for (id, addr) in &brokers {
                     if !expected.contains(addr) {
                         problems.push(format!(
@@ -37,7 +42,7 @@ pub async fn probe_advertised(
                         ));
                     }
                 }
-                if !brokers.iter().any(|(_, a)| a == &e.advertised) {
+                if !brokers.iter().any(|(_, a)| *a == e.advertised.normalized()) {
                     problems.push(format!(
                         "port {} expects its broker to advertise {}, but {} lists {:?}",
                         e.listen.port(),

@@ -1,42 +1,54 @@
-//! What the kernel program needs per port: the broker's IPv4 address and the node's own
-//! source address towards it (the route's choice), and the forwarding it relies on.
+//! What the kernel program needs per port: the broker's address (of the listen
+//! address's family) and the node's own source address towards it (the route's choice),
+//! and the forwarding it relies on.
 
-use std::net::{IpAddr, Ipv4Addr, ToSocketAddrs, UdpSocket};
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 
 use anyhow::{Context as _, bail};
-use kpsc_common::{PortTarget, PortmapConfig, portmap::SNAT_PORT_FIRST};
+use kpsc_common::{PortTarget, PortmapConfig, ip_bits, portmap::SNAT_PORT_FIRST};
 
 use crate::config::portmap::PortmapEntry;
 
-fn ipv4_bits(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
-}
-
-/// Resolves each broker and the node's source address towards it (the route's own choice).
+/// Resolves each broker to an address of its listen address's family (portmap does not
+/// translate between IPv4 and IPv6), and the node's source address towards it (the
+/// route's own choice).
 pub fn kernel_targets(entries: &[PortmapEntry]) -> anyhow::Result<Vec<(u16, PortTarget)>> {
     entries
         .iter()
         .map(|e| {
+            let v4 = e.listen.is_ipv4();
+            let family = if v4 { "IPv4" } else { "IPv6" };
             let broker = (e.broker.host.as_str(), e.broker.port)
                 .to_socket_addrs()
                 .with_context(|| format!("resolving broker {}", e.broker))?
-                .find(|a| a.is_ipv4())
-                .with_context(|| format!("broker {} has no IPv4 address", e.broker))?;
-            let probe = UdpSocket::bind("0.0.0.0:0")?;
+                .find(|a| a.is_ipv4() == v4)
+                .with_context(|| {
+                    format!(
+                        "broker {} has no {family} address, and its listen address {} is \
+                         {family} (portmap does not translate between IPv4 and IPv6)",
+                        e.broker, e.listen
+                    )
+                })?;
+            let unspecified: SocketAddr = if v4 {
+                "0.0.0.0:0".parse()?
+            } else {
+                "[::]:0".parse()?
+            };
+            let probe = UdpSocket::bind(unspecified)?;
             probe
                 .connect(broker)
                 .with_context(|| format!("no route to broker {broker}"))?;
-            let (IpAddr::V4(snat), IpAddr::V4(broker_ip), IpAddr::V4(listen)) =
-                (probe.local_addr()?.ip(), broker.ip(), e.listen.ip())
-            else {
-                bail!("portmap handles IPv4 only");
+            let snat = probe.local_addr()?.ip();
+            let listen = match e.listen.ip() {
+                ip if ip.is_unspecified() => kpsc_common::IP_ANY,
+                ip => ip_bits(ip),
             };
             Ok((
                 e.listen.port(),
                 PortTarget {
-                    listen_ip: ipv4_bits(listen),
-                    broker_ip: ipv4_bits(broker_ip),
-                    snat_ip: ipv4_bits(snat),
+                    listen_ip: listen,
+                    broker_ip: ip_bits(broker.ip()),
+                    snat_ip: ip_bits(snat),
                     broker_port: e.broker.port.to_be(),
                     _pad: 0,
                 },
@@ -45,18 +57,30 @@ pub fn kernel_targets(entries: &[PortmapEntry]) -> anyhow::Result<Vec<(u16, Port
         .collect()
 }
 
-/// The program forwards with bpf_fib_lookup, which honours the interface's forwarding flag.
-pub fn check_forwarding(interfaces: &[String]) -> anyhow::Result<()> {
-    for iface in interfaces {
-        let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
-        let value = std::fs::read_to_string(&path)
-            .with_context(|| format!("interface {iface:?} not found ({path} unreadable)"))?;
-        if value.trim() != "1" {
-            bail!(
-                "IPv4 forwarding is off on {iface}: portmap forwards packets between client and \
-                 brokers, enable it with `sysctl -w net.ipv4.conf.{iface}.forwarding=1` \
-                 (or net.ipv4.ip_forward=1)"
-            );
+/// The program forwards with bpf_fib_lookup, which honours the interface's forwarding
+/// flag of each family it translates.
+pub fn check_forwarding(interfaces: &[String], entries: &[PortmapEntry]) -> anyhow::Result<()> {
+    for (family, v4) in [("ipv4", true), ("ipv6", false)] {
+        if !entries.iter().any(|e| e.listen.is_ipv4() == v4) {
+            continue;
+        }
+        for iface in interfaces {
+            let path = format!("/proc/sys/net/{family}/conf/{iface}/forwarding");
+            let value = std::fs::read_to_string(&path)
+                .with_context(|| format!("interface {iface:?} not found ({path} unreadable)"))?;
+            if value.trim() != "1" {
+                let all = if v4 {
+                    "net.ipv4.ip_forward=1"
+                } else {
+                    "net.ipv6.conf.all.forwarding=1"
+                };
+                bail!(
+                    "{} forwarding is off on {iface}: portmap forwards packets between client \
+                     and brokers, enable it with `sysctl -w net.{family}.conf.{iface}.forwarding=1` \
+                     (or {all})",
+                    if v4 { "IPv4" } else { "IPv6" }
+                );
+            }
         }
     }
     Ok(())

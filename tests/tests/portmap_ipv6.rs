@@ -1,0 +1,371 @@
+//! `kpscd portmap` over IPv6, in namespaces with real TCP stacks and tansu brokers
+//! listening and advertising on IPv6 (2001:2::/48): end to end with rdkafka under both
+//! hooks, clients on mapped source ports, `--allow-source` with IPv6 and IPv4 prefixes in
+//! one list next to an IPv4 mapping, extension headers before TCP, SIGKILL, and the
+//! refusal of mappings between families.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use kpsc_tests::{
+    RawClient,
+    datapath::PinnedMaps,
+    kpscctl_bin, kpscd_bin,
+    netns::{NODE_CLIENT_IP6, Topology, in_netns},
+    portmap::{
+        Attach, FIRST_PORT, Family, cluster_id, connect_family,
+        every_mapped_source_port_connects_over, pins, portmap_args, start_portmap,
+    },
+};
+use rdkafka::{
+    ClientConfig, Message, Offset, TopicPartitionList,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    consumer::{BaseConsumer, Consumer},
+    producer::{BaseProducer, BaseRecord, Producer},
+};
+
+const V6: Family = Family::V6;
+
+/// One IPv6 tansu broker behind `[::]:FIRST_PORT`, under `attach`, every segment carrying
+/// a software checksum the receiving stack verifies (for XDP also what its veths need).
+fn one_v6_broker(attach: Attach) -> (Topology, kpsc_tests::Kpscd) {
+    let mut topo = match attach {
+        Attach::Tc => Topology::without_checksum_offload(1, 1).unwrap(),
+        Attach::Xdp => attach.topology(1, 1).unwrap(),
+    };
+    V6.start_broker(&mut topo, 0).unwrap();
+    let kpscd = start_portmap(
+        &topo,
+        &portmap_args(&topo, &[V6.mapping_on(0, V6.any())], &attach.args()),
+    );
+    (topo, kpscd)
+}
+
+/// Creates a topic, produces N records (acks=all) and consumes them back, all through
+/// `[node]:FIRST_PORT`; returns the consumed values.
+fn produce_and_consume(topo: &Topology, topic: &str, n: usize) -> Vec<String> {
+    let bootstrap = V6.endpoint(NODE_CLIENT_IP6, FIRST_PORT);
+    in_netns(&topo.client, || {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let created = rt
+            .block_on(admin.create_topics(
+                &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            ))
+            .unwrap();
+        assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create()
+            .unwrap();
+        for i in 0..n {
+            let value = format!("v6-message-{i}-{}", "x".repeat(200));
+            producer
+                .send(BaseRecord::<(), _>::to(topic).partition(0).payload(&value))
+                .unwrap();
+            producer.poll(Duration::ZERO);
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "unused")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).unwrap();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got.len() < n && Instant::now() < deadline {
+            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                let m = m.unwrap();
+                got.push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
+            }
+        }
+        got
+    })
+    .unwrap()
+}
+
+/// XDP redirects the node's veths counted so far.
+fn xdp_redirects(topo: &Topology) -> u64 {
+    ["n0", "n1"]
+        .iter()
+        .map(|dev| topo.nic_counter(&topo.node, dev, "xdp_redirect").unwrap())
+        .sum()
+}
+
+/// rdkafka over IPv6 end to end: every record comes back in order, no segment arrived
+/// with a bad checksum (the TCP pseudo-header holds the 128-bit addresses), the kernel
+/// counted the flows with their IPv6 tuples, and `kpscctl maps` prints them bracketed.
+fn end_to_end(attach: Attach) {
+    let (topo, kpscd) = one_v6_broker(attach);
+    let redirects_before = xdp_redirects(&topo);
+    const N: usize = 200;
+    let got = produce_and_consume(&topo, "v6", N);
+    assert_eq!(got.len(), N, "{attach:?}: kpscd log:\n{}", kpscd.log());
+    for (i, v) in got.iter().enumerate() {
+        assert!(v.starts_with(&format!("v6-message-{i}-")), "{v}");
+    }
+    for ns in [&topo.client, &topo.broker] {
+        assert_eq!(topo.counter(ns, "TcpInCsumErrors").unwrap(), 0, "{ns}");
+    }
+    let maps = PinnedMaps::open(&pins(&topo)).unwrap();
+    let stats = maps.stats(FIRST_PORT);
+    assert!(stats.new_flows >= 2, "{attach:?}: {stats:?}");
+    assert!(stats.bytes_in > (N * 200) as u64, "{attach:?}: {stats:?}");
+    assert_eq!(stats.dropped(), 0, "{attach:?}: {stats:?}");
+    let client: IpAddr = V6.client(0).parse().unwrap();
+    let broker: IpAddr = V6.broker(0).parse().unwrap();
+    assert!(
+        maps.flows().iter().all(|(k, f)| {
+            kpsc_common::ip_addr(&k.src_ip) == client
+                && kpsc_common::ip_addr(&f.translated.dst_ip) == broker
+        }),
+        "{:?}",
+        maps.flows()
+    );
+    let ctl = Command::new(kpscctl_bin())
+        .args(["maps", "--instance", &topo.node, "--json"])
+        .output()
+        .unwrap();
+    let ctl: serde_json::Value = serde_json::from_slice(&ctl.stdout).unwrap();
+    assert_eq!(
+        ctl["ports"][0]["broker"],
+        format!("[{}]:{}", V6.broker(0), kpsc_tests::portmap::BROKER_PORT),
+        "{ctl}"
+    );
+    let first = &ctl["flows"][0]["client"];
+    assert!(
+        first
+            .as_str()
+            .is_some_and(|c| c.starts_with(&format!("[{}]:", V6.client(0)))),
+        "{ctl}"
+    );
+    let redirected = xdp_redirects(&topo) - redirects_before;
+    match attach {
+        // XDP carried most frames; TC what XDP passed up (e.g. before a neighbour resolved).
+        Attach::Xdp => assert!(
+            2 * redirected >= stats.packets_in + stats.packets_out,
+            "XDP redirected only {redirected}: {stats:?}"
+        ),
+        Attach::Tc => assert_eq!(redirected, 0),
+    }
+}
+
+/// About 4 s.
+#[test]
+fn tc_ipv6_produce_and_consume_end_to_end() {
+    end_to_end(Attach::Tc);
+}
+
+/// About 4 s.
+#[test]
+fn xdp_ipv6_produce_and_consume_end_to_end() {
+    end_to_end(Attach::Xdp);
+}
+
+/// Every mapped port as source port, to every mapped port, over IPv6 (with checksum
+/// offload on under TC: the GSO and CHECKSUM_PARTIAL path). About 3 s each.
+#[test]
+fn tc_ipv6_clients_on_mapped_source_ports_connect_to_a_wildcard_listener() {
+    every_mapped_source_port_connects_over(V6, V6.any(), Attach::Tc);
+}
+
+#[test]
+fn tc_ipv6_clients_on_mapped_source_ports_connect_to_a_specific_listener() {
+    every_mapped_source_port_connects_over(V6, NODE_CLIENT_IP6, Attach::Tc);
+}
+
+#[test]
+fn xdp_ipv6_clients_on_mapped_source_ports_connect_to_a_wildcard_listener() {
+    every_mapped_source_port_connects_over(V6, V6.any(), Attach::Xdp);
+}
+
+/// The cluster id behind `[node]:port` for a client at `src` of `family`, or the error.
+fn reaches(topo: &Topology, family: Family, src: &str, port: u16) -> anyhow::Result<String> {
+    in_netns(&topo.client, || {
+        let mut conn = connect_family(family, src, 0, port, Duration::from_secs(2))?;
+        cluster_id(&mut conn)
+    })?
+}
+
+/// One list with an IPv6 and an IPv4 prefix, in front of an IPv6 and an IPv4 mapping:
+/// each family's clients inside their prefix connect, the others' SYNs are dropped and
+/// counted, and a mapped port answers only its own family. About 8 s (two connects time
+/// out).
+#[test]
+fn allow_source_with_ipv6_and_ipv4_prefixes() {
+    let mut topo = Topology::new(3, 2).unwrap();
+    V6.start_broker(&mut topo, 0).unwrap();
+    Family::V4.start_broker(&mut topo, 1).unwrap();
+    let v4_port = FIRST_PORT + 1;
+    // ::4/126 holds client 2 (::4), not clients 0 and 1 (::2, ::3).
+    let args = portmap_args(
+        &topo,
+        &[
+            V6.mapping_on(0, V6.any()),
+            Family::V4.mapping_on(1, "0.0.0.0"),
+        ],
+        &[
+            "--allow-source",
+            "2001:2:0:1::4/126",
+            "--allow-source",
+            &format!("{}/32", Family::V4.client(1)),
+        ],
+    );
+    let kpscd = start_portmap(&topo, &args);
+    assert_eq!(
+        reaches(&topo, V6, &V6.client(2), FIRST_PORT).unwrap(),
+        "cluster-0"
+    );
+    let denied = reaches(&topo, V6, &V6.client(0), FIRST_PORT);
+    assert!(denied.is_err(), "{denied:?}");
+    assert_eq!(
+        reaches(&topo, Family::V4, &Family::V4.client(1), v4_port).unwrap(),
+        "cluster-1"
+    );
+    let denied = reaches(&topo, Family::V4, &Family::V4.client(0), v4_port);
+    assert!(denied.is_err(), "{denied:?}");
+    // The IPv4 port does not answer IPv6 clients, nor the IPv6 port IPv4 ones: the
+    // packets are not the program's, and no process listens on the node.
+    assert!(reaches(&topo, V6, &V6.client(2), v4_port).is_err());
+    assert!(reaches(&topo, Family::V4, &Family::V4.client(1), FIRST_PORT).is_err());
+    let maps = PinnedMaps::open(&pins(&topo)).unwrap();
+    let (v6, v4) = (maps.stats(FIRST_PORT), maps.stats(v4_port));
+    assert!(v6.drop_source_denied >= 1, "{v6:?}");
+    assert!(v4.drop_source_denied >= 1, "{v4:?}");
+    assert_eq!((v6.new_flows, v4.new_flows), (1, 1), "{v6:?} {v4:?}");
+    let metric = kpscd.metric("kpsc_portmap_drops_total", "reason=\"source_denied\"");
+    assert!(metric >= 2.0, "source_denied = {metric}\n{}", kpscd.log());
+}
+
+/// IPV6_DSTOPTS: a Destination Options header (one PadN option, 8 bytes) before TCP on
+/// every segment the client sends.
+const DSTOPTS: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+
+/// A client whose every segment carries a Destination Options header before TCP: the
+/// program walks it and translates as usual (were it passed to the node's stack, the
+/// SYN would meet no listener and be refused). About 2 s each.
+fn extension_headers_are_walked(attach: Attach) {
+    let (topo, kpscd) = one_v6_broker(attach);
+    let id = in_netns(&topo.client, || {
+        let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+        // SAFETY: a valid socket and an 8-byte buffer that outlives the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_DSTOPTS,
+                DSTOPTS.as_ptr().cast(),
+                DSTOPTS.len() as libc::socklen_t,
+            )
+        };
+        anyhow::ensure!(rc == 0, "IPV6_DSTOPTS: {}", std::io::Error::last_os_error());
+        let remote: SocketAddr = V6.endpoint(NODE_CLIENT_IP6, FIRST_PORT).parse()?;
+        socket.connect_timeout(&remote.into(), Duration::from_secs(3))?;
+        let mut conn = RawClient::from_stream(socket.into())?;
+        cluster_id(&mut conn)
+    })
+    .unwrap();
+    assert_eq!(
+        id.unwrap_or_else(|e| panic!("{attach:?}: {e:#}\n{}", kpscd.log())),
+        "cluster-0"
+    );
+    let stats = PinnedMaps::open(&pins(&topo)).unwrap().stats(FIRST_PORT);
+    assert_eq!(stats.new_flows, 1, "{stats:?}");
+    assert_eq!(topo.counter(&topo.broker, "TcpInCsumErrors").unwrap(), 0);
+}
+
+#[test]
+fn tc_ipv6_extension_headers_before_tcp_are_walked() {
+    extension_headers_are_walked(Attach::Tc);
+}
+
+#[test]
+fn xdp_ipv6_extension_headers_before_tcp_are_walked() {
+    extension_headers_are_walked(Attach::Xdp);
+}
+
+/// SIGKILL under XDP with an IPv6 mapping: nothing stays attached (bpf links), and the
+/// next start reuses the pins and translates IPv6 again. About 3 s.
+#[test]
+fn ipv6_sigkill_leaves_nothing_attached_and_restarts() {
+    let (topo, kpscd) = one_v6_broker(Attach::Xdp);
+    let attached = |dev: &str| {
+        topo.run(&topo.node, "ip", &["-d", "link", "show", dev])
+            .unwrap()
+            .contains("prog/xdp")
+    };
+    assert!(attached("n0") && attached("n1"));
+    kpscd.signal(libc::SIGKILL);
+    kpsc_tests::eventually(Duration::from_secs(5), || {
+        anyhow::ensure!(!attached("n0") && !attached("n1"));
+        let tcx = in_netns(&topo.node, || {
+            ["n0", "n1"]
+                .iter()
+                .map(|dev| {
+                    let (_, programs) =
+                        SchedClassifier::query_tcx(dev, TcAttachType::Ingress).unwrap();
+                    programs.len()
+                })
+                .sum::<usize>()
+        })?;
+        anyhow::ensure!(tcx == 0, "{tcx} tcx programs left");
+        Ok(())
+    })
+    .expect("still attached after SIGKILL");
+    drop(kpscd);
+    let args = portmap_args(&topo, &[V6.mapping_on(0, V6.any())], &Attach::Xdp.args());
+    let kpscd = start_portmap(&topo, &args);
+    let id = reaches(&topo, V6, &V6.client(0), FIRST_PORT);
+    assert_eq!(
+        id.unwrap_or_else(|e| panic!("{e:#}\n{}", kpscd.log())),
+        "cluster-0"
+    );
+}
+
+/// A mapping between families (NAT46/NAT64) is a configuration error naming the flag.
+#[test]
+fn mappings_between_ip_families_are_refused() {
+    for mapping in [
+        "198.18.2.2:39092,[::]:9093,x:9093",
+        "[2001:2:0:2::2]:39092,0.0.0.0:9093,x:9093",
+        "[2001:2:0:2::2]:39092,198.18.1.1:9093,x:9093",
+    ] {
+        let out = Command::new(kpscd_bin())
+            .args([
+                "portmap",
+                "--bootstrap-server-mapping",
+                mapping,
+                "--interface",
+                "lo",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{mapping}: {stderr}");
+        assert!(
+            stderr.contains("--bootstrap-server-mapping") && stderr.contains("IPv4 and IPv6"),
+            "{mapping}: {stderr}"
+        );
+    }
+}
