@@ -61,7 +61,8 @@ pub struct PortmapArgs {
     #[arg(long = "interface", value_delimiter = ',', value_name = "IFACE")]
     pub interface: Vec<String>,
 
-    /// Instance name: maps are pinned under <pin-root>/<instance>/.
+    /// Instance name: maps are pinned under <pin-root>/<instance>/, locked while kpscd
+    /// runs (two kpscd portmap on one host need different names).
     #[arg(long, value_name = "NAME")]
     pub instance: Option<String>,
 

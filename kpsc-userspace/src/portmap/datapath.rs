@@ -38,6 +38,7 @@ pub use crate::config::portmap::DEFAULT_PIN_ROOT;
 use crate::portmap::{
     ebpf::{OBJECT, privilege_hint},
     hook::{Hook, driver},
+    instance_lock::InstanceLock,
 };
 
 const BPFFS: &str = "/sys/fs/bpf";
@@ -97,13 +98,19 @@ const PINNED_MAPS: [&str; 9] = [
     ALLOW_MAP,
 ];
 
-fn remove_pins(dir: &Path) -> io::Result<()> {
+/// The pinned maps only: the directory stays, as the instance lock is held on it.
+fn remove_pinned_maps(dir: &Path) -> io::Result<()> {
     for name in PINNED_MAPS {
         match std::fs::remove_file(dir.join(name)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
     }
+    Ok(())
+}
+
+fn remove_pins(dir: &Path) -> io::Result<()> {
+    remove_pinned_maps(dir)?;
     match std::fs::remove_dir(dir) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
@@ -177,6 +184,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     interfaces: Vec<String>,
+    /// Keeps another daemon out of `pin_dir` until the pins are removed.
+    _lock: InstanceLock,
 }
 
 impl Datapath {
@@ -184,16 +193,18 @@ impl Datapath {
     pub fn load(pin_root: &Path, instance: &str) -> anyhow::Result<Self> {
         ensure_bpffs(pin_root)?;
         let dir = pin_dir(pin_root, instance);
-        if dir.exists() {
+        // Locked before the pins are looked at: pins found afterwards are no live
+        // daemon's, so they are an earlier run's.
+        let lock = InstanceLock::acquire(&dir)?;
+        if PINNED_MAPS.iter().any(|name| dir.join(name).exists()) {
             if pins_compatible(&dir) {
                 info!(pins = %dir.display(), "reusing pinned maps from an earlier run");
             } else {
                 warn!(pins = %dir.display(), "pinned maps from an incompatible build: replacing them");
-                remove_pins(&dir).with_context(|| format!("removing {}", dir.display()))?;
+                remove_pinned_maps(&dir)
+                    .with_context(|| format!("removing the pins in {}", dir.display()))?;
             }
         }
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .load(OBJECT)
@@ -211,6 +222,7 @@ impl Datapath {
             ebpf,
             pin_dir: dir,
             interfaces: Vec::new(),
+            _lock: lock,
         })
     }
 

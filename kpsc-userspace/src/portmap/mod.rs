@@ -1,12 +1,14 @@
 //! `kpscd portmap`: the kernel moves every byte (see `kpsc-ebpf/src/portmap.rs`). This side
-//! checks privileges, resolves `targets`, loads and attaches the program (`datapath`, with
-//! the object from `ebpf`), fills its port map, reloads it on SIGHUP, `probe`s what the
-//! brokers advertise, removes closed `flows`, serves `kernel_metrics` and the map through
-//! the admin endpoint (`state`), and cleans up on exit.
+//! checks privileges, resolves `targets`, locks its pin directory (`instance_lock`), loads
+//! and attaches the program (`datapath`, with the object from `ebpf`), fills its port map,
+//! reloads it on SIGHUP, `probe`s what the brokers advertise, removes closed `flows`,
+//! serves `kernel_metrics` and the map through the admin endpoint (`state`), and cleans up
+//! on exit.
 pub mod datapath;
 pub mod ebpf;
 pub mod flows;
 pub mod hook;
+pub mod instance_lock;
 pub mod kernel_metrics;
 pub mod privileges;
 pub mod probe;
@@ -27,7 +29,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, AdminView},
-    config::portmap::PortmapConfig,
+    config::{
+        error::{ConfigError, EXIT_CONFIG},
+        portmap::PortmapConfig,
+    },
     metrics::Metrics,
     portmap::{
         datapath::{Datapath, PinnedMaps},
@@ -64,7 +69,15 @@ pub fn prepare(config: PortmapConfig) -> anyhow::Result<Result<Prepared, ExitCod
     }
     check_forwarding(&config.interfaces, &config.entries)?;
     let targets = kernel_targets(&config.entries).context("resolving the brokers")?;
-    let mut datapath = Datapath::load(&config.pin_root, &config.instance)?;
+    let mut datapath = match Datapath::load(&config.pin_root, &config.instance) {
+        Ok(datapath) => datapath,
+        // Another daemon's instance: the operator's to fix, a restart would not.
+        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+            eprintln!("kpscd: {e:#}");
+            return Ok(Err(ExitCode::from(EXIT_CONFIG)));
+        }
+        Err(e) => return Err(e),
+    };
     let (hook, why) = hook::choose(config.attach);
     info!(attach = hook.as_str(), reason = why, "kernel hook chosen");
     let attached = datapath
