@@ -10,11 +10,17 @@ use std::{
     fs::{File, TryLockError},
     os::unix::fs::MetadataExt as _,
     path::Path,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 
 use crate::config::error::ConfigError;
+
+/// A killed daemon's lock goes only when its last thread has exited, which can be after
+/// its PID already shows as a zombie (the main thread goes first): a restart right after
+/// a crash waits this long for it.
+const EXITING_GRACE: Duration = Duration::from_secs(3);
 
 /// Held while the daemon runs; dropping it (or dying) releases the directory.
 #[derive(Debug)]
@@ -26,13 +32,24 @@ impl InstanceLock {
     /// Creates `dir` if needed and locks it. Another live daemon holding it is a
     /// configuration error on `--instance` (exit 2: restarting would not fix it).
     pub fn acquire(dir: &Path) -> anyhow::Result<Self> {
+        Self::acquire_within(dir, EXITING_GRACE)
+    }
+
+    /// [`InstanceLock::acquire`], waiting up to `grace` for a holder that may be exiting.
+    pub fn acquire_within(dir: &Path, grace: Duration) -> anyhow::Result<Self> {
+        let deadline = Instant::now() + grace;
         // A stopping daemon removes its directory: a lock taken on the removed one is
         // retried on the new one.
         for _ in 0..3 {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-            match file.try_lock() {
+            let mut locked = file.try_lock();
+            while matches!(locked, Err(TryLockError::WouldBlock)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+                locked = file.try_lock();
+            }
+            match locked {
                 Ok(()) => {}
                 Err(TryLockError::WouldBlock) => {
                     return Err(ConfigError::new(
@@ -62,6 +79,8 @@ impl InstanceLock {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::InstanceLock;
     use crate::config::error::ConfigError;
 
@@ -72,7 +91,7 @@ mod tests {
         let first = InstanceLock::acquire(&dir).unwrap();
         // flock locks belong to the open file: a second open in this process conflicts
         // as another process's would.
-        let err = InstanceLock::acquire(&dir).unwrap_err();
+        let err = InstanceLock::acquire_within(&dir, Duration::ZERO).unwrap_err();
         let config = err.downcast_ref::<ConfigError>().expect("a ConfigError");
         assert_eq!(config.flag, "--instance");
         assert!(config.message.contains(&dir.display().to_string()), "{err}");
