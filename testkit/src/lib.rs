@@ -20,7 +20,7 @@ mod process;
 pub mod syn_flood;
 mod wait;
 
-pub use http::http_get;
+pub use http::{http_get, http_get_within};
 pub use kafka::{RawClient, contains_bytes, request_body};
 pub use kpscd::Kpscd;
 pub use process::{Process, kpsc_bench_bin, kpscctl_bin, kpscd_bin};

@@ -2,15 +2,18 @@
 //! kernel:
 //!
 //! ```text
-//!  client ns                lb ns (HAProxy)              switch ns (bridge)
+//!  client ns                lb ns (HAProxy, or          switch ns (bridge)
+//!                           nftables: passthrough_lb)
 //!  198.18.10.2 ---- 198.18.10.1 + VIP 198.18.10.100       br0
 //!                   198.18.20.1 ------------------------- |-- instance i: 198.18.20.(11+i)
 //!                                                        |-- broker ns: 198.18.20.2
 //! ```
 //!
-//! The broker namespace runs librdkafka's mock cluster, which can only listen on
-//! loopback; nftables there forwards 198.18.20.2:<its ports> to it (route_localnet), and
-//! the brokers advertise 198.18.20.2. Everything is removed on drop.
+//! For the proxy instances, the broker namespace runs librdkafka's mock cluster, which can
+//! only listen on loopback; nftables there forwards 198.18.20.2:<its ports> to it
+//! (route_localnet), and the brokers advertise 198.18.20.2. Portmap nodes get tansu
+//! brokers on 198.18.20.2 advertising the VIP, and routes back through the lb. Everything
+//! is removed on drop.
 
 use std::{
     io::{Read as _, Write as _},
@@ -23,7 +26,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use kpsc_testkit::{
-    Process,
+    Kpscd, Process,
     netns::{self, ip},
 };
 
@@ -41,8 +44,14 @@ pub fn instance_ip(i: usize) -> String {
     format!("198.18.20.{}", 11 + i)
 }
 
+/// The client namespace's address.
+pub const CLIENT_IP: &str = "198.18.10.2";
+/// The clients' network, and the load balancer's address on the instances' network.
+pub const CLIENT_NET: &str = "198.18.10.0/24";
+pub const LB_IP: &str = "198.18.20.1";
+
 /// `ip netns exec <ns> <program> <args>`, with `stdin` fed to it.
-fn exec_in(ns: &str, program: &str, args: &[&str], stdin: &str) -> anyhow::Result<()> {
+pub fn exec_in(ns: &str, program: &str, args: &[&str], stdin: &str) -> anyhow::Result<()> {
     let mut child = Command::new("ip")
         .args(["netns", "exec", ns, program])
         .args(args)
@@ -112,11 +121,11 @@ impl HaTopology {
             "netns",
             &topo.lb,
         ])?;
-        topo.address(&topo.client, "c0", "198.18.10.2/24")?;
+        topo.address(&topo.client, "c0", &format!("{CLIENT_IP}/24"))?;
         topo.address(&topo.lb, "l0", "198.18.10.1/24")?;
         topo.address(&topo.lb, "l0", &format!("{VIP}/32"))?;
         // Load balancer, broker and instances on the switch.
-        let mut hosts = vec![(topo.lb.clone(), "198.18.20.1".to_owned())];
+        let mut hosts = vec![(topo.lb.clone(), LB_IP.to_owned())];
         hosts.push((topo.broker.clone(), BROKER_IP.to_owned()));
         for (i, ns) in topo.instances.iter().enumerate() {
             hosts.push((ns.clone(), instance_ip(i)));
@@ -153,6 +162,18 @@ impl HaTopology {
     fn address(&self, ns: &str, dev: &str, cidr: &str) -> anyhow::Result<()> {
         ip(&["-n", ns, "addr", "add", cidr, "dev", dev])?;
         ip(&["-n", ns, "link", "set", dev, "up"])
+    }
+
+    /// For a passthrough balancer (one that rewrites only the destination): the load
+    /// balancer forwards, and the instances send what is for the clients back through it,
+    /// where conntrack turns their source back into the VIP.
+    pub fn route_clients_via_lb(&self) -> anyhow::Result<()> {
+        exec_in(&self.lb, "sysctl", &["-qw", "net.ipv4.ip_forward=1"], "")?;
+        for ns in &self.instances {
+            exec_in(ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"], "")?;
+            ip(&["-n", ns, "route", "add", CLIENT_NET, "via", LB_IP])?;
+        }
+        Ok(())
     }
 
     /// Starts the mock cluster in the broker namespace, reachable (and advertised) at
@@ -218,6 +239,26 @@ pub fn instance_args(cluster: &MockCluster, shutdown_grace: &str) -> Vec<String>
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// An instance's port map from `/maps` without counters: (listen, broker, advertised,
+/// node id) per row, sorted.
+pub fn map_rows(k: &Kpscd) -> Vec<String> {
+    let mut rows: Vec<String> = k
+        .maps()
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {}",
+                r["listen"], r["broker"], r["advertised"], r["node_id"]
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
 }
 
 /// HAProxy in TCP mode on the VIP, every broker port, each instance a server checked with

@@ -16,6 +16,7 @@ mod command;
 mod confluent_client;
 pub mod ha;
 mod mock_cluster;
+pub mod passthrough_lb;
 mod pki;
 pub mod portmap;
 mod rdkafka_client;
@@ -30,7 +31,7 @@ pub use confluent_client::confluent_produce_and_consume;
 pub use mock_cluster::{ADVERTISED_PATTERN, MockCluster, REAL_BROKER_HOST, proxy_args};
 pub use pki::{Pki, python};
 pub use rdkafka_client::{Delivered, LeakWatch, produce_acked, send_waiting};
-pub use tansu::{Tansu, TansuHost, tansu_bin};
+pub use tansu::{Tansu, TansuHost, start_tansu_in, tansu_bin};
 pub use tls_peer::{TlsClient, TlsFront, cert_der};
 pub use unit::{Started, Unit};
 

@@ -148,6 +148,17 @@ pub fn mapping(i: usize) -> String {
 
 /// `kpscd portmap` on both node interfaces, instance named after the node namespace.
 pub fn portmap_args(topo: &Topology, mappings: &[String], extra: &[&str]) -> Vec<String> {
+    portmap_command(&topo.node, "n0,n1", mappings, extra)
+}
+
+/// `kpscd portmap` attached to `interfaces` (comma-separated), pinning as `instance`
+/// (tests name it after the node's namespace, whose removal then removes the pins too).
+pub fn portmap_command(
+    instance: &str,
+    interfaces: &str,
+    mappings: &[String],
+    extra: &[&str],
+) -> Vec<String> {
     let mut args = vec!["portmap".to_owned()];
     for m in mappings {
         args.push("--bootstrap-server-mapping".into());
@@ -156,9 +167,9 @@ pub fn portmap_args(topo: &Topology, mappings: &[String], extra: &[&str]) -> Vec
     args.extend(
         [
             "--interface",
-            "n0,n1",
+            interfaces,
             "--instance",
-            &topo.node,
+            instance,
             "--metadata-refresh-interval",
             "1s",
             "--kafka-dial-timeout",
@@ -215,17 +226,30 @@ pub fn connect_family(
     port: u16,
     timeout: Duration,
 ) -> anyhow::Result<RawClient> {
+    connect_to(
+        family.endpoint(src_ip, src_port).parse()?,
+        family.endpoint(family.node(), port).parse()?,
+        timeout,
+    )
+}
+
+/// Connects from `local` (port 0: any port) to `remote`, within `timeout`.
+pub fn connect_to(
+    local: SocketAddr,
+    remote: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<RawClient> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let socket = match family {
-        Family::V4 => tokio::net::TcpSocket::new_v4()?,
-        Family::V6 => tokio::net::TcpSocket::new_v6()?,
+    let socket = if local.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
     };
     // Earlier connections from this source port linger in TIME_WAIT (other destinations).
     socket.set_reuseaddr(true)?;
-    socket.bind(family.endpoint(src_ip, src_port).parse()?)?;
-    let remote: SocketAddr = family.endpoint(family.node(), port).parse()?;
+    socket.bind(local)?;
     // into_std deregisters from the runtime's reactor: inside the runtime.
     let stream = rt.block_on(async {
         tokio::time::timeout(timeout, socket.connect(remote))
@@ -295,7 +319,7 @@ pub fn every_mapped_source_port_connects_over(family: Family, listen_host: &str,
 }
 
 /// A one-record batch (Kafka record batch v2, uncompressed).
-pub fn record_batch(value: &[u8]) -> bytes::Bytes {
+pub fn record_batch(key: Option<&[u8]>, value: &[u8]) -> bytes::Bytes {
     use kafka_protocol::records::{
         Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
     };
@@ -310,7 +334,7 @@ pub fn record_batch(value: &[u8]) -> bytes::Bytes {
         offset: 0,
         sequence: -1,
         timestamp: 0,
-        key: None,
+        key: key.map(bytes::Bytes::copy_from_slice),
         value: Some(bytes::Bytes::copy_from_slice(value)),
         headers: Default::default(),
     };
@@ -329,6 +353,16 @@ pub fn record_batch(value: &[u8]) -> bytes::Bytes {
 
 /// Produces one record on `conn` (acks=1) and checks the broker took it.
 pub fn produce_one(conn: &mut RawClient, topic: &str, value: &[u8]) -> anyhow::Result<()> {
+    produce_keyed(conn, topic, None, value)
+}
+
+/// [`produce_one`] with a record key.
+pub fn produce_keyed(
+    conn: &mut RawClient,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: &[u8],
+) -> anyhow::Result<()> {
     use kafka_protocol::{
         messages::{
             ProduceRequest, ProduceResponse, TopicName,
@@ -345,7 +379,7 @@ pub fn produce_one(conn: &mut RawClient, topic: &str, value: &[u8]) -> anyhow::R
                 .with_partition_data(vec![
                     PartitionProduceData::default()
                         .with_index(0)
-                        .with_records(Some(record_batch(value))),
+                        .with_records(Some(record_batch(key, value))),
                 ]),
         ]);
     let (r, _): (ProduceResponse, _) = conn.call(ApiKey::Produce, 7, &request)?;

@@ -30,6 +30,51 @@ pub trait TansuHost {
     ) -> anyhow::Result<()>;
 }
 
+/// tansu's command line for a broker listening on `listen`, advertising `advertised`.
+fn broker_args(listen: &str, advertised: &str, cluster_id: &str) -> Vec<String> {
+    [
+        "broker",
+        "--listener-url",
+        &format!("tcp://{listen}"),
+        "--advertised-listener-url",
+        &format!("tcp://{advertised}"),
+        "--cluster-id",
+        cluster_id,
+        "--silent",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Waits until a broker started in namespace `ns` accepts connections on `listen`.
+fn wait_broker(ns: &str, listen: &str) -> anyhow::Result<()> {
+    let (host, port) = listen.rsplit_once(':').context("listen host:port")?;
+    netns::wait_listening(ns, host, port.parse()?, Duration::from_secs(10))
+}
+
+/// Starts a tansu broker in namespace `ns` listening on `listen` and advertising
+/// `advertised` (host:port); killed when the returned process is dropped.
+pub fn start_tansu_in(
+    ns: &str,
+    listen: &str,
+    advertised: &str,
+    cluster_id: &str,
+) -> anyhow::Result<Process> {
+    let process = Process::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(tansu_bin())
+            .args(broker_args(listen, advertised, cluster_id))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        Duration::ZERO,
+    )
+    .with_context(|| format!("starting tansu in {ns}"))?;
+    wait_broker(ns, listen)?;
+    Ok(process)
+}
+
 impl TansuHost for netns::Topology {
     fn start_tansu(
         &mut self,
@@ -38,22 +83,10 @@ impl TansuHost for netns::Topology {
         cluster_id: &str,
     ) -> anyhow::Result<()> {
         let broker = self.broker.clone();
-        self.spawn(
-            &broker,
-            &tansu_bin(),
-            &[
-                "broker",
-                "--listener-url",
-                &format!("tcp://{listen}"),
-                "--advertised-listener-url",
-                &format!("tcp://{advertised}"),
-                "--cluster-id",
-                cluster_id,
-                "--silent",
-            ],
-        )?;
-        let (host, port) = listen.rsplit_once(':').context("listen host:port")?;
-        netns::wait_listening(&broker, host, port.parse()?, Duration::from_secs(10))
+        let args = broker_args(listen, advertised, cluster_id);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn(&broker, &tansu_bin(), &args)?;
+        wait_broker(&broker, listen)
     }
 
     fn start_advertising_node(

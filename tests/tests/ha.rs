@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kpsc_tests::{
     Kpscd, eventually,
-    ha::{self, CHECK_FALL, CHECK_INTERVAL, HaTopology, Haproxy, VIP},
+    ha::{self, CHECK_FALL, CHECK_INTERVAL, HaTopology, Haproxy, VIP, map_rows},
     netns,
     soak::{
         ConsumerLedger, ProducerLedger, SoakConfig, consume, lock, produce, stall_after, tally,
@@ -26,25 +26,6 @@ fn start_instance(topo: &HaTopology, args: &[String], i: usize) -> Kpscd {
     let k = Kpscd::spawn_at(args, Some(&topo.instances[i]), admin, &[]).unwrap();
     k.wait_ready(Duration::from_secs(20)).unwrap();
     k
-}
-
-/// The port map without counters: (listen, broker, advertised, node id) per row.
-fn map_rows(k: &Kpscd) -> Vec<String> {
-    let mut rows: Vec<String> = k
-        .maps()
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            format!(
-                "{} {} {} {}",
-                r["listen"], r["broker"], r["advertised"], r["node_id"]
-            )
-        })
-        .collect();
-    rows.sort();
-    rows
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Instant {
