@@ -8,7 +8,7 @@
 //! A node "dies" as a crashed VM does: its link goes down (nothing reaches it, nothing
 //! leaves it), then its kpscd is SIGKILLed (the program goes with the process). The
 //! test's health checker, like a cloud's, takes it out of the rule after failed `/ready`
-//! checks, which only stops new flows going there. About 25 s.
+//! checks, which only stops new flows going there. About 11 s for both tests.
 
 use std::{
     net::SocketAddr,
@@ -520,7 +520,8 @@ fn portmap_nodes_behind_a_passthrough_balancer_survive_a_node_crash() {
 /// Two nodes' daemons on one host share bpffs (it belongs to the mount namespace, not the
 /// network namespace): the same `--instance` would pin both into one directory. The
 /// second is refused (exit 2, naming the flag) and the first keeps its maps; a crash
-/// leaves no lock behind, so a restart under the same name works. About 5 s.
+/// leaves no lock behind, so a restart under the same name works. About 4 s (the second
+/// daemon waits 3 s for a holder that might be exiting).
 #[test]
 fn two_portmap_daemons_on_one_host_need_their_own_instance_names() {
     let topo = HaTopology::new(2).unwrap();
