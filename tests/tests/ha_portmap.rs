@@ -249,26 +249,29 @@ fn portmap_nodes_behind_a_passthrough_balancer_survive_a_node_crash() {
         let advertised = format!("\"{VIP}:{}\"", port(i));
         assert!(map.iter().any(|r| r.contains(&advertised)), "{map:?}");
     }
-    let kernel = |n: usize| -> Vec<(u16, u32, u16, u32)> {
+    type KernelRow = (u16, std::net::IpAddr, u16, std::net::IpAddr);
+    let kernel = |n: usize| -> Vec<KernelRow> {
         pins(&topo, n)
             .targets()
             .into_iter()
-            .map(|(p, t)| (p, t.broker_ip, t.broker_port, t.snat_ip))
+            .map(|(p, t)| {
+                (
+                    p,
+                    kpsc_common::ip_addr(&t.broker_ip),
+                    t.broker_port,
+                    kpsc_common::ip_addr(&t.snat_ip),
+                )
+            })
             .collect()
     };
     let (k0, k1) = (kernel(0), kernel(1));
     assert_eq!(k0.len(), BROKERS, "{k0:?}");
     for (n, rows) in [(0, &k0), (1, &k1)] {
         for row in rows {
-            let own: std::net::Ipv4Addr = ha::instance_ip(n).parse().unwrap();
-            assert_eq!(
-                row.3,
-                u32::from_ne_bytes(own.octets()),
-                "node {n}: {rows:?}"
-            );
+            assert_eq!(row.3.to_string(), ha::instance_ip(n), "node {n}: {rows:?}");
         }
     }
-    let without_snat = |rows: &[(u16, u32, u16, u32)]| -> Vec<(u16, u32, u16)> {
+    let without_snat = |rows: &[KernelRow]| -> Vec<(u16, std::net::IpAddr, u16)> {
         rows.iter().map(|r| (r.0, r.1, r.2)).collect()
     };
     assert_eq!(without_snat(&k0), without_snat(&k1));
