@@ -30,7 +30,7 @@ pub use command::run_with_timeout;
 pub use confluent_client::confluent_produce_and_consume;
 pub use mock_cluster::{ADVERTISED_PATTERN, MockCluster, REAL_BROKER_HOST, proxy_args};
 pub use pki::{Pki, python};
-pub use rdkafka_client::{Delivered, LeakWatch, produce_acked, send_waiting};
+pub use rdkafka_client::{Delivered, LeakWatch, create_topic, produce_acked, send_waiting};
 pub use tansu::{Tansu, TansuHost, start_tansu_in, tansu_bin};
 pub use tls_peer::{TlsClient, TlsFront, cert_der};
 pub use unit::{Started, Unit};

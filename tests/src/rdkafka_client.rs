@@ -10,6 +10,8 @@ use std::{
 use anyhow::bail;
 use rdkafka::{
     ClientConfig, ClientContext, Message,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
     config::RDKafkaLogLevel,
     consumer::ConsumerContext,
     error::KafkaError,
@@ -273,4 +275,21 @@ pub fn produce_acked(bootstrap: &str, topic: &str, n: usize) -> usize {
         .context()
         .0
         .load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Creates `topic` with `partitions` (replication 1) through `bootstrap`, from the calling
+/// thread's network namespace.
+pub fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let created = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(admin.create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        ))?;
+    anyhow::ensure!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    Ok(())
 }

@@ -17,7 +17,7 @@ use std::{
 };
 
 use kpsc_tests::{
-    Kpscd, RawClient,
+    Kpscd, RawClient, create_topic,
     datapath::{DEFAULT_PIN_ROOT, PinnedMaps, pin_dir},
     eventually,
     ha::{self, CLIENT_IP, HaTopology, VIP, map_rows},
@@ -28,11 +28,6 @@ use kpsc_tests::{
         ConsumerLedger, ProducerLedger, SoakConfig, consume, lock, produce, stall_after, tally,
     },
     start_tansu_in,
-};
-use rdkafka::{
-    ClientConfig,
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
 };
 
 const BROKERS: usize = 2;
@@ -102,21 +97,6 @@ fn node_of(topo: &HaTopology, local: u16) -> anyhow::Result<usize> {
             .find(|&n| client_ports(topo, n, port(1)).contains(&local))
             .ok_or_else(|| anyhow::anyhow!("no node has a flow from client port {local}"))
     })
-}
-
-fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
-    let created = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(admin.create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        ))?;
-    anyhow::ensure!(created.iter().all(|r| r.is_ok()), "{created:?}");
-    Ok(())
 }
 
 /// What one raw producer connection saw besides its acknowledgements (in the ledger):

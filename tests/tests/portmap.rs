@@ -12,7 +12,7 @@ use std::{
 use aya::programs::{SchedClassifier, TcAttachType};
 use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, MetadataRequest, MetadataResponse};
 use kpsc_tests::{
-    Kpscd, RawClient, TansuHost,
+    Kpscd, RawClient, TansuHost, create_topic,
     datapath::{FlowState, PinnedMaps},
     eventually, kpscctl_bin, kpscd_bin,
     netns::{NODE_CLIENT_IP, Topology, broker_ip, client_ip, in_netns},
@@ -20,8 +20,6 @@ use kpsc_tests::{
 };
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
     consumer::{BaseConsumer, Consumer},
     producer::{BaseProducer, BaseRecord, Producer},
 };
@@ -59,21 +57,7 @@ fn messages_flow_through_each_broker_port_in_the_kernel_only() {
         let bootstrap = format!("{NODE_CLIENT_IP}:{port}");
         let topic = format!("topic-{i}");
         let (consumed, sockets_during) = in_netns(&topo.client, || {
-            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .create()
-                .unwrap();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let created = rt
-                .block_on(admin.create_topics(
-                    &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
-                    &AdminOptions::new(),
-                ))
-                .unwrap();
-            assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+            create_topic(&bootstrap, &topic, 1).unwrap();
             let producer: BaseProducer = ClientConfig::new()
                 .set("bootstrap.servers", &bootstrap)
                 .set("acks", "all")

@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use kpsc_tests::{
-    RawClient, TansuHost,
+    RawClient, TansuHost, create_topic,
     netns::{NODE_CLIENT_IP, Topology, client_ip, in_netns},
     portmap::{
         Attach, BROKER_PORT, FIRST_PORT, every_mapped_source_port_connects, mapping_on,
@@ -42,11 +42,6 @@ fn connect_within(addr: &str) -> anyhow::Result<RawClient> {
 #[test]
 fn syn_flood_neither_breaks_open_connections_nor_locks_new_clients_out() {
     use kpsc_tests::{datapath::PinnedMaps, portmap::pins, syn_flood};
-    use rdkafka::{
-        ClientConfig,
-        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-        client::DefaultClientContext,
-    };
     use std::{
         net::Ipv4Addr,
         sync::atomic::{AtomicBool, AtomicU32, Ordering},
@@ -59,21 +54,7 @@ fn syn_flood_neither_breaks_open_connections_nor_locks_new_clients_out() {
     let bootstrap = format!("{NODE_CLIENT_IP}:{FIRST_PORT}");
     let topic = "flood";
     in_netns(&topo.client, || {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .create()
-            .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let created = rt
-            .block_on(admin.create_topics(
-                &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
-                &AdminOptions::new(),
-            ))
-            .unwrap();
-        assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+        create_topic(&bootstrap, topic, 1).unwrap();
     })
     .unwrap();
     let mut stream = in_netns(&topo.client, || RawClient::connect(&bootstrap))

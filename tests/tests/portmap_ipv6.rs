@@ -13,7 +13,7 @@ use std::{
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use kpsc_tests::{
-    RawClient,
+    RawClient, create_topic,
     datapath::PinnedMaps,
     kpscctl_bin, kpscd_bin,
     netns::{NODE_CLIENT_IP6, Topology, in_netns},
@@ -24,8 +24,6 @@ use kpsc_tests::{
 };
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
     consumer::{BaseConsumer, Consumer},
     producer::{BaseProducer, BaseRecord, Producer},
 };
@@ -52,21 +50,7 @@ fn one_v6_broker(attach: Attach) -> (Topology, kpsc_tests::Kpscd) {
 fn produce_and_consume(topo: &Topology, topic: &str, n: usize) -> Vec<String> {
     let bootstrap = V6.endpoint(NODE_CLIENT_IP6, FIRST_PORT);
     in_netns(&topo.client, || {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .create()
-            .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let created = rt
-            .block_on(admin.create_topics(
-                &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
-                &AdminOptions::new(),
-            ))
-            .unwrap();
-        assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+        create_topic(&bootstrap, topic, 1).unwrap();
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
             .set("acks", "all")
