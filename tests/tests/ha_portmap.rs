@@ -17,7 +17,7 @@ use std::{
 };
 
 use kpsc_tests::{
-    Kpscd, RawClient, create_topic,
+    Kpscd, Process, RawClient, create_topic,
     datapath::{DEFAULT_PIN_ROOT, PinnedMaps, pin_dir},
     eventually,
     ha::{self, CLIENT_IP, HaTopology, VIP, map_rows},
@@ -198,11 +198,12 @@ fn longest_gap(acked_at: &[Instant], from: Instant) -> Duration {
     longest
 }
 
-#[test]
-fn portmap_nodes_behind_a_passthrough_balancer_survive_a_node_crash() {
+/// The HA topology with two node namespaces, clients routed via the balancer, and one
+/// tansu broker per mapped port advertising VIP:port.
+fn two_nodes_and_brokers() -> (HaTopology, Vec<Process>) {
     let topo = HaTopology::new(2).unwrap();
     topo.route_clients_via_lb().unwrap();
-    let _brokers: Vec<_> = (0..BROKERS)
+    let brokers = (0..BROKERS)
         .map(|i| {
             start_tansu_in(
                 &topo.broker,
@@ -213,6 +214,12 @@ fn portmap_nodes_behind_a_passthrough_balancer_survive_a_node_crash() {
             .unwrap()
         })
         .collect();
+    (topo, brokers)
+}
+
+#[test]
+fn portmap_nodes_behind_a_passthrough_balancer_survive_a_node_crash() {
+    let (topo, _brokers) = two_nodes_and_brokers();
     let mut nodes: Vec<Option<Kpscd>> = (0..2)
         .map(|n| Some(start_node(&topo, n, &topo.instances[n]).unwrap()))
         .collect();
@@ -516,19 +523,7 @@ fn portmap_nodes_behind_a_passthrough_balancer_survive_a_node_crash() {
 /// daemon waits 3 s for a holder that might be exiting).
 #[test]
 fn two_portmap_daemons_on_one_host_need_their_own_instance_names() {
-    let topo = HaTopology::new(2).unwrap();
-    topo.route_clients_via_lb().unwrap();
-    let _broker: Vec<_> = (0..BROKERS)
-        .map(|i| {
-            start_tansu_in(
-                &topo.broker,
-                &format!("{}:{}", ha::BROKER_IP, BROKER_PORT + i as u16),
-                &format!("{VIP}:{}", port(i)),
-                &format!("cluster-{i}"),
-            )
-            .unwrap()
-        })
-        .collect();
+    let (topo, _brokers) = two_nodes_and_brokers();
     let shared = &topo.instances[0];
     let first = start_node(&topo, 0, shared).unwrap();
     first.wait_ready(Duration::from_secs(20)).unwrap();
