@@ -43,6 +43,11 @@ pub mod portmap {
     pub const CONFIG_MAP: &str = "PORTMAP_CONFIG";
     pub const STATS_MAP: &str = "PORTMAP_STATS";
     pub const ALLOW_MAP: &str = "PORTMAP_ALLOW";
+    /// `--snat-address`: the node's extra source addresses towards the brokers (Array of
+    /// `Ip`; a port's `PortTarget::snat_first`/`snat_extra` say which entries are its own).
+    pub const SNAT_MAP: &str = "PORTMAP_SNAT";
+    /// Extra SNAT addresses, both families together (PORTMAP_SNAT capacity).
+    pub const MAX_SNAT_ADDRESSES: u32 = 64;
     /// Networks `--allow-source` may list (LPM trie capacity).
     pub const MAX_ALLOW_SOURCES: u32 = 1_024;
     /// Established flows (plain hash, never evicted): at capacity new connections are
@@ -147,10 +152,14 @@ pub struct PortTarget {
     /// node of the broker's family.
     pub listen_ip: Ip,
     pub broker_ip: Ip,
-    /// The node's own address towards the broker (the translated source).
+    /// The node's own address towards the broker (the route's choice): a translated
+    /// source, and the only one when `snat_extra` is 0.
     pub snat_ip: Ip,
     pub broker_port: u16,
-    pub _pad: u16,
+    /// `--snat-address`: PORTMAP_SNAT[snat_first .. snat_first + snat_extra] are further
+    /// translated sources for this port, each with its own source ports.
+    pub snat_first: u8,
+    pub snat_extra: u8,
 }
 
 // Map value written by userspace, read by the kernel: both must agree byte for byte.
@@ -162,7 +171,8 @@ const _: () = {
     assert!(offset_of!(PortTarget, broker_ip) == 16);
     assert!(offset_of!(PortTarget, snat_ip) == 32);
     assert!(offset_of!(PortTarget, broker_port) == 48);
-    assert!(offset_of!(PortTarget, _pad) == 50);
+    assert!(offset_of!(PortTarget, snat_first) == 50);
+    assert!(offset_of!(PortTarget, snat_extra) == 51);
 };
 
 /// One direction of a TCP flow as it appears on the wire (network byte order).

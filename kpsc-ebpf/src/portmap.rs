@@ -80,8 +80,8 @@ use kpsc_common::{
     Embryo, FlowKey, FlowNat, IP_ANY, Ip, MAX_MAPPED_PORTS, PortTarget, PortmapConfig,
     PortmapStats, SourceBudget, ip_is_v4,
     portmap::{
-        EMBRYO_TTL_NS, MAX_ALLOW_SOURCES, MAX_EMBRYOS, MAX_FLOWS, MAX_SOURCES, PORT_ATTEMPTS,
-        SNAT_PORT_FIRST,
+        EMBRYO_TTL_NS, MAX_ALLOW_SOURCES, MAX_EMBRYOS, MAX_FLOWS, MAX_SNAT_ADDRESSES, MAX_SOURCES,
+        PORT_ATTEMPTS, SNAT_PORT_FIRST,
     },
 };
 use network_types::tcp::TcpHdr;
@@ -115,6 +115,11 @@ static SOURCES: LruHashMap<Ip, SourceBudget> = LruHashMap::pinned(MAX_SOURCES, 0
 /// Userspace puts ::/0 here when the list is empty, so an empty trie allows nobody.
 #[map(name = "PORTMAP_ALLOW")]
 static ALLOW: LpmTrie<Ip, u8> = LpmTrie::pinned(MAX_ALLOW_SOURCES, 0);
+
+/// `--snat-address`: extra translated source addresses, filled by userspace; each port's
+/// `PortTarget::snat_first`/`snat_extra` select its entries.
+#[map(name = "PORTMAP_SNAT")]
+static SNAT: Array<Ip> = Array::pinned(MAX_SNAT_ADDRESSES, 0);
 
 /// Settings from userspace (entry 0).
 #[map(name = "PORTMAP_CONFIG")]
@@ -613,9 +618,12 @@ fn within_budget(src_ip: &Ip, now: u64, rate: u32) -> bool {
     true
 }
 
-/// Claims a free translated tuple towards `target` into `out`: a random source port from
-/// SNAT_PORT_FIRST..=65535 outside the node's own ephemeral range and the mapped ports,
-/// held by no half-open (BPF_NOEXIST) and no established flow.
+/// Claims a free translated tuple towards `target` into `out`: a random source address
+/// (the route's choice or one of the port's `--snat-address` entries) and a random source
+/// port from SNAT_PORT_FIRST..=65535 outside the node's own ephemeral range and the mapped
+/// ports, held by no half-open (BPF_NOEXIST) and no established flow. Each try draws both
+/// afresh, so with N addresses a try fails only when that address's ports are busy too:
+/// the chance that all tries fail falls with the share of busy tuples over all addresses.
 #[inline(never)]
 fn claim_tuple(
     pkt: &Packet,
@@ -660,7 +668,7 @@ fn claim_tuple(
             continue;
         }
         *out = FlowKey {
-            src_ip: target.snat_ip,
+            src_ip: snat_address(target),
             dst_ip: target.broker_ip,
             src_port: (port as u16).to_be(),
             dst_port: target.broker_port,
@@ -682,6 +690,26 @@ fn claim_tuple(
         return true;
     }
     false
+}
+
+/// A random translated source address of `target`: its route's choice or one of its
+/// `--snat-address` entries, equally likely.
+#[inline(always)]
+fn snat_address(target: &PortTarget) -> Ip {
+    let extra = u32::from(target.snat_extra);
+    if extra == 0 {
+        return target.snat_ip;
+    }
+    // SAFETY: helper without preconditions.
+    let pick = unsafe { bpf_get_prandom_u32() } % (extra + 1);
+    if pick == 0 {
+        return target.snat_ip;
+    }
+    // An entry userspace has not filled (a reload in progress) reads as ::, never used.
+    match SNAT.get(u32::from(target.snat_first) + pick - 1) {
+        Some(ip) if *ip != IP_ANY => *ip,
+        _ => target.snat_ip,
+    }
 }
 
 /// Routes, rewrites, counts and sends a packet of a flow. The route comes first, so a

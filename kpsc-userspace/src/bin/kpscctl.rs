@@ -129,6 +129,7 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
                 "listen_ip": if t.listen_ip == IP_ANY { "*".to_owned() } else { ip(t.listen_ip).to_string() },
                 "broker": endpoint(t.broker_ip, t.broker_port),
                 "snat_ip": ip(t.snat_ip).to_string(),
+                "snat_ips": maps.snat_addresses(t).iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "packets_in": s.packets_in, "bytes_in": s.bytes_in,
                 "packets_out": s.packets_out, "bytes_out": s.bytes_out,
                 "flows_opened": s.new_flows,
@@ -174,7 +175,10 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
             vec![
                 port.to_string(),
                 endpoint(t.broker_ip, t.broker_port),
-                ip(t.snat_ip).to_string(),
+                match t.snat_extra {
+                    0 => ip(t.snat_ip).to_string(),
+                    n => format!("{}(+{n})", ip(t.snat_ip)),
+                },
                 flows
                     .iter()
                     .filter(|(k, f)| {

@@ -2,7 +2,11 @@
 //! advertise the endpoint's names, so metadata cannot reveal addresses to map dynamically,
 //! and the flags for dynamic listeners are not offered at all.
 
-use std::{fmt, net::SocketAddr, path::PathBuf};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use clap::Args;
 use ipnet::IpNet;
@@ -83,6 +87,14 @@ pub struct PortmapArgs {
     /// Kernel hook: `tc`, `xdp` (native XDP in front of TC) or `auto`. [default: auto]
     #[arg(long = "attach", value_name = "MODE")]
     pub attach: Option<AttachMode>,
+
+    /// Node address to use as the translated source towards the brokers of its family
+    /// (repeatable or comma-separated; each address gives every broker about 36,000 more
+    /// source ports). Replaces the route's own choice for that family, so list that address
+    /// too to keep using it. The brokers must route every address back to this node.
+    /// [default: the source address of the route to each broker]
+    #[arg(long = "snat-address", value_delimiter = ',', value_name = "IP")]
+    pub snat_address: Vec<String>,
 }
 
 /// One validated mapping: listen port -> broker, and what the broker should advertise.
@@ -106,6 +118,8 @@ pub struct PortmapConfig {
     /// SYNs from elsewhere are dropped in the kernel. Empty: every source.
     pub allow_sources: Vec<IpNet>,
     pub attach: AttachMode,
+    /// `--snat-address`, in the order given, without repeats. Empty: the route's choice.
+    pub snat_addresses: Vec<IpAddr>,
 }
 
 impl PortmapConfig {
@@ -193,6 +207,7 @@ impl PortmapConfig {
             ));
         }
         let attach = pick(flags.attach, file.attach).unwrap_or_default();
+        let snat_addresses = snat_addresses(&pick_list(flags.snat_address, file.snat_address))?;
         Ok(Self {
             args: original,
             common,
@@ -203,8 +218,53 @@ impl PortmapConfig {
             syn_rate_per_source,
             allow_sources,
             attach,
+            snat_addresses,
         })
     }
+}
+
+/// Parses `--snat-address` and checks that each is an address of this node (else the
+/// brokers' replies to it would never reach the program).
+fn snat_addresses(given: &[String]) -> Result<Vec<IpAddr>, ConfigError> {
+    let flag = |message: String| ConfigError::new("--snat-address", message);
+    let mut addresses: Vec<IpAddr> = Vec::new();
+    for text in given {
+        let ip: IpAddr = text
+            .trim()
+            .parse()
+            .map_err(|_| flag(format!("{text:?} is not an IP address")))?;
+        if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+            return Err(flag(format!(
+                "{ip} cannot be a source towards the brokers: give a unicast address of this node"
+            )));
+        }
+        if let Err(e) = std::net::UdpSocket::bind(SocketAddr::new(ip, 0)) {
+            return Err(flag(format!(
+                "{ip} is not usable as an address of this node ({e}): add it to an interface \
+                 first (`ip addr add`; an IPv6 address must have finished duplicate address \
+                 detection)"
+            )));
+        }
+        if !addresses.contains(&ip) {
+            addresses.push(ip);
+        }
+    }
+    let max = kpsc_common::portmap::MAX_SNAT_ADDRESSES as usize;
+    // Each family keeps its first address in the port map itself; the rest go in the
+    // program's SNAT table.
+    let extra = addresses.len()
+        - [true, false]
+            .iter()
+            .filter(|v4| addresses.iter().any(|a| a.is_ipv4() == **v4))
+            .count();
+    if extra > max {
+        return Err(flag(format!(
+            "{} addresses given; portmap holds the first of each family and at most {} more",
+            addresses.len(),
+            max
+        )));
+    }
+    Ok(addresses)
 }
 
 #[cfg(test)]
@@ -268,5 +328,35 @@ mod tests {
         assert_eq!(c.interfaces, ["lo"]);
         assert_eq!(c.entries.len(), 1);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn snat_addresses_must_be_unicast_addresses_of_this_node() {
+        let resolve = |addresses: &str| {
+            let args = Cli::try_parse_from([
+                "kpscd",
+                "--interface",
+                "lo",
+                "--bootstrap-server-mapping",
+                "b:1,0.0.0.0:2,a:2",
+                "--snat-address",
+                addresses,
+            ])
+            .unwrap()
+            .portmap;
+            PortmapConfig::resolve(args)
+        };
+        for (given, says) in [
+            ("nope", "not an IP address"),
+            ("0.0.0.0", "unicast"),
+            ("127.0.0.1", "unicast"),
+            ("224.0.0.1", "unicast"),
+            // TEST-NET-2: no host of a test run holds it.
+            ("198.51.100.7", "not usable as an address of this node"),
+        ] {
+            let err = resolve(given).unwrap_err();
+            assert_eq!(err.flag, "--snat-address", "{given}");
+            assert!(err.message.contains(says), "{given}: {err}");
+        }
     }
 }

@@ -28,8 +28,9 @@ use kpsc_common::{
     Embryo, FlowKey, FlowNat, Ip, PortTarget, PortmapConfig, PortmapStats, SourceBudget, ip_addr,
     ip_bits,
     portmap::{
-        ALLOW_MAP, CONFIG_MAP, DEVICES_MAP, EMBRYO_REPLIES_MAP, EMBRYOS_MAP, FLOWS_MAP, PROGRAM,
-        REPLIES_MAP, SOURCES_MAP, STATS_MAP, TARGETS_MAP, XDP_PROGRAM,
+        ALLOW_MAP, CONFIG_MAP, DEVICES_MAP, EMBRYO_REPLIES_MAP, EMBRYOS_MAP, FLOWS_MAP,
+        MAX_SNAT_ADDRESSES, PROGRAM, REPLIES_MAP, SNAT_MAP, SOURCES_MAP, STATS_MAP, TARGETS_MAP,
+        XDP_PROGRAM,
     },
 };
 use tracing::{info, warn};
@@ -39,6 +40,7 @@ use crate::portmap::{
     ebpf::{OBJECT, privilege_hint},
     hook::{Hook, driver},
     instance_lock::InstanceLock,
+    targets::KernelTargets,
 };
 
 const BPFFS: &str = "/sys/fs/bpf";
@@ -86,7 +88,8 @@ pub fn ensure_bpffs(pin_root: &Path) -> anyhow::Result<()> {
 }
 
 /// Names of every pinned map, for cleanup.
-const PINNED_MAPS: [&str; 9] = [
+const PINNED_MAPS: [&str; 10] = [
+    SNAT_MAP,
     TARGETS_MAP,
     FLOWS_MAP,
     REPLIES_MAP,
@@ -155,7 +158,15 @@ fn pins_compatible(dir: &Path) -> bool {
             (size_of::<Key<Ip>>(), size_of::<u8>()),
         ),
     ];
-    // A pin missing while others exist (an older build had fewer maps): start afresh.
+    // Maps that every start fills afresh may be missing (a build before they existed):
+    // nothing in them is worth keeping, so only their type and sizes are checked.
+    let refilled = [(
+        SNAT_MAP,
+        MapType::Array,
+        (size_of::<u32>(), size_of::<Ip>()),
+    )];
+    // A flow-state pin missing while others exist (an older build had fewer maps): start
+    // afresh.
     let present = expected
         .iter()
         .filter(|(name, ..)| dir.join(name).exists())
@@ -163,20 +174,23 @@ fn pins_compatible(dir: &Path) -> bool {
     if present != 0 && present != expected.len() {
         return false;
     }
-    expected.iter().all(|(name, map_type, (key, value))| {
-        let path = dir.join(name);
-        if !path.exists() {
-            return true;
-        }
-        MapData::from_pin(&path)
-            .and_then(|m| m.info())
-            .map(|info| {
-                info.map_type().is_ok_and(|t| t == *map_type)
-                    && info.key_size() as usize == *key
-                    && info.value_size() as usize == *value
-            })
-            .unwrap_or(false)
-    })
+    expected
+        .iter()
+        .chain(&refilled)
+        .all(|(name, map_type, (key, value))| {
+            let path = dir.join(name);
+            if !path.exists() {
+                return true;
+            }
+            MapData::from_pin(&path)
+                .and_then(|m| m.info())
+                .map(|info| {
+                    info.map_type().is_ok_and(|t| t == *map_type)
+                        && info.key_size() as usize == *key
+                        && info.value_size() as usize == *value
+                })
+                .unwrap_or(false)
+        })
 }
 
 /// The loaded and attached portmap program of one instance.
@@ -236,16 +250,23 @@ impl Datapath {
     pub fn apply(
         &mut self,
         config: PortmapConfig,
-        targets: &[(u16, PortTarget)],
+        targets: &KernelTargets,
         allow: &[IpNet],
     ) -> anyhow::Result<()> {
         let old = self.config()?;
         let old_allow = self.allowed()?;
+        let old_snat = self.snat_table()?;
         self.set_config(config)?;
+        // The SNAT table before the ports that point into it; entries a new port map no
+        // longer uses stay until it is in place (cleared by the next reload at the latest).
         let applied = self
             .set_allowed(allow)
-            .and_then(|()| self.set_targets(targets));
+            .and_then(|()| self.set_snat_table(&targets.snat_table, &old_snat))
+            .and_then(|()| self.set_targets(&targets.ports));
         if let Err(e) = applied {
+            if let Err(restore) = self.set_snat_table(&old_snat, &[]) {
+                warn!(error = %format!("{restore:#}"), "restoring the previous --snat-address table failed too");
+            }
             if let Err(restore) = self.set_config(old) {
                 warn!(error = %format!("{restore:#}"), "restoring the previous settings failed too");
             }
@@ -298,6 +319,45 @@ impl Datapath {
             map.remove(&allow_key(net)).with_context(|| {
                 format!("removing {net} from the kernel's --allow-source networks")
             })?;
+        }
+        Ok(())
+    }
+
+    fn snat_map(&mut self) -> anyhow::Result<Array<&mut MapData, Ip>> {
+        Ok(Array::try_from(
+            self.ebpf.map_mut(SNAT_MAP).context("SNAT map missing")?,
+        )?)
+    }
+
+    /// The used part of PORTMAP_SNAT (up to the first empty entry).
+    fn snat_table(&mut self) -> anyhow::Result<Vec<Ip>> {
+        let map = self.snat_map()?;
+        let mut table = Vec::new();
+        for i in 0..MAX_SNAT_ADDRESSES {
+            let ip = map
+                .get(&i, 0)
+                .context("reading the kernel's --snat-address table")?;
+            if ip == kpsc_common::IP_ANY {
+                break;
+            }
+            table.push(ip);
+        }
+        Ok(table)
+    }
+
+    /// Writes `table` into PORTMAP_SNAT and clears what `old` used beyond it.
+    fn set_snat_table(&mut self, table: &[Ip], old: &[Ip]) -> anyhow::Result<()> {
+        let mut map = self.snat_map()?;
+        let cleared = old.len().saturating_sub(table.len());
+        for (i, ip) in table
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(kpsc_common::IP_ANY, cleared))
+            .enumerate()
+        {
+            let i = u32::try_from(i).context("--snat-address table index")?;
+            map.set(i, ip, 0)
+                .context("writing the kernel's --snat-address table")?;
         }
         Ok(())
     }
@@ -542,6 +602,8 @@ pub struct PinnedMaps {
     embryos: HashMap<MapData, FlowKey, Embryo>,
     embryo_replies: HashMap<MapData, FlowKey, FlowNat>,
     stats: PerCpuHashMap<MapData, u32, PortmapStats>,
+    /// Absent in pins of a build before `--snat-address`.
+    snat: Option<Array<MapData, Ip>>,
 }
 
 /// Where a tracked flow is in its life, from the FIN/RST bits of both directions.
@@ -588,7 +650,26 @@ impl PinnedMaps {
             embryos: HashMap::try_from(open_pin(dir, EMBRYOS_MAP)?)?,
             embryo_replies: HashMap::try_from(open_pin(dir, EMBRYO_REPLIES_MAP)?)?,
             stats: PerCpuHashMap::try_from(open_pin(dir, STATS_MAP)?)?,
+            snat: match dir.join(SNAT_MAP).exists() {
+                true => Some(Array::try_from(open_pin(dir, SNAT_MAP)?)?),
+                false => None,
+            },
         })
+    }
+
+    /// Every translated source address of `target`: its `snat_ip`, then its
+    /// `--snat-address` entries.
+    pub fn snat_addresses(&self, target: &PortTarget) -> Vec<IpAddr> {
+        let mut all = vec![ip_addr(&target.snat_ip)];
+        if let Some(table) = &self.snat {
+            let first = u32::from(target.snat_first);
+            all.extend(
+                (first..first + u32::from(target.snat_extra))
+                    .filter_map(|i| table.get(&i, 0).ok())
+                    .map(|ip| ip_addr(&ip)),
+            );
+        }
+        all
     }
 
     pub fn targets(&self) -> Vec<(u16, PortTarget)> {

@@ -38,7 +38,7 @@ use crate::{
         datapath::{Datapath, PinnedMaps},
         privileges::{EXIT_PRIVILEGE, NEEDED, missing_capabilities},
         state::{PortmapState, ProbeState},
-        targets::{check_forwarding, kernel_targets, program_config},
+        targets::{KernelTargets, check_forwarding, kernel_targets, program_config},
     },
     privilege,
     shutdown::{Draining, StopSignals},
@@ -49,7 +49,7 @@ pub struct Prepared {
     config: PortmapConfig,
     datapath: Datapath,
     pins: Arc<PinnedMaps>,
-    targets: Vec<(u16, kpsc_common::PortTarget)>,
+    targets: KernelTargets,
 }
 
 /// Everything that needs more than CAP_BPF and CAP_NET_ADMIN: check the capabilities,
@@ -68,7 +68,8 @@ pub fn prepare(config: PortmapConfig) -> anyhow::Result<Result<Prepared, ExitCod
         return Ok(Err(ExitCode::from(EXIT_PRIVILEGE)));
     }
     check_forwarding(&config.interfaces, &config.entries)?;
-    let targets = kernel_targets(&config.entries).context("resolving the brokers")?;
+    let targets =
+        kernel_targets(&config.entries, &config.snat_addresses).context("resolving the brokers")?;
     let mut datapath = match Datapath::load(&config.pin_root, &config.instance) {
         Ok(datapath) => datapath,
         // Another daemon's instance: the operator's to fix, a restart would not.
@@ -82,7 +83,7 @@ pub fn prepare(config: PortmapConfig) -> anyhow::Result<Result<Prepared, ExitCod
     info!(attach = hook.as_str(), reason = why, "kernel hook chosen");
     let attached = datapath
         .apply(
-            program_config(config.syn_rate_per_source, &mapped_ports(&targets))?,
+            program_config(config.syn_rate_per_source, &targets.mapped_ports())?,
             &targets,
             &config.allow_sources,
         )
@@ -157,11 +158,12 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<ExitCode> {
         state
             .attached
             .store(true, std::sync::atomic::Ordering::Release);
-        for (port, t) in &targets {
+        for (port, t) in &targets.ports {
             info!(
                 listen_port = port,
                 broker = %SocketAddr::new(ip_addr(&t.broker_ip), u16::from_be(t.broker_port)),
                 snat = %ip_addr(&t.snat_ip),
+                more_snat_addresses = t.snat_extra,
                 "port mapped in the kernel"
             );
         }
@@ -207,17 +209,13 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn mapped_ports(targets: &[(u16, kpsc_common::PortTarget)]) -> Vec<u16> {
-    targets.iter().map(|(port, _)| *port).collect()
-}
-
 /// SIGHUP: re-reads flags and file, resolves the brokers (off the async threads) and
 /// swaps the kernel's port map. Anything that fails leaves the old map and config serving.
 async fn reload(state: &Arc<PortmapState>, datapath: &mut Datapath) {
     let args = state.config.lock().expect("config lock").args.clone();
     let resolved = tokio::task::spawn_blocking(move || {
         let config = PortmapConfig::resolve(args).map_err(anyhow::Error::new)?;
-        let targets = kernel_targets(&config.entries)?;
+        let targets = kernel_targets(&config.entries, &config.snat_addresses)?;
         anyhow::Ok((config, targets))
     })
     .await
@@ -230,7 +228,7 @@ async fn reload(state: &Arc<PortmapState>, datapath: &mut Datapath) {
             return;
         }
     };
-    let settings = match program_config(config.syn_rate_per_source, &mapped_ports(&targets)) {
+    let settings = match program_config(config.syn_rate_per_source, &targets.mapped_ports()) {
         Ok(settings) => settings,
         Err(e) => {
             error!(error = %format!("{e:#}"), "SIGHUP: keeping the old configuration");
@@ -245,7 +243,7 @@ async fn reload(state: &Arc<PortmapState>, datapath: &mut Datapath) {
         return;
     }
     info!(
-        ports = targets.len(),
+        ports = targets.ports.len(),
         allow_sources = config.allow_sources.len(),
         "SIGHUP: port map reloaded, --allow-source too; established flows keep their \
          brokers and are not checked against --allow-source again"
