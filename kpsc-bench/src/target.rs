@@ -32,6 +32,8 @@ pub enum TargetKind {
         syn_rate_per_source: u32,
         /// kpscd's `--attach` (`tc` or `xdp`).
         attach: String,
+        /// kpscd's `--snat-address` list (node addresses the bench has set up).
+        snat_addresses: Vec<String>,
     },
     /// nftables DNAT + masquerade on the node (namespaces only); the sink advertises the
     /// node's address and port, as for portmap.
@@ -341,6 +343,7 @@ impl Target {
                 sink: advertising_sink,
                 syn_rate_per_source,
                 attach,
+                snat_addresses,
             } => {
                 let ns = place
                     .node_ns
@@ -360,6 +363,8 @@ impl Target {
                         syn_rate_per_source.to_string(),
                         "--attach".into(),
                         attach.clone(),
+                        "--snat-address".into(),
+                        snat_addresses.join(","),
                     ],
                 );
                 Ok(Self {
