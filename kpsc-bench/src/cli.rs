@@ -2,16 +2,13 @@
 //! description of the run that heads the report.
 
 use std::{
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use clap::Parser;
-use kpsc_bench::{
-    sink::Sink,
-    target::{Pinning, TargetKind},
-};
-use kpsc_testkit::netns;
+use kpsc_bench::target::{NodeSinks, Pinning, TargetKind};
 
 #[derive(Parser, Debug)]
 #[command(name = "kpsc-bench", version, about)]
@@ -51,14 +48,19 @@ pub struct Args {
     /// path.
     #[arg(long, default_value_t = 0)]
     pub portmap_syn_rate: u32,
-    /// `--attach` of the portmap target: `tc` or `xdp` (one kpscd portmap per node, so
-    /// run the bench once per hook to compare them). `xdp` needs --full-checksums.
-    #[arg(long, default_value = "tc", value_parser = ["tc", "xdp"])]
-    pub portmap_attach: String,
-    /// Node addresses the portmap target translates sources to (`--snat-address`): the
-    /// node's broker-side address plus N-1 more the bench adds on that interface. Each
-    /// address gives about 36,000 translated ports towards the sink.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+    /// `--attach` of the portmap target, comma-separated: `tc`, `xdp`, or `tc,xdp` for
+    /// both side by side in one run (two kpscd portmap on the node, each with its own
+    /// port, broker sink and pins; the TC target's packets then also pass the XDP
+    /// daemon's program, as a table miss). `xdp` needs --full-checksums.
+    #[arg(long, value_delimiter = ',', default_value = "tc", value_parser = ["tc", "xdp"])]
+    pub portmap_attach: Vec<String>,
+    /// Node addresses the portmap and nftables targets translate sources to. 1: the
+    /// node's own address towards the broker (portmap's default, nftables' masquerade).
+    /// More: N addresses the bench adds on the node's broker side (198.18.2.200 up), given
+    /// to portmap as `--snat-address` and to nftables as `snat to` a range. Each address
+    /// gives portmap about 36,000 translated ports towards one broker; nftables picks one
+    /// address per (client address, broker address) pair by hash.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=50))]
     pub portmap_snat_addresses: u8,
     /// Namespaces only: the client and broker hosts send full checksums (checksum offload
     /// off, as frames from a real wire carry) and receive XDP-redirected frames (GRO on).
@@ -153,11 +155,7 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 
 /// The targets of one topology that --targets selects; portmap and nftables only where
 /// sinks advertising the node's ports exist (namespaces).
-pub fn target_kinds(
-    args: &Args,
-    kpscd: &Path,
-    node_sinks: Option<(Sink, Sink)>,
-) -> Vec<TargetKind> {
+pub fn target_kinds(args: &Args, kpscd: &Path, node_sinks: Option<NodeSinks>) -> Vec<TargetKind> {
     let wanted = |name: &str| args.targets.is_empty() || args.targets.iter().any(|t| t == name);
     let mut kinds = Vec::new();
     if wanted("direct") {
@@ -175,19 +173,25 @@ pub fn target_kinds(
             splice: true,
         });
     }
-    if let Some((portmap_sink, nftables_sink)) = node_sinks {
+    if let Some(sinks) = node_sinks {
         if wanted("portmap") {
-            kinds.push(TargetKind::KpscdPortmap {
-                bin: kpscd.to_owned(),
-                sink: portmap_sink,
-                syn_rate_per_source: args.portmap_syn_rate,
-                attach: args.portmap_attach.clone(),
-                snat_addresses: portmap_snat_addresses(args.portmap_snat_addresses),
-            });
+            for attach in &args.portmap_attach {
+                kinds.push(TargetKind::KpscdPortmap {
+                    bin: kpscd.to_owned(),
+                    sink: match attach.as_str() {
+                        "xdp" => sinks.portmap_xdp.clone(),
+                        _ => sinks.portmap.clone(),
+                    },
+                    syn_rate_per_source: args.portmap_syn_rate,
+                    attach: attach.clone(),
+                    snat_addresses: snat_addresses(args.portmap_snat_addresses),
+                });
+            }
         }
         if wanted("nftables") {
             kinds.push(TargetKind::Nftables {
-                sink: nftables_sink,
+                sink: sinks.nftables,
+                snat_addresses: snat_addresses(args.portmap_snat_addresses),
             });
         }
     }
@@ -210,11 +214,15 @@ pub fn target_kinds(
     kinds
 }
 
-/// The node's broker-side address, then `n - 1` more on the same subnet (198.18.2.200 up).
-pub fn portmap_snat_addresses(n: u8) -> Vec<String> {
-    std::iter::once(netns::NODE_BROKER_IP.to_owned())
-        .chain((1..n).map(|i| format!("198.18.2.{}", 199 + u32::from(i))))
-        .collect()
+/// The SNAT addresses `--portmap-snat-addresses n` asks for: none for 1 (the node's own
+/// address), else `n` on the broker-side subnet from 198.18.2.200, a contiguous range.
+pub fn snat_addresses(n: u8) -> Vec<IpAddr> {
+    match n {
+        0 | 1 => Vec::new(),
+        n => (0..n)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(198, 18, 2, 200 + i)))
+            .collect(),
+    }
 }
 
 pub fn describe(args: &Args, pinning: Pinning, cpus: usize) -> String {

@@ -29,7 +29,7 @@ use kpsc_bench::{
     load::{ControlRequest, ProduceLoad, run_control, run_produce},
     report::{Measurement, Report},
     sink::Sink,
-    target::{self, Pinning, Placement, Target, TargetKind},
+    target::{self, NodeSinks, Pinning, Placement, Target, TargetKind},
 };
 use kpsc_testkit::{
     cleanup,
@@ -108,7 +108,7 @@ fn run_loopback(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> a
 /// Client host -> proxy node -> broker host. "routed" means the node only forwards.
 fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.full_checksums || args.portmap_attach != "xdp",
+        args.full_checksums || !args.portmap_attach.iter().any(|a| a == "xdp"),
         "--portmap-attach xdp needs --full-checksums (XDP cannot fix a veth peer's partial checksums)"
     );
     let topo = if args.full_checksums {
@@ -119,10 +119,7 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
         Topology::new(1, 1)?
     };
     topo.add_routes()?;
-    for extra in cli::portmap_snat_addresses(args.portmap_snat_addresses)
-        .iter()
-        .skip(1)
-    {
+    for extra in cli::snat_addresses(args.portmap_snat_addresses) {
         netns::ip(&[
             "-n",
             &topo.node,
@@ -144,6 +141,7 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
     let sink_addr: SocketAddr = format!("{broker_ip}:39092").parse()?;
     let portmap_sink_addr: SocketAddr = format!("{broker_ip}:39093").parse()?;
     let nftables_sink_addr: SocketAddr = format!("{broker_ip}:39094").parse()?;
+    let portmap_xdp_sink_addr: SocketAddr = format!("{broker_ip}:39095").parse()?;
     // Sinks live in the broker namespace on a thread of their own.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let broker_ns = topo.broker.clone();
@@ -157,17 +155,22 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
             let sinks = rt.block_on(async {
                 let sink = Sink::start(sink_addr, None).await?;
                 // Advertises the node's portmap port, as a broker set up for portmap does.
-                let portmap_sink = Sink::start(
-                    portmap_sink_addr,
-                    Some(format!("{}:19093", netns::NODE_CLIENT_IP).parse()?),
-                )
-                .await?;
-                let nftables_sink = Sink::start(
-                    nftables_sink_addr,
-                    Some(format!("{}:19096", netns::NODE_CLIENT_IP).parse()?),
-                )
-                .await?;
-                anyhow::Ok((sink, portmap_sink, nftables_sink))
+                let advertising = |sink_addr, port: u16| {
+                    Sink::start(
+                        sink_addr,
+                        Some(SocketAddr::new(
+                            netns::NODE_CLIENT_IP.parse().unwrap(),
+                            port,
+                        )),
+                    )
+                };
+                let node_sinks = NodeSinks {
+                    portmap: advertising(portmap_sink_addr, target::PORTMAP_PORT).await?,
+                    portmap_xdp: advertising(portmap_xdp_sink_addr, target::PORTMAP_XDP_PORT)
+                        .await?,
+                    nftables: advertising(nftables_sink_addr, target::NFTABLES_PORT).await?,
+                };
+                anyhow::Ok((sink, node_sinks))
             })?;
             anyhow::Ok((rt, sinks))
         })();
@@ -181,7 +184,7 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
             }
         }
     });
-    let (sink, portmap_sink, nftables_sink) = ready_rx.recv().context("sink thread")??;
+    let (sink, node_sinks) = ready_rx.recv().context("sink thread")??;
     let client_ns = topo.client.clone();
     let place = Placement {
         node_ns: Some(topo.node.clone()),
@@ -190,7 +193,7 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
         client_ns: Some(client_ns.clone()),
         pinning,
     };
-    let kinds = target_kinds(args, kpscd, Some((portmap_sink, nftables_sink)));
+    let kinds = target_kinds(args, kpscd, Some(node_sinks));
     let result = netns::in_netns(&client_ns, || {
         if let Some(cpu) = pinning.generator_cpu() {
             target::pin_self_to_cpu(cpu)?;
@@ -206,7 +209,7 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
                 },
                 args.node_receive_cpu
                     .map_or(String::new(), |c| format!(", node receive on CPU {c}")),
-                args.portmap_attach,
+                args.portmap_attach.join(" and "),
                 args.portmap_snat_addresses
             ),
             &sink,

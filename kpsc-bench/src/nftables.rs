@@ -11,7 +11,7 @@
 
 use std::{
     io::Write as _,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     process::{Command, Stdio},
 };
 
@@ -53,9 +53,15 @@ fn nft(ns: &str, script: Option<&str>, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The ruleset: `listen` DNAT to `broker`, masquerade towards it; everything else untracked.
-fn ruleset(listen: SocketAddr, broker: SocketAddr) -> String {
+/// The ruleset: `listen` DNAT to `broker`, masquerade towards it (or SNAT to the node
+/// addresses `snat`, first to last, the nftables form of portmap's `--snat-address`);
+/// everything else untracked.
+fn ruleset(listen: SocketAddr, broker: SocketAddr, snat: &[IpAddr]) -> String {
     let (lip, lport, bip, bport) = (listen.ip(), listen.port(), broker.ip(), broker.port());
+    let source_nat = match (snat.first(), snat.last()) {
+        (Some(first), Some(last)) => format!("snat to {first}-{last}"),
+        _ => "masquerade".to_owned(),
+    };
     format!(
         "table ip {TABLE} {{
   chain raw_in {{
@@ -74,7 +80,7 @@ fn ruleset(listen: SocketAddr, broker: SocketAddr) -> String {
   }}
   chain via_node {{
     type nat hook postrouting priority srcnat; policy accept;
-    ip daddr {bip} tcp dport {bport} masquerade
+    ip daddr {bip} tcp dport {bport} {source_nat}
   }}
 }}
 "
@@ -82,9 +88,15 @@ fn ruleset(listen: SocketAddr, broker: SocketAddr) -> String {
 }
 
 impl NatRules {
-    /// Loads the rules into namespace `ns`: clients of `listen` reach `broker`.
-    pub fn load(ns: &str, listen: SocketAddr, broker: SocketAddr) -> anyhow::Result<Self> {
-        nft(ns, Some(&ruleset(listen, broker)), &["-f", "-"])
+    /// Loads the rules into namespace `ns`: clients of `listen` reach `broker`, from the
+    /// node's address towards it or from the contiguous range `snat`.
+    pub fn load(
+        ns: &str,
+        listen: SocketAddr,
+        broker: SocketAddr,
+        snat: &[IpAddr],
+    ) -> anyhow::Result<Self> {
+        nft(ns, Some(&ruleset(listen, broker, snat)), &["-f", "-"])
             .context("loading the nftables DNAT + masquerade rules")?;
         Ok(Self { ns: ns.to_owned() })
     }
@@ -121,10 +133,21 @@ mod tests {
         let rules = ruleset(
             "198.18.1.1:19096".parse().unwrap(),
             "198.18.2.2:39094".parse().unwrap(),
+            &[],
         );
         assert!(rules.contains("ip daddr 198.18.1.1 tcp dport 19096 dnat to 198.18.2.2:39094"));
         assert!(rules.contains("ip daddr 198.18.2.2 tcp dport 39094 masquerade"));
         assert!(rules.contains("ip saddr 198.18.2.2 tcp sport 39094 accept"));
         assert_eq!(rules.matches("notrack").count(), 2);
+        let pool: Vec<IpAddr> = ["198.18.2.200", "198.18.2.203"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let rules = ruleset(
+            "198.18.1.1:19096".parse().unwrap(),
+            "198.18.2.2:39094".parse().unwrap(),
+            &pool,
+        );
+        assert!(rules.contains("tcp dport 39094 snat to 198.18.2.200-198.18.2.203"));
     }
 }

@@ -2,7 +2,7 @@
 //! DNAT + masquerade, or an external proxy; and what it costs them (CPU from /proc, memory).
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
@@ -32,13 +32,16 @@ pub enum TargetKind {
         syn_rate_per_source: u32,
         /// kpscd's `--attach` (`tc` or `xdp`).
         attach: String,
-        /// kpscd's `--snat-address` list (node addresses the bench has set up).
-        snat_addresses: Vec<String>,
+        /// kpscd's `--snat-address` list (node addresses the bench has set up); empty:
+        /// the route's choice.
+        snat_addresses: Vec<IpAddr>,
     },
     /// nftables DNAT + masquerade on the node (namespaces only); the sink advertises the
     /// node's address and port, as for portmap.
     Nftables {
         sink: Sink,
+        /// SNAT addresses (a contiguous range, first to last); empty: masquerade.
+        snat_addresses: Vec<IpAddr>,
     },
     External(String),
     /// The sockmap ceiling probe (`kpsc-sockmap-ceiling`, next to kpsc-bench): every byte
@@ -100,8 +103,21 @@ pub struct Placement {
     pub pinning: Pinning,
 }
 
-/// Fixed ports in a fresh namespace; free ones on a shared loopback.
-const NETNS_PORTS: [u16; 6] = [19092, 19093, 19094, 19095, 19096, 19097];
+/// Fixed ports in a fresh namespace; free ones on a shared loopback. By index: kpscd
+/// proxy, portmap, external, splice, nftables, sockmap ceiling, portmap under XDP.
+const NETNS_PORTS: [u16; 7] = [19092, 19093, 19094, 19095, 19096, 19097, 19098];
+/// Node ports of the targets whose broker (sink) must advertise them.
+pub const PORTMAP_PORT: u16 = NETNS_PORTS[1];
+pub const NFTABLES_PORT: u16 = NETNS_PORTS[4];
+pub const PORTMAP_XDP_PORT: u16 = NETNS_PORTS[6];
+
+/// Sinks advertising the node's ports, one per target that needs its broker to advertise
+/// the node (namespaces only).
+pub struct NodeSinks {
+    pub portmap: Sink,
+    pub portmap_xdp: Sink,
+    pub nftables: Sink,
+}
 
 impl Placement {
     pub fn loopback(pinning: Pinning) -> Self {
@@ -349,7 +365,10 @@ impl Target {
                     .node_ns
                     .clone()
                     .context("portmap needs the namespace topology (--topology netns)")?;
-                let (port, admin) = place.ports(1);
+                let xdp = attach == "xdp";
+                let (port, admin) = place.ports(if xdp { 6 } else { 1 });
+                // Each daemon its own pins: both may run on the node in one bench run.
+                let instance = if xdp { format!("{ns}-xdp") } else { ns };
                 let args = kpscd_args(
                     "portmap",
                     vec![
@@ -358,14 +377,19 @@ impl Target {
                         "--interface".into(),
                         place.interfaces.join(","),
                         "--instance".into(),
-                        ns,
+                        instance,
                         "--syn-rate-per-source".into(),
                         syn_rate_per_source.to_string(),
                         "--attach".into(),
                         attach.clone(),
-                        "--snat-address".into(),
-                        snat_addresses.join(","),
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(
+                        snat_addresses
+                            .iter()
+                            .flat_map(|a| ["--snat-address".to_owned(), a.to_string()]),
+                    )
+                    .collect(),
                 );
                 Ok(Self {
                     name: if attach == "tc" {
@@ -380,6 +404,7 @@ impl Target {
             }
             TargetKind::Nftables {
                 sink: advertising_sink,
+                snat_addresses,
             } => {
                 let ns = place
                     .node_ns
@@ -387,7 +412,7 @@ impl Target {
                     .context("nftables needs the namespace topology (--topology netns)")?;
                 let (port, _) = place.ports(4);
                 let listen: SocketAddr = format!("{ip}:{port}").parse()?;
-                let rules = NatRules::load(ns, listen, advertising_sink.addr)?;
+                let rules = NatRules::load(ns, listen, advertising_sink.addr, &snat_addresses)?;
                 Ok(Self {
                     name: "nftables".into(),
                     addr: listen.to_string(),

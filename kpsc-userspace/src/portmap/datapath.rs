@@ -10,40 +10,35 @@ use std::{
     io,
     net::IpAddr,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::xdp::DevMapHash,
-    maps::{
-        Array, HashMap, LpmTrie, Map, MapData, MapType, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
-    },
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
     util::nr_cpus,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use kpsc_common::{
-    Embryo, FlowKey, FlowNat, Ip, PortTarget, PortmapConfig, PortmapStats, SourceBudget, ip_addr,
-    ip_bits,
+    Embryo, FlowKey, FlowNat, Ip, PortTarget, PortmapConfig, PortmapStats, ip_addr, ip_bits,
     portmap::{
         ALLOW_MAP, CONFIG_MAP, DEVICES_MAP, EMBRYO_REPLIES_MAP, EMBRYOS_MAP, FLOWS_MAP,
-        MAX_SNAT_ADDRESSES, PROGRAM, REPLIES_MAP, SNAT_MAP, SOURCES_MAP, STATS_MAP, TARGETS_MAP,
-        XDP_PROGRAM,
+        MAX_SNAT_ADDRESSES, PROGRAM, REPLIES_MAP, SNAT_MAP, STATS_MAP, TARGETS_MAP, XDP_PROGRAM,
     },
 };
 use tracing::{info, warn};
 
 pub use crate::config::portmap::DEFAULT_PIN_ROOT;
+pub use crate::portmap::pin_dir::pin_dir;
 use crate::portmap::{
     ebpf::{OBJECT, privilege_hint},
     hook::{Hook, driver},
     instance_lock::InstanceLock,
+    pin_dir::{PINNED_MAPS, ensure_bpffs, pins_compatible, remove_pinned_maps, remove_pins},
     targets::KernelTargets,
 };
-
-const BPFFS: &str = "/sys/fs/bpf";
 
 /// CLOCK_MONOTONIC now, in nanoseconds: the clock of `bpf_ktime_get_ns`, which stamps the
 /// flows.
@@ -55,142 +50,6 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Where one instance's maps are pinned.
-pub fn pin_dir(pin_root: &Path, instance: &str) -> PathBuf {
-    pin_root.join(instance)
-}
-
-fn is_bpffs_mounted() -> bool {
-    std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| {
-            m.lines()
-                .any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.contains(" bpf "))
-        })
-        .unwrap_or(false)
-}
-
-/// Mounts bpffs on /sys/fs/bpf when it is not (many distributions do not mount it by default).
-pub fn ensure_bpffs(pin_root: &Path) -> anyhow::Result<()> {
-    if pin_root.starts_with(BPFFS) && !is_bpffs_mounted() {
-        info!("mounting bpffs on {BPFFS}");
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf", BPFFS])
-            .status()
-            .context("running mount -t bpf")?;
-        if !status.success() {
-            bail!("cannot mount bpffs on {BPFFS} (mount -t bpf bpf {BPFFS} failed: {status})");
-        }
-    }
-    std::fs::create_dir_all(pin_root)
-        .with_context(|| format!("cannot create {}", pin_root.display()))
-}
-
-/// Names of every pinned map, for cleanup.
-const PINNED_MAPS: [&str; 10] = [
-    SNAT_MAP,
-    TARGETS_MAP,
-    FLOWS_MAP,
-    REPLIES_MAP,
-    EMBRYOS_MAP,
-    EMBRYO_REPLIES_MAP,
-    SOURCES_MAP,
-    CONFIG_MAP,
-    STATS_MAP,
-    ALLOW_MAP,
-];
-
-/// The pinned maps only: the directory stays, as the instance lock is held on it.
-fn remove_pinned_maps(dir: &Path) -> io::Result<()> {
-    for name in PINNED_MAPS {
-        match std::fs::remove_file(dir.join(name)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-fn remove_pins(dir: &Path) -> io::Result<()> {
-    remove_pinned_maps(dir)?;
-    match std::fs::remove_dir(dir) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
-/// Types and sizes the program expects: a pin that differs is from an incompatible build.
-fn pins_compatible(dir: &Path) -> bool {
-    let flow = (size_of::<FlowKey>(), size_of::<FlowNat>());
-    let expected = [
-        (
-            TARGETS_MAP,
-            MapType::Hash,
-            (size_of::<u32>(), size_of::<PortTarget>()),
-        ),
-        (FLOWS_MAP, MapType::Hash, flow),
-        (REPLIES_MAP, MapType::Hash, flow),
-        (
-            EMBRYOS_MAP,
-            MapType::LruHash,
-            (size_of::<FlowKey>(), size_of::<Embryo>()),
-        ),
-        (EMBRYO_REPLIES_MAP, MapType::LruHash, flow),
-        (
-            SOURCES_MAP,
-            MapType::LruHash,
-            (size_of::<Ip>(), size_of::<SourceBudget>()),
-        ),
-        (
-            CONFIG_MAP,
-            MapType::Array,
-            (size_of::<u32>(), size_of::<PortmapConfig>()),
-        ),
-        (
-            STATS_MAP,
-            MapType::PerCpuHash,
-            (size_of::<u32>(), size_of::<PortmapStats>()),
-        ),
-        (
-            ALLOW_MAP,
-            MapType::LpmTrie,
-            (size_of::<Key<Ip>>(), size_of::<u8>()),
-        ),
-    ];
-    // Maps that every start fills afresh may be missing (a build before they existed):
-    // nothing in them is worth keeping, so only their type and sizes are checked.
-    let refilled = [(
-        SNAT_MAP,
-        MapType::Array,
-        (size_of::<u32>(), size_of::<Ip>()),
-    )];
-    // A flow-state pin missing while others exist (an older build had fewer maps): start
-    // afresh.
-    let present = expected
-        .iter()
-        .filter(|(name, ..)| dir.join(name).exists())
-        .count();
-    if present != 0 && present != expected.len() {
-        return false;
-    }
-    expected
-        .iter()
-        .chain(&refilled)
-        .all(|(name, map_type, (key, value))| {
-            let path = dir.join(name);
-            if !path.exists() {
-                return true;
-            }
-            MapData::from_pin(&path)
-                .and_then(|m| m.info())
-                .map(|info| {
-                    info.map_type().is_ok_and(|t| t == *map_type)
-                        && info.key_size() as usize == *key
-                        && info.value_size() as usize == *value
-                })
-                .unwrap_or(false)
-        })
 }
 
 /// The loaded and attached portmap program of one instance.

@@ -1,15 +1,16 @@
 //! `kpscd portmap`: the kernel moves every byte (see `kpsc-ebpf/src/portmap.rs`). This side
-//! checks privileges, resolves `targets`, locks its pin directory (`instance_lock`), loads
-//! and attaches the program (`datapath`, with the object from `ebpf`), fills its port map,
-//! reloads it on SIGHUP, `probe`s what the brokers advertise, removes closed `flows`,
-//! serves `kernel_metrics` and the map through the admin endpoint (`state`), and cleans up
-//! on exit.
+//! checks privileges, resolves `targets`, locks and checks its pin directory
+//! (`instance_lock`, `pin_dir`), loads and attaches the program (`datapath`, with the
+//! object from `ebpf`), fills its port map, reloads it on SIGHUP, `probe`s what the brokers
+//! advertise, removes closed `flows`, serves `kernel_metrics` and the map through the
+//! admin endpoint (`state`), and cleans up on exit.
 pub mod datapath;
 pub mod ebpf;
 pub mod flows;
 pub mod hook;
 pub mod instance_lock;
 pub mod kernel_metrics;
+pub mod pin_dir;
 pub mod privileges;
 pub mod probe;
 pub mod state;
