@@ -14,6 +14,7 @@
 mod cloud_endpoint;
 mod command;
 mod confluent_client;
+pub mod flood;
 pub mod ha;
 mod mock_cluster;
 pub mod passthrough_lb;
