@@ -162,7 +162,7 @@ fn xdp_leaves_nothing_attached_after_sigkill_and_restarts() {
 /// `--attach xdp` and consumes every one back, in order. The node's veth counters show
 /// XDP sent the frames back out of the interface they came in on (XDP_TX), with no
 /// transmit error and no DEVMAP redirect, and no segment arrived with a bad checksum.
-/// About 4 s.
+/// About 2 s.
 #[test]
 fn xdp_tx_on_a_one_armed_node_carries_produce_and_consume() {
     use kpsc_tests::{

@@ -117,13 +117,13 @@ fn assert_xdp_took_the_flood(
     }
 }
 
-/// About 8 s.
+/// About 7 s.
 #[test]
 fn syn_flood_neither_breaks_open_connections_nor_locks_new_clients_out() {
     syn_flood_while_a_connection_streams(Attach::Tc);
 }
 
-/// About 8 s.
+/// About 7 s.
 #[test]
 fn xdp_syn_flood_neither_breaks_open_connections_nor_locks_new_clients_out() {
     syn_flood_while_a_connection_streams(Attach::Xdp);
@@ -269,13 +269,13 @@ fn same_syn_on_two_cpus(attach: Attach) {
     );
 }
 
-/// About 2 s.
+/// About 1 s.
 #[test]
 fn the_same_syn_on_two_cpus_leaves_one_flow_and_no_orphans() {
     same_syn_on_two_cpus(Attach::Tc);
 }
 
-/// About 2 s.
+/// About 1 s.
 #[test]
 fn xdp_the_same_syn_on_two_cpus_leaves_one_flow_and_no_orphans() {
     same_syn_on_two_cpus(Attach::Xdp);
