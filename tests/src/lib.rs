@@ -14,8 +14,10 @@
 mod cloud_endpoint;
 mod command;
 mod confluent_client;
+pub mod flood;
 pub mod ha;
 mod mock_cluster;
+pub mod one_armed;
 pub mod passthrough_lb;
 mod pki;
 pub mod portmap;
@@ -24,6 +26,7 @@ pub mod soak;
 mod tansu;
 mod tls_peer;
 mod unit;
+mod xdp_pass;
 
 pub use cloud_endpoint::{Cloud, CloudEndpoint, Header, encode_v2};
 pub use command::run_with_timeout;

@@ -192,14 +192,59 @@ pub fn start_portmap(topo: &Topology, args: &[String]) -> Kpscd {
 /// One client namespace, one tansu broker advertising the node's first port, and kpscd
 /// portmap mapping `FIRST_PORT` on every node address: where most flow tests start.
 pub fn one_broker_behind_portmap() -> (Topology, Kpscd) {
-    let mut topo = Topology::new(1, 1).unwrap();
+    one_broker_behind_portmap_with(Attach::Tc)
+}
+
+/// [`one_broker_behind_portmap`] under `attach`, in the topology that hook needs.
+pub fn one_broker_behind_portmap_with(attach: Attach) -> (Topology, Kpscd) {
+    let mut topo = attach.topology(1, 1).unwrap();
     topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
         .unwrap();
     let kpscd = start_portmap(
         &topo,
-        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &[]),
+        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &attach.args()),
     );
     (topo, kpscd)
+}
+
+/// The sum of the `ethtool -S` counters ending in `suffix` (e.g. `xdp_redirect`,
+/// `xdp_drops`, `xdp_tx`: the XDP verdicts veth counts per queue) over the node's `devs`.
+pub fn node_nic_counter(topo: &Topology, devs: &[&str], suffix: &str) -> u64 {
+    devs.iter()
+        .map(|dev| {
+            topo.nic_counter(&topo.node, dev, suffix)
+                .unwrap_or_else(|e| panic!("{e:#}"))
+        })
+        .sum()
+}
+
+/// What XDP did with the frames the node's `dev` received so far.
+#[derive(Clone, Copy, Debug)]
+pub struct XdpVerdicts {
+    /// Finished in XDP: redirected, sent back out (XDP_TX) or dropped.
+    pub done: u64,
+    /// Passed up to the stack (and TC): veth counts every frame its program ran on, and
+    /// each verdict but XDP_PASS.
+    pub passed: u64,
+}
+
+impl XdpVerdicts {
+    pub fn read(topo: &Topology, dev: &str) -> Self {
+        let n = |suffix| node_nic_counter(topo, &[dev], suffix);
+        let done = n("xdp_redirect") + n("xdp_tx") + n("xdp_drops");
+        Self {
+            done,
+            passed: n("xdp_packets") - done,
+        }
+    }
+
+    /// The verdicts taken since `before`.
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            done: self.done - before.done,
+            passed: self.passed - before.passed,
+        }
+    }
 }
 
 /// Connects from `client_ip(0):src_port` to the node's `port`, within `timeout`.
@@ -390,6 +435,54 @@ pub fn produce_keyed(
         .map(|p| p.error_code);
     anyhow::ensure!(code == Some(0), "produce answered {code:?}");
     Ok(())
+}
+
+/// From namespace `client_ns`: creates `topic` (one partition), produces `n` records
+/// (acks=all, `message-<i>-` and 200 bytes) and consumes them back, all through
+/// `bootstrap`; returns the consumed values in order.
+pub fn produce_and_consume(client_ns: &str, bootstrap: &str, topic: &str, n: usize) -> Vec<String> {
+    use rdkafka::{
+        ClientConfig, Message, Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer},
+        producer::{BaseProducer, BaseRecord, Producer},
+    };
+    in_netns(client_ns, || {
+        crate::create_topic(bootstrap, topic, 1).unwrap();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create()
+            .unwrap();
+        for i in 0..n {
+            let value = format!("message-{i}-{}", "x".repeat(200));
+            producer
+                .send(BaseRecord::<(), _>::to(topic).partition(0).payload(&value))
+                .unwrap();
+            producer.poll(Duration::ZERO);
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", "unused")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).unwrap();
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while got.len() < n && std::time::Instant::now() < deadline {
+            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                let m = m.unwrap();
+                got.push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
+            }
+        }
+        got
+    })
+    .unwrap()
 }
 
 /// Where the instance of `topo` pins its maps.

@@ -1,14 +1,14 @@
 //! `kpscd portmap` over IPv6, in namespaces with real TCP stacks and tansu brokers
 //! listening and advertising on IPv6 (2001:2::/48): end to end with rdkafka under both
 //! hooks, clients on mapped source ports, `--allow-source` with IPv6 and IPv4 prefixes in
-//! one list next to an IPv4 mapping, extension headers before TCP, SIGKILL, and the
-//! refusal of mappings between families.
+//! one list next to an IPv4 mapping, extension headers before TCP, SIGKILL, the refusal of
+//! mappings between families, and a SYN flood against the per-/64 SYN budget.
 
 use std::{
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -19,13 +19,9 @@ use kpsc_tests::{
     netns::{NODE_CLIENT_IP6, Topology, in_netns},
     portmap::{
         Attach, FIRST_PORT, Family, cluster_id, connect_family,
-        every_mapped_source_port_connects_over, pins, portmap_args, start_portmap,
+        every_mapped_source_port_connects_over, pins, portmap_args, produce_and_consume,
+        start_portmap,
     },
-};
-use rdkafka::{
-    ClientConfig, Message, Offset, TopicPartitionList,
-    consumer::{BaseConsumer, Consumer},
-    producer::{BaseProducer, BaseRecord, Producer},
 };
 
 const V6: Family = Family::V6;
@@ -33,59 +29,23 @@ const V6: Family = Family::V6;
 /// One IPv6 tansu broker behind `[::]:FIRST_PORT`, under `attach`, every segment carrying
 /// a software checksum the receiving stack verifies (for XDP also what its veths need).
 fn one_v6_broker(attach: Attach) -> (Topology, kpsc_tests::Kpscd) {
+    one_v6_broker_with(attach, &[])
+}
+
+/// [`one_v6_broker`] with `extra` kpscd arguments.
+fn one_v6_broker_with(attach: Attach, extra: &[&str]) -> (Topology, kpsc_tests::Kpscd) {
     let mut topo = match attach {
         Attach::Tc => Topology::without_checksum_offload(1, 1).unwrap(),
         Attach::Xdp => attach.topology(1, 1).unwrap(),
     };
     V6.start_broker(&mut topo, 0).unwrap();
+    let mut args = attach.args().to_vec();
+    args.extend_from_slice(extra);
     let kpscd = start_portmap(
         &topo,
-        &portmap_args(&topo, &[V6.mapping_on(0, V6.any())], &attach.args()),
+        &portmap_args(&topo, &[V6.mapping_on(0, V6.any())], &args),
     );
     (topo, kpscd)
-}
-
-/// Creates a topic, produces N records (acks=all) and consumes them back, all through
-/// `[node]:FIRST_PORT`; returns the consumed values.
-fn produce_and_consume(topo: &Topology, topic: &str, n: usize) -> Vec<String> {
-    let bootstrap = V6.endpoint(NODE_CLIENT_IP6, FIRST_PORT);
-    in_netns(&topo.client, || {
-        create_topic(&bootstrap, topic, 1).unwrap();
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .create()
-            .unwrap();
-        for i in 0..n {
-            let value = format!("v6-message-{i}-{}", "x".repeat(200));
-            producer
-                .send(BaseRecord::<(), _>::to(topic).partition(0).payload(&value))
-                .unwrap();
-            producer.poll(Duration::ZERO);
-        }
-        producer.flush(Duration::from_secs(30)).unwrap();
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", "unused")
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, 0, Offset::Beginning)
-            .unwrap();
-        consumer.assign(&tpl).unwrap();
-        let mut got = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while got.len() < n && Instant::now() < deadline {
-            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-                let m = m.unwrap();
-                got.push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
-            }
-        }
-        got
-    })
-    .unwrap()
 }
 
 /// XDP redirects the node's veths counted so far.
@@ -103,10 +63,11 @@ fn end_to_end(attach: Attach) {
     let (topo, kpscd) = one_v6_broker(attach);
     let redirects_before = xdp_redirects(&topo);
     const N: usize = 200;
-    let got = produce_and_consume(&topo, "v6", N);
+    let bootstrap = V6.endpoint(NODE_CLIENT_IP6, FIRST_PORT);
+    let got = produce_and_consume(&topo.client, &bootstrap, "v6", N);
     assert_eq!(got.len(), N, "{attach:?}: kpscd log:\n{}", kpscd.log());
     for (i, v) in got.iter().enumerate() {
-        assert!(v.starts_with(&format!("v6-message-{i}-")), "{v}");
+        assert!(v.starts_with(&format!("message-{i}-")), "{v}");
     }
     for ns in [&topo.client, &topo.broker] {
         assert_eq!(topo.counter(ns, "TcpInCsumErrors").unwrap(), 0, "{ns}");
@@ -324,6 +285,124 @@ fn ipv6_sigkill_leaves_nothing_attached_and_restarts() {
         id.unwrap_or_else(|e| panic!("{e:#}\n{}", kpscd.log())),
         "cluster-0"
     );
+}
+
+/// The IPv6 flood's sources: even packets from distinct addresses inside ONE /64
+/// (2001:2:0:ff00::/64), odd ones each from a /64 of its own (2001:2:0:1000::/64 on). None
+/// is in the client's or the broker's /64, so the node has no route back to them.
+fn v6_flood_source(i: u32) -> std::net::Ipv6Addr {
+    let (one_64, own_64) = (
+        0x2001_0002_0000_ff00u128 << 64,
+        0x2001_0002_0000_1000u128 << 64,
+    );
+    if i.is_multiple_of(2) {
+        // Scattered over the /64's 64 host bits (odd multiplier: distinct per i).
+        std::net::Ipv6Addr::from(
+            one_64 | u128::from((u64::from(i / 2) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        )
+    } else {
+        std::net::Ipv6Addr::from(own_64 + (u128::from(i / 2) << 64) + 1)
+    }
+}
+
+/// A SYN flood over IPv6 against a small `--syn-rate-per-source`, while a long-lived IPv6
+/// connection produces and new IPv6 clients connect (during and after, as the IPv4 flood
+/// test): the SYN budget belongs to a source's /64, so 10,000 addresses inside one /64
+/// share one budget (all but RATE per second dropped, `source_limit`), while 10,000
+/// sources in as many /64s each open their half-open flow. No spoofed source ends up
+/// established. Under XDP, XDP itself sent or dropped every flood SYN.
+fn ipv6_syn_flood(attach: Attach) {
+    use kpsc_tests::{
+        flood::{clients_connect_after_flood, flood_while_streaming},
+        portmap::XdpVerdicts,
+        syn_flood,
+    };
+
+    const RATE: u64 = 20;
+    const SYNS: u32 = 20_000;
+    const ONE_64: u64 = SYNS as u64 / 2;
+    const OWN_64S: u64 = SYNS as u64 / 2;
+    let (topo, kpscd) = one_v6_broker_with(attach, &["--syn-rate-per-source", &RATE.to_string()]);
+    let bootstrap = V6.endpoint(NODE_CLIENT_IP6, FIRST_PORT);
+    let topic = "v6-flood";
+    in_netns(&topo.client, || create_topic(&bootstrap, topic, 1))
+        .unwrap()
+        .unwrap();
+    let mut stream = in_netns(&topo.client, || RawClient::connect(&bootstrap))
+        .unwrap()
+        .unwrap();
+    kpsc_tests::portmap::produce_one(&mut stream, topic, b"before the flood").unwrap();
+    let xdp_before = XdpVerdicts::read(&topo, "n0");
+    let node: std::net::Ipv6Addr = NODE_CLIENT_IP6.parse().unwrap();
+    let run = flood_while_streaming(&topo.client, &mut stream, &bootstrap, topic, || {
+        syn_flood::flood(
+            node,
+            FIRST_PORT,
+            SYNS,
+            Duration::from_secs(3),
+            v6_flood_source,
+        )
+    });
+    let maps = PinnedMaps::open(&pins(&topo)).unwrap();
+    let stats = maps.stats(FIRST_PORT);
+    let xdp = XdpVerdicts::read(&topo, "n0").since(xdp_before);
+    eprintln!("{attach:?}: {stats:?}; XDP on n0: {xdp:?}");
+    assert_eq!(run.sent, SYNS);
+    // The /64's budget: RATE per window of a second; a window opens at the first SYN a
+    // second after the last one opened, so a flood of `took` opens floor(took) + 1 or
+    // fewer, at least floor(took). One window more is allowed for two CPUs counting at
+    // once (the budget is approximate by design).
+    let whole_seconds = run.took.as_secs();
+    let from_one_64 = ONE_64
+        .checked_sub(stats.drop_source_limit)
+        .unwrap_or_else(|| {
+            panic!("more SYNs dropped for their source than the one /64 sent: {stats:?}")
+        });
+    assert!(
+        (RATE * whole_seconds.max(1)..=RATE * (whole_seconds + 2)).contains(&from_one_64),
+        "{attach:?}: the one /64 opened {from_one_64} half-open flows in {:?} at \
+         --syn-rate-per-source {RATE}: {stats:?}",
+        run.took
+    );
+    // Every SYN from a /64 of its own opened its flow (with the one /64's and the real
+    // clients'); every flood SYN was either a half-open flow or a budget drop.
+    assert!(stats.embryos >= OWN_64S + from_one_64, "{stats:?}");
+    assert!(
+        stats.embryos + stats.drop_source_limit >= u64::from(SYNS),
+        "{stats:?}"
+    );
+    let client: IpAddr = V6.client(0).parse().unwrap();
+    let spoofed: Vec<_> = maps
+        .flows()
+        .into_iter()
+        .filter(|(k, _)| kpsc_common::ip_addr(&k.src_ip) != client)
+        .collect();
+    assert!(
+        spoofed.is_empty(),
+        "spoofed sources established: {spoofed:?}"
+    );
+    // Under XDP, every SYN the program counted was sent or dropped by XDP itself.
+    match attach {
+        Attach::Xdp => assert!(
+            xdp.done >= stats.embryos + stats.drop_source_limit && xdp.passed <= 1_000,
+            "XDP did not take the flood: {xdp:?}, {stats:?}"
+        ),
+        Attach::Tc => assert_eq!(xdp.done + xdp.passed, 0, "XDP under --attach tc"),
+    }
+    clients_connect_after_flood(&topo.client, &mut stream, &bootstrap, topic);
+    assert!(kpscd.alive(), "log:\n{}", kpscd.log());
+}
+
+/// About 5 s.
+#[test]
+fn tc_ipv6_syn_flood_budgets_each_source_64() {
+    ipv6_syn_flood(Attach::Tc);
+}
+
+/// About 5 s.
+#[test]
+fn xdp_ipv6_syn_flood_budgets_each_source_64() {
+    ipv6_syn_flood(Attach::Xdp);
 }
 
 /// A mapping between families (NAT46/NAT64) is a configuration error naming the flag.
