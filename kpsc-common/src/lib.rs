@@ -326,8 +326,11 @@ pub struct PortmapStats {
     pub bytes_out: u64,
     /// Flows that completed their handshake (entered the established table).
     pub new_flows: u64,
-    /// A non-SYN packet for a flow the program does not know (e.g. removed as idle).
-    pub drop_no_flow: u64,
+    /// Non-SYN packets to a mapped port that belong to no flow the program knows: passed
+    /// on, not dropped (another portmap instance's flow whose translated port is this
+    /// port, or a flow removed as idle, which the node's stack then resets). Counted by TC
+    /// only, so a packet XDP passes up counts once.
+    pub unknown_flow: u64,
     /// No free translated source port after `PORT_ATTEMPTS` tries.
     pub drop_no_port: u64,
     /// The route lookup failed (no route, forwarding disabled, fragmentation needed).
@@ -373,7 +376,7 @@ impl PortmapStats {
             self.packets_out,
             self.bytes_out,
             self.new_flows,
-            self.drop_no_flow,
+            self.unknown_flow,
             self.drop_no_port,
             self.drop_no_route,
             self.drop_rewrite,
@@ -393,7 +396,7 @@ impl PortmapStats {
             packets_out,
             bytes_out,
             new_flows,
-            drop_no_flow,
+            unknown_flow,
             drop_no_port,
             drop_no_route,
             drop_rewrite,
@@ -410,7 +413,7 @@ impl PortmapStats {
             packets_out,
             bytes_out,
             new_flows,
-            drop_no_flow,
+            unknown_flow,
             drop_no_port,
             drop_no_route,
             drop_rewrite,
@@ -439,9 +442,8 @@ impl PortmapStats {
     }
 
     /// Every drop counter with its reason's name, as metrics and `kpscctl` show them.
-    pub fn drops(&self) -> [(&'static str, u64); 9] {
+    pub fn drops(&self) -> [(&'static str, u64); 8] {
         [
-            ("no_flow", self.drop_no_flow),
             ("no_port", self.drop_no_port),
             ("no_route", self.drop_no_route),
             ("rewrite", self.drop_rewrite),

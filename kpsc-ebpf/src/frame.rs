@@ -33,6 +33,9 @@ pub struct Failed;
 pub trait Frame {
     /// Leave the packet to the stack (or to the next program).
     const PASS: i32;
+    /// No run of this logic follows this program type's (TC; XDP passes up to TC): only
+    /// the last hook counts the packets it passes on, so each counts once.
+    const LAST_HOOK: bool;
     const DROP: i32;
     fn headers(&self) -> Option<Headers>;
     /// Where a packet translated to `to` (IPv4 if `v4`) goes next.

@@ -149,7 +149,6 @@ fn stats(port: u16) -> Option<&'static mut PortmapStats> {
 fn count_drop<C: Frame>(port: u16, why: DropReason) -> i32 {
     if let Some(s) = stats(port) {
         match why {
-            DropReason::NoFlow => s.drop_no_flow += 1,
             DropReason::NoPort => s.drop_no_port += 1,
             DropReason::NoRoute => s.drop_no_route += 1,
             DropReason::Rewrite => s.drop_rewrite += 1,
@@ -191,6 +190,14 @@ pub fn run<C: Frame>(ctx: &C) -> i32 {
             verdict.inbound,
         ),
         Action::Drop => count_drop::<C>(verdict.listen_port, verdict.why),
+        Action::PassUnknownFlow => {
+            if C::LAST_HOOK {
+                if let Some(s) = stats(verdict.listen_port) {
+                    s.unknown_flow += 1;
+                }
+            }
+            C::PASS
+        }
         Action::Pass => C::PASS,
     }
 }
@@ -317,10 +324,17 @@ fn new_flow(pkt: &Packet, out: &mut Verdict) {
     {
         return;
     }
-    // Only a SYN opens a flow; anything else for an unknown flow is dropped rather than
-    // handed to a stack that has no such connection.
+    // Only a SYN opens a flow. Anything else of an unknown flow goes on to the next
+    // program and the stack: it may be a reply of another portmap instance on this node
+    // whose translated source port is one of our mapped ports (instances do not know
+    // each other's ports), and for a flow we no longer know the stack's RST ends the
+    // client's connection at once instead of leaving it to time out.
     if !pkt.syn_only() {
-        *out = Verdict::drop(listen_port, DropReason::NoFlow);
+        *out = Verdict {
+            action: Action::PassUnknownFlow,
+            listen_port,
+            ..Verdict::PASS
+        };
         return;
     }
     // `--allow-source`: checked before any state exists for the SYN. Known flows (above)

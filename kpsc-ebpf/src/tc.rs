@@ -45,6 +45,7 @@ impl Frame for TcContext {
     /// chain there. With netlink cls_bpf (older kernels, direct-action) UNSPEC likewise
     /// continues with the next filter and, after the last, passes the packet on.
     const PASS: i32 = TC_ACT_UNSPEC;
+    const LAST_HOOK: bool = true;
     const DROP: i32 = TC_ACT_SHOT as i32;
 
     #[inline(always)]

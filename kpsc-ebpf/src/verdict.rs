@@ -6,7 +6,6 @@ use kpsc_common::FlowKey;
 /// Why a packet was dropped: picks the `PortmapStats` counter.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
-    NoFlow,
     NoPort,
     NoRoute,
     Rewrite,
@@ -22,6 +21,8 @@ pub enum DropReason {
 pub enum Action {
     /// Not decided (yet): not ours unless a later stage says otherwise.
     Pass,
+    /// Ours to pass on: a non-SYN packet to a mapped port of no known flow (counted).
+    PassUnknownFlow,
     /// Translate the packet to `translated` and send it.
     Send,
     /// Drop it, counted against the listen port as `why`.
@@ -44,7 +45,7 @@ pub struct Verdict {
 impl Verdict {
     pub const PASS: Verdict = Verdict {
         action: Action::Pass,
-        why: DropReason::NoFlow,
+        why: DropReason::NoPort,
         inbound: false,
         listen_port: 0,
         translated: FlowKey {

@@ -99,6 +99,7 @@ fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
 
 impl Frame for XdpContext {
     const PASS: i32 = XDP_PASS as i32;
+    const LAST_HOOK: bool = false;
     const DROP: i32 = XDP_DROP as i32;
 
     #[inline(always)]

@@ -634,3 +634,69 @@ fn the_node_ephemeral_range_is_clamped_and_a_range_leaving_no_port_is_refused() 
         "translated ports inside the node's range 500-64000: {ports:?}"
     );
 }
+
+/// Two `kpscd portmap` instances on one node (two clusters, one unit each) do not know
+/// each other's ports, so one may pick the other's mapped port as a translated source
+/// port. Forced here: the node's ephemeral range leaves instance A the translated ports
+/// 1024 and 1025, and instance B maps port 1024; B starts first, so its TC program sees
+/// the broker's replies to A's flow on port 1024 first. Before, B dropped them as packets
+/// of an unknown flow to its port (`no_flow`) and A's connection hung; now B passes them
+/// on (counted as `unknown_flow`) and A translates them. About 3 s.
+#[test]
+fn another_instances_reply_to_one_of_our_mapped_ports_is_passed_on() {
+    use kpsc_tests::{
+        datapath::PinnedMaps,
+        netns::{NODE_CLIENT_IP, broker_ip},
+        portmap::portmap_command,
+    };
+    const B_PORT: u16 = 1024;
+    let mut topo = Topology::new(1, 2).unwrap();
+    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
+        .unwrap();
+    topo.start_advertising_node(1, BROKER_PORT, B_PORT).unwrap();
+    topo.sysctl(&topo.node, "net.ipv4.ip_local_port_range", "1026 65535")
+        .unwrap();
+    let instance_b = format!("{}-b", topo.node);
+    let b_mapping = format!(
+        "{}:{BROKER_PORT},0.0.0.0:{B_PORT},{NODE_CLIENT_IP}:{B_PORT}",
+        broker_ip(1)
+    );
+    let _b = start_portmap(
+        &topo,
+        &portmap_command(&instance_b, "n0,n1", &[b_mapping], &["--attach", "tc"]),
+    );
+    let _a = start_portmap(
+        &topo,
+        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &["--attach", "tc"]),
+    );
+    let bootstrap = format!("{NODE_CLIENT_IP}:{FIRST_PORT}");
+    let mut conns: Vec<RawClient> = (0..2)
+        .map(|i| {
+            in_netns(&topo.client, || connect_within(&bootstrap))
+                .unwrap()
+                .unwrap_or_else(|e| panic!("connection {i} through instance A: {e:#}"))
+        })
+        .collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.api_versions()
+            .unwrap_or_else(|e| panic!("request on connection {i} through instance A: {e:#}"));
+    }
+    let a = PinnedMaps::open(&kpsc_tests::portmap::pins(&topo)).unwrap();
+    let mut ports: Vec<u16> = a
+        .flows()
+        .iter()
+        .map(|(_, f)| u16::from_be(f.translated.src_port))
+        .collect();
+    ports.sort();
+    assert_eq!(ports, [B_PORT, B_PORT + 1], "A's translated ports");
+    let b = PinnedMaps::open(&kpsc_tests::datapath::pin_dir(
+        std::path::Path::new(kpsc_tests::datapath::DEFAULT_PIN_ROOT),
+        &instance_b,
+    ))
+    .unwrap();
+    let b_stats = b.stats(B_PORT);
+    assert!(
+        b_stats.unknown_flow > 0 && b_stats.dropped() == 0,
+        "B should have passed A's replies on: {b_stats:?}"
+    );
+}

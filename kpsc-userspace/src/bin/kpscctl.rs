@@ -134,6 +134,7 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
                 "packets_out": s.packets_out, "bytes_out": s.bytes_out,
                 "flows_opened": s.new_flows,
                 "half_open_opened": s.embryos,
+                "unknown_flow_packets": s.unknown_flow,
                 "drops": s.drops().iter().map(|(r, n)| ((*r).to_owned(), serde_json::json!(n)))
                     .collect::<serde_json::Map<_, _>>(),
             })

@@ -51,6 +51,13 @@ pub fn render(out: &mut String, rows: &[(u16, String, PortmapStats)]) {
     );
     family(
         out,
+        "unknown_flow_packets",
+        "Non-SYN packets to a mapped port of no flow the kernel program knows, passed on to \
+         the node's stack (which resets a forgotten connection) or another program, per port",
+        &|s| vec![(String::new(), s.unknown_flow)],
+    );
+    family(
+        out,
         "drops",
         "Packets dropped by the kernel program (TC or XDP), per port and reason",
         &|s| {
