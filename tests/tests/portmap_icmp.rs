@@ -1,0 +1,497 @@
+//! Path MTU discovery across `kpscd portmap`: ICMP errors about translated flows
+//! ("fragmentation needed", "packet too big") are translated to the flow's other side.
+//!
+//! Five namespaces with real TCP stacks, a tansu broker and rdkafka clients, a router on
+//! each side of the node; every interface has MTU 1500 except the one router interface a
+//! test narrows to 1280, and routers forward with DF (Linux TCP sets it):
+//!
+//! ```text
+//!  client        router C          node (kpscd)          router B         broker
+//!  c0 .3.2 ---- r0 .3.1 | r1 .1.254 ---- n0 .1.1 | n1 .2.1 ---- s0 .2.254 | s1 .4.1 ---- b0 .4.2
+//!  (198.18.x.y; IPv6 2001:2:0:x::y alike)
+//! ```
+//!
+//! Without the translation the router's error goes to a node address with no socket for
+//! that tuple, and the sender's large segments vanish: the produce (or fetch) never
+//! completes.
+
+use std::{
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use kpsc_common::portmap::ICMP_MAP;
+use kpsc_testkit::cleanup;
+use kpsc_tests::{
+    Kpscd, Process, TansuHost, create_topic, eventually, kpscctl_bin,
+    netns::{Topology, in_netns, ip, remove_namespace},
+    portmap::{
+        BROKER_PORT, FIRST_PORT, cluster_id, connect_from, mapping, pins, portmap_args,
+        portmap_command, start_portmap,
+    },
+    start_tansu_in,
+};
+use rdkafka::{
+    ClientConfig, Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, Consumer},
+    producer::{FutureProducer, FutureRecord},
+    util::Timeout,
+};
+
+/// The record that does not fit the narrow link in one segment.
+const RECORD_BYTES: usize = 200 * 1024;
+/// The narrow link's MTU (IPv6's minimum, so both families use it).
+const NARROW_MTU: &str = "1280";
+/// How long a produce or fetch may take: seconds when PMTU discovery works; without
+/// it, TCP retransmits the too-large segments until this runs out.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// Address `host` on link `net` (3: client, 1: node's client side, 2: node's broker
+    /// side, 4: broker), without prefix length.
+    fn addr(self, net: u8, host: u8) -> String {
+        match self {
+            Family::V4 => format!("198.18.{net}.{host}"),
+            Family::V6 => format!("2001:2:0:{net}::{host:x}"),
+        }
+    }
+
+    fn prefix(self, net: u8) -> String {
+        match self {
+            Family::V4 => format!("198.18.{net}.0/24"),
+            Family::V6 => format!("2001:2:0:{net}::/64"),
+        }
+    }
+
+    fn with_len(self, addr: &str) -> String {
+        match self {
+            Family::V4 => format!("{addr}/24"),
+            Family::V6 => format!("{addr}/64"),
+        }
+    }
+
+    fn endpoint(self, host: &str, port: u16) -> String {
+        match self {
+            Family::V4 => format!("{host}:{port}"),
+            Family::V6 => format!("[{host}]:{port}"),
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        }
+    }
+
+    fn node(self) -> String {
+        self.addr(1, 1)
+    }
+
+    fn snat(self) -> String {
+        self.addr(2, 1)
+    }
+
+    fn broker(self) -> String {
+        self.addr(4, 2)
+    }
+}
+
+/// Client, router C, node, router B and broker namespaces, removed on drop.
+struct RoutedPath {
+    client: String,
+    router_c: String,
+    node: String,
+    router_b: String,
+    broker: String,
+    tansu: Vec<Process>,
+}
+
+/// `ip netns exec <ns> <program> <args>`, output captured.
+fn run(ns: &str, program: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl RoutedPath {
+    fn new() -> anyhow::Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let prefix = format!(
+            "kpsc{}i{}",
+            std::process::id() % 100_000,
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let path = Self {
+            client: format!("{prefix}c"),
+            router_c: format!("{prefix}r"),
+            node: format!("{prefix}n"),
+            router_b: format!("{prefix}s"),
+            broker: format!("{prefix}b"),
+            tansu: Vec::new(),
+        };
+        for ns in path.namespaces() {
+            ip(&["netns", "add", ns])?;
+            cleanup::resource_created(ns, remove_namespace);
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            for key in ["all", "default"] {
+                run(
+                    ns,
+                    "sysctl",
+                    &["-qw", &format!("net.ipv6.conf.{key}.accept_dad=0")],
+                );
+            }
+        }
+        // (namespace, device, link, host) for both ends of every link.
+        let links = [
+            ((&path.client, "c0", 3, 2), (&path.router_c, "r0", 3, 1)),
+            ((&path.router_c, "r1", 1, 254), (&path.node, "n0", 1, 1)),
+            ((&path.node, "n1", 2, 1), (&path.router_b, "s0", 2, 254)),
+            ((&path.router_b, "s1", 4, 1), (&path.broker, "b0", 4, 2)),
+        ];
+        for (a, b) in links {
+            ip(&[
+                "link", "add", a.1, "netns", a.0, "type", "veth", "peer", "name", b.1, "netns", b.0,
+            ])?;
+            for (ns, dev, net, host) in [a, b] {
+                for family in [Family::V4, Family::V6] {
+                    let addr = family.with_len(&family.addr(net, host));
+                    let mut args = vec!["-n", ns, "addr", "add", &addr, "dev", dev];
+                    if family == Family::V6 {
+                        args.push("nodad");
+                    }
+                    ip(&args)?;
+                }
+                ip(&["-n", ns, "link", "set", dev, "up"])?;
+            }
+        }
+        for ns in [&path.router_c, &path.node, &path.router_b] {
+            run(ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+            run(ns, "sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        }
+        for family in [Family::V4, Family::V6] {
+            let f = family.flag();
+            ip(&[
+                f,
+                "-n",
+                &path.client,
+                "route",
+                "add",
+                "default",
+                "via",
+                &family.addr(3, 1),
+            ])?;
+            ip(&[
+                f,
+                "-n",
+                &path.broker,
+                "route",
+                "add",
+                "default",
+                "via",
+                &family.addr(4, 1),
+            ])?;
+            ip(&[
+                f,
+                "-n",
+                &path.node,
+                "route",
+                "add",
+                &family.prefix(3),
+                "via",
+                &family.addr(1, 254),
+            ])?;
+            ip(&[
+                f,
+                "-n",
+                &path.node,
+                "route",
+                "add",
+                &family.prefix(4),
+                "via",
+                &family.addr(2, 254),
+            ])?;
+        }
+        Ok(path)
+    }
+
+    fn namespaces(&self) -> [&String; 5] {
+        [
+            &self.client,
+            &self.router_c,
+            &self.node,
+            &self.router_b,
+            &self.broker,
+        ]
+    }
+
+    /// Narrows `dev` in `ns` to NARROW_MTU.
+    fn narrow(&self, ns: &str, dev: &str) {
+        ip(&["-n", ns, "link", "set", dev, "mtu", NARROW_MTU]).unwrap();
+    }
+
+    /// The path MTU `ns`'s route cache holds towards `to`, if it learned one.
+    fn learned_mtu(&self, ns: &str, family: Family, to: &str) -> Option<u32> {
+        let route = run(ns, "ip", &[family.flag(), "route", "get", to]);
+        let mut words = route.split_whitespace();
+        words.find(|w| *w == "mtu")?;
+        words.next()?.parse().ok()
+    }
+}
+
+impl Drop for RoutedPath {
+    fn drop(&mut self) {
+        self.tansu.clear();
+        for ns in self.namespaces() {
+            remove_namespace(ns);
+        }
+    }
+}
+
+/// A tansu broker on the broker host and `kpscd portmap` serving it on the node's
+/// FIRST_PORT, every node address.
+fn broker_behind_portmap(family: Family) -> (RoutedPath, Kpscd) {
+    let mut path = RoutedPath::new().unwrap();
+    let advertised = family.endpoint(&family.node(), FIRST_PORT);
+    let tansu = start_tansu_in(
+        &path.broker,
+        &family.endpoint(&family.broker(), BROKER_PORT),
+        &advertised,
+        "cluster-icmp",
+    )
+    .unwrap();
+    path.tansu.push(tansu);
+    let any = match family {
+        Family::V4 => "0.0.0.0",
+        Family::V6 => "::",
+    };
+    let mapping = format!(
+        "{},{},{advertised}",
+        family.endpoint(&family.broker(), BROKER_PORT),
+        family.endpoint(any, FIRST_PORT)
+    );
+    let args = portmap_command(&path.node, "n0,n1", &[mapping], &[]);
+    let kpscd = Kpscd::spawn_mode(&args, Some(&path.node)).unwrap();
+    kpscd.wait_ready(Duration::from_secs(20)).unwrap();
+    (path, kpscd)
+}
+
+fn bootstrap(family: Family) -> String {
+    family.endpoint(&family.node(), FIRST_PORT)
+}
+
+/// Produces one RECORD_BYTES record (acks=all) from the client host; Err unless the
+/// broker acknowledged it within TRANSFER_TIMEOUT.
+fn produce_large(path: &RoutedPath, family: Family, topic: &str) -> anyhow::Result<()> {
+    let bootstrap = bootstrap(family);
+    in_netns(&path.client, || {
+        create_topic(&bootstrap, topic, 1)?;
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("acks", "all")
+            .set(
+                "message.timeout.ms",
+                TRANSFER_TIMEOUT.as_millis().to_string(),
+            )
+            .create()?;
+        let value = vec![b'p'; RECORD_BYTES];
+        let record = FutureRecord::<(), _>::to(topic)
+            .partition(0)
+            .payload(&value);
+        let delivered = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(producer.send(record, Timeout::Never));
+        delivered.map_err(|(e, _)| anyhow::anyhow!("not acknowledged: {e}"))?;
+        Ok(())
+    })?
+}
+
+/// Fetches the record back from the client host on a new connection; Err when it does
+/// not arrive within TRANSFER_TIMEOUT.
+fn fetch_large(path: &RoutedPath, family: Family, topic: &str) -> anyhow::Result<()> {
+    let bootstrap = bootstrap(family);
+    in_netns(&path.client, || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "unused")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
+        consumer.assign(&tpl)?;
+        let deadline = Instant::now() + TRANSFER_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                let len = m?.payload().map_or(0, <[u8]>::len);
+                anyhow::ensure!(len == RECORD_BYTES, "fetched {len} bytes");
+                return Ok(());
+            }
+        }
+        anyhow::bail!("no record within {TRANSFER_TIMEOUT:?}")
+    })?
+}
+
+/// `kpscctl maps --json`'s ICMP counters.
+fn icmp_counters(path: &RoutedPath) -> serde_json::Value {
+    let out = Command::new(kpscctl_bin())
+        .args(["maps", "--instance", &path.node, "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let maps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    maps["icmp_errors"].clone()
+}
+
+/// The receiving host's ICMP counters: errors arrived, none with a bad checksum.
+fn assert_icmp_received(ns: &str, family: Family) {
+    let (received, bad) = match family {
+        Family::V4 => ("IcmpInDestUnreachs", "IcmpInCsumErrors"),
+        Family::V6 => ("Icmp6InPktTooBigs", "Icmp6InCsumErrors"),
+    };
+    let counter = |name: &str| -> u64 {
+        let out = run(ns, "nstat", &["-asz", name]);
+        out.lines()
+            .find_map(|l| {
+                let mut cols = l.split_whitespace();
+                (cols.next() == Some(name)).then(|| cols.next()?.parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("{name} not in {out}"))
+    };
+    assert!(counter(received) >= 1, "{ns}: no {received}");
+    assert_eq!(counter(bad), 0, "{ns}: {bad}");
+}
+
+/// A router between node and broker narrows its broker-side link: its errors go to the
+/// node's SNAT address, are translated to the client, which learns the path MTU towards
+/// the node's listen address, and the large produce completes.
+fn produce_through_narrow_broker_side_link(family: Family) {
+    let (path, kpscd) = broker_behind_portmap(family);
+    path.narrow(&path.router_b, "s1");
+    let started = Instant::now();
+    let produced = produce_large(&path, family, "pmtu-produce");
+    assert!(
+        produced.is_ok(),
+        "{family:?}: {produced:?} after {:?}\nkpscd log:\n{}",
+        started.elapsed(),
+        kpscd.log()
+    );
+    let mtu = path.learned_mtu(&path.client, family, &family.node());
+    assert_eq!(mtu, Some(1280), "{family:?}: client's route cache");
+    assert_icmp_received(&path.client, family);
+    let icmp = icmp_counters(&path);
+    assert!(icmp["to_client"].as_u64() >= Some(1), "{icmp}");
+    assert_eq!(icmp["dropped"], 0, "{icmp}");
+    let metric = kpscd.metric("kpsc_portmap_icmp_errors_total", "direction=\"to_client\"");
+    assert!(metric >= 1.0, "to_client = {metric}");
+    // Nothing about the broker-side network reached the client: the error came from the
+    // node's listen address.
+    assert!(
+        path.learned_mtu(&path.client, family, &family.addr(2, 254))
+            .is_none()
+    );
+}
+
+/// A router between client and node narrows its client-side link after the record is
+/// in: the fetch's large segments from the broker fail there, the errors go to the node's
+/// listen address, are translated to the broker, which learns the path MTU towards the
+/// node's SNAT address, and the fetch completes.
+fn fetch_through_narrow_client_side_link(family: Family) {
+    let (path, kpscd) = broker_behind_portmap(family);
+    produce_large(&path, family, "pmtu-fetch").unwrap();
+    path.narrow(&path.router_c, "r0");
+    let started = Instant::now();
+    let fetched = fetch_large(&path, family, "pmtu-fetch");
+    assert!(
+        fetched.is_ok(),
+        "{family:?}: {fetched:?} after {:?}\nkpscd log:\n{}",
+        started.elapsed(),
+        kpscd.log()
+    );
+    let mtu = path.learned_mtu(&path.broker, family, &family.snat());
+    assert_eq!(mtu, Some(1280), "{family:?}: broker's route cache");
+    assert_icmp_received(&path.broker, family);
+    let icmp = icmp_counters(&path);
+    assert!(icmp["to_broker"].as_u64() >= Some(1), "{icmp}");
+    let metric = kpscd.metric("kpsc_portmap_icmp_errors_total", "direction=\"to_broker\"");
+    assert!(metric >= 1.0, "to_broker = {metric}");
+    assert_eq!(icmp["dropped"], 0, "{icmp}");
+}
+
+/// About 3 s each when PMTU discovery works (15 s to fail without it).
+#[test]
+fn ipv4_produce_through_a_narrow_link_behind_the_node() {
+    produce_through_narrow_broker_side_link(Family::V4);
+}
+
+#[test]
+fn ipv6_produce_through_a_narrow_link_behind_the_node() {
+    produce_through_narrow_broker_side_link(Family::V6);
+}
+
+#[test]
+fn ipv4_fetch_through_a_narrow_link_before_the_node() {
+    fetch_through_narrow_client_side_link(Family::V4);
+}
+
+#[test]
+fn ipv6_fetch_through_a_narrow_link_before_the_node() {
+    fetch_through_narrow_client_side_link(Family::V6);
+}
+
+/// Pins left by the version before the ICMP counter (SIGKILL, then its map's pin
+/// removed) are still reused: the flow open across the restart keeps its translation,
+/// and the new map is created next to the old ones. About 3 s.
+#[test]
+fn pins_without_the_icmp_map_are_reused() {
+    let mut topo = Topology::new(1, 1).unwrap();
+    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
+        .unwrap();
+    let args = portmap_args(&topo, &[mapping(0)], &[]);
+    let first = start_portmap(&topo, &args);
+    let mut conn = in_netns(&topo.client, || {
+        connect_from(0, FIRST_PORT, Duration::from_secs(3))
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(cluster_id(&mut conn).unwrap(), "cluster-0");
+    first.signal(libc::SIGKILL);
+    eventually(Duration::from_secs(5), || {
+        anyhow::ensure!(!first.alive());
+        Ok(())
+    })
+    .unwrap();
+    drop(first);
+    let icmp_pin = pins(&topo).join(ICMP_MAP);
+    std::fs::remove_file(&icmp_pin).unwrap();
+    let second = start_portmap(&topo, &args);
+    assert!(
+        second.log().contains("reusing pinned maps"),
+        "{}",
+        second.log()
+    );
+    assert!(icmp_pin.exists());
+    assert_eq!(
+        cluster_id(&mut conn).unwrap_or_else(|e| panic!("{e:#}\n{}", second.log())),
+        "cluster-0"
+    );
+}
