@@ -27,8 +27,8 @@ use kpsc_tests::{
     Kpscd, Process, TansuHost, create_topic, eventually, kpscctl_bin,
     netns::{Topology, in_netns, ip, remove_namespace},
     portmap::{
-        BROKER_PORT, FIRST_PORT, cluster_id, connect_from, mapping, pins, portmap_args,
-        portmap_command, start_portmap,
+        Attach, BROKER_PORT, FIRST_PORT, cluster_id, connect_from, connect_to, mapping, pins,
+        portmap_args, portmap_command, start_portmap,
     },
     start_tansu_in,
 };
@@ -240,6 +240,19 @@ impl RoutedPath {
         ]
     }
 
+    /// What `--attach xdp` on the node needs from the routers' node-facing veths, as
+    /// `Attach::topology` does for the hosts: GRO on, so frames XDP redirects into them
+    /// are delivered, and full checksums on what they send to the node.
+    fn deliver_xdp_redirects(&self) {
+        for (ns, dev) in [(&self.router_c, "r1"), (&self.router_b, "s0")] {
+            run(
+                ns,
+                "ethtool",
+                &["-K", dev, "gro", "on", "tx", "off", "rx", "off"],
+            );
+        }
+    }
+
     /// Narrows `dev` in `ns` to NARROW_MTU.
     fn narrow(&self, ns: &str, dev: &str) {
         ip(&["-n", ns, "link", "set", dev, "mtu", NARROW_MTU]).unwrap();
@@ -264,9 +277,12 @@ impl Drop for RoutedPath {
 }
 
 /// A tansu broker on the broker host and `kpscd portmap` serving it on the node's
-/// FIRST_PORT, every node address.
-fn broker_behind_portmap(family: Family) -> (RoutedPath, Kpscd) {
+/// FIRST_PORT, every node address, under `attach`.
+fn broker_behind_portmap(family: Family, attach: Attach) -> (RoutedPath, Kpscd) {
     let mut path = RoutedPath::new().unwrap();
+    if attach == Attach::Xdp {
+        path.deliver_xdp_redirects();
+    }
     let advertised = family.endpoint(&family.node(), FIRST_PORT);
     let tansu = start_tansu_in(
         &path.broker,
@@ -285,7 +301,7 @@ fn broker_behind_portmap(family: Family) -> (RoutedPath, Kpscd) {
         family.endpoint(&family.broker(), BROKER_PORT),
         family.endpoint(any, FIRST_PORT)
     );
-    let args = portmap_command(&path.node, "n0,n1", &[mapping], &[]);
+    let args = portmap_command(&path.node, "n0,n1", &[mapping], &attach.args());
     let kpscd = Kpscd::spawn_mode(&args, Some(&path.node)).unwrap();
     kpscd.wait_ready(Duration::from_secs(20)).unwrap();
     (path, kpscd)
@@ -384,8 +400,8 @@ fn assert_icmp_received(ns: &str, family: Family) {
 /// A router between node and broker narrows its broker-side link: its errors go to the
 /// node's SNAT address, are translated to the client, which learns the path MTU towards
 /// the node's listen address, and the large produce completes.
-fn produce_through_narrow_broker_side_link(family: Family) {
-    let (path, kpscd) = broker_behind_portmap(family);
+fn produce_through_narrow_broker_side_link(family: Family, attach: Attach) {
+    let (path, kpscd) = broker_behind_portmap(family, attach);
     path.narrow(&path.router_b, "s1");
     let started = Instant::now();
     let produced = produce_large(&path, family, "pmtu-produce");
@@ -416,7 +432,7 @@ fn produce_through_narrow_broker_side_link(family: Family) {
 /// listen address, are translated to the broker, which learns the path MTU towards the
 /// node's SNAT address, and the fetch completes.
 fn fetch_through_narrow_client_side_link(family: Family) {
-    let (path, kpscd) = broker_behind_portmap(family);
+    let (path, kpscd) = broker_behind_portmap(family, Attach::Tc);
     produce_large(&path, family, "pmtu-fetch").unwrap();
     path.narrow(&path.router_c, "r0");
     let started = Instant::now();
@@ -440,12 +456,18 @@ fn fetch_through_narrow_client_side_link(family: Family) {
 /// About 3 s each when PMTU discovery works (15 s to fail without it).
 #[test]
 fn ipv4_produce_through_a_narrow_link_behind_the_node() {
-    produce_through_narrow_broker_side_link(Family::V4);
+    produce_through_narrow_broker_side_link(Family::V4, Attach::Tc);
 }
 
 #[test]
 fn ipv6_produce_through_a_narrow_link_behind_the_node() {
-    produce_through_narrow_broker_side_link(Family::V6);
+    produce_through_narrow_broker_side_link(Family::V6, Attach::Tc);
+}
+
+/// Under `--attach xdp`, XDP passes the error up and TC translates it. About 2 s.
+#[test]
+fn xdp_ipv4_produce_through_a_narrow_link_behind_the_node() {
+    produce_through_narrow_broker_side_link(Family::V4, Attach::Xdp);
 }
 
 #[test]
@@ -456,6 +478,65 @@ fn ipv4_fetch_through_a_narrow_link_before_the_node() {
 #[test]
 fn ipv6_fetch_through_a_narrow_link_before_the_node() {
     fetch_through_narrow_client_side_link(Family::V6);
+}
+
+/// A handshake the broker side refuses: router B holds a "prohibit" route to the broker
+/// and answers the translated SYN with a destination unreachable (administratively
+/// prohibited) to the node's SNAT address. The error belongs to a half-open flow and
+/// reaches the client, whose connect fails with it instead of timing out: on the first
+/// SYN's error, or on the retransmitted SYN's (1 s later) when the first error arrived
+/// while `connect` still held the socket (the client's stack drops it then, counted as
+/// TcpExtLockDroppedIcmps: the translation is that fast).
+fn refused_handshake_fails_fast(family: Family) {
+    let (path, kpscd) = broker_behind_portmap(family, Attach::Tc);
+    let host = match family {
+        Family::V4 => format!("{}/32", family.broker()),
+        Family::V6 => format!("{}/128", family.broker()),
+    };
+    ip(&[
+        family.flag(),
+        "-n",
+        &path.router_b,
+        "route",
+        "add",
+        "prohibit",
+        &host,
+    ])
+    .unwrap();
+    let timeout = Duration::from_secs(5);
+    let started = Instant::now();
+    let connected = in_netns(&path.client, || {
+        connect_to(
+            family.endpoint(&family.addr(3, 2), 0).parse().unwrap(),
+            bootstrap(family).parse().unwrap(),
+            timeout,
+        )
+        .map(drop)
+    })
+    .unwrap();
+    let elapsed = started.elapsed();
+    let error = format!(
+        "{:#}",
+        connected.expect_err("connected through a prohibit route")
+    );
+    assert!(
+        elapsed < Duration::from_millis(2500) && !error.contains("timed out"),
+        "{family:?}: {error} after {elapsed:?}\nkpscd log:\n{}",
+        kpscd.log()
+    );
+    let icmp = icmp_counters(&path);
+    assert!(icmp["to_client"].as_u64() >= Some(1), "{icmp}");
+}
+
+/// About 1-2 s each (5 s to fail without the translation).
+#[test]
+fn ipv4_refused_handshake_reaches_the_client() {
+    refused_handshake_fails_fast(Family::V4);
+}
+
+#[test]
+fn ipv6_refused_handshake_reaches_the_client() {
+    refused_handshake_fails_fast(Family::V6);
 }
 
 /// Pins left by the version before the ICMP counter (SIGKILL, then its map's pin
