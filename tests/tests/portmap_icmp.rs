@@ -17,7 +17,7 @@
 
 use std::{
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::atomic::{AtomicBool, AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -575,4 +575,145 @@ fn pins_without_the_icmp_map_are_reused() {
         cluster_id(&mut conn).unwrap_or_else(|e| panic!("{e:#}\n{}", second.log())),
         "cluster-0"
     );
+}
+
+/// TCP checksums seen on the client's interface: of the client's segments to the node
+/// (by sequence number: a retransmission carries other timestamps, so another checksum),
+/// and of the segments quoted in the ICMP errors it received.
+#[derive(Default)]
+struct Checksums {
+    sent: std::collections::HashMap<u32, Vec<u16>>,
+    quoted: Vec<(u32, u16)>,
+}
+
+/// Records `Checksums` from every frame on `dev` in `ns` (an AF_PACKET socket) until
+/// `stop` is set.
+fn capture_checksums(ns: &str, dev: &str, stop: &AtomicBool) -> anyhow::Result<Checksums> {
+    kpsc_tests::netns::enter(ns)?;
+    // SAFETY: plain socket calls on a descriptor this function owns (closed by OwnedFd);
+    // buffers outlive the calls and their lengths are passed.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from((libc::ETH_P_ALL as u16).to_be()),
+        )
+    };
+    anyhow::ensure!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+    // SAFETY: a descriptor just opened, owned from here on.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let name = std::ffi::CString::new(dev)?;
+    // SAFETY: see above.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    anyhow::ensure!(index != 0, "no {dev} in {ns}");
+    // SAFETY: all-zero is a valid sockaddr_ll.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    addr.sll_ifindex = index as i32;
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: see above.
+    unsafe {
+        anyhow::ensure!(
+            libc::bind(
+                raw,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            ) == 0,
+            "bind: {}",
+            std::io::Error::last_os_error()
+        );
+        libc::setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+    }
+    let mut seen = Checksums::default();
+    let mut frame = vec![0u8; 65_536];
+    while !stop.load(Ordering::SeqCst) {
+        // SAFETY: see above.
+        let n = unsafe { libc::recv(raw, frame.as_mut_ptr().cast(), frame.len(), 0) };
+        if n > 0 {
+            record_checksums(&frame[..n as usize], &mut seen);
+        }
+    }
+    Ok(seen)
+}
+
+/// One Ethernet frame: an IPv4 TCP segment from the client to the node's FIRST_PORT, or
+/// an ICMPv4 "fragmentation needed" quoting one.
+fn record_checksums(frame: &[u8], seen: &mut Checksums) {
+    let u16_at = |b: &[u8], at: usize| b.get(at..at + 2).map(|s| u16::from_be_bytes([s[0], s[1]]));
+    let u32_at = |b: &[u8], at: usize| {
+        b.get(at..at + 4)
+            .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    if u16_at(frame, 12) != Some(0x0800) || frame.len() < 34 {
+        return;
+    }
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    match ip[9] {
+        6 if u16_at(ip, ihl + 2) == Some(FIRST_PORT) => {
+            if let (Some(seq), Some(csum)) = (u32_at(ip, ihl + 4), u16_at(ip, ihl + 16)) {
+                seen.sent.entry(seq).or_default().push(csum);
+            }
+        }
+        1 if ip.get(ihl..ihl + 2) == Some(&[3, 4]) => {
+            let inner = &ip[ihl + 8..];
+            let Some(first) = inner.first() else { return };
+            let inner_ihl = usize::from(first & 0x0f) * 4;
+            if let (Some(seq), Some(csum)) =
+                (u32_at(inner, inner_ihl + 4), u16_at(inner, inner_ihl + 16))
+            {
+                seen.quoted.push((seq, csum));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The TCP checksum quoted in a translated error is the client's own: the node changed it
+/// on the way to the broker for the new addresses and ports, and the translation of the
+/// error changes it back. The client sends full checksums here (offload off), so the
+/// quoted one is comparable. About 1 s.
+#[test]
+fn ipv4_quoted_tcp_checksum_comes_back_as_the_client_sent_it() {
+    let (path, kpscd) = broker_behind_portmap(Family::V4, Attach::Tc);
+    run(&path.client, "ethtool", &["-K", "c0", "tx", "off"]);
+    path.narrow(&path.router_b, "s1");
+    let stop = AtomicBool::new(false);
+    let seen = std::thread::scope(|scope| {
+        let capture = scope.spawn(|| capture_checksums(&path.client, "c0", &stop));
+        // The capture socket is bound within a few milliseconds; the produce's large
+        // segments come after the topic is created.
+        let produced = produce_large(&path, Family::V4, "pmtu-checksum");
+        stop.store(true, Ordering::SeqCst);
+        produced.unwrap_or_else(|e| panic!("{e:#}\n{}", kpscd.log()));
+        capture.join().unwrap().unwrap()
+    });
+    let matched: Vec<(u32, u16, &Vec<u16>)> = seen
+        .quoted
+        .iter()
+        .filter_map(|(seq, quoted)| Some((*seq, *quoted, seen.sent.get(seq)?)))
+        .collect();
+    assert!(
+        !matched.is_empty(),
+        "no quoted segment matched a sent one: {} quoted, {} sent",
+        seen.quoted.len(),
+        seen.sent.len()
+    );
+    for (seq, quoted, sent) in matched {
+        assert!(
+            sent.contains(&quoted),
+            "segment {seq}: quoted {quoted:#06x}, sent {sent:x?}"
+        );
+    }
 }
