@@ -419,6 +419,16 @@ fn produce_through_narrow_broker_side_link(family: Family, attach: Attach) {
     assert_eq!(icmp["dropped"], 0, "{icmp}");
     let metric = kpscd.metric("kpsc_portmap_icmp_errors_total", "direction=\"to_client\"");
     assert!(metric >= 1.0, "to_client = {metric}");
+    let table = Command::new(kpscctl_bin())
+        .args(["maps", "--instance", &path.node])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    let line = format!(
+        "ICMP errors about flows translated: {} to clients",
+        icmp["to_client"]
+    );
+    assert!(table.contains(&line), "{table}");
     // Nothing about the broker-side network reached the client: the error came from the
     // node's listen address.
     assert!(
