@@ -48,6 +48,9 @@ pub mod portmap {
     pub const SNAT_MAP: &str = "PORTMAP_SNAT";
     /// Extra SNAT addresses, both families together (PORTMAP_SNAT capacity).
     pub const MAX_SNAT_ADDRESSES: u32 = 64;
+    /// ICMP errors about tracked flows (`IcmpStats`, a one-entry per-CPU array). Newer
+    /// than the other maps: a pin set without it is still compatible.
+    pub const ICMP_MAP: &str = "PORTMAP_ICMP";
     /// Networks `--allow-source` may list (LPM trie capacity).
     pub const MAX_ALLOW_SOURCES: u32 = 1_024;
     /// Established flows (plain hash, never evicted): at capacity new connections are
@@ -456,6 +459,44 @@ impl PortmapStats {
     }
 }
 
+/// Per CPU, ICMP errors about tracked flows (PORTMAP_ICMP entry 0), all ports together:
+/// a map of its own so that the per-port `PortmapStats` (and with it the pins of a
+/// running version) keep their size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IcmpStats {
+    /// Errors from the broker side (about a packet the node sent to a broker) translated
+    /// and sent to the client.
+    pub to_client: u64,
+    /// Errors from the client side (about a packet the node sent to a client) translated
+    /// and sent to the broker.
+    pub to_broker: u64,
+    /// Errors about a tracked flow dropped: no route for the translated error, or the
+    /// rewrite failed.
+    pub dropped: u64,
+}
+
+const _: () = {
+    use core::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<IcmpStats>() == 24);
+    assert!(align_of::<IcmpStats>() == align_of::<u64>());
+    assert!(offset_of!(IcmpStats, to_client) == 0);
+    assert!(offset_of!(IcmpStats, to_broker) == 8);
+    assert!(offset_of!(IcmpStats, dropped) == 16);
+};
+
+impl IcmpStats {
+    pub fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a IcmpStats>) -> IcmpStats {
+        per_cpu
+            .into_iter()
+            .fold(IcmpStats::default(), |t, c| IcmpStats {
+                to_client: t.to_client + c.to_client,
+                to_broker: t.to_broker + c.to_broker,
+                dropped: t.dropped + c.dropped,
+            })
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all repr(C) with integer fields only and no implicit padding (asserted at
@@ -467,4 +508,5 @@ mod pod {
     unsafe impl aya::Pod for super::Embryo {}
     unsafe impl aya::Pod for super::SourceBudget {}
     unsafe impl aya::Pod for super::PortmapConfig {}
+    unsafe impl aya::Pod for super::IcmpStats {}
 }

@@ -3,16 +3,21 @@
 //! The portmap data plane (per-port DNAT/SNAT to the brokers) is `portmap`, run by two
 //! thin entry points: `kpsc_portmap` on TC ingress (`tc`) and `kpsc_portmap_xdp` in XDP
 //! (`xdp`), which hands TC what it cannot finish. `frame` is what the logic needs from
-//! either; `packet` parses the headers; `verdict` is what the logic decides.
+//! either; `packet` parses the headers; `verdict` is what the logic decides. On TC, what
+//! the portmap leaves alone goes on to `icmp`, which translates ICMP errors about its
+//! flows; `csum` updates checksums the program computes itself.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 
+mod csum;
 mod frame;
+mod icmp;
 mod packet;
 mod portmap;
 mod tc;
@@ -21,7 +26,11 @@ mod xdp;
 
 #[classifier]
 pub fn kpsc_portmap(ctx: TcContext) -> i32 {
-    portmap::run(&ctx)
+    match portmap::run(&ctx) {
+        // Not a TCP packet of ours: it may be an ICMP error about one.
+        TC_ACT_UNSPEC => icmp::run(&ctx),
+        verdict => verdict,
+    }
 }
 
 #[xdp]

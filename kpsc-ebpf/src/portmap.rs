@@ -92,20 +92,20 @@ static TARGETS: HashMap<u32, PortTarget> = HashMap::pinned(MAX_MAPPED_PORTS, 0);
 
 /// Established flows: client->node tuple -> client->node as sent to the broker.
 #[map(name = "PORTMAP_FLOWS")]
-static FLOWS: HashMap<FlowKey, FlowNat> = HashMap::pinned(MAX_FLOWS, 0);
+pub(crate) static FLOWS: HashMap<FlowKey, FlowNat> = HashMap::pinned(MAX_FLOWS, 0);
 
 /// Established flows: broker->node tuple (as replies arrive) -> node->client as the client
 /// must see it.
 #[map(name = "PORTMAP_REPLIES")]
-static REPLIES: HashMap<FlowKey, FlowNat> = HashMap::pinned(MAX_FLOWS, 0);
+pub(crate) static REPLIES: HashMap<FlowKey, FlowNat> = HashMap::pinned(MAX_FLOWS, 0);
 
 /// Half-open flows by client->node tuple.
 #[map(name = "PORTMAP_EMBRYOS")]
-static EMBRYOS: LruHashMap<FlowKey, Embryo> = LruHashMap::pinned(MAX_EMBRYOS, 0);
+pub(crate) static EMBRYOS: LruHashMap<FlowKey, Embryo> = LruHashMap::pinned(MAX_EMBRYOS, 0);
 
 /// Half-open flows by broker->node tuple -> node->client.
 #[map(name = "PORTMAP_EMBRYO_REPLIES")]
-static EMBRYO_REPLIES: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(MAX_EMBRYOS, 0);
+pub(crate) static EMBRYO_REPLIES: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(MAX_EMBRYOS, 0);
 
 /// Source address (an IPv6 source's /64) -> its SYN budget this second.
 #[map(name = "PORTMAP_SOURCES")]

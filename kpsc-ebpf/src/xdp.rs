@@ -33,6 +33,7 @@ use kpsc_common::{FlowKey, portmap::MAX_DEVICES};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
 use crate::{
+    csum,
     frame::{Failed, Frame, Hop, Route, addr_offset, fib_params},
     packet::{Headers, Load, MAX_L4},
 };
@@ -69,32 +70,6 @@ impl Load for XdpContext {
         // alignment guarantee.
         ptr_at::<T>(self, offset).map(|p| unsafe { p.read_unaligned() })
     }
-}
-
-/// One's complement sum folded to 16 bits.
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
-}
-
-/// RFC 1624 eqn. 3, `HC' = ~(~HC + ~m + m')`, for a 32-bit field. Checksum and field are
-/// read from the frame in the same (native) byte order; one's complement sums do not
-/// depend on it.
-#[inline(always)]
-fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
-    let sum = u32::from(!check)
-        + u32::from(!(old as u16))
-        + u32::from(!((old >> 16) as u16))
-        + u32::from(new as u16)
-        + u32::from((new >> 16) as u16);
-    !fold(sum)
-}
-
-#[inline(always)]
-fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
-    !fold(u32::from(!check) + u32::from(!old) + u32::from(new))
 }
 
 impl Frame for XdpContext {
@@ -167,18 +142,18 @@ impl Frame for XdpContext {
                 for i in first..4 {
                     if from[i] != to[i] {
                         let word = ptr_at::<u32>(self, base + 4 * (i - first)).ok_or(Failed)?;
-                        ipc = csum_replace4(ipc, from[i], to[i]);
-                        tcpc = csum_replace4(tcpc, from[i], to[i]);
+                        ipc = csum::replace4(ipc, from[i], to[i]);
+                        tcpc = csum::replace4(tcpc, from[i], to[i]);
                         word.write_unaligned(to[i]);
                     }
                 }
             }
             if old.src_port != new.src_port {
-                tcpc = csum_replace2(tcpc, old.src_port, new.src_port);
+                tcpc = csum::replace2(tcpc, old.src_port, new.src_port);
                 (core::ptr::addr_of_mut!((*tcp).source) as *mut u16).write_unaligned(new.src_port);
             }
             if old.dst_port != new.dst_port {
-                tcpc = csum_replace2(tcpc, old.dst_port, new.dst_port);
+                tcpc = csum::replace2(tcpc, old.dst_port, new.dst_port);
                 (core::ptr::addr_of_mut!((*tcp).dest) as *mut u16).write_unaligned(new.dst_port);
             }
             tcp_check.write_unaligned(tcpc);

@@ -140,6 +140,7 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
             })
         })
         .collect();
+    let icmp = maps.icmp();
     let mut flows: Vec<(FlowKey, kpsc_common::FlowNat)> = maps.flows();
     flows.sort_by_key(|(_, f)| f.created_ns);
     let flow_rows: Vec<serde_json::Value> = flows
@@ -161,6 +162,11 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "pins": pins.display().to_string(),
                 "half_open_flows": maps.embryos().len(),
+                "icmp_errors": {
+                    "to_client": icmp.to_client,
+                    "to_broker": icmp.to_broker,
+                    "dropped": icmp.dropped,
+                },
                 "ports": ports,
                 "flows": flow_rows,
             }))?
@@ -226,6 +232,10 @@ fn portmap_maps(pins: &Path, json: bool) -> anyhow::Result<String> {
          {} half-open (handshake in progress)\n",
         flows.len() - live,
         maps.embryos().len()
+    ));
+    out.push_str(&format!(
+        "ICMP errors about flows translated: {} to clients, {} to brokers ({} dropped)\n",
+        icmp.to_client, icmp.to_broker, icmp.dropped
     ));
     // The table lists live flows; closed ones are counted above and listed by --json.
     let flow_cells: Vec<Vec<String>> = flows

@@ -16,15 +16,19 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::xdp::DevMapHash,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        lpm_trie::Key,
+    },
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
     util::nr_cpus,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use kpsc_common::{
-    Embryo, FlowKey, FlowNat, Ip, PortTarget, PortmapConfig, PortmapStats, ip_addr, ip_bits,
+    Embryo, FlowKey, FlowNat, IcmpStats, Ip, PortTarget, PortmapConfig, PortmapStats, ip_addr,
+    ip_bits,
     portmap::{
-        ALLOW_MAP, CONFIG_MAP, DEVICES_MAP, EMBRYO_REPLIES_MAP, EMBRYOS_MAP, FLOWS_MAP,
+        ALLOW_MAP, CONFIG_MAP, DEVICES_MAP, EMBRYO_REPLIES_MAP, EMBRYOS_MAP, FLOWS_MAP, ICMP_MAP,
         MAX_SNAT_ADDRESSES, PROGRAM, REPLIES_MAP, SNAT_MAP, STATS_MAP, TARGETS_MAP, XDP_PROGRAM,
     },
 };
@@ -463,6 +467,8 @@ pub struct PinnedMaps {
     stats: PerCpuHashMap<MapData, u32, PortmapStats>,
     /// Absent in pins of a build before `--snat-address`.
     snat: Option<Array<MapData, Ip>>,
+    /// Absent in pins of a build before the ICMP counters.
+    icmp: Option<PerCpuArray<MapData, IcmpStats>>,
 }
 
 /// Where a tracked flow is in its life, from the FIN/RST bits of both directions.
@@ -513,6 +519,10 @@ impl PinnedMaps {
                 true => Some(Array::try_from(open_pin(dir, SNAT_MAP)?)?),
                 false => None,
             },
+            icmp: match dir.join(ICMP_MAP).exists() {
+                true => Some(PerCpuArray::try_from(open_pin(dir, ICMP_MAP)?)?),
+                false => None,
+            },
         })
     }
 
@@ -529,6 +539,16 @@ impl PinnedMaps {
             );
         }
         all
+    }
+
+    /// ICMP errors about tracked flows, all ports and CPUs together (zero when the pins
+    /// predate the counter).
+    pub fn icmp(&self) -> IcmpStats {
+        self.icmp
+            .as_ref()
+            .and_then(|m| m.get(&0, 0).ok())
+            .map(|per_cpu| IcmpStats::sum(per_cpu.iter()))
+            .unwrap_or_default()
     }
 
     pub fn targets(&self) -> Vec<(u16, PortTarget)> {

@@ -1,6 +1,27 @@
-//! Portmap's per-port counters, read from the kernel's per-CPU map, in Prometheus text.
+//! Portmap's kernel counters, read from its per-CPU maps, in Prometheus text.
 
-use kpsc_common::PortmapStats;
+use kpsc_common::{IcmpStats, PortmapStats};
+
+/// Appends the counters of ICMP errors about tracked flows (all ports together).
+pub fn render_icmp(out: &mut String, s: &IcmpStats) {
+    out.push_str(
+        "# HELP kpsc_portmap_icmp_errors ICMP errors about translated flows (e.g. \
+         fragmentation needed) translated by the kernel program, per direction\n\
+         # TYPE kpsc_portmap_icmp_errors counter\n",
+    );
+    for (direction, n) in [("to_client", s.to_client), ("to_broker", s.to_broker)] {
+        out.push_str(&format!(
+            "kpsc_portmap_icmp_errors_total{{direction=\"{direction}\"}} {n}\n"
+        ));
+    }
+    out.push_str(&format!(
+        "# HELP kpsc_portmap_icmp_errors_dropped ICMP errors about translated flows the kernel \
+         program could not send on (no route, rewrite failed)\n\
+         # TYPE kpsc_portmap_icmp_errors_dropped counter\n\
+         kpsc_portmap_icmp_errors_dropped_total {}\n",
+        s.dropped
+    ));
+}
 
 /// Appends the kernel counters of every (listen port, broker) to `out`.
 pub fn render(out: &mut String, rows: &[(u16, String, PortmapStats)]) {

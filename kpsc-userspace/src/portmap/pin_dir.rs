@@ -11,10 +11,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::maps::{MapData, MapType, lpm_trie::Key};
 use kpsc_common::{
-    Embryo, FlowKey, FlowNat, Ip, PortTarget, PortmapConfig, PortmapStats, SourceBudget,
+    Embryo, FlowKey, FlowNat, IcmpStats, Ip, PortTarget, PortmapConfig, PortmapStats, SourceBudget,
     portmap::{
-        ALLOW_MAP, CONFIG_MAP, EMBRYO_REPLIES_MAP, EMBRYOS_MAP, FLOWS_MAP, REPLIES_MAP, SNAT_MAP,
-        SOURCES_MAP, STATS_MAP, TARGETS_MAP,
+        ALLOW_MAP, CONFIG_MAP, EMBRYO_REPLIES_MAP, EMBRYOS_MAP, FLOWS_MAP, ICMP_MAP, REPLIES_MAP,
+        SNAT_MAP, SOURCES_MAP, STATS_MAP, TARGETS_MAP,
     },
 };
 use tracing::info;
@@ -52,8 +52,9 @@ pub fn ensure_bpffs(pin_root: &Path) -> anyhow::Result<()> {
 }
 
 /// Names of every pinned map, for cleanup.
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 11] = [
     SNAT_MAP,
+    ICMP_MAP,
     TARGETS_MAP,
     FLOWS_MAP,
     REPLIES_MAP,
@@ -122,13 +123,22 @@ pub fn pins_compatible(dir: &Path) -> bool {
             (size_of::<Key<Ip>>(), size_of::<u8>()),
         ),
     ];
-    // Maps that every start fills afresh may be missing (a build before they existed):
-    // nothing in them is worth keeping, so only their type and sizes are checked.
-    let refilled = [(
-        SNAT_MAP,
-        MapType::Array,
-        (size_of::<u32>(), size_of::<Ip>()),
-    )];
+    // Maps that every start fills afresh, or counters, may be missing (a build before
+    // they existed): the loader creates them next to the reused flow state, so an upgrade
+    // keeps its live flows; nothing in them is worth keeping, so only their type and sizes
+    // are checked.
+    let refilled = [
+        (
+            SNAT_MAP,
+            MapType::Array,
+            (size_of::<u32>(), size_of::<Ip>()),
+        ),
+        (
+            ICMP_MAP,
+            MapType::PerCpuArray,
+            (size_of::<u32>(), size_of::<IcmpStats>()),
+        ),
+    ];
     // A flow-state pin missing while others exist (an older build had fewer maps): start
     // afresh.
     let present = expected

@@ -121,6 +121,7 @@ impl AdminView for PortmapState {
                 })
                 .collect();
             kernel_metrics::render(&mut out, &rows);
+            kernel_metrics::render_icmp(&mut out, &pins.icmp());
         }
         out.push_str(eof);
         out
