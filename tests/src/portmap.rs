@@ -489,3 +489,41 @@ pub fn produce_and_consume(client_ns: &str, bootstrap: &str, topic: &str, n: usi
 pub fn pins(topo: &Topology) -> PathBuf {
     pin_dir(std::path::Path::new(DEFAULT_PIN_ROOT), &topo.node)
 }
+
+/// `kpscctl maps --instance <instance> <extra>`'s output; panics if it fails.
+pub fn kpscctl_maps(instance: &str, extra: &[&str]) -> String {
+    let out = std::process::Command::new(kpsc_testkit::kpscctl_bin())
+        .args(["maps", "--instance", instance])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kpscctl maps: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `kpscctl maps --json` of `instance`.
+pub fn kpscctl_maps_json(instance: &str) -> serde_json::Value {
+    serde_json::from_str(&kpscctl_maps(instance, &["--json"])).unwrap()
+}
+
+/// Sends SIGHUP to `kpscd` and waits until it logs the reloaded port map.
+pub fn reload(kpscd: &Kpscd) {
+    // SAFETY: kill(2) of a process the test started.
+    assert_eq!(
+        unsafe { libc::kill(kpscd.pid() as libc::pid_t, libc::SIGHUP) },
+        0,
+        "SIGHUP to kpscd"
+    );
+    kpsc_testkit::eventually(Duration::from_secs(10), || {
+        anyhow::ensure!(
+            kpscd.log().contains("port map reloaded"),
+            "not reloaded yet"
+        );
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}; log:\n{}", kpscd.log()));
+}

@@ -14,9 +14,11 @@ use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, MetadataRequest, Meta
 use kpsc_tests::{
     Kpscd, RawClient, TansuHost, create_topic,
     datapath::{FlowState, PinnedMaps},
-    eventually, kpscctl_bin, kpscd_bin,
+    eventually, kpscd_bin,
     netns::{NODE_CLIENT_IP, Topology, broker_ip, client_ip, in_netns},
-    portmap::{BROKER_PORT, FIRST_PORT, mapping, pins, portmap_args, start_portmap},
+    portmap::{
+        BROKER_PORT, FIRST_PORT, kpscctl_maps, mapping, pins, portmap_args, reload, start_portmap,
+    },
 };
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
@@ -213,19 +215,7 @@ fn clients_reusing_one_source_port_do_not_collide() {
 
     // The operator's view, straight from the pins (no daemon involved).
     let pins_dir = pins(&topo);
-    let kpscctl = |extra: &[&str]| {
-        let out = Command::new(kpscctl_bin())
-            .args(["maps", "--instance", &topo.node])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let kpscctl = |extra: &[&str]| kpscctl_maps(&topo.node, extra);
     let table = kpscctl(&[]);
     assert!(table.contains(&pins_dir.display().to_string()), "{table}");
     let port_line = table
@@ -309,15 +299,7 @@ fn reload_keeps_established_flows_and_sends_new_ones_to_the_new_broker() {
     assert_eq!(cluster_id(&mut old), "cluster-a");
 
     write(1);
-    Command::new("kill")
-        .args(["-HUP", &kpscd.pid().to_string()])
-        .status()
-        .unwrap();
-    eventually(Duration::from_secs(10), || {
-        anyhow::ensure!(kpscd.log().contains("port map reloaded"));
-        Ok(())
-    })
-    .unwrap();
+    reload(&kpscd);
     let mut new = in_netns(&topo.client, || RawClient::connect(&addr))
         .unwrap()
         .unwrap_or_else(|e| {
@@ -397,18 +379,7 @@ fn reload_with_a_full_counters_map_keeps_serving() {
     assert!(filled > 1000, "the counters map took only {filled} entries");
 
     write(2);
-    Command::new("kill")
-        .args(["-HUP", &kpscd.pid().to_string()])
-        .status()
-        .unwrap();
-    eventually(Duration::from_secs(10), || {
-        anyhow::ensure!(
-            kpscd.log().contains("port map reloaded"),
-            "not reloaded yet"
-        );
-        Ok(())
-    })
-    .unwrap_or_else(|e| panic!("{e:#}; log:\n{}", kpscd.log()));
+    reload(&kpscd);
     assert!(kpscd.alive(), "log:\n{}", kpscd.log());
     let addr = format!("{NODE_CLIENT_IP}:{}", FIRST_PORT + 1);
     let mut new = in_netns(&topo.client, || RawClient::connect(&addr))

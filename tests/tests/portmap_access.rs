@@ -63,11 +63,7 @@ fn allow_source(attach: Attach) {
     assert_eq!(maps.stats(FIRST_PORT).embryos, 1, "only the allowed SYN");
     let metric = kpscd.metric("kpsc_portmap_drops_total", "reason=\"source_denied\"");
     assert!(metric >= 1.0, "source_denied = {metric}\n{}", kpscd.log());
-    let ctl = std::process::Command::new(kpsc_tests::kpscctl_bin())
-        .args(["maps", "--instance", &topo.node, "--json"])
-        .output()
-        .unwrap();
-    let ctl = String::from_utf8_lossy(&ctl.stdout);
+    let ctl = kpsc_tests::portmap::kpscctl_maps(&topo.node, &["--json"]);
     assert!(ctl.contains("\"source_denied\""), "{ctl}");
 
     // Swap the list while client 0 has an open connection.

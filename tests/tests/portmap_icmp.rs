@@ -24,7 +24,7 @@ use std::{
 use kpsc_common::portmap::ICMP_MAP;
 use kpsc_testkit::cleanup;
 use kpsc_tests::{
-    Kpscd, Process, TansuHost, create_topic, eventually, kpscctl_bin,
+    Kpscd, Process, TansuHost, create_topic, eventually,
     netns::{Topology, in_netns, ip, remove_namespace},
     portmap::{
         Attach, BROKER_PORT, FIRST_PORT, cluster_id, connect_from, connect_to, mapping, pins,
@@ -365,17 +365,7 @@ fn fetch_large(path: &RoutedPath, family: Family, topic: &str) -> anyhow::Result
 
 /// `kpscctl maps --json`'s ICMP counters.
 fn icmp_counters(path: &RoutedPath) -> serde_json::Value {
-    let out = Command::new(kpscctl_bin())
-        .args(["maps", "--instance", &path.node, "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let maps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    maps["icmp_errors"].clone()
+    kpsc_tests::portmap::kpscctl_maps_json(&path.node)["icmp_errors"].clone()
 }
 
 /// The receiving host's ICMP counters: errors arrived, none with a bad checksum.
@@ -419,11 +409,7 @@ fn produce_through_narrow_broker_side_link(family: Family, attach: Attach) {
     assert_eq!(icmp["dropped"], 0, "{icmp}");
     let metric = kpscd.metric("kpsc_portmap_icmp_errors_total", "direction=\"to_client\"");
     assert!(metric >= 1.0, "to_client = {metric}");
-    let table = Command::new(kpscctl_bin())
-        .args(["maps", "--instance", &path.node])
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&table.stdout);
+    let table = kpsc_tests::portmap::kpscctl_maps(&path.node, &[]);
     let line = format!(
         "ICMP errors about flows translated: {} to clients",
         icmp["to_client"]

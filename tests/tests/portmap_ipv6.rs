@@ -15,7 +15,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use kpsc_tests::{
     RawClient, create_topic,
     datapath::PinnedMaps,
-    kpscctl_bin, kpscd_bin,
+    kpscd_bin,
     netns::{NODE_CLIENT_IP6, Topology, in_netns},
     portmap::{
         Attach, FIRST_PORT, Family, cluster_id, connect_family,
@@ -87,11 +87,7 @@ fn end_to_end(attach: Attach) {
         "{:?}",
         maps.flows()
     );
-    let ctl = Command::new(kpscctl_bin())
-        .args(["maps", "--instance", &topo.node, "--json"])
-        .output()
-        .unwrap();
-    let ctl: serde_json::Value = serde_json::from_slice(&ctl.stdout).unwrap();
+    let ctl = kpsc_tests::portmap::kpscctl_maps_json(&topo.node);
     assert_eq!(
         ctl["ports"][0]["broker"],
         format!("[{}]:{}", V6.broker(0), kpsc_tests::portmap::BROKER_PORT),
@@ -333,6 +329,20 @@ fn ipv6_syn_flood(attach: Attach) {
         .unwrap();
     kpsc_tests::portmap::produce_one(&mut stream, topic, b"before the flood").unwrap();
     let xdp_before = XdpVerdicts::read(&topo, "n0");
+    // Under XDP a veth drops what overflows its receive ring before the program runs,
+    // counted as the sending end's tx_dropped: SYNs the program never saw.
+    let ring_drops = || -> u64 {
+        topo.run(
+            &topo.client,
+            "cat",
+            &["/sys/class/net/c0/statistics/tx_dropped"],
+        )
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    let ring_drops_before = ring_drops();
     let node: std::net::Ipv6Addr = NODE_CLIENT_IP6.parse().unwrap();
     let run = flood_while_streaming(&topo.client, &mut stream, &bootstrap, topic, || {
         syn_flood::flood(
@@ -346,12 +356,15 @@ fn ipv6_syn_flood(attach: Attach) {
     let maps = PinnedMaps::open(&pins(&topo)).unwrap();
     let stats = maps.stats(FIRST_PORT);
     let xdp = XdpVerdicts::read(&topo, "n0").since(xdp_before);
-    eprintln!("{attach:?}: {stats:?}; XDP on n0: {xdp:?}");
+    let lost = ring_drops() - ring_drops_before;
+    eprintln!("{attach:?}: {stats:?}; XDP on n0: {xdp:?}; lost in the veth ring: {lost}");
     assert_eq!(run.sent, SYNS);
     // The /64's budget: RATE per window of a second; a window opens at the first SYN a
     // second after the last one opened, so a flood of `took` opens floor(took) + 1 or
     // fewer, at least floor(took). One window more is allowed for two CPUs counting at
     // once (the budget is approximate by design).
+    // SYNs lost in the veth ring (XDP only) were neither opened nor dropped by the
+    // program: up to `lost` of the one /64's SYNs look accepted below.
     let whole_seconds = run.took.as_secs();
     let from_one_64 = ONE_64
         .checked_sub(stats.drop_source_limit)
@@ -359,17 +372,26 @@ fn ipv6_syn_flood(attach: Attach) {
             panic!("more SYNs dropped for their source than the one /64 sent: {stats:?}")
         });
     assert!(
-        (RATE * whole_seconds.max(1)..=RATE * (whole_seconds + 2)).contains(&from_one_64),
-        "{attach:?}: the one /64 opened {from_one_64} half-open flows in {:?} at \
-         --syn-rate-per-source {RATE}: {stats:?}",
+        from_one_64 >= RATE * whole_seconds.max(1)
+            && from_one_64.saturating_sub(lost) <= RATE * (whole_seconds + 2),
+        "{attach:?}: the one /64 opened {from_one_64} half-open flows (up to {lost} of them \
+         lost in the veth ring instead) in {:?} at --syn-rate-per-source {RATE}: {stats:?}",
         run.took
     );
     // Every SYN from a /64 of its own opened its flow (with the one /64's and the real
-    // clients'); every flood SYN was either a half-open flow or a budget drop.
-    assert!(stats.embryos >= OWN_64S + from_one_64, "{stats:?}");
+    // clients'); every flood SYN was either a half-open flow or a budget drop, unless the
+    // veth ring lost it.
     assert!(
-        stats.embryos + stats.drop_source_limit >= u64::from(SYNS),
+        stats.embryos + lost >= OWN_64S + from_one_64.saturating_sub(lost),
         "{stats:?}"
+    );
+    assert!(
+        stats.embryos + stats.drop_source_limit + lost >= u64::from(SYNS),
+        "{stats:?}, {lost} lost in the veth ring"
+    );
+    assert!(
+        lost < u64::from(SYNS) / 20,
+        "{lost} SYNs lost in the veth ring"
     );
     let client: IpAddr = V6.client(0).parse().unwrap();
     let spoofed: Vec<_> = maps

@@ -6,16 +6,17 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
-    process::Command,
     time::Duration,
 };
 
 use kpsc_tests::{
     RawClient, TansuHost,
     datapath::PinnedMaps,
-    eventually, kpscctl_bin,
     netns::{NODE_BROKER_IP, NODE_CLIENT_IP, Topology, broker_ip, client_ip, in_netns, ip},
-    portmap::{BROKER_PORT, FIRST_PORT, connect_to, pins, portmap_args, start_portmap},
+    portmap::{
+        BROKER_PORT, FIRST_PORT, connect_to, kpscctl_maps_json, pins, portmap_args, reload,
+        start_portmap,
+    },
 };
 
 /// Translated source ports left once the node's ephemeral range is 1088-65535: 1024-1087.
@@ -99,15 +100,7 @@ fn more_snat_addresses_carry_more_connections_than_one_address_has_ports() {
     // Four addresses, by reload.
     let all: Vec<&str> = std::iter::once(NODE_BROKER_IP).chain(EXTRA_SNAT).collect();
     std::fs::write(&config, format!("{mapping}snat_address = {:?}\n", all)).unwrap();
-    Command::new("kill")
-        .args(["-HUP", &kpscd.pid().to_string()])
-        .status()
-        .unwrap();
-    eventually(Duration::from_secs(10), || {
-        anyhow::ensure!(kpscd.log().contains("port map reloaded"));
-        Ok(())
-    })
-    .unwrap();
+    reload(&kpscd);
     let target = FREE_PORTS * 2;
     while conns.len() < target {
         let n = conns.len();
@@ -139,16 +132,7 @@ fn more_snat_addresses_carry_more_connections_than_one_address_has_ports() {
     );
 
     // The operator sees the pool.
-    let out = Command::new(kpscctl_bin())
-        .args(["maps", "--json", "--instance", &topo.node])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = kpscctl_maps_json(&topo.node);
     let shown: BTreeSet<IpAddr> = json["ports"][0]["snat_ips"]
         .as_array()
         .unwrap()
