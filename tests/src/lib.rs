@@ -15,6 +15,7 @@ mod cloud_endpoint;
 mod command;
 mod confluent_client;
 pub mod flood;
+pub mod flow_ip;
 pub mod ha;
 mod mock_cluster;
 pub mod one_armed;

@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
 use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse};
 use kpsc_testkit::{
     Kpscd, RawClient,
@@ -197,14 +198,40 @@ pub fn one_broker_behind_portmap() -> (Topology, Kpscd) {
 
 /// [`one_broker_behind_portmap`] under `attach`, in the topology that hook needs.
 pub fn one_broker_behind_portmap_with(attach: Attach) -> (Topology, Kpscd) {
+    one_broker_behind_portmap_over(Family::V4, attach)
+}
+
+/// [`one_broker_behind_portmap_with`] over `family`: the broker listens and advertises on
+/// its addresses of that family, and the mapping listens on every node address of it.
+pub fn one_broker_behind_portmap_over(family: Family, attach: Attach) -> (Topology, Kpscd) {
     let mut topo = attach.topology(1, 1).unwrap();
-    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
-        .unwrap();
+    family.start_broker(&mut topo, 0).unwrap();
     let kpscd = start_portmap(
         &topo,
-        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &attach.args()),
+        &portmap_args(&topo, &[family.mapping_on(0, family.any())], &attach.args()),
     );
     (topo, kpscd)
+}
+
+/// A port nothing listens on in the node namespace (kpscd portmap binds no port there).
+const UNUSED_NODE_PORT: u16 = 9;
+
+/// Resolves the node's client-side address of `family` on the client (ARP or neighbour
+/// discovery) with a connection the node refuses, to a port no mapping uses: segments
+/// crafted on a raw socket are sent once, and any sent before the resolution wait behind
+/// it. An IPv6 node whose link came up moments before may miss the client's first
+/// neighbour solicitation (seen here: the flood of crafted SYNs then waited 1 s for the
+/// next one, past the test's own timing); a TCP connect rides that out.
+pub fn resolve_node_from_client(topo: &Topology, family: Family) -> anyhow::Result<()> {
+    let node: SocketAddr = family.endpoint(family.node(), UNUSED_NODE_PORT).parse()?;
+    let refused = in_netns(&topo.client, || {
+        std::net::TcpStream::connect_timeout(&node, Duration::from_secs(5))
+    })?;
+    match refused {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("resolving {node} from the client")),
+        Ok(_) => anyhow::bail!("{node} accepted a connection: expected nothing listening"),
+    }
 }
 
 /// The sum of the `ethtool -S` counters ending in `suffix` (e.g. `xdp_redirect`,

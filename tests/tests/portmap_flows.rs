@@ -1,18 +1,24 @@
 //! Flow tracking of `kpscd portmap` against what real networks send: clients on any
 //! source port (a cloud endpoint's NAT picks them at random, mapped port numbers included)
 //! and a SYN flood from spoofed sources while a long-lived connection streams (the flood and
-//! the two-CPU SYN race under both hooks). Real kernels in namespaces, real tansu brokers.
+//! the two-CPU SYN race under both hooks). The tests of crafted segments (the two-CPU race,
+//! spoofed handshakes, forged SYN-ACKs, forged RST/FIN) are one body generic over the
+//! address family, run over IPv4 and IPv6. Real kernels in namespaces, real tansu brokers.
 
-use std::time::Duration;
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use kpsc_tests::{
     RawClient, TansuHost, create_topic,
     flood::connect_within,
-    netns::{NODE_CLIENT_IP, Topology, client_ip, in_netns},
+    flow_ip::FlowIp,
+    netns::{NODE_CLIENT_IP, Topology, in_netns},
     portmap::{
         Attach, BROKER_PORT, FIRST_PORT, every_mapped_source_port_connects, mapping_on,
-        one_broker_behind_portmap, one_broker_behind_portmap_with, portmap_args, produce_one,
-        start_portmap,
+        one_broker_behind_portmap_over, one_broker_behind_portmap_with, portmap_args, produce_one,
+        resolve_node_from_client, start_portmap,
     },
 };
 
@@ -40,7 +46,6 @@ fn syn_flood_while_a_connection_streams(attach: Attach) {
         portmap::{XdpVerdicts, pins},
         syn_flood,
     };
-    use std::net::Ipv4Addr;
 
     const SYNS: u32 = 100_000;
     const FLOOD_TIME: Duration = Duration::from_secs(6);
@@ -153,15 +158,16 @@ fn pin_to_cpu(cpu: usize) {
 /// is per CPU). XDP runs in the receiving veth's NAPI, one per queue: the client's veth
 /// gets a transmit queue per CPU (XPS) and the node's a receive queue for each, and both
 /// queues' XDP counters must show every flow's SYN.
-fn same_syn_on_two_cpus(attach: Attach) {
+fn same_syn_on_two_cpus<A: FlowIp>(attach: Attach) {
     use kpsc_tests::{
         datapath::PinnedMaps,
         portmap::{node_nic_counter, pins},
-        syn_flood::SynSender,
+        syn_flood::RawSender,
     };
-    use std::{collections::HashMap, net::Ipv4Addr, sync::Barrier};
+    use std::{collections::HashMap, sync::Barrier};
 
     const FLOWS: u32 = 2_000;
+    let family = A::FAMILY;
     assert!(
         std::thread::available_parallelism().unwrap().get() >= 2,
         "needs two CPUs to race"
@@ -185,27 +191,26 @@ fn same_syn_on_two_cpus(attach: Attach) {
         )
         .unwrap();
     }
-    topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
-        .unwrap();
+    family.start_broker(&mut topo, 0).unwrap();
     let kpscd = start_portmap(
         &topo,
-        &portmap_args(&topo, &[mapping_on(0, "0.0.0.0")], &attach.args()),
+        &portmap_args(&topo, &[family.mapping_on(0, family.any())], &attach.args()),
     );
     // Resolves the node's address on the client first: SYNs queued behind that
     // resolution would all leave from the CPU that gets the answer.
     in_netns(&topo.client, || {
-        connect_within(&format!("{NODE_CLIENT_IP}:{FIRST_PORT}"))?.api_versions()
+        connect_within(&family.endpoint(family.node(), FIRST_PORT))?.api_versions()
     })
     .unwrap()
-    .unwrap_or_else(|e| panic!("{attach:?}: {e:#}\n{}", kpscd.log()));
+    .unwrap_or_else(|e| panic!("{attach:?} {family:?}: {e:#}\n{}", kpscd.log()));
     // Under TC the veth has one queue and no XDP counts.
     let per_queue = |q: usize| match attach {
         Attach::Xdp => node_nic_counter(&topo, &["n0"], &format!("rx_queue_{q}_xdp_packets")),
         Attach::Tc => 0,
     };
     let seen_before = [per_queue(0), per_queue(1)];
-    let node = Ipv4Addr::new(198, 18, 1, 1);
-    let source = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i);
+    let node = A::node();
+    let source = A::spoofed;
     let barrier = Barrier::new(2);
     std::thread::scope(|s| {
         for cpu in 0..2 {
@@ -213,7 +218,7 @@ fn same_syn_on_two_cpus(attach: Attach) {
             s.spawn(move || {
                 pin_to_cpu(cpu);
                 kpsc_tests::netns::enter(&topo.client).unwrap();
-                let sender = SynSender::new().unwrap();
+                let sender = RawSender::<A>::new().unwrap();
                 for i in 0..FLOWS {
                     barrier.wait();
                     sender
@@ -232,10 +237,7 @@ fn same_syn_on_two_cpus(attach: Attach) {
         );
     }
     let maps = PinnedMaps::open(&pins(&topo)).unwrap();
-    let ours = |client: &kpsc_common::FlowKey| {
-        let ip = kpsc_tests::portmap::v4_of(&client.src_ip);
-        ip >= source(0) && ip < source(FLOWS)
-    };
+    let ours = |client: &kpsc_common::FlowKey| A::is_spoofed_below(&client.src_ip, FLOWS);
     // Client side (half-open or, were any completed, established): client -> its tuple.
     let client_side: HashMap<_, _> = maps
         .embryos()
@@ -272,35 +274,47 @@ fn same_syn_on_two_cpus(attach: Attach) {
 /// About 1 s.
 #[test]
 fn the_same_syn_on_two_cpus_leaves_one_flow_and_no_orphans() {
-    same_syn_on_two_cpus(Attach::Tc);
+    same_syn_on_two_cpus::<Ipv4Addr>(Attach::Tc);
 }
 
 /// About 1 s.
 #[test]
 fn xdp_the_same_syn_on_two_cpus_leaves_one_flow_and_no_orphans() {
-    same_syn_on_two_cpus(Attach::Xdp);
+    same_syn_on_two_cpus::<Ipv4Addr>(Attach::Xdp);
+}
+
+/// Spoofed sources one /64 each (the SYN budget is per /64). About 1 s.
+#[test]
+fn ipv6_the_same_syn_on_two_cpus_leaves_one_flow_and_no_orphans() {
+    same_syn_on_two_cpus::<Ipv6Addr>(Attach::Tc);
+}
+
+/// About 1 s.
+#[test]
+fn xdp_ipv6_the_same_syn_on_two_cpus_leaves_one_flow_and_no_orphans() {
+    same_syn_on_two_cpus::<Ipv6Addr>(Attach::Xdp);
 }
 
 /// A spoofed source never sees the broker's SYN-ACK, so its ACKs can only guess the
 /// acknowledgement number: 200 spoofed handshakes with 5 guesses each leave no established
 /// flow, and every guess is counted. Before, the SYN alone created the flow that carries
 /// traffic, so spoofed SYNs filled that table.
-#[test]
-fn spoofed_handshakes_never_reach_the_established_table() {
+fn spoofed_handshakes<A: FlowIp>() {
     use kpsc_tests::{
         datapath::PinnedMaps,
         portmap::pins,
-        syn_flood::{ACK, SynSender},
+        syn_flood::{ACK, RawSender},
     };
-    use std::net::Ipv4Addr;
 
     const SOURCES: u32 = 200;
     const GUESSES: u32 = 5;
-    let (topo, _kpscd) = one_broker_behind_portmap();
-    let node = (Ipv4Addr::new(198, 18, 1, 1), FIRST_PORT);
-    let source = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i);
+    let family = A::FAMILY;
+    let (topo, _kpscd) = one_broker_behind_portmap_over(family, Attach::Tc);
+    resolve_node_from_client(&topo, family).unwrap();
+    let node = (A::node(), FIRST_PORT);
+    let source = A::spoofed;
     in_netns(&topo.client, || {
-        let sender = SynSender::new().unwrap();
+        let sender = RawSender::<A>::new().unwrap();
         for i in 0..SOURCES {
             sender.send(source(i), 30_000, node.0, node.1, i).unwrap();
         }
@@ -322,7 +336,7 @@ fn spoofed_handshakes_never_reach_the_established_table() {
     let spoofed: Vec<_> = maps
         .flows()
         .into_iter()
-        .filter(|(k, _)| kpsc_tests::portmap::v4_of(&k.src_ip) >= source(0))
+        .filter(|(k, _)| A::of(&k.src_ip).and_then(A::spoofed_index).is_some())
         .collect();
     assert!(spoofed.is_empty(), "spoofed flows established: {spoofed:?}");
     assert_eq!(stats.embryos, u64::from(SOURCES), "{stats:?}");
@@ -334,7 +348,7 @@ fn spoofed_handshakes_never_reach_the_established_table() {
     assert_eq!(stats.new_flows, 0, "{stats:?}");
     // A real client completes its handshake as usual.
     let mut conn = in_netns(&topo.client, || {
-        connect_within(&format!("{NODE_CLIENT_IP}:{FIRST_PORT}"))
+        connect_within(&family.endpoint(family.node(), FIRST_PORT))
     })
     .unwrap()
     .unwrap();
@@ -342,27 +356,32 @@ fn spoofed_handshakes_never_reach_the_established_table() {
     assert_eq!(maps.stats(FIRST_PORT).new_flows, 1);
 }
 
-/// Spoofed client addresses (198.19.0.0/16) for the handshake tests.
-fn spoofed(i: u32) -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 19, 0, 0)) + i)
+#[test]
+fn spoofed_handshakes_never_reach_the_established_table() {
+    spoofed_handshakes::<Ipv4Addr>();
+}
+
+/// About 1 s.
+#[test]
+fn ipv6_spoofed_handshakes_never_reach_the_established_table() {
+    spoofed_handshakes::<Ipv6Addr>();
 }
 
 /// The half-open flows of the spoofed sources below `count`, by client tuple.
-fn spoofed_embryos(
+fn spoofed_embryos<A: FlowIp>(
     maps: &kpsc_tests::datapath::PinnedMaps,
     count: u32,
 ) -> std::collections::HashMap<kpsc_common::FlowKey, kpsc_common::Embryo> {
     maps.embryos()
         .into_iter()
-        .filter(|(k, _)| {
-            let ip = kpsc_tests::portmap::v4_of(&k.src_ip);
-            ip >= spoofed(0) && ip < spoofed(count)
-        })
+        .filter(|(k, _)| A::is_spoofed_below(&k.src_ip, count))
         .collect()
 }
 
-fn addr(ip: kpsc_common::Ip, port: u16) -> (std::net::Ipv4Addr, u16) {
-    (kpsc_tests::portmap::v4_of(&ip), u16::from_be(port))
+/// An address and port from the kernel maps (port in network byte order).
+fn addr<A: FlowIp>(ip: kpsc_common::Ip, port: u16) -> (A, u16) {
+    let ip = A::of(&ip).unwrap_or_else(|| panic!("{:?} of the wrong family", ip));
+    (ip, u16::from_be(port))
 }
 
 /// Forged SYN-ACKs from the broker's address, after the broker's own: one that
@@ -374,22 +393,22 @@ fn addr(ip: kpsc_common::Ip, port: u16) -> (std::net::Ipv4Addr, u16) {
 /// real client's ACK was dropped. Also: the ACK that completes a handshake with a FIN
 /// leaves a flow marked FIN (before, the FIN was lost and the flow looked open for an
 /// hour). About 3 s.
-#[test]
-fn forged_syn_acks_neither_complete_spoofed_handshakes_nor_break_real_ones() {
+fn forged_syn_acks<A: FlowIp>() {
     use kpsc_tests::{
         datapath::PinnedMaps,
         portmap::pins,
-        syn_flood::{ACK, FIN, SYN, SynSender},
+        syn_flood::{ACK, FIN, RawSender, SYN},
     };
-    use std::net::Ipv4Addr;
 
     const SOURCES: u32 = 20;
     const FORGED_SEQ: u32 = 0x5eed_0000;
     let isn = |i: u32| 7_000_000 + i * 1_000;
-    let (topo, kpscd) = one_broker_behind_portmap();
-    let node = (Ipv4Addr::new(198, 18, 1, 1), FIRST_PORT);
+    let spoofed = A::spoofed;
+    let (topo, kpscd) = one_broker_behind_portmap_over(A::FAMILY, Attach::Tc);
+    resolve_node_from_client(&topo, A::FAMILY).unwrap();
+    let node = (A::node(), FIRST_PORT);
     in_netns(&topo.client, || {
-        let sender = SynSender::new().unwrap();
+        let sender = RawSender::<A>::new().unwrap();
         for i in 0..SOURCES {
             sender
                 .send(spoofed(i), 30_000, node.0, node.1, isn(i))
@@ -402,18 +421,19 @@ fn forged_syn_acks_neither_complete_spoofed_handshakes_nor_break_real_ones() {
     // and the ACKs below go out before it.
     std::thread::sleep(Duration::from_millis(200));
     let maps = PinnedMaps::open(&pins(&topo)).unwrap();
-    let real = spoofed_embryos(&maps, SOURCES);
+    let real = spoofed_embryos::<A>(&maps, SOURCES);
     assert_eq!(real.len(), SOURCES as usize, "{real:?}");
     assert!(real.values().all(|e| e.synack == 1), "{real:?}");
     in_netns(&topo.broker, || {
-        let sender = SynSender::new().unwrap();
+        let sender = RawSender::<A>::new().unwrap();
         for (client, e) in &real {
             let t = e.translated;
-            let from = addr(t.dst_ip, t.dst_port);
-            let to = addr(t.src_ip, t.src_port);
+            let from = addr::<A>(t.dst_ip, t.dst_port);
+            let to = addr::<A>(t.src_ip, t.src_port);
             // Acknowledges the client's ISN, then a wrong one.
-            let index =
-                u32::from(kpsc_tests::portmap::v4_of(&client.src_ip)) - u32::from(spoofed(0));
+            let index = A::of(&client.src_ip)
+                .and_then(A::spoofed_index)
+                .expect("a spoofed source");
             sender
                 .send_segment(from, to, FORGED_SEQ, isn(index).wrapping_add(1), SYN | ACK)
                 .unwrap();
@@ -424,7 +444,7 @@ fn forged_syn_acks_neither_complete_spoofed_handshakes_nor_break_real_ones() {
     })
     .unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    let after = spoofed_embryos(&maps, SOURCES);
+    let after = spoofed_embryos::<A>(&maps, SOURCES);
     for (client, e) in &real {
         assert_eq!(
             after.get(client).map(|a| a.expect_ack),
@@ -434,11 +454,11 @@ fn forged_syn_acks_neither_complete_spoofed_handshakes_nor_break_real_ones() {
     }
     let ack = |guess: &(dyn Fn(&kpsc_common::Embryo) -> u32 + Sync), flags: u8| {
         in_netns(&topo.client, || {
-            let sender = SynSender::new().unwrap();
+            let sender = RawSender::<A>::new().unwrap();
             for i in 0..SOURCES {
                 let client = kpsc_common::FlowKey {
-                    src_ip: kpsc_common::ip_from_v4(spoofed(i).octets()),
-                    dst_ip: kpsc_common::ip_from_v4(node.0.octets()),
+                    src_ip: spoofed(i).bits(),
+                    dst_ip: node.0.bits(),
                     src_port: 30_000u16.to_be(),
                     dst_port: node.1.to_be(),
                 };
@@ -478,23 +498,31 @@ fn forged_syn_acks_neither_complete_spoofed_handshakes_nor_break_real_ones() {
     let first = maps
         .flows()
         .into_iter()
-        .find(|(k, _)| k.src_ip == kpsc_common::ip_from_v4(spoofed(0).octets()))
+        .find(|(k, _)| k.src_ip == spoofed(0).bits())
         .expect("the first source's flow");
     assert_eq!(first.1.fin, 1, "the FIN of the completing ACK: {first:?}");
 }
 
+#[test]
+fn forged_syn_acks_neither_complete_spoofed_handshakes_nor_break_real_ones() {
+    forged_syn_acks::<Ipv4Addr>();
+}
+
+/// About 3 s.
+#[test]
+fn ipv6_forged_syn_acks_neither_complete_spoofed_handshakes_nor_break_real_ones() {
+    forged_syn_acks::<Ipv6Addr>();
+}
+
 /// The only established flow to `port` from the test client.
-fn client_flow(
+fn client_flow<A: FlowIp>(
     maps: &kpsc_tests::datapath::PinnedMaps,
     port: u16,
 ) -> (kpsc_common::FlowKey, kpsc_common::FlowNat) {
     let flows: Vec<_> = maps
         .flows()
         .into_iter()
-        .filter(|(k, _)| {
-            u16::from_be(k.dst_port) == port
-                && kpsc_tests::portmap::v4_of(&k.src_ip).to_string() == client_ip(0)
-        })
+        .filter(|(k, _)| u16::from_be(k.dst_port) == port && A::of(&k.src_ip) == Some(A::client(0)))
         .collect();
     assert_eq!(flows.len(), 1, "{flows:?}");
     flows[0]
@@ -505,29 +533,27 @@ fn client_flow(
 /// closed (userspace would remove it a minute later), and a forged SYN after them does not
 /// retire it. Before, any RST marked the flow closed for good, and the next SYN on its
 /// tuple replaced it at once, cutting the connection. About 2 s.
-#[test]
-fn forged_rst_and_fin_do_not_end_a_live_flow() {
+fn forged_rst_and_fin<A: FlowIp>() {
     use kpsc_tests::{
         datapath::{FlowState, PinnedMaps},
         portmap::pins,
-        syn_flood::{ACK, FIN, RST, SYN, SynSender},
+        syn_flood::{ACK, FIN, RST, RawSender, SYN},
     };
-    use std::net::Ipv4Addr;
 
-    let (topo, kpscd) = one_broker_behind_portmap();
-    let bootstrap = format!("{NODE_CLIENT_IP}:{FIRST_PORT}");
+    let family = A::FAMILY;
+    let (topo, kpscd) = one_broker_behind_portmap_over(family, Attach::Tc);
+    let bootstrap = family.endpoint(family.node(), FIRST_PORT);
     let mut conn = in_netns(&topo.client, || connect_within(&bootstrap))
         .unwrap()
         .unwrap();
     conn.api_versions().unwrap();
     let maps = PinnedMaps::open(&pins(&topo)).unwrap();
-    let (key, flow) = client_flow(&maps, FIRST_PORT);
-    let client: Ipv4Addr = client_ip(0).parse().unwrap();
-    let from = (client, u16::from_be(key.src_port));
-    let node = (Ipv4Addr::new(198, 18, 1, 1), FIRST_PORT);
+    let (key, flow) = client_flow::<A>(&maps, FIRST_PORT);
+    let from = (A::client(0), u16::from_be(key.src_port));
+    let node = (A::node(), FIRST_PORT);
     let forge = |seq: u32, flags: u8| {
         in_netns(&topo.client, || {
-            SynSender::new()
+            RawSender::<A>::new()
                 .unwrap()
                 .send_segment(from, node, seq, 0, flags)
                 .unwrap()
@@ -539,7 +565,7 @@ fn forged_rst_and_fin_do_not_end_a_live_flow() {
         std::thread::sleep(Duration::from_millis(50));
         conn.api_versions()
             .unwrap_or_else(|e| panic!("after a forged {what}: {e:#}"));
-        let (_, now) = client_flow(&maps, FIRST_PORT);
+        let (_, now) = client_flow::<A>(&maps, FIRST_PORT);
         assert_ne!(
             maps.flow_state(&now),
             FlowState::Closed,
@@ -550,7 +576,7 @@ fn forged_rst_and_fin_do_not_end_a_live_flow() {
     std::thread::sleep(Duration::from_millis(50));
     conn.api_versions()
         .unwrap_or_else(|e| panic!("after a forged SYN: {e:#}"));
-    let (_, now) = client_flow(&maps, FIRST_PORT);
+    let (_, now) = client_flow::<A>(&maps, FIRST_PORT);
     assert_eq!(now.translated, flow.translated, "the flow was replaced");
     assert_eq!(now.created_ns, flow.created_ns, "the flow was replaced");
 
@@ -576,13 +602,24 @@ fn forged_rst_and_fin_do_not_end_a_live_flow() {
     // Closing with linger 0 sends a RST.
     drop(conn);
     std::thread::sleep(Duration::from_millis(100));
-    let (_, last) = client_flow(&maps, FIRST_PORT);
+    let (_, last) = client_flow::<A>(&maps, FIRST_PORT);
     assert_eq!(
         maps.flow_state(&last),
         FlowState::Closed,
         "{last:?}\nlog:\n{}",
         kpscd.log()
     );
+}
+
+#[test]
+fn forged_rst_and_fin_do_not_end_a_live_flow() {
+    forged_rst_and_fin::<Ipv4Addr>();
+}
+
+/// About 2 s.
+#[test]
+fn ipv6_forged_rst_and_fin_do_not_end_a_live_flow() {
+    forged_rst_and_fin::<Ipv6Addr>();
 }
 
 /// The node's ephemeral range decides which translated source ports are free. A range
