@@ -120,15 +120,7 @@ fn run_netns(args: &Args, pinning: Pinning, machine: &str, kpscd: &Path) -> anyh
     };
     topo.add_routes()?;
     for extra in cli::snat_addresses(args.portmap_snat_addresses) {
-        netns::ip(&[
-            "-n",
-            &topo.node,
-            "addr",
-            "add",
-            &format!("{extra}/24"),
-            "dev",
-            "n1",
-        ])?;
+        netns::add_address(&topo.node, &format!("{extra}/24"), "n1")?;
     }
     if let Some(cpu) = args.node_receive_cpu {
         topo.steer_receive(&topo.node, &["n0", "n1"], cpu)?;

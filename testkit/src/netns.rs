@@ -82,6 +82,11 @@ pub fn maybe_in<T: Send>(ns: Option<&str>, f: impl FnOnce() -> T + Send) -> anyh
     }
 }
 
+/// Adds `cidr` (e.g. `198.18.2.200/24`) to interface `dev` of namespace `ns`.
+pub fn add_address(ns: &str, cidr: &str, dev: &str) -> anyhow::Result<()> {
+    ip(&["-n", ns, "addr", "add", cidr, "dev", dev])
+}
+
 /// Runs `ip ARGS`; a failure carries the command and its stderr.
 pub fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
@@ -150,44 +155,12 @@ impl Topology {
             "link", "add", "b0", "netns", b, "type", "veth", "peer", "name", "n1", "netns", n,
         ])?;
         for i in 0..client_ips {
-            ip(&[
-                "-n",
-                c,
-                "addr",
-                "add",
-                &format!("{}/24", client_ip(i)),
-                "dev",
-                "c0",
-            ])?;
+            add_address(c, &format!("{}/24", client_ip(i)), "c0")?;
         }
-        ip(&[
-            "-n",
-            n,
-            "addr",
-            "add",
-            &format!("{NODE_CLIENT_IP}/24"),
-            "dev",
-            "n0",
-        ])?;
-        ip(&[
-            "-n",
-            n,
-            "addr",
-            "add",
-            &format!("{NODE_BROKER_IP}/24"),
-            "dev",
-            "n1",
-        ])?;
+        add_address(n, &format!("{NODE_CLIENT_IP}/24"), "n0")?;
+        add_address(n, &format!("{NODE_BROKER_IP}/24"), "n1")?;
         for i in 0..broker_ips {
-            ip(&[
-                "-n",
-                b,
-                "addr",
-                "add",
-                &format!("{}/24", broker_ip(i)),
-                "dev",
-                "b0",
-            ])?;
+            add_address(b, &format!("{}/24", broker_ip(i)), "b0")?;
         }
         let mut v6: Vec<(&str, &str, String)> = vec![
             (n, "n0", NODE_CLIENT_IP6.to_owned()),

@@ -160,7 +160,7 @@ impl HaTopology {
     }
 
     fn address(&self, ns: &str, dev: &str, cidr: &str) -> anyhow::Result<()> {
-        ip(&["-n", ns, "addr", "add", cidr, "dev", dev])?;
+        netns::add_address(ns, cidr, dev)?;
         ip(&["-n", ns, "link", "set", dev, "up"])
     }
 

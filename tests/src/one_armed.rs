@@ -64,15 +64,7 @@ pub fn make_one_armed(topo: &Topology) -> anyhow::Result<Switch> {
     }
     switch.pass = Some(netns::in_netns(s, || attach_xdp_pass("s0"))??);
     for addr in [NODE_CLIENT_IP, NODE_BROKER_IP] {
-        ip(&[
-            "-n",
-            &topo.node,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            "n0",
-        ])?;
+        netns::add_address(&topo.node, &format!("{addr}/24"), "n0")?;
     }
     ip(&["-n", &topo.node, "link", "set", "n0", "up"])?;
     Ok(switch)

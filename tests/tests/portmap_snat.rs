@@ -12,7 +12,9 @@ use std::{
 use kpsc_tests::{
     RawClient, TansuHost,
     datapath::PinnedMaps,
-    netns::{NODE_BROKER_IP, NODE_CLIENT_IP, Topology, broker_ip, client_ip, in_netns, ip},
+    netns::{
+        NODE_BROKER_IP, NODE_CLIENT_IP, Topology, add_address, broker_ip, client_ip, in_netns,
+    },
     portmap::{
         BROKER_PORT, FIRST_PORT, connect_to, kpscctl_maps_json, pins, portmap_args, reload,
         start_portmap,
@@ -37,16 +39,7 @@ fn more_snat_addresses_carry_more_connections_than_one_address_has_ports() {
     topo.sysctl(&topo.node, "net.ipv4.ip_local_port_range", "1088 65535")
         .unwrap();
     for addr in EXTRA_SNAT {
-        ip(&[
-            "-n",
-            &topo.node,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            "n1",
-        ])
-        .unwrap();
+        add_address(&topo.node, &format!("{addr}/24"), "n1").unwrap();
     }
     let dir = std::env::temp_dir().join(format!("kpsc-snat-{}", topo.node));
     std::fs::create_dir_all(&dir).unwrap();
