@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kpsc_common::portmap::ICMP_MAP;
+use kpsc_common::portmap::{ICMP_MAP, SNAT_MAP};
 use kpsc_testkit::cleanup;
 use kpsc_tests::{
     Kpscd, Process, TansuHost, create_topic, eventually,
@@ -535,11 +535,11 @@ fn ipv6_refused_handshake_reaches_the_client() {
     refused_handshake_fails_fast(Family::V6);
 }
 
-/// Pins left by the version before the ICMP counter (SIGKILL, then its map's pin
-/// removed) are still reused: the flow open across the restart keeps its translation,
-/// and the new map is created next to the old ones. About 3 s.
+/// Pins left by the version before the ICMP counter and `--snat-address` (SIGKILL, then
+/// those two maps' pins removed) are still reused: the flow open across the restart keeps
+/// its translation, and the new maps are created next to the old ones. About 3 s.
 #[test]
-fn pins_without_the_icmp_map_are_reused() {
+fn pins_without_the_icmp_and_snat_maps_are_reused() {
     let mut topo = Topology::new(1, 1).unwrap();
     topo.start_advertising_node(0, BROKER_PORT, FIRST_PORT)
         .unwrap();
@@ -558,15 +558,19 @@ fn pins_without_the_icmp_map_are_reused() {
     })
     .unwrap();
     drop(first);
-    let icmp_pin = pins(&topo).join(ICMP_MAP);
-    std::fs::remove_file(&icmp_pin).unwrap();
+    let new_pins = [ICMP_MAP, SNAT_MAP].map(|name| pins(&topo).join(name));
+    for pin in &new_pins {
+        std::fs::remove_file(pin).unwrap();
+    }
     let second = start_portmap(&topo, &args);
     assert!(
         second.log().contains("reusing pinned maps"),
         "{}",
         second.log()
     );
-    assert!(icmp_pin.exists());
+    for pin in &new_pins {
+        assert!(pin.exists(), "{} not created", pin.display());
+    }
     assert_eq!(
         cluster_id(&mut conn).unwrap_or_else(|e| panic!("{e:#}\n{}", second.log())),
         "cluster-0"
