@@ -242,18 +242,20 @@ pub fn instance_args(cluster: &MockCluster, shutdown_grace: &str) -> Vec<String>
 }
 
 /// An instance's port map from `/maps` without counters: (listen, broker, advertised,
-/// node id) per row, sorted.
-pub fn map_rows(k: &Kpscd) -> Vec<String> {
-    let mut rows: Vec<String> = k
+/// node id; "-" and -1 where absent) per row, sorted.
+pub fn map_rows(k: &Kpscd) -> Vec<(String, String, String, i64)> {
+    let mut rows: Vec<_> = k
         .maps()
         .unwrap()
         .as_array()
         .unwrap()
         .iter()
         .map(|r| {
-            format!(
-                "{} {} {} {}",
-                r["listen"], r["broker"], r["advertised"], r["node_id"]
+            (
+                r["listen"].as_str().unwrap_or("-").to_owned(),
+                r["broker"].as_str().unwrap().to_owned(),
+                r["advertised"].as_str().unwrap().to_owned(),
+                r["node_id"].as_i64().unwrap_or(-1),
             )
         })
         .collect();

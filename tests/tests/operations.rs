@@ -20,34 +20,14 @@ use kafka_protocol::{
     protocol::StrBytes,
 };
 use kpsc_tests::{
-    Kpscd, MockCluster, RawClient, Tansu, contains_bytes, eventually, free_port_base, kpscctl_bin,
-    kpscd_bin, proxy_args, send_waiting,
+    Kpscd, MockCluster, RawClient, Tansu, contains_bytes, eventually, free_port_base, ha::map_rows,
+    kpscctl_bin, kpscd_bin, proxy_args, send_waiting,
 };
 use rdkafka::{
     ClientConfig, ClientContext, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
     producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext},
 };
-
-fn map_rows(kpscd: &Kpscd) -> Vec<(String, String, String, i64)> {
-    let mut rows: Vec<_> = kpscd
-        .maps()
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["listen"].as_str().unwrap_or("-").to_owned(),
-                r["broker"].as_str().unwrap().to_owned(),
-                r["advertised"].as_str().unwrap().to_owned(),
-                r["node_id"].as_i64().unwrap_or(-1),
-            )
-        })
-        .collect();
-    rows.sort();
-    rows
-}
 
 /// Same flags for every instance but the IP it listens on (two instances of one
 /// configuration cannot bind the same ports on one machine; on two nodes they would).
