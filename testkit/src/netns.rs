@@ -82,6 +82,33 @@ pub fn maybe_in<T: Send>(ns: Option<&str>, f: impl FnOnce() -> T + Send) -> anyh
     }
 }
 
+/// Runs `program args` in namespace `ns` (ip netns exec); its stdout, or an error with
+/// its stderr.
+pub fn run_in(ns: &str, program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "{program} {args:?} in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A kernel SNMP counter of namespace `ns` (e.g. TcpInCsumErrors), from nstat.
+pub fn snmp_counter(ns: &str, name: &str) -> anyhow::Result<u64> {
+    let out = run_in(ns, "nstat", &["-asz", name])?;
+    out.lines()
+        .find_map(|l| {
+            let mut cols = l.split_whitespace();
+            (cols.next() == Some(name)).then(|| cols.next()?.parse().ok())?
+        })
+        .with_context(|| format!("{name} not in nstat output: {out}"))
+}
+
 /// Adds `cidr` (e.g. `198.18.2.200/24`) to interface `dev` of namespace `ns`.
 pub fn add_address(ns: &str, cidr: &str, dev: &str) -> anyhow::Result<()> {
     ip(&["-n", ns, "addr", "add", cidr, "dev", dev])
@@ -210,13 +237,7 @@ impl Topology {
 
     /// A kernel SNMP counter of namespace `ns` (e.g. TcpInCsumErrors).
     pub fn counter(&self, ns: &str, name: &str) -> anyhow::Result<u64> {
-        let out = self.run(ns, "nstat", &["-asz", name])?;
-        out.lines()
-            .find_map(|l| {
-                let mut cols = l.split_whitespace();
-                (cols.next() == Some(name)).then(|| cols.next()?.parse().ok())?
-            })
-            .with_context(|| format!("{name} not in nstat output: {out}"))
+        snmp_counter(ns, name)
     }
 
     /// Lets the client and broker hosts receive what XDP on the node redirects to them: a
@@ -264,17 +285,7 @@ impl Topology {
 
     /// `ip netns exec <ns> <program> <args>`, output captured.
     pub fn run(&self, ns: &str, program: &str, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", ns, program])
-            .args(args)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "{program} {args:?} in {ns}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        run_in(ns, program, args)
     }
 
     /// Starts a process in namespace `ns` (ip netns exec); it is killed when the topology

@@ -16,7 +16,6 @@
 //! completes.
 
 use std::{
-    process::Command,
     sync::atomic::{AtomicBool, AtomicU32, Ordering},
     time::{Duration, Instant},
 };
@@ -116,17 +115,7 @@ struct RoutedPath {
 
 /// `ip netns exec <ns> <program> <args>`, output captured.
 fn run(ns: &str, program: &str, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, program])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?} in {ns}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    kpsc_tests::netns::run_in(ns, program, args).unwrap()
 }
 
 impl RoutedPath {
@@ -374,17 +363,39 @@ fn assert_icmp_received(ns: &str, family: Family) {
         Family::V4 => ("IcmpInDestUnreachs", "IcmpInCsumErrors"),
         Family::V6 => ("Icmp6InPktTooBigs", "Icmp6InCsumErrors"),
     };
-    let counter = |name: &str| -> u64 {
-        let out = run(ns, "nstat", &["-asz", name]);
-        out.lines()
-            .find_map(|l| {
-                let mut cols = l.split_whitespace();
-                (cols.next() == Some(name)).then(|| cols.next()?.parse().ok())?
-            })
-            .unwrap_or_else(|| panic!("{name} not in {out}"))
-    };
+    let counter = |name: &str| kpsc_tests::netns::snmp_counter(ns, name).unwrap();
     assert!(counter(received) >= 1, "{ns}: no {received}");
     assert_eq!(counter(bad), 0, "{ns}: {bad}");
+}
+
+/// After a transfer through a narrowed link: it completed, the sender (`learner`, in its
+/// namespace) learned MTU 1280 towards the node's address `towards`, it received the
+/// errors with right checksums, and kpscd counted them in `direction` (kpscctl and
+/// /metrics) and dropped none. Returns kpscctl's ICMP counters.
+fn assert_path_mtu_learned(
+    path: &RoutedPath,
+    kpscd: &Kpscd,
+    family: Family,
+    (transfer, started): (anyhow::Result<()>, Instant),
+    (learner, towards): (&str, &str),
+    direction: &str,
+) -> serde_json::Value {
+    assert!(
+        transfer.is_ok(),
+        "{family:?}: {transfer:?} after {:?}\nkpscd log:\n{}",
+        started.elapsed(),
+        kpscd.log()
+    );
+    let mtu = path.learned_mtu(learner, family, towards);
+    assert_eq!(mtu, Some(1280), "{family:?}: {learner}'s route cache");
+    assert_icmp_received(learner, family);
+    let icmp = icmp_counters(path);
+    assert!(icmp[direction].as_u64() >= Some(1), "{icmp}");
+    assert_eq!(icmp["dropped"], 0, "{icmp}");
+    let label = format!("direction=\"{direction}\"");
+    let metric = kpscd.metric("kpsc_portmap_icmp_errors_total", &label);
+    assert!(metric >= 1.0, "{direction} = {metric}");
+    icmp
 }
 
 /// A router between node and broker narrows its broker-side link: its errors go to the
@@ -395,20 +406,14 @@ fn produce_through_narrow_broker_side_link(family: Family, attach: Attach) {
     path.narrow(&path.router_b, "s1");
     let started = Instant::now();
     let produced = produce_large(&path, family, "pmtu-produce");
-    assert!(
-        produced.is_ok(),
-        "{family:?}: {produced:?} after {:?}\nkpscd log:\n{}",
-        started.elapsed(),
-        kpscd.log()
+    let icmp = assert_path_mtu_learned(
+        &path,
+        &kpscd,
+        family,
+        (produced, started),
+        (&path.client, &family.node()),
+        "to_client",
     );
-    let mtu = path.learned_mtu(&path.client, family, &family.node());
-    assert_eq!(mtu, Some(1280), "{family:?}: client's route cache");
-    assert_icmp_received(&path.client, family);
-    let icmp = icmp_counters(&path);
-    assert!(icmp["to_client"].as_u64() >= Some(1), "{icmp}");
-    assert_eq!(icmp["dropped"], 0, "{icmp}");
-    let metric = kpscd.metric("kpsc_portmap_icmp_errors_total", "direction=\"to_client\"");
-    assert!(metric >= 1.0, "to_client = {metric}");
     let table = kpsc_tests::portmap::kpscctl_maps(&path.node, &[]);
     let line = format!(
         "ICMP errors about flows translated: {} to clients",
@@ -433,20 +438,14 @@ fn fetch_through_narrow_client_side_link(family: Family) {
     path.narrow(&path.router_c, "r0");
     let started = Instant::now();
     let fetched = fetch_large(&path, family, "pmtu-fetch");
-    assert!(
-        fetched.is_ok(),
-        "{family:?}: {fetched:?} after {:?}\nkpscd log:\n{}",
-        started.elapsed(),
-        kpscd.log()
+    assert_path_mtu_learned(
+        &path,
+        &kpscd,
+        family,
+        (fetched, started),
+        (&path.broker, &family.snat()),
+        "to_broker",
     );
-    let mtu = path.learned_mtu(&path.broker, family, &family.snat());
-    assert_eq!(mtu, Some(1280), "{family:?}: broker's route cache");
-    assert_icmp_received(&path.broker, family);
-    let icmp = icmp_counters(&path);
-    assert!(icmp["to_broker"].as_u64() >= Some(1), "{icmp}");
-    let metric = kpscd.metric("kpsc_portmap_icmp_errors_total", "direction=\"to_broker\"");
-    assert!(metric >= 1.0, "to_broker = {metric}");
-    assert_eq!(icmp["dropped"], 0, "{icmp}");
 }
 
 /// About 3 s each when PMTU discovery works (15 s to fail without it).
