@@ -8,6 +8,9 @@
 /// Maximum number of listen ports one instance maps (map capacity).
 pub const MAX_MAPPED_PORTS: u32 = 4096;
 
+/// `kpscd proxy --bulk-transfer sockmap`: the request verdict's maps and records.
+pub mod proxy_kernel;
+
 /// Names and sizes of the sockmap ceiling probe (kpsc-ebpf's `kpsc-sockmap-ceiling`
 /// object), which kpsc-bench runs to measure the most a sockmap proxy could reach.
 pub mod sockmap_ceiling {

@@ -56,6 +56,17 @@ pub struct PortCounters {
     pub connections_total: Counter,
     pub bytes_from_client: Counter,
     pub bytes_to_client: Counter,
+    /// `--bulk-transfer sockmap`, client -> broker: what the kernel carried and the
+    /// frames kpscd handled itself.
+    pub kernel_from_client: KernelCounters,
+}
+
+/// One direction of one port on the kernel path.
+#[derive(Clone, Debug, Default)]
+pub struct KernelCounters {
+    pub redirected_bytes: Counter,
+    pub redirected_frames: Counter,
+    pub passed_frames: Counter,
 }
 
 /// One metric family by api key. A series exists from the api's first use: scrapes carry
@@ -87,6 +98,9 @@ pub struct Metrics {
     connections_open: Family<PortLabels, Gauge>,
     connections_total: Family<PortLabels, Counter>,
     bytes: Family<ByteLabels, Counter>,
+    kernel_redirected_bytes: Family<ByteLabels, Counter>,
+    kernel_redirected_frames: Family<ByteLabels, Counter>,
+    kernel_passed_frames: Family<ByteLabels, Counter>,
     requests: PerApi<Counter>,
     rewrites: PerApi<Counter>,
     version_caps: PerApi<Counter>,
@@ -136,6 +150,27 @@ impl Metrics {
         let connections_open = Family::<PortLabels, Gauge>::default();
         let connections_total = Family::<PortLabels, Counter>::default();
         let bytes = Family::<ByteLabels, Counter>::default();
+        let kernel_redirected_bytes = Family::<ByteLabels, Counter>::default();
+        let kernel_redirected_frames = Family::<ByteLabels, Counter>::default();
+        let kernel_passed_frames = Family::<ByteLabels, Counter>::default();
+        registry.register(
+            "kernel_redirected_bytes",
+            "Bytes the kernel carried socket to socket (--bulk-transfer sockmap), per listen \
+             port, broker and direction; also counted in kpsc_bytes",
+            kernel_redirected_bytes.clone(),
+        );
+        registry.register(
+            "kernel_redirected_frames",
+            "Frames the kernel carried socket to socket (--bulk-transfer sockmap), per listen \
+             port, broker and direction",
+            kernel_redirected_frames.clone(),
+        );
+        registry.register(
+            "kernel_passed_frames",
+            "Frames of kernel-path connections that kpscd handled itself (ApiVersions, SASL, a \
+             frame head split over two packets, ...), per listen port, broker and direction",
+            kernel_passed_frames.clone(),
+        );
         let requests = PerApi::new(Counter::default);
         let rewrites = PerApi::new(Counter::default);
         let version_caps = PerApi::new(Counter::default);
@@ -263,6 +298,9 @@ impl Metrics {
             connections_open,
             connections_total,
             bytes,
+            kernel_redirected_bytes,
+            kernel_redirected_frames,
+            kernel_passed_frames,
             connection_errors,
             brokers_refused,
             forbidden_requests,
@@ -282,8 +320,8 @@ impl Metrics {
             listen_port: listen_port.to_string(),
             broker: broker.to_owned(),
         };
-        let bytes = |direction: &str| {
-            self.bytes
+        let of = |family: &Family<ByteLabels, Counter>, direction: &str| {
+            family
                 .get_or_create(&ByteLabels {
                     listen_port: labels.listen_port.clone(),
                     broker: labels.broker.clone(),
@@ -291,11 +329,17 @@ impl Metrics {
                 })
                 .clone()
         };
+        let bytes = |direction: &str| of(&self.bytes, direction);
         PortCounters {
             connections_open: self.connections_open.get_or_create(&labels).clone(),
             connections_total: self.connections_total.get_or_create(&labels).clone(),
             bytes_from_client: bytes("from_client"),
             bytes_to_client: bytes("to_client"),
+            kernel_from_client: KernelCounters {
+                redirected_bytes: of(&self.kernel_redirected_bytes, "from_client"),
+                redirected_frames: of(&self.kernel_redirected_frames, "from_client"),
+                passed_frames: of(&self.kernel_passed_frames, "from_client"),
+            },
         }
     }
 

@@ -33,6 +33,24 @@ pub fn effective_caps() -> u64 {
         .unwrap_or(0)
 }
 
+/// Exit code when a needed capability is missing.
+pub const EXIT_PRIVILEGE: u8 = 4;
+
+/// The capabilities of `needed` this process lacks, by name. CAP_SYS_ADMIN stands in for
+/// CAP_BPF and CAP_PERFMON, as the kernel lets it.
+pub fn missing_capabilities(needed: &[Capability]) -> Vec<String> {
+    let caps = effective_caps();
+    let has = |c: Capability| caps & (1 << c.index()) != 0;
+    needed
+        .iter()
+        .filter(|&&c| {
+            let sys_admin_will_do = matches!(c, Capability::CAP_BPF | Capability::CAP_PERFMON);
+            !(has(c) || sys_admin_will_do && has(Capability::CAP_SYS_ADMIN))
+        })
+        .map(ToString::to_string)
+        .collect()
+}
+
 /// Becomes `run_as` for good (real, effective and saved ids, no supplementary groups):
 /// the kernel then clears every capability, since no uid is 0 any more.
 pub fn drop_root(run_as: &RunAs) -> anyhow::Result<()> {

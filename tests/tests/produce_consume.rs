@@ -66,6 +66,8 @@ enum Disruption {
 enum Transfer {
     Splice,
     Copy,
+    /// Requests in the kernel, responses spliced.
+    Sockmap,
 }
 
 fn produce_and_consume(policy: &str, disruption: Disruption, transfer: Transfer) {
@@ -78,6 +80,7 @@ fn produce_and_consume(policy: &str, disruption: Disruption, transfer: Transfer)
     let transfer_flag = match transfer {
         Transfer::Splice => "splice",
         Transfer::Copy => "copy",
+        Transfer::Sockmap => "sockmap",
     };
     let kpscd = Kpscd::start(&proxy_args(
         &cluster,
@@ -213,6 +216,20 @@ fn produce_and_consume(policy: &str, disruption: Disruption, transfer: Transfer)
     match transfer {
         Transfer::Splice => assert!(spliced > 0.0, "nothing was spliced"),
         Transfer::Copy => assert_eq!(spliced, 0.0),
+        Transfer::Sockmap => {
+            // The producer's record batches went through the kernel; ApiVersions (and
+            // what shares a packet with it) through kpscd.
+            let port = "direction=\"from_client\"";
+            let redirected = kpscd.metric("kpsc_kernel_redirected_bytes_total", port);
+            let frames = kpscd.metric("kpsc_kernel_redirected_frames_total", port);
+            let passed = kpscd.metric("kpsc_kernel_passed_frames_total", port);
+            eprintln!("kernel: {redirected} bytes, {frames} frames; {passed} frames passed");
+            assert!(
+                redirected > (MESSAGES * 20) as f64,
+                "the kernel carried only {redirected} bytes"
+            );
+            assert!(frames > 0.0 && passed > 0.0);
+        }
     }
 }
 
@@ -224,6 +241,22 @@ fn ten_thousand_messages_round_trip_cap_policy() {
 #[test]
 fn ten_thousand_messages_round_trip_copying_bulk_bytes() {
     produce_and_consume("cap", Disruption::None, Transfer::Copy);
+}
+
+/// The same round trip with the producer's and consumer's requests carried by the
+/// kernel (`--bulk-transfer sockmap`): needs CAP_BPF and CAP_NET_ADMIN (root in CI).
+#[test]
+fn ten_thousand_messages_round_trip_kernel_requests() {
+    produce_and_consume("cap", Disruption::None, Transfer::Sockmap);
+}
+
+#[test]
+fn leader_changes_and_broker_restart_kernel_requests() {
+    produce_and_consume(
+        "rewrite",
+        Disruption::LeaderChangesAndBrokerRestart,
+        Transfer::Sockmap,
+    );
 }
 
 #[test]

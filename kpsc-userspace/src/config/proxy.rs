@@ -45,6 +45,9 @@ pub enum BulkTransfer {
     Splice,
     /// read(2) into a buffer, write(2) out of it.
     Copy,
+    /// Client requests go to the broker in the kernel (a sockmap verdict frames them);
+    /// responses are spliced. Needs CAP_BPF and CAP_NET_ADMIN.
+    Sockmap,
 }
 
 /// The value as written on the command line (for logs).

@@ -11,12 +11,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{AdminView, MapRow},
-    config::proxy::ProxyConfig,
+    config::proxy::{BulkTransfer, ProxyConfig},
     mapping::{addr::BrokerAddr, map::PortMap},
     metrics::Metrics,
     proxy::{
         access::Gate,
         budget::RewriteBudget,
+        bulk::sockmap::KernelPath,
         listeners::{Accepted, Listeners},
     },
     shutdown::Draining,
@@ -33,6 +34,8 @@ pub struct ProxyState {
     pub gate: Gate,
     /// How connections to brokers are made (dial mapping, TLS), for clients and discovery.
     pub upstream: Upstream,
+    /// `--bulk-transfer sockmap`: the loaded request verdict.
+    pub kernel_path: Option<Arc<KernelPath>>,
     metadata_known: AtomicBool,
     /// Why the last metadata request failed, until one succeeds: `/ready` says it.
     discovery_error: Mutex<Option<String>>,
@@ -44,6 +47,21 @@ pub struct ProxyState {
     pub tasks: TaskTracker,
 }
 
+/// The API keys whose requests the kernel may carry without kpscd seeing them: all but
+/// those kpscd answers or refuses itself (ApiVersions newer than it decodes,
+/// `--forbidden-api-keys`) and SASL, which it keeps in view.
+fn kernel_keys(config: &ProxyConfig) -> Vec<i16> {
+    use kafka_protocol::messages::ApiKey;
+    let kept = [
+        ApiKey::ApiVersions as i16,
+        ApiKey::SaslHandshake as i16,
+        ApiKey::SaslAuthenticate as i16,
+    ];
+    (0..128)
+        .filter(|k| !kept.contains(k) && !config.forbidden_api_keys.contains(k))
+        .collect()
+}
+
 impl ProxyState {
     /// Binds the static listeners; accepted connections arrive on the returned receiver.
     pub fn start(config: ProxyConfig) -> anyhow::Result<(Arc<Self>, mpsc::Receiver<Accepted>)> {
@@ -52,6 +70,10 @@ impl ProxyState {
         let metrics = Metrics::new();
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let kernel_path = (config.bulk_transfer == BulkTransfer::Sockmap)
+            .then(|| KernelPath::load(kernel_keys(&config), config.max_frame_size))
+            .transpose()
+            .context("--bulk-transfer sockmap")?;
         let (accepted, incoming) = mpsc::channel(1024);
         let listeners = Listeners::start(
             map,
@@ -69,6 +91,7 @@ impl ProxyState {
                 config.common.dial_timeout,
             ),
             discovery_error: Mutex::new(None),
+            kernel_path,
             config,
             metrics,
             listeners,

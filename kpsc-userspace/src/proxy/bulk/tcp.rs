@@ -18,7 +18,11 @@ impl TcpMover {
     pub fn new(transfer: BulkTransfer, spliced_bytes: Counter) -> Self {
         match transfer {
             BulkTransfer::Copy => Self::Copy(CopyMover),
-            BulkTransfer::Splice => Self::Splice(SpliceMover::new(spliced_bytes)),
+            // Sockmap: the kernel carries whole requests; what it leaves to kpscd (and
+            // every response) is spliced.
+            BulkTransfer::Splice | BulkTransfer::Sockmap => {
+                Self::Splice(SpliceMover::new(spliced_bytes))
+            }
         }
     }
 }

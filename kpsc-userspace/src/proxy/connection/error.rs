@@ -34,6 +34,8 @@ pub enum ConnError {
     ClientWrite(std::io::Error),
     #[error("{0}")]
     RewriteBudget(#[from] BudgetError),
+    #[error("kernel path (--bulk-transfer sockmap): {0}")]
+    KernelPath(std::io::Error),
 }
 
 /// The client went away (closed or reset its socket), e.g. in the middle of a Fetch
@@ -74,6 +76,7 @@ impl ConnError {
             }
             ConnError::Rewrite(_) => "rewrite_failed",
             ConnError::RewriteBudget(_) => "rewrite_budget",
+            ConnError::KernelPath(_) => "kernel_path",
         }
     }
 }

@@ -11,9 +11,11 @@
 //!   first use) plus at most one rewritten response;
 //!   `--kafka-max-open-requests` bounds requests in flight (then reading the client stops).
 //!
-//! `serve` sets a connection up; `requests` and `responses` are its two directions;
+//! `serve` sets a connection up; `requests` and `responses` are its two directions
+//! (`kernel_requests` replaces `requests` under `--bulk-transfer sockmap`);
 //! `error` says how a connection can end.
 pub mod error;
+pub mod kernel_requests;
 pub mod requests;
 pub mod responses;
 pub mod serve;

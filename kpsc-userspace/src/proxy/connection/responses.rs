@@ -36,13 +36,20 @@ const LARGE_REWRITE: u32 = 4 << 20;
 /// The rewrite output buffer is kept between responses up to this capacity.
 const KEPT_OUTPUT_CAPACITY: usize = 1 << 20;
 
+/// How long a response with no request in flight waits for its request on the kernel path
+/// before it counts as unsolicited.
+const KERNEL_REPORT_WAIT: Duration = Duration::from_secs(5);
+
 /// Forwards responses until the request side is done and everything owed was delivered,
-/// or the broker side ends.
+/// or the broker side ends. `kernel_requests`: the kernel carries the requests and
+/// reports them afterwards (`--bulk-transfer sockmap`), so a response can arrive before
+/// its request is queued here.
 pub async fn forward_responses<R, W, M>(
     upstream_r: R,
     client_w: &mut W,
     mut mover: M,
     mut in_flight: mpsc::Receiver<InFlight>,
+    kernel_requests: bool,
     route: &Route,
     state: &ProxyState,
 ) -> Result<(), ConnError>
@@ -64,7 +71,8 @@ where
         if pending.is_none() {
             pending = tokio::select! {
                 // Requests are registered before they are written upstream, so when a
-                // response arrives its request is already queued: poll the queue first.
+                // response arrives its request is already queued (on the kernel path: in
+                // the verdict's ring, on its way here): poll the queue first.
                 biased;
                 request = in_flight.recv() => match request {
                     Some(r) => Some(r),
@@ -75,7 +83,15 @@ where
                     if !data.map_err(ConnError::Broker)? {
                         return Ok(());
                     }
-                    None
+                    if kernel_requests {
+                        tokio::select! {
+                            biased;
+                            request = in_flight.recv() => request,
+                            _ = tokio::time::sleep(KERNEL_REPORT_WAIT) => None,
+                        }
+                    } else {
+                        None
+                    }
                 }
             };
             if let Some(request) = pending.take_if(|r| r.local_response.is_some()) {

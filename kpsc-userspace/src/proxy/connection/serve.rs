@@ -14,10 +14,19 @@ use tokio_util::either::Either;
 use tracing::{debug, info, warn};
 
 use crate::{
+    config::proxy::BulkTransfer,
     kafka::sasl,
     proxy::{
-        bulk::{copy::CopyMover, tcp::TcpMover, transfer::Transfer},
-        connection::{error::ConnError, requests::forward_requests, responses::forward_responses},
+        bulk::{
+            copy::CopyMover,
+            sockmap::{KernelConn, socket},
+            tcp::TcpMover,
+            transfer::Transfer,
+        },
+        connection::{
+            error::ConnError, kernel_requests::forward_requests_kernel, requests::forward_requests,
+            responses::forward_responses,
+        },
         listeners::Route,
         state::ProxyState,
     },
@@ -62,7 +71,8 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, route: Route, state:
     };
     route.counters.connections_total.inc();
     route.counters.connections_open.inc();
-    let result = run(client, &route, &state).await;
+    let read_before = who.header_version.is_some();
+    let result = run(client, read_before, &route, &state).await;
     route.counters.connections_open.dec();
     match result {
         Ok(()) => {
@@ -124,7 +134,13 @@ async fn handshake(
     }
 }
 
-async fn run(client: ClientStream, route: &Route, state: &ProxyState) -> Result<(), ConnError> {
+/// `read_before`: kpscd read a PROXY header from the client socket.
+async fn run(
+    client: ClientStream,
+    read_before: bool,
+    route: &Route,
+    state: &ProxyState,
+) -> Result<(), ConnError> {
     let mut upstream = state.upstream.connect(&route.broker).await?;
     // --sasl-enable: the connection is authenticated before the client's first byte.
     if let Some(creds) = &state.config.upstream_sasl.credentials {
@@ -138,6 +154,9 @@ async fn run(client: ClientStream, route: &Route, state: &ProxyState) -> Result<
     }
     match (client, upstream) {
         (Either::Left(client), BrokerStream::Plain(upstream)) => {
+            if let Some(conn) = kernel_conn(state, &client, &upstream, read_before)? {
+                return proxy_kernel(client, upstream, conn, route, state).await;
+            }
             let (client_r, client_w) = client.into_split();
             let (upstream_r, upstream_w) = upstream.into_split();
             let transfer = state.config.bulk_transfer;
@@ -168,6 +187,86 @@ async fn run(client: ClientStream, route: &Route, state: &ProxyState) -> Result<
     }
 }
 
+/// The connection's place on the kernel path, if `--bulk-transfer sockmap` is on and it
+/// can have one.
+fn kernel_conn(
+    state: &ProxyState,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    read_before: bool,
+) -> Result<Option<KernelConn>, ConnError> {
+    let Some(path) = &state.kernel_path else {
+        return Ok(None);
+    };
+    // The verdict sees whole skbs: one a PROXY header was read out of would be framed
+    // from its start. Such a connection (its first request came with the header) splices.
+    if read_before && socket::unread_bytes(client).map_err(ConnError::KernelPath)? > 0 {
+        debug!("first request arrived with the PROXY header; this connection splices");
+        return Ok(None);
+    }
+    let conn = path
+        .register(client, upstream)
+        .map_err(|e| ConnError::KernelPath(std::io::Error::other(format!("{e:#}"))))?;
+    if conn.is_none() {
+        warn!("every kernel path slot is taken; this connection splices");
+    }
+    Ok(conn)
+}
+
+/// Both directions of a connection whose requests the kernel carries.
+async fn proxy_kernel(
+    client: TcpStream,
+    upstream: TcpStream,
+    mut conn: KernelConn,
+    route: &Route,
+    state: &ProxyState,
+) -> Result<(), ConnError> {
+    let (client_r, mut client_w) = client.into_split();
+    let (upstream_r, mut upstream_w) = upstream.into_split();
+    let spliced = &state.metrics.spliced_bytes;
+    let mover = || TcpMover::new(BulkTransfer::Splice, spliced.clone());
+    let (in_flight_tx, in_flight_rx) = mpsc::channel(state.config.max_in_flight);
+    let result = both_directions(
+        forward_requests_kernel(
+            client_r,
+            &mut upstream_w,
+            mover(),
+            in_flight_tx,
+            &mut conn,
+            route,
+            state,
+        ),
+        forward_responses(
+            upstream_r,
+            &mut client_w,
+            mover(),
+            in_flight_rx,
+            true,
+            route,
+            state,
+        ),
+    )
+    .await;
+    let _ = timeout(CLIENT_SHUTDOWN_TIMEOUT, client_w.shutdown()).await;
+    result
+}
+
+/// Runs a connection's two directions: when the client stops sending, what is still in
+/// flight is delivered; when the broker side ends, nothing more can be answered.
+async fn both_directions(
+    requests: impl Future<Output = Result<(), ConnError>>,
+    responses: impl Future<Output = Result<(), ConnError>>,
+) -> Result<(), ConnError> {
+    tokio::pin!(requests, responses);
+    tokio::select! {
+        r = &mut requests => match r {
+            Ok(()) => responses.await,
+            Err(e) => Err(e),
+        },
+        r = &mut responses => r,
+    }
+}
+
 /// How long a finished connection may take to deliver its last bytes and its close to the
 /// client (TLS close_notify) before it is dropped anyway.
 const CLIENT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -191,21 +290,19 @@ where
     // The upstream write half outlives both loops: dropping it sends FIN, and brokers drop
     // the responses still owed on a connection whose client side has closed.
     let (in_flight_tx, in_flight_rx) = mpsc::channel(state.config.max_in_flight);
-    let result = {
-        let requests = forward_requests(client_r, &mut upstream_w, up, in_flight_tx, route, state);
-        let responses =
-            forward_responses(upstream_r, &mut client_w, down, in_flight_rx, route, state);
-        tokio::pin!(requests, responses);
-        tokio::select! {
-            // The client stopped sending (EOF or shutdown): deliver what is still in flight.
-            r = &mut requests => match r {
-                Ok(()) => responses.await,
-                Err(e) => Err(e),
-            },
-            // The broker side ended or failed: nothing more can be answered.
-            r = &mut responses => r,
-        }
-    };
+    let result = both_directions(
+        forward_requests(client_r, &mut upstream_w, up, in_flight_tx, route, state),
+        forward_responses(
+            upstream_r,
+            &mut client_w,
+            down,
+            in_flight_rx,
+            false,
+            route,
+            state,
+        ),
+    )
+    .await;
     // A TLS client learns of a clean end from close_notify (dropping would only close the
     // socket); on TCP this is the FIN the drop would send. The connection ends either way,
     // so a failure here changes nothing.

@@ -1,0 +1,324 @@
+//! `--bulk-transfer sockmap`: a client's requests go to its broker in the kernel. The
+//! client socket enters a SOCKHASH whose verdict (kpsc-ebpf's `kpsc_proxy_requests`)
+//! frames the request stream and redirects whole skbs to the broker socket; it reports
+//! the head of every frame it redirected on a ring buffer, and kpscd queues those as in
+//! flight exactly as if it had read them. Responses keep the splice path: they are what
+//! kpscd may have to rewrite.
+//!
+//! Who writes the broker socket, and why order holds:
+//! - The verdict owns the client stream (MODE_KERNEL) until an skb it may not carry (a
+//!   request kpscd must see: ApiVersions, SASL, `--forbidden-api-keys`; a head split over
+//!   two skbs; a full ring). It passes that skb whole and from then on every skb
+//!   (MODE_USERSPACE), recording where the stretch begins, how many bytes of a frame it
+//!   had begun redirecting come first (`pass_tail`), and how many frames it had reported.
+//! - Before kpscd writes a passed byte to the broker it has queued every reported frame
+//!   (so in-flight order is stream order) and waits until the broker socket's stream holds
+//!   every redirected byte: redirects are sent later by the psock backlog worker, and a
+//!   write of ours would otherwise overtake them.
+//! - kpscd gives the stream back by publishing `resume_at`, the frame boundary up to which
+//!   it has written everything it read, once it has no byte left over. The verdict takes
+//!   back only an skb that starts exactly there; if it passed another skb first, kpscd
+//!   reads that too and publishes a later boundary. So a redirect never overtakes a write
+//!   of ours, and at most one stretch is being handed over at a time.
+//! - The FIN: kpscd ends the broker direction only after the same drain.
+
+pub mod slots;
+pub mod socket;
+
+use std::{
+    collections::VecDeque,
+    io,
+    os::fd::{AsFd, AsRawFd},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, RingBuf, SockHash},
+    programs::SkSkb,
+};
+use kpsc_common::proxy_kernel::{
+    BROKERS_MAP, CLIENTS_MAP, CONFIG_MAP, COOKIES_MAP, KernelConfig, MAX_CONNECTIONS, REQUESTS_MAP,
+    RequestBatch, SLOTS_MAP, VERDICT,
+};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    net::TcpStream,
+    sync::mpsc,
+};
+use tracing::{debug, warn};
+
+use self::slots::{Slot, Slots};
+
+static PROXY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kpsc-proxy"));
+
+/// What kpscd needs to run the kernel path, as operators grant it.
+pub const NEEDED: &str = "CAP_BPF and CAP_NET_ADMIN (or root)";
+
+struct SocketMaps {
+    clients: SockHash<MapData, u32>,
+    brokers: SockHash<MapData, u32>,
+    cookies: HashMap<MapData, u64, u32>,
+}
+
+/// Slots not in use, oldest freed first: a slot is reused as late as possible, so a
+/// verdict still running for its previous connection's last skb is long finished.
+struct FreeSlots {
+    free: VecDeque<u32>,
+    generation: Vec<u32>,
+}
+
+/// Where a slot's reports go: its connection's generation and queue.
+type Route = (u32, mpsc::UnboundedSender<RequestBatch>);
+
+/// The loaded verdict and its maps, shared by every connection.
+pub struct KernelPath {
+    _ebpf: Ebpf,
+    maps: Mutex<SocketMaps>,
+    slots: Slots,
+    free: Mutex<FreeSlots>,
+    /// Per slot: the generation of its connection and where its batches go.
+    routes: Mutex<Vec<Option<Route>>>,
+}
+
+fn take<M>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<M>
+where
+    M: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the kernel path object"))?;
+    M::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl KernelPath {
+    /// Loads and attaches the verdict. `kernel_keys`: the API keys it may carry unseen.
+    /// Must run inside the tokio runtime (it starts the ring buffer reader).
+    pub fn load(
+        kernel_keys: impl IntoIterator<Item = i16>,
+        max_frame_size: u32,
+    ) -> anyhow::Result<Arc<Self>> {
+        let mut ebpf = EbpfLoader::new()
+            .load(PROXY_OBJECT)
+            .with_context(|| format!("loading the kernel request path (needs {NEEDED})"))?;
+        let clients: SockHash<MapData, u32> = take(&mut ebpf, CLIENTS_MAP)?;
+        let program: &mut SkSkb = ebpf
+            .program_mut(VERDICT)
+            .with_context(|| format!("program {VERDICT} missing"))?
+            .try_into()
+            .with_context(|| format!("{VERDICT} is not an sk_skb program"))?;
+        program
+            .load()
+            .with_context(|| format!("loading {VERDICT} (needs {NEEDED})"))?;
+        program
+            .attach(clients.fd())
+            .with_context(|| format!("attaching {VERDICT} to {CLIENTS_MAP}"))?;
+        let mut config = KernelConfig {
+            max_frame_size,
+            ..KernelConfig::default()
+        };
+        for key in kernel_keys {
+            if (0..128).contains(&key) {
+                config.kernel_keys[(key / 64) as usize] |= 1 << (key % 64);
+            }
+        }
+        let mut config_map: Array<MapData, KernelConfig> = take(&mut ebpf, CONFIG_MAP)?;
+        config_map
+            .set(0, config, 0)
+            .context("writing the kernel path's configuration")?;
+        let Map::Array(slots_map) = ebpf
+            .take_map(SLOTS_MAP)
+            .with_context(|| format!("map {SLOTS_MAP} missing"))?
+        else {
+            anyhow::bail!("map {SLOTS_MAP} is not an array");
+        };
+        let slots = Slots::map(slots_map.fd().as_fd(), MAX_CONNECTIONS)
+            .with_context(|| format!("mapping {SLOTS_MAP} into memory"))?;
+        let requests: RingBuf<MapData> = take(&mut ebpf, REQUESTS_MAP)?;
+        let path = Arc::new(Self {
+            maps: Mutex::new(SocketMaps {
+                clients,
+                brokers: take(&mut ebpf, BROKERS_MAP)?,
+                cookies: take(&mut ebpf, COOKIES_MAP)?,
+            }),
+            _ebpf: ebpf,
+            slots,
+            free: Mutex::new(FreeSlots {
+                free: (0..MAX_CONNECTIONS).collect(),
+                generation: vec![0; MAX_CONNECTIONS as usize],
+            }),
+            routes: Mutex::new((0..MAX_CONNECTIONS).map(|_| None).collect()),
+        });
+        // The slots' mapping must outlive the maps' fds it was made from: Ebpf keeps the
+        // programs; dropping `slots_map` closes only our fd, the mapping stays valid.
+        drop(slots_map);
+        // SAFETY: the ring owns its fd and keeps it open, the same one, until dropped with
+        // the AsyncFd.
+        let reader = unsafe { AsyncFd::register_with_interest(requests, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+            .context("watching the request ring")?;
+        tokio::spawn(read_requests(reader, Arc::downgrade(&path)));
+        Ok(path)
+    }
+
+    /// Puts a connection on the kernel path. None when it cannot be (all slots taken, or
+    /// the client socket holds bytes a PROXY header read may have split): that connection
+    /// takes the splice path.
+    pub fn register(
+        self: &Arc<Self>,
+        client: &TcpStream,
+        broker: &TcpStream,
+    ) -> anyhow::Result<Option<KernelConn>> {
+        let cookie = socket::cookie(client).context("reading the client socket's cookie")?;
+        let broker_base = socket::stream_bytes_written(broker)
+            .context("reading the broker socket's byte count")?;
+        let Some((index, generation)) = self.allocate() else {
+            return Ok(None);
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.routes)[index as usize] = Some((generation, tx));
+        self.slots.get(index).reset(generation);
+        // From here on an early return releases the slot and whatever entered the maps.
+        let conn = KernelConn {
+            path: Arc::clone(self),
+            index,
+            cookie,
+            batches: rx,
+            broker_base,
+        };
+        let mut maps = lock(&self.maps);
+        maps.cookies
+            .insert(conn.cookie, index, 0)
+            .context("registering the client socket")?;
+        maps.brokers
+            .insert(index, broker.as_raw_fd(), 0)
+            .context("adding the broker socket to the kernel path")?;
+        maps.clients
+            .insert(index, client.as_raw_fd(), 0)
+            .context("adding the client socket to the kernel path")?;
+        drop(maps);
+        socket::hand_queued_bytes_to_verdict(client)
+            .context("handing queued client bytes to the verdict")?;
+        Ok(Some(conn))
+    }
+
+    fn allocate(&self) -> Option<(u32, u32)> {
+        let mut free = lock(&self.free);
+        let index = free.free.pop_front()?;
+        let generation = &mut free.generation[index as usize];
+        *generation = generation.wrapping_add(1);
+        Some((index, *generation))
+    }
+
+    fn release(&self, index: u32, cookie: u64) {
+        {
+            let mut maps = lock(&self.maps);
+            // Entries already gone are fine: the kernel drops closed sockets from the map.
+            let _ = maps.clients.remove(&index);
+            let _ = maps.brokers.remove(&index);
+            let _ = maps.cookies.remove(&cookie);
+        }
+        lock(&self.routes)[index as usize] = None;
+        lock(&self.free).free.push_back(index);
+    }
+
+    fn route(&self, batch: RequestBatch) {
+        let routes = lock(&self.routes);
+        match routes.get(batch.slot as usize) {
+            Some(Some((generation, tx))) if *generation == batch.generation => {
+                // A closed receiver: the connection is ending and drops its requests.
+                let _ = tx.send(batch);
+            }
+            // A late record of a connection that has ended.
+            _ => debug!(slot = batch.slot, "request record of an ended connection"),
+        }
+    }
+}
+
+/// Reads the verdict's request records and hands each to its connection.
+async fn read_requests(mut reader: AsyncFd<RingBuf<MapData>>, path: std::sync::Weak<KernelPath>) {
+    loop {
+        let mut guard = match reader.readable_mut().await {
+            Ok(guard) => guard,
+            Err(error) => {
+                warn!(%error, "kernel request path: cannot watch the request ring; kernel-path connections will stall");
+                return;
+            }
+        };
+        let Some(path) = path.upgrade() else { return };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<RequestBatch>() {
+                continue;
+            }
+            // SAFETY: the verdict writes RequestBatch records (plain data, any bit pattern
+            // valid); read unaligned from the ring's memory.
+            let batch = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RequestBatch>()) };
+            drop(item);
+            path.route(batch);
+        }
+        guard.clear_ready();
+    }
+}
+
+/// One connection on the kernel path; leaving it (drop) takes its sockets out of the maps.
+pub struct KernelConn {
+    path: Arc<KernelPath>,
+    index: u32,
+    cookie: u64,
+    /// The heads of the frames the verdict redirected, in stream order.
+    pub batches: mpsc::UnboundedReceiver<RequestBatch>,
+    /// The broker socket's stream bytes before the kernel path (SASL written by kpscd).
+    broker_base: u64,
+}
+
+/// How long the redirect backlog may take to hand the broker socket its bytes.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl KernelConn {
+    pub fn slot(&self) -> Slot<'_> {
+        self.path.slots.get(self.index)
+    }
+
+    /// Waits until the broker socket's stream holds every redirected byte and the
+    /// `written_by_us` bytes kpscd wrote: from then on a write of ours cannot overtake
+    /// a redirect.
+    pub async fn drain(&self, broker: &impl AsRawFd, written_by_us: u64) -> io::Result<()> {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let mut tries = 0u32;
+        loop {
+            let want = self.broker_base + written_by_us + self.slot().redirected_bytes();
+            if socket::stream_bytes_written(broker)? >= want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the kernel's redirect backlog did not reach the broker socket in {DRAIN_TIMEOUT:?}"
+                    ),
+                ));
+            }
+            // The backlog worker usually runs within microseconds; tokio's timer ticks in
+            // milliseconds.
+            tries += 1;
+            if tries < 64 {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
+impl Drop for KernelConn {
+    fn drop(&mut self) {
+        self.path.release(self.index, self.cookie);
+    }
+}

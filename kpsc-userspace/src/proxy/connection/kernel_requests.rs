@@ -1,0 +1,178 @@
+//! Client -> broker on the kernel path (`--bulk-transfer sockmap`): the verdict carries
+//! the requests and reports their heads; kpscd queues those as in flight, and handles
+//! itself the stretches the verdict passes up (see `bulk::sockmap` for why the two never
+//! reorder the broker's stream).
+
+use std::time::Instant;
+
+use tokio::{
+    net::tcp::{OwnedReadHalf, OwnedWriteHalf},
+    sync::mpsc,
+};
+
+use crate::{
+    kafka::{
+        frame::{FrameError, FrameReader, MoveError, SIZE_LEN},
+        request::RequestHeader,
+    },
+    proxy::{
+        bulk::{sockmap::KernelConn, tcp::TcpMover, transfer::Transfer},
+        connection::{
+            error::ConnError,
+            requests::{InFlight, forward_frame},
+        },
+        listeners::Route,
+        state::ProxyState,
+    },
+};
+
+/// What has been accounted of the kernel's bytes, so the counters advance by deltas.
+struct Accounted {
+    redirected_bytes: u64,
+}
+
+impl Accounted {
+    fn sync(&mut self, conn: &KernelConn, route: &Route) {
+        let now = conn.slot().redirected_bytes();
+        let delta = now.saturating_sub(self.redirected_bytes);
+        self.redirected_bytes = now;
+        route.counters.bytes_from_client.inc_by(delta);
+        route
+            .counters
+            .kernel_from_client
+            .redirected_bytes
+            .inc_by(delta);
+    }
+}
+
+/// Queues the frames of one report as in flight, in order.
+async fn take_batch(
+    batch: &kpsc_common::proxy_kernel::RequestBatch,
+    in_flight: &mpsc::Sender<InFlight>,
+    route: &Route,
+    state: &ProxyState,
+) -> Result<u64, ConnError> {
+    let count = (batch.count as usize).min(batch.frames.len());
+    for head in &batch.frames[..count] {
+        state.metrics.request(head.api_key);
+        route.counters.kernel_from_client.redirected_frames.inc();
+        // Blocks when too many requests are in flight; the kernel keeps carrying requests
+        // meanwhile, their reports wait in the connection's queue.
+        in_flight
+            .send(InFlight {
+                header: RequestHeader {
+                    api_key: head.api_key,
+                    api_version: head.api_version,
+                    correlation_id: head.correlation_id,
+                },
+                sent_at: Instant::now(),
+                expects_response: head.expects_response != 0,
+                local_response: None,
+            })
+            .await
+            .map_err(|_| ConnError::BrokerClosed(0))?;
+    }
+    Ok(count as u64)
+}
+
+fn lost_reports() -> ConnError {
+    ConnError::KernelPath(std::io::Error::other(
+        "the verdict's request reports stopped",
+    ))
+}
+
+/// Forwards the client's requests until it stops sending (EOF or shutdown).
+pub async fn forward_requests_kernel(
+    client_r: OwnedReadHalf,
+    upstream_w: &mut OwnedWriteHalf,
+    mut mover: TcpMover,
+    in_flight: mpsc::Sender<InFlight>,
+    conn: &mut KernelConn,
+    route: &Route,
+    state: &ProxyState,
+) -> Result<(), ConnError> {
+    let mut reader = FrameReader::new(client_r, mover.read_buffer_size());
+    let mut accounted = Accounted {
+        redirected_bytes: 0,
+    };
+    // Reported frames queued as in flight.
+    let mut frames_taken = 0u64;
+    // The stretch passed up that kpscd is in (0: none yet), and the stream offset of the
+    // first byte it has not handled.
+    let mut epoch = 0u32;
+    let mut offset = 0u64;
+    // Bytes kpscd wrote to the broker itself.
+    let mut written = 0u64;
+    loop {
+        // The verdict has the stream: take its reports until it passes bytes up.
+        let more = tokio::select! {
+            biased;
+            _ = state.shutdown.cancelled() => false,
+            batch = conn.batches.recv() => {
+                let batch = batch.ok_or_else(lost_reports)?;
+                frames_taken += take_batch(&batch, &in_flight, route, state).await?;
+                accounted.sync(conn, route);
+                continue;
+            }
+            more = reader.fill_to(1) => more.map_err(ConnError::Client)?,
+        };
+        if !more {
+            // The FIN must not overtake requests still on the redirect backlog.
+            conn.drain(upstream_w.as_ref(), written)
+                .await
+                .map_err(ConnError::KernelPath)?;
+            accounted.sync(conn, route);
+            return Ok(());
+        }
+        let pass = conn.slot().pass();
+        let mut tail = 0;
+        if pass.epoch != epoch {
+            // A new stretch: it starts at `pass.from`, with the end of a frame whose start
+            // the kernel redirected. What was reported before it goes in flight first.
+            epoch = pass.epoch;
+            offset = pass.from;
+            tail = pass.tail as usize;
+            while frames_taken < pass.frames_before {
+                let batch = conn.batches.recv().await.ok_or_else(lost_reports)?;
+                frames_taken += take_batch(&batch, &in_flight, route, state).await?;
+            }
+            accounted.sync(conn, route);
+        }
+        conn.drain(upstream_w.as_ref(), written)
+            .await
+            .map_err(ConnError::KernelPath)?;
+        if tail > 0 {
+            mover
+                .forward(&mut reader, tail, upstream_w)
+                .await
+                .map_err(|e| match e {
+                    MoveError::Source(e) => ConnError::Client(e),
+                    MoveError::Sink(e) => ConnError::Broker(FrameError::Io(e)),
+                })?;
+            route.counters.bytes_from_client.inc_by(tail as u64);
+            offset += tail as u64;
+            written += tail as u64;
+        }
+        // Whole frames, until nothing read is left over.
+        while !reader.buffered().is_empty() {
+            if !reader.fill_to(SIZE_LEN).await.map_err(ConnError::Client)? {
+                return Err(ConnError::Client(FrameError::Truncated));
+            }
+            let handled = forward_frame(
+                &mut reader,
+                upstream_w,
+                &mut mover,
+                &in_flight,
+                route,
+                state,
+            )
+            .await?;
+            route.counters.kernel_from_client.passed_frames.inc();
+            offset += handled.len as u64;
+            if handled.forwarded {
+                written += handled.len as u64;
+            }
+        }
+        conn.slot().resume_at(offset);
+    }
+}
