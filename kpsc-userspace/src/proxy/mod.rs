@@ -30,9 +30,12 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin,
-    config::{error::EXIT_CONFIG, proxy::ProxyConfig},
+    config::{
+        error::EXIT_CONFIG,
+        proxy::{BulkTransfer, ProxyConfig},
+    },
     privilege,
-    proxy::{listeners::Accepted, state::ProxyState},
+    proxy::{bulk::sockmap, listeners::Accepted, state::ProxyState},
     shutdown::StopSignals,
 };
 
@@ -61,6 +64,17 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
             every_connection = config.upstream_sasl.credentials.is_some(),
             "authenticating to the brokers with SASL"
         );
+    }
+    if config.bulk_transfer == BulkTransfer::Sockmap {
+        let missing = privilege::missing_capabilities(&sockmap::CAPABILITIES);
+        if !missing.is_empty() {
+            eprintln!(
+                "kpscd proxy --bulk-transfer sockmap needs {}; missing: {}",
+                sockmap::NEEDED,
+                missing.join(", ")
+            );
+            return Ok(ExitCode::from(privilege::EXIT_PRIVILEGE));
+        }
     }
     let mut stop = StopSignals::install()?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;

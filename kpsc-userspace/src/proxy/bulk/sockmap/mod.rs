@@ -54,8 +54,15 @@ use self::slots::{Slot, Slots};
 
 static PROXY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kpsc-proxy"));
 
-/// What kpscd needs to run the kernel path, as operators grant it.
-pub const NEEDED: &str = "CAP_BPF and CAP_NET_ADMIN (or root)";
+/// What kpscd needs to run the kernel path, as operators grant it. CAP_PERFMON: the
+/// verifier refuses the verdict's variable offsets into its ring record without it
+/// ("pointer arithmetic with it prohibited for !root"), as for portmap.
+pub const NEEDED: &str = "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or root)";
+pub const CAPABILITIES: [crate::privilege::Capability; 3] = [
+    crate::privilege::Capability::CAP_BPF,
+    crate::privilege::Capability::CAP_PERFMON,
+    crate::privilege::Capability::CAP_NET_ADMIN,
+];
 
 struct SocketMaps {
     clients: SockHash<MapData, u32>,
