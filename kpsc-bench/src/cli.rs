@@ -96,13 +96,14 @@ pub struct Args {
     /// Targets to run, comma-separated (default: every one that applies): `direct`
     /// (`routed` in namespaces), `proxy` (kpscd proxy copying through userspace: the
     /// plain tokio path), `splice` (kpscd proxy moving bulk bytes with splice(2)),
+    /// `sockmap` (kpscd proxy whose requests the kernel carries; needs root),
     /// `portmap` (kpscd portmap, namespaces only), `nftables` (DNAT + masquerade rules
     /// loaded on the node, namespaces only), `external` (the --proxy-cmd proxy), and,
     /// only when named, `sockmap-ceiling` (a probe that redirects every byte socket to
     /// socket in the kernel with sockmap, no Kafka framing: the most a sockmap proxy could
     /// reach here; produce, fetch and small workloads only; needs root).
     #[arg(long, value_delimiter = ',',
-          value_parser = ["direct", "proxy", "splice", "portmap", "nftables", "external", "sockmap-ceiling"])]
+          value_parser = ["direct", "proxy", "splice", "sockmap", "portmap", "nftables", "external", "sockmap-ceiling"])]
     pub targets: Vec<String>,
     /// Idle connections to open per proxy target for the memory measurement.
     #[arg(long, default_value_t = 1000)]
@@ -161,17 +162,17 @@ pub fn target_kinds(args: &Args, kpscd: &Path, node_sinks: Option<NodeSinks>) ->
     if wanted("direct") {
         kinds.push(TargetKind::Direct);
     }
-    if wanted("proxy") {
-        kinds.push(TargetKind::KpscdProxy {
-            bin: kpscd.to_owned(),
-            splice: false,
-        });
-    }
-    if wanted("splice") {
-        kinds.push(TargetKind::KpscdProxy {
-            bin: kpscd.to_owned(),
-            splice: true,
-        });
+    for (target, transfer) in [
+        ("proxy", "copy"),
+        ("splice", "splice"),
+        ("sockmap", "sockmap"),
+    ] {
+        if wanted(target) {
+            kinds.push(TargetKind::KpscdProxy {
+                bin: kpscd.to_owned(),
+                transfer,
+            });
+        }
     }
     if let Some(sinks) = node_sinks {
         if wanted("portmap") {

@@ -17,11 +17,11 @@ use crate::{nftables::NatRules, sink::Sink};
 pub enum TargetKind {
     /// Straight to the sink (loopback), or routed by the node (namespaces).
     Direct,
-    /// `kpscd proxy`; `splice`: bulk bytes moved by splice(2), else read/write copies
-    /// (the plain tokio path).
+    /// `kpscd proxy` with its `--bulk-transfer`: `copy` (the plain tokio path), `splice`
+    /// or `sockmap` (requests carried by the kernel).
     KpscdProxy {
         bin: PathBuf,
-        splice: bool,
+        transfer: &'static str,
     },
     /// The TC data plane; the sink given advertises the node's address and port, as a
     /// broker configured for portmap does.
@@ -104,8 +104,9 @@ pub struct Placement {
 }
 
 /// Fixed ports in a fresh namespace; free ones on a shared loopback. By index: kpscd
-/// proxy, portmap, external, splice, nftables, sockmap ceiling, portmap under XDP.
-const NETNS_PORTS: [u16; 7] = [19092, 19093, 19094, 19095, 19096, 19097, 19098];
+/// proxy, portmap, external, splice, nftables, sockmap ceiling, portmap under XDP, proxy
+/// with sockmap.
+const NETNS_PORTS: [u16; 8] = [19092, 19093, 19094, 19095, 19096, 19097, 19098, 19099];
 /// Node ports of the targets whose broker (sink) must advertise them.
 pub const PORTMAP_PORT: u16 = NETNS_PORTS[1];
 pub const NFTABLES_PORT: u16 = NETNS_PORTS[4];
@@ -329,11 +330,11 @@ impl Target {
                 sink: sink.clone(),
                 proxy: Proxy::None,
             }),
-            TargetKind::KpscdProxy { bin, splice } => {
-                let (name, index) = if splice {
-                    ("kpscd-splice", 3)
-                } else {
-                    ("kpscd-proxy", 0)
+            TargetKind::KpscdProxy { bin, transfer } => {
+                let (name, index) = match transfer {
+                    "splice" => ("kpscd-splice", 3),
+                    "sockmap" => ("kpscd-sockmap", 7),
+                    _ => ("kpscd-proxy", 0),
                 };
                 let (port, admin) = place.ports(index);
                 let listen = format!("{ip}:{port}");
@@ -344,7 +345,7 @@ impl Target {
                         format!("{},{listen},{listen}", sink.addr),
                         "--dynamic-listeners-disable".into(),
                         "--bulk-transfer".into(),
-                        if splice { "splice" } else { "copy" }.into(),
+                        transfer.into(),
                     ],
                 );
                 Ok(Self {

@@ -26,7 +26,7 @@ pub const MAX_CONNECTIONS: u32 = 16_384;
 /// small pipelined requests) goes to kpscd.
 pub const FRAMES_PER_BATCH: usize = 16;
 /// Size of the REQUESTS ring (bytes). When it is full the verdict passes skbs to kpscd.
-pub const REQUESTS_RING_BYTES: u32 = 1 << 21;
+pub const REQUESTS_RING_BYTES: u32 = 1 << 19;
 
 /// `ConnSlot::mode`: the verdict frames and redirects.
 pub const MODE_KERNEL: u32 = 0;

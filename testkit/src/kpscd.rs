@@ -21,6 +21,9 @@ use crate::{
 /// programs then).
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// Environment variable: the `--bulk-transfer` of proxy tests that name none.
+pub const SUITE_BULK_TRANSFER: &str = "KPSC_TEST_BULK_TRANSFER";
+
 /// A running `kpscd`, stopped (SIGTERM, then SIGKILL) on drop.
 pub struct Kpscd {
     process: Process,
@@ -40,10 +43,18 @@ impl Kpscd {
         Ok(k)
     }
 
-    /// Starts without waiting for readiness.
+    /// Starts without waiting for readiness. A test that names no `--bulk-transfer`
+    /// gets the one in KPSC_TEST_BULK_TRANSFER, if set: `cargo xtask test` runs the proxy
+    /// suite again that way, so every proxy test also runs with requests in the kernel.
     pub fn spawn(args: &[String]) -> anyhow::Result<Self> {
         let mut args = args.to_vec();
         args.insert(0, "proxy".into());
+        let named = args.iter().any(|a| a.starts_with("--bulk-transfer"));
+        if let Ok(transfer) = std::env::var(SUITE_BULK_TRANSFER)
+            && !named
+        {
+            args.extend(["--bulk-transfer".into(), transfer]);
+        }
         Self::spawn_mode(&args, None)
     }
 

@@ -477,6 +477,24 @@ fn soak(minutes: f64) -> anyhow::Result<()> {
         .env("KPSCD_BIN", root().join("target/release/kpscd")))
 }
 
+/// The integration tests of proxy mode: `cargo xtask test` runs them under the default
+/// `--bulk-transfer` (auto) and again under sockmap, where each test that names no bulk
+/// transfer gets it from KPSC_TEST_BULK_TRANSFER.
+const PROXY_SUITE: [&str; 12] = [
+    "bootstrap",
+    "broker_tls",
+    "command_line_clients",
+    "hardening",
+    "kafka_proxy_command_lines",
+    "least_privilege",
+    "listener_tls",
+    "operations",
+    "produce_consume",
+    "proxy_protocol",
+    "robustness",
+    "sasl",
+];
+
 fn test() -> anyhow::Result<()> {
     step("cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -501,6 +519,19 @@ fn test() -> anyhow::Result<()> {
     step("cargo test (unit + integration against real brokers and clients)");
     run(cargo()
         .args(["test", "--release", "--", "--test-threads=2"])
+        .env("KPSCD_BIN", root().join("target/release/kpscd"))
+        .env("KPSCCTL_BIN", root().join("target/release/kpscctl"))
+        .env("TANSU_BIN", tansu_bin())
+        .env("TANSU_SASL_BIN", tansu_sasl_bin()))?;
+    step("the proxy tests again with requests carried by the kernel (--bulk-transfer sockmap)");
+    let mut sockmap_suite = cargo();
+    sockmap_suite.args(["test", "--release", "-p", "kpsc-tests"]);
+    for file in PROXY_SUITE {
+        sockmap_suite.args(["--test", file]);
+    }
+    run(sockmap_suite
+        .args(["--", "--test-threads=2"])
+        .env("KPSC_TEST_BULK_TRANSFER", "sockmap")
         .env("KPSCD_BIN", root().join("target/release/kpscd"))
         .env("KPSCCTL_BIN", root().join("target/release/kpscctl"))
         .env("TANSU_BIN", tansu_bin())

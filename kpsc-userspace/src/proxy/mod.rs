@@ -41,7 +41,12 @@ use crate::{
 
 /// Runs proxy mode until SIGTERM/SIGINT. Errors are reported (and turned into an exit
 /// code) by kpscd's `main`.
-pub async fn run(config: ProxyConfig) -> anyhow::Result<ExitCode> {
+pub async fn run(mut config: ProxyConfig) -> anyhow::Result<ExitCode> {
+    let (transfer, why) = config.bulk_transfer.resolve();
+    if config.bulk_transfer == BulkTransfer::Auto {
+        info!(bulk_transfer = %transfer, why, "--bulk-transfer auto");
+    }
+    config.bulk_transfer = transfer;
     info!(
         bulk_policy = %config.bulk_policy,
         max_frame_size = config.max_frame_size,

@@ -20,7 +20,7 @@ impl TcpMover {
             BulkTransfer::Copy => Self::Copy(CopyMover),
             // Sockmap: the kernel carries whole requests; what it leaves to kpscd (and
             // every response) is spliced.
-            BulkTransfer::Splice | BulkTransfer::Sockmap => {
+            BulkTransfer::Auto | BulkTransfer::Splice | BulkTransfer::Sockmap => {
                 Self::Splice(SpliceMover::new(spliced_bytes))
             }
         }

@@ -207,9 +207,6 @@ fn kernel_conn(
     let conn = path
         .register(client, upstream)
         .map_err(|e| ConnError::KernelPath(std::io::Error::other(format!("{e:#}"))))?;
-    if conn.is_none() {
-        warn!("every kernel path slot is taken; this connection splices");
-    }
     Ok(conn)
 }
 

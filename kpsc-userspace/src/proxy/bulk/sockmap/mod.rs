@@ -174,9 +174,8 @@ impl KernelPath {
         Ok(path)
     }
 
-    /// Puts a connection on the kernel path. None when it cannot be (all slots taken, or
-    /// the client socket holds bytes a PROXY header read may have split): that connection
-    /// takes the splice path.
+    /// Puts a connection on the kernel path. None when it cannot be (all slots taken, a
+    /// socket the maps refuse): that connection takes the splice path.
     pub fn register(
         self: &Arc<Self>,
         client: &TcpStream,
@@ -186,6 +185,13 @@ impl KernelPath {
         let broker_base = socket::stream_bytes_written(broker)
             .context("reading the broker socket's byte count")?;
         let Some((index, generation)) = self.allocate() else {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                warn!(
+                    slots = MAX_CONNECTIONS,
+                    "every kernel path slot is taken; further connections splice (said once)"
+                );
+            });
             return Ok(None);
         };
         let (tx, rx) = mpsc::unbounded_channel();
@@ -200,16 +206,19 @@ impl KernelPath {
             broker_base,
         };
         let mut maps = lock(&self.maps);
-        maps.cookies
+        let inserted = maps
+            .cookies
             .insert(conn.cookie, index, 0)
-            .context("registering the client socket")?;
-        maps.brokers
-            .insert(index, broker.as_raw_fd(), 0)
-            .context("adding the broker socket to the kernel path")?;
-        maps.clients
-            .insert(index, client.as_raw_fd(), 0)
-            .context("adding the client socket to the kernel path")?;
+            .and_then(|()| maps.brokers.insert(index, broker.as_raw_fd(), 0))
+            .and_then(|()| maps.clients.insert(index, client.as_raw_fd(), 0));
         drop(maps);
+        if let Err(error) = inserted {
+            // No byte has met the verdict yet (the client socket entered no map), so the
+            // connection can still take the splice path. EOPNOTSUPP: a socket no longer
+            // established (the client already sent its FIN), which sockmap refuses.
+            debug!(%error, "connection not put on the kernel path; it splices");
+            return Ok(None);
+        }
         socket::hand_queued_bytes_to_verdict(client)
             .context("handing queued client bytes to the verdict")?;
         Ok(Some(conn))
