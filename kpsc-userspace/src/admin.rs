@@ -42,6 +42,18 @@ pub struct MapRow {
     pub connections_total: u64,
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
+    /// `kpscd proxy --bulk-transfer sockmap`: what the kernel carried from clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_from_client: Option<KernelRow>,
+}
+
+/// One port's client -> broker traffic on the kernel path.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KernelRow {
+    pub redirected_bytes: u64,
+    pub redirected_frames: u64,
+    /// Frames kpscd handled itself.
+    pub passed_frames: u64,
 }
 
 /// What a mode exposes to the admin endpoint.

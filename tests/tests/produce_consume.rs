@@ -229,6 +229,26 @@ fn produce_and_consume(policy: &str, disruption: Disruption, transfer: Transfer)
                 "the kernel carried only {redirected} bytes"
             );
             assert!(frames > 0.0 && passed > 0.0);
+            // kpscctl maps shows the same per port.
+            let admin = kpscd.admin.to_string();
+            let out = std::process::Command::new(kpsc_tests::kpscctl_bin())
+                .args(["maps", "--admin", &admin])
+                .output()
+                .unwrap();
+            let table = String::from_utf8_lossy(&out.stdout);
+            assert!(table.contains("IN BY KERNEL"), "{table}");
+            let rows = kpscd.maps().unwrap();
+            let listed: f64 = rows
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    r["kernel_from_client"]["redirected_frames"]
+                        .as_f64()
+                        .unwrap()
+                })
+                .sum();
+            assert_eq!(listed, frames, "{rows}");
         }
     }
 }

@@ -280,10 +280,12 @@ fn human_bytes(n: u64) -> String {
 }
 
 fn render_table(rows: &[MapRow]) -> String {
+    // Only a proxy with --bulk-transfer sockmap reports the kernel's share.
+    let kernel = rows.iter().any(|r| r.kernel_from_client.is_some());
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            vec![
+            let mut cells = vec![
                 match (&r.listen, r.bound) {
                     (Some(l), true) => l.clone(),
                     (Some(l), false) => format!("{l} (NOT BOUND)"),
@@ -296,22 +298,33 @@ fn render_table(rows: &[MapRow]) -> String {
                 r.connections_open.to_string(),
                 human_bytes(r.bytes_from_client),
                 human_bytes(r.bytes_to_client),
-            ]
+            ];
+            if kernel {
+                let k = r.kernel_from_client.clone().unwrap_or_default();
+                cells.push(format!(
+                    "{} ({} of {} frames)",
+                    human_bytes(k.redirected_bytes),
+                    k.redirected_frames,
+                    k.redirected_frames + k.passed_frames
+                ));
+            }
+            cells
         })
         .collect();
-    table(
-        &[
-            "LISTEN",
-            "BROKER ID",
-            "BROKER",
-            "ADVERTISED",
-            "ORIGIN",
-            "CONNS",
-            "BYTES IN",
-            "BYTES OUT",
-        ],
-        &cells,
-    )
+    let mut header = vec![
+        "LISTEN",
+        "BROKER ID",
+        "BROKER",
+        "ADVERTISED",
+        "ORIGIN",
+        "CONNS",
+        "BYTES IN",
+        "BYTES OUT",
+    ];
+    if kernel {
+        header.push("IN BY KERNEL");
+    }
+    table(&header, &cells)
 }
 
 /// Left-aligned columns, two spaces apart.

@@ -99,6 +99,7 @@ impl AdminView for PortmapState {
                     connections_total: stats.new_flows,
                     bytes_from_client: stats.bytes_in,
                     bytes_to_client: stats.bytes_out,
+                    kernel_from_client: None,
                 }
             })
             .collect()

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    admin::{AdminView, MapRow},
+    admin::{AdminView, KernelRow, MapRow},
     config::proxy::{BulkTransfer, ProxyConfig},
     mapping::{addr::BrokerAddr, map::PortMap},
     metrics::Metrics,
@@ -179,6 +179,16 @@ impl AdminView for ProxyState {
                     connections_total: counters.map_or(0, |c| c.connections_total.get()),
                     bytes_from_client: counters.map_or(0, |c| c.bytes_from_client.get()),
                     bytes_to_client: counters.map_or(0, |c| c.bytes_to_client.get()),
+                    kernel_from_client: self.kernel_path.as_ref().map(|_| {
+                        counters.map_or_else(KernelRow::default, |c| {
+                            let k = &c.kernel_from_client;
+                            KernelRow {
+                                redirected_bytes: k.redirected_bytes.get(),
+                                redirected_frames: k.redirected_frames.get(),
+                                passed_frames: k.passed_frames.get(),
+                            }
+                        })
+                    }),
                 }
             })
             .collect()
