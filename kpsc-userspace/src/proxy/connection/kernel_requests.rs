@@ -107,7 +107,17 @@ pub async fn forward_requests_kernel(
         // The verdict has the stream: take its reports until it passes bytes up.
         let more = tokio::select! {
             biased;
-            _ = state.shutdown.cancelled() => false,
+            _ = state.shutdown.cancelled() => {
+                // Shutting down takes no new requests, as on the userspace path: stop the
+                // verdict, then queue what it carried so its responses are delivered.
+                conn.stop_carrying();
+                let carried = conn.slot().redirected_frames();
+                while frames_taken < carried {
+                    let batch = conn.batches.recv().await.ok_or_else(lost_reports)?;
+                    frames_taken += take_batch(&batch, &in_flight, route, state).await?;
+                }
+                false
+            }
             batch = conn.batches.recv() => {
                 let batch = batch.ok_or_else(lost_reports)?;
                 frames_taken += take_batch(&batch, &in_flight, route, state).await?;

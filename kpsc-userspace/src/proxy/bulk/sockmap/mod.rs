@@ -232,6 +232,14 @@ impl KernelPath {
         Some((index, *generation))
     }
 
+    /// Takes the client socket off the kernel path: its verdict stops (new bytes stay in
+    /// its TCP queue, unread). The broker socket stays until its backlog is sent.
+    fn detach_client(&self, index: u32, cookie: u64) {
+        let mut maps = lock(&self.maps);
+        let _ = maps.clients.remove(&index);
+        let _ = maps.cookies.remove(&cookie);
+    }
+
     fn release(&self, index: u32, cookie: u64) {
         {
             let mut maps = lock(&self.maps);
@@ -330,6 +338,14 @@ impl KernelConn {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
+    }
+}
+
+impl KernelConn {
+    /// Stops carrying the client's requests (kpscd is shutting down and takes no new
+    /// ones): afterwards the verdict reports nothing more for this connection.
+    pub fn stop_carrying(&self) {
+        self.path.detach_client(self.index, self.cookie);
     }
 }
 

@@ -137,6 +137,12 @@ impl Slot<'_> {
             .load(Ordering::Acquire)
     }
 
+    /// Frames the verdict has reported so far.
+    pub fn redirected_frames(&self) -> u64 {
+        self.u64_at(offset_of!(ConnSlot, redirected_frames))
+            .load(Ordering::Acquire)
+    }
+
     /// Gives the stream back to the kernel from `offset`, a frame boundary up to which
     /// kpscd has written every passed byte to the broker.
     pub fn resume_at(&self, offset: u64) {
