@@ -96,10 +96,10 @@ pub struct Args {
     /// Targets to run, comma-separated (default: every one that applies): `direct`
     /// (`routed` in namespaces), `proxy` (kpscd proxy copying through userspace: the
     /// plain tokio path), `splice` (kpscd proxy moving bulk bytes with splice(2)),
-    /// `sockmap` (kpscd proxy whose requests the kernel carries; needs root),
     /// `portmap` (kpscd portmap, namespaces only), `nftables` (DNAT + masquerade rules
     /// loaded on the node, namespaces only), `external` (the --proxy-cmd proxy), and,
-    /// only when named, `sockmap-ceiling` (a probe that redirects every byte socket to
+    /// only when named, `sockmap` (kpscd proxy whose requests the kernel carries; needs
+    /// root) and `sockmap-ceiling` (a probe that redirects every byte socket to
     /// socket in the kernel with sockmap, no Kafka framing: the most a sockmap proxy could
     /// reach here; produce, fetch and small workloads only; needs root).
     #[arg(long, value_delimiter = ',',
