@@ -162,12 +162,14 @@ pub fn target_kinds(args: &Args, kpscd: &Path, node_sinks: Option<NodeSinks>) ->
     if wanted("direct") {
         kinds.push(TargetKind::Direct);
     }
+    // sockmap only when named, like the ceiling: it needs root, and the default run does not.
+    let named = |name: &str| args.targets.iter().any(|t| t == name);
     for (target, transfer) in [
         ("proxy", "copy"),
         ("splice", "splice"),
         ("sockmap", "sockmap"),
     ] {
-        if wanted(target) {
+        if (target != "sockmap" && wanted(target)) || named(target) {
             kinds.push(TargetKind::KpscdProxy {
                 bin: kpscd.to_owned(),
                 transfer,

@@ -18,6 +18,9 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, SockHash},
     programs::SkSkb,
 };
+use kpsc::proxy::bulk::sockmap::socket::{
+    cookie, hand_queued_bytes_to_verdict, stream_bytes_written,
+};
 use kpsc_common::sockmap_ceiling::{
     COUNTER_PASSED, COUNTER_REDIRECTED, COUNTERS_MAP, DELIVERED_MAP, PEERS_MAP, SOCKETS_MAP,
     VERDICT,
@@ -44,49 +47,6 @@ where
         .take_map(name)
         .with_context(|| format!("map {name} missing from the probe object"))?;
     M::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
-}
-
-/// A socket's cookie: the key the verdict computes for it.
-fn cookie(fd: &impl AsRawFd) -> std::io::Result<u64> {
-    let mut value = 0u64;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: an 8-byte out-buffer and its length.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut value).cast(),
-            &mut len,
-        )
-    };
-    if r == 0 {
-        Ok(value)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Bytes that reached the socket before it entered the map sit in its TCP queue, where
-/// the verdict never sees them; setting SO_RCVLOWAT runs the socket's data-ready callback,
-/// which (now the verdict's) takes them.
-fn hand_queued_bytes_to_verdict(fd: &impl AsRawFd) -> std::io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: a c_int option value of the right size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 impl Probe {
@@ -185,34 +145,6 @@ impl Probe {
         Self::remove_locked(&mut self.maps(), ka, kb);
         result
     }
-}
-
-/// Bytes written into a socket's TCP stream so far (its own writes and the kernel's
-/// redirects alike): acknowledged + still queued. Read in that order, so a concurrent
-/// acknowledgement can only make it an underestimate.
-fn stream_bytes_written(fd: &impl AsRawFd) -> std::io::Result<u64> {
-    // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a tcp_info out-buffer and its length.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut queued: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one int.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(info.tcpi_bytes_acked + u64::try_from(queued).unwrap_or(0))
 }
 
 /// Blocks until the peer's FIN (or an error) reaches `fd`. Only POLLRDHUP is asked for:
