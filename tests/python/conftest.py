@@ -249,6 +249,10 @@ class Kpscd:
         if bulk_policy:
             self.args += ["--bulk-policy", bulk_policy]
         self.args += list(extra_args)
+        # `cargo xtask test` runs this suite again with requests carried by the kernel.
+        suite_transfer = os.environ.get("KPSC_TEST_BULK_TRANSFER")
+        if suite_transfer and not any(a.startswith("--bulk-transfer") for a in self.args):
+            self.args += ["--bulk-transfer", suite_transfer]
         self._stderr = tempfile.NamedTemporaryFile(prefix="kpscd-stderr-", suffix=".log",
                                                    delete=False)
         self._stdout = tempfile.NamedTemporaryFile(prefix="kpscd-stdout-", suffix=".log",

@@ -547,12 +547,17 @@ fn test() -> anyhow::Result<()> {
         .args(["--quick", "--proxy-cmd", &external, "--out"])
         .arg(root().join("target/bench-quick")))?;
     e2e_bench(&["--quick"], &root().join("target/bench-quick"))?;
-    step("python clients (confluent-kafka 2.16, kafka-python) through kpscd");
-    run(Command::new(venv().join("bin/python"))
-        .args(["-m", "pytest", "-v", "-p", "no:cacheprovider"])
-        .arg(root().join("tests/python"))
-        .env("KPSCD_BIN", root().join("target/release/kpscd"))
-        .env("TANSU_BIN", tansu_bin()))?;
+    for transfer in ["auto", "sockmap"] {
+        step(&format!(
+            "python clients (confluent-kafka 2.16, kafka-python) through kpscd, --bulk-transfer {transfer}"
+        ));
+        run(Command::new(venv().join("bin/python"))
+            .args(["-m", "pytest", "-v", "-p", "no:cacheprovider"])
+            .arg(root().join("tests/python"))
+            .env("KPSC_TEST_BULK_TRANSFER", transfer)
+            .env("KPSCD_BIN", root().join("target/release/kpscd"))
+            .env("TANSU_BIN", tansu_bin()))?;
+    }
     step(&format!(
         "fuzz targets: regressions replayed, then {FUZZ_TEST_SECONDS} s each"
     ));
