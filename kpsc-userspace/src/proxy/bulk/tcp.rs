@@ -18,8 +18,8 @@ impl TcpMover {
     pub fn new(transfer: BulkTransfer, spliced_bytes: Counter) -> Self {
         match transfer {
             BulkTransfer::Copy => Self::Copy(CopyMover),
-            // Sockmap: the kernel carries whole requests; what it leaves to kpscd (and
-            // every response) is spliced.
+            // Sockmap: responses, and connections without a kernel slot, are spliced
+            // (what the verdict passes up is copied: see `kernel_requests`).
             BulkTransfer::Auto | BulkTransfer::Splice | BulkTransfer::Sockmap => {
                 Self::Splice(SpliceMover::new(spliced_bytes))
             }

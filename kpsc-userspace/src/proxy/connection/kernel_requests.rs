@@ -16,7 +16,7 @@ use crate::{
         request::RequestHeader,
     },
     proxy::{
-        bulk::{sockmap::KernelConn, tcp::TcpMover, transfer::Transfer},
+        bulk::{copy::CopyMover, sockmap::KernelConn, transfer::Transfer},
         connection::{
             error::ConnError,
             requests::{InFlight, forward_frame},
@@ -85,13 +85,19 @@ fn lost_reports() -> ConnError {
 pub async fn forward_requests_kernel(
     client_r: OwnedReadHalf,
     upstream_w: &mut OwnedWriteHalf,
-    mut mover: TcpMover,
     in_flight: mpsc::Sender<InFlight>,
     conn: &mut KernelConn,
     route: &Route,
     state: &ProxyState,
 ) -> Result<(), ConnError> {
-    let mut reader = FrameReader::new(client_r, mover.read_buffer_size());
+    // Copied, never spliced: the bytes the verdict passes up are queued on the socket's
+    // psock, which only recvmsg reads; splice(2) reads the TCP receive queue, which the
+    // verdict has emptied, and would wait forever for a large frame's rest.
+    let mut mover = CopyMover;
+    let mut reader = FrameReader::new(
+        client_r,
+        Transfer::<OwnedReadHalf, OwnedWriteHalf>::read_buffer_size(&mover),
+    );
     let mut accounted = Accounted {
         redirected_bytes: 0,
     };

@@ -227,7 +227,6 @@ async fn proxy_kernel(
         forward_requests_kernel(
             client_r,
             &mut upstream_w,
-            mover(),
             in_flight_tx,
             &mut conn,
             route,
