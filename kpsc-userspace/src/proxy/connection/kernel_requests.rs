@@ -3,7 +3,7 @@
 //! itself the stretches the verdict passes up (see `bulk::sockmap` for why the two never
 //! reorder the broker's stream).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::{
     net::tcp::{OwnedReadHalf, OwnedWriteHalf},
@@ -31,7 +31,16 @@ struct Accounted {
     redirected_bytes: u64,
 }
 
+/// How often the bytes of a frame still arriving are counted.
+const ACCOUNTING_INTERVAL: Duration = Duration::from_millis(500);
+
 impl Accounted {
+    /// The verdict is in the middle of a frame, or carried bytes not counted yet.
+    fn behind(&self, conn: &KernelConn) -> bool {
+        let slot = conn.slot();
+        slot.frame_left() > 0 || slot.redirected_bytes() != self.redirected_bytes
+    }
+
     fn sync(&mut self, conn: &KernelConn, route: &Route) {
         let now = conn.slot().redirected_bytes();
         let delta = now.saturating_sub(self.redirected_bytes);
@@ -110,6 +119,9 @@ pub async fn forward_requests_kernel(
     // Bytes kpscd wrote to the broker itself.
     let mut written = 0u64;
     loop {
+        // The rest of a large frame brings no report: while one is under way, its bytes
+        // are counted on a timer, so the counters do not wait for the next request.
+        let frame_under_way = accounted.behind(conn);
         // The verdict has the stream: take its reports until it passes bytes up.
         let more = tokio::select! {
             biased;
@@ -131,6 +143,10 @@ pub async fn forward_requests_kernel(
                 continue;
             }
             more = reader.fill_to(1) => more.map_err(ConnError::Client)?,
+            _ = tokio::time::sleep(ACCOUNTING_INTERVAL), if frame_under_way => {
+                accounted.sync(conn, route);
+                continue;
+            }
         };
         if !more {
             // The FIN must not overtake requests still on the redirect backlog.

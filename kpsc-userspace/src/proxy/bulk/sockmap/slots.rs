@@ -143,6 +143,12 @@ impl Slot<'_> {
             .load(Ordering::Acquire)
     }
 
+    /// Bytes of the frame being redirected that have not arrived yet.
+    pub fn frame_left(&self) -> u32 {
+        self.u32_at(offset_of!(ConnSlot, frame_left))
+            .load(Ordering::Acquire)
+    }
+
     /// Gives the stream back to the kernel from `offset`, a frame boundary up to which
     /// kpscd has written every passed byte to the broker.
     pub fn resume_at(&self, offset: u64) {
