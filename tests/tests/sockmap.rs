@@ -1,0 +1,935 @@
+//! `kpscd proxy --bulk-transfer sockmap` (client requests carried to the broker by the
+//! kernel, responses spliced) against real brokers, librdkafka's mock cluster and tansu:
+//! order byte for byte on one pipelined connection written in whole frames and in 7-byte
+//! pieces, 64 KiB to 16 MiB frames, acks=0 mixed with acks=1, 1,000 concurrent
+//! connections and no map entry left after them, and the refusal to start without
+//! privileges. Every test reads kpscd's kernel counters, so a run that silently took the
+//! userspace path fails. Needs root (CAP_BPF and CAP_NET_ADMIN).
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, Map, MapData, MapInfo, SockHash};
+use bytes::Bytes;
+use kafka_protocol::{
+    messages::{
+        ApiKey, ApiVersionsRequest, ApiVersionsResponse, FetchRequest, FetchResponse,
+        FindCoordinatorRequest, FindCoordinatorResponse, MetadataRequest, MetadataResponse,
+        ProduceRequest, ProduceResponse, ResponseHeader, TopicName,
+        fetch_request::{FetchPartition, FetchTopic},
+        metadata_request::MetadataRequestTopic,
+        produce_request::{PartitionProduceData, TopicProduceData},
+    },
+    protocol::{Decodable, Encodable, HeaderVersion, StrBytes},
+    records::RecordBatchDecoder,
+};
+use kpsc_common::proxy_kernel::{BROKERS_MAP, CLIENTS_MAP, COOKIES_MAP};
+use kpsc_tests::{
+    Kpscd, MockCluster, RawClient, Tansu, create_topic, eventually, free_port_base, kpscd_bin,
+    portmap::record_batch, proxy_args, request_body, run_with_timeout,
+};
+
+const TOPIC: &str = "kernel";
+const PARTITIONS: i32 = 4;
+const CLIENT_ID: &str = "sockmap-test";
+
+/// A mock cluster whose partitions are all led by broker 1 (kpscd's static port), so
+/// one connection can produce to and fetch from every partition.
+fn cluster() -> MockCluster {
+    let cluster = MockCluster::new(3).unwrap();
+    cluster.create_topic(TOPIC, PARTITIONS).unwrap();
+    for p in 0..PARTITIONS {
+        cluster.set_leader(TOPIC, p, 1).unwrap();
+    }
+    cluster
+}
+
+fn start(cluster: &MockCluster, extra: &[&str]) -> (Kpscd, u16) {
+    let base = free_port_base(20);
+    let mut args = vec!["--bulk-transfer", "sockmap"];
+    args.extend_from_slice(extra);
+    (
+        Kpscd::start(&proxy_args(cluster, base, &args)).unwrap(),
+        base,
+    )
+}
+
+/// kpscd's kernel path counters, client -> broker, over every port.
+#[derive(Clone, Copy, Debug)]
+struct Kernel {
+    redirected_bytes: f64,
+    redirected_frames: f64,
+    passed_frames: f64,
+}
+
+fn kernel(kpscd: &Kpscd) -> Kernel {
+    let from_client = "direction=\"from_client\"";
+    Kernel {
+        redirected_bytes: kpscd.metric("kpsc_kernel_redirected_bytes_total", from_client),
+        redirected_frames: kpscd.metric("kpsc_kernel_redirected_frames_total", from_client),
+        passed_frames: kpscd.metric("kpsc_kernel_passed_frames_total", from_client),
+    }
+}
+
+/// Waits until every one of `frames` requests was accounted as either carried by the
+/// kernel or handled by kpscd (exactly once), and returns the counters.
+fn kernel_accounted(kpscd: &Kpscd, frames: usize) -> Kernel {
+    eventually(Duration::from_secs(5), || {
+        let k = kernel(kpscd);
+        anyhow::ensure!(
+            k.redirected_frames + k.passed_frames == frames as f64,
+            "{k:?}, {frames} requests sent"
+        );
+        Ok(k)
+    })
+    .unwrap()
+}
+
+fn topic_name() -> TopicName {
+    TopicName(StrBytes::from_static_str(TOPIC))
+}
+
+/// One request of the pipelines below.
+#[derive(Clone, Debug)]
+enum Req {
+    Metadata,
+    FindCoordinator,
+    ApiVersions,
+    Produce {
+        version: i16,
+        acks: i16,
+        partition: i32,
+        value: Vec<u8>,
+    },
+    Fetch {
+        partition: i32,
+    },
+}
+
+impl Req {
+    /// The request frame, size prefix included.
+    fn frame(&self, correlation_id: i32) -> Vec<u8> {
+        fn body<R: Encodable + HeaderVersion>(api: ApiKey, v: i16, id: i32, r: &R) -> Vec<u8> {
+            request_body(api, v, id, CLIENT_ID, r).unwrap().to_vec()
+        }
+        let body = match self {
+            Req::Metadata => body(
+                ApiKey::Metadata,
+                12,
+                correlation_id,
+                &MetadataRequest::default().with_topics(Some(vec![
+                    MetadataRequestTopic::default().with_name(Some(topic_name())),
+                ])),
+            ),
+            Req::FindCoordinator => body(
+                ApiKey::FindCoordinator,
+                3,
+                correlation_id,
+                &FindCoordinatorRequest::default()
+                    .with_key(StrBytes::from_string(format!("group-{correlation_id}"))),
+            ),
+            // v2: the highest librdkafka's mock serves.
+            Req::ApiVersions => body(
+                ApiKey::ApiVersions,
+                2,
+                correlation_id,
+                &ApiVersionsRequest::default(),
+            ),
+            Req::Produce {
+                version,
+                acks,
+                partition,
+                value,
+            } => body(
+                ApiKey::Produce,
+                *version,
+                correlation_id,
+                &produce_request(*acks, *partition, value),
+            ),
+            Req::Fetch { partition } => body(
+                ApiKey::Fetch,
+                11,
+                correlation_id,
+                &fetch_request(*partition, 0, 256 * 1024),
+            ),
+        };
+        let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        frame
+    }
+}
+
+fn produce_request(acks: i16, partition: i32, value: &[u8]) -> ProduceRequest {
+    ProduceRequest::default()
+        .with_acks(acks)
+        .with_timeout_ms(5_000)
+        .with_topic_data(vec![
+            TopicProduceData::default()
+                .with_name(topic_name())
+                .with_partition_data(vec![
+                    PartitionProduceData::default()
+                        .with_index(partition)
+                        .with_records(Some(record_batch(None, value))),
+                ]),
+        ])
+}
+
+fn fetch_request(partition: i32, offset: i64, partition_max_bytes: i32) -> FetchRequest {
+    FetchRequest::default()
+        .with_replica_id((-1).into())
+        .with_max_wait_ms(0)
+        .with_min_bytes(1)
+        .with_max_bytes(64 << 20)
+        .with_session_epoch(-1)
+        .with_topics(vec![
+            FetchTopic::default()
+                .with_topic(topic_name())
+                .with_partitions(vec![
+                    FetchPartition::default()
+                        .with_partition(partition)
+                        .with_current_leader_epoch(-1)
+                        .with_fetch_offset(offset)
+                        .with_log_start_offset(-1)
+                        .with_partition_max_bytes(partition_max_bytes),
+                ]),
+        ])
+}
+
+/// A record value of exactly `len` bytes (at least the tag's), unique by its tag.
+fn value(tag: &str, len: usize) -> Vec<u8> {
+    let mut v = tag.as_bytes().to_vec();
+    let mut x = v.len() as u32;
+    while v.len() < len {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        v.push((x >> 16) as u8);
+    }
+    v
+}
+
+/// The mixed pipeline: Metadata, FindCoordinator, ApiVersions (which kpscd must see),
+/// Produce v7 and v9 with acks=1 and acks=0 and record values from 17 bytes to 150 KB,
+/// and Fetch, as (correlation id, request). Correlation ids repeat (a client may reuse
+/// them); only acks=0 requests get ids of their own, since librdkafka's mock answers
+/// acks=0 and an answer with the next request's id would be indistinguishable from it.
+fn mixed_pipeline(tag: &str, cycles: usize) -> Vec<(i32, Req)> {
+    const SIZES: [usize; 8] = [17, 200, 1_000, 3_000, 16_000, 65_536, 70_000, 150_000];
+    let mut out = Vec::new();
+    for c in 0..cycles {
+        let partition = (c % PARTITIONS as usize) as i32;
+        // (version, acks, value size) for a Produce; None for the request given.
+        let cycle: [Result<(i16, i16, usize), Req>; 10] = [
+            Err(Req::Metadata),
+            Ok((7, 1, SIZES[c % 4])),
+            Err(Req::FindCoordinator),
+            Ok((7, 1, SIZES[4 + c % 4])),
+            if c % 2 == 0 {
+                Err(Req::ApiVersions)
+            } else {
+                Ok((9, 0, SIZES[(c + 3) % 8]))
+            },
+            Ok((7, 0, SIZES[c % 3])),
+            Err(Req::Fetch { partition }),
+            Ok((9, 1, SIZES[(c + 5) % 8])),
+            Err(Req::Metadata),
+            Ok((9, 0, 300)),
+        ];
+        for kind in cycle {
+            let i = out.len();
+            let (id, req) = match kind {
+                Ok((version, acks, size)) => (
+                    if acks == 0 {
+                        100_000 + i as i32
+                    } else {
+                        (i % 37) as i32
+                    },
+                    Req::Produce {
+                        version,
+                        acks,
+                        partition,
+                        value: value(&format!("{tag}-{i}-"), size),
+                    },
+                ),
+                Err(req) => ((i % 37) as i32, req),
+            };
+            out.push((id, req));
+        }
+    }
+    out
+}
+
+/// What the response to a request must say, from the requests before it.
+enum Expect {
+    Metadata,
+    FindCoordinator,
+    ApiVersions,
+    /// Produce (acks=1) of `version`: its record lands at `offset`, after every record
+    /// produced to the partition before it, acks=0 ones included.
+    Produce {
+        version: i16,
+        offset: i64,
+    },
+    /// Fetch from offset 0: the high watermark is the count of records produced before
+    /// it, and the records are the first of them.
+    Fetch {
+        partition: i32,
+        before: usize,
+    },
+}
+
+/// The responses `pipeline` must get, in order, and the values produced per partition.
+fn expectations(pipeline: &[(i32, Req)]) -> (Vec<(i32, Expect)>, Vec<Vec<Vec<u8>>>) {
+    let mut produced = vec![Vec::new(); PARTITIONS as usize];
+    let mut expected = Vec::new();
+    for (id, req) in pipeline {
+        let expect = match req {
+            Req::Metadata => Expect::Metadata,
+            Req::FindCoordinator => Expect::FindCoordinator,
+            Req::ApiVersions => Expect::ApiVersions,
+            Req::Produce {
+                version,
+                acks,
+                partition,
+                value,
+            } => {
+                let log = &mut produced[*partition as usize];
+                log.push(value.clone());
+                if *acks == 0 {
+                    continue;
+                }
+                Expect::Produce {
+                    version: *version,
+                    offset: log.len() as i64 - 1,
+                }
+            }
+            Req::Fetch { partition } => Expect::Fetch {
+                partition: *partition,
+                before: produced[*partition as usize].len(),
+            },
+        };
+        expected.push((*id, expect));
+    }
+    (expected, produced)
+}
+
+/// Decodes a response frame's body, checking its correlation id.
+fn decode<R: Decodable + HeaderVersion>(raw: &Bytes, id: i32, version: i16) -> anyhow::Result<R> {
+    let mut body = raw.clone();
+    let header = ResponseHeader::decode(&mut body, R::header_version(version))?;
+    anyhow::ensure!(
+        header.correlation_id == id,
+        "correlation id {} where {id} was next",
+        header.correlation_id
+    );
+    Ok(R::decode(&mut body, version)?)
+}
+
+/// Every record value in a Fetch response's records.
+fn record_values(records: Option<&Bytes>) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut values = Vec::new();
+    let mut buf = records.cloned().unwrap_or_default();
+    for set in RecordBatchDecoder::decode_all(&mut buf)? {
+        for record in set.records {
+            values.push(record.value.unwrap_or_default().to_vec());
+        }
+    }
+    Ok(values)
+}
+
+/// An address a client may see: one of kpscd's, never a real broker's.
+fn check_advertised(
+    host: &str,
+    port: i32,
+    kpscd_ports: &std::ops::Range<i32>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        host.starts_with("127.0.1.") && kpscd_ports.contains(&port),
+        "{host}:{port} is not one of kpscd's advertised addresses"
+    );
+    Ok(())
+}
+
+fn check_response(
+    raw: &Bytes,
+    id: i32,
+    expect: &Expect,
+    produced: &[Vec<Vec<u8>>],
+    kpscd_ports: &std::ops::Range<i32>,
+) -> anyhow::Result<()> {
+    match expect {
+        Expect::Metadata => {
+            let r: MetadataResponse = decode(raw, id, 12)?;
+            anyhow::ensure!(r.brokers.len() == 3, "brokers {:?}", r.brokers);
+            for b in &r.brokers {
+                check_advertised(&b.host, b.port, kpscd_ports)?;
+            }
+            anyhow::ensure!(!kpsc_tests::contains_bytes(raw, b"127.0.0.1"), "real host");
+            anyhow::ensure!(
+                r.topics.first().map(|t| t.partitions.len()) == Some(PARTITIONS as usize)
+            );
+        }
+        Expect::FindCoordinator => {
+            let r: FindCoordinatorResponse = decode(raw, id, 3)?;
+            anyhow::ensure!(r.error_code == 0, "FindCoordinator error {}", r.error_code);
+            check_advertised(&r.host, r.port, kpscd_ports)?;
+        }
+        Expect::ApiVersions => {
+            let r: ApiVersionsResponse = decode(raw, id, 2)?;
+            anyhow::ensure!(r.error_code == 0, "ApiVersions error {}", r.error_code);
+            let produce = r
+                .api_keys
+                .iter()
+                .find(|k| k.api_key == ApiKey::Produce as i16);
+            anyhow::ensure!(
+                produce.is_some_and(|k| k.max_version <= 9),
+                "not capped: {produce:?}"
+            );
+        }
+        Expect::Produce { version, offset } => {
+            let r: ProduceResponse = decode(raw, id, *version)?;
+            let p = r
+                .responses
+                .first()
+                .and_then(|t| t.partition_responses.first())
+                .ok_or_else(|| anyhow::anyhow!("empty produce response"))?;
+            anyhow::ensure!(
+                p.error_code == 0 && p.base_offset == *offset,
+                "produce: error {}, offset {} where {offset} was next",
+                p.error_code,
+                p.base_offset
+            );
+        }
+        Expect::Fetch { partition, before } => {
+            let r: FetchResponse = decode(raw, id, 11)?;
+            let p = r
+                .responses
+                .first()
+                .and_then(|t| t.partitions.first())
+                .ok_or_else(|| anyhow::anyhow!("empty fetch response"))?;
+            anyhow::ensure!(p.error_code == 0, "fetch error {}", p.error_code);
+            anyhow::ensure!(
+                p.high_watermark == *before as i64,
+                "fetch: high watermark {} after {before} records",
+                p.high_watermark
+            );
+            let values = record_values(p.records.as_ref())?;
+            let log = &produced[*partition as usize];
+            anyhow::ensure!(
+                (*before == 0 || !values.is_empty())
+                    && values.len() <= *before
+                    && values[..] == log[..values.len()],
+                "fetch of partition {partition}: {} records, not the first of {before}",
+                values.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Reads one response frame's body.
+fn read_frame(stream: &mut impl Read) -> anyhow::Result<Bytes> {
+    let mut size = [0u8; 4];
+    stream.read_exact(&mut size)?;
+    let size = i32::from_be_bytes(size);
+    anyhow::ensure!(size >= 4, "bad response size {size}");
+    let mut body = vec![0; size as usize];
+    stream.read_exact(&mut body)?;
+    Ok(Bytes::from(body))
+}
+
+/// How the client writes its pipeline.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Writes {
+    /// Each frame in one write, back to back, as clients write.
+    Frames,
+    /// 7 bytes per write (TCP_NODELAY). Every third frame starts so, its head split over
+    /// segments; the others start with their head whole after a 1 ms pause (time for kpscd
+    /// to hand the stream back to the kernel) and go on in 7-byte pieces. Bodies over
+    /// 4 KiB go in one write after the first 70 bytes, to keep the run short.
+    Tiny,
+}
+
+fn write_pipeline(stream: &mut TcpStream, frames: &[Vec<u8>], writes: Writes) {
+    for (i, frame) in frames.iter().enumerate() {
+        if writes == Writes::Frames {
+            stream.write_all(frame).unwrap();
+            continue;
+        }
+        let mut pos = 0;
+        if i % 3 != 0 {
+            std::thread::sleep(Duration::from_millis(1));
+            pos = frame.len().min(64);
+            stream.write_all(&frame[..pos]).unwrap();
+        }
+        let tiny_end = if frame.len() > 4096 { 70 } else { frame.len() };
+        while pos < tiny_end {
+            let end = (pos + 7).min(tiny_end);
+            stream.write_all(&frame[pos..end]).unwrap();
+            pos = end;
+        }
+        stream.write_all(&frame[pos..]).unwrap();
+    }
+}
+
+/// Everything produced to `TOPIC`, per partition, read back through kpscd.
+fn consume_all(addr: &str, counts: &[usize]) -> Vec<Vec<Vec<u8>>> {
+    let mut client = RawClient::connect(addr).unwrap();
+    let mut all = Vec::new();
+    for (partition, &count) in counts.iter().enumerate() {
+        let mut values = Vec::new();
+        while values.len() < count {
+            let request = fetch_request(partition as i32, values.len() as i64, 32 << 20);
+            let (r, _): (FetchResponse, _) = client.call(ApiKey::Fetch, 11, &request).unwrap();
+            let got = record_values(r.responses[0].partitions[0].records.as_ref()).unwrap();
+            assert!(
+                !got.is_empty(),
+                "partition {partition} ends after {}",
+                values.len()
+            );
+            values.extend(got);
+        }
+        all.push(values);
+    }
+    all
+}
+
+/// Pipelines 300 mixed requests on one connection without waiting (a thread writes
+/// while this one reads), checks every response in order, that nothing else arrives,
+/// and that the records read back are the ones produced, byte for byte and in order.
+fn pipeline_keeps_order(writes: Writes) {
+    let cluster = cluster();
+    let (kpscd, base) = start(&cluster, &[]);
+    let pipeline = mixed_pipeline(&format!("{writes:?}"), 30);
+    let (expected, produced) = expectations(&pipeline);
+    let frames: Vec<Vec<u8>> = pipeline.iter().map(|(id, r)| r.frame(*id)).collect();
+    let addr = format!("127.0.1.1:{base}");
+    let mut stream = TcpStream::connect(&addr).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut reader = stream.try_clone().unwrap();
+    let kpscd_ports = i32::from(base)..i32::from(base) + 20;
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| write_pipeline(&mut stream, &frames, writes));
+        for (n, (id, expect)) in expected.iter().enumerate() {
+            let raw = read_frame(&mut reader).unwrap_or_else(|e| {
+                panic!(
+                    "response {n} of {}: {e:#}; {:?}",
+                    expected.len(),
+                    kernel(&kpscd)
+                )
+            });
+            check_response(&raw, *id, expect, &produced, &kpscd_ports)
+                .unwrap_or_else(|e| panic!("response {n} (id {id}): {e:#}"));
+        }
+    });
+    eprintln!(
+        "{writes:?}: {} requests, {} responses in {:?}",
+        frames.len(),
+        expected.len(),
+        started.elapsed()
+    );
+    // Nothing more is owed: the mock's answers to acks=0 were dropped.
+    reader
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let extra = reader.read(&mut [0u8; 1]);
+    assert!(
+        matches!(&extra, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "after the last response: {extra:?}"
+    );
+    let k = kernel_accounted(&kpscd, frames.len());
+    let api_versions = pipeline
+        .iter()
+        .filter(|(_, r)| matches!(r, Req::ApiVersions))
+        .count();
+    let bytes: usize = frames.iter().map(Vec::len).sum();
+    eprintln!("{writes:?}: {bytes} bytes sent; kernel: {k:?}");
+    assert!(
+        k.redirected_frames > 0.0 && k.redirected_bytes > 0.0,
+        "{k:?}"
+    );
+    // ApiVersions always goes to kpscd.
+    assert!(k.passed_frames >= api_versions as f64, "{k:?}");
+    let counts: Vec<usize> = produced.iter().map(Vec::len).collect();
+    let consumed = consume_all(&addr, &counts);
+    for (p, (got, want)) in consumed.iter().zip(&produced).enumerate() {
+        assert!(
+            got == want,
+            "partition {p}: records differ from those produced"
+        );
+    }
+    drop(stream);
+}
+
+#[test]
+fn a_pipeline_written_in_whole_frames_comes_back_in_order() {
+    pipeline_keeps_order(Writes::Frames);
+}
+
+#[test]
+fn a_pipeline_written_7_bytes_at_a_time_comes_back_in_order() {
+    pipeline_keeps_order(Writes::Tiny);
+}
+
+/// Produce requests of 64 KiB, 1 MiB and 16 MiB record batches, each answered before
+/// the next, then read back equal; the kernel carried at least their bytes.
+#[test]
+fn frames_of_64_kib_1_mib_and_16_mib_go_through_the_kernel() {
+    let cluster = cluster();
+    let (kpscd, base) = start(&cluster, &["--max-frame-size", "33554432"]);
+    let addr = format!("127.0.1.1:{base}");
+    let mut client = RawClient::connect(&addr).unwrap();
+    client
+        .stream()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let sizes = [64 << 10, 1 << 20, 16 << 20];
+    // One partition each: librdkafka's mock keeps at most 5 MiB per partition, but always
+    // the latest batch.
+    let values: Vec<Vec<u8>> = sizes
+        .iter()
+        .map(|&size| value(&format!("large-{size}-"), size))
+        .collect();
+    let started = Instant::now();
+    for (partition, v) in values.iter().enumerate() {
+        let (r, _): (ProduceResponse, _) = client
+            .call(ApiKey::Produce, 7, &produce_request(1, partition as i32, v))
+            .unwrap();
+        let p = &r.responses[0].partition_responses[0];
+        assert_eq!((p.error_code, p.base_offset), (0, 0), "{} bytes", v.len());
+    }
+    let produced = started.elapsed();
+    let counts = vec![1; sizes.len()];
+    let consumed = consume_all(&addr, &counts);
+    for (got, want) in consumed.iter().zip(&values) {
+        assert!(
+            got.len() == 1 && got[0] == *want,
+            "{} bytes came back different",
+            want.len()
+        );
+    }
+    // The Produce requests, and the Fetch requests of another connection. The producing
+    // connection is still open: its counters must not wait for its end.
+    kernel_accounted(&kpscd, sizes.len() + sizes.len());
+    let payload: usize = sizes.iter().sum();
+    let k = eventually(Duration::from_secs(3), || {
+        let k = kernel(&kpscd);
+        anyhow::ensure!(k.redirected_bytes >= payload as f64, "{k:?}");
+        Ok(k)
+    })
+    .unwrap();
+    eprintln!("produced in {produced:?}; kernel: {k:?}");
+    drop(client);
+}
+
+/// Produce acks=0 mixed with acks=1 and Metadata, pipelined, then nothing more owed.
+/// Returns the requests sent.
+fn acks_zero_mixed_with_acks_one(addr: &str) -> usize {
+    // acks of each Produce; None: a Metadata request.
+    let plan = [
+        Some(0),
+        Some(0),
+        Some(1),
+        Some(0),
+        None,
+        Some(0),
+        Some(0),
+        Some(0),
+        Some(1),
+        Some(1),
+        Some(0),
+        None,
+        Some(0),
+        Some(1),
+        Some(0),
+    ];
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut owed = Vec::new();
+    for round in 0..4 {
+        for (i, acks) in plan.iter().enumerate() {
+            let n = round * plan.len() + i;
+            // acks=0 requests have ids of their own; the others reuse a few.
+            let id = if *acks == Some(0) {
+                50_000 + n as i32
+            } else {
+                (n % 5) as i32
+            };
+            let request = match acks {
+                Some(acks) => Req::Produce {
+                    version: 7,
+                    acks: *acks,
+                    partition: (n % 2) as i32,
+                    value: value(&format!("acks{acks}-{n}-"), 100 + 1000 * (n % 3)),
+                },
+                None => Req::Metadata,
+            };
+            // A pause between requests, as a producer at a steady rate leaves: each starts
+            // a segment the kernel may carry (back to back, kpscd tends to keep the stream).
+            std::thread::sleep(Duration::from_millis(1));
+            stream.write_all(&request.frame(id)).unwrap();
+            if *acks != Some(0) {
+                owed.push((id, acks.is_some()));
+            }
+        }
+    }
+    for (n, (id, produce)) in owed.iter().enumerate() {
+        let raw = read_frame(&mut stream).unwrap_or_else(|e| panic!("response {n}: {e:#}"));
+        match produce {
+            true => {
+                let r: ProduceResponse =
+                    decode(&raw, *id, 7).unwrap_or_else(|e| panic!("response {n}: {e:#}"));
+                assert_eq!(r.responses[0].partition_responses[0].error_code, 0);
+            }
+            false => {
+                let _: MetadataResponse =
+                    decode(&raw, *id, 12).unwrap_or_else(|e| panic!("response {n}: {e:#}"));
+            }
+        }
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let extra = stream.read(&mut [0u8; 1]);
+    assert!(
+        matches!(&extra, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "an answer to acks=0 reached the client: {extra:?}"
+    );
+    plan.len() * 4
+}
+
+/// librdkafka's mock answers acks=0 (kpscd drops those answers); tansu, like Kafka, does
+/// not. Either way the client gets exactly the responses it expects, in order.
+#[test]
+fn acks_zero_mixed_with_acks_one_gets_exactly_the_responses_owed() {
+    let cluster = cluster();
+    let (kpscd, base) = start(&cluster, &[]);
+    let sent = acks_zero_mixed_with_acks_one(&format!("127.0.1.1:{base}"));
+    let k = kernel_accounted(&kpscd, sent);
+    eprintln!("mock: {k:?}");
+    assert!(k.redirected_frames > 0.0, "mock: {k:?}");
+
+    let tansu = Tansu::start().unwrap();
+    create_topic(&tansu.addr(), TOPIC, 2).unwrap();
+    let tansu_base = free_port_base(1);
+    let kpscd = Kpscd::start(&[
+        "--bootstrap-server-mapping".into(),
+        format!("{},127.0.0.1:{tansu_base}", tansu.addr()),
+        "--dynamic-listeners-disable".into(),
+        "--bulk-transfer".into(),
+        "sockmap".into(),
+    ])
+    .unwrap();
+    let sent = acks_zero_mixed_with_acks_one(&format!("127.0.0.1:{tansu_base}"));
+    let k = kernel_accounted(&kpscd, sent);
+    eprintln!("tansu: {k:?}");
+    assert!(k.redirected_frames > 0.0, "tansu: {k:?}");
+}
+
+/// Entries of one kpscd's connection maps (PROXY_COOKIES, PROXY_CLIENTS, PROXY_BROKERS)
+/// by name. They are the maps whose fds that process holds (its /proc fdinfo names their
+/// ids), so another kpscd on the machine does not count.
+fn connection_map_entries(pid: u32) -> BTreeMap<String, usize> {
+    let mut entries = BTreeMap::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let Ok(info) = std::fs::read_to_string(fd.unwrap().path()) else {
+            continue;
+        };
+        let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let name = MapInfo::from_id(id)
+            .unwrap()
+            .name_as_str()
+            .map(str::to_owned);
+        let data = || MapData::from_id(id).unwrap();
+        let count = match name.as_deref() {
+            Some(COOKIES_MAP) => HashMap::<_, u64, u32>::try_from(Map::HashMap(data()))
+                .unwrap()
+                .keys()
+                .map(Result::unwrap)
+                .count(),
+            Some(CLIENTS_MAP | BROKERS_MAP) => SockHash::<_, u32>::try_from(Map::SockHash(data()))
+                .unwrap()
+                .keys()
+                .map(Result::unwrap)
+                .count(),
+            _ => continue,
+        };
+        entries.insert(name.unwrap(), count);
+    }
+    assert_eq!(
+        entries.len(),
+        3,
+        "kpscd {pid}'s connection maps: {entries:?}"
+    );
+    entries
+}
+
+/// A connection to `to` from `from` (any port).
+fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::from((from, 0)).into()).unwrap();
+    socket
+        .connect_timeout(&to.into(), Duration::from_secs(5))
+        .unwrap();
+    let stream = TcpStream::from(socket);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+/// Room for this process's sockets and the mock brokers' (and kpscd's, which inherits
+/// the limit): three per connection here, two in kpscd.
+fn raise_fd_limit(wanted: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct given.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < wanted {
+            // Root may raise the hard limit too.
+            limit.rlim_cur = wanted;
+            limit.rlim_max = limit.rlim_max.max(wanted);
+            assert_eq!(
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit),
+                0,
+                "raising the descriptor limit to {wanted}"
+            );
+        }
+    }
+}
+
+/// 1,000 connections open at once, from 250 source addresses in 127.0.2.0/24, each
+/// producing a record (written as soon as connected, before kpscd has put the socket in
+/// its maps); all in the maps while open, and none left once they are closed.
+#[test]
+fn a_thousand_connections_leave_no_map_entry_behind() {
+    const CONNECTIONS: usize = 1_000;
+    const THREADS: usize = 4;
+    raise_fd_limit(16_384);
+    let cluster = cluster();
+    let (kpscd, base) = start(&cluster, &[]);
+    let to: SocketAddr = format!("127.0.1.1:{base}").parse().unwrap();
+    let started = Instant::now();
+    let connections: Vec<TcpStream> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                s.spawn(move || {
+                    (t..CONNECTIONS)
+                        .step_by(THREADS)
+                        .map(|i| {
+                            let mut stream = connect_from([127, 0, 2, 1 + (i % 250) as u8], to);
+                            let produce = Req::Produce {
+                                version: 7,
+                                acks: 1,
+                                partition: (i % PARTITIONS as usize) as i32,
+                                value: value(&format!("conn-{i}-"), 200),
+                            };
+                            stream.write_all(&produce.frame(i as i32)).unwrap();
+                            let raw = read_frame(&mut stream)
+                                .unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+                            let r: ProduceResponse = decode(&raw, i as i32, 7)
+                                .unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+                            assert_eq!(r.responses[0].partition_responses[0].error_code, 0);
+                            stream
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    eprintln!(
+        "{CONNECTIONS} connections and round trips in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(connections.len(), CONNECTIONS);
+    let open = connection_map_entries(kpscd.pid());
+    assert!(open.values().all(|&n| n == CONNECTIONS), "{open:?}");
+    let k = kernel_accounted(&kpscd, CONNECTIONS);
+    assert_eq!(k.redirected_frames, CONNECTIONS as f64, "{k:?}");
+
+    let closing = Instant::now();
+    drop(connections);
+    let left = eventually(Duration::from_secs(10), || {
+        let left = connection_map_entries(kpscd.pid());
+        anyhow::ensure!(left.values().all(|&n| n == 0), "{left:?}");
+        Ok(left)
+    })
+    .unwrap();
+    eprintln!(
+        "map entries {open:?} -> {left:?} in {:?} after closing",
+        closing.elapsed()
+    );
+    eventually(Duration::from_secs(5), || {
+        anyhow::ensure!(kpscd.metric("kpsc_connections_open", "") == 0.0);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(kpscd.metric("kpsc_connection_errors_total", ""), 0.0);
+}
+
+/// Without CAP_BPF and CAP_NET_ADMIN, for real (another uid, no capability in any set),
+/// `--bulk-transfer sockmap` is refused at start with a message naming both, exit 4; it
+/// does not quietly fall back to the userspace path.
+#[test]
+fn without_privileges_sockmap_is_refused_at_start() {
+    let cluster = cluster();
+    // A copy the unprivileged user can reach whatever the checkout's permissions.
+    let dir =
+        std::env::temp_dir().join(format!("kpsc-sockmap-unprivileged-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let binary = dir.join("kpscd");
+    std::fs::copy(kpscd_bin(), &binary).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for path in [&dir, &binary] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let base = free_port_base(20);
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--ambient-caps=-all",
+        "--bounding-set=-all",
+        "--",
+    ])
+    .arg(&binary)
+    .arg("proxy")
+    .args(proxy_args(&cluster, base, &["--bulk-transfer", "sockmap"]))
+    .args([
+        "--http-listen-address",
+        &format!("127.0.0.1:{}", free_port_base(1)),
+    ]);
+    let out = run_with_timeout(&mut cmd, b"", Duration::from_secs(20)).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    for needed in ["--bulk-transfer sockmap", "CAP_BPF", "CAP_NET_ADMIN"] {
+        assert!(stderr.contains(needed), "no {needed:?} in:\n{stderr}");
+    }
+}
