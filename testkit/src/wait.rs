@@ -1,6 +1,7 @@
 //! Waiting for things to happen, and free ports for things to listen on.
 
 use std::{
+    io::Read,
     net::{TcpListener, TcpStream},
     sync::atomic::{AtomicU16, Ordering},
     time::{Duration, Instant},
@@ -20,6 +21,20 @@ pub fn eventually<T>(
             Err(e) if Instant::now() > deadline => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
+    }
+}
+
+/// Waits (10 s at most) for the peer to close `stream`, by FIN or reset; panics if it
+/// sends data instead or keeps the connection open.
+pub fn expect_closed(stream: &mut TcpStream) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the connection to be closed, got {other:?}"),
     }
 }
 

@@ -17,7 +17,7 @@ use kafka_protocol::{
     },
     protocol::StrBytes,
 };
-use kpsc_tests::{Kpscd, MockCluster, RawClient, Tansu, free_port_base, proxy_args};
+use kpsc_tests::{Kpscd, MockCluster, RawClient, Tansu, expect_closed, free_port_base, proxy_args};
 
 fn start() -> (MockCluster, Kpscd, u16) {
     start_with(&[])
@@ -162,18 +162,6 @@ fn produce_acks_zero_gets_no_response_and_order_is_kept() {
     ])
     .unwrap();
     acks_zero_then_metadata(&format!("127.0.0.1:{tansu_base}"));
-}
-
-fn expect_closed(stream: &mut TcpStream) {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut buf = [0u8; 64];
-    match stream.read(&mut buf) {
-        Ok(0) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        other => panic!("expected the connection to be closed, got {other:?}"),
-    }
 }
 
 #[test]
