@@ -12,7 +12,8 @@ use std::{
 
 use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, ProduceRequest};
 use kpsc_tests::{
-    Kpscd, MockCluster, RawClient, eventually, free_port_base, proxy_args, request_body,
+    Kpscd, MockCluster, RawClient, eventually, expect_closed, free_port_base, proxy_args,
+    request_body,
 };
 
 fn start(cluster: &MockCluster, extra: &[&str]) -> (Kpscd, u16) {
@@ -88,22 +89,51 @@ fn sighup_is_survived_and_a_second_signal_stops_at_once() {
     assert!(kpscd.log().contains("stopping now"), "{}", kpscd.log());
 }
 
+/// The labels of kpscd's counted connection errors: `reason="..."` of every non-zero
+/// series.
+fn error_reasons(kpscd: &Kpscd) -> Vec<String> {
+    let (_, text) = kpscd.get("/metrics").unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("kpsc_connection_errors_total{") && !l.ends_with(" 0"))
+        .filter_map(|l| Some(l.split("reason=\"").nth(1)?.split('"').next()?.to_owned()))
+        .collect()
+}
+
+/// The first 100 KiB of a 512 KiB Produce request on a new connection to `addr`.
+fn start_of_a_large_produce(addr: &str) -> TcpStream {
+    let produce = ProduceRequest::default().with_acks(1).with_timeout_ms(1000);
+    let body = request_body(ApiKey::Produce, 7, 1, "mid-frame", &produce).unwrap();
+    let declared = 512 * 1024i32;
+    // One write: the head in the first segment, where the kernel path can read it.
+    let mut start = declared.to_be_bytes().to_vec();
+    start.extend_from_slice(&body);
+    start.resize(start.len() + 100 * 1024, 0);
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(&start).unwrap();
+    // Long enough for kpscd (or the kernel, under sockmap) to pass it on.
+    std::thread::sleep(Duration::from_millis(200));
+    stream
+}
+
+/// Under sockmap, the start of the frame went through the kernel.
+fn assert_kernel_carried(kpscd: &Kpscd, transfer: &str) {
+    if transfer == "sockmap" {
+        let frames = kpscd.metric("kpsc_kernel_redirected_frames_total", "from_client");
+        assert!(frames >= 1.0, "the kernel carried no frame");
+    }
+}
+
 /// A client that resets its connection in the middle of a large Produce request is the
-/// client's doing: it used to be counted as a broker I/O error.
+/// client's doing: it used to be counted as a broker I/O error. The same error whichever
+/// way kpscd moves the request (under sockmap the kernel was carrying it).
 #[test]
 fn a_client_reset_mid_frame_is_blamed_on_the_client() {
     let cluster = MockCluster::new(3).unwrap();
     cluster.create_topic("t", 3).unwrap();
-    for transfer in ["copy", "splice"] {
+    let mut reasons = Vec::new();
+    for transfer in ["copy", "splice", "sockmap"] {
         let (kpscd, base) = start(&cluster, &["--bulk-transfer", transfer]);
-        let produce = ProduceRequest::default().with_acks(1).with_timeout_ms(1000);
-        let body = request_body(ApiKey::Produce, 7, 1, "reset-mid-frame", &produce).unwrap();
-        let declared = 512 * 1024i32;
-        let mut stream = TcpStream::connect(format!("127.0.1.1:{base}")).unwrap();
-        stream.write_all(&declared.to_be_bytes()).unwrap();
-        stream.write_all(&body).unwrap();
-        stream.write_all(&vec![0u8; 100 * 1024]).unwrap();
-        std::thread::sleep(Duration::from_millis(200));
+        let stream = start_of_a_large_produce(&format!("127.0.1.1:{base}"));
         // SO_LINGER 0: close sends RST, as a crashed or killed client does.
         let linger = libc::linger {
             l_onoff: 1,
@@ -132,8 +162,47 @@ fn a_client_reset_mid_frame_is_blamed_on_the_client() {
             0.0,
             "{transfer}: a client reset blamed on the broker"
         );
+        assert_kernel_carried(&kpscd, transfer);
+        reasons.push((transfer, error_reasons(&kpscd)));
         assert_serving(&kpscd, base);
     }
+    eprintln!("{reasons:?}");
+    assert!(reasons.windows(2).all(|w| w[0].1 == w[1].1), "{reasons:?}");
+}
+
+/// A broker that goes down while a client is in the middle of a large Produce request to
+/// it: the client's connection is closed and the broker is blamed, with the same error
+/// whichever way kpscd moves the request.
+#[test]
+fn a_broker_dying_mid_frame_closes_the_connection_and_is_blamed_on_the_broker() {
+    let cluster = MockCluster::new(3).unwrap();
+    cluster.create_topic("t", 3).unwrap();
+    let mut reasons = Vec::new();
+    for transfer in ["copy", "splice", "sockmap"] {
+        let (kpscd, base) = start(&cluster, &["--bulk-transfer", transfer]);
+        // Broker 3 (a dynamic port), so kpscd keeps its view of the cluster through 1.
+        let mut stream = start_of_a_large_produce(&format!("127.0.1.3:{}", base + 13));
+        // The mock closes its connections when a broker goes down.
+        cluster.broker_down(3).unwrap();
+        expect_closed(&mut stream);
+        eventually(Duration::from_secs(5), || {
+            let broker = kpscd.metric("kpsc_connection_errors_total", "reason=\"broker_");
+            anyhow::ensure!(broker >= 1.0, "not counted yet");
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{transfer}: {e:#}; log:\n{}", kpscd.log()));
+        assert_eq!(
+            kpscd.metric("kpsc_connection_errors_total", "reason=\"client_"),
+            0.0,
+            "{transfer}: a broker's death blamed on the client"
+        );
+        assert_kernel_carried(&kpscd, transfer);
+        reasons.push((transfer, error_reasons(&kpscd)));
+        cluster.broker_up(3).unwrap();
+        assert_serving(&kpscd, base);
+    }
+    eprintln!("{reasons:?}");
+    assert!(reasons.windows(2).all(|w| w[0].1 == w[1].1), "{reasons:?}");
 }
 
 /// Rewriting a response takes several times its size; every connection shares one budget
