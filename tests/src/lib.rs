@@ -17,11 +17,13 @@ mod confluent_client;
 pub mod flood;
 pub mod flow_ip;
 pub mod ha;
+pub mod kernel_path;
 mod mock_cluster;
 pub mod one_armed;
 pub mod passthrough_lb;
 mod pki;
 pub mod portmap;
+pub mod raw_pipeline;
 mod rdkafka_client;
 pub mod soak;
 mod tansu;
@@ -41,6 +43,7 @@ pub use unit::{Started, Unit};
 
 /// The kit shared with kpsc-bench, re-exported so tests name one crate.
 pub use kpsc_testkit::{
-    Kpscd, Process, RawClient, contains_bytes, datapath, eventually, free_port_base, http_get,
-    kpsc_bench_bin, kpscctl_bin, kpscd_bin, netns, request_body, syn_flood, wait_listening,
+    Kpscd, Process, RawClient, contains_bytes, datapath, eventually, expect_closed, free_port_base,
+    http_get, kpsc_bench_bin, kpscctl_bin, kpscd_bin, netns, request_body, syn_flood,
+    wait_listening,
 };

@@ -1,0 +1,84 @@
+//! What the `--bulk-transfer sockmap` tests read of a running kpscd's kernel path: its
+//! counters (what the kernel carried, what kpscd handled itself) and the entries of its
+//! connection maps in the kernel (read through the bpf syscalls: needs root).
+
+use std::{collections::BTreeMap, time::Duration};
+
+use aya::maps::{HashMap, Map, MapData, MapInfo, SockHash};
+use kpsc_common::proxy_kernel::{BROKERS_MAP, CLIENTS_MAP, COOKIES_MAP};
+use kpsc_testkit::{Kpscd, eventually};
+
+/// kpscd's kernel path counters, client -> broker, over every port.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelCounters {
+    pub redirected_bytes: f64,
+    pub redirected_frames: f64,
+    pub passed_frames: f64,
+}
+
+pub fn kernel_counters(kpscd: &Kpscd) -> KernelCounters {
+    let from_client = "direction=\"from_client\"";
+    KernelCounters {
+        redirected_bytes: kpscd.metric("kpsc_kernel_redirected_bytes_total", from_client),
+        redirected_frames: kpscd.metric("kpsc_kernel_redirected_frames_total", from_client),
+        passed_frames: kpscd.metric("kpsc_kernel_passed_frames_total", from_client),
+    }
+}
+
+/// Waits until every one of `frames` requests was accounted as either carried by the
+/// kernel or handled by kpscd (exactly once), and returns the counters.
+pub fn kernel_accounted(kpscd: &Kpscd, frames: usize) -> KernelCounters {
+    eventually(Duration::from_secs(5), || {
+        let k = kernel_counters(kpscd);
+        anyhow::ensure!(
+            k.redirected_frames + k.passed_frames == frames as f64,
+            "{k:?}, {frames} requests sent"
+        );
+        Ok(k)
+    })
+    .unwrap()
+}
+
+/// Entries of one kpscd's connection maps (PROXY_COOKIES, PROXY_CLIENTS, PROXY_BROKERS)
+/// by name. They are the maps whose fds that process holds (its /proc fdinfo names their
+/// ids), so another kpscd on the machine does not count.
+pub fn connection_map_entries(pid: u32) -> BTreeMap<String, usize> {
+    let mut entries = BTreeMap::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let Ok(info) = std::fs::read_to_string(fd.unwrap().path()) else {
+            continue;
+        };
+        let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let name = MapInfo::from_id(id)
+            .unwrap()
+            .name_as_str()
+            .map(str::to_owned);
+        let data = || MapData::from_id(id).unwrap();
+        let count = match name.as_deref() {
+            Some(COOKIES_MAP) => HashMap::<_, u64, u32>::try_from(Map::HashMap(data()))
+                .unwrap()
+                .keys()
+                .map(Result::unwrap)
+                .count(),
+            Some(CLIENTS_MAP | BROKERS_MAP) => SockHash::<_, u32>::try_from(Map::SockHash(data()))
+                .unwrap()
+                .keys()
+                .map(Result::unwrap)
+                .count(),
+            _ => continue,
+        };
+        entries.insert(name.unwrap(), count);
+    }
+    assert_eq!(
+        entries.len(),
+        3,
+        "kpscd {pid}'s connection maps: {entries:?}"
+    );
+    entries
+}
