@@ -158,7 +158,7 @@ pub fn decode<R: Decodable + HeaderVersion>(
         "correlation id {} where {id} was next",
         header.correlation_id
     );
-    Ok(R::decode(&mut body, version)?)
+    R::decode(&mut body, version)
 }
 
 /// Every record value in a Fetch response's records.

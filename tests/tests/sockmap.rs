@@ -121,8 +121,11 @@ enum Expect {
     },
 }
 
+/// Record values per partition, in the order produced.
+type Produced = Vec<Vec<Vec<u8>>>;
+
 /// The responses `pipeline` must get, in order, and the values produced per partition.
-fn expectations(pipeline: &[(i32, Req)]) -> (Vec<(i32, Expect)>, Vec<Vec<Vec<u8>>>) {
+fn expectations(pipeline: &[(i32, Req)]) -> (Vec<(i32, Expect)>, Produced) {
     let mut produced = vec![Vec::new(); PARTITIONS as usize];
     let mut expected = Vec::new();
     for (id, req) in pipeline {
