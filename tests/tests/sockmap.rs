@@ -4,7 +4,7 @@
 //! pieces, 64 KiB to 16 MiB frames, acks=0 mixed with acks=1, 1,000 concurrent
 //! connections and no map entry left after them, and the refusal to start without
 //! privileges. Every test reads kpscd's kernel counters, so a run that silently took the
-//! userspace path fails. Needs root (CAP_BPF and CAP_NET_ADMIN).
+//! userspace path fails. Needs root (CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN).
 
 use std::{
     io::{Read, Write},
@@ -638,9 +638,9 @@ fn a_thousand_connections_leave_no_map_entry_behind() {
     assert_eq!(kpscd.metric("kpsc_connection_errors_total", ""), 0.0);
 }
 
-/// Without CAP_BPF and CAP_NET_ADMIN, for real (another uid, no capability in any set),
-/// `--bulk-transfer sockmap` is refused at start with a message naming both, exit 4; it
-/// does not quietly fall back to the userspace path.
+/// Without CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, for real (another uid, no capability
+/// in any set), `--bulk-transfer sockmap` is refused at start with a message naming them,
+/// exit code 4; it does not quietly fall back to the userspace path.
 #[test]
 fn without_privileges_sockmap_is_refused_at_start() {
     let cluster = cluster();
@@ -676,7 +676,12 @@ fn without_privileges_sockmap_is_refused_at_start() {
     let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
-    for needed in ["--bulk-transfer sockmap", "CAP_BPF", "CAP_NET_ADMIN"] {
+    for needed in [
+        "--bulk-transfer sockmap",
+        "CAP_BPF",
+        "CAP_PERFMON",
+        "CAP_NET_ADMIN",
+    ] {
         assert!(stderr.contains(needed), "no {needed:?} in:\n{stderr}");
     }
 }
