@@ -90,6 +90,22 @@ fn lost_reports() -> ConnError {
     ))
 }
 
+/// Takes the verdict's reports, in order, until `frames` of its frames are in flight.
+async fn take_reports_until(
+    frames: u64,
+    frames_taken: &mut u64,
+    conn: &mut KernelConn,
+    in_flight: &mpsc::Sender<InFlight>,
+    route: &Route,
+    state: &ProxyState,
+) -> Result<(), ConnError> {
+    while *frames_taken < frames {
+        let batch = conn.batches.recv().await.ok_or_else(lost_reports)?;
+        *frames_taken += take_batch(&batch, in_flight, route, state).await?;
+    }
+    Ok(())
+}
+
 /// Forwards the client's requests until it stops sending (EOF or shutdown).
 pub async fn forward_requests_kernel(
     client_r: OwnedReadHalf,
@@ -130,10 +146,8 @@ pub async fn forward_requests_kernel(
                 // verdict, then queue what it carried so its responses are delivered.
                 conn.stop_carrying();
                 let carried = conn.slot().redirected_frames();
-                while frames_taken < carried {
-                    let batch = conn.batches.recv().await.ok_or_else(lost_reports)?;
-                    frames_taken += take_batch(&batch, &in_flight, route, state).await?;
-                }
+                take_reports_until(carried, &mut frames_taken, conn, &in_flight, route, state)
+                    .await?;
                 false
             }
             batch = conn.batches.recv() => {
@@ -149,6 +163,11 @@ pub async fn forward_requests_kernel(
             }
         };
         if !more {
+            // Every request the verdict carried must be in flight before this loop ends
+            // (its report may still be on the way from the ring), or the response loop
+            // would stop short of its response.
+            let carried = conn.slot().redirected_frames();
+            take_reports_until(carried, &mut frames_taken, conn, &in_flight, route, state).await?;
             // The FIN must not overtake requests still on the redirect backlog.
             conn.drain(upstream_w.as_ref(), written)
                 .await
@@ -164,10 +183,15 @@ pub async fn forward_requests_kernel(
             epoch = pass.epoch;
             offset = pass.from;
             tail = pass.tail as usize;
-            while frames_taken < pass.frames_before {
-                let batch = conn.batches.recv().await.ok_or_else(lost_reports)?;
-                frames_taken += take_batch(&batch, &in_flight, route, state).await?;
-            }
+            take_reports_until(
+                pass.frames_before,
+                &mut frames_taken,
+                conn,
+                &in_flight,
+                route,
+                state,
+            )
+            .await?;
             accounted.sync(conn, route);
         }
         conn.drain(upstream_w.as_ref(), written)
