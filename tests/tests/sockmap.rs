@@ -1,7 +1,8 @@
 //! `kpscd proxy --bulk-transfer sockmap` (client requests carried to the broker by the
 //! kernel, responses spliced) against real brokers, librdkafka's mock cluster and tansu:
 //! order byte for byte on one pipelined connection written in whole frames and in 7-byte
-//! pieces, 64 KiB to 16 MiB frames, acks=0 mixed with acks=1, 1,000 concurrent
+//! pieces, 64 KiB to 16 MiB frames, acks=0 mixed with acks=1, a half-close right after
+//! large requests, 1,000 concurrent
 //! connections and no map entry left after them, and the refusal to start without
 //! privileges. Every test reads kpscd's kernel counters, so a run that silently took the
 //! userspace path fails. Needs root (CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN).
@@ -525,6 +526,52 @@ fn acks_zero_mixed_with_acks_one_gets_exactly_the_responses_owed() {
     let k = kernel_accounted(&kpscd, sent);
     eprintln!("tansu: {k:?}");
     assert!(k.redirected_frames > 0.0, "tansu: {k:?}");
+}
+
+/// A client that half-closes right after its last request still gets every response:
+/// the kernel's reports of the last requests may reach kpscd after the client's FIN, and
+/// kpscd must still wait for their responses (it closed after 1 to 7 of 8 in 4 runs of 10
+/// when it did not).
+#[test]
+fn a_half_close_right_after_large_requests_loses_none_of_them() {
+    const REQUESTS: usize = 8;
+    let cluster = cluster();
+    let (kpscd, base) = start(&cluster, &[]);
+    let mut stream = TcpStream::connect(format!("127.0.1.1:{base}")).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut writer = stream.try_clone().unwrap();
+    let values: Vec<Vec<u8>> = (0..REQUESTS)
+        .map(|i| value(&format!("half-close-{i}-"), 1 << 20))
+        .collect();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for (i, v) in values.iter().enumerate() {
+                let request = Req::Produce {
+                    version: 7,
+                    acks: 1,
+                    partition: 0,
+                    value: v.clone(),
+                };
+                writer.write_all(&request.frame(i as i32)).unwrap();
+            }
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        for i in 0..REQUESTS {
+            let raw = read_frame(&mut stream).unwrap_or_else(|e| panic!("response {i}: {e:#}"));
+            let r: ProduceResponse = decode(&raw, i as i32, 7).unwrap();
+            let p = &r.responses[0].partition_responses[0];
+            assert_eq!((p.error_code, p.base_offset), (0, i as i64), "response {i}");
+        }
+    });
+    // Then the end of the connection, nothing else.
+    assert_eq!(stream.read(&mut [0u8; 1]).unwrap(), 0);
+    let k = kernel_accounted(&kpscd, REQUESTS);
+    eprintln!("half-close: {k:?}");
+    assert!(k.redirected_frames > 0.0, "{k:?}");
+    assert_eq!(kpscd.metric("kpsc_connection_errors_total", ""), 0.0);
 }
 
 /// A connection to `to` from `from` (any port).
