@@ -39,22 +39,41 @@ pub fn kernel_accounted(kpscd: &Kpscd, frames: usize) -> KernelCounters {
     .unwrap()
 }
 
+/// The kernel memory of the BPF maps a process holds descriptors of (fdinfo's `memlock`:
+/// for a SOCKHASH it counts the entries present, for a preallocated map its whole size).
+pub fn map_memory(pid: u32) -> u64 {
+    process_maps(pid)
+        .values()
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// The BPF maps a process holds descriptors of: map id -> fdinfo text (of one of its
+/// descriptors, when it holds several).
+fn process_maps(pid: u32) -> BTreeMap<u32, String> {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_to_string(fd.unwrap().path()).ok())
+        .filter_map(|info| {
+            let id = info
+                .lines()
+                .find_map(|l| l.strip_prefix("map_id:"))
+                .and_then(|v| v.trim().parse::<u32>().ok())?;
+            Some((id, info))
+        })
+        .collect()
+}
+
 /// Entries of one kpscd's connection maps (PROXY_COOKIES, PROXY_CLIENTS, PROXY_BROKERS)
 /// by name. They are the maps whose fds that process holds (its /proc fdinfo names their
 /// ids), so another kpscd on the machine does not count.
 pub fn connection_map_entries(pid: u32) -> BTreeMap<String, usize> {
     let mut entries = BTreeMap::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
-        let Ok(info) = std::fs::read_to_string(fd.unwrap().path()) else {
-            continue;
-        };
-        let Some(id) = info
-            .lines()
-            .find_map(|l| l.strip_prefix("map_id:"))
-            .and_then(|v| v.trim().parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for id in process_maps(pid).into_keys() {
         let name = MapInfo::from_id(id)
             .unwrap()
             .name_as_str()

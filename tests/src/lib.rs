@@ -11,6 +11,7 @@
 //! Addresses: brokers listen on 127.0.0.1 (the mock cannot choose); kpscd advertises
 //! 127.0.1.<broker id>, so any `127.0.0.1` in a client-visible answer is a leak.
 
+pub mod client_sockets;
 mod cloud_endpoint;
 mod command;
 mod confluent_client;
@@ -18,6 +19,7 @@ pub mod flood;
 pub mod flow_ip;
 pub mod ha;
 pub mod kernel_path;
+pub mod memory_use;
 mod mock_cluster;
 pub mod one_armed;
 pub mod passthrough_lb;

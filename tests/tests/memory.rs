@@ -23,7 +23,7 @@ use kafka_protocol::{
     },
     protocol::{Encodable, StrBytes},
 };
-use kpsc_tests::{Kpscd, RawClient, free_port_base};
+use kpsc_tests::{Kpscd, RawClient, free_port_base, memory_use::status_bytes};
 
 /// Metadata v1 only, so the fake broker never has to parse a request beyond its header.
 const METADATA_VERSION: i16 = 1;
@@ -129,17 +129,7 @@ fn serve(mut stream: TcpStream, large: &[u8], small: &[u8]) {
 
 /// (VmRSS, VmHWM) of a process, in bytes.
 fn memory(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kib| kib.parse::<u64>().ok())
-            .unwrap()
-            * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    (status_bytes(pid, "VmRSS:"), status_bytes(pid, "VmHWM:"))
 }
 
 /// Three clients ask for a ~48 MiB Metadata response at once. kpscd charges a rewrite

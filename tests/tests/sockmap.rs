@@ -20,7 +20,9 @@ use kafka_protocol::messages::{
     ProduceResponse,
 };
 use kpsc_tests::{
-    Kpscd, MockCluster, RawClient, Tansu, create_topic, eventually, free_port_base,
+    Kpscd, MockCluster, RawClient, Tansu,
+    client_sockets::{connect_from, raise_fd_limit},
+    create_topic, eventually, free_port_base,
     kernel_path::{connection_map_entries, kernel_accounted, kernel_counters},
     kpscd_bin, proxy_args,
     raw_pipeline::{
@@ -572,44 +574,6 @@ fn a_half_close_right_after_large_requests_loses_none_of_them() {
     eprintln!("half-close: {k:?}");
     assert!(k.redirected_frames > 0.0, "{k:?}");
     assert_eq!(kpscd.metric("kpsc_connection_errors_total", ""), 0.0);
-}
-
-/// A connection to `to` from `from` (any port).
-fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    socket.bind(&SocketAddr::from((from, 0)).into()).unwrap();
-    socket
-        .connect_timeout(&to.into(), Duration::from_secs(5))
-        .unwrap();
-    let stream = TcpStream::from(socket);
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-}
-
-/// Room for this process's sockets and the mock brokers' (and kpscd's, which inherits
-/// the limit): three per connection here, two in kpscd.
-fn raise_fd_limit(wanted: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the struct given.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        if limit.rlim_cur < wanted {
-            // Root may raise the hard limit too.
-            limit.rlim_cur = wanted;
-            limit.rlim_max = limit.rlim_max.max(wanted);
-            assert_eq!(
-                libc::setrlimit(libc::RLIMIT_NOFILE, &limit),
-                0,
-                "raising the descriptor limit to {wanted}"
-            );
-        }
-    }
 }
 
 /// 1,000 connections open at once, from 250 source addresses in 127.0.2.0/24, each
