@@ -8,10 +8,11 @@
 //! Invariants it keeps:
 //! - A redirected skb holds only frames it has walked: each starts where the previous
 //!   ended, each head is inside the skb, each size is within `--max-frame-size`, each API
-//!   key is one kpscd lets through unseen. Anything else (a head split over two skbs, more
-//!   than FRAMES_PER_BATCH frames, a full ring) passes the whole skb to kpscd and switches
-//!   the connection to MODE_USERSPACE: an skb is never split, so kpscd then owns the
-//!   stream, starting with the tail of a frame already redirected (`pass_tail`).
+//!   key is one kpscd knows and lets through unseen, each version is not negative.
+//!   Anything else (a head split over two skbs, more than FRAMES_PER_BATCH frames, a full
+//!   ring) passes the whole skb to kpscd and switches the connection to MODE_USERSPACE:
+//!   an skb is never split, so kpscd then owns the stream, starting with the tail of a
+//!   frame already redirected (`pass_tail`).
 //! - It gives the stream back only to an skb that starts exactly where kpscd said it had
 //!   written everything (`resume_at`): kernel and userspace bytes never interleave.
 //! - A batch record is submitted before its skb is redirected, so the broker cannot answer
@@ -123,7 +124,8 @@ fn frame_head(ctx: &SkBuffContext, config: &KernelConfig, frame: u32) -> Option<
     }
     let api_key = i16::from_be_bytes([fixed[4], fixed[5]]);
     let api_version = i16::from_be_bytes([fixed[6], fixed[7]]);
-    if !config.allows(api_key) {
+    // An unknown key or a negative version: kpscd's header check refuses it.
+    if !config.allows(api_key) || api_version < 0 {
         return None;
     }
     let frame_len = size as u32 + 4;

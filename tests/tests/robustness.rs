@@ -183,6 +183,18 @@ fn bad_frames_close_only_their_connection() {
             f.extend_from_slice(&[0x7f, 0x00, 0, 1, 0, 0, 0, 9, 0xff, 0xff, 0, 0]);
             f
         }),
+        // Within the key range the sockmap verdict may carry, yet unknown to Kafka; and a
+        // known key with a negative version: both refused as a broker would never see them.
+        ("client_bad_header", {
+            let mut f = 12i32.to_be_bytes().to_vec();
+            f.extend_from_slice(&[0, 127, 0, 1, 0, 0, 0, 9, 0xff, 0xff, 0, 0]);
+            f
+        }),
+        ("client_bad_header", {
+            let mut f = 12i32.to_be_bytes().to_vec();
+            f.extend_from_slice(&[0, 3, 0xff, 0xff, 0, 0, 0, 9, 0xff, 0xff, 0, 0]);
+            f
+        }),
     ];
     for (reason, bytes) in cases {
         let before = kpscd.metric("kpsc_connection_errors_total", reason);

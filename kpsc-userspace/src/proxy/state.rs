@@ -47,8 +47,8 @@ pub struct ProxyState {
     pub tasks: TaskTracker,
 }
 
-/// The API keys whose requests the kernel may carry without kpscd seeing them: all but
-/// those kpscd answers or refuses itself (ApiVersions newer than it decodes,
+/// The API keys whose requests the kernel may carry without kpscd seeing them: every key
+/// kpscd knows but those it answers or refuses itself (ApiVersions newer than it decodes,
 /// `--forbidden-api-keys`) and SASL, which it keeps in view.
 fn kernel_keys(config: &ProxyConfig) -> Vec<i16> {
     use kafka_protocol::messages::ApiKey;
@@ -57,7 +57,9 @@ fn kernel_keys(config: &ProxyConfig) -> Vec<i16> {
         ApiKey::SaslHandshake as i16,
         ApiKey::SaslAuthenticate as i16,
     ];
+    // Only keys kpscd knows: an unknown one is refused by kpscd's header check.
     (0..128)
+        .filter(|&k| ApiKey::try_from(k).is_ok())
         .filter(|k| !kept.contains(k) && !config.forbidden_api_keys.contains(k))
         .collect()
 }
