@@ -87,13 +87,7 @@ impl RawClient {
 
     /// Reads one response frame body (header included).
     pub fn recv_raw(&mut self) -> anyhow::Result<Bytes> {
-        let mut size = [0u8; 4];
-        self.stream.read_exact(&mut size)?;
-        let size = i32::from_be_bytes(size);
-        anyhow::ensure!(size >= 4, "bad response size {size}");
-        let mut body = vec![0; size as usize];
-        self.stream.read_exact(&mut body)?;
-        Ok(Bytes::from(body))
+        read_frame(&mut self.stream)
     }
 
     /// Reads a response, checks its correlation id and decodes it. Trailing bytes beyond
@@ -168,6 +162,17 @@ impl RawClient {
         let id = self.send(api, version, request)?;
         self.recv(id, version)
     }
+}
+
+/// Reads one response frame from `stream` and returns its body (header included).
+pub fn read_frame(stream: &mut impl Read) -> anyhow::Result<Bytes> {
+    let mut size = [0u8; 4];
+    stream.read_exact(&mut size)?;
+    let size = i32::from_be_bytes(size);
+    anyhow::ensure!(size >= 4, "bad response size {size}");
+    let mut body = vec![0; size as usize];
+    stream.read_exact(&mut body)?;
+    Ok(Bytes::from(body))
 }
 
 /// True when `haystack` contains `needle` as bytes.

@@ -51,6 +51,7 @@ impl Kpscd {
         args.insert(0, "proxy".into());
         let named = args.iter().any(|a| a.starts_with("--bulk-transfer"));
         if let Ok(transfer) = std::env::var(SUITE_BULK_TRANSFER)
+            && !transfer.is_empty()
             && !named
         {
             args.extend(["--bulk-transfer".into(), transfer]);

@@ -1,9 +1,6 @@
 //! Kafka requests written by hand for pipelines on one connection (encoded with the
 //! kafka-protocol crate), their responses read and decoded, and records read back: for
 //! tests that control every byte a client sends. Produce and Fetch name [`TOPIC`].
-
-use std::io::Read;
-
 use bytes::Bytes;
 use kafka_protocol::{
     messages::{
@@ -16,6 +13,7 @@ use kafka_protocol::{
     protocol::{Decodable, Encodable, HeaderVersion, StrBytes},
     records::RecordBatchDecoder,
 };
+pub use kpsc_testkit::read_frame;
 use kpsc_testkit::{RawClient, request_body};
 
 use crate::portmap::record_batch;
@@ -171,17 +169,6 @@ pub fn record_values(records: Option<&Bytes>) -> anyhow::Result<Vec<Vec<u8>>> {
         }
     }
     Ok(values)
-}
-
-/// Reads one response frame's body.
-pub fn read_frame(stream: &mut impl Read) -> anyhow::Result<Bytes> {
-    let mut size = [0u8; 4];
-    stream.read_exact(&mut size)?;
-    let size = i32::from_be_bytes(size);
-    anyhow::ensure!(size >= 4, "bad response size {size}");
-    let mut body = vec![0; size as usize];
-    stream.read_exact(&mut body)?;
-    Ok(Bytes::from(body))
 }
 
 /// Everything produced to `TOPIC`, per partition, read back through kpscd.

@@ -220,8 +220,6 @@ async fn proxy_kernel(
 ) -> Result<(), ConnError> {
     let (client_r, mut client_w) = client.into_split();
     let (upstream_r, mut upstream_w) = upstream.into_split();
-    let spliced = &state.metrics.spliced_bytes;
-    let mover = || TcpMover::new(BulkTransfer::Splice, spliced.clone());
     let (in_flight_tx, in_flight_rx) = mpsc::channel(state.config.max_in_flight);
     let result = both_directions(
         forward_requests_kernel(
@@ -235,7 +233,7 @@ async fn proxy_kernel(
         forward_responses(
             upstream_r,
             &mut client_w,
-            mover(),
+            TcpMover::new(BulkTransfer::Splice, state.metrics.spliced_bytes.clone()),
             in_flight_rx,
             true,
             route,
