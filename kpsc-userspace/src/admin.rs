@@ -45,15 +45,28 @@ pub struct MapRow {
     /// `kpscd proxy --bulk-transfer sockmap`: what the kernel carried from clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_from_client: Option<KernelRow>,
+    /// The same for responses, broker -> client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_to_client: Option<KernelRow>,
 }
 
-/// One port's client -> broker traffic on the kernel path.
+/// One port's traffic in one direction on the kernel path.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct KernelRow {
     pub redirected_bytes: u64,
     pub redirected_frames: u64,
     /// Frames kpscd handled itself.
     pub passed_frames: u64,
+}
+
+impl From<&crate::metrics::KernelCounters> for KernelRow {
+    fn from(k: &crate::metrics::KernelCounters) -> Self {
+        Self {
+            redirected_bytes: k.redirected_bytes.get(),
+            redirected_frames: k.redirected_frames.get(),
+            passed_frames: k.passed_frames.get(),
+        }
+    }
 }
 
 /// What a mode exposes to the admin endpoint.

@@ -59,6 +59,8 @@ pub struct PortCounters {
     /// `--bulk-transfer sockmap`, client -> broker: what the kernel carried and the
     /// frames kpscd handled itself.
     pub kernel_from_client: KernelCounters,
+    /// The same, broker -> client.
+    pub kernel_to_client: KernelCounters,
 }
 
 /// One direction of one port on the kernel path.
@@ -339,6 +341,11 @@ impl Metrics {
                 redirected_bytes: of(&self.kernel_redirected_bytes, "from_client"),
                 redirected_frames: of(&self.kernel_redirected_frames, "from_client"),
                 passed_frames: of(&self.kernel_passed_frames, "from_client"),
+            },
+            kernel_to_client: KernelCounters {
+                redirected_bytes: of(&self.kernel_redirected_bytes, "to_client"),
+                redirected_frames: of(&self.kernel_redirected_frames, "to_client"),
+                passed_frames: of(&self.kernel_passed_frames, "to_client"),
             },
         }
     }

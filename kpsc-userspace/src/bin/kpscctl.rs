@@ -300,13 +300,15 @@ fn render_table(rows: &[MapRow]) -> String {
                 human_bytes(r.bytes_to_client),
             ];
             if kernel {
-                let k = r.kernel_from_client.clone().unwrap_or_default();
-                cells.push(format!(
-                    "{} ({} of {} frames)",
-                    human_bytes(k.redirected_bytes),
-                    k.redirected_frames,
-                    k.redirected_frames + k.passed_frames
-                ));
+                for k in [&r.kernel_from_client, &r.kernel_to_client] {
+                    let k = k.clone().unwrap_or_default();
+                    cells.push(format!(
+                        "{} ({} of {} frames)",
+                        human_bytes(k.redirected_bytes),
+                        k.redirected_frames,
+                        k.redirected_frames + k.passed_frames
+                    ));
+                }
             }
             cells
         })
@@ -323,6 +325,7 @@ fn render_table(rows: &[MapRow]) -> String {
     ];
     if kernel {
         header.push("IN BY KERNEL");
+        header.push("OUT BY KERNEL");
     }
     table(&header, &cells)
 }

@@ -100,6 +100,7 @@ impl AdminView for PortmapState {
                     bytes_from_client: stats.bytes_in,
                     bytes_to_client: stats.bytes_out,
                     kernel_from_client: None,
+                    kernel_to_client: None,
                 }
             })
             .collect()

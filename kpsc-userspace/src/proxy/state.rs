@@ -14,6 +14,7 @@ use crate::{
     config::proxy::{BulkTransfer, ProxyConfig},
     mapping::{addr::BrokerAddr, map::PortMap},
     metrics::Metrics,
+    proxy::rewrite::policy,
     proxy::{
         access::Gate,
         budget::RewriteBudget,
@@ -64,6 +65,28 @@ fn kernel_keys(config: &ProxyConfig) -> Vec<i16> {
         .collect()
 }
 
+/// Per API key, the lowest version whose responses kpscd must rewrite (i16::MAX: none):
+/// the response verdict carries the responses to lower versions. Whether a response needs
+/// a rewrite only ever turns on from some version up, so a binary search finds it.
+fn rewritten_from() -> [i16; 128] {
+    std::array::from_fn(|key| {
+        let needs = |version: i16| policy::response_needs_rewrite(key as i16, version);
+        if !needs(i16::MAX) {
+            return i16::MAX;
+        }
+        let (mut low, mut high) = (0i16, i16::MAX);
+        while low < high {
+            let mid = low + (high - low) / 2;
+            if needs(mid) {
+                high = mid;
+            } else {
+                low = mid + 1;
+            }
+        }
+        low
+    })
+}
+
 impl ProxyState {
     /// Binds the static listeners; accepted connections arrive on the returned receiver.
     pub fn start(config: ProxyConfig) -> anyhow::Result<(Arc<Self>, mpsc::Receiver<Accepted>)> {
@@ -73,7 +96,13 @@ impl ProxyState {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let kernel_path = (config.bulk_transfer == BulkTransfer::Sockmap)
-            .then(|| KernelPath::load(kernel_keys(&config), config.max_frame_size))
+            .then(|| {
+                KernelPath::load(
+                    kernel_keys(&config),
+                    rewritten_from(),
+                    config.max_frame_size,
+                )
+            })
             .transpose()
             .context("--bulk-transfer sockmap")?;
         let (accepted, incoming) = mpsc::channel(1024);
@@ -183,12 +212,12 @@ impl AdminView for ProxyState {
                     bytes_to_client: counters.map_or(0, |c| c.bytes_to_client.get()),
                     kernel_from_client: self.kernel_path.as_ref().map(|_| {
                         counters.map_or_else(KernelRow::default, |c| {
-                            let k = &c.kernel_from_client;
-                            KernelRow {
-                                redirected_bytes: k.redirected_bytes.get(),
-                                redirected_frames: k.redirected_frames.get(),
-                                passed_frames: k.passed_frames.get(),
-                            }
+                            KernelRow::from(&c.kernel_from_client)
+                        })
+                    }),
+                    kernel_to_client: self.kernel_path.as_ref().map(|_| {
+                        counters.map_or_else(KernelRow::default, |c| {
+                            KernelRow::from(&c.kernel_to_client)
                         })
                     }),
                 }

@@ -19,7 +19,7 @@ use crate::{
         bulk::{copy::CopyMover, sockmap::KernelConn, transfer::Transfer},
         connection::{
             error::ConnError,
-            requests::{InFlight, forward_frame},
+            requests::{InFlight, Origin, forward_frame},
         },
         listeners::Route,
         state::ProxyState,
@@ -38,11 +38,12 @@ impl Accounted {
     /// The verdict is in the middle of a frame, or carried bytes not counted yet.
     fn behind(&self, conn: &KernelConn) -> bool {
         let slot = conn.slot();
-        slot.frame_left() > 0 || slot.redirected_bytes() != self.redirected_bytes
+        let requests = slot.requests();
+        requests.frame_left() > 0 || requests.redirected_bytes() != self.redirected_bytes
     }
 
     fn sync(&mut self, conn: &KernelConn, route: &Route) {
-        let now = conn.slot().redirected_bytes();
+        let now = conn.slot().requests().redirected_bytes();
         let delta = now.saturating_sub(self.redirected_bytes);
         self.redirected_bytes = now;
         route.counters.bytes_from_client.inc_by(delta);
@@ -62,7 +63,7 @@ async fn take_batch(
     state: &ProxyState,
 ) -> Result<u64, ConnError> {
     let count = (batch.count as usize).min(batch.frames.len());
-    for head in &batch.frames[..count] {
+    for (i, head) in batch.frames[..count].iter().enumerate() {
         state.metrics.request(head.api_key);
         route.counters.kernel_from_client.redirected_frames.inc();
         // Blocks when too many requests are in flight; the kernel keeps carrying requests
@@ -77,12 +78,15 @@ async fn take_batch(
                 sent_at: Instant::now(),
                 expects_response: head.expects_response != 0,
                 local_response: None,
+                origin: Origin::Carried(batch.first_expectation + i as u64),
             })
             .await
             .map_err(|_| ConnError::BrokerClosed(0))?;
     }
     Ok(count as u64)
 }
+
+type Batches = mpsc::UnboundedReceiver<Box<kpsc_common::proxy_kernel::RequestBatch>>;
 
 fn lost_reports() -> ConnError {
     ConnError::KernelPath(std::io::Error::other(
@@ -94,13 +98,13 @@ fn lost_reports() -> ConnError {
 async fn take_reports_until(
     frames: u64,
     frames_taken: &mut u64,
-    conn: &mut KernelConn,
+    batches: &mut Batches,
     in_flight: &mpsc::Sender<InFlight>,
     route: &Route,
     state: &ProxyState,
 ) -> Result<(), ConnError> {
     while *frames_taken < frames {
-        let batch = conn.batches.recv().await.ok_or_else(lost_reports)?;
+        let batch = batches.recv().await.ok_or_else(lost_reports)?;
         *frames_taken += take_batch(&batch, in_flight, route, state).await?;
     }
     Ok(())
@@ -111,10 +115,11 @@ pub async fn forward_requests_kernel(
     client_r: OwnedReadHalf,
     upstream_w: &mut OwnedWriteHalf,
     in_flight: mpsc::Sender<InFlight>,
-    conn: &mut KernelConn,
+    conn: &KernelConn,
     route: &Route,
     state: &ProxyState,
 ) -> Result<(), ConnError> {
+    let mut batches = conn.take_batches().ok_or_else(lost_reports)?;
     // Copied, never spliced: the bytes the verdict passes up are queued on the socket's
     // psock, which only recvmsg reads; splice(2) reads the TCP receive queue, which the
     // verdict has emptied, and would wait forever for a large frame's rest.
@@ -132,6 +137,7 @@ pub async fn forward_requests_kernel(
     // first byte it has not handled.
     let mut epoch = 0u32;
     let mut offset = 0u64;
+    let mut marker = 0u64;
     // Bytes kpscd wrote to the broker itself.
     let mut written = 0u64;
     loop {
@@ -145,12 +151,12 @@ pub async fn forward_requests_kernel(
                 // Shutting down takes no new requests, as on the userspace path: stop the
                 // verdict, then queue what it carried so its responses are delivered.
                 conn.stop_carrying();
-                let carried = conn.slot().redirected_frames();
-                take_reports_until(carried, &mut frames_taken, conn, &in_flight, route, state)
+                let carried = conn.slot().requests().redirected_frames();
+                take_reports_until(carried, &mut frames_taken, &mut batches, &in_flight, route, state)
                     .await?;
                 false
             }
-            batch = conn.batches.recv() => {
+            batch = batches.recv() => {
                 let batch = batch.ok_or_else(lost_reports)?;
                 frames_taken += take_batch(&batch, &in_flight, route, state).await?;
                 accounted.sync(conn, route);
@@ -166,27 +172,37 @@ pub async fn forward_requests_kernel(
             // Every request the verdict carried must be in flight before this loop ends
             // (its report may still be on the way from the ring), or the response loop
             // would stop short of its response.
-            let carried = conn.slot().redirected_frames();
-            take_reports_until(carried, &mut frames_taken, conn, &in_flight, route, state).await?;
+            let carried = conn.slot().requests().redirected_frames();
+            take_reports_until(
+                carried,
+                &mut frames_taken,
+                &mut batches,
+                &in_flight,
+                route,
+                state,
+            )
+            .await?;
             // The FIN must not overtake requests still on the redirect backlog.
-            conn.drain(upstream_w.as_ref(), written)
+            conn.drain_requests(upstream_w.as_ref(), written)
                 .await
                 .map_err(ConnError::KernelPath)?;
             accounted.sync(conn, route);
             return Ok(());
         }
-        let pass = conn.slot().pass();
+        let pass = conn.slot().requests().pass();
         let mut tail = 0;
         if pass.epoch != epoch {
             // A new stretch: it starts at `pass.from`, with the end of a frame whose start
             // the kernel redirected. What was reported before it goes in flight first.
+            // Its requests' responses follow the marker the verdict pushed for it.
             epoch = pass.epoch;
             offset = pass.from;
             tail = pass.tail as usize;
+            marker = conn.slot().pass_marker();
             take_reports_until(
                 pass.frames_before,
                 &mut frames_taken,
-                conn,
+                &mut batches,
                 &in_flight,
                 route,
                 state,
@@ -194,7 +210,7 @@ pub async fn forward_requests_kernel(
             .await?;
             accounted.sync(conn, route);
         }
-        conn.drain(upstream_w.as_ref(), written)
+        conn.drain_requests(upstream_w.as_ref(), written)
             .await
             .map_err(ConnError::KernelPath)?;
         if tail > 0 {
@@ -218,7 +234,7 @@ pub async fn forward_requests_kernel(
                 &mut reader,
                 upstream_w,
                 &mut mover,
-                &in_flight,
+                (&in_flight, Origin::Passed(marker)),
                 route,
                 state,
             )
@@ -229,6 +245,6 @@ pub async fn forward_requests_kernel(
                 written += handled.len as u64;
             }
         }
-        conn.slot().resume_at(offset);
+        conn.slot().requests().resume_at(offset);
     }
 }

@@ -12,10 +12,12 @@
 //!   `--kafka-max-open-requests` bounds requests in flight (then reading the client stops).
 //!
 //! `serve` sets a connection up; `requests` and `responses` are its two directions
-//! (`kernel_requests` replaces `requests` under `--bulk-transfer sockmap`);
+//! (`kernel_requests` and `kernel_responses` replace them under `--bulk-transfer
+//! sockmap`);
 //! `error` says how a connection can end.
 pub mod error;
 pub mod kernel_requests;
+pub mod kernel_responses;
 pub mod requests;
 pub mod responses;
 pub mod serve;

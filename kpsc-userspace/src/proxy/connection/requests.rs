@@ -30,6 +30,28 @@ pub struct InFlight {
     pub expects_response: bool,
     /// kpsc answers this request itself (it was not forwarded); delivered in order.
     pub local_response: Option<BytesMut>,
+    pub origin: Origin,
+}
+
+/// Where a request stands on the kernel path's expectation ring (`bulk::sockmap`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Not on the kernel path.
+    Userspace,
+    /// Carried by the kernel: the ring position of its expectation.
+    Carried(u64),
+    /// Handled by kpscd in a stretch the request verdict passed: the stretch's marker.
+    Passed(u64),
+}
+
+impl Origin {
+    /// The ring position after this request's entry (or its stretch's marker).
+    pub fn ring_after(self) -> Option<u64> {
+        match self {
+            Origin::Userspace => None,
+            Origin::Carried(at) | Origin::Passed(at) => Some(at + 1),
+        }
+    }
 }
 
 /// One request frame handled by `forward_frame`.
@@ -70,7 +92,7 @@ where
             &mut reader,
             upstream_w,
             &mut mover,
-            &in_flight,
+            (&in_flight, Origin::Userspace),
             route,
             state,
         )
@@ -79,12 +101,13 @@ where
 }
 
 /// Handles the frame at the start of `reader`'s stream, whose size prefix is buffered:
-/// checks it, registers it as in flight, and answers it here or forwards it.
+/// checks it, registers it as in flight (from `origin`), and answers it here or forwards
+/// it.
 pub async fn forward_frame<R, W, M>(
     reader: &mut FrameReader<R>,
     upstream_w: &mut W,
     mover: &mut M,
-    in_flight: &mpsc::Sender<InFlight>,
+    (in_flight, origin): (&mpsc::Sender<InFlight>, Origin),
     route: &Route,
     state: &ProxyState,
 ) -> Result<Handled, ConnError>
@@ -146,6 +169,7 @@ where
             sent_at: Instant::now(),
             expects_response,
             local_response,
+            origin,
         })
         .await
         .map_err(|_| ConnError::BrokerClosed(0))?;

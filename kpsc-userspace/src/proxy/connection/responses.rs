@@ -20,7 +20,10 @@ use crate::{
     proxy::{
         budget::{Reservation, release_after_large_rewrite},
         bulk::transfer::Transfer,
-        connection::{error::ConnError, requests::InFlight},
+        connection::{
+            error::ConnError,
+            requests::{InFlight, Origin},
+        },
         listeners::Route,
         rewrite::{api_versions, apis, declaration::Advertised, policy},
         state::ProxyState,
@@ -36,20 +39,13 @@ const LARGE_REWRITE: u32 = 4 << 20;
 /// The rewrite output buffer is kept between responses up to this capacity.
 const KEPT_OUTPUT_CAPACITY: usize = 1 << 20;
 
-/// How long a response with no request in flight waits for its request on the kernel path
-/// before it counts as unsolicited.
-const KERNEL_REPORT_WAIT: Duration = Duration::from_secs(5);
-
 /// Forwards responses until the request side is done and everything owed was delivered,
-/// or the broker side ends. `kernel_requests`: the kernel carries the requests and
-/// reports them afterwards (`--bulk-transfer sockmap`), so a response can arrive before
-/// its request is queued here.
+/// or the broker side ends.
 pub async fn forward_responses<R, W, M>(
     upstream_r: R,
     client_w: &mut W,
     mut mover: M,
     mut in_flight: mpsc::Receiver<InFlight>,
-    kernel_requests: bool,
     route: &Route,
     state: &ProxyState,
 ) -> Result<(), ConnError>
@@ -58,21 +54,14 @@ where
     W: AsyncWrite + Unpin + Send,
     M: Transfer<R, W>,
 {
-    let max_frame = state.config.max_frame_size;
     let mut reader = FrameReader::new(upstream_r, mover.read_buffer_size());
-    let mut body = Vec::new();
-    let mut out = BytesMut::new();
-    // Correlation ids of acks=0 produce requests since the last answered request. Kafka
-    // never answers them; some brokers (librdkafka's mock) do, and such an answer must be
-    // dropped, not forwarded to a client that expects none nor taken as out of order.
-    let mut unanswered_acks0: VecDeque<i32> = VecDeque::new();
+    let mut responses = Responses::default();
     let mut pending: Option<InFlight> = None;
     loop {
         if pending.is_none() {
             pending = tokio::select! {
                 // Requests are registered before they are written upstream, so when a
-                // response arrives its request is already queued (on the kernel path: in
-                // the verdict's ring, on its way here): poll the queue first.
+                // response arrives its request is already queued: poll the queue first.
                 biased;
                 request = in_flight.recv() => match request {
                     Some(r) => Some(r),
@@ -83,48 +72,141 @@ where
                     if !data.map_err(ConnError::Broker)? {
                         return Ok(());
                     }
-                    if kernel_requests {
-                        tokio::select! {
-                            biased;
-                            request = in_flight.recv() => request,
-                            _ = tokio::time::sleep(KERNEL_REPORT_WAIT) => None,
-                        }
-                    } else {
-                        None
-                    }
+                    None
                 }
             };
-            if let Some(request) = pending.take_if(|r| r.local_response.is_some()) {
-                let body = request.local_response.expect("checked");
-                write_frame(client_w, &body)
-                    .await
-                    .map_err(ConnError::ClientWrite)?;
-                route
-                    .counters
-                    .bytes_to_client
-                    .inc_by((SIZE_LEN + body.len()) as u64);
-                state.metrics.version_cap(request.header.api_key);
-                continue;
-            }
-            if let Some(request) = pending.take_if(|r| !r.expects_response) {
-                if unanswered_acks0.len() == ACKS0_MEMORY {
-                    unanswered_acks0.pop_front();
-                }
-                unanswered_acks0.push_back(request.header.correlation_id);
+            if responses
+                .settle_unanswered(&mut pending, client_w, route, state)
+                .await?
+                .is_some()
+            {
                 continue;
             }
         }
         let waiting = in_flight.len() + usize::from(pending.is_some());
-        match reader.fill_to(SIZE_LEN + 4).await {
+        match reader.fill_to(RESPONSE_HEAD).await {
             Ok(true) => {}
             Ok(false) if waiting == 0 => return Ok(()),
             Ok(false) | Err(FrameError::Truncated) => return Err(ConnError::BrokerClosed(waiting)),
             Err(e) => return Err(ConnError::Broker(e)),
         }
+        responses
+            .forward_one(
+                &mut reader,
+                client_w,
+                &mut mover,
+                &mut pending,
+                waiting,
+                route,
+                state,
+            )
+            .await?;
+    }
+}
+
+/// Size prefix and correlation id: what `Responses::forward_one` needs buffered.
+pub const RESPONSE_HEAD: usize = SIZE_LEN + 4;
+
+/// One response frame handled by `Responses::forward_one`.
+pub struct Forwarded {
+    /// The origin of the request it answered; None for a dropped answer to acks=0.
+    pub answered: Option<Origin>,
+    /// Bytes of the broker's stream it took.
+    pub consumed: usize,
+    /// Bytes written to the client.
+    pub written: usize,
+}
+
+/// A connection's response direction: what outlives one response.
+#[derive(Default)]
+pub struct Responses {
+    body: Vec<u8>,
+    out: BytesMut,
+    /// Correlation ids of acks=0 produce requests since the last answered request. Kafka
+    /// never answers them; some brokers (librdkafka's mock) do, and such an answer must
+    /// be dropped, not forwarded to a client that expects none nor taken as out of order.
+    unanswered_acks0: VecDeque<i32>,
+}
+
+impl Responses {
+    /// Settles `pending` if the broker will not answer it: writes kpsc's own answer, or
+    /// remembers an acks=0 id. Returns the request's origin and the bytes written to the
+    /// client when it was settled.
+    pub async fn settle_unanswered<W>(
+        &mut self,
+        pending: &mut Option<InFlight>,
+        client_w: &mut W,
+        route: &Route,
+        state: &ProxyState,
+    ) -> Result<Option<(Origin, usize)>, ConnError>
+    where
+        W: AsyncWrite + Unpin + Send,
+    {
+        if let Some(request) = pending.take_if(|r| r.local_response.is_some()) {
+            let body = request.local_response.expect("checked");
+            write_frame(client_w, &body)
+                .await
+                .map_err(ConnError::ClientWrite)?;
+            route
+                .counters
+                .bytes_to_client
+                .inc_by((SIZE_LEN + body.len()) as u64);
+            state.metrics.version_cap(request.header.api_key);
+            return Ok(Some((request.origin, SIZE_LEN + body.len())));
+        }
+        if let Some(request) = pending.take_if(|r| !r.expects_response) {
+            if self.unanswered_acks0.len() == ACKS0_MEMORY {
+                self.unanswered_acks0.pop_front();
+            }
+            self.unanswered_acks0
+                .push_back(request.header.correlation_id);
+            return Ok(Some((request.origin, 0)));
+        }
+        Ok(None)
+    }
+
+    /// The response whose head is `head` (RESPONSE_HEAD bytes) answers an acks=0 request
+    /// settled earlier: `forward_one` drops it.
+    pub fn answers_acks0(&self, head: &[u8]) -> bool {
+        head.get(4..8)
+            .map(|id| i32::from_be_bytes(id.try_into().expect("4 bytes")))
+            .is_some_and(|id| self.unanswered_acks0.contains(&id))
+    }
+
+    /// Accounts a response the kernel delivered to `request`: acks=0 ids before it will
+    /// not be answered.
+    pub fn delivered_elsewhere(&mut self, request: &InFlight, state: &ProxyState) {
+        self.unanswered_acks0.clear();
+        state.metrics.latency(
+            request.header.api_key,
+            request.sent_at.elapsed().as_secs_f64(),
+        );
+    }
+
+    /// Handles the response frame at the head of `reader` (RESPONSE_HEAD bytes
+    /// buffered): drops a broker's answer to acks=0, or delivers it, rewritten if it may
+    /// carry addresses, as the response to `pending` (which it takes). `waiting`: requests
+    /// owed a response, for the error if the broker leaves mid-frame.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn forward_one<R, W, M>(
+        &mut self,
+        reader: &mut FrameReader<R>,
+        client_w: &mut W,
+        mover: &mut M,
+        pending: &mut Option<InFlight>,
+        waiting: usize,
+        route: &Route,
+        state: &ProxyState,
+    ) -> Result<Forwarded, ConnError>
+    where
+        R: AsyncRead + Unpin + Send,
+        W: AsyncWrite + Unpin + Send,
+        M: Transfer<R, W>,
+    {
         let buffered = reader.buffered();
         let size = frame_size(
             buffered[..4].try_into().expect("4 bytes"),
-            max_frame,
+            state.config.max_frame_size,
             4,
             "response",
         )
@@ -135,10 +217,13 @@ where
         let for_pending = pending
             .as_ref()
             .is_some_and(|p| p.header.correlation_id == correlation_id);
-        if let Some(pos) = unanswered_acks0.iter().position(|&id| id == correlation_id)
+        if let Some(pos) = self
+            .unanswered_acks0
+            .iter()
+            .position(|&id| id == correlation_id)
             && !for_pending
         {
-            unanswered_acks0.drain(..=pos);
+            self.unanswered_acks0.drain(..=pos);
             reader
                 .copy_to(SIZE_LEN + size as usize, &mut tokio::io::sink())
                 .await
@@ -151,7 +236,11 @@ where
                 correlation_id,
                 "dropped the broker's answer to an acks=0 produce"
             );
-            continue;
+            return Ok(Forwarded {
+                answered: None,
+                consumed: SIZE_LEN + size as usize,
+                written: 0,
+            });
         }
         let Some(request) = pending.take() else {
             return Err(ConnError::Unsolicited);
@@ -168,59 +257,15 @@ where
             });
         }
         // Responses come in request order: earlier acks=0 requests will not be answered.
-        unanswered_acks0.clear();
+        self.unanswered_acks0.clear();
         let is_api_versions = api_key == ApiKey::ApiVersions as i16;
         let written = if is_api_versions || policy::response_needs_rewrite(api_key, api_version) {
-            let mut waited = false;
-            let mut reservation = state
-                .rewrite_budget
-                .reserve(size, REWRITE_BUDGET_WAIT, &mut waited)
-                .await?;
-            if waited {
-                state.metrics.rewrite_budget_waits.inc();
-            }
-            reader.consume(SIZE_LEN);
-            body.clear();
-            reader
-                .read_into(size as usize, &mut body)
-                .await
-                .map_err(|e| match e {
-                    FrameError::Truncated => ConnError::BrokerClosed(waiting),
-                    e => ConnError::Broker(e),
-                })?;
-            let frame = Bytes::from(std::mem::take(&mut body));
-            out.clear();
-            if is_api_versions {
-                rewrite_api_versions(api_version, frame, state, &mut out)?;
-            } else {
-                rewrite_addresses(
-                    api_key,
-                    api_version,
-                    frame,
-                    state,
-                    &mut reservation,
-                    &mut out,
-                )
-                .await?;
-            }
-            // The client may read slowly: only the output stays reserved meanwhile.
-            reservation.shrink_to(out.len());
-            write_frame(client_w, &out)
-                .await
-                .map_err(ConnError::ClientWrite)?;
-            let written = SIZE_LEN + out.len();
-            if out.capacity() > KEPT_OUTPUT_CAPACITY {
-                out = BytesMut::new();
-            }
-            if size >= LARGE_REWRITE {
-                release_after_large_rewrite();
-            }
-            drop(reservation);
-            written
+            self.rewrite(reader, client_w, &request, size, waiting, state)
+                .await?
         } else {
             let frame_len = SIZE_LEN + size as usize;
             mover
-                .forward(&mut reader, frame_len, client_w)
+                .forward(reader, frame_len, client_w)
                 .await
                 .map_err(|e| match e {
                     MoveError::Source(FrameError::Truncated) => ConnError::BrokerClosed(waiting),
@@ -233,6 +278,79 @@ where
         state
             .metrics
             .latency(api_key, request.sent_at.elapsed().as_secs_f64());
+        Ok(Forwarded {
+            answered: Some(request.origin),
+            consumed: SIZE_LEN + size as usize,
+            written,
+        })
+    }
+
+    /// Reads the response frame of `size` bytes at the head of `reader`, rewrites it and
+    /// writes it to the client. Returns the bytes written.
+    async fn rewrite<R, W>(
+        &mut self,
+        reader: &mut FrameReader<R>,
+        client_w: &mut W,
+        request: &InFlight,
+        size: u32,
+        waiting: usize,
+        state: &ProxyState,
+    ) -> Result<usize, ConnError>
+    where
+        R: AsyncRead + Unpin + Send,
+        W: AsyncWrite + Unpin + Send,
+    {
+        let RequestHeader {
+            api_key,
+            api_version,
+            ..
+        } = request.header;
+        let mut waited = false;
+        let mut reservation = state
+            .rewrite_budget
+            .reserve(size, REWRITE_BUDGET_WAIT, &mut waited)
+            .await?;
+        if waited {
+            state.metrics.rewrite_budget_waits.inc();
+        }
+        reader.consume(SIZE_LEN);
+        self.body.clear();
+        reader
+            .read_into(size as usize, &mut self.body)
+            .await
+            .map_err(|e| match e {
+                FrameError::Truncated => ConnError::BrokerClosed(waiting),
+                e => ConnError::Broker(e),
+            })?;
+        let frame = Bytes::from(std::mem::take(&mut self.body));
+        self.out.clear();
+        if api_key == ApiKey::ApiVersions as i16 {
+            rewrite_api_versions(api_version, frame, state, &mut self.out)?;
+        } else {
+            rewrite_addresses(
+                api_key,
+                api_version,
+                frame,
+                state,
+                &mut reservation,
+                &mut self.out,
+            )
+            .await?;
+        }
+        // The client may read slowly: only the output stays reserved meanwhile.
+        reservation.shrink_to(self.out.len());
+        write_frame(client_w, &self.out)
+            .await
+            .map_err(ConnError::ClientWrite)?;
+        let written = SIZE_LEN + self.out.len();
+        if self.out.capacity() > KEPT_OUTPUT_CAPACITY {
+            self.out = BytesMut::new();
+        }
+        if size >= LARGE_REWRITE {
+            release_after_large_rewrite();
+        }
+        drop(reservation);
+        Ok(written)
     }
 }
 

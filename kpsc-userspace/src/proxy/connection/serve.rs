@@ -14,7 +14,6 @@ use tokio_util::either::Either;
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::proxy::BulkTransfer,
     kafka::sasl,
     proxy::{
         bulk::{
@@ -24,7 +23,8 @@ use crate::{
             transfer::Transfer,
         },
         connection::{
-            error::ConnError, kernel_requests::forward_requests_kernel, requests::forward_requests,
+            error::ConnError, kernel_requests::forward_requests_kernel,
+            kernel_responses::forward_responses_kernel, requests::forward_requests,
             responses::forward_responses,
         },
         listeners::Route,
@@ -214,7 +214,7 @@ fn kernel_conn(
 async fn proxy_kernel(
     client: TcpStream,
     upstream: TcpStream,
-    mut conn: KernelConn,
+    conn: KernelConn,
     route: &Route,
     state: &ProxyState,
 ) -> Result<(), ConnError> {
@@ -222,23 +222,8 @@ async fn proxy_kernel(
     let (upstream_r, mut upstream_w) = upstream.into_split();
     let (in_flight_tx, in_flight_rx) = mpsc::channel(state.config.max_in_flight);
     let result = both_directions(
-        forward_requests_kernel(
-            client_r,
-            &mut upstream_w,
-            in_flight_tx,
-            &mut conn,
-            route,
-            state,
-        ),
-        forward_responses(
-            upstream_r,
-            &mut client_w,
-            TcpMover::new(BulkTransfer::Splice, state.metrics.spliced_bytes.clone()),
-            in_flight_rx,
-            true,
-            route,
-            state,
-        ),
+        forward_requests_kernel(client_r, &mut upstream_w, in_flight_tx, &conn, route, state),
+        forward_responses_kernel(upstream_r, &mut client_w, in_flight_rx, &conn, route, state),
     )
     .await;
     let _ = timeout(CLIENT_SHUTDOWN_TIMEOUT, client_w.shutdown()).await;
@@ -286,15 +271,7 @@ where
     let (in_flight_tx, in_flight_rx) = mpsc::channel(state.config.max_in_flight);
     let result = both_directions(
         forward_requests(client_r, &mut upstream_w, up, in_flight_tx, route, state),
-        forward_responses(
-            upstream_r,
-            &mut client_w,
-            down,
-            in_flight_rx,
-            false,
-            route,
-            state,
-        ),
+        forward_responses(upstream_r, &mut client_w, down, in_flight_rx, route, state),
     )
     .await;
     // A TLS client learns of a clean end from close_notify (dropping would only close the

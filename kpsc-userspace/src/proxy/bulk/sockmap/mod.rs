@@ -1,26 +1,39 @@
-//! `--bulk-transfer sockmap`: a client's requests go to its broker in the kernel. The
-//! client socket enters a SOCKHASH whose verdict (kpsc-ebpf's `kpsc_proxy_requests`)
-//! frames the request stream and redirects whole skbs to the broker socket; it reports
-//! the head of every frame it redirected on a ring buffer, and kpscd queues those as in
-//! flight exactly as if it had read them. Responses keep the splice path: they are what
-//! kpscd may have to rewrite.
+//! `--bulk-transfer sockmap`: the kernel carries a connection's frames between its two
+//! sockets. The client socket enters a SOCKHASH whose verdict (kpsc-ebpf's
+//! `kpsc_proxy_requests`) frames the request stream and redirects whole skbs to the broker
+//! socket; it reports the head of every frame it redirected on a ring buffer, and kpscd
+//! queues those as in flight exactly as if it had read them. The broker socket enters a
+//! second SOCKHASH whose verdict (`kpsc_proxy_responses`) redirects to the client the
+//! responses that need no rewrite, matched in order against expectations the request
+//! verdict left in the connection's slot. Everything else reaches kpscd, which handles it
+//! as on the splice path.
 //!
-//! Who writes the broker socket, and why order holds:
-//! - The verdict owns the client stream (MODE_KERNEL) until an skb it may not carry (a
-//!   request kpscd must see: ApiVersions, SASL, `--forbidden-api-keys`; a head split over
-//!   two skbs; a full ring). It passes that skb whole and from then on every skb
-//!   (MODE_USERSPACE), recording where the stretch begins, how many bytes of a frame it
-//!   had begun redirecting come first (`pass_tail`), and how many frames it had reported.
-//! - Before kpscd writes a passed byte to the broker it has queued every reported frame
-//!   (so in-flight order is stream order) and waits until the broker socket's stream holds
+//! Who writes a socket, and why order holds (the same in both directions):
+//! - A verdict owns its stream (MODE_KERNEL) until an skb it may not carry (a request
+//!   kpscd must see: ApiVersions, SASL, `--forbidden-api-keys`; a response that may carry
+//!   addresses or answers such a request; a head split over two skbs; a full ring). It
+//!   passes that skb whole and from then on every skb (MODE_USERSPACE), recording where
+//!   the stretch begins, how many bytes of a frame it had begun redirecting come first
+//!   (`pass_tail`), and how many frames it had redirected.
+//! - Before kpscd writes a passed byte to the peer, it has accounted for every frame the
+//!   kernel redirected before the stretch, and waits until the peer socket's stream holds
 //!   every redirected byte: redirects are sent later by the psock backlog worker, and a
 //!   write of ours would otherwise overtake them.
-//! - kpscd gives the stream back by publishing `resume_at`, the frame boundary up to which
+//! - kpscd gives a stream back by publishing `resume_at`, the frame boundary up to which
 //!   it has written everything it read, once it has no byte left over. The verdict takes
 //!   back only an skb that starts exactly there; if it passed another skb first, kpscd
 //!   reads that too and publishes a later boundary. So a redirect never overtakes a write
 //!   of ours, and at most one stretch is being handed over at a time.
-//! - The FIN: kpscd ends the broker direction only after the same drain.
+//! - Responses follow requests: the request verdict pushes each carried request's
+//!   expectation before it redirects the request, and a marker where it passes a stretch
+//!   to kpscd. The response verdict redirects a response only if it answers the oldest
+//!   expectation and that one needs no rewrite; at a marker it passes, so responses to
+//!   requests kpscd handled (and everything after them) reach kpscd, in order. kpscd
+//!   hands the response stream back only when no request it handled is still unanswered
+//!   and the request verdict has its stream, after moving the ring's head past what it
+//!   delivered. A local answer (kpscd's own) waits until the kernel has delivered every
+//!   response before it and is not in the middle of one.
+//! - The FIN: kpscd ends a direction only after the same drain.
 
 pub mod slots;
 pub mod socket;
@@ -40,8 +53,8 @@ use aya::{
     programs::SkSkb,
 };
 use kpsc_common::proxy_kernel::{
-    BROKERS_MAP, CLIENTS_MAP, CONFIG_MAP, COOKIES_MAP, KernelConfig, MAX_CONNECTIONS, REQUESTS_MAP,
-    RequestBatch, SLOTS_MAP, VERDICT,
+    BROKER_COOKIES_MAP, BROKERS_MAP, CLIENTS_MAP, CONFIG_MAP, COOKIES_MAP, KernelConfig,
+    MAX_CONNECTIONS, REQUESTS_MAP, RESPONSE_VERDICT, RequestBatch, SLOTS_MAP, VERDICT,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -68,6 +81,7 @@ struct SocketMaps {
     clients: SockHash<MapData, u32>,
     brokers: SockHash<MapData, u32>,
     cookies: HashMap<MapData, u64, u32>,
+    broker_cookies: HashMap<MapData, u64, u32>,
 }
 
 /// Slots not in use, oldest freed first: a slot is reused as late as possible, so a
@@ -106,30 +120,48 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Loads `name` and attaches it to `map` as its stream verdict.
+fn attach_verdict(
+    ebpf: &mut Ebpf,
+    name: &str,
+    map: &SockHash<MapData, u32>,
+    map_name: &str,
+) -> anyhow::Result<()> {
+    let program: &mut SkSkb = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing"))?
+        .try_into()
+        .with_context(|| format!("{name} is not an sk_skb program"))?;
+    program
+        .load()
+        .with_context(|| format!("loading {name} (needs {NEEDED})"))?;
+    program
+        .attach(map.fd())
+        .with_context(|| format!("attaching {name} to {map_name}"))?;
+    Ok(())
+}
+
 impl KernelPath {
-    /// Loads and attaches the verdict. `kernel_keys`: the API keys it may carry unseen.
-    /// Must run inside the tokio runtime (it starts the ring buffer reader).
+    /// Loads and attaches the verdicts. `kernel_keys`: the API keys whose requests the
+    /// kernel may carry unseen; `rewritten_from`: per API key, the lowest version whose
+    /// responses kpscd must rewrite (i16::MAX: none). Must run inside the tokio runtime
+    /// (it starts the ring buffer reader).
     pub fn load(
         kernel_keys: impl IntoIterator<Item = i16>,
+        rewritten_from: [i16; 128],
         max_frame_size: u32,
     ) -> anyhow::Result<Arc<Self>> {
         let mut ebpf = EbpfLoader::new()
             .load(PROXY_OBJECT)
-            .with_context(|| format!("loading the kernel request path (needs {NEEDED})"))?;
+            .with_context(|| format!("loading the kernel path (needs {NEEDED})"))?;
         let clients: SockHash<MapData, u32> = take(&mut ebpf, CLIENTS_MAP)?;
-        let program: &mut SkSkb = ebpf
-            .program_mut(VERDICT)
-            .with_context(|| format!("program {VERDICT} missing"))?
-            .try_into()
-            .with_context(|| format!("{VERDICT} is not an sk_skb program"))?;
-        program
-            .load()
-            .with_context(|| format!("loading {VERDICT} (needs {NEEDED})"))?;
-        program
-            .attach(clients.fd())
-            .with_context(|| format!("attaching {VERDICT} to {CLIENTS_MAP}"))?;
+        let brokers: SockHash<MapData, u32> = take(&mut ebpf, BROKERS_MAP)?;
+        attach_verdict(&mut ebpf, VERDICT, &clients, CLIENTS_MAP)?;
+        attach_verdict(&mut ebpf, RESPONSE_VERDICT, &brokers, BROKERS_MAP)?;
         let mut config = KernelConfig {
             max_frame_size,
+            carry_responses: 1,
+            rewritten_from,
             ..KernelConfig::default()
         };
         for key in kernel_keys {
@@ -153,8 +185,9 @@ impl KernelPath {
         let path = Arc::new(Self {
             maps: Mutex::new(SocketMaps {
                 clients,
-                brokers: take(&mut ebpf, BROKERS_MAP)?,
+                brokers,
                 cookies: take(&mut ebpf, COOKIES_MAP)?,
+                broker_cookies: take(&mut ebpf, BROKER_COOKIES_MAP)?,
             }),
             _ebpf: ebpf,
             slots,
@@ -184,8 +217,11 @@ impl KernelPath {
         broker: &TcpStream,
     ) -> anyhow::Result<Option<KernelConn>> {
         let cookie = socket::cookie(client).context("reading the client socket's cookie")?;
+        let broker_cookie = socket::cookie(broker).context("reading the broker socket's cookie")?;
         let broker_base = socket::stream_bytes_written(broker)
             .context("reading the broker socket's byte count")?;
+        let client_base = socket::stream_bytes_written(client)
+            .context("reading the client socket's byte count")?;
         let Some((index, generation)) = self.allocate() else {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
@@ -204,13 +240,18 @@ impl KernelPath {
             path: Arc::clone(self),
             index,
             cookie,
-            batches: rx,
+            broker_cookie,
+            batches: Mutex::new(Some(rx)),
             broker_base,
+            client_base,
         };
         let mut maps = lock(&self.maps);
+        // Cookies first: a verdict that runs finds its slot. The client socket last: its
+        // verdict's redirects need the broker socket in its map.
         let inserted = maps
             .cookies
             .insert(conn.cookie, index, 0)
+            .and_then(|()| maps.broker_cookies.insert(broker_cookie, index, 0))
             .and_then(|()| maps.brokers.insert(index, broker.as_raw_fd(), 0))
             .and_then(|()| maps.clients.insert(index, client.as_raw_fd(), 0));
         drop(maps);
@@ -223,6 +264,8 @@ impl KernelPath {
         }
         socket::hand_queued_bytes_to_verdict(client)
             .context("handing queued client bytes to the verdict")?;
+        socket::hand_queued_bytes_to_verdict(broker)
+            .context("handing queued broker bytes to the verdict")?;
         Ok(Some(conn))
     }
 
@@ -234,21 +277,14 @@ impl KernelPath {
         Some((index, *generation))
     }
 
-    /// Takes the client socket off the kernel path: its verdict stops (new bytes stay in
-    /// its TCP queue, unread). The broker socket stays until its backlog is sent.
-    fn detach_client(&self, index: u32, cookie: u64) {
-        let mut maps = lock(&self.maps);
-        let _ = maps.clients.remove(&index);
-        let _ = maps.cookies.remove(&cookie);
-    }
-
-    fn release(&self, index: u32, cookie: u64) {
+    fn release(&self, index: u32, cookie: u64, broker_cookie: u64) {
         {
             let mut maps = lock(&self.maps);
             // Entries already gone are fine: the kernel drops closed sockets from the map.
             let _ = maps.clients.remove(&index);
             let _ = maps.brokers.remove(&index);
             let _ = maps.cookies.remove(&cookie);
+            let _ = maps.broker_cookies.remove(&broker_cookie);
         }
         lock(&self.routes)[index as usize] = None;
         lock(&self.free).free.push_back(index);
@@ -298,13 +334,17 @@ pub struct KernelConn {
     path: Arc<KernelPath>,
     index: u32,
     cookie: u64,
-    /// The heads of the frames the verdict redirected, in stream order.
-    pub batches: mpsc::UnboundedReceiver<Box<RequestBatch>>,
+    broker_cookie: u64,
+    /// The heads of the frames the verdict redirected, in stream order: the request loop
+    /// takes the receiver.
+    batches: Mutex<Option<mpsc::UnboundedReceiver<Box<RequestBatch>>>>,
     /// The broker socket's stream bytes before the kernel path (SASL written by kpscd).
     broker_base: u64,
+    /// The client socket's stream bytes before the kernel path.
+    client_base: u64,
 }
 
-/// How long the redirect backlog may take to hand the broker socket its bytes.
+/// How long the redirect backlog may take to hand a socket its bytes.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl KernelConn {
@@ -312,47 +352,72 @@ impl KernelConn {
         self.path.slots.get(self.index)
     }
 
-    /// Waits until the broker socket's stream holds every redirected byte and the
-    /// `written_by_us` bytes kpscd wrote: from then on a write of ours cannot overtake
-    /// a redirect.
-    pub async fn drain(&self, broker: &impl AsRawFd, written_by_us: u64) -> io::Result<()> {
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        let mut tries = 0u32;
-        loop {
-            let want = self.broker_base + written_by_us + self.slot().redirected_bytes();
-            if socket::stream_bytes_written(broker)? >= want {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the kernel's redirect backlog did not reach the broker socket in {DRAIN_TIMEOUT:?}"
-                    ),
-                ));
-            }
-            // The backlog worker usually runs within microseconds; tokio's timer ticks in
-            // milliseconds.
-            tries += 1;
-            if tries < 64 {
-                tokio::task::yield_now().await;
-            } else {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
+    /// The request reports' receiver (once).
+    pub fn take_batches(&self) -> Option<mpsc::UnboundedReceiver<Box<RequestBatch>>> {
+        lock(&self.batches).take()
+    }
+
+    /// Waits until the broker socket's stream holds every request byte the kernel
+    /// redirected and the `written_by_us` bytes kpscd wrote: from then on a write of ours
+    /// cannot overtake a redirect.
+    pub async fn drain_requests(
+        &self,
+        broker: &impl AsRawFd,
+        written_by_us: u64,
+    ) -> io::Result<()> {
+        let want = || self.broker_base + written_by_us + self.slot().requests().redirected_bytes();
+        drain(broker, want, "broker").await
+    }
+
+    /// As `drain_requests`, for the responses the kernel redirected to the client socket.
+    pub async fn drain_responses(
+        &self,
+        client: &impl AsRawFd,
+        written_by_us: u64,
+    ) -> io::Result<()> {
+        let want = || self.client_base + written_by_us + self.slot().responses().redirected_bytes();
+        drain(client, want, "client").await
+    }
+
+    /// Stops carrying the client's requests (kpscd is shutting down and takes no new
+    /// ones): afterwards the request verdict reports nothing more for this connection and
+    /// what it passes stays unread. The client socket stays in its map, as the target of
+    /// the responses still owed.
+    pub fn stop_carrying(&self) {
+        self.slot().stop();
     }
 }
 
-impl KernelConn {
-    /// Stops carrying the client's requests (kpscd is shutting down and takes no new
-    /// ones): afterwards the verdict reports nothing more for this connection.
-    pub fn stop_carrying(&self) {
-        self.path.detach_client(self.index, self.cookie);
+/// Waits until `socket`'s stream holds `want()` bytes.
+async fn drain(socket: &impl AsRawFd, want: impl Fn() -> u64, name: &str) -> io::Result<()> {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let mut tries = 0u32;
+    loop {
+        if socket::stream_bytes_written(socket)? >= want() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the kernel's redirect backlog did not reach the {name} socket in {DRAIN_TIMEOUT:?}"
+                ),
+            ));
+        }
+        // The backlog worker usually runs within microseconds; tokio's timer ticks in
+        // milliseconds.
+        tries += 1;
+        if tries < 64 {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 }
 
 impl Drop for KernelConn {
     fn drop(&mut self) {
-        self.path.release(self.index, self.cookie);
+        self.path
+            .release(self.index, self.cookie, self.broker_cookie);
     }
 }

@@ -10,7 +10,7 @@ use std::{
     sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
-use kpsc_common::proxy_kernel::{ConnSlot, RESUME_NONE};
+use kpsc_common::proxy_kernel::{ConnSlot, MODE_KERNEL, RESUME_NONE, StreamState};
 
 pub struct Slots {
     base: NonNull<ConnSlot>,
@@ -73,7 +73,7 @@ pub struct Slot<'a> {
 impl Slot<'_> {
     fn u64_at(&self, offset: usize) -> &AtomicU64 {
         // SAFETY: an aligned u64 field of a live slot (offsets from offset_of!), only ever
-        // accessed atomically here; the verdict's plain stores of aligned u64s are single
+        // accessed atomically here; the verdicts' plain stores of aligned u64s are single
         // instructions.
         unsafe { AtomicU64::from_ptr(self.ptr.cast::<u8>().add(offset).cast()) }
     }
@@ -85,79 +85,157 @@ impl Slot<'_> {
 
     /// A fresh slot for a new connection, before its sockets enter the maps.
     pub fn reset(&self, generation: u32) {
+        for direction in [self.requests(), self.responses()] {
+            direction.reset();
+        }
         for offset in [
-            offset_of!(ConnSlot, seen),
-            offset_of!(ConnSlot, redirected_bytes),
-            offset_of!(ConnSlot, redirected_frames),
-            offset_of!(ConnSlot, pass_from),
-            offset_of!(ConnSlot, frames_before_pass),
-            offset_of!(ConnSlot, passed_bytes),
+            offset_of!(ConnSlot, expect_tail),
+            offset_of!(ConnSlot, expect_head),
+            offset_of!(ConnSlot, pass_marker),
         ] {
             self.u64_at(offset).store(0, Ordering::Relaxed);
         }
-        for offset in [
-            offset_of!(ConnSlot, frame_left),
-            offset_of!(ConnSlot, mode),
-            offset_of!(ConnSlot, pass_epoch),
-            offset_of!(ConnSlot, pass_tail),
-        ] {
-            self.u32_at(offset).store(0, Ordering::Relaxed);
-        }
+        self.u32_at(offset_of!(ConnSlot, stopped))
+            .store(0, Ordering::Relaxed);
         self.u32_at(offset_of!(ConnSlot, generation))
-            .store(generation, Ordering::Relaxed);
-        self.u64_at(offset_of!(ConnSlot, resume_at))
+            .store(generation, Ordering::Release);
+    }
+
+    /// Tells the request verdict to carry nothing more.
+    pub fn stop(&self) {
+        self.u32_at(offset_of!(ConnSlot, stopped))
+            .store(1, Ordering::Release);
+    }
+
+    /// The client's requests.
+    pub fn requests(&self) -> Direction<'_> {
+        Direction {
+            slot: self,
+            base: offset_of!(ConnSlot, requests),
+        }
+    }
+
+    /// The broker's responses.
+    pub fn responses(&self) -> Direction<'_> {
+        Direction {
+            slot: self,
+            base: offset_of!(ConnSlot, responses),
+        }
+    }
+
+    /// Ring position of the marker the request verdict pushed for its latest stretch.
+    pub fn pass_marker(&self) -> u64 {
+        self.u64_at(offset_of!(ConnSlot, pass_marker))
+            .load(Ordering::Acquire)
+    }
+
+    /// Expectations whose response has been dealt with (the ring's head).
+    pub fn expect_head(&self) -> u64 {
+        self.u64_at(offset_of!(ConnSlot, expect_head))
+            .load(Ordering::Acquire)
+    }
+
+    /// Moves the ring's head: only while the response verdict does not have the stream.
+    pub fn set_expect_head(&self, head: u64) {
+        self.u64_at(offset_of!(ConnSlot, expect_head))
+            .store(head, Ordering::Release);
+    }
+}
+
+/// One direction's `StreamState` in a slot.
+pub struct Direction<'a> {
+    slot: &'a Slot<'a>,
+    base: usize,
+}
+
+impl Direction<'_> {
+    fn u64_field(&self, offset: usize) -> &AtomicU64 {
+        self.slot.u64_at(self.base + offset)
+    }
+
+    fn u32_field(&self, offset: usize) -> &AtomicU32 {
+        self.slot.u32_at(self.base + offset)
+    }
+
+    fn reset(&self) {
+        for offset in [
+            offset_of!(StreamState, seen),
+            offset_of!(StreamState, redirected_bytes),
+            offset_of!(StreamState, redirected_frames),
+            offset_of!(StreamState, pass_from),
+            offset_of!(StreamState, frames_before_pass),
+            offset_of!(StreamState, passed_bytes),
+        ] {
+            self.u64_field(offset).store(0, Ordering::Relaxed);
+        }
+        for offset in [
+            offset_of!(StreamState, frame_left),
+            offset_of!(StreamState, mode),
+            offset_of!(StreamState, pass_epoch),
+            offset_of!(StreamState, pass_tail),
+        ] {
+            self.u32_field(offset).store(0, Ordering::Relaxed);
+        }
+        self.u64_field(offset_of!(StreamState, resume_at))
             .store(RESUME_NONE, Ordering::Release);
     }
 
     /// Where the latest stretch passed to kpscd began: (epoch, offset, tail bytes of a
-    /// redirected frame, frames reported before it).
+    /// redirected frame, frames redirected before it).
     pub fn pass(&self) -> Pass {
         // Acquire on the epoch: the verdict wrote the other fields before it, and before
         // the bytes kpscd has just read were queued.
         let epoch = self
-            .u32_at(offset_of!(ConnSlot, pass_epoch))
+            .u32_field(offset_of!(StreamState, pass_epoch))
             .load(Ordering::Acquire);
         Pass {
             epoch,
             from: self
-                .u64_at(offset_of!(ConnSlot, pass_from))
+                .u64_field(offset_of!(StreamState, pass_from))
                 .load(Ordering::Acquire),
             tail: self
-                .u32_at(offset_of!(ConnSlot, pass_tail))
+                .u32_field(offset_of!(StreamState, pass_tail))
                 .load(Ordering::Acquire),
             frames_before: self
-                .u64_at(offset_of!(ConnSlot, frames_before_pass))
+                .u64_field(offset_of!(StreamState, frames_before_pass))
                 .load(Ordering::Acquire),
         }
     }
 
-    /// Bytes the verdict redirected to the broker socket so far.
+    /// Bytes the verdict redirected to the peer socket so far.
     pub fn redirected_bytes(&self) -> u64 {
-        self.u64_at(offset_of!(ConnSlot, redirected_bytes))
+        self.u64_field(offset_of!(StreamState, redirected_bytes))
             .load(Ordering::Acquire)
     }
 
-    /// Frames the verdict has reported so far.
+    /// Frames whose head the verdict redirected so far.
     pub fn redirected_frames(&self) -> u64 {
-        self.u64_at(offset_of!(ConnSlot, redirected_frames))
+        self.u64_field(offset_of!(StreamState, redirected_frames))
             .load(Ordering::Acquire)
     }
 
     /// Bytes of the frame being redirected that have not arrived yet.
     pub fn frame_left(&self) -> u32 {
-        self.u32_at(offset_of!(ConnSlot, frame_left))
+        self.u32_field(offset_of!(StreamState, frame_left))
             .load(Ordering::Acquire)
     }
 
+    /// True while the verdict has the stream.
+    pub fn in_kernel(&self) -> bool {
+        self.u32_field(offset_of!(StreamState, mode))
+            .load(Ordering::Acquire)
+            == MODE_KERNEL
+    }
+
     /// Gives the stream back to the kernel from `offset`, a frame boundary up to which
-    /// kpscd has written every passed byte to the broker.
+    /// kpscd has written every passed byte to the peer.
     pub fn resume_at(&self, offset: u64) {
-        self.u64_at(offset_of!(ConnSlot, resume_at))
+        self.u64_field(offset_of!(StreamState, resume_at))
             .store(offset, Ordering::Release);
     }
 }
 
-/// See `Slot::pass`.
+/// See `Direction::pass`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pass {
     pub epoch: u32,

@@ -1,57 +1,32 @@
-//! `kpsc_proxy_requests`: `kpscd proxy --bulk-transfer sockmap` carries a client's
-//! requests to its broker in the kernel. Requests never need rewriting, and Produce
-//! requests are a changefeed's bulk: this verdict, run on every skb the client socket
-//! receives, redirects whole skbs to the broker socket's egress and reports the head of
-//! every frame that starts in them (API key, version, correlation id, whether a response
-//! will come) so kpscd can match the responses in order.
+//! `kpsc_proxy_requests`: the kernel carries a client's requests to its broker.
+//! Requests never need rewriting, and Produce requests are a changefeed's bulk: this
+//! verdict, run on every skb the client socket receives, redirects whole skbs to the
+//! broker socket's egress and reports the head of every frame that starts in them (API
+//! key, version, correlation id, whether a response will come) so kpscd can match the
+//! responses in order. For each such frame it pushes an expectation for the response
+//! verdict, and a marker where it passes a stretch to kpscd.
 //!
 //! Invariants it keeps:
 //! - A redirected skb holds only frames it has walked: each starts where the previous
 //!   ended, each head is inside the skb, each size is within `--max-frame-size`, each API
 //!   key is one kpscd knows and lets through unseen, each version is not negative.
 //!   Anything else (a head split over two skbs, more than FRAMES_PER_BATCH frames, a full
-//!   ring) passes the whole skb to kpscd and switches the connection to MODE_USERSPACE:
-//!   an skb is never split, so kpscd then owns the stream, starting with the tail of a
-//!   frame already redirected (`pass_tail`).
-//! - It gives the stream back only to an skb that starts exactly where kpscd said it had
-//!   written everything (`resume_at`): kernel and userspace bytes never interleave.
-//! - A batch record is submitted before its skb is redirected, so the broker cannot answer
-//!   a request kpscd has not been told of.
-//!
-//! One skb of one socket at a time (the verdict runs under the socket's lock), so the
-//! slot's fields need no atomics on this side.
-#![no_std]
-#![no_main]
-
+//!   ring or expectation ring) passes the whole skb to kpscd (see `stream`).
+//! - A batch record and the frames' expectations are written before the skb is
+//!   redirected, so the broker cannot answer a request neither kpscd nor the response
+//!   verdict has been told of.
+//! - The expectation ring always has room for a marker: a batch is redirected only if its
+//!   entries leave one free, and the stream is taken back from kpscd only with room for a
+//!   frame and a marker. So every stretch passed to kpscd has its marker.
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, sk_action::SK_PASS},
-    helpers::generated::bpf_get_socket_cookie,
-    macros::{map, stream_verdict},
-    maps::{Array, HashMap, RingBuf, SockHash},
-    programs::SkBuffContext,
+    helpers::generated::bpf_get_socket_cookie, macros::stream_verdict, programs::SkBuffContext,
 };
 use kpsc_common::proxy_kernel::{
-    ConnSlot, FRAMES_PER_BATCH, KernelConfig, MAX_CONNECTIONS, MODE_KERNEL, MODE_USERSPACE,
-    REQUESTS_RING_BYTES, RequestBatch, RequestHead,
+    ConnSlot, EXPECT_MARKER, EXPECTATIONS, Expectation, FRAMES_PER_BATCH, KernelConfig,
+    RequestBatch, RequestHead,
 };
 
-#[map(name = "PROXY_CLIENTS")]
-static CLIENTS: SockHash<u32> = SockHash::with_max_entries(MAX_CONNECTIONS, 0);
-
-#[map(name = "PROXY_BROKERS")]
-static BROKERS: SockHash<u32> = SockHash::with_max_entries(MAX_CONNECTIONS, 0);
-
-#[map(name = "PROXY_COOKIES")]
-static COOKIES: HashMap<u64, u32> = HashMap::with_max_entries(MAX_CONNECTIONS, 0);
-
-#[map(name = "PROXY_SLOTS")]
-static SLOTS: Array<ConnSlot> = Array::with_max_entries(MAX_CONNECTIONS, BPF_F_MMAPABLE);
-
-#[map(name = "PROXY_REQUESTS")]
-static REQUESTS: RingBuf = RingBuf::with_byte_size(REQUESTS_RING_BYTES, 0);
-
-#[map(name = "PROXY_CONFIG")]
-static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
+use crate::{BROKERS, CONFIG, COOKIES, REQUESTS, SLOTS, stream};
 
 /// Size prefix, API key, API version, correlation id.
 const FIXED_HEAD: u32 = 12;
@@ -170,18 +145,55 @@ fn walk(
     Some(pos - len)
 }
 
-/// Hands this skb, and the stream from here on, to kpscd.
-fn pass(slot: &mut ConnSlot, start: u64, len: u32, tail: u32) -> u32 {
-    if slot.mode == MODE_KERNEL {
-        slot.pass_from = start;
-        slot.pass_tail = tail;
-        slot.frames_before_pass = slot.redirected_frames;
-        slot.frame_left = 0;
-        slot.pass_epoch += 1;
-        slot.mode = MODE_USERSPACE;
+/// Hands this skb, and the stream from here on, to kpscd; a stretch that begins here
+/// gets its marker, so the response verdict leaves its responses to kpscd too.
+fn pass(slot: &mut ConnSlot, config: &KernelConfig, start: u64, len: u32, tail: u32) -> u32 {
+    if stream::pass(&mut slot.requests, start, len, tail) && config.carry_responses != 0 {
+        let at = slot.expect_tail;
+        slot.expectations[(at % EXPECTATIONS as u64) as usize] = Expectation {
+            correlation_id: 0,
+            kind: EXPECT_MARKER,
+        };
+        slot.pass_marker = at;
+        // SAFETY: an aligned u64 the response verdict and kpscd read; volatile so the
+        // entry above is stored first.
+        unsafe { core::ptr::write_volatile(&raw mut slot.expect_tail, at + 1) };
     }
-    slot.passed_bytes += u64::from(len);
-    SK_PASS
+    stream::PASS
+}
+
+/// Free entries in the expectation ring.
+fn room(slot: &ConnSlot) -> u64 {
+    // SAFETY: an aligned u64 the response verdict or kpscd stores; a stale value only
+    // makes the ring look fuller.
+    let head = unsafe { core::ptr::read_volatile(&raw const slot.expect_head) };
+    (EXPECTATIONS as u64).saturating_sub(slot.expect_tail.saturating_sub(head))
+}
+
+/// Pushes the expectations of the batch's frames, if they leave the marker's entry free.
+fn push_expectations(slot: &mut ConnSlot, config: &KernelConfig, batch: &RequestBatch) -> bool {
+    let tail = slot.expect_tail;
+    let count = (batch.count as usize).min(FRAMES_PER_BATCH);
+    if (count as u64) + 1 > room(slot) {
+        return false;
+    }
+    for i in 0..FRAMES_PER_BATCH {
+        if i >= count {
+            break;
+        }
+        let frame = &batch.frames[i];
+        slot.expectations[((tail + i as u64) % EXPECTATIONS as u64) as usize] = Expectation {
+            correlation_id: frame.correlation_id,
+            kind: config.expectation_kind(
+                frame.api_key,
+                frame.api_version,
+                frame.expects_response != 0,
+            ),
+        };
+    }
+    // SAFETY: as in `pass`.
+    unsafe { core::ptr::write_volatile(&raw mut slot.expect_tail, tail + count as u64) };
+    true
 }
 
 #[stream_verdict]
@@ -191,33 +203,30 @@ pub fn kpsc_proxy_requests(ctx: SkBuffContext) -> u32 {
     // SAFETY: a plain lookup, copied at once.
     let Some(mut key) = (unsafe { COOKIES.get(&cookie) }).copied() else {
         // Not (or no longer) a registered connection: its bytes are kpscd's.
-        return SK_PASS;
+        return stream::PASS;
     };
     let (Some(slot), Some(config)) = (SLOTS.get_ptr_mut(key), CONFIG.get(0)) else {
-        return SK_PASS;
+        return stream::PASS;
     };
-    // SAFETY: this socket's slot; only this socket's verdict writes the fields it writes,
-    // one skb at a time (see the module comment).
+    // SAFETY: this connection's slot; only this socket's verdict writes the fields it
+    // writes, one skb at a time (see `stream`).
     let slot = unsafe { &mut *slot };
-    let len = ctx.len();
-    let start = slot.seen;
-    slot.seen = start + u64::from(len);
-    if slot.mode == MODE_USERSPACE {
-        // SAFETY: an aligned u64 kpscd stores atomically; a volatile load sees a whole one.
-        let resume_at = unsafe { core::ptr::read_volatile(&raw const slot.resume_at) };
-        if resume_at != start {
-            return pass(slot, start, len, 0);
-        }
-        slot.mode = MODE_KERNEL;
-        slot.frame_left = 0;
+    // SAFETY: an aligned u32 kpscd stores atomically.
+    if unsafe { core::ptr::read_volatile(&raw const slot.stopped) } != 0 {
+        return stream::PASS;
     }
-    let left = slot.frame_left;
+    let len = ctx.len();
+    let may_resume = config.carry_responses == 0 || room(slot) >= 2;
+    let Some(start) = stream::take(&mut slot.requests, len, may_resume) else {
+        return stream::PASS;
+    };
+    let left = slot.requests.frame_left;
     if left >= len {
         // The middle of a frame already redirected.
-        slot.frame_left = left - len;
+        slot.requests.frame_left = left - len;
     } else {
         let Some(mut entry) = REQUESTS.reserve::<RequestBatch>(0) else {
-            return pass(slot, start, len, left);
+            return pass(slot, config, start, len, left);
         };
         // SAFETY: the reservation is a RequestBatch's worth of ring memory, ours until
         // submitted or discarded.
@@ -225,29 +234,21 @@ pub fn kpsc_proxy_requests(ctx: SkBuffContext) -> u32 {
         batch.slot = key;
         batch.generation = slot.generation;
         batch.count = 0;
+        batch.first_expectation = slot.expect_tail;
         let Some(next_left) = walk(&ctx, config, left, len, batch) else {
             entry.discard(0);
-            return pass(slot, start, len, left);
+            return pass(slot, config, start, len, left);
         };
-        slot.redirected_frames += u64::from(batch.count);
-        slot.frame_left = next_left;
+        if config.carry_responses != 0 && !push_expectations(slot, config, batch) {
+            entry.discard(0);
+            return pass(slot, config, start, len, left);
+        }
+        slot.requests.redirected_frames += u64::from(batch.count);
+        slot.requests.frame_left = next_left;
         entry.submit(0);
     }
-    slot.redirected_bytes += u64::from(len);
+    slot.requests.redirected_bytes += u64::from(len);
     // Flags 0: the broker socket's egress, through its psock backlog. A failed redirect
     // (the broker socket already left the map) drops the skb: the connection is ending.
     BROKERS.redirect_skb(&ctx, &mut key, 0) as u32
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-// SAFETY: `license` is the section the loader reads the program's license from (a C
-// string); LICENSE is the only symbol of that name. GPL-compatible: sk_skb redirects need
-// it.
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,128 @@
+//! `kpsc_proxy_responses`: the kernel carries to the client the broker's responses that
+//! need no rewrite (Produce, Fetch and the rest of the data path), run on every skb the
+//! broker socket receives. It matches each response frame that starts in the skb with the
+//! oldest expectation the request verdict pushed, and redirects the whole skb to the
+//! client socket's egress only when every one of them is a response kpscd need not see.
+//!
+//! Invariants it keeps:
+//! - A redirected skb holds only frames matched in order: each starts where the previous
+//!   ended, its head is inside the skb, its size within `--max-frame-size`, and it answers
+//!   the oldest expectation (same correlation id, kind EXPECT_DIRECT). Expectations of
+//!   acks=0 requests a response does not answer are skipped, as kpscd skips them.
+//! - Anything else passes the skb, and the stream from there, to kpscd (see `stream`):
+//!   a response that may carry addresses, a marker (kpscd handled those requests), an
+//!   answer to acks=0, a response nobody expects, a head split over two skbs. kpscd then
+//!   delivers in order and hands the stream back with the expectation ring advanced past
+//!   what it delivered.
+//! - The expectation ring's head moves only here while this verdict has the stream.
+#![allow(clippy::needless_range_loop)]
+
+use aya_ebpf::{
+    helpers::generated::bpf_get_socket_cookie, macros::stream_verdict, programs::SkBuffContext,
+};
+use kpsc_common::proxy_kernel::{
+    ConnSlot, EXPECT_ACKS0, EXPECT_DIRECT, EXPECTATIONS, FRAMES_PER_BATCH,
+};
+
+use crate::{BROKER_COOKIES, CLIENTS, CONFIG, SLOTS, stream};
+
+/// Size prefix and correlation id.
+const RESPONSE_HEAD: usize = 8;
+/// Expectations of unanswered acks=0 requests one response may skip.
+const ACKS0_SKIPS: usize = 8;
+
+fn expectation(slot: &ConnSlot, at: u64) -> (i32, u32) {
+    let e = &slot.expectations[(at & (EXPECTATIONS as u64 - 1)) as usize];
+    (e.correlation_id, e.kind)
+}
+
+/// Matches the frames starting at `first` in an skb of `len` bytes with the expectations
+/// from the ring's head. Returns (new head, frames, bytes of the last frame still to
+/// come), or None if the skb must go to kpscd.
+fn walk(
+    ctx: &SkBuffContext,
+    slot: &ConnSlot,
+    max_frame_size: u32,
+    first: u32,
+    len: u32,
+) -> Option<(u64, u64, u32)> {
+    let mut head = slot.expect_head;
+    // SAFETY: an aligned u64 the request verdict stores after the entries below it.
+    let tail = unsafe { core::ptr::read_volatile(&raw const slot.expect_tail) };
+    let mut pos = first;
+    let mut frames = 0;
+    for _ in 0..FRAMES_PER_BATCH {
+        if pos >= len {
+            break;
+        }
+        let fixed = ctx.load::<[u8; RESPONSE_HEAD]>(pos as usize).ok()?;
+        let size = i32::from_be_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]);
+        if size < 4 || size as u32 > max_frame_size {
+            return None;
+        }
+        let correlation_id = i32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
+        let mut matched = false;
+        for _ in 0..ACKS0_SKIPS {
+            if head >= tail {
+                // Nothing expected: kpscd says what this response is.
+                return None;
+            }
+            let (expected, kind) = expectation(slot, head);
+            if kind == EXPECT_ACKS0 && expected != correlation_id {
+                head += 1;
+                continue;
+            }
+            matched = kind == EXPECT_DIRECT && expected == correlation_id;
+            break;
+        }
+        if !matched {
+            return None;
+        }
+        head += 1;
+        frames += 1;
+        pos += size as u32 + 4;
+    }
+    if pos < len {
+        return None;
+    }
+    Some((head, frames, pos - len))
+}
+
+#[stream_verdict]
+pub fn kpsc_proxy_responses(ctx: SkBuffContext) -> u32 {
+    // SAFETY: the program's context pointer is the helper's only argument.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    // SAFETY: a plain lookup, copied at once.
+    let Some(mut key) = (unsafe { BROKER_COOKIES.get(&cookie) }).copied() else {
+        return stream::PASS;
+    };
+    let (Some(slot), Some(config)) = (SLOTS.get_ptr_mut(key), CONFIG.get(0)) else {
+        return stream::PASS;
+    };
+    // SAFETY: this connection's slot; this verdict writes the response fields and, while
+    // it has the stream, the ring's head (see `stream` and the module comment).
+    let slot = unsafe { &mut *slot };
+    let len = ctx.len();
+    let Some(start) = stream::take(&mut slot.responses, len, true) else {
+        return stream::PASS;
+    };
+    let left = slot.responses.frame_left;
+    if left >= len {
+        // The middle of a response already redirected.
+        slot.responses.frame_left = left - len;
+    } else {
+        let Some((head, frames, next_left)) = walk(&ctx, slot, config.max_frame_size, left, len)
+        else {
+            stream::pass(&mut slot.responses, start, len, left);
+            return stream::PASS;
+        };
+        // SAFETY: an aligned u64 the request verdict reads to see the ring's room.
+        unsafe { core::ptr::write_volatile(&raw mut slot.expect_head, head) };
+        slot.responses.redirected_frames += frames;
+        slot.responses.frame_left = next_left;
+    }
+    slot.responses.redirected_bytes += u64::from(len);
+    // Flags 0: the client socket's egress, through its psock backlog. A failed redirect
+    // (the client socket already left the map) drops the skb: the connection is ending.
+    CLIENTS.redirect_skb(&ctx, &mut key, 0) as u32
+}
