@@ -15,8 +15,8 @@ pub const CLIENTS_MAP: &str = "PROXY_CLIENTS";
 pub const BROKERS_MAP: &str = "PROXY_BROKERS";
 /// Client socket cookie -> connection slot.
 pub const COOKIES_MAP: &str = "PROXY_COOKIES";
-/// Broker socket cookie -> connection slot.
-pub const BROKER_COOKIES_MAP: &str = "PROXY_BROKER_COOKIES";
+/// Broker socket cookie -> connection slot. (Map names are cut at 15 characters.)
+pub const BROKER_COOKIES_MAP: &str = "PROXY_BCOOKIES";
 /// `ConnSlot` per connection slot (ARRAY, mmap-able: kpscd reads and writes it in place).
 pub const SLOTS_MAP: &str = "PROXY_SLOTS";
 /// `RequestBatch` records (RINGBUF): the heads of the frames the verdict redirected.

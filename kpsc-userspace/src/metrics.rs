@@ -261,7 +261,9 @@ impl Metrics {
         );
         registry.register(
             "request_duration_seconds",
-            "Time from forwarding a request to delivering its response, per api",
+            "Time from forwarding a request to delivering its response, per api (under \
+             --bulk-transfer sockmap only the responses kpscd delivered itself: the kernel's \
+             deliveries are counted later, in batches)",
             latency.family.clone(),
         );
         registry.register(

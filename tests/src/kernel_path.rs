@@ -5,10 +5,10 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use aya::maps::{HashMap, Map, MapData, MapInfo, SockHash};
-use kpsc_common::proxy_kernel::{BROKERS_MAP, CLIENTS_MAP, COOKIES_MAP};
+use kpsc_common::proxy_kernel::{BROKER_COOKIES_MAP, BROKERS_MAP, CLIENTS_MAP, COOKIES_MAP};
 use kpsc_testkit::{Kpscd, eventually};
 
-/// kpscd's kernel path counters, client -> broker, over every port.
+/// kpscd's kernel path counters of one direction, over every port.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelCounters {
     pub redirected_bytes: f64,
@@ -16,13 +16,37 @@ pub struct KernelCounters {
     pub passed_frames: f64,
 }
 
-pub fn kernel_counters(kpscd: &Kpscd) -> KernelCounters {
-    let from_client = "direction=\"from_client\"";
+fn direction_counters(kpscd: &Kpscd, direction: &str) -> KernelCounters {
+    let label = format!("direction=\"{direction}\"");
     KernelCounters {
-        redirected_bytes: kpscd.metric("kpsc_kernel_redirected_bytes_total", from_client),
-        redirected_frames: kpscd.metric("kpsc_kernel_redirected_frames_total", from_client),
-        passed_frames: kpscd.metric("kpsc_kernel_passed_frames_total", from_client),
+        redirected_bytes: kpscd.metric("kpsc_kernel_redirected_bytes_total", &label),
+        redirected_frames: kpscd.metric("kpsc_kernel_redirected_frames_total", &label),
+        passed_frames: kpscd.metric("kpsc_kernel_passed_frames_total", &label),
     }
+}
+
+/// Client -> broker: requests.
+pub fn kernel_counters(kpscd: &Kpscd) -> KernelCounters {
+    direction_counters(kpscd, "from_client")
+}
+
+/// Broker -> client: responses.
+pub fn kernel_response_counters(kpscd: &Kpscd) -> KernelCounters {
+    direction_counters(kpscd, "to_client")
+}
+
+/// Waits until the kernel has delivered at least `frames` responses (kpscd accounts for
+/// them lazily) and returns the response counters.
+pub fn kernel_delivered(kpscd: &Kpscd, frames: usize) -> KernelCounters {
+    eventually(Duration::from_secs(5), || {
+        let k = kernel_response_counters(kpscd);
+        anyhow::ensure!(
+            k.redirected_frames >= frames as f64,
+            "{k:?}, wanted {frames} responses delivered by the kernel"
+        );
+        Ok(k)
+    })
+    .unwrap()
 }
 
 /// Waits until every one of `frames` requests was accounted as either carried by the
@@ -68,8 +92,8 @@ fn process_maps(pid: u32) -> BTreeMap<u32, String> {
         .collect()
 }
 
-/// Entries of one kpscd's connection maps (PROXY_COOKIES, PROXY_CLIENTS, PROXY_BROKERS)
-/// by name. They are the maps whose fds that process holds (its /proc fdinfo names their
+/// Entries of one kpscd's connection maps (PROXY_COOKIES, PROXY_BCOOKIES,
+/// PROXY_CLIENTS, PROXY_BROKERS) by name. They are the maps whose fds that process holds (its /proc fdinfo names their
 /// ids), so another kpscd on the machine does not count.
 pub fn connection_map_entries(pid: u32) -> BTreeMap<String, usize> {
     let mut entries = BTreeMap::new();
@@ -80,11 +104,13 @@ pub fn connection_map_entries(pid: u32) -> BTreeMap<String, usize> {
             .map(str::to_owned);
         let data = || MapData::from_id(id).unwrap();
         let count = match name.as_deref() {
-            Some(COOKIES_MAP) => HashMap::<_, u64, u32>::try_from(Map::HashMap(data()))
-                .unwrap()
-                .keys()
-                .map(Result::unwrap)
-                .count(),
+            Some(COOKIES_MAP | BROKER_COOKIES_MAP) => {
+                HashMap::<_, u64, u32>::try_from(Map::HashMap(data()))
+                    .unwrap()
+                    .keys()
+                    .map(Result::unwrap)
+                    .count()
+            }
             Some(CLIENTS_MAP | BROKERS_MAP) => SockHash::<_, u32>::try_from(Map::SockHash(data()))
                 .unwrap()
                 .keys()
@@ -96,7 +122,7 @@ pub fn connection_map_entries(pid: u32) -> BTreeMap<String, usize> {
     }
     assert_eq!(
         entries.len(),
-        3,
+        4,
         "kpscd {pid}'s connection maps: {entries:?}"
     );
     entries

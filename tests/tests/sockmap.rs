@@ -1,5 +1,5 @@
-//! `kpscd proxy --bulk-transfer sockmap` (client requests carried to the broker by the
-//! kernel, responses spliced) against real brokers, librdkafka's mock cluster and tansu:
+//! `kpscd proxy --bulk-transfer sockmap` (requests and the responses that need no rewrite
+//! carried by the kernel) against real brokers, librdkafka's mock cluster and tansu:
 //! order byte for byte on one pipelined connection written in whole frames and in 7-byte
 //! pieces, 64 KiB to 16 MiB frames, acks=0 mixed with acks=1, a half-close right after
 //! large requests, 1,000 concurrent
@@ -23,7 +23,10 @@ use kpsc_tests::{
     Kpscd, MockCluster, RawClient, Tansu,
     client_sockets::{connect_from, raise_fd_limit},
     create_topic, eventually, free_port_base,
-    kernel_path::{connection_map_entries, kernel_accounted, kernel_counters},
+    kernel_path::{
+        connection_map_entries, kernel_accounted, kernel_counters, kernel_delivered,
+        kernel_response_counters,
+    },
     kpscd_bin, proxy_args,
     raw_pipeline::{
         Req, TOPIC, consume_all, decode, produce_request, read_frame, record_values, value,
@@ -344,7 +347,10 @@ fn pipeline_keeps_order(writes: Writes) {
         .filter(|(_, r)| matches!(r, Req::ApiVersions))
         .count();
     let bytes: usize = frames.iter().map(Vec::len).sum();
-    eprintln!("{writes:?}: {bytes} bytes sent; kernel: {k:?}");
+    eprintln!(
+        "{writes:?}: {bytes} bytes sent; kernel: {k:?}; responses: {:?}",
+        kernel_response_counters(&kpscd)
+    );
     assert!(
         k.redirected_frames > 0.0 && k.redirected_bytes > 0.0,
         "{k:?}"
@@ -419,7 +425,10 @@ fn frames_of_64_kib_1_mib_and_16_mib_go_through_the_kernel() {
         Ok(k)
     })
     .unwrap();
-    eprintln!("produced in {produced:?}; kernel: {k:?}");
+    // The Produce responses and the Fetch responses carrying the batches back.
+    let r = kernel_delivered(&kpscd, sizes.len() + sizes.len());
+    assert!(r.redirected_bytes >= payload as f64, "{r:?}");
+    eprintln!("produced in {produced:?}; kernel: {k:?}; responses: {r:?}");
     drop(client);
 }
 
@@ -510,8 +519,13 @@ fn acks_zero_mixed_with_acks_one_gets_exactly_the_responses_owed() {
     let (kpscd, base) = start(&cluster, &[]);
     let sent = acks_zero_mixed_with_acks_one(&format!("127.0.1.1:{base}"));
     let k = kernel_accounted(&kpscd, sent);
-    eprintln!("mock: {k:?}");
+    eprintln!(
+        "mock: {k:?}; responses: {:?}",
+        kernel_response_counters(&kpscd)
+    );
     assert!(k.redirected_frames > 0.0, "mock: {k:?}");
+    // The mock's answers to acks=0 go to kpscd (which drops them); the others may not.
+    kernel_delivered(&kpscd, 1);
 
     let tansu = Tansu::start().unwrap();
     create_topic(&tansu.addr(), TOPIC, 2).unwrap();
@@ -526,8 +540,12 @@ fn acks_zero_mixed_with_acks_one_gets_exactly_the_responses_owed() {
     .unwrap();
     let sent = acks_zero_mixed_with_acks_one(&format!("127.0.0.1:{tansu_base}"));
     let k = kernel_accounted(&kpscd, sent);
-    eprintln!("tansu: {k:?}");
+    eprintln!(
+        "tansu: {k:?}; responses: {:?}",
+        kernel_response_counters(&kpscd)
+    );
     assert!(k.redirected_frames > 0.0, "tansu: {k:?}");
+    kernel_delivered(&kpscd, 1);
 }
 
 /// A client that half-closes right after its last request still gets every response:
@@ -628,6 +646,9 @@ fn a_thousand_connections_leave_no_map_entry_behind() {
     assert!(open.values().all(|&n| n == CONNECTIONS), "{open:?}");
     let k = kernel_accounted(&kpscd, CONNECTIONS);
     assert_eq!(k.redirected_frames, CONNECTIONS as f64, "{k:?}");
+    // Every Produce response went back through the kernel too.
+    let r = kernel_delivered(&kpscd, CONNECTIONS);
+    assert_eq!(r.passed_frames, 0.0, "{r:?}");
 
     let closing = Instant::now();
     drop(connections);

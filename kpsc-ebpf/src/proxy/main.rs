@@ -29,7 +29,7 @@ static BROKERS: SockHash<u32> = SockHash::with_max_entries(MAX_CONNECTIONS, 0);
 static COOKIES: HashMap<u64, u32> = HashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
 /// Broker socket cookie -> connection slot.
-#[map(name = "PROXY_BROKER_COOKIES")]
+#[map(name = "PROXY_BCOOKIES")]
 static BROKER_COOKIES: HashMap<u64, u32> = HashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
 #[map(name = "PROXY_SLOTS")]

@@ -24,9 +24,12 @@ use crate::{
     },
 };
 
-/// How often the kernel's deliveries are looked at while responses are owed and nothing
-/// else wakes the loop (the request reports usually do first).
+/// How often the kernel's deliveries are looked at while kpscd waits on them: its own
+/// answer is next, the connection is ending, or it holds as many requests as it may.
 const KERNEL_POLL: Duration = Duration::from_millis(2);
+/// Otherwise (the counters only): a connection with a long-polling Fetch outstanding
+/// wakes this often.
+const KERNEL_POLL_IDLE: Duration = Duration::from_millis(250);
 /// How long a response with no request in flight waits for its request's report.
 const KERNEL_REPORT_WAIT: Duration = Duration::from_secs(5);
 
@@ -82,13 +85,7 @@ impl Owed {
 
     /// Accounts the responses the kernel delivered (in order, each to the oldest request
     /// expecting one; acks=0 requests before it are passed over, as the verdict does).
-    fn account_kernel(
-        &mut self,
-        conn: &KernelConn,
-        responses: &mut Responses,
-        route: &Route,
-        state: &ProxyState,
-    ) {
+    fn account_kernel(&mut self, conn: &KernelConn, responses: &mut Responses, route: &Route) {
         let slot = conn.slot();
         let direction = slot.responses();
         let frames = direction.redirected_frames();
@@ -103,7 +100,7 @@ impl Owed {
                 continue;
             }
             let request = self.requests.pop_front().expect("front");
-            responses.delivered_elsewhere(&request, state);
+            responses.delivered_elsewhere();
             self.settled(request.origin);
             self.delivered += 1;
             route.counters.kernel_to_client.redirected_frames.inc();
@@ -127,10 +124,9 @@ impl Owed {
         responses: &mut Responses,
         in_flight: &mut mpsc::Receiver<InFlight>,
         route: &Route,
-        state: &ProxyState,
     ) -> Result<(), ConnError> {
         loop {
-            self.account_kernel(conn, responses, route, state);
+            self.account_kernel(conn, responses, route);
             if self.delivered >= frames {
                 return Ok(());
             }
@@ -189,15 +185,24 @@ pub async fn forward_responses_kernel(
             break Ok(());
         }
         // The verdict has the stream.
-        let owes = !owed.requests.is_empty();
+        let poll = if owed.requests.is_empty() {
+            None
+        } else if owed.requests_done
+            || owed.requests.len() >= owed.max_in_flight
+            || owed.kpscd_owes_some()
+        {
+            Some(KERNEL_POLL)
+        } else {
+            Some(KERNEL_POLL_IDLE)
+        };
         let data = tokio::select! {
             biased;
             _ = owed.wait_queued(&mut in_flight), if !owed.requests_done
                 && owed.requests.len() < owed.max_in_flight => None,
             more = direction.reader.fill_to(1) => Some(more.map_err(ConnError::Broker)?),
-            _ = tokio::time::sleep(KERNEL_POLL), if owes => None,
+            _ = tokio::time::sleep(poll.unwrap_or_default()), if poll.is_some() => None,
         };
-        owed.account_kernel(conn, &mut direction.responses, route, state);
+        owed.account_kernel(conn, &mut direction.responses, route);
         // Bytes the verdict passed up; or kpscd's own answer (or a request it handled) is
         // next, past acks=0 requests the broker will not answer, and the kernel is not in
         // the middle of a response: the verdict stops at the marker before that request.
@@ -235,6 +240,13 @@ impl Owed {
         self.requests
             .iter()
             .all(|r| !r.expects_response && r.local_response.is_none())
+    }
+
+    /// A request kpscd handled is among those owed.
+    fn kpscd_owes_some(&self) -> bool {
+        self.requests
+            .iter()
+            .any(|r| !matches!(r.origin, Origin::Carried(_)))
     }
 
     /// The next request owed something that is not a carried acks=0 is one kpscd handled.
@@ -278,7 +290,7 @@ impl Userspace {
     ) -> Result<Option<Result<(), ConnError>>, ConnError> {
         self.drained = false;
         if !self.reader.buffered().is_empty() {
-            self.new_stretch(client_w, in_flight, conn, owed, route, state)
+            self.new_stretch(client_w, in_flight, conn, owed, route)
                 .await?;
         }
         loop {
@@ -290,7 +302,7 @@ impl Userspace {
                     .as_ref()
                     .is_some_and(|r| r.local_response.is_some() || !r.expects_response)
                 {
-                    self.drain(client_w, conn, owed, route, state).await?;
+                    self.drain(client_w, conn, owed, route).await?;
                     if let Some((origin, written)) = self
                         .responses
                         .settle_unanswered(&mut self.pending, client_w, route, state)
@@ -317,12 +329,12 @@ impl Userspace {
                             let waiting = owed.waiting(&self.pending) + in_flight.len();
                             return Ok(Some(if waiting == 0 { Ok(()) } else { Err(ConnError::BrokerClosed(waiting)) }));
                         }
-                        self.new_stretch(client_w, in_flight, conn, owed, route, state).await?;
+                        self.new_stretch(client_w, in_flight, conn, owed, route).await?;
                     }
                 }
                 continue;
             }
-            self.drain(client_w, conn, owed, route, state).await?;
+            self.drain(client_w, conn, owed, route).await?;
             let waiting = owed.waiting(&self.pending) + in_flight.len();
             match self.reader.fill_to(RESPONSE_HEAD).await {
                 Ok(true) => {}
@@ -372,12 +384,11 @@ impl Userspace {
         conn: &KernelConn,
         owed: &mut Owed,
         route: &Route,
-        state: &ProxyState,
     ) -> Result<(), ConnError> {
         if self.drained {
             return Ok(());
         }
-        owed.account_kernel(conn, &mut self.responses, route, state);
+        owed.account_kernel(conn, &mut self.responses, route);
         conn.drain_responses(client_w.as_ref(), self.written)
             .await
             .map_err(ConnError::KernelPath)?;
@@ -395,7 +406,6 @@ impl Userspace {
         conn: &KernelConn,
         owed: &mut Owed,
         route: &Route,
-        state: &ProxyState,
     ) -> Result<(), ConnError> {
         let pass = conn.slot().responses().pass();
         if pass.epoch == self.epoch {
@@ -412,11 +422,10 @@ impl Userspace {
             &mut self.responses,
             in_flight,
             route,
-            state,
         )
         .await?;
         self.drained = false;
-        self.drain(client_w, conn, owed, route, state).await?;
+        self.drain(client_w, conn, owed, route).await?;
         if pass.tail > 0 {
             let tail = pass.tail as usize;
             self.mover
@@ -445,6 +454,10 @@ impl Userspace {
     ) -> bool {
         let slot = conn.slot();
         if !slot.requests().in_kernel() {
+            return false;
+        }
+        // The verdict passed a stretch kpscd has not read yet.
+        if !slot.responses().in_kernel() && slot.responses().pass().epoch != self.epoch {
             return false;
         }
         owed.take_queued(in_flight);

@@ -173,14 +173,10 @@ impl Responses {
             .is_some_and(|id| self.unanswered_acks0.contains(&id))
     }
 
-    /// Accounts a response the kernel delivered to `request`: acks=0 ids before it will
-    /// not be answered.
-    pub fn delivered_elsewhere(&mut self, request: &InFlight, state: &ProxyState) {
+    /// Accounts a response the kernel delivered: acks=0 ids before it will not be
+    /// answered. (Its latency is unknown: kpscd learns of it later, in batches.)
+    pub fn delivered_elsewhere(&mut self) {
         self.unanswered_acks0.clear();
-        state.metrics.latency(
-            request.header.api_key,
-            request.sent_at.elapsed().as_secs_f64(),
-        );
     }
 
     /// Handles the response frame at the head of `reader` (RESPONSE_HEAD bytes
