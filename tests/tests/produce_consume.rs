@@ -236,19 +236,31 @@ fn produce_and_consume(policy: &str, disruption: Disruption, transfer: Transfer)
                 .output()
                 .unwrap();
             let table = String::from_utf8_lossy(&out.stdout);
-            assert!(table.contains("IN BY KERNEL"), "{table}");
+            assert!(
+                table.contains("IN BY KERNEL") && table.contains("OUT BY KERNEL"),
+                "{table}"
+            );
+            // The responses: Produce and Fetch ones through the kernel, Metadata and
+            // FindCoordinator through kpscd (they are rewritten).
+            let to_client = "direction=\"to_client\"";
+            let responses = kpscd.metric("kpsc_kernel_redirected_frames_total", to_client);
+            let responses_passed = kpscd.metric("kpsc_kernel_passed_frames_total", to_client);
+            eprintln!("responses: {responses} by the kernel, {responses_passed} by kpscd");
+            assert!(responses > 0.0 && responses_passed > 0.0);
             let rows = kpscd.maps().unwrap();
-            let listed: f64 = rows
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| {
-                    r["kernel_from_client"]["redirected_frames"]
-                        .as_f64()
-                        .unwrap()
-                })
-                .sum();
-            assert_eq!(listed, frames, "{rows}");
+            let listed = |direction: &str| -> f64 {
+                rows.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r[direction]["redirected_frames"].as_f64().unwrap())
+                    .sum()
+            };
+            assert_eq!(listed("kernel_from_client"), frames, "{rows}");
+            assert_eq!(
+                listed("kernel_to_client"),
+                kpscd.metric("kpsc_kernel_redirected_frames_total", to_client),
+                "{rows}"
+            );
         }
     }
 }

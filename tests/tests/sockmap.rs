@@ -511,8 +511,9 @@ fn acks_zero_mixed_with_acks_one(addr: &str) -> usize {
     plan.len() * 4
 }
 
-/// librdkafka's mock answers acks=0 (kpscd drops those answers); tansu, like Kafka, does
-/// not. Either way the client gets exactly the responses it expects, in order.
+/// librdkafka's mock and tansu 0.6 both answer acks=0, unlike Kafka (the kernel counters
+/// show a response frame for every request); kpscd drops those answers, the response
+/// verdict passing each to it. The client gets exactly the responses it expects, in order.
 #[test]
 fn acks_zero_mixed_with_acks_one_gets_exactly_the_responses_owed() {
     let cluster = cluster();

@@ -17,6 +17,13 @@ use kpsc_common::proxy_kernel::{MODE_KERNEL, MODE_USERSPACE, StreamState};
 /// kpscd has the stream and does not give it back at this skb (the skb is passed).
 /// `may_resume`: the verdict could carry frames from here (else kpscd keeps the stream).
 pub fn take(state: &mut StreamState, len: u32, may_resume: bool) -> Option<u64> {
+    if len == 0 {
+        // A FIN without payload. Redirected, the peer socket's psock backlog would send 0
+        // bytes, which the kernel takes for a broken pipe: EPIPE on the peer socket, and
+        // kpscd's next read there fails, losing what is still owed. Passed, it ends the
+        // stream where kpscd reads; no byte moves, so the mode and offsets stay.
+        return None;
+    }
     let start = state.seen;
     state.seen = start + u64::from(len);
     if state.mode == MODE_USERSPACE {

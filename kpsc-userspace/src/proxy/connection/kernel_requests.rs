@@ -26,46 +26,25 @@ use crate::{
     },
 };
 
-/// What has been accounted of the kernel's bytes, so the counters advance by deltas.
-struct Accounted {
-    redirected_bytes: u64,
-}
-
 /// How often the bytes of a frame still arriving are counted.
 const ACCOUNTING_INTERVAL: Duration = Duration::from_millis(500);
 
-impl Accounted {
-    /// The verdict is in the middle of a frame, or carried bytes not counted yet.
-    fn behind(&self, conn: &KernelConn) -> bool {
-        let slot = conn.slot();
-        let requests = slot.requests();
-        requests.frame_left() > 0 || requests.redirected_bytes() != self.redirected_bytes
-    }
-
-    fn sync(&mut self, conn: &KernelConn, route: &Route) {
-        let now = conn.slot().requests().redirected_bytes();
-        let delta = now.saturating_sub(self.redirected_bytes);
-        self.redirected_bytes = now;
-        route.counters.bytes_from_client.inc_by(delta);
-        route
-            .counters
-            .kernel_from_client
-            .redirected_bytes
-            .inc_by(delta);
-    }
+/// Counts what the kernel carried; returns the request bytes counted.
+fn account(conn: &KernelConn, route: &Route) -> u64 {
+    let carried = conn.slot().requests().redirected_bytes();
+    conn.account(&route.counters);
+    carried
 }
 
 /// Queues the frames of one report as in flight, in order.
 async fn take_batch(
     batch: &kpsc_common::proxy_kernel::RequestBatch,
     in_flight: &mpsc::Sender<InFlight>,
-    route: &Route,
     state: &ProxyState,
 ) -> Result<u64, ConnError> {
     let count = (batch.count as usize).min(batch.frames.len());
     for (i, head) in batch.frames[..count].iter().enumerate() {
         state.metrics.request(head.api_key);
-        route.counters.kernel_from_client.redirected_frames.inc();
         // Blocks when too many requests are in flight; the kernel keeps carrying requests
         // meanwhile, their reports wait in the connection's queue.
         in_flight
@@ -100,12 +79,11 @@ async fn take_reports_until(
     frames_taken: &mut u64,
     batches: &mut Batches,
     in_flight: &mpsc::Sender<InFlight>,
-    route: &Route,
     state: &ProxyState,
 ) -> Result<(), ConnError> {
     while *frames_taken < frames {
         let batch = batches.recv().await.ok_or_else(lost_reports)?;
-        *frames_taken += take_batch(&batch, in_flight, route, state).await?;
+        *frames_taken += take_batch(&batch, in_flight, state).await?;
     }
     Ok(())
 }
@@ -128,9 +106,7 @@ pub async fn forward_requests_kernel(
         client_r,
         Transfer::<OwnedReadHalf, OwnedWriteHalf>::read_buffer_size(&mover),
     );
-    let mut accounted = Accounted {
-        redirected_bytes: 0,
-    };
+    let mut counted_bytes = 0u64;
     // Reported frames queued as in flight.
     let mut frames_taken = 0u64;
     // The stretch passed up that kpscd is in (0: none yet), and the stream offset of the
@@ -143,7 +119,11 @@ pub async fn forward_requests_kernel(
     loop {
         // The rest of a large frame brings no report: while one is under way, its bytes
         // are counted on a timer, so the counters do not wait for the next request.
-        let frame_under_way = accounted.behind(conn);
+        let frame_under_way = {
+            let slot = conn.slot();
+            let requests = slot.requests();
+            requests.frame_left() > 0 || requests.redirected_bytes() != counted_bytes
+        };
         // The verdict has the stream: take its reports until it passes bytes up.
         let more = tokio::select! {
             biased;
@@ -152,19 +132,19 @@ pub async fn forward_requests_kernel(
                 // verdict, then queue what it carried so its responses are delivered.
                 conn.stop_carrying();
                 let carried = conn.slot().requests().redirected_frames();
-                take_reports_until(carried, &mut frames_taken, &mut batches, &in_flight, route, state)
+                take_reports_until(carried, &mut frames_taken, &mut batches, &in_flight, state)
                     .await?;
                 false
             }
             batch = batches.recv() => {
                 let batch = batch.ok_or_else(lost_reports)?;
-                frames_taken += take_batch(&batch, &in_flight, route, state).await?;
-                accounted.sync(conn, route);
+                frames_taken += take_batch(&batch, &in_flight, state).await?;
+                counted_bytes = account(conn, route);
                 continue;
             }
             more = reader.fill_to(1) => more.map_err(ConnError::Client)?,
             _ = tokio::time::sleep(ACCOUNTING_INTERVAL), if frame_under_way => {
-                accounted.sync(conn, route);
+                counted_bytes = account(conn, route);
                 continue;
             }
         };
@@ -173,20 +153,12 @@ pub async fn forward_requests_kernel(
             // (its report may still be on the way from the ring), or the response loop
             // would stop short of its response.
             let carried = conn.slot().requests().redirected_frames();
-            take_reports_until(
-                carried,
-                &mut frames_taken,
-                &mut batches,
-                &in_flight,
-                route,
-                state,
-            )
-            .await?;
+            take_reports_until(carried, &mut frames_taken, &mut batches, &in_flight, state).await?;
             // The FIN must not overtake requests still on the redirect backlog.
             conn.drain_requests(upstream_w.as_ref(), written)
                 .await
                 .map_err(ConnError::KernelPath)?;
-            accounted.sync(conn, route);
+            account(conn, route);
             return Ok(());
         }
         let pass = conn.slot().requests().pass();
@@ -204,11 +176,10 @@ pub async fn forward_requests_kernel(
                 &mut frames_taken,
                 &mut batches,
                 &in_flight,
-                route,
                 state,
             )
             .await?;
-            accounted.sync(conn, route);
+            counted_bytes = account(conn, route);
         }
         conn.drain_requests(upstream_w.as_ref(), written)
             .await

@@ -41,8 +41,6 @@ struct Owed {
     requests_done: bool,
     /// Responses the kernel delivered that are accounted here.
     delivered: u64,
-    /// Redirected bytes already counted.
-    delivered_bytes: u64,
     /// The ring position after the last request settled (answered, acks=0 passed over).
     ring_done: u64,
     max_in_flight: usize,
@@ -103,17 +101,8 @@ impl Owed {
             responses.delivered_elsewhere();
             self.settled(request.origin);
             self.delivered += 1;
-            route.counters.kernel_to_client.redirected_frames.inc();
         }
-        let bytes = direction.redirected_bytes();
-        let delta = bytes.saturating_sub(self.delivered_bytes);
-        self.delivered_bytes = bytes;
-        route.counters.bytes_to_client.inc_by(delta);
-        route
-            .counters
-            .kernel_to_client
-            .redirected_bytes
-            .inc_by(delta);
+        conn.account(&route.counters);
     }
 
     /// Accounts the kernel's deliveries up to `frames`, waiting for their reports.
@@ -176,7 +165,6 @@ pub async fn forward_responses_kernel(
         requests: VecDeque::new(),
         requests_done: false,
         delivered: 0,
-        delivered_bytes: 0,
         ring_done: 0,
         max_in_flight: state.config.max_in_flight,
     };

@@ -226,6 +226,8 @@ async fn proxy_kernel(
         forward_responses_kernel(upstream_r, &mut client_w, in_flight_rx, &conn, route, state),
     )
     .await;
+    // However the connection ended, what the kernel carried is counted.
+    conn.account(&route.counters);
     let _ = timeout(CLIENT_SHUTDOWN_TIMEOUT, client_w.shutdown()).await;
     result
 }

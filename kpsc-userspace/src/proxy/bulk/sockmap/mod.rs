@@ -42,7 +42,10 @@ use std::{
     collections::VecDeque,
     io,
     os::fd::{AsFd, AsRawFd},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -64,6 +67,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use self::slots::{Slot, Slots};
+use crate::metrics::PortCounters;
 
 static PROXY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kpsc-proxy"));
 
@@ -244,6 +248,7 @@ impl KernelPath {
             batches: Mutex::new(Some(rx)),
             broker_base,
             client_base,
+            counted: Default::default(),
         };
         let mut maps = lock(&self.maps);
         // Cookies first: a verdict that runs finds its slot. The client socket last: its
@@ -342,6 +347,8 @@ pub struct KernelConn {
     broker_base: u64,
     /// The client socket's stream bytes before the kernel path.
     client_base: u64,
+    /// What `account` has counted of each direction: (frames, bytes), requests first.
+    counted: [(AtomicU64, AtomicU64); 2],
 }
 
 /// How long the redirect backlog may take to hand a socket its bytes.
@@ -350,6 +357,36 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 impl KernelConn {
     pub fn slot(&self) -> Slot<'_> {
         self.path.slots.get(self.index)
+    }
+
+    /// Counts what the kernel carried since the last call, in both directions, on the
+    /// port's counters. Either direction's loop may call it; the connection's end calls
+    /// it last, so a connection that ends abruptly still counts everything.
+    pub fn account(&self, counters: &PortCounters) {
+        let slot = self.slot();
+        let directions = [
+            (
+                slot.requests(),
+                &counters.kernel_from_client,
+                &counters.bytes_from_client,
+            ),
+            (
+                slot.responses(),
+                &counters.kernel_to_client,
+                &counters.bytes_to_client,
+            ),
+        ];
+        for ((direction, kernel, bytes), (frames_counted, bytes_counted)) in
+            directions.into_iter().zip(&self.counted)
+        {
+            let frames = direction.redirected_frames();
+            let delta = frames.saturating_sub(frames_counted.fetch_max(frames, Ordering::AcqRel));
+            kernel.redirected_frames.inc_by(delta);
+            let carried = direction.redirected_bytes();
+            let delta = carried.saturating_sub(bytes_counted.fetch_max(carried, Ordering::AcqRel));
+            kernel.redirected_bytes.inc_by(delta);
+            bytes.inc_by(delta);
+        }
     }
 
     /// The request reports' receiver (once).
