@@ -1,4 +1,5 @@
-//! The Kafka-unaware relay probes (`kpsc-relay-ceiling`: splice, uring, uring-sqpoll)
+//! The Kafka-unaware relay probes (`kpsc-relay-ceiling`: splice, uring, uring-sqpoll,
+//! uring-recv-send)
 //! deliver every byte, in order, both ways, across a half-close: a benchmark of a relay
 //! that loses or reorders bytes would measure nothing. On loopback; about 1 s in all.
 
@@ -42,7 +43,9 @@ impl Drop for Probe {
 /// The sink's side of one connection: reads the client's id and stream while sending
 /// the first half of its own, then (the client has half-closed) the second half.
 fn serve(stream: TcpStream) -> Result<(), String> {
-    stream.set_read_timeout(Some(STALL)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(STALL))
+        .map_err(|e| e.to_string())?;
     let mut reader = stream.try_clone().map_err(|e| e.to_string())?;
     let mut id = [0u8; 8];
     reader.read_exact(&mut id).map_err(|e| format!("id: {e}"))?;
@@ -77,7 +80,9 @@ fn serve(stream: TcpStream) -> Result<(), String> {
 /// The client's side: sends its id and stream, half-closes, reads the sink's to the end.
 fn client(relay: &str, id: u64) -> Result<(), String> {
     let stream = TcpStream::connect(relay).map_err(|e| format!("connecting: {e}"))?;
-    stream.set_read_timeout(Some(STALL)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(STALL))
+        .map_err(|e| e.to_string())?;
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
     let sending = thread::spawn(move || {
         writer.write_all(&id.to_be_bytes())?;
@@ -184,4 +189,9 @@ fn uring_relay_delivers_every_byte_in_order() {
 #[test]
 fn uring_sqpoll_relay_delivers_every_byte_in_order() {
     relays_every_byte_in_order("uring-sqpoll");
+}
+
+#[test]
+fn uring_recv_send_relay_delivers_every_byte_in_order() {
+    relays_every_byte_in_order("uring-recv-send");
 }

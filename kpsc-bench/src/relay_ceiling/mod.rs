@@ -1,5 +1,5 @@
 //! Kafka-unaware relay probes, the processes of kpsc-bench's `splice-ceiling`,
-//! `uring-ceiling` and `uring-sqpoll-ceiling` targets: TCP forwarders that move whatever
+//! `uring-ceiling`, `uring-sqpoll-ceiling` and `uring-recv-send-ceiling` targets: TCP forwarders that move whatever
 //! arrives, socket -> pipe -> socket, with no framing. They measure what a bulk path
 //! itself costs and delivers on this machine, so that kpscd's splice mode can be compared
 //! with the same path without its Kafka work, and with io_uring (issue 9's "next-best
@@ -7,7 +7,9 @@
 //!
 //! - `splice`: nonblocking splice(2) driven by tokio's epoll reactor (`splice.rs`);
 //! - `uring`: linked IORING_OP_SPLICE rounds on registered files (`uring.rs`);
-//! - `uring-sqpoll`: the same with a kernel thread polling the submission queue.
+//! - `uring-sqpoll`: the same with a kernel thread polling the submission queue;
+//! - `uring-recv-send`: multishot IORING_OP_RECV into a provided buffer ring and
+//!   IORING_OP_SEND, a copy each way but no io-wq worker (`uring_recv.rs`).
 //!
 //! Each writes `relayed_bytes=N` and its threads' CPU time to a counters file, which the
 //! report shows: io_uring runs its splices in io-wq worker threads (`iou-wrk-*`) and
@@ -15,9 +17,11 @@
 //! time includes them; the line shows how much of it they took.
 
 mod pipe;
+mod ring;
 mod splice;
 mod threads;
 mod uring;
+mod uring_recv;
 
 use std::{
     net::{SocketAddr, TcpListener, ToSocketAddrs},
@@ -36,6 +40,7 @@ pub enum Mode {
     Splice,
     Uring,
     UringSqpoll,
+    UringRecvSend,
 }
 
 impl std::str::FromStr for Mode {
@@ -45,7 +50,10 @@ impl std::str::FromStr for Mode {
             "splice" => Self::Splice,
             "uring" => Self::Uring,
             "uring-sqpoll" => Self::UringSqpoll,
-            _ => anyhow::bail!("unknown relay mode {s:?} (splice, uring or uring-sqpoll)"),
+            "uring-recv-send" => Self::UringRecvSend,
+            _ => anyhow::bail!(
+                "unknown relay mode {s:?} (splice, uring, uring-sqpoll or uring-recv-send)"
+            ),
         })
     }
 }
@@ -105,5 +113,6 @@ pub fn run(
         Mode::Splice => splice::run(listener, sink, relayed),
         Mode::Uring => uring::run(listener, sink, false, relayed),
         Mode::UringSqpoll => uring::run(listener, sink, true, relayed),
+        Mode::UringRecvSend => uring_recv::run(listener, sink, relayed),
     }
 }
