@@ -11,11 +11,12 @@
 //! - `uring-recv-send`: multishot IORING_OP_RECV into a provided buffer ring and
 //!   IORING_OP_SEND, a copy each way but no io-wq worker (`uring_recv.rs`).
 //!
-//! Each writes `relayed_bytes=N` and its threads' CPU time to a counters file, which the
+//! Each writes `relayed_bytes=N chunks=M` (reads that brought bytes) and its threads' CPU time to a counters file, which the
 //! report shows: io_uring runs its splices in io-wq worker threads (`iou-wrk-*`) and
 //! polls with an SQ thread (`iou-sqp-*`), threads of this process, so the process's CPU
 //! time includes them; the line shows how much of it they took.
 
+mod counters;
 mod pipe;
 mod ring;
 mod splice;
@@ -26,14 +27,12 @@ mod uring_recv;
 use std::{
     net::{SocketAddr, TcpListener, ToSocketAddrs},
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context as _;
+use counters::Counters;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -72,12 +71,12 @@ fn raise_fd_limit() {
 }
 
 /// Runs the relay `listen` -> `sink` until killed. Prints `listening on ADDR` once bound
-/// (`listen` may name port 0), and writes its counters to `counters` every `report`.
+/// (`listen` may name port 0), and writes its counters to `counters_file` every `report`.
 pub fn run(
     mode: Mode,
     listen: &str,
     sink: &str,
-    counters: PathBuf,
+    counters_file: PathBuf,
     report: Duration,
 ) -> anyhow::Result<()> {
     raise_fd_limit();
@@ -88,8 +87,8 @@ pub fn run(
         .with_context(|| format!("{sink} resolves to no address"))?;
     let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
     println!("listening on {}", listener.local_addr()?);
-    let relayed = Arc::new(AtomicU64::new(0));
-    let reported = Arc::clone(&relayed);
+    let counters = Arc::new(Counters::default());
+    let reported = Arc::clone(&counters);
     std::thread::spawn(move || {
         let mut peak = 0;
         loop {
@@ -97,22 +96,22 @@ pub fn run(
             let t = threads::sample();
             peak = peak.max(t.io_wq_threads);
             let line = format!(
-                "relayed_bytes={} process_cpu_s={:.2} io_wq_threads={} io_wq_threads_peak={peak} io_wq_cpu_s={:.2} sq_thread_cpu_s={:.2}\n",
-                reported.load(Ordering::Relaxed),
+                "{} process_cpu_s={:.2} io_wq_threads={} io_wq_threads_peak={peak} io_wq_cpu_s={:.2} sq_thread_cpu_s={:.2}\n",
+                reported.line(),
                 t.process_seconds,
                 t.io_wq_threads,
                 t.io_wq_seconds,
                 t.sq_seconds,
             );
-            if let Err(e) = std::fs::write(&counters, line) {
-                eprintln!("writing {}: {e}", counters.display());
+            if let Err(e) = std::fs::write(&counters_file, line) {
+                eprintln!("writing {}: {e}", counters_file.display());
             }
         }
     });
     match mode {
-        Mode::Splice => splice::run(listener, sink, relayed),
-        Mode::Uring => uring::run(listener, sink, false, relayed),
-        Mode::UringSqpoll => uring::run(listener, sink, true, relayed),
-        Mode::UringRecvSend => uring_recv::run(listener, sink, relayed),
+        Mode::Splice => splice::run(listener, sink, counters),
+        Mode::Uring => uring::run(listener, sink, false, counters),
+        Mode::UringSqpoll => uring::run(listener, sink, true, counters),
+        Mode::UringRecvSend => uring_recv::run(listener, sink, counters),
     }
 }

@@ -3,15 +3,7 @@
 //! splice socket -> pipe when the socket is readable, then pipe -> socket when the other
 //! is writable, whatever arrived, in chunks of up to the pipe's capacity.
 
-use std::{
-    io,
-    net::SocketAddr,
-    os::fd::AsRawFd,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-};
+use std::{io, net::SocketAddr, os::fd::AsRawFd, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::{
@@ -19,7 +11,10 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::relay_ceiling::pipe::{Pipe, splice_nonblocking};
+use crate::relay_ceiling::{
+    counters::Counters,
+    pipe::{Pipe, splice_nonblocking},
+};
 
 /// Moves `from` to `to` until `from` ends, then half-closes `to`. The pipe is empty
 /// whenever a fill starts, so "would block" on the fill can only mean `from` has nothing.
@@ -27,7 +22,7 @@ async fn relay(
     from: &TcpStream,
     to: &TcpStream,
     pipe: &Pipe,
-    relayed: &AtomicU64,
+    counters: &Counters,
 ) -> io::Result<()> {
     loop {
         let filled = loop {
@@ -42,6 +37,7 @@ async fn relay(
         if filled == 0 {
             return half_close(to);
         }
+        counters.chunk();
         let mut in_pipe = filled;
         while in_pipe > 0 {
             to.writable().await?;
@@ -54,7 +50,7 @@ async fn relay(
                 Err(e) => return Err(e),
             }
         }
-        relayed.fetch_add(filled as u64, Ordering::Relaxed);
+        counters.relayed(filled as u64);
     }
 }
 
@@ -67,14 +63,14 @@ fn half_close(to: &TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-async fn connection(client: TcpStream, sink: SocketAddr, relayed: &AtomicU64) -> io::Result<()> {
+async fn connection(client: TcpStream, sink: SocketAddr, counters: &Counters) -> io::Result<()> {
     let upstream = TcpStream::connect(sink).await?;
     client.set_nodelay(true)?;
     upstream.set_nodelay(true)?;
     let (up, down) = (Pipe::new(true)?, Pipe::new(true)?);
     tokio::try_join!(
-        relay(&client, &upstream, &up, relayed),
-        relay(&upstream, &client, &down, relayed),
+        relay(&client, &upstream, &up, counters),
+        relay(&upstream, &client, &down, counters),
     )?;
     Ok(())
 }
@@ -82,7 +78,7 @@ async fn connection(client: TcpStream, sink: SocketAddr, relayed: &AtomicU64) ->
 pub fn run(
     listener: std::net::TcpListener,
     sink: SocketAddr,
-    relayed: Arc<AtomicU64>,
+    counters: Arc<Counters>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async move {
@@ -90,9 +86,9 @@ pub fn run(
         let listener = TcpListener::from_std(listener)?;
         loop {
             let (client, _) = listener.accept().await.context("accepting")?;
-            let relayed = Arc::clone(&relayed);
+            let counters = Arc::clone(&counters);
             tokio::spawn(async move {
-                if let Err(e) = connection(client, sink, &relayed).await {
+                if let Err(e) = connection(client, sink, &counters).await {
                     eprintln!("kpsc-relay-ceiling: connection ended: {e}");
                 }
             });

@@ -20,15 +20,13 @@ use std::{
     io,
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::{AsRawFd, RawFd},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
 };
 
 use io_uring::{opcode, squeue, types};
 
 use crate::relay_ceiling::{
+    counters::Counters,
     pipe::Pipe,
     ring::{MAX_CONNECTIONS, Relay, Ring, SLOTS_PER_CONNECTION, drive},
 };
@@ -78,7 +76,7 @@ impl Connection {
 struct SpliceRelay {
     ring: Ring,
     connections: Vec<Option<Connection>>,
-    relayed: Arc<AtomicU64>,
+    counters: Arc<Counters>,
 }
 
 impl SpliceRelay {
@@ -186,9 +184,10 @@ impl SpliceRelay {
             (_, n) if n > 0 => {
                 if op == FILL {
                     d.in_pipe += i64::from(n);
+                    self.counters.chunk();
                 } else {
                     d.in_pipe -= i64::from(n);
-                    self.relayed.fetch_add(n as u64, Ordering::Relaxed);
+                    self.counters.relayed(n as u64);
                 }
                 None
             }
@@ -253,12 +252,12 @@ pub fn run(
     listener: TcpListener,
     sink: SocketAddr,
     sqpoll: bool,
-    relayed: Arc<AtomicU64>,
+    counters: Arc<Counters>,
 ) -> anyhow::Result<()> {
     let relay = SpliceRelay {
         ring: Ring::new(sqpoll)?,
         connections: (0..MAX_CONNECTIONS).map(|_| None).collect(),
-        relayed,
+        counters,
     };
     drive(relay, listener, sink)
 }

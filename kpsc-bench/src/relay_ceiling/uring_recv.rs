@@ -15,14 +15,17 @@ use std::{
     os::fd::AsRawFd,
     sync::{
         Arc,
-        atomic::{AtomicU16, AtomicU64, Ordering},
+        atomic::{AtomicU16, Ordering},
     },
 };
 
 use anyhow::Context as _;
 use io_uring::{cqueue, opcode, types, types::BufRingEntry};
 
-use crate::relay_ceiling::ring::{MAX_CONNECTIONS, Relay, Ring, SLOTS_PER_CONNECTION, drive};
+use crate::relay_ceiling::{
+    counters::Counters,
+    ring::{MAX_CONNECTIONS, Relay, Ring, SLOTS_PER_CONNECTION, drive},
+};
 
 const RECV: u64 = 0;
 const SEND: u64 = 1;
@@ -132,7 +135,7 @@ struct RecvSendRelay {
     connections: Vec<Option<Connection>>,
     /// Directions whose recv ended for want of buffers, to arm again when some come back.
     starved: Vec<(usize, usize)>,
-    relayed: Arc<AtomicU64>,
+    counters: Arc<Counters>,
 }
 
 impl RecvSendRelay {
@@ -203,6 +206,7 @@ impl RecvSendRelay {
                         io::Error::other("a recv completion without its buffer id")
                     })?;
                     d.queue.push_back((bid, n as u32));
+                    self.counters.chunk();
                 }
                 0 => d.eof = true,
                 n if n == -libc::ENOBUFS => self.starved.push((index, direction)),
@@ -212,7 +216,7 @@ impl RecvSendRelay {
             d.sending = false;
             match result {
                 n if n > 0 => {
-                    self.relayed.fetch_add(n as u64, Ordering::Relaxed);
+                    self.counters.relayed(n as u64);
                     d.sent += n as u32;
                     if let Some(&(bid, len)) = d.queue.front()
                         && d.sent >= len
@@ -314,14 +318,14 @@ impl Relay for RecvSendRelay {
     }
 }
 
-pub fn run(listener: TcpListener, sink: SocketAddr, relayed: Arc<AtomicU64>) -> anyhow::Result<()> {
+pub fn run(listener: TcpListener, sink: SocketAddr, counters: Arc<Counters>) -> anyhow::Result<()> {
     let ring = Ring::new(false)?;
     let relay = RecvSendRelay {
         buffers: BufRing::new(&ring)?,
         ring,
         connections: (0..MAX_CONNECTIONS).map(|_| None).collect(),
         starved: Vec::new(),
-        relayed,
+        counters,
     };
     drive(relay, listener, sink)
 }
