@@ -20,7 +20,8 @@ use crate::portmap::record_batch;
 
 /// The topic the requests produce to and fetch from.
 pub const TOPIC: &str = "pipeline";
-const CLIENT_ID: &str = "kpsc-pipeline";
+/// The client id of every request [`Req::frame`] writes.
+pub const CLIENT_ID: &str = "kpsc-pipeline";
 
 pub fn topic_name() -> TopicName {
     TopicName(StrBytes::from_static_str(TOPIC))
