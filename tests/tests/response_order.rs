@@ -1,0 +1,650 @@
+//! Response order when one Metadata response is held back while 100+ Produce and Fetch
+//! responses queue behind it on the same connection (issue 9), under each of
+//! `--bulk-transfer copy`, `splice` and `sockmap` (sockmap needs root):
+//! - natural: librdkafka's mock cluster with some 12,000 partitions, so the Metadata
+//!   response kpscd must rewrite is about 300 KiB, followed in the same write by 120
+//!   Produce (acks=1, up to 1 MiB) and Fetch requests, then Metadata, FindCoordinator,
+//!   Produce and Fetch interleaved;
+//! - forced: the same pipeline through [`ResponseDelayShim`] (a fault injector between
+//!   kpscd and the mock), which holds the first Metadata response 300 ms until 100+
+//!   responses queue behind it, then lets them go in one write, or dribbles the Metadata
+//!   response out in 7-byte pieces, its last piece in the same write as the rest.
+//!
+//! The client matches responses by order (correlation ids repeat on purpose) and checks
+//! each against its request: brokers in Metadata and FindCoordinator exactly kpscd's
+//! advertised list, produce offsets and partitions, fetch high watermarks and records, no
+//! real broker (or shim) address anywhere in any response's bytes; behind the shim, every
+//! response is also byte for byte what the broker sent, addresses replaced. The records
+//! read back afterwards equal those produced. Under sockmap kpscd's kernel counters must
+//! show the kernel carried requests.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::{
+    messages::{
+        ApiKey, FetchResponse, FindCoordinatorResponse, MetadataRequest, MetadataResponse,
+        ProduceResponse, ResponseHeader,
+    },
+    protocol::{Decodable, Encodable, HeaderVersion, StrBytes},
+};
+use kpsc_tests::{
+    Kpscd, MockCluster, REAL_BROKER_HOST, contains_bytes, free_port_base,
+    kernel_path::{kernel_accounted, kernel_counters},
+    proxy_args,
+    raw_pipeline::{
+        CLIENT_ID, Req, TOPIC, consume_all, decode, fetch_request, read_frame, record_values, value,
+    },
+    request_body,
+    response_delay_shim::{HoldPlan, Release, ResponseDelayShim},
+};
+
+const PARTITIONS: i32 = 8;
+/// Requests in the write that follows the held Metadata request.
+const BURST: usize = 120;
+/// Requests after the burst, each in its own write.
+const TAIL: usize = 36;
+/// Where the shim listens: not the mock's host, so a leak of either is told apart.
+const SHIM_HOST: &str = "127.0.3.1";
+
+/// One request of the pipeline.
+#[derive(Clone, Debug)]
+enum Ask {
+    /// One of the shared pipeline requests (Metadata names only [`TOPIC`]).
+    One(Req),
+    /// Metadata v12 for every topic: large on a cluster with many partitions.
+    AllTopics,
+    /// Fetch v11 of [`TOPIC`] from `offset`, up to 2 MiB.
+    Fetch { partition: i32, offset: i64 },
+}
+
+impl Ask {
+    fn frame(&self, id: i32) -> Vec<u8> {
+        let body = match self {
+            Ask::One(req) => return req.frame(id),
+            Ask::AllTopics => request_body(
+                ApiKey::Metadata,
+                12,
+                id,
+                CLIENT_ID,
+                &MetadataRequest::default().with_topics(None),
+            ),
+            Ask::Fetch { partition, offset } => request_body(
+                ApiKey::Fetch,
+                11,
+                id,
+                CLIENT_ID,
+                &fetch_request(*partition, *offset, 2 << 20),
+            ),
+        }
+        .unwrap();
+        let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        frame
+    }
+}
+
+/// The `n`th Produce of the pipeline (from 0), to partition `n` mod [`PARTITIONS`].
+fn produce(n: usize, tag: &str) -> Ask {
+    // The first batch of each partition is small, so a Fetch from offset 0 within 256 KiB
+    // always returns records; then sizes up to 1 MiB (the mock keeps 5 MiB a partition).
+    const SIZES: [usize; 6] = [120, 3_000, 16_000, 70_000, 150_000, 400_000];
+    let size = if n < PARTITIONS as usize {
+        200
+    } else if n.is_multiple_of(23) {
+        1 << 20
+    } else {
+        SIZES[n % SIZES.len()]
+    };
+    Ask::One(Req::Produce {
+        version: if n.is_multiple_of(2) { 7 } else { 9 },
+        acks: 1,
+        partition: (n % PARTITIONS as usize) as i32,
+        value: value(&format!("{tag}-{n}-"), size),
+    })
+}
+
+/// Builds the pipeline: correlation ids repeat (mod 37), so responses are matched by
+/// order; a Fetch asks for the latest batch of its partition, so it answers with up to
+/// 1 MiB.
+struct Builder<'t> {
+    tag: &'t str,
+    requests: usize,
+    produced: Vec<usize>,
+}
+
+impl Builder<'_> {
+    fn next(&mut self, ask: Ask) -> (i32, Ask) {
+        self.requests += 1;
+        (((self.requests - 1) % 37) as i32, ask)
+    }
+
+    fn produce(&mut self) -> (i32, Ask) {
+        let n: usize = self.produced.iter().sum();
+        self.produced[n % PARTITIONS as usize] += 1;
+        let ask = produce(n, self.tag);
+        self.next(ask)
+    }
+
+    fn fetch(&mut self, partition: i32) -> (i32, Ask) {
+        let offset = self.produced[partition as usize].saturating_sub(1) as i64;
+        self.next(Ask::Fetch { partition, offset })
+    }
+}
+
+/// The writes of the pipeline, each a list of (correlation id, request): a first Produce
+/// alone, then Metadata for all topics with [`BURST`] Produce and Fetch requests behind it
+/// in one write, then [`TAIL`] requests of every kind one write each.
+fn pipeline(tag: &str) -> Vec<Vec<(i32, Ask)>> {
+    let mut b = Builder {
+        tag,
+        requests: 0,
+        produced: vec![0; PARTITIONS as usize],
+    };
+    let mut writes = vec![vec![b.produce()]];
+    let mut burst = vec![b.next(Ask::AllTopics)];
+    for k in 0..BURST {
+        let partition = (k / 4 % PARTITIONS as usize) as i32;
+        burst.push(if k % 4 == 3 {
+            b.fetch(partition)
+        } else {
+            b.produce()
+        });
+    }
+    writes.push(burst);
+    for k in 0..TAIL {
+        let partition = (k % PARTITIONS as usize) as i32;
+        writes.push(vec![match k % 6 {
+            0 => b.next(Ask::One(Req::Metadata)),
+            2 => b.next(Ask::One(Req::FindCoordinator)),
+            3 => b.fetch(partition),
+            4 => b.next(Ask::AllTopics),
+            _ => b.produce(),
+        }]);
+    }
+    writes
+}
+
+/// What the response to a request must say, from the requests before it.
+#[derive(Debug)]
+enum Expect {
+    AllTopics,
+    Metadata,
+    FindCoordinator,
+    Produce {
+        version: i16,
+        partition: i32,
+        offset: i64,
+    },
+    /// Fetch from `offset`: the high watermark is the count of records produced before
+    /// it, the records those from `offset` on.
+    Fetch {
+        partition: i32,
+        offset: usize,
+        before: usize,
+    },
+}
+
+/// Record values per partition, in the order produced.
+type Produced = Vec<Vec<Vec<u8>>>;
+
+fn expectations(requests: &[(i32, Ask)]) -> (Vec<(i32, Expect)>, Produced) {
+    let mut produced: Produced = vec![Vec::new(); PARTITIONS as usize];
+    let expected = requests
+        .iter()
+        .map(|(id, ask)| {
+            let expect = match ask {
+                Ask::AllTopics => Expect::AllTopics,
+                Ask::One(Req::Metadata) => Expect::Metadata,
+                Ask::One(Req::FindCoordinator) => Expect::FindCoordinator,
+                Ask::One(Req::Produce {
+                    version,
+                    partition,
+                    value,
+                    ..
+                }) => {
+                    let log = &mut produced[*partition as usize];
+                    log.push(value.clone());
+                    Expect::Produce {
+                        version: *version,
+                        partition: *partition,
+                        offset: log.len() as i64 - 1,
+                    }
+                }
+                Ask::Fetch { partition, offset } => Expect::Fetch {
+                    partition: *partition,
+                    offset: *offset as usize,
+                    before: produced[*partition as usize].len(),
+                },
+                Ask::One(Req::ApiVersions | Req::Fetch { .. }) => {
+                    unreachable!("not in this pipeline")
+                }
+            };
+            (*id, expect)
+        })
+        .collect();
+    (expected, produced)
+}
+
+/// What every response is checked against.
+struct Truth {
+    /// node id -> (host, port) kpscd advertises.
+    advertised: BTreeMap<i32, (String, i32)>,
+    /// Every topic of the cluster and its partition count.
+    topics: BTreeMap<String, usize>,
+    produced: Produced,
+    /// Byte strings no response may contain: the real brokers' (and shim's) addresses.
+    leaks: Vec<String>,
+}
+
+impl Truth {
+    fn check_brokers(&self, brokers: &[(i32, String, i32)]) -> anyhow::Result<()> {
+        let want: Vec<(i32, String, i32)> = self
+            .advertised
+            .iter()
+            .map(|(id, (host, port))| (*id, host.clone(), *port))
+            .collect();
+        anyhow::ensure!(brokers == want, "brokers {brokers:?} where {want:?}");
+        Ok(())
+    }
+
+    fn check(&self, raw: &Bytes, id: i32, expect: &Expect) -> anyhow::Result<()> {
+        for leak in &self.leaks {
+            anyhow::ensure!(
+                !contains_bytes(raw, leak.as_bytes()),
+                "{leak:?} in the response"
+            );
+        }
+        match expect {
+            Expect::AllTopics | Expect::Metadata => {
+                let r: MetadataResponse = decode(raw, id, 12)?;
+                let brokers: Vec<_> = r
+                    .brokers
+                    .iter()
+                    .map(|b| (b.node_id.0, b.host.to_string(), b.port))
+                    .collect();
+                self.check_brokers(&brokers)?;
+                let topics: BTreeMap<String, usize> = r
+                    .topics
+                    .iter()
+                    .map(|t| {
+                        let name = t.name.as_ref().map(|n| n.to_string()).unwrap_or_default();
+                        (name, t.partitions.len())
+                    })
+                    .collect();
+                let want = match expect {
+                    Expect::AllTopics => self.topics.clone(),
+                    _ => BTreeMap::from([(TOPIC.to_owned(), PARTITIONS as usize)]),
+                };
+                anyhow::ensure!(
+                    topics == want,
+                    "metadata: {} topics, {} partitions, where {} and {}",
+                    topics.len(),
+                    topics.values().sum::<usize>(),
+                    want.len(),
+                    want.values().sum::<usize>()
+                );
+            }
+            Expect::FindCoordinator => {
+                let r: FindCoordinatorResponse = decode(raw, id, 3)?;
+                anyhow::ensure!(r.error_code == 0, "FindCoordinator error {}", r.error_code);
+                let got = (r.host.to_string(), r.port);
+                anyhow::ensure!(
+                    self.advertised.get(&r.node_id.0) == Some(&got),
+                    "coordinator {} at {got:?}, not its advertised address",
+                    r.node_id.0
+                );
+            }
+            Expect::Produce {
+                version,
+                partition,
+                offset,
+            } => {
+                let r: ProduceResponse = decode(raw, id, *version)?;
+                let p = r
+                    .responses
+                    .first()
+                    .and_then(|t| t.partition_responses.first())
+                    .ok_or_else(|| anyhow::anyhow!("empty produce response"))?;
+                anyhow::ensure!(
+                    p.error_code == 0 && p.index == *partition && p.base_offset == *offset,
+                    "produce: error {}, partition {} offset {} where partition {partition} offset {offset}",
+                    p.error_code,
+                    p.index,
+                    p.base_offset
+                );
+            }
+            Expect::Fetch {
+                partition,
+                offset,
+                before,
+            } => {
+                let r: FetchResponse = decode(raw, id, 11)?;
+                let p = r
+                    .responses
+                    .first()
+                    .and_then(|t| t.partitions.first())
+                    .ok_or_else(|| anyhow::anyhow!("empty fetch response"))?;
+                anyhow::ensure!(
+                    p.error_code == 0 && p.partition_index == *partition,
+                    "fetch: error {}, partition {} where {partition}",
+                    p.error_code,
+                    p.partition_index
+                );
+                anyhow::ensure!(
+                    p.high_watermark == *before as i64,
+                    "fetch of partition {partition}: high watermark {} after {before} records",
+                    p.high_watermark
+                );
+                let values = record_values(p.records.as_ref())?;
+                let log = &self.produced[*partition as usize];
+                anyhow::ensure!(
+                    !values.is_empty()
+                        && offset + values.len() <= *before
+                        && values[..] == log[*offset..offset + values.len()],
+                    "fetch of partition {partition}: {} records, not those from {offset} of {before}",
+                    values.len()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A mock cluster whose [`TOPIC`] partitions are all led by broker 1 (the one kpscd maps
+/// statically), plus `filler_topics` topics of `filler_partitions` each, led by any.
+fn cluster(filler_topics: usize, filler_partitions: i32) -> (MockCluster, BTreeMap<String, usize>) {
+    let cluster = MockCluster::new(3).unwrap();
+    cluster.create_topic(TOPIC, PARTITIONS).unwrap();
+    for p in 0..PARTITIONS {
+        cluster.set_leader(TOPIC, p, 1).unwrap();
+    }
+    let mut topics = BTreeMap::from([(TOPIC.to_owned(), PARTITIONS as usize)]);
+    for t in 0..filler_topics {
+        let name = format!("filler-{t:03}");
+        cluster.create_topic(&name, filler_partitions).unwrap();
+        topics.insert(name, filler_partitions as usize);
+    }
+    (cluster, topics)
+}
+
+/// kpscd's advertised addresses: broker 1 static at `base`, the others dynamic at
+/// `base + 10 + id` (see `proxy_args`).
+fn advertised(base: u16) -> BTreeMap<i32, (String, i32)> {
+    let base = i32::from(base);
+    BTreeMap::from([
+        (1, ("127.0.1.1".to_owned(), base)),
+        (2, ("127.0.1.2".to_owned(), base + 12)),
+        (3, ("127.0.1.3".to_owned(), base + 13)),
+    ])
+}
+
+/// Writes the pipeline (a thread) while reading and checking every response in order;
+/// then nothing more may come, the records read back must equal those produced, and under
+/// sockmap the kernel must have carried requests. Returns the responses as received.
+fn run_pipeline(kpscd: &Kpscd, base: u16, mode: &str, tag: &str, truth: &mut Truth) -> Vec<Bytes> {
+    let writes = pipeline(tag);
+    let requests: Vec<(i32, Ask)> = writes.iter().flatten().cloned().collect();
+    let (expected, produced) = expectations(&requests);
+    truth.produced = produced;
+    let frames: Vec<Vec<u8>> = writes
+        .iter()
+        .map(|w| w.iter().flat_map(|(id, ask)| ask.frame(*id)).collect())
+        .collect();
+    let addr = format!("127.0.1.1:{base}");
+    let mut stream = TcpStream::connect(&addr).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // Under sockmap: let kpscd put the socket in its map first, and pause between writes,
+    // so the verdict meets requests at packet starts and carries some (see sockmap.rs).
+    std::thread::sleep(Duration::from_millis(50));
+    let mut writer = stream.try_clone().unwrap();
+    let started = Instant::now();
+    let mut received = Vec::with_capacity(expected.len());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for write in &frames {
+                writer.write_all(write).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        for (n, (id, expect)) in expected.iter().enumerate() {
+            let raw = read_frame(&mut stream)
+                .unwrap_or_else(|e| panic!("{mode}: response {n} of {}: {e:#}", expected.len()));
+            truth
+                .check(&raw, *id, expect)
+                .unwrap_or_else(|e| panic!("{mode}: response {n} (id {id}, {expect:?}): {e:#}"));
+            received.push(raw);
+        }
+    });
+    let bytes: usize = frames.iter().map(Vec::len).sum();
+    let answered: usize = received.iter().map(Bytes::len).sum();
+    eprintln!(
+        "{mode} {tag}: {} requests ({bytes} bytes), {} responses ({answered} bytes) in order in {:?}; the first all-topics Metadata response {} bytes",
+        requests.len(),
+        received.len(),
+        started.elapsed(),
+        received[1].len()
+    );
+    stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let extra = stream.read(&mut [0u8; 1]);
+    assert!(
+        matches!(&extra, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "{mode}: after the last response: {extra:?}"
+    );
+    if mode == "sockmap" {
+        let k = kernel_accounted(kpscd, requests.len());
+        eprintln!("{mode} {tag}: kernel {k:?}");
+        assert!(
+            k.redirected_frames > 0.0 && k.redirected_bytes > 0.0,
+            "{mode}: the kernel carried no request: {k:?}"
+        );
+    }
+    let counts: Vec<usize> = truth.produced.iter().map(Vec::len).collect();
+    let consumed = consume_all(&addr, &counts);
+    for (p, (got, want)) in consumed.iter().zip(&truth.produced).enumerate() {
+        assert!(
+            got == want,
+            "{mode}: partition {p}: records differ from those produced"
+        );
+    }
+    assert_eq!(
+        kpscd.metric("kpsc_connection_errors_total", ""),
+        0.0,
+        "{mode}: {:?}",
+        kernel_counters(kpscd)
+    );
+    received
+}
+
+/// Natural: the held response is a ~300 KiB Metadata response kpscd must decode and
+/// rewrite while the broker's next 120 responses arrive behind it.
+fn natural(mode: &str) {
+    let setup = Instant::now();
+    let (cluster, topics) = cluster(4, 3000);
+    let base = free_port_base(20);
+    let kpscd = Kpscd::start(&proxy_args(&cluster, base, &["--bulk-transfer", mode])).unwrap();
+    let mut leaks = vec![REAL_BROKER_HOST.to_owned()];
+    leaks.extend(cluster.broker_addrs());
+    let mut truth = Truth {
+        advertised: advertised(base),
+        topics,
+        produced: Vec::new(),
+        leaks,
+    };
+    eprintln!(
+        "{mode} natural: cluster and kpscd up in {:?}",
+        setup.elapsed()
+    );
+    run_pipeline(&kpscd, base, mode, "natural", &mut truth);
+}
+
+#[test]
+fn natural_large_metadata_under_copy() {
+    natural("copy");
+}
+
+#[test]
+fn natural_large_metadata_under_splice() {
+    natural("splice");
+}
+
+#[test]
+fn natural_large_metadata_under_sockmap() {
+    natural("sockmap");
+}
+
+/// `raw` (a response body as the broker sent it) with every broker address replaced by
+/// kpscd's advertised one: what the client must receive.
+fn rewritten<R: Decodable + Encodable + HeaderVersion>(
+    raw: &[u8],
+    version: i16,
+    replace: impl FnOnce(&mut R),
+) -> Vec<u8> {
+    let mut body = Bytes::copy_from_slice(raw);
+    let header = ResponseHeader::decode(&mut body, R::header_version(version)).unwrap();
+    let mut response = R::decode(&mut body, version).unwrap();
+    replace(&mut response);
+    let mut out = BytesMut::new();
+    header.encode(&mut out, R::header_version(version)).unwrap();
+    response.encode(&mut out, version).unwrap();
+    // Bytes after the message (librdkafka's mock sends one after Metadata v12) stay.
+    out.extend_from_slice(&body);
+    out.to_vec()
+}
+
+/// Forced: [`ResponseDelayShim`] between kpscd and broker 1 holds the first Metadata
+/// response 300 ms until at least 100 responses queue behind it, then releases it as
+/// `release` says. The mock advertises the shim as broker 1, so kpscd takes the shim for
+/// the broker.
+fn forced(mode: &str, release: Release) {
+    let (cluster, topics) = cluster(0, 0);
+    let shim = ResponseDelayShim::start(
+        &format!("{SHIM_HOST}:0"),
+        &cluster.broker_addr(1),
+        HoldPlan {
+            client_id: CLIENT_ID.to_owned(),
+            at_least: Duration::from_millis(300),
+            behind: 100,
+            release,
+        },
+    )
+    .unwrap();
+    cluster
+        .set_advertised(1, SHIM_HOST, shim.addr().port())
+        .unwrap();
+    let base = free_port_base(20);
+    let mut args = proxy_args(&cluster, base, &["--bulk-transfer", mode]);
+    // Broker 1 is reached through the shim: its mapping names the shim's address.
+    args[1] = format!("{},0.0.0.0:{base},127.0.1.1:{base}", shim.addr());
+    let kpscd = Kpscd::start(&args).unwrap();
+    let mut leaks = vec![
+        REAL_BROKER_HOST.to_owned(),
+        SHIM_HOST.to_owned(),
+        shim.addr().to_string(),
+    ];
+    leaks.extend(cluster.broker_addrs());
+    let advertised = advertised(base);
+    let mut truth = Truth {
+        advertised: advertised.clone(),
+        topics,
+        produced: Vec::new(),
+        leaks,
+    };
+    let tag = format!("{release:?}");
+    let received = run_pipeline(&kpscd, base, mode, &tag, &mut truth);
+    let holds = shim.holds();
+    eprintln!("{mode} {tag}: shim holds {holds:?}");
+    assert!(
+        shim.errors().is_empty(),
+        "{mode}: shim: {:?}",
+        shim.errors()
+    );
+    assert!(
+        holds.len() == 1
+            && holds[0].behind >= 100
+            && holds[0].held_for >= Duration::from_millis(300),
+        "{mode}: the shim did not hold the Metadata response as planned: {holds:?}"
+    );
+    // Byte for byte: what the broker sent through the shim, in the same order, with only
+    // the addresses of Metadata and FindCoordinator responses replaced.
+    let forwarded = shim.forwarded();
+    assert_eq!(
+        forwarded.len(),
+        received.len(),
+        "{mode}: responses forwarded by the shim"
+    );
+    let node = |id: i32| advertised.get(&id).cloned().unwrap();
+    for (n, (f, got)) in forwarded.iter().zip(&received).enumerate() {
+        let want = match ApiKey::try_from(f.api_key) {
+            Ok(ApiKey::Metadata) => {
+                rewritten(&f.body, f.api_version, |r: &mut MetadataResponse| {
+                    for b in &mut r.brokers {
+                        let (host, port) = node(b.node_id.0);
+                        b.host = StrBytes::from_string(host);
+                        b.port = port;
+                    }
+                })
+            }
+            Ok(ApiKey::FindCoordinator) => {
+                rewritten(&f.body, f.api_version, |r: &mut FindCoordinatorResponse| {
+                    let (host, port) = node(r.node_id.0);
+                    r.host = StrBytes::from_string(host);
+                    r.port = port;
+                })
+            }
+            _ => f.body.clone(),
+        };
+        assert!(
+            got[..] == want[..],
+            "{mode}: response {n} (api {} id {}) is not what the broker sent in that place",
+            f.api_key,
+            f.correlation_id
+        );
+    }
+}
+
+const WHOLE: Release = Release::Whole;
+const DRIBBLE: Release = Release::Dribble {
+    piece: 7,
+    pause: Duration::from_millis(1),
+};
+
+#[test]
+fn held_metadata_released_in_one_write_under_copy() {
+    forced("copy", WHOLE);
+}
+
+#[test]
+fn held_metadata_released_in_one_write_under_splice() {
+    forced("splice", WHOLE);
+}
+
+#[test]
+fn held_metadata_released_in_one_write_under_sockmap() {
+    forced("sockmap", WHOLE);
+}
+
+#[test]
+fn held_metadata_dribbled_under_copy() {
+    forced("copy", DRIBBLE);
+}
+
+#[test]
+fn held_metadata_dribbled_under_splice() {
+    forced("splice", DRIBBLE);
+}
+
+#[test]
+fn held_metadata_dribbled_under_sockmap() {
+    forced("sockmap", DRIBBLE);
+}
