@@ -227,6 +227,7 @@ fn relay(
     };
     // Responses: read as fast as the broker sends them, matched to requests by order; a
     // writer thread decides when each reaches kpscd.
+    let broker_side = upstream.try_clone()?;
     let (tx, rx) = mpsc::channel::<(Request, Vec<u8>)>();
     let down = std::thread::spawn(move || -> anyhow::Result<()> {
         while let Some(frame) = read_whole_frame(&mut upstream)? {
@@ -242,7 +243,10 @@ fn relay(
         Ok(())
     });
     let written = write_responses(&mut client, rx, &plan, seen);
+    // Either side's end ends the relay: a broker that keeps a half-closed connection open
+    // must not keep the response thread waiting.
     let _ = client.shutdown(Shutdown::Both);
+    let _ = broker_side.shutdown(Shutdown::Both);
     let up = up.join().expect("shim request thread");
     let down = down.join().expect("shim response thread");
     written.and(up).and(down)
