@@ -5,7 +5,8 @@
 //! can count on it. Everything it forwards came from the real broker, byte for byte.
 //!
 //! It matches responses to requests by order (responses carry only a correlation id), so
-//! every request through it must be answered: no acks=0 Produce.
+//! every request through it must be answered: acks=0 Produce only in front of a broker
+//! that answers it anyway, as librdkafka's mock does.
 
 use std::{
     collections::VecDeque,
