@@ -54,6 +54,9 @@ const TAIL: usize = 40;
 /// (Kafka does not) and kpscd drops those answers, so their ids must not be ones it waits
 /// for.
 const ACKS0_IDS: i32 = 100_000;
+/// Topics beside [`TOPIC`], and partitions each, that make a Metadata response for all
+/// topics about 300 KiB (few topics: the mock takes about 0.2 s to create each one).
+const LARGE: (usize, i32) = (4, 3000);
 /// Where the shim listens: not the mock's host, so a leak of either is told apart.
 const SHIM_HOST: &str = "127.0.3.1";
 
@@ -505,7 +508,7 @@ fn run_pipeline(kpscd: &Kpscd, base: u16, mode: &str, tag: &str, truth: &mut Tru
 /// rewrite while the broker's next 120 responses arrive behind it.
 fn natural(mode: &str) {
     let setup = Instant::now();
-    let (cluster, topics) = cluster(4, 3000);
+    let (cluster, topics) = cluster(LARGE.0, LARGE.1);
     let base = free_port_base(20);
     let kpscd = Kpscd::start(&proxy_args(&cluster, base, &["--bulk-transfer", mode])).unwrap();
     let mut leaks = vec![REAL_BROKER_HOST.to_owned()];
@@ -560,9 +563,13 @@ fn rewritten<R: Decodable + Encodable + HeaderVersion>(
 /// Forced: [`ResponseDelayShim`] between kpscd and broker 1 holds the first Metadata
 /// response 300 ms until at least 100 responses queue behind it, then releases it as
 /// `release` says. The mock advertises the shim as broker 1, so kpscd takes the shim for
-/// the broker.
+/// the broker. Released whole, the held response is the large one of [`natural`]; dribbled
+/// 7 bytes at a time, a small one (one topic).
 fn forced(mode: &str, release: Release) {
-    let (cluster, topics) = cluster(0, 0);
+    let (cluster, topics) = match release {
+        Release::Whole => cluster(LARGE.0, LARGE.1),
+        Release::Dribble { .. } => cluster(0, 0),
+    };
     let shim = ResponseDelayShim::start(
         &format!("{SHIM_HOST}:0"),
         &cluster.broker_addr(1),
