@@ -16,7 +16,8 @@
 //! real broker (or shim) address anywhere in any response's bytes; behind the shim, every
 //! response is also byte for byte what the broker sent, addresses replaced. The records
 //! read back afterwards equal those produced; nothing answers acks=0 (the mock does, kpscd
-//! must drop it). Under sockmap kpscd's kernel counters must show the kernel carried
+//! must drop it). The client half-closes after its last write, while responses are still
+//! held; kpscd must end the connection only after the last of them. Under sockmap kpscd's kernel counters must show the kernel carried
 //! requests and kpscd handled the ApiVersions ones.
 
 use std::{
@@ -416,9 +417,10 @@ fn advertised(base: u16) -> BTreeMap<i32, (String, i32)> {
     ])
 }
 
-/// Writes the pipeline (a thread) while reading and checking every response in order;
-/// then nothing more may come, the records read back must equal those produced, and under
-/// sockmap the kernel must have carried requests. Returns the responses as received.
+/// Writes the pipeline (a thread, which half-closes after its last write) while reading
+/// and checking every response in order; then only the connection's end may come, the
+/// records read back must equal those produced, and under sockmap the kernel must have
+/// carried requests. Returns the responses as received.
 fn run_pipeline(kpscd: &Kpscd, base: u16, mode: &str, tag: &str, truth: &mut Truth) -> Vec<Bytes> {
     let writes = pipeline(tag);
     let requests: Vec<(i32, Ask)> = writes.iter().flatten().cloned().collect();
@@ -446,6 +448,9 @@ fn run_pipeline(kpscd: &Kpscd, base: u16, mode: &str, tag: &str, truth: &mut Tru
                 writer.write_all(write).unwrap();
                 std::thread::sleep(Duration::from_millis(1));
             }
+            // A half-close while responses are still held: kpscd must deliver them all
+            // before it ends the connection.
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
         });
         for (n, (id, expect)) in expected.iter().enumerate() {
             let raw = read_frame(&mut stream)
@@ -468,9 +473,10 @@ fn run_pipeline(kpscd: &Kpscd, base: u16, mode: &str, tag: &str, truth: &mut Tru
     stream
         .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
+    // Then the end of the connection, nothing else (the mock's answers to acks=0 dropped).
     let extra = stream.read(&mut [0u8; 1]);
     assert!(
-        matches!(&extra, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        matches!(&extra, Ok(0)),
         "{mode}: after the last response: {extra:?}"
     );
     if mode == "sockmap" {
