@@ -112,6 +112,8 @@ impl ResponseDelayShim {
                             let (broker, plan, seen) = (broker.clone(), plan.clone(), seen.clone());
                             std::thread::spawn(move || {
                                 if let Err(e) = relay(client, &broker, plan, &seen) {
+                                    // Printed now too: a test failing first never asks.
+                                    eprintln!("response delay shim: {e:#}");
                                     seen.lock().unwrap().errors.push(format!("{e:#}"));
                                 }
                             });
@@ -218,9 +220,10 @@ fn relay(
         let (mut from, mut to, requests) =
             (client.try_clone()?, upstream.try_clone()?, requests.clone());
         std::thread::spawn(move || -> anyhow::Result<()> {
-            while let Some(frame) = read_whole_frame(&mut from)? {
+            while let Some(frame) = read_whole_frame(&mut from).context("reading a request")? {
                 requests.lock().unwrap().push_back(parse_request(&frame)?);
-                to.write_all(&frame)?;
+                to.write_all(&frame)
+                    .context("writing a request to the broker")?;
             }
             let _ = to.shutdown(Shutdown::Write);
             Ok(())
@@ -231,7 +234,7 @@ fn relay(
     let broker_side = upstream.try_clone()?;
     let (tx, rx) = mpsc::channel::<(Request, Vec<u8>)>();
     let down = std::thread::spawn(move || -> anyhow::Result<()> {
-        while let Some(frame) = read_whole_frame(&mut upstream)? {
+        while let Some(frame) = read_whole_frame(&mut upstream).context("reading a response")? {
             let request = requests
                 .lock()
                 .unwrap()
@@ -243,7 +246,7 @@ fn relay(
         }
         Ok(())
     });
-    let written = write_responses(&mut client, rx, &plan, seen);
+    let written = write_responses(&mut client, rx, &plan, seen).context("writing to kpscd");
     // Either side's end ends the relay: a broker that keeps a half-closed connection open
     // must not keep the response thread waiting.
     let _ = client.shutdown(Shutdown::Both);
