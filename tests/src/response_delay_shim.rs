@@ -37,7 +37,13 @@ pub enum Release {
     /// The held response in `piece`-byte writes `pause` apart, its last piece in the
     /// same write as every queued response.
     Dribble { piece: usize, pause: Duration },
+    /// Each response in writes of its own, `pause` apart, and those over 64 KiB in two
+    /// halves `pause` apart: the reader finds nothing to read in the middle of a frame.
+    Paced { pause: Duration },
 }
+
+/// Responses above this size are split in two under [`Release::Paced`].
+const PACED_SPLIT: usize = 64 << 10;
 
 /// Which response to hold, for how long, and how to let it go.
 #[derive(Clone, Debug)]
@@ -313,7 +319,26 @@ fn write_responses(
         });
         record(&request, &frame);
         let mut burst = Vec::with_capacity(frame.len() + behind_bytes);
+        if let Release::Paced { pause } = plan.release {
+            let all = std::iter::once((request, frame)).chain(queued.drain(..));
+            for (request, frame) in all {
+                record(&request, &frame);
+                let half = if frame.len() > PACED_SPLIT {
+                    frame.len() / 2
+                } else {
+                    frame.len()
+                };
+                for part in [&frame[..half], &frame[half..]] {
+                    if !part.is_empty() {
+                        client.write_all(part)?;
+                        std::thread::sleep(pause);
+                    }
+                }
+            }
+            continue;
+        }
         match plan.release {
+            Release::Paced { .. } => unreachable!("handled above"),
             Release::Whole => burst.extend_from_slice(&frame),
             Release::Dribble { piece, pause } => {
                 let last = frame.len() - (frame.len() - 1) % piece - 1;

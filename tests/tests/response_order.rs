@@ -547,6 +547,38 @@ fn natural_large_metadata_under_sockmap() {
     natural("sockmap");
 }
 
+/// [`ResponseDelayShim`] in front of broker 1, holding the first Metadata response of the
+/// pipeline's client until `behind` responses queue behind it, and kpscd with
+/// `--bulk-transfer mode` in front of both. The mock advertises the shim as broker 1, so
+/// kpscd takes the shim for the broker.
+fn behind_shim(
+    cluster: &MockCluster,
+    mode: &str,
+    release: Release,
+    behind: usize,
+) -> (ResponseDelayShim, Kpscd, u16) {
+    let shim = ResponseDelayShim::start(
+        &format!("{SHIM_HOST}:0"),
+        &cluster.broker_addr(1),
+        HoldPlan {
+            client_id: CLIENT_ID.to_owned(),
+            at_least: Duration::from_millis(300),
+            behind,
+            release,
+        },
+    )
+    .unwrap();
+    cluster
+        .set_advertised(1, SHIM_HOST, shim.addr().port())
+        .unwrap();
+    let base = free_port_base(20);
+    let mut args = proxy_args(cluster, base, &["--bulk-transfer", mode]);
+    // Broker 1 is reached through the shim: its mapping names the shim's address.
+    args[1] = format!("{},0.0.0.0:{base},127.0.1.1:{base}", shim.addr());
+    let kpscd = Kpscd::start(&args).unwrap();
+    (shim, kpscd, base)
+}
+
 /// `raw` (a response body as the broker sent it) with every broker address replaced by
 /// kpscd's advertised one: what the client must receive.
 fn rewritten<R: Decodable + Encodable + HeaderVersion>(
@@ -574,27 +606,9 @@ fn rewritten<R: Decodable + Encodable + HeaderVersion>(
 fn forced(mode: &str, release: Release) {
     let (cluster, topics) = match release {
         Release::Whole => cluster(LARGE.0, LARGE.1),
-        Release::Dribble { .. } => cluster(0, 0),
+        Release::Dribble { .. } | Release::Paced { .. } => cluster(0, 0),
     };
-    let shim = ResponseDelayShim::start(
-        &format!("{SHIM_HOST}:0"),
-        &cluster.broker_addr(1),
-        HoldPlan {
-            client_id: CLIENT_ID.to_owned(),
-            at_least: Duration::from_millis(300),
-            behind: 100,
-            release,
-        },
-    )
-    .unwrap();
-    cluster
-        .set_advertised(1, SHIM_HOST, shim.addr().port())
-        .unwrap();
-    let base = free_port_base(20);
-    let mut args = proxy_args(&cluster, base, &["--bulk-transfer", mode]);
-    // Broker 1 is reached through the shim: its mapping names the shim's address.
-    args[1] = format!("{},0.0.0.0:{base},127.0.1.1:{base}", shim.addr());
-    let kpscd = Kpscd::start(&args).unwrap();
+    let (shim, kpscd, base) = behind_shim(&cluster, mode, release, 100);
     let mut leaks = vec![
         REAL_BROKER_HOST.to_owned(),
         SHIM_HOST.to_owned(),
@@ -702,4 +716,106 @@ fn held_metadata_dribbled_under_splice() {
 #[test]
 fn held_metadata_dribbled_under_sockmap() {
     forced("sockmap", DRIBBLE);
+}
+
+/// A client that half-closes while its responses are still held back (the shim holds the
+/// Metadata response until the others queue behind it, then sends each in a write of its
+/// own, 1 MiB Fetch responses in two halves 20 ms apart), its FIN in a segment of its
+/// own: every response is still delivered, then the end of the connection, and kpscd
+/// counts no connection error. Under sockmap the FIN reaches the verdict as an skb
+/// without payload, and kpscd splices the Fetch responses across the pause in each.
+fn half_close_while_responses_are_held(mode: &str) {
+    const ROUNDS: usize = 3;
+    let (cluster, _) = cluster(0, 0);
+    let paced = Release::Paced {
+        pause: Duration::from_millis(20),
+    };
+    let (shim, kpscd, base) = behind_shim(&cluster, mode, paced, 2 * ROUNDS);
+    let mut stream = TcpStream::connect(format!("127.0.1.1:{base}")).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // As in `run_pipeline`: the socket in kpscd's map before the first request.
+    std::thread::sleep(Duration::from_millis(50));
+    // Metadata (held), then per round a 1 MiB Produce and a Fetch of it, a write each.
+    let values: Vec<Vec<u8>> = (0..ROUNDS)
+        .map(|i| value(&format!("half-close-{mode}-{i}-"), 1 << 20))
+        .collect();
+    stream.write_all(&Req::Metadata.frame(0)).unwrap();
+    for (i, v) in values.iter().enumerate() {
+        let partition = i as i32;
+        let produce = Req::Produce {
+            version: 7,
+            acks: 1,
+            partition,
+            value: v.clone(),
+        };
+        let fetch = Ask::Fetch {
+            partition,
+            offset: 0,
+        };
+        std::thread::sleep(Duration::from_millis(2));
+        stream.write_all(&produce.frame(2 * i as i32 + 1)).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        stream.write_all(&fetch.frame(2 * i as i32 + 2)).unwrap();
+    }
+    // While the responses are held, in a segment of its own.
+    std::thread::sleep(Duration::from_millis(20));
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut next = |what: &str| {
+        read_frame(&mut stream).unwrap_or_else(|e| {
+            panic!(
+                "{mode}: {what} after the half-close: {e:#}; kpscd: {}",
+                kpscd.log()
+            )
+        })
+    };
+    let _: MetadataResponse = decode(&next("metadata"), 0, 12).unwrap();
+    for (i, v) in values.iter().enumerate() {
+        let r: ProduceResponse = decode(&next("produce"), 2 * i as i32 + 1, 7).unwrap();
+        let p = &r.responses[0].partition_responses[0];
+        assert_eq!((p.error_code, p.base_offset), (0, 0), "{mode}: produce {i}");
+        let r: FetchResponse = decode(&next("fetch"), 2 * i as i32 + 2, 11).unwrap();
+        let got = record_values(r.responses[0].partitions[0].records.as_ref()).unwrap();
+        assert!(
+            got.len() == 1 && got[0] == *v,
+            "{mode}: fetch {i}: other records"
+        );
+    }
+    assert_eq!(
+        stream.read(&mut [0u8; 1]).unwrap(),
+        0,
+        "{mode}: after the last response"
+    );
+    let holds = shim.holds();
+    assert!(
+        holds.len() == 1 && holds[0].behind == 2 * ROUNDS,
+        "{mode}: {holds:?}"
+    );
+    if mode == "sockmap" {
+        let k = kernel_accounted(&kpscd, 1 + 2 * ROUNDS);
+        assert!(k.redirected_frames > 0.0, "{mode}: {k:?}");
+    }
+    assert_eq!(
+        kpscd.metric("kpsc_connection_errors_total", ""),
+        0.0,
+        "{mode}: {}",
+        kpscd.log()
+    );
+}
+
+#[test]
+fn half_close_while_responses_are_held_under_copy() {
+    half_close_while_responses_are_held("copy");
+}
+
+#[test]
+fn half_close_while_responses_are_held_under_splice() {
+    half_close_while_responses_are_held("splice");
+}
+
+#[test]
+fn half_close_while_responses_are_held_under_sockmap() {
+    half_close_while_responses_are_held("sockmap");
 }
