@@ -200,6 +200,15 @@ pub fn kpsc_proxy_requests(ctx: SkBuffContext) -> u32 {
     // one skb at a time (see the module comment).
     let slot = unsafe { &mut *slot };
     let len = ctx.len();
+    if len == 0 {
+        // A FIN without payload. Redirected, the broker socket's psock backlog would send
+        // 0 bytes, which the kernel takes for a broken pipe: it sets EPIPE on the broker
+        // socket, and kpscd's next read there that finds nothing (a large response
+        // spliced while it arrives) fails, losing the responses still owed. Passed, it
+        // ends the stream where kpscd reads, as in MODE_USERSPACE; no byte moves, so
+        // the mode and offsets stay.
+        return SK_PASS;
+    }
     let start = slot.seen;
     slot.seen = start + u64::from(len);
     if slot.mode == MODE_USERSPACE {

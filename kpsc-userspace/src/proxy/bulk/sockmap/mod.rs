@@ -20,7 +20,10 @@
 //!   back only an skb that starts exactly there; if it passed another skb first, kpscd
 //!   reads that too and publishes a later boundary. So a redirect never overtakes a write
 //!   of ours, and at most one stretch is being handed over at a time.
-//! - The FIN: kpscd ends the broker direction only after the same drain.
+//! - The FIN: kpscd ends the broker direction only after the same drain. The verdict
+//!   never redirects the FIN's own skb (no payload): the backlog would send 0 bytes, which
+//!   the kernel reports as EPIPE on the broker socket, failing kpscd's next empty read
+//!   there while responses are still owed.
 
 pub mod slots;
 pub mod socket;
