@@ -41,7 +41,9 @@ mod xdp_pass;
 pub use cloud_endpoint::{Cloud, CloudEndpoint, Header, encode_v2};
 pub use command::run_with_timeout;
 pub use confluent_client::confluent_produce_and_consume;
-pub use mock_cluster::{ADVERTISED_PATTERN, MockCluster, REAL_BROKER_HOST, proxy_args};
+pub use mock_cluster::{
+    ADVERTISED_PATTERN, MockCluster, REAL_BROKER_HOST, advertised_addresses, proxy_args,
+};
 pub use pki::{Pki, python};
 pub use rdkafka_client::{Delivered, LeakWatch, create_topic, produce_acked, send_waiting};
 pub use tansu::{Tansu, TansuHost, start_tansu_in, tansu_bin};

@@ -17,8 +17,9 @@
 //! response is also byte for byte what the broker sent, addresses replaced. The records
 //! read back afterwards equal those produced; nothing answers acks=0 (the mock does, kpscd
 //! must drop it). The client half-closes after its last write, while responses are still
-//! held; kpscd must end the connection only after the last of them. Under sockmap kpscd's kernel counters must show the kernel carried
-//! requests and kpscd handled the ApiVersions ones.
+//! held; kpscd must end the connection only after the last of them. Under sockmap kpscd's
+//! kernel counters must show the kernel carried requests and kpscd handled the
+//! ApiVersions ones.
 
 use std::{
     collections::BTreeMap,
@@ -27,20 +28,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::{
     messages::{
         ApiKey, ApiVersionsResponse, FetchResponse, FindCoordinatorResponse, MetadataRequest,
-        MetadataResponse, ProduceResponse, ResponseHeader,
+        MetadataResponse, ProduceResponse,
     },
-    protocol::{Decodable, Encodable, HeaderVersion, StrBytes},
+    protocol::StrBytes,
 };
 use kpsc_tests::{
-    Kpscd, MockCluster, REAL_BROKER_HOST, contains_bytes, free_port_base,
+    Kpscd, MockCluster, REAL_BROKER_HOST, advertised_addresses, contains_bytes, free_port_base,
     kernel_path::{kernel_accounted, kernel_counters},
     proxy_args,
     raw_pipeline::{
-        CLIENT_ID, Req, TOPIC, consume_all, decode, fetch_request, read_frame, record_values, value,
+        CLIENT_ID, Req, TOPIC, consume_all, decode, edited_response, fetch_request, read_frame,
+        record_values, value,
     },
     request_body,
     response_delay_shim::{HoldPlan, Release, ResponseDelayShim},
@@ -406,17 +408,6 @@ fn cluster(filler_topics: usize, filler_partitions: i32) -> (MockCluster, BTreeM
     (cluster, topics)
 }
 
-/// kpscd's advertised addresses: broker 1 static at `base`, the others dynamic at
-/// `base + 10 + id` (see `proxy_args`).
-fn advertised(base: u16) -> BTreeMap<i32, (String, i32)> {
-    let base = i32::from(base);
-    BTreeMap::from([
-        (1, ("127.0.1.1".to_owned(), base)),
-        (2, ("127.0.1.2".to_owned(), base + 12)),
-        (3, ("127.0.1.3".to_owned(), base + 13)),
-    ])
-}
-
 /// Writes the pipeline (a thread, which half-closes after its last write) while reading
 /// and checking every response in order; then only the connection's end may come, the
 /// records read back must equal those produced, and under sockmap the kernel must have
@@ -520,7 +511,7 @@ fn natural(mode: &str) {
     let mut leaks = vec![REAL_BROKER_HOST.to_owned()];
     leaks.extend(cluster.broker_addrs());
     let mut truth = Truth {
-        advertised: advertised(base),
+        advertised: advertised_addresses(base),
         topics,
         produced: Vec::new(),
         leaks,
@@ -579,25 +570,6 @@ fn behind_shim(
     (shim, kpscd, base)
 }
 
-/// `raw` (a response body as the broker sent it) with every broker address replaced by
-/// kpscd's advertised one: what the client must receive.
-fn rewritten<R: Decodable + Encodable + HeaderVersion>(
-    raw: &[u8],
-    version: i16,
-    replace: impl FnOnce(&mut R),
-) -> Vec<u8> {
-    let mut body = Bytes::copy_from_slice(raw);
-    let header = ResponseHeader::decode(&mut body, R::header_version(version)).unwrap();
-    let mut response = R::decode(&mut body, version).unwrap();
-    replace(&mut response);
-    let mut out = BytesMut::new();
-    header.encode(&mut out, R::header_version(version)).unwrap();
-    response.encode(&mut out, version).unwrap();
-    // Bytes after the message (librdkafka's mock sends one after Metadata v12) stay.
-    out.extend_from_slice(&body);
-    out.to_vec()
-}
-
 /// Forced: [`ResponseDelayShim`] between kpscd and broker 1 holds the first Metadata
 /// response 300 ms until at least 100 responses queue behind it, then releases it as
 /// `release` says. The mock advertises the shim as broker 1, so kpscd takes the shim for
@@ -615,7 +587,7 @@ fn forced(mode: &str, release: Release) {
         shim.addr().to_string(),
     ];
     leaks.extend(cluster.broker_addrs());
-    let advertised = advertised(base);
+    let advertised = advertised_addresses(base);
     let mut truth = Truth {
         advertised: advertised.clone(),
         topics,
@@ -654,7 +626,7 @@ fn forced(mode: &str, release: Release) {
     for (n, (f, got)) in forwarded.iter().zip(&received).enumerate() {
         let want = match ApiKey::try_from(f.api_key) {
             Ok(ApiKey::Metadata) => {
-                rewritten(&f.body, f.api_version, |r: &mut MetadataResponse| {
+                edited_response(&f.body, f.api_version, |r: &mut MetadataResponse| {
                     for b in &mut r.brokers {
                         let (host, port) = node(b.node_id.0);
                         b.host = StrBytes::from_string(host);
@@ -663,7 +635,7 @@ fn forced(mode: &str, release: Release) {
                 })
             }
             Ok(ApiKey::FindCoordinator) => {
-                rewritten(&f.body, f.api_version, |r: &mut FindCoordinatorResponse| {
+                edited_response(&f.body, f.api_version, |r: &mut FindCoordinatorResponse| {
                     let (host, port) = node(r.node_id.0);
                     r.host = StrBytes::from_string(host);
                     r.port = port;
