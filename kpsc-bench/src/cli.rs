@@ -101,9 +101,17 @@ pub struct Args {
     /// only when named, `sockmap` (kpscd proxy whose requests the kernel carries; needs
     /// root) and `sockmap-ceiling` (a probe that redirects every byte socket to
     /// socket in the kernel with sockmap, no Kafka framing: the most a sockmap proxy could
-    /// reach here; produce, fetch and small workloads only; needs root).
+    /// reach here; produce, fetch and small workloads only; needs root), and the
+    /// Kafka-unaware relay probes `splice-ceiling` (splice(2) socket -> pipe -> socket
+    /// driven by epoll), `uring-ceiling` (the same as linked io_uring splice operations
+    /// on registered files), `uring-sqpoll-ceiling` (plus a kernel thread polling the
+    /// submission queue) and `uring-recv-send-ceiling` (multishot io_uring recv into
+    /// provided buffers, then send): what each path delivers without any Kafka work;
+    /// produce, fetch and small workloads only.
     #[arg(long, value_delimiter = ',',
-          value_parser = ["direct", "proxy", "splice", "sockmap", "portmap", "nftables", "external", "sockmap-ceiling"])]
+          value_parser = ["direct", "proxy", "splice", "sockmap", "portmap", "nftables", "external",
+                          "sockmap-ceiling", "splice-ceiling", "uring-ceiling", "uring-sqpoll-ceiling",
+                          "uring-recv-send-ceiling"])]
     pub targets: Vec<String>,
     /// Idle connections to open per proxy target for the memory measurement.
     #[arg(long, default_value_t = 1000)]
@@ -213,6 +221,23 @@ pub fn target_kinds(args: &Args, kpscd: &Path, node_sinks: Option<NodeSinks>) ->
                 std::process::id()
             )),
         });
+    }
+    for (target, mode) in [
+        ("splice-ceiling", "splice"),
+        ("uring-ceiling", "uring"),
+        ("uring-sqpoll-ceiling", "uring-sqpoll"),
+        ("uring-recv-send-ceiling", "uring-recv-send"),
+    ] {
+        if named(target) {
+            kinds.push(TargetKind::RelayCeiling {
+                bin: std::env::current_exe()
+                    .expect("exe")
+                    .with_file_name("kpsc-relay-ceiling"),
+                mode,
+                counters: std::env::temp_dir()
+                    .join(format!("kpsc-{target}-{}.counters", std::process::id())),
+            });
+        }
     }
     kinds
 }

@@ -51,6 +51,16 @@ pub enum TargetKind {
         bin: PathBuf,
         counters: PathBuf,
     },
+    /// A Kafka-unaware relay probe (`kpsc-relay-ceiling`, next to kpsc-bench): socket ->
+    /// pipe -> socket with no framing, `mode` `splice` (epoll), `uring` (linked
+    /// IORING_OP_SPLICE), `uring-sqpoll`, or `uring-recv-send` (socket -> buffer ->
+    /// socket); the bound for a `kpscd proxy` on that path.
+    /// `counters`: the file it keeps its byte count and threads' CPU in.
+    RelayCeiling {
+        bin: PathBuf,
+        mode: &'static str,
+        counters: PathBuf,
+    },
 }
 
 /// Which CPUs the load generator, the sink and the proxy run on.
@@ -105,8 +115,10 @@ pub struct Placement {
 
 /// Fixed ports in a fresh namespace; free ones on a shared loopback. By index: kpscd
 /// proxy, portmap, external, splice, nftables, sockmap ceiling, portmap under XDP, proxy
-/// with sockmap.
-const NETNS_PORTS: [u16; 8] = [19092, 19093, 19094, 19095, 19096, 19097, 19098, 19099];
+/// with sockmap, and the splice, uring, uring-sqpoll and uring-recv-send relay ceilings.
+const NETNS_PORTS: [u16; 12] = [
+    19092, 19093, 19094, 19095, 19096, 19097, 19098, 19099, 19100, 19101, 19102, 19103,
+];
 /// Node ports of the targets whose broker (sink) must advertise them.
 pub const PORTMAP_PORT: u16 = NETNS_PORTS[1];
 pub const NFTABLES_PORT: u16 = NETNS_PORTS[4];
@@ -198,7 +210,7 @@ enum Proxy {
         _rules: NatRules,
     },
     External(Process),
-    /// The sockmap ceiling probe and the file it writes its counters to.
+    /// A ceiling probe (sockmap or relay) and the file it writes its counters to.
     Probe {
         process: Process,
         counters: PathBuf,
@@ -456,6 +468,38 @@ impl Target {
                     .context("the sockmap ceiling probe did not listen")?;
                 Ok(Self {
                     name: "sockmap-ceiling".into(),
+                    addr: listen,
+                    sink: sink.clone(),
+                    proxy: Proxy::Probe { process, counters },
+                })
+            }
+            TargetKind::RelayCeiling {
+                bin,
+                mode,
+                counters,
+            } => {
+                let index = match mode {
+                    "splice" => 8,
+                    "uring" => 9,
+                    "uring-sqpoll" => 10,
+                    _ => 11,
+                };
+                let (port, _) = place.ports(index);
+                let listen = format!("{ip}:{port}");
+                let args = [
+                    mode.to_owned(),
+                    listen.clone(),
+                    sink.addr.to_string(),
+                    counters.display().to_string(),
+                ];
+                let process =
+                    Process::spawn(&mut place.command(bin.as_os_str(), &args), STOP_GRACE)?;
+                let addr = listen.clone();
+                blocking(move || wait_listening(&addr, Duration::from_secs(20)))
+                    .await
+                    .with_context(|| format!("the {mode} relay probe did not listen"))?;
+                Ok(Self {
+                    name: format!("{mode}-ceiling"),
                     addr: listen,
                     sink: sink.clone(),
                     proxy: Proxy::Probe { process, counters },

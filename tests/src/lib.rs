@@ -8,6 +8,10 @@
 //! - from the shared kit (kpsc-testkit): [`Kpscd`], the real `kpscd` binary as an operator
 //!   runs it, and [`RawClient`], a raw Kafka client for exact request versions.
 //!
+//! One fake, and only to inject a fault a real broker cannot produce on demand:
+//! [`response_delay_shim::ResponseDelayShim`] relays to a real broker and holds one of its
+//! responses back.
+//!
 //! Addresses: brokers listen on 127.0.0.1 (the mock cannot choose); kpscd advertises
 //! 127.0.1.<broker id>, so any `127.0.0.1` in a client-visible answer is a leak.
 
@@ -27,6 +31,7 @@ mod pki;
 pub mod portmap;
 pub mod raw_pipeline;
 mod rdkafka_client;
+pub mod response_delay_shim;
 pub mod soak;
 mod tansu;
 mod tls_peer;
@@ -36,7 +41,9 @@ mod xdp_pass;
 pub use cloud_endpoint::{Cloud, CloudEndpoint, Header, encode_v2};
 pub use command::run_with_timeout;
 pub use confluent_client::confluent_produce_and_consume;
-pub use mock_cluster::{ADVERTISED_PATTERN, MockCluster, REAL_BROKER_HOST, proxy_args};
+pub use mock_cluster::{
+    ADVERTISED_PATTERN, MockCluster, REAL_BROKER_HOST, advertised_addresses, proxy_args,
+};
 pub use pki::{Pki, python};
 pub use rdkafka_client::{Delivered, LeakWatch, create_topic, produce_acked, send_waiting};
 pub use tansu::{Tansu, TansuHost, start_tansu_in, tansu_bin};

@@ -1,7 +1,7 @@
 //! librdkafka's mock Kafka cluster (a real, independent broker implementation shipped with
 //! librdkafka), owned by this process, and kpscd's flags in front of it.
 
-use std::{ffi::CString, time::Duration};
+use std::{collections::BTreeMap, ffi::CString, time::Duration};
 
 use anyhow::{Context as _, bail};
 use rdkafka::{
@@ -160,4 +160,16 @@ pub fn proxy_args(cluster: &MockCluster, base: u16, extra: &[&str]) -> Vec<Strin
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     args
+}
+
+/// What kpscd started with [`proxy_args`] advertises for a 3-broker cluster: node id ->
+/// (host, port); broker 1 at `base`, the others at `base + 10 + id`.
+pub fn advertised_addresses(base: u16) -> BTreeMap<i32, (String, i32)> {
+    let base = i32::from(base);
+    (1..=3)
+        .map(|id| {
+            let port = if id == 1 { base } else { base + 10 + id };
+            (id, (format!("127.0.1.{id}"), port))
+        })
+        .collect()
 }

@@ -1,7 +1,7 @@
 //! Kafka requests written by hand for pipelines on one connection (encoded with the
 //! kafka-protocol crate), their responses read and decoded, and records read back: for
 //! tests that control every byte a client sends. Produce and Fetch name [`TOPIC`].
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use kafka_protocol::{
     messages::{
         ApiKey, ApiVersionsRequest, FetchRequest, FetchResponse, FindCoordinatorRequest,
@@ -20,7 +20,8 @@ use crate::portmap::record_batch;
 
 /// The topic the requests produce to and fetch from.
 pub const TOPIC: &str = "pipeline";
-const CLIENT_ID: &str = "kpsc-pipeline";
+/// The client id of every request [`Req::frame`] writes.
+pub const CLIENT_ID: &str = "kpsc-pipeline";
 
 pub fn topic_name() -> TopicName {
     TopicName(StrBytes::from_static_str(TOPIC))
@@ -157,6 +158,25 @@ pub fn decode<R: Decodable + HeaderVersion>(
         header.correlation_id
     );
     R::decode(&mut body, version)
+}
+
+/// `raw` (a response body, header included) decoded as `R`, changed by `edit` and encoded
+/// again, with any bytes after the message kept (librdkafka's mock sends one after
+/// Metadata v12): what a proxy that rewrites exactly what `edit` does must forward.
+pub fn edited_response<R: Decodable + Encodable + HeaderVersion>(
+    raw: &[u8],
+    version: i16,
+    edit: impl FnOnce(&mut R),
+) -> Vec<u8> {
+    let mut body = Bytes::copy_from_slice(raw);
+    let header = ResponseHeader::decode(&mut body, R::header_version(version)).unwrap();
+    let mut response = R::decode(&mut body, version).unwrap();
+    edit(&mut response);
+    let mut out = BytesMut::new();
+    header.encode(&mut out, R::header_version(version)).unwrap();
+    response.encode(&mut out, version).unwrap();
+    out.extend_from_slice(&body);
+    out.to_vec()
 }
 
 /// Every record value in a Fetch response's records.

@@ -1,7 +1,8 @@
 //! kpsc-bench as an operator runs it: interrupted in the middle of a namespace run, it
-//! removes the namespaces, BPF pins and proxies it started, as at a normal end; and its
-//! sockmap ceiling probe forwards with every byte in the kernel. Runs as root, like the
-//! other namespace tests.
+//! removes the namespaces, BPF pins and proxies it started, as at a normal end; its
+//! sockmap ceiling probe forwards with every byte in the kernel; and its splice and
+//! io_uring relay probes carry every workload's requests and responses. Runs as root,
+//! like the other namespace tests.
 
 use std::{
     path::Path,
@@ -162,5 +163,59 @@ fn sockmap_ceiling_probe_forwards_every_byte_in_the_kernel() {
         "kernel redirected {redirected} bytes: {results}"
     );
     assert_eq!(passed, 0, "bytes reached userspace: {results}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The relay ceiling targets (`kpsc-relay-ceiling`) as the benchmark runs them, in the
+/// namespace topology: every produce, fetch and small request answered through each
+/// (--quick checks each response), and each probe's own count showing the bytes went
+/// through it. About 10 s.
+#[test]
+fn relay_ceiling_probes_carry_every_workload() {
+    let out = std::env::temp_dir().join(format!("kpsc-bench-relays-{}", std::process::id()));
+    let probes = [
+        "splice-ceiling",
+        "uring-ceiling",
+        "uring-sqpoll-ceiling",
+        "uring-recv-send-ceiling",
+    ];
+    let output = Command::new(kpsc_bench_bin())
+        .args([
+            "--quick",
+            "--topology",
+            "netns",
+            "--targets",
+            &format!("direct,{}", probes.join(",")),
+            "--workloads",
+            "produce,fetch,small",
+            "--batch-bytes",
+            "65536",
+            "--duration",
+            "1s",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .expect("starting kpsc-bench");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "kpsc-bench failed: {stderr}");
+    let results = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path().join("results.md"))
+        .next()
+        .expect("a results folder");
+    let results = std::fs::read_to_string(results).unwrap();
+    for probe in probes {
+        let relayed: Vec<u64> = results
+            .lines()
+            .filter_map(|l| l.split_once(&format!("{probe}: relayed_bytes=")))
+            .filter_map(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+            .collect();
+        // 1 s of each throughput workload at well over 10 MB/s.
+        assert!(
+            relayed.last().is_some_and(|&n| n > 30_000_000),
+            "{probe} relayed {relayed:?}: {results}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&out);
 }

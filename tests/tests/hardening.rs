@@ -205,6 +205,35 @@ fn a_broker_dying_mid_frame_closes_the_connection_and_is_blamed_on_the_broker() 
     assert!(reasons.windows(2).all(|w| w[0].1 == w[1].1), "{reasons:?}");
 }
 
+/// A client that half-closes in the middle of a large Produce request ends its stream
+/// mid-frame: the connection is closed and the client is blamed, the same whichever way
+/// kpscd moves the request (under sockmap the kernel was carrying it, and the FIN comes
+/// in a packet of its own).
+#[test]
+fn a_client_fin_mid_frame_closes_the_connection_and_is_blamed_on_the_client() {
+    let cluster = MockCluster::new(3).unwrap();
+    cluster.create_topic("t", 3).unwrap();
+    let mut reasons = Vec::new();
+    for transfer in ["copy", "splice", "sockmap"] {
+        let (kpscd, base) = start(&cluster, &["--bulk-transfer", transfer]);
+        let mut stream = start_of_a_large_produce(&format!("127.0.1.1:{base}"));
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        eprintln!("{transfer}: half-closed mid-frame");
+        expect_closed(&mut stream);
+        eventually(Duration::from_secs(5), || {
+            let truncated = kpscd.metric("kpsc_connection_errors_total", "client_truncated");
+            anyhow::ensure!(truncated >= 1.0, "not counted yet");
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{transfer}: {e:#}; log:\n{}", kpscd.log()));
+        assert_kernel_carried(&kpscd, transfer);
+        reasons.push((transfer, error_reasons(&kpscd)));
+        assert_serving(&kpscd, base);
+    }
+    eprintln!("{reasons:?}");
+    assert!(reasons.windows(2).all(|w| w[0].1 == w[1].1), "{reasons:?}");
+}
+
 /// Rewriting a response takes several times its size; every connection shares one budget
 /// for it, and a response that could never fit closes only its own connection.
 #[test]

@@ -149,6 +149,13 @@ pub async fn forward_requests_kernel(
             }
         };
         if !more {
+            // The stream ended inside a frame the verdict was carrying: its rest never
+            // comes, so neither does an answer. The end is read only after the verdict
+            // has seen every byte before it, so `frame_left` is final. (kpscd's own frame
+            // reader reports the same on the userspace path.)
+            if conn.slot().requests().frame_left() > 0 {
+                return Err(ConnError::Client(FrameError::Truncated));
+            }
             // Every request the verdict carried must be in flight before this loop ends
             // (its report may still be on the way from the ring), or the response loop
             // would stop short of its response.

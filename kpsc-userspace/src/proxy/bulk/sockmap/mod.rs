@@ -33,7 +33,10 @@
 //!   and the request verdict has its stream, after moving the ring's head past what it
 //!   delivered. A local answer (kpscd's own) waits until the kernel has delivered every
 //!   response before it and is not in the middle of one.
-//! - The FIN: kpscd ends a direction only after the same drain.
+//! - The FIN: kpscd ends a direction only after the same drain. Neither verdict
+//!   redirects a FIN's own skb (no payload): the backlog would send 0 bytes, which the
+//!   kernel reports as EPIPE on the peer socket, failing kpscd's next empty read there
+//!   while responses are still owed.
 
 pub mod slots;
 pub mod socket;
