@@ -211,8 +211,11 @@ pub fn kpsc_proxy_requests(ctx: SkBuffContext) -> u32 {
     // SAFETY: this connection's slot; only this socket's verdict writes the fields it
     // writes, one skb at a time (see `stream`).
     let slot = unsafe { &mut *slot };
-    // SAFETY: an aligned u32 kpscd stores atomically.
-    if unsafe { core::ptr::read_volatile(&raw const slot.stopped) } != 0 {
+    // kpscd takes no new requests (shutdown): the rest of a frame already under way is
+    // still carried (with what shares its last packet), nothing after it. SAFETY: an aligned u32 kpscd stores atomically.
+    if unsafe { core::ptr::read_volatile(&raw const slot.stopped) } != 0
+        && slot.requests.frame_left == 0
+    {
         return stream::PASS;
     }
     let len = ctx.len();

@@ -46,8 +46,10 @@ fn walk(
     first: u32,
     len: u32,
 ) -> Option<(u64, u64, u32)> {
-    let mut head = slot.expect_head;
-    // SAFETY: an aligned u64 the request verdict stores after the entries below it.
+    // SAFETY: aligned u64s: the head kpscd may have stored before giving the stream back
+    // (read after `resume_at`, as loaded in `stream::take`), the tail the request verdict
+    // stores after the entries below it.
+    let mut head = unsafe { core::ptr::read_volatile(&raw const slot.expect_head) };
     let tail = unsafe { core::ptr::read_volatile(&raw const slot.expect_tail) };
     let mut pos = first;
     let mut frames = 0;
@@ -107,21 +109,36 @@ pub fn kpsc_proxy_responses(ctx: SkBuffContext) -> u32 {
         return stream::PASS;
     };
     let left = slot.responses.frame_left;
-    if left >= len {
+    let (head, frames, next_left) = if left >= len {
         // The middle of a response already redirected.
-        slot.responses.frame_left = left - len;
+        (None, 0, left - len)
     } else {
         let Some((head, frames, next_left)) = walk(&ctx, slot, config.max_frame_size, left, len)
         else {
             stream::pass(&mut slot.responses, start, len, left);
             return stream::PASS;
         };
-        // SAFETY: an aligned u64 the request verdict reads to see the ring's room.
-        unsafe { core::ptr::write_volatile(&raw mut slot.expect_head, head) };
-        slot.responses.redirected_frames += frames;
-        slot.responses.frame_left = next_left;
+        (Some(head), frames, next_left)
+    };
+    // Published in the order kpscd reads the other way round: it reads the frame count
+    // first, and must then see the bytes and the frame state that go with it.
+    // SAFETY: aligned fields of this connection's slot; volatile keeps the order.
+    unsafe {
+        let state = &raw mut slot.responses;
+        core::ptr::write_volatile(
+            &raw mut (*state).redirected_bytes,
+            (*state).redirected_bytes + u64::from(len),
+        );
+        core::ptr::write_volatile(&raw mut (*state).frame_left, next_left);
+        core::ptr::write_volatile(
+            &raw mut (*state).redirected_frames,
+            (*state).redirected_frames + frames,
+        );
+        if let Some(head) = head {
+            // The request verdict reads it to see the ring's room.
+            core::ptr::write_volatile(&raw mut slot.expect_head, head);
+        }
     }
-    slot.responses.redirected_bytes += u64::from(len);
     // Flags 0: the client socket's egress, through its psock backlog. A failed redirect
     // (the client socket already left the map) drops the skb: the connection is ending.
     CLIENTS.redirect_skb(&ctx, &mut key, 0) as u32

@@ -26,6 +26,9 @@ use crate::{
     },
 };
 
+/// How long shutting down waits for the rest of a frame the kernel is carrying.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
 /// How often the bytes of a frame still arriving are counted.
 const ACCOUNTING_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -129,8 +132,15 @@ pub async fn forward_requests_kernel(
             biased;
             _ = state.shutdown.cancelled() => {
                 // Shutting down takes no new requests, as on the userspace path: stop the
-                // verdict, then queue what it carried so its responses are delivered.
+                // verdict (it finishes a frame under way), then queue what it carried so
+                // its responses are delivered. The short waits let a verdict that was
+                // already running on another CPU finish its report.
                 conn.stop_carrying();
+                let finishing = Instant::now() + STOP_WAIT;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                while conn.slot().requests().frame_left() > 0 && Instant::now() < finishing {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
                 let carried = conn.slot().requests().redirected_frames();
                 take_reports_until(carried, &mut frames_taken, &mut batches, &in_flight, state)
                     .await?;

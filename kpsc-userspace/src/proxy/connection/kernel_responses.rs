@@ -102,6 +102,20 @@ impl Owed {
             self.settled(request.origin);
             self.delivered += 1;
         }
+        // Carried acks=0 requests next: Kafka will not answer them, so their entries
+        // leave the ring now (else a producer of acks=0 alone fills it and keeps the
+        // requests off the kernel path). A broker that answers anyway meets the next
+        // entry, not this one: the verdict passes the answer, kpscd drops it.
+        while let Some(front) = self.requests.front()
+            && !front.expects_response
+            && front.local_response.is_none()
+            && let Origin::Carried(at) = front.origin
+        {
+            let request = self.requests.pop_front().expect("front");
+            responses.remember_acks0(request.header.correlation_id);
+            slot.pass_over_expectation(at);
+            self.settled(request.origin);
+        }
         conn.account(&route.counters);
     }
 
@@ -169,16 +183,15 @@ pub async fn forward_responses_kernel(
         max_in_flight: state.config.max_in_flight,
     };
     let done = loop {
-        if owed.requests_done && owed.nothing_owed() {
+        if owed.requests_done && owed.nothing_owed() && direction.quiet(conn) {
             break Ok(());
         }
         // The verdict has the stream.
-        let poll = if owed.requests.is_empty() {
+        let poll = if owed.requests_done {
+            Some(KERNEL_POLL)
+        } else if owed.requests.is_empty() {
             None
-        } else if owed.requests_done
-            || owed.requests.len() >= owed.max_in_flight
-            || owed.kpscd_owes_some()
-        {
+        } else if owed.requests.len() >= owed.max_in_flight || owed.kpscd_owes_some() {
             Some(KERNEL_POLL)
         } else {
             Some(KERNEL_POLL_IDLE)
@@ -205,7 +218,9 @@ pub async fn forward_responses_kernel(
                 };
             }
             Some(true) => true,
-            None => owed.kpscds_turn() && conn.slot().responses().frame_left() == 0,
+            None => {
+                owed.kpscds_turn() && direction.quiet(conn) && conn.slot().responses().in_kernel()
+            }
         };
         if kpscd_takes
             && let Some(done) = direction
@@ -243,6 +258,15 @@ impl Owed {
             .iter()
             .find(|r| r.expects_response || !matches!(r.origin, Origin::Carried(_)))
             .is_some_and(|r| !matches!(r.origin, Origin::Carried(_)))
+    }
+}
+
+/// kpscd settled a carried request while it has the response stream: its entry, and
+/// every one before it, leave the expectation ring, so the request verdict sees the room
+/// (it takes its stream back only with room for a frame and a marker).
+fn advance_past(conn: &KernelConn, origin: Origin) {
+    if let Origin::Carried(at) = origin {
+        conn.slot().advance_expect_head(at + 1);
     }
 }
 
@@ -297,6 +321,7 @@ impl Userspace {
                         .await?
                     {
                         owed.settled(origin);
+                        advance_past(conn, origin);
                         self.written += written as u64;
                     }
                     continue;
@@ -306,12 +331,17 @@ impl Userspace {
                 if self.try_hand_back(conn, owed, in_flight) {
                     return Ok(None);
                 }
-                if owed.requests_done && self.pending.is_none() && owed.requests.is_empty() {
+                if owed.requests_done
+                    && self.pending.is_none()
+                    && owed.requests.is_empty()
+                    && self.quiet(conn)
+                {
                     return Ok(Some(Ok(())));
                 }
                 tokio::select! {
                     biased;
                     _ = owed.wait_queued(in_flight), if self.pending.is_none() && !owed.requests_done => {}
+                    _ = tokio::time::sleep(KERNEL_POLL), if owed.requests_done => {}
                     more = self.reader.fill_to(1) => {
                         if !more.map_err(ConnError::Broker)? {
                             let waiting = owed.waiting(&self.pending) + in_flight.len();
@@ -358,10 +388,22 @@ impl Userspace {
             route.counters.kernel_to_client.passed_frames.inc();
             if let Some(origin) = forwarded.answered {
                 owed.settled(origin);
+                advance_past(conn, origin);
             }
             self.offset += forwarded.consumed as u64;
             self.written += forwarded.written as u64;
         }
+    }
+
+    /// Nothing of the response stream is under way: the kernel is not in the middle of a
+    /// response, no stretch it passed is unread, nothing read is left over. Read in that
+    /// order: a pass resets the frame state, so the epoch is read after it.
+    fn quiet(&self, conn: &KernelConn) -> bool {
+        let slot = conn.slot();
+        let responses = slot.responses();
+        responses.frame_left() == 0
+            && responses.pass().epoch == self.epoch
+            && self.reader.buffered().is_empty()
     }
 
     /// Before kpscd's first write to the client: every response the kernel delivered is

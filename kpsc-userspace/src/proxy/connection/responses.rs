@@ -155,14 +155,19 @@ impl Responses {
             return Ok(Some((request.origin, SIZE_LEN + body.len())));
         }
         if let Some(request) = pending.take_if(|r| !r.expects_response) {
-            if self.unanswered_acks0.len() == ACKS0_MEMORY {
-                self.unanswered_acks0.pop_front();
-            }
-            self.unanswered_acks0
-                .push_back(request.header.correlation_id);
+            self.remember_acks0(request.header.correlation_id);
             return Ok(Some((request.origin, 0)));
         }
         Ok(None)
+    }
+
+    /// An acks=0 request settled without kpscd seeing its place in the stream (the
+    /// kernel path): an answer with its id is dropped.
+    pub fn remember_acks0(&mut self, correlation_id: i32) {
+        if self.unanswered_acks0.len() == ACKS0_MEMORY {
+            self.unanswered_acks0.pop_front();
+        }
+        self.unanswered_acks0.push_back(correlation_id);
     }
 
     /// The response whose head is `head` (RESPONSE_HEAD bytes) answers an acks=0 request

@@ -354,7 +354,7 @@ pub struct KernelConn {
     counted: [(AtomicU64, AtomicU64); 2],
 }
 
-/// How long the redirect backlog may take to hand a socket its bytes.
+/// How long the redirect backlog may make no progress handing a socket its bytes.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl KernelConn {
@@ -428,15 +428,28 @@ impl KernelConn {
     }
 }
 
-/// Waits until `socket`'s stream holds `want()` bytes.
+/// Waits until `socket`'s stream holds `want()` bytes. Gives up after DRAIN_TIMEOUT
+/// without progress while nothing waits on the peer (a slow reader is waited for, as a
+/// blocked write would be), or at once when the connection can no longer carry them.
 async fn drain(socket: &impl AsRawFd, want: impl Fn() -> u64, name: &str) -> io::Result<()> {
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let mut deadline = Instant::now() + DRAIN_TIMEOUT;
+    let mut last = 0;
     let mut tries = 0u32;
     loop {
-        if socket::stream_bytes_written(socket)? >= want() {
+        let progress = socket::stream_progress(socket)?;
+        if progress.written >= want() {
             return Ok(());
         }
-        if Instant::now() > deadline {
+        if !progress.open {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("the {name} socket closed before the kernel's redirects reached it"),
+            ));
+        }
+        if progress.written > last || progress.queued > 0 {
+            last = progress.written;
+            deadline = Instant::now() + DRAIN_TIMEOUT;
+        } else if Instant::now() > deadline {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(

@@ -140,6 +140,21 @@ impl Slot<'_> {
         self.u64_at(offset_of!(ConnSlot, expect_head))
             .store(head, Ordering::Release);
     }
+
+    /// Moves the ring's head forward to `head` (never back): while kpscd delivers, the
+    /// response verdict does not move it, and the request verdict sees the room.
+    pub fn advance_expect_head(&self, head: u64) {
+        self.u64_at(offset_of!(ConnSlot, expect_head))
+            .fetch_max(head, Ordering::AcqRel);
+    }
+
+    /// Moves the ring's head past the entry at `at` if it is there (the verdict, while it
+    /// has the stream, only ever stores a larger head).
+    pub fn pass_over_expectation(&self, at: u64) {
+        let _ = self
+            .u64_at(offset_of!(ConnSlot, expect_head))
+            .compare_exchange(at, at + 1, Ordering::AcqRel, Ordering::Acquire);
+    }
 }
 
 /// One direction's `StreamState` in a slot.

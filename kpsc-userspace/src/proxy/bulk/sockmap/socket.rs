@@ -48,8 +48,29 @@ pub fn unread_bytes(fd: &impl AsRawFd) -> io::Result<u64> {
 /// concurrent acknowledgement can only make it an underestimate: waiting until it reaches
 /// a count never returns early.
 pub fn stream_bytes_written(fd: &impl AsRawFd) -> io::Result<u64> {
+    Ok(stream_progress(fd)?.written)
+}
+
+/// A socket's stream as a writer sees it.
+pub struct StreamProgress {
+    /// See `stream_bytes_written`.
+    pub written: u64,
+    /// Of those, still queued: the peer has not acknowledged them (a slow reader).
+    pub queued: u64,
+    /// The connection can still carry bytes to its peer (not reset, not closed).
+    pub open: bool,
+}
+
+pub fn stream_progress(fd: &impl AsRawFd) -> io::Result<StreamProgress> {
     let info: libc::tcp_info = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
-    Ok(info.tcpi_bytes_acked + ioctl_int(fd, libc::TIOCOUTQ)?)
+    let queued = ioctl_int(fd, libc::TIOCOUTQ)?;
+    // ESTABLISHED, or CLOSE_WAIT (the peer half-closed; it still reads).
+    let open = matches!(i32::from(info.tcpi_state), 1 | 8);
+    Ok(StreamProgress {
+        written: info.tcpi_bytes_acked + queued,
+        queued,
+        open,
+    })
 }
 
 /// Bytes that reached a socket before it entered a verdict's map sit in its TCP queue,
