@@ -549,6 +549,54 @@ fn acks_zero_mixed_with_acks_one_gets_exactly_the_responses_owed() {
     kernel_delivered(&kpscd, 1);
 }
 
+/// A producer of acks=0 alone, one request per packet, stays on the kernel path: each
+/// carried request takes an entry of the 32-entry expectation ring, and the ring must
+/// not fill. The mock answers acks=0 (each answer goes to kpscd, which drops it and hands
+/// the stream back); against Kafka, which answers none, kpscd passes the entries over
+/// itself as it takes the reports. That case is not exercised here: the mock and tansu
+/// both answer acks=0.
+#[test]
+fn an_acks_zero_producer_stays_on_the_kernel_path() {
+    const REQUESTS: usize = 300;
+    let cluster = cluster();
+    let (kpscd, base) = start(&cluster, &[]);
+    let mut stream = TcpStream::connect(format!("127.0.1.1:{base}")).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    for i in 0..REQUESTS {
+        let produce = Req::Produce {
+            version: 7,
+            acks: 0,
+            partition: (i % PARTITIONS as usize) as i32,
+            value: value(&format!("acks0-{i}-"), 100),
+        };
+        stream.write_all(&produce.frame(10_000 + i as i32)).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // One answered request closes the run: its response, and nothing else, comes back.
+    let last = Req::Produce {
+        version: 7,
+        acks: 1,
+        partition: 0,
+        value: value("acks1-last-", 100),
+    };
+    stream.write_all(&last.frame(7)).unwrap();
+    let raw = read_frame(&mut stream).unwrap();
+    let r: ProduceResponse = decode(&raw, 7, 7).unwrap();
+    assert_eq!(r.responses[0].partition_responses[0].error_code, 0);
+    let k = kernel_accounted(&kpscd, REQUESTS + 1);
+    eprintln!(
+        "kernel: {k:?}; responses: {:?}",
+        kernel_response_counters(&kpscd)
+    );
+    assert!(
+        k.redirected_frames >= (REQUESTS - 10) as f64,
+        "the kernel carried too few of {REQUESTS} acks=0 requests: {k:?}"
+    );
+}
+
 /// A client that half-closes right after its last request still gets every response:
 /// the kernel's reports of the last requests may reach kpscd after the client's FIN, and
 /// kpscd must still wait for their responses (it closed after 1 to 7 of 8 in 4 runs of 10
