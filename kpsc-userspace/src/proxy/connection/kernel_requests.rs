@@ -16,7 +16,11 @@ use crate::{
         request::RequestHeader,
     },
     proxy::{
-        bulk::{copy::CopyMover, sockmap::KernelConn, transfer::Transfer},
+        bulk::{
+            copy::CopyMover,
+            sockmap::{self, KernelConn},
+            transfer::Transfer,
+        },
         connection::{
             error::ConnError,
             requests::{InFlight, Origin, forward_frame},
@@ -105,10 +109,7 @@ pub async fn forward_requests_kernel(
     // psock, which only recvmsg reads; splice(2) reads the TCP receive queue, which the
     // verdict has emptied, and would wait forever for a large frame's rest.
     let mut mover = CopyMover;
-    let mut reader = FrameReader::new(
-        client_r,
-        Transfer::<OwnedReadHalf, OwnedWriteHalf>::read_buffer_size(&mover),
-    );
+    let mut reader = FrameReader::new(client_r, sockmap::READ_BUFFER);
     let mut counted_bytes = 0u64;
     // Reported frames queued as in flight.
     let mut frames_taken = 0u64;

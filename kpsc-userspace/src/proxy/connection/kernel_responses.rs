@@ -13,7 +13,11 @@ use tokio::{
 use crate::{
     kafka::frame::{FrameError, FrameReader, MoveError},
     proxy::{
-        bulk::{copy::CopyMover, sockmap::KernelConn, transfer::Transfer},
+        bulk::{
+            copy::CopyMover,
+            sockmap::{self, KernelConn},
+            transfer::Transfer,
+        },
         connection::{
             error::ConnError,
             requests::{InFlight, Origin},
@@ -102,10 +106,17 @@ impl Owed {
             self.settled(request.origin);
             self.delivered += 1;
         }
-        // Carried acks=0 requests next: Kafka will not answer them, so their entries
-        // leave the ring now (else a producer of acks=0 alone fills it and keeps the
-        // requests off the kernel path). A broker that answers anyway meets the next
-        // entry, not this one: the verdict passes the answer, kpscd drops it.
+        conn.account(&route.counters);
+    }
+
+    /// With the verdict holding the stream and nothing pending in kpscd: carried acks=0
+    /// requests next leave the ring now, since Kafka will not answer them (else a producer
+    /// of acks=0 alone fills it and keeps the requests off the kernel path). A broker that
+    /// answers anyway meets the next entry, not this one: the verdict passes the answer,
+    /// kpscd drops it. Not while kpscd delivers: an answer to its pending request would
+    /// forget these ids.
+    fn pass_over_acks0(&mut self, conn: &KernelConn, responses: &mut Responses) {
+        let slot = conn.slot();
         while let Some(front) = self.requests.front()
             && !front.expects_response
             && front.local_response.is_none()
@@ -116,7 +127,6 @@ impl Owed {
             slot.pass_over_expectation(at);
             self.settled(request.origin);
         }
-        conn.account(&route.counters);
     }
 
     /// Accounts the kernel's deliveries up to `frames`, waiting for their reports.
@@ -161,10 +171,7 @@ pub async fn forward_responses_kernel(
     // Copied, never spliced: what the verdict passes up is on the psock's queue, which
     // splice(2) cannot read.
     let mover = CopyMover;
-    let reader = FrameReader::new(
-        upstream_r,
-        Transfer::<OwnedReadHalf, OwnedWriteHalf>::read_buffer_size(&mover),
-    );
+    let reader = FrameReader::new(upstream_r, sockmap::READ_BUFFER);
     let mut direction = Userspace {
         reader,
         mover,
@@ -204,6 +211,7 @@ pub async fn forward_responses_kernel(
             _ = tokio::time::sleep(poll.unwrap_or_default()), if poll.is_some() => None,
         };
         owed.account_kernel(conn, &mut direction.responses, route);
+        owed.pass_over_acks0(conn, &mut direction.responses);
         // Bytes the verdict passed up; or kpscd's own answer (or a request it handled) is
         // next, past acks=0 requests the broker will not answer, and the kernel is not in
         // the middle of a response: the verdict stops at the marker before that request.
