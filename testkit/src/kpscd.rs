@@ -45,7 +45,7 @@ impl Kpscd {
 
     /// Starts without waiting for readiness. A test that names no `--bulk-transfer`
     /// gets the one in KPSC_TEST_BULK_TRANSFER, if set: `cargo xtask test` runs the proxy
-    /// suite again that way, so every proxy test also runs with requests in the kernel.
+    /// suite again that way, so every proxy test also runs on the copy and kernel paths.
     pub fn spawn(args: &[String]) -> anyhow::Result<Self> {
         let mut args = args.to_vec();
         args.insert(0, "proxy".into());

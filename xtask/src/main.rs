@@ -478,8 +478,8 @@ fn soak(minutes: f64) -> anyhow::Result<()> {
 }
 
 /// The integration tests of proxy mode: `cargo xtask test` runs them under the default
-/// `--bulk-transfer` (auto) and again under sockmap, where each test that names no bulk
-/// transfer gets it from KPSC_TEST_BULK_TRANSFER.
+/// `--bulk-transfer` (auto, today splice) and again under copy and sockmap, where each
+/// test that names no bulk transfer gets it from KPSC_TEST_BULK_TRANSFER.
 const PROXY_SUITE: [&str; 12] = [
     "bootstrap",
     "broker_tls",
@@ -523,19 +523,27 @@ fn test() -> anyhow::Result<()> {
         .env("KPSCCTL_BIN", root().join("target/release/kpscctl"))
         .env("TANSU_BIN", tansu_bin())
         .env("TANSU_SASL_BIN", tansu_sasl_bin()))?;
-    step("the proxy tests again with requests carried by the kernel (--bulk-transfer sockmap)");
-    let mut sockmap_suite = cargo();
-    sockmap_suite.args(["test", "--release", "-p", "kpsc-tests"]);
-    for file in PROXY_SUITE {
-        sockmap_suite.args(["--test", file]);
+    // The main pass ran under `auto` (splice); each other path gets the proxy suite too.
+    for (transfer, what) in [
+        ("copy", "bytes copied through kpscd"),
+        ("sockmap", "both directions carried by the kernel"),
+    ] {
+        step(&format!(
+            "the proxy tests again with --bulk-transfer {transfer} ({what})"
+        ));
+        let mut suite = cargo();
+        suite.args(["test", "--release", "-p", "kpsc-tests"]);
+        for file in PROXY_SUITE {
+            suite.args(["--test", file]);
+        }
+        run(suite
+            .args(["--", "--test-threads=2"])
+            .env("KPSC_TEST_BULK_TRANSFER", transfer)
+            .env("KPSCD_BIN", root().join("target/release/kpscd"))
+            .env("KPSCCTL_BIN", root().join("target/release/kpscctl"))
+            .env("TANSU_BIN", tansu_bin())
+            .env("TANSU_SASL_BIN", tansu_sasl_bin()))?;
     }
-    run(sockmap_suite
-        .args(["--", "--test-threads=2"])
-        .env("KPSC_TEST_BULK_TRANSFER", "sockmap")
-        .env("KPSCD_BIN", root().join("target/release/kpscd"))
-        .env("KPSCCTL_BIN", root().join("target/release/kpscctl"))
-        .env("TANSU_BIN", tansu_bin())
-        .env("TANSU_SASL_BIN", tansu_sasl_bin()))?;
     step("benchmark harness, --quick (correctness only, no timings)");
     // kpscd stands in for the external proxy an operator would name (it takes
     // kafka-proxy's flags), so the --proxy-cmd plumbing is exercised too.

@@ -48,8 +48,9 @@ pub enum BulkTransfer {
     Splice,
     /// read(2) into a buffer, write(2) out of it.
     Copy,
-    /// Client requests go to the broker in the kernel (a sockmap verdict frames them);
-    /// responses are spliced. Needs CAP_BPF and CAP_NET_ADMIN.
+    /// Requests, and the responses that need no rewrite, go socket to socket in the
+    /// kernel (sockmap verdicts frame them); kpscd handles the rest. Lowest small-request
+    /// latency, more CPU per GB. Needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN at start.
     Sockmap,
 }
 
@@ -69,14 +70,16 @@ impl fmt::Display for BulkPolicy {
 
 impl BulkTransfer {
     /// The path `auto` stands for, and why. Splice: kpsc-bench's namespace runs on Linux
-    /// 6.18 put sockmap (requests carried by the kernel) below splice in throughput at 64
-    /// KiB and 1 MiB, at more CPU per GB once the kernel's own work (softirq, the
-    /// redirect workers) is counted; the README has the numbers. Needs no privilege.
+    /// 6.18 put sockmap (both directions carried by the kernel) below splice in throughput
+    /// at 64 KiB and 1 MiB, at more CPU per GB once the kernel's own work (softirq, the
+    /// redirect workers) is counted, though ahead on small-request latency; the README has
+    /// the numbers. Needs no privilege.
     pub fn resolve(self) -> (Self, &'static str) {
         match self {
             Self::Auto => (
                 Self::Splice,
-                "splice measured faster than sockmap on this kernel, at less CPU per GB",
+                "splice measured faster than sockmap on this kernel, at less CPU per GB \
+                 (sockmap: lower small-request latency; choose it with --bulk-transfer)",
             ),
             chosen => (chosen, "chosen with --bulk-transfer"),
         }
