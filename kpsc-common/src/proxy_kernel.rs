@@ -126,7 +126,8 @@ pub struct ConnSlot {
     /// connection is recognised.
     pub generation: u32,
     /// Written by kpscd: 1 when it takes no new requests (shutdown). The request verdict
-    /// then carries nothing more; what it passes stays unread.
+    /// then finishes the frame under way and carries nothing more; what it passes stays
+    /// unread.
     pub stopped: u32,
     pub expectations: [Expectation; EXPECTATIONS],
 }
