@@ -15,7 +15,8 @@ use kafka_protocol::{
     protocol::{Decodable, Encodable, HeaderVersion, StrBytes},
 };
 
-const CLIENT_ID: &str = "kpsc-testkit";
+/// The client id of [`RawClient`] requests.
+pub const RAW_CLIENT_ID: &str = "kpsc-testkit";
 
 /// A request frame's body (without the size prefix): the header with `correlation_id` and
 /// `client_id`, then `request`, both encoded for `version`.
@@ -72,7 +73,7 @@ impl RawClient {
     ) -> anyhow::Result<i32> {
         let correlation_id = self.next_correlation;
         self.next_correlation += 1;
-        let body = request_body(api, version, correlation_id, CLIENT_ID, request)?;
+        let body = request_body(api, version, correlation_id, RAW_CLIENT_ID, request)?;
         self.send_raw(&body)?;
         Ok(correlation_id)
     }
@@ -113,7 +114,7 @@ impl RawClient {
     /// that answer lists. Returns the response and the version used.
     pub fn api_versions(&mut self) -> anyhow::Result<(ApiVersionsResponse, i16)> {
         let request = ApiVersionsRequest::default()
-            .with_client_software_name(StrBytes::from_static_str(CLIENT_ID))
+            .with_client_software_name(StrBytes::from_static_str(RAW_CLIENT_ID))
             .with_client_software_version(StrBytes::from_static_str("1"));
         let id = self.send(ApiKey::ApiVersions, 3, &request)?;
         let raw = self.recv_raw()?;

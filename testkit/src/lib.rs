@@ -21,7 +21,7 @@ pub mod syn_flood;
 mod wait;
 
 pub use http::{http_get, http_get_within};
-pub use kafka::{RawClient, contains_bytes, read_frame, request_body};
+pub use kafka::{RAW_CLIENT_ID, RawClient, contains_bytes, read_frame, request_body};
 pub use kpscd::Kpscd;
 pub use process::{Process, kpsc_bench_bin, kpscctl_bin, kpscd_bin};
 pub use wait::{eventually, expect_closed, free_port_base, wait_listening};

@@ -52,7 +52,7 @@ pub use unit::{Started, Unit};
 
 /// The kit shared with kpsc-bench, re-exported so tests name one crate.
 pub use kpsc_testkit::{
-    Kpscd, Process, RawClient, contains_bytes, datapath, eventually, expect_closed, free_port_base,
-    http_get, kpsc_bench_bin, kpscctl_bin, kpscd_bin, netns, request_body, syn_flood,
-    wait_listening,
+    Kpscd, Process, RAW_CLIENT_ID, RawClient, contains_bytes, datapath, eventually, expect_closed,
+    free_port_base, http_get, kpsc_bench_bin, kpscctl_bin, kpscd_bin, netns, request_body,
+    syn_flood, wait_listening,
 };

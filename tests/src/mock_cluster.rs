@@ -35,6 +35,18 @@ fn mock_ok(err: rd::rd_kafka_resp_err_t, what: &str) -> anyhow::Result<()> {
 }
 
 impl MockCluster {
+    /// Three brokers and `topic` with `partitions` all led by broker 1 (kpscd's static
+    /// port in [`proxy_args`]), so one connection can produce to and fetch from every
+    /// partition.
+    pub fn led_by_broker_1(topic: &str, partitions: i32) -> anyhow::Result<Self> {
+        let cluster = Self::new(3)?;
+        cluster.create_topic(topic, partitions)?;
+        for p in 0..partitions {
+            cluster.set_leader(topic, p, 1)?;
+        }
+        Ok(cluster)
+    }
+
     pub fn new(brokers: usize) -> anyhow::Result<Self> {
         let client: BaseProducer = ClientConfig::new()
             .set("test.mock.num.brokers", brokers.to_string())

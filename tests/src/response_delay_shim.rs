@@ -6,7 +6,9 @@
 //!
 //! It matches responses to requests by order (responses carry only a correlation id), so
 //! every request through it must be answered: acks=0 Produce only in front of a broker
-//! that answers it anyway, as librdkafka's mock does.
+//! that answers it anyway, as librdkafka's mock and tansu do. Kafka never answers acks=0:
+//! with [`HoldPlan::answers_acks0`] off, the shim drops those answers, so kpscd meets a
+//! broker that behaves as Kafka does there.
 
 use std::{
     collections::VecDeque,
@@ -22,6 +24,17 @@ use std::{
 };
 
 use anyhow::Context as _;
+
+use crate::{Kpscd, MockCluster, free_port_base, proxy_args};
+use bytes::Bytes;
+use kafka_protocol::{
+    messages::{ApiKey, ProduceRequest, RequestHeader},
+    protocol::Decodable,
+};
+
+/// Where [`proxy_behind_shim`] puts the shim: not the mock's host, so a leak of either is
+/// told apart.
+pub const SHIM_HOST: &str = "127.0.3.1";
 
 /// The Metadata API key: the response the shim holds back.
 const METADATA: i16 = 3;
@@ -56,6 +69,23 @@ pub struct HoldPlan {
     /// ...and until at least this many responses queue behind it.
     pub behind: usize,
     pub release: Release,
+    /// Whether acks=0 Produce requests get the broker's answer (as from librdkafka's mock
+    /// and tansu) or none (as from Kafka), on every connection through the shim.
+    pub answers_acks0: bool,
+}
+
+impl HoldPlan {
+    /// Holds nothing (the first Metadata response goes on at once), drops the answers
+    /// to acks=0: a Kafka-like broker for `client_id`'s connections.
+    pub fn kafka_acks0(client_id: &str) -> Self {
+        Self {
+            client_id: client_id.to_owned(),
+            at_least: Duration::ZERO,
+            behind: 0,
+            release: Release::Whole,
+            answers_acks0: false,
+        }
+    }
 }
 
 /// One response the shim forwarded to kpscd, as the broker sent it.
@@ -83,6 +113,7 @@ struct Seen {
     forwarded: Vec<Forwarded>,
     holds: Vec<HoldReport>,
     errors: Vec<String>,
+    dropped_acks0: usize,
 }
 
 struct Request {
@@ -90,6 +121,8 @@ struct Request {
     api_version: i16,
     correlation_id: i32,
     client_id: Option<String>,
+    /// A Produce request with acks=0.
+    acks0: bool,
 }
 
 /// The relay: accepts on its own address, dials the broker once per connection.
@@ -153,6 +186,11 @@ impl ResponseDelayShim {
         self.seen.lock().unwrap().holds.clone()
     }
 
+    /// Answers to acks=0 Produce requests dropped, on every connection.
+    pub fn dropped_acks0_answers(&self) -> usize {
+        self.seen.lock().unwrap().dropped_acks0
+    }
+
     /// What went wrong in a relay (a connection closing is not an error).
     pub fn errors(&self) -> Vec<String> {
         self.seen.lock().unwrap().errors.clone()
@@ -166,6 +204,24 @@ impl Drop for ResponseDelayShim {
             let _ = a.join();
         }
     }
+}
+
+/// A shim with `plan` in front of the mock's broker 1, and kpscd (started with
+/// [`proxy_args`] plus `kpscd_args`) in front of both. The mock advertises the shim as
+/// broker 1, so kpscd takes the shim for the broker. Returns kpscd's port base.
+pub fn proxy_behind_shim(
+    cluster: &MockCluster,
+    plan: HoldPlan,
+    kpscd_args: &[&str],
+) -> anyhow::Result<(ResponseDelayShim, Kpscd, u16)> {
+    let shim = ResponseDelayShim::start(&format!("{SHIM_HOST}:0"), &cluster.broker_addr(1), plan)?;
+    cluster.set_advertised(1, SHIM_HOST, shim.addr().port())?;
+    let base = free_port_base(20);
+    let mut args = proxy_args(cluster, base, kpscd_args);
+    // Broker 1 is reached through the shim: its mapping names the shim's address.
+    args[1] = format!("{},0.0.0.0:{base},127.0.1.1:{base}", shim.addr());
+    let kpscd = Kpscd::start(&args)?;
+    Ok((shim, kpscd, base))
 }
 
 /// One frame (size prefix included), or None at a clean end between frames.
@@ -200,19 +256,31 @@ fn parse_request(frame: &[u8]) -> anyhow::Result<Request> {
         .then(|| frame.get(14..14 + id_len as usize))
         .flatten()
         .map(|b| String::from_utf8_lossy(b).into_owned());
+    let (api_key, api_version) = (i16_at(4), i16_at(6));
+    let acks0 = api_key == ApiKey::Produce as i16 && produce_acks(frame, api_version)? == 0;
     Ok(Request {
-        api_key: i16_at(4),
-        api_version: i16_at(6),
+        api_key,
+        api_version,
         correlation_id: i32::from_be_bytes(frame[8..12].try_into()?),
         client_id,
+        acks0,
     })
+}
+
+/// The `acks` of a Produce request frame (size prefix included).
+fn produce_acks(frame: &[u8], version: i16) -> anyhow::Result<i16> {
+    let mut body = Bytes::copy_from_slice(&frame[4..]);
+    RequestHeader::decode(&mut body, ApiKey::Produce.request_header_version(version))
+        .context("Produce request header")?;
+    let request = ProduceRequest::decode(&mut body, version).context("Produce request")?;
+    Ok(request.acks)
 }
 
 fn relay(
     mut client: TcpStream,
     broker: &str,
     plan: HoldPlan,
-    seen: &Mutex<Seen>,
+    seen: &Arc<Mutex<Seen>>,
 ) -> anyhow::Result<()> {
     client.set_nonblocking(false)?;
     let mut upstream = TcpStream::connect(broker).with_context(|| format!("shim -> {broker}"))?;
@@ -239,6 +307,8 @@ fn relay(
     // writer thread decides when each reaches kpscd.
     let broker_side = upstream.try_clone()?;
     let (tx, rx) = mpsc::channel::<(Request, Vec<u8>)>();
+    let plan_answers_acks0 = plan.answers_acks0;
+    let seen_down = seen.clone();
     let down = std::thread::spawn(move || -> anyhow::Result<()> {
         while let Some(frame) = read_whole_frame(&mut upstream).context("reading a response")? {
             let request = requests
@@ -246,6 +316,10 @@ fn relay(
                 .unwrap()
                 .pop_front()
                 .context("a response with no request waiting (acks=0 through the shim?)")?;
+            if request.acks0 && !plan_answers_acks0 {
+                seen_down.lock().unwrap().dropped_acks0 += 1;
+                continue;
+            }
             if tx.send((request, frame)).is_err() {
                 break;
             }
@@ -317,7 +391,6 @@ fn write_responses(
             behind: queued.len(),
             behind_bytes,
         });
-        record(&request, &frame);
         let mut burst = Vec::with_capacity(frame.len() + behind_bytes);
         if let Release::Paced { pause } = plan.release {
             let all = std::iter::once((request, frame)).chain(queued.drain(..));
@@ -337,6 +410,7 @@ fn write_responses(
             }
             continue;
         }
+        record(&request, &frame);
         match plan.release {
             Release::Paced { .. } => unreachable!("handled above"),
             Release::Whole => burst.extend_from_slice(&frame),

@@ -8,7 +8,9 @@
 //! - forced: the same pipeline through [`ResponseDelayShim`] (a fault injector between
 //!   kpscd and the mock), which holds the first Metadata response 300 ms until 100+
 //!   responses queue behind it, then lets them go in one write, or dribbles the Metadata
-//!   response out in 7-byte pieces, its last piece in the same write as the rest.
+//!   response out in 7-byte pieces, its last piece in the same write as the rest;
+//! - the forced case against a broker that leaves acks=0 unanswered, as Kafka does (the
+//!   shim drops the mock's answers to them).
 //!
 //! The client matches responses by order (correlation ids repeat on purpose) and checks
 //! each against its request: brokers in Metadata and FindCoordinator exactly kpscd's
@@ -45,7 +47,7 @@ use kpsc_tests::{
         record_values, value,
     },
     request_body,
-    response_delay_shim::{HoldPlan, Release, ResponseDelayShim},
+    response_delay_shim::{HoldPlan, Release, ResponseDelayShim, SHIM_HOST, proxy_behind_shim},
 };
 
 const PARTITIONS: i32 = 8;
@@ -60,8 +62,6 @@ const ACKS0_IDS: i32 = 100_000;
 /// Topics beside [`TOPIC`], and partitions each, that make a Metadata response for all
 /// topics about 300 KiB (few topics: the mock takes about 0.2 s to create each one).
 const LARGE: (usize, i32) = (4, 3000);
-/// Where the shim listens: not the mock's host, so a leak of either is told apart.
-const SHIM_HOST: &str = "127.0.3.1";
 
 /// One request of the pipeline.
 #[derive(Clone, Debug)]
@@ -394,11 +394,7 @@ impl Truth {
 /// A mock cluster whose [`TOPIC`] partitions are all led by broker 1 (the one kpscd maps
 /// statically), plus `filler_topics` topics of `filler_partitions` each, led by any.
 fn cluster(filler_topics: usize, filler_partitions: i32) -> (MockCluster, BTreeMap<String, usize>) {
-    let cluster = MockCluster::new(3).unwrap();
-    cluster.create_topic(TOPIC, PARTITIONS).unwrap();
-    for p in 0..PARTITIONS {
-        cluster.set_leader(TOPIC, p, 1).unwrap();
-    }
+    let cluster = MockCluster::led_by_broker_1(TOPIC, PARTITIONS).unwrap();
     let mut topics = BTreeMap::from([(TOPIC.to_owned(), PARTITIONS as usize)]);
     for t in 0..filler_topics {
         let name = format!("filler-{t:03}");
@@ -523,64 +519,39 @@ fn natural(mode: &str) {
     run_pipeline(&kpscd, base, mode, "natural", &mut truth);
 }
 
-#[test]
-fn natural_large_metadata_under_copy() {
-    natural("copy");
-}
-
-#[test]
-fn natural_large_metadata_under_splice() {
-    natural("splice");
-}
-
-#[test]
-fn natural_large_metadata_under_sockmap() {
-    natural("sockmap");
-}
-
 /// [`ResponseDelayShim`] in front of broker 1, holding the first Metadata response of the
 /// pipeline's client until `behind` responses queue behind it, and kpscd with
-/// `--bulk-transfer mode` in front of both. The mock advertises the shim as broker 1, so
-/// kpscd takes the shim for the broker.
+/// `--bulk-transfer mode` in front of both; the shim answers acks=0 as the mock does or,
+/// without `answers_acks0`, not at all, as Kafka does.
 fn behind_shim(
     cluster: &MockCluster,
     mode: &str,
     release: Release,
     behind: usize,
+    answers_acks0: bool,
 ) -> (ResponseDelayShim, Kpscd, u16) {
-    let shim = ResponseDelayShim::start(
-        &format!("{SHIM_HOST}:0"),
-        &cluster.broker_addr(1),
-        HoldPlan {
-            client_id: CLIENT_ID.to_owned(),
-            at_least: Duration::from_millis(300),
-            behind,
-            release,
-        },
-    )
-    .unwrap();
-    cluster
-        .set_advertised(1, SHIM_HOST, shim.addr().port())
-        .unwrap();
-    let base = free_port_base(20);
-    let mut args = proxy_args(cluster, base, &["--bulk-transfer", mode]);
-    // Broker 1 is reached through the shim: its mapping names the shim's address.
-    args[1] = format!("{},0.0.0.0:{base},127.0.1.1:{base}", shim.addr());
-    let kpscd = Kpscd::start(&args).unwrap();
-    (shim, kpscd, base)
+    let plan = HoldPlan {
+        client_id: CLIENT_ID.to_owned(),
+        at_least: Duration::from_millis(300),
+        behind,
+        release,
+        answers_acks0,
+    };
+    proxy_behind_shim(cluster, plan, &["--bulk-transfer", mode]).unwrap()
 }
 
 /// Forced: [`ResponseDelayShim`] between kpscd and broker 1 holds the first Metadata
 /// response 300 ms until at least 100 responses queue behind it, then releases it as
 /// `release` says. The mock advertises the shim as broker 1, so kpscd takes the shim for
 /// the broker. Released whole, the held response is the large one of [`natural`]; dribbled
-/// 7 bytes at a time, a small one (one topic).
-fn forced(mode: &str, release: Release) {
+/// 7 bytes at a time, a small one (one topic). Without `answers_acks0` the shim drops the
+/// mock's answers to acks=0, as Kafka sends none, and the held response is a small one.
+fn forced(mode: &str, release: Release, answers_acks0: bool) {
     let (cluster, topics) = match release {
-        Release::Whole => cluster(LARGE.0, LARGE.1),
-        Release::Dribble { .. } | Release::Paced { .. } => cluster(0, 0),
+        Release::Whole if answers_acks0 => cluster(LARGE.0, LARGE.1),
+        _ => cluster(0, 0),
     };
-    let (shim, kpscd, base) = behind_shim(&cluster, mode, release, 100);
+    let (shim, kpscd, base) = behind_shim(&cluster, mode, release, 100, answers_acks0);
     let mut leaks = vec![
         REAL_BROKER_HOST.to_owned(),
         SHIM_HOST.to_owned(),
@@ -608,6 +579,17 @@ fn forced(mode: &str, release: Release) {
             && holds[0].behind >= 100
             && holds[0].held_for >= Duration::from_millis(300),
         "{mode}: the shim did not hold the Metadata response as planned: {holds:?}"
+    );
+    let acks0 = pipeline(&tag)
+        .iter()
+        .flatten()
+        .filter(|(_, ask)| matches!(ask, Ask::One(Req::Produce { acks: 0, .. })))
+        .count();
+    let dropped = shim.dropped_acks0_answers();
+    assert_eq!(
+        dropped,
+        if answers_acks0 { 0 } else { acks0 },
+        "{mode}: answers to acks=0 the shim dropped"
     );
     // Byte for byte: what the broker sent through the shim, in the same order, with only
     // the addresses of Metadata and FindCoordinator responses replaced.
@@ -660,36 +642,6 @@ const DRIBBLE: Release = Release::Dribble {
     pause: Duration::from_millis(1),
 };
 
-#[test]
-fn held_metadata_released_in_one_write_under_copy() {
-    forced("copy", WHOLE);
-}
-
-#[test]
-fn held_metadata_released_in_one_write_under_splice() {
-    forced("splice", WHOLE);
-}
-
-#[test]
-fn held_metadata_released_in_one_write_under_sockmap() {
-    forced("sockmap", WHOLE);
-}
-
-#[test]
-fn held_metadata_dribbled_under_copy() {
-    forced("copy", DRIBBLE);
-}
-
-#[test]
-fn held_metadata_dribbled_under_splice() {
-    forced("splice", DRIBBLE);
-}
-
-#[test]
-fn held_metadata_dribbled_under_sockmap() {
-    forced("sockmap", DRIBBLE);
-}
-
 /// A client that half-closes while its responses are still held back (the shim holds the
 /// Metadata response until the others queue behind it, then sends each in a write of its
 /// own, 1 MiB Fetch responses in two halves 20 ms apart), its FIN in a segment of its
@@ -702,7 +654,7 @@ fn half_close_while_responses_are_held(mode: &str) {
     let paced = Release::Paced {
         pause: Duration::from_millis(20),
     };
-    let (shim, kpscd, base) = behind_shim(&cluster, mode, paced, 2 * ROUNDS);
+    let (shim, kpscd, base) = behind_shim(&cluster, mode, paced, 2 * ROUNDS, true);
     let mut stream = TcpStream::connect(format!("127.0.1.1:{base}")).unwrap();
     stream.set_nodelay(true).unwrap();
     stream
@@ -777,17 +729,43 @@ fn half_close_while_responses_are_held(mode: &str) {
     );
 }
 
-#[test]
-fn half_close_while_responses_are_held_under_copy() {
-    half_close_while_responses_are_held("copy");
+/// A test per `--bulk-transfer` mode, `name::under_<mode>`, each running `run(mode)`.
+macro_rules! under_each_mode {
+    ($(#[$doc:meta])* $name:ident, $run:expr) => {
+        $(#[$doc])*
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn under_copy() {
+                ($run)("copy")
+            }
+
+            #[test]
+            fn under_splice() {
+                ($run)("splice")
+            }
+
+            #[test]
+            fn under_sockmap() {
+                ($run)("sockmap")
+            }
+        }
+    };
 }
 
-#[test]
-fn half_close_while_responses_are_held_under_splice() {
-    half_close_while_responses_are_held("splice");
-}
-
-#[test]
-fn half_close_while_responses_are_held_under_sockmap() {
-    half_close_while_responses_are_held("sockmap");
-}
+under_each_mode!(natural_large_metadata, natural);
+under_each_mode!(held_metadata_released_in_one_write, |mode| forced(
+    mode, WHOLE, true
+));
+under_each_mode!(
+    /// The pipeline against a broker that leaves acks=0 unanswered, as Kafka does: kpscd
+    /// (and, under sockmap, the response verdict) must not wait for those answers.
+    held_metadata_with_acks0_unanswered,
+    |mode| forced(mode, WHOLE, false)
+);
+under_each_mode!(held_metadata_dribbled, |mode| forced(mode, DRIBBLE, true));
+under_each_mode!(
+    half_close_while_responses_are_held,
+    half_close_while_responses_are_held
+);

@@ -17,7 +17,10 @@ use kafka_protocol::{
     },
     protocol::StrBytes,
 };
-use kpsc_tests::{Kpscd, MockCluster, RawClient, Tansu, expect_closed, free_port_base, proxy_args};
+use kpsc_tests::{
+    Kpscd, MockCluster, RAW_CLIENT_ID, RawClient, Tansu, expect_closed, free_port_base, proxy_args,
+    response_delay_shim::{HoldPlan, proxy_behind_shim},
+};
 
 fn start() -> (MockCluster, Kpscd, u16) {
     start_with(&[])
@@ -162,6 +165,20 @@ fn produce_acks_zero_gets_no_response_and_order_is_kept() {
     ])
     .unwrap();
     acks_zero_then_metadata(&format!("127.0.0.1:{tansu_base}"));
+}
+
+/// As above against a broker that never answers acks=0, as Kafka: a shim in front of the
+/// mock drops its answers. kpscd must expect none, under whichever `--bulk-transfer`.
+#[test]
+fn produce_acks_zero_to_a_broker_that_never_answers_it() {
+    let cluster = MockCluster::new(3).unwrap();
+    let (shim, mut kpscd, base) =
+        proxy_behind_shim(&cluster, HoldPlan::kafka_acks0(RAW_CLIENT_ID), &[]).unwrap();
+    acks_zero_then_metadata(&format!("127.0.1.1:{base}"));
+    assert!(shim.errors().is_empty(), "{:?}", shim.errors());
+    assert_eq!(shim.dropped_acks0_answers(), 3);
+    assert_serving(&mut kpscd, base);
+    assert_eq!(kpscd.metric("kpsc_connection_errors_total", ""), 0.0);
 }
 
 #[test]

@@ -1,10 +1,9 @@
 //! `kpscd proxy --bulk-transfer sockmap` (requests and the responses that need no rewrite
 //! carried by the kernel) against real brokers, librdkafka's mock cluster and tansu:
 //! order byte for byte on one pipelined connection written in whole frames and in 7-byte
-//! pieces, 64 KiB to 16 MiB frames, acks=0 mixed with acks=1, a half-close right after
-//! large requests, 1,000 concurrent
-//! connections and no map entry left after them, and the refusal to start without
-//! privileges. Every test reads kpscd's kernel counters, so a run that silently took the
+//! pieces, 64 KiB to 16 MiB frames, a half-close right after large requests, 1,000
+//! concurrent connections and no map entry left after them, and the refusal to start
+//! without privileges (acks=0: `sockmap_acks_zero.rs`). Every test reads kpscd's kernel counters, so a run that silently took the
 //! userspace path fails. Needs root (CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN).
 
 use std::{
@@ -20,9 +19,9 @@ use kafka_protocol::messages::{
     ProduceResponse,
 };
 use kpsc_tests::{
-    Kpscd, MockCluster, RawClient, Tansu,
+    Kpscd, MockCluster, RawClient,
     client_sockets::{connect_from, raise_fd_limit},
-    create_topic, eventually, free_port_base,
+    eventually, free_port_base,
     kernel_path::{
         connection_map_entries, kernel_accounted, kernel_counters, kernel_delivered,
         kernel_response_counters,
@@ -36,15 +35,8 @@ use kpsc_tests::{
 
 const PARTITIONS: i32 = 4;
 
-/// A mock cluster whose partitions are all led by broker 1 (kpscd's static port), so
-/// one connection can produce to and fetch from every partition.
 fn cluster() -> MockCluster {
-    let cluster = MockCluster::new(3).unwrap();
-    cluster.create_topic(TOPIC, PARTITIONS).unwrap();
-    for p in 0..PARTITIONS {
-        cluster.set_leader(TOPIC, p, 1).unwrap();
-    }
-    cluster
+    MockCluster::led_by_broker_1(TOPIC, PARTITIONS).unwrap()
 }
 
 fn start(cluster: &MockCluster, extra: &[&str]) -> (Kpscd, u16) {
@@ -430,171 +422,6 @@ fn frames_of_64_kib_1_mib_and_16_mib_go_through_the_kernel() {
     assert!(r.redirected_bytes >= payload as f64, "{r:?}");
     eprintln!("produced in {produced:?}; kernel: {k:?}; responses: {r:?}");
     drop(client);
-}
-
-/// Produce acks=0 mixed with acks=1 and Metadata, pipelined, then nothing more owed.
-/// Returns the requests sent.
-fn acks_zero_mixed_with_acks_one(addr: &str) -> usize {
-    // acks of each Produce; None: a Metadata request.
-    let plan = [
-        Some(0),
-        Some(0),
-        Some(1),
-        Some(0),
-        None,
-        Some(0),
-        Some(0),
-        Some(0),
-        Some(1),
-        Some(1),
-        Some(0),
-        None,
-        Some(0),
-        Some(1),
-        Some(0),
-    ];
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_nodelay(true).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut owed = Vec::new();
-    for round in 0..4 {
-        for (i, acks) in plan.iter().enumerate() {
-            let n = round * plan.len() + i;
-            // acks=0 requests have ids of their own; the others reuse a few.
-            let id = if *acks == Some(0) {
-                50_000 + n as i32
-            } else {
-                (n % 5) as i32
-            };
-            let request = match acks {
-                Some(acks) => Req::Produce {
-                    version: 7,
-                    acks: *acks,
-                    partition: (n % 2) as i32,
-                    value: value(&format!("acks{acks}-{n}-"), 100 + 1000 * (n % 3)),
-                },
-                None => Req::Metadata,
-            };
-            // A pause between requests, as a producer at a steady rate leaves: each starts
-            // a segment the kernel may carry (back to back, kpscd tends to keep the stream).
-            std::thread::sleep(Duration::from_millis(1));
-            stream.write_all(&request.frame(id)).unwrap();
-            if *acks != Some(0) {
-                owed.push((id, acks.is_some()));
-            }
-        }
-    }
-    for (n, (id, produce)) in owed.iter().enumerate() {
-        let raw = read_frame(&mut stream).unwrap_or_else(|e| panic!("response {n}: {e:#}"));
-        match produce {
-            true => {
-                let r: ProduceResponse =
-                    decode(&raw, *id, 7).unwrap_or_else(|e| panic!("response {n}: {e:#}"));
-                assert_eq!(r.responses[0].partition_responses[0].error_code, 0);
-            }
-            false => {
-                let _: MetadataResponse =
-                    decode(&raw, *id, 12).unwrap_or_else(|e| panic!("response {n}: {e:#}"));
-            }
-        }
-    }
-    stream
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let extra = stream.read(&mut [0u8; 1]);
-    assert!(
-        matches!(&extra, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
-        "an answer to acks=0 reached the client: {extra:?}"
-    );
-    plan.len() * 4
-}
-
-/// librdkafka's mock and tansu 0.6 both answer acks=0, unlike Kafka (the kernel counters
-/// show a response frame for every request); kpscd drops those answers, the response
-/// verdict passing each to it. The client gets exactly the responses it expects, in order.
-#[test]
-fn acks_zero_mixed_with_acks_one_gets_exactly_the_responses_owed() {
-    let cluster = cluster();
-    let (kpscd, base) = start(&cluster, &[]);
-    let sent = acks_zero_mixed_with_acks_one(&format!("127.0.1.1:{base}"));
-    let k = kernel_accounted(&kpscd, sent);
-    eprintln!(
-        "mock: {k:?}; responses: {:?}",
-        kernel_response_counters(&kpscd)
-    );
-    assert!(k.redirected_frames > 0.0, "mock: {k:?}");
-    // The mock's answers to acks=0 go to kpscd (which drops them); the others may not.
-    kernel_delivered(&kpscd, 1);
-
-    let tansu = Tansu::start().unwrap();
-    create_topic(&tansu.addr(), TOPIC, 2).unwrap();
-    let tansu_base = free_port_base(1);
-    let kpscd = Kpscd::start(&[
-        "--bootstrap-server-mapping".into(),
-        format!("{},127.0.0.1:{tansu_base}", tansu.addr()),
-        "--dynamic-listeners-disable".into(),
-        "--bulk-transfer".into(),
-        "sockmap".into(),
-    ])
-    .unwrap();
-    let sent = acks_zero_mixed_with_acks_one(&format!("127.0.0.1:{tansu_base}"));
-    let k = kernel_accounted(&kpscd, sent);
-    eprintln!(
-        "tansu: {k:?}; responses: {:?}",
-        kernel_response_counters(&kpscd)
-    );
-    assert!(k.redirected_frames > 0.0, "tansu: {k:?}");
-    kernel_delivered(&kpscd, 1);
-}
-
-/// A producer of acks=0 alone, one request per packet, stays on the kernel path: each
-/// carried request takes an entry of the 32-entry expectation ring, and the ring must
-/// not fill. The mock answers acks=0 (each answer goes to kpscd, which drops it and hands
-/// the stream back); against Kafka, which answers none, kpscd passes the entries over
-/// itself as it takes the reports. That case is not exercised here: the mock and tansu
-/// both answer acks=0.
-#[test]
-fn an_acks_zero_producer_stays_on_the_kernel_path() {
-    const REQUESTS: usize = 300;
-    let cluster = cluster();
-    let (kpscd, base) = start(&cluster, &[]);
-    let mut stream = TcpStream::connect(format!("127.0.1.1:{base}")).unwrap();
-    stream.set_nodelay(true).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    for i in 0..REQUESTS {
-        let produce = Req::Produce {
-            version: 7,
-            acks: 0,
-            partition: (i % PARTITIONS as usize) as i32,
-            value: value(&format!("acks0-{i}-"), 100),
-        };
-        stream.write_all(&produce.frame(10_000 + i as i32)).unwrap();
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    // One answered request closes the run: its response, and nothing else, comes back.
-    let last = Req::Produce {
-        version: 7,
-        acks: 1,
-        partition: 0,
-        value: value("acks1-last-", 100),
-    };
-    stream.write_all(&last.frame(7)).unwrap();
-    let raw = read_frame(&mut stream).unwrap();
-    let r: ProduceResponse = decode(&raw, 7, 7).unwrap();
-    assert_eq!(r.responses[0].partition_responses[0].error_code, 0);
-    let k = kernel_accounted(&kpscd, REQUESTS + 1);
-    eprintln!(
-        "kernel: {k:?}; responses: {:?}",
-        kernel_response_counters(&kpscd)
-    );
-    assert!(
-        k.redirected_frames >= (REQUESTS - 10) as f64,
-        "the kernel carried too few of {REQUESTS} acks=0 requests: {k:?}"
-    );
 }
 
 /// A client that half-closes right after its last request still gets every response:
