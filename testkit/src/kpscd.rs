@@ -102,7 +102,11 @@ impl Kpscd {
         };
         cmd.args(args)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
+            // KPSC_TEST_LOG (e.g. `kpsc=debug`) turns a test's kpscd up.
+            .env(
+                "RUST_LOG",
+                std::env::var("KPSC_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);
         let mut k = Self::launch(cmd, admin, netns.map(str::to_owned))?;

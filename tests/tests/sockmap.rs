@@ -28,9 +28,10 @@ use kpsc_tests::{
     },
     kpscd_bin, proxy_args,
     raw_pipeline::{
-        Req, TOPIC, consume_all, decode, produce_request, read_frame, record_values, value,
+        CLIENT_ID, Req, TOPIC, consume_all, decode, fetch_request, produce_request, read_frame,
+        record_values, value,
     },
-    run_with_timeout,
+    request_body, run_with_timeout,
 };
 
 const PARTITIONS: i32 = 4;
@@ -422,6 +423,74 @@ fn frames_of_64_kib_1_mib_and_16_mib_go_through_the_kernel() {
     assert!(r.redirected_bytes >= payload as f64, "{r:?}");
     eprintln!("produced in {produced:?}; kernel: {k:?}; responses: {r:?}");
     drop(client);
+}
+
+/// A request kpscd must see, sent with the client's FIN while the kernel cannot send the
+/// client its responses (the client reads nothing yet): the verdict passes the request,
+/// but it waits on the client socket's psock behind the responses redirected to it, and
+/// recvmsg reports the FIN first. kpscd must still read and answer it once the client
+/// reads. It took the FIN for the end before it counted the bytes the verdict passed;
+/// and the FIN's own skb, passed too, broke the client socket (EPIPE) when the backlog
+/// sent it, before the verdicts dropped it.
+#[test]
+fn a_request_passed_with_the_fin_behind_stuck_responses_is_answered() {
+    const FETCHES: usize = 24;
+    let cluster = cluster();
+    let (kpscd, base) = start(&cluster, &[]);
+    let mut stream = TcpStream::connect(format!("127.0.1.1:{base}")).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let record = value("stuck-", 1 << 20);
+    for id in 0..4 {
+        let produce = Req::Produce {
+            version: 7,
+            acks: 1,
+            partition: 0,
+            value: record.clone(),
+        };
+        stream.write_all(&produce.frame(id)).unwrap();
+        let _: ProduceResponse = decode(&read_frame(&mut stream).unwrap(), id, 7).unwrap();
+    }
+    // 1 MiB responses (one batch each), 24 MiB in all: more than the sockets between
+    // kpscd and the client hold, so the kernel's redirects to the client wait.
+    // One write each, so the verdict carries each request and the kernel its response.
+    for id in 0..FETCHES as i32 {
+        let request = fetch_request(0, i64::from(id % 4), 2 << 20);
+        let body = request_body(ApiKey::Fetch, 11, 100 + id, CLIENT_ID, &request).unwrap();
+        stream
+            .write_all(&[&(body.len() as i32).to_be_bytes()[..], &body].concat())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stream.write_all(&Req::ApiVersions.frame(7)).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for id in 0..FETCHES as i32 {
+        let raw = read_frame(&mut stream).unwrap_or_else(|e| panic!("fetch {id}: {e:#}"));
+        let r: FetchResponse = decode(&raw, 100 + id, 11).unwrap();
+        let records = record_values(r.responses[0].partitions[0].records.as_ref()).unwrap();
+        assert!(records == [record.clone()], "fetch {id}: other records");
+    }
+    let raw = read_frame(&mut stream).unwrap_or_else(|e| {
+        panic!(
+            "the ApiVersions response after the Fetch responses: {e:#}; kpscd: {}",
+            kpscd.log()
+        )
+    });
+    let r: ApiVersionsResponse = decode(&raw, 7, 2).unwrap();
+    assert_eq!(r.error_code, 0);
+    assert_eq!(
+        stream.read(&mut [0u8; 1]).unwrap(),
+        0,
+        "after the last response"
+    );
+    let r = kernel_delivered(&kpscd, FETCHES);
+    eprintln!("responses: {r:?}");
+    assert_eq!(kpscd.metric("kpsc_connection_errors_total", ""), 0.0);
 }
 
 /// A client that half-closes right after its last request still gets every response:

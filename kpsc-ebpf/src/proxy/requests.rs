@@ -198,6 +198,9 @@ fn push_expectations(slot: &mut ConnSlot, config: &KernelConfig, batch: &Request
 
 #[stream_verdict]
 pub fn kpsc_proxy_requests(ctx: SkBuffContext) -> u32 {
+    if ctx.len() == 0 {
+        return stream::PAYLOAD_FREE;
+    }
     // SAFETY: the program's context pointer is the helper's only argument.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     // SAFETY: a plain lookup, copied at once.

@@ -10,20 +10,13 @@
 //! One skb of one socket at a time (a verdict runs under its socket's lock), so a
 //! direction's fields need no atomics on this side.
 
-use aya_ebpf::bindings::sk_action::SK_PASS;
+use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
 use kpsc_common::proxy_kernel::{MODE_KERNEL, MODE_USERSPACE, StreamState};
 
 /// Accounts an skb of `len` bytes and says where it starts in the stream, or None when
 /// kpscd has the stream and does not give it back at this skb (the skb is passed).
 /// `may_resume`: the verdict could carry frames from here (else kpscd keeps the stream).
 pub fn take(state: &mut StreamState, len: u32, may_resume: bool) -> Option<u64> {
-    if len == 0 {
-        // A FIN without payload. Redirected, the peer socket's psock backlog would send 0
-        // bytes, which the kernel takes for a broken pipe: EPIPE on the peer socket, and
-        // kpscd's next read there fails, losing what is still owed. Passed, it ends the
-        // stream where kpscd reads; no byte moves, so the mode and offsets stay.
-        return None;
-    }
     let start = state.seen;
     state.seen = start + u64::from(len);
     if state.mode == MODE_USERSPACE {
@@ -57,3 +50,14 @@ pub fn pass(state: &mut StreamState, start: u64, len: u32, tail: u32) -> bool {
 
 /// The verdict for a passed skb.
 pub const PASS: u32 = SK_PASS;
+
+/// The verdict for an skb without payload, which both verdicts give before anything else:
+/// a FIN (nothing else without payload is queued to be read). TCP has already taken the
+/// FIN when the verdict runs, so recvmsg reports the end of the stream whatever becomes
+/// of the skb, and dropping it loses nothing. The other verdicts break the connection
+/// when the socket's psock backlog sends the skb: it sends 0 bytes, which the kernel
+/// takes for a broken pipe (EPIPE on that socket, and the backlog stops). A redirect
+/// always goes through the peer socket's backlog; a pass goes through the socket's own
+/// whenever that holds redirects to it (responses to a client that is slow to read), and
+/// kpscd's next write there fails.
+pub const PAYLOAD_FREE: u32 = SK_DROP;

@@ -18,7 +18,10 @@ use crate::{
     proxy::{
         bulk::{
             copy::CopyMover,
-            sockmap::{self, KernelConn},
+            sockmap::{
+                self, KernelConn,
+                passed::{PassedReader, Stream},
+            },
             transfer::Transfer,
         },
         connection::{
@@ -109,6 +112,8 @@ pub async fn forward_requests_kernel(
     // psock, which only recvmsg reads; splice(2) reads the TCP receive queue, which the
     // verdict has emptied, and would wait forever for a large frame's rest.
     let mut mover = CopyMover;
+    // An end of stream read before bytes the verdict passed is not the end (see `passed`).
+    let client_r = PassedReader::new(client_r, conn.slot(), Stream::Requests);
     let mut reader = FrameReader::new(client_r, sockmap::READ_BUFFER);
     let mut counted_bytes = 0u64;
     // Reported frames queued as in flight.
@@ -160,6 +165,11 @@ pub async fn forward_requests_kernel(
             }
         };
         if !more {
+            tracing::debug!(
+                passed = conn.slot().requests().passed_bytes(),
+                carried = conn.slot().requests().redirected_frames(),
+                "client stream ended"
+            );
             // The stream ended inside a frame the verdict was carrying: its rest never
             // comes, so neither does an answer. The end is read only after the verdict
             // has seen every byte before it, so `frame_left` is final. (kpscd's own frame

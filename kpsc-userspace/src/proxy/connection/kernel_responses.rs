@@ -15,7 +15,10 @@ use crate::{
     proxy::{
         bulk::{
             copy::CopyMover,
-            sockmap::{self, KernelConn},
+            sockmap::{
+                self, KernelConn,
+                passed::{PassedReader, Stream},
+            },
             transfer::Transfer,
         },
         connection::{
@@ -171,6 +174,8 @@ pub async fn forward_responses_kernel(
     // Copied, never spliced: what the verdict passes up is on the psock's queue, which
     // splice(2) cannot read.
     let mover = CopyMover;
+    // An end of stream read before bytes the verdict passed is not the end (see `passed`).
+    let upstream_r = PassedReader::new(upstream_r, conn.slot(), Stream::Responses);
     let reader = FrameReader::new(upstream_r, sockmap::READ_BUFFER);
     let mut direction = Userspace {
         reader,
@@ -279,8 +284,8 @@ fn advance_past(conn: &KernelConn, origin: Origin) {
 }
 
 /// The response direction while kpscd has the stream.
-struct Userspace {
-    reader: FrameReader<OwnedReadHalf>,
+struct Userspace<'c> {
+    reader: FrameReader<PassedReader<'c, OwnedReadHalf>>,
     mover: CopyMover,
     responses: Responses,
     /// The oldest request, taken out of `Owed::requests` to be answered.
@@ -295,7 +300,7 @@ struct Userspace {
     drained: bool,
 }
 
-impl Userspace {
+impl Userspace<'_> {
     /// Delivers responses in order, those the verdict passed up and kpscd's own answers,
     /// until it can give the stream back (None) or the connection's responses are done
     /// (Some: how it ended).

@@ -33,11 +33,14 @@
 //!   and the request verdict has its stream, after moving the ring's head past what it
 //!   delivered. A local answer (kpscd's own) waits until the kernel has delivered every
 //!   response before it and is not in the middle of one.
-//! - The FIN: kpscd ends a direction only after the same drain. Neither verdict
-//!   redirects a FIN's own skb (no payload): the backlog would send 0 bytes, which the
-//!   kernel reports as EPIPE on the peer socket, failing kpscd's next empty read there
-//!   while responses are still owed.
+//! - The FIN: kpscd ends a direction only after the same drain. Both verdicts drop a
+//!   FIN's own skb (no payload; TCP has taken the FIN already): sent by a psock backlog,
+//!   as a redirect always is and a pass is behind redirects to its socket, 0 bytes are
+//!   taken for a broken pipe (EPIPE on that socket). recvmsg may report the end before
+//!   bytes passed ahead of the FIN that wait in that backlog; kpscd reads on until it has
+//!   every byte the verdict passed (`passed`).
 
+pub mod passed;
 pub mod slots;
 pub mod socket;
 

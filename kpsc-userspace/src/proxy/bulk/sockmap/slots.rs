@@ -70,6 +70,12 @@ pub struct Slot<'a> {
     _slots: &'a Slots,
 }
 
+// SAFETY: a view into the mapping `Slots` owns (Send and Sync), borrowed for its life;
+// every access through it is atomic.
+unsafe impl Send for Slot<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for Slot<'_> {}
+
 impl Slot<'_> {
     fn u64_at(&self, offset: usize) -> &AtomicU64 {
         // SAFETY: an aligned u64 field of a live slot (offsets from offset_of!), only ever
@@ -215,6 +221,12 @@ impl Direction<'_> {
                 .u64_field(offset_of!(StreamState, frames_before_pass))
                 .load(Ordering::Acquire),
         }
+    }
+
+    /// Bytes the verdict passed to kpscd so far.
+    pub fn passed_bytes(&self) -> u64 {
+        self.u64_field(offset_of!(StreamState, passed_bytes))
+            .load(Ordering::Acquire)
     }
 
     /// Bytes the verdict redirected to the peer socket so far.
