@@ -139,14 +139,10 @@ pub async fn forward_requests_kernel(
             _ = state.shutdown.cancelled() => {
                 // Shutting down takes no new requests, as on the userspace path: stop the
                 // verdict (it finishes a frame under way), then queue what it carried so
-                // its responses are delivered. The short waits let a verdict that was
-                // already running on another CPU finish its report.
-                conn.stop_carrying();
-                let finishing = Instant::now() + STOP_WAIT;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                while conn.slot().requests().frame_left() > 0 && Instant::now() < finishing {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
+                // its responses are delivered.
+                conn.stop_carrying(reader.get_ref().get_ref().as_ref(), STOP_WAIT)
+                    .await
+                    .map_err(ConnError::KernelPath)?;
                 let carried = conn.slot().requests().redirected_frames();
                 take_reports_until(carried, &mut frames_taken, &mut batches, &in_flight, state)
                     .await?;

@@ -429,11 +429,20 @@ impl KernelConn {
     }
 
     /// Stops carrying the client's requests (kpscd is shutting down and takes no new
-    /// ones): afterwards the request verdict reports nothing more for this connection and
-    /// what it passes stays unread. The client socket stays in its map, as the target of
-    /// the responses still owed.
-    pub fn stop_carrying(&self) {
+    /// ones) and returns once the request verdict has carried and reported its last
+    /// frame: it finishes a frame under way (waited for up to `patience`), then carries
+    /// nothing more, and what it passes stays unread. The verdict runs under the socket's
+    /// lock, so taking that lock after each step means no run that began before it is
+    /// still going. The client socket stays in its map, as the target of the responses
+    /// still owed.
+    pub async fn stop_carrying(&self, client: &impl AsRawFd, patience: Duration) -> io::Result<()> {
         self.slot().stop();
+        socket::wait_out_running_verdict(client)?;
+        let give_up = Instant::now() + patience;
+        while self.slot().requests().frame_left() > 0 && Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        socket::wait_out_running_verdict(client)
     }
 }
 

@@ -73,6 +73,13 @@ pub fn stream_progress(fd: &impl AsRawFd) -> io::Result<StreamProgress> {
     })
 }
 
+/// Returns once no verdict on `fd` is running: a verdict runs under the socket's lock
+/// (in the softirq that queues a segment, or where the lock's owner releases it), and
+/// TCP_INFO takes that lock. A verdict that starts later sees what was stored before.
+pub fn wait_out_running_verdict(fd: &impl AsRawFd) -> io::Result<()> {
+    getsockopt::<libc::tcp_info>(fd, libc::IPPROTO_TCP, libc::TCP_INFO).map(drop)
+}
+
 /// Bytes that reached a socket before it entered a verdict's map sit in its TCP queue,
 /// where the verdict never sees them; setting SO_RCVLOWAT runs the socket's data-ready
 /// callback, which (now the verdict's) takes them.
