@@ -1,5 +1,7 @@
-//! Bulk bytes copied through the reader's buffer: read(2) into it, write(2) out of it.
-//! Works on any stream.
+//! Bulk bytes copied through kpscd's memory: read(2) into a buffer, write(2) out of it.
+//! Works on any stream (TLS too). The reader's own buffer holds headers and small frames;
+//! the rest of a larger frame goes through a bulk buffer that exists only while that frame
+//! moves (`FrameReader::copy_to`), so an idle connection holds what splice's does.
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -15,8 +17,10 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
+    /// Headers and small frames, as splice's: a large frame's bulk buffer comes and goes
+    /// with it.
     fn read_buffer_size(&self) -> usize {
-        32 * 1024
+        8 * 1024
     }
 
     async fn forward(
