@@ -153,7 +153,7 @@ async fn the_bulk_buffer_lives_only_while_a_large_frame_moves() {
             assert!(peak < 1024, "a {large}-byte frame took +{peak} bytes");
         }
         // The tokio runtime and the test harness may allocate a little meanwhile; a kept
-        // bulk buffer would be 64 KiB.
+        // bulk buffer would be BULK_BUFFER (32 KiB).
         assert!(
             after < 4096,
             "{after} bytes still held after a {large}-byte frame"

@@ -25,9 +25,12 @@ fn tls_eof_is_eof(read: io::Result<usize>) -> io::Result<usize> {
 
 /// Most bytes one read takes while `FrameReader::copy_to` moves the unbuffered rest of a
 /// frame larger than the reader's own buffer. That bulk buffer exists only during such a
-/// frame, so idle connections and small frames hold none. 64 KiB: under glibc's mmap
-/// threshold (128 KiB), so each frame's buffer comes from the heap without a syscall.
-pub const BULK_BUFFER: usize = 64 * 1024;
+/// frame, so idle connections and small frames hold none. 32 KiB: fits the L1 data cache
+/// (48 KiB here) between the read that fills it and the write that empties it; 64 KiB
+/// halved the syscalls per byte but did not move more, nor use less CPU per GB, beside it
+/// in the same benchmark runs (docs/bench/lazy-copy). Either is below glibc's mmap
+/// threshold, so a frame's buffer comes from the heap without a syscall.
+pub const BULK_BUFFER: usize = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -201,7 +204,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// left; returns how many are. Each read stops at the frame's end, so the bulk buffer
     /// never holds bytes of the next frame and nothing has to outlive it. Allocating per
     /// frame costs one malloc/free without zeroing (reads fill uninitialised capacity),
-    /// next to at least two syscalls per 64 KiB moved.
+    /// next to at least two syscalls per 32 KiB moved.
     async fn copy_bulk<W: AsyncWrite + Unpin>(
         &mut self,
         mut n: usize,
@@ -425,7 +428,7 @@ mod tests {
             assert_eq!(copy_frame(&mut r).await, small);
             assert!(!r.fill_to(SIZE_LEN).await.unwrap());
             // Reads larger than the reader's own buffer happened: the bulk buffer's.
-            assert!(r.inner.largest_offer >= 32 * 1024, "{pieces:?}");
+            assert!(r.inner.largest_offer >= BULK_BUFFER, "{pieces:?}");
             assert!(r.inner.largest_offer <= BULK_BUFFER, "{pieces:?}");
         }
     }
