@@ -478,7 +478,7 @@ fn soak(minutes: f64) -> anyhow::Result<()> {
 }
 
 /// The integration tests of proxy mode: `cargo xtask test` runs them under the default
-/// `--bulk-transfer` (auto, today splice) and again under copy and sockmap, where each
+/// `--bulk-transfer` (auto, today copy) and again under splice and sockmap, where each
 /// test that names no bulk transfer gets it from KPSC_TEST_BULK_TRANSFER.
 const PROXY_SUITE: [&str; 12] = [
     "bootstrap",
@@ -523,9 +523,10 @@ fn test() -> anyhow::Result<()> {
         .env("KPSCCTL_BIN", root().join("target/release/kpscctl"))
         .env("TANSU_BIN", tansu_bin())
         .env("TANSU_SASL_BIN", tansu_sasl_bin()))?;
-    // The main pass ran under `auto` (splice); each other path gets the proxy suite too.
+    // The main pass ran under `auto` (copy, as kpsc-userspace's config tests pin); each
+    // other path gets the proxy suite too.
     for (transfer, what) in [
-        ("copy", "bytes copied through kpscd"),
+        ("splice", "bulk bytes moved with splice(2)"),
         ("sockmap", "both directions carried by the kernel"),
     ] {
         step(&format!(

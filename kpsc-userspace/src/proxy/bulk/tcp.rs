@@ -16,11 +16,12 @@ pub enum TcpMover {
 
 impl TcpMover {
     pub fn new(transfer: BulkTransfer, spliced_bytes: Counter) -> Self {
-        match transfer {
-            BulkTransfer::Copy => Self::Copy(CopyMover),
-            // Sockmap: responses, and connections without a kernel slot, are spliced
-            // (what the verdict passes up is copied: see `kernel_requests`).
-            BulkTransfer::Auto | BulkTransfer::Splice | BulkTransfer::Sockmap => {
+        match transfer.resolve().0 {
+            BulkTransfer::Auto | BulkTransfer::Copy => Self::Copy(CopyMover),
+            // Sockmap: a connection the kernel path does not take (its first request came
+            // with the PROXY header) splices; what the verdicts pass up is copied (see
+            // `kernel_requests`, `kernel_responses`).
+            BulkTransfer::Splice | BulkTransfer::Sockmap => {
                 Self::Splice(SpliceMover::new(spliced_bytes))
             }
         }
