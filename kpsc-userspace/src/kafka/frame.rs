@@ -23,6 +23,11 @@ fn tls_eof_is_eof(read: io::Result<usize>) -> io::Result<usize> {
     }
 }
 
+/// The reader buffer of every proxied direction, whatever moves its bulk bytes: frame
+/// headers and small frames, so a Produce header kpscd reads (client id and transactional
+/// id included) must fit. An idle connection holds one per direction and no more.
+pub const HEADER_BUFFER: usize = 8 * 1024;
+
 /// Most bytes one read takes while `FrameReader::copy_to` moves the unbuffered rest of a
 /// frame larger than the reader's own buffer. That bulk buffer exists only during such a
 /// frame, so idle connections and small frames hold none. 32 KiB: fits the L1 data cache

@@ -6,7 +6,7 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
-    kafka::frame::{FrameReader, MoveError},
+    kafka::frame::{FrameReader, HEADER_BUFFER, MoveError},
     proxy::bulk::transfer::Transfer,
 };
 
@@ -20,7 +20,7 @@ where
     /// Headers and small frames, as splice's: a large frame's bulk buffer comes and goes
     /// with it.
     fn read_buffer_size(&self) -> usize {
-        8 * 1024
+        HEADER_BUFFER
     }
 
     async fn forward(

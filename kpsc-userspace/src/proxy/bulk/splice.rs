@@ -25,7 +25,7 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    kafka::frame::{FrameError, FrameReader, MoveError},
+    kafka::frame::{FrameError, FrameReader, HEADER_BUFFER, MoveError},
     proxy::bulk::{copy::CopyMover, transfer::Transfer},
 };
 
@@ -67,7 +67,7 @@ impl SpliceMover {
 impl Transfer<OwnedReadHalf, OwnedWriteHalf> for SpliceMover {
     /// Headers and small frames only: what it reads ahead of a large frame is copied.
     fn read_buffer_size(&self) -> usize {
-        8 * 1024
+        HEADER_BUFFER
     }
 
     async fn forward(

@@ -12,14 +12,14 @@ use tokio::{
 
 use crate::{
     kafka::{
-        frame::{FrameError, FrameReader, MoveError, SIZE_LEN},
+        frame::{FrameError, FrameReader, HEADER_BUFFER, MoveError, SIZE_LEN},
         request::RequestHeader,
     },
     proxy::{
         bulk::{
             copy::CopyMover,
             sockmap::{
-                self, KernelConn,
+                KernelConn,
                 passed::{PassedReader, Stream},
             },
             transfer::Transfer,
@@ -114,7 +114,7 @@ pub async fn forward_requests_kernel(
     let mut mover = CopyMover;
     // An end of stream read before bytes the verdict passed is not the end (see `passed`).
     let client_r = PassedReader::new(client_r, conn.slot(), Stream::Requests);
-    let mut reader = FrameReader::new(client_r, sockmap::READ_BUFFER);
+    let mut reader = FrameReader::new(client_r, HEADER_BUFFER);
     let mut counted_bytes = 0u64;
     // Reported frames queued as in flight.
     let mut frames_taken = 0u64;

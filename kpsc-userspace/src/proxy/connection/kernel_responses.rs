@@ -11,12 +11,12 @@ use tokio::{
 };
 
 use crate::{
-    kafka::frame::{FrameError, FrameReader, MoveError},
+    kafka::frame::{FrameError, FrameReader, HEADER_BUFFER, MoveError},
     proxy::{
         bulk::{
             copy::CopyMover,
             sockmap::{
-                self, KernelConn,
+                KernelConn,
                 passed::{PassedReader, Stream},
             },
             transfer::Transfer,
@@ -176,7 +176,7 @@ pub async fn forward_responses_kernel(
     let mover = CopyMover;
     // An end of stream read before bytes the verdict passed is not the end (see `passed`).
     let upstream_r = PassedReader::new(upstream_r, conn.slot(), Stream::Responses);
-    let reader = FrameReader::new(upstream_r, sockmap::READ_BUFFER);
+    let reader = FrameReader::new(upstream_r, HEADER_BUFFER);
     let mut direction = Userspace {
         reader,
         mover,

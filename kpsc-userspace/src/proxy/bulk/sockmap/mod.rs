@@ -357,12 +357,6 @@ pub struct KernelConn {
     counted: [(AtomicU64, AtomicU64); 2],
 }
 
-/// The read buffer of each direction's loop: kpscd reads only what the verdicts pass up,
-/// so an idle connection holds two of these and no more, the size splice and copy read
-/// headers into (copy's larger buffer exists only while a large frame moves). As under
-/// splice, a Produce header kpscd handles must fit.
-pub const READ_BUFFER: usize = 8 * 1024;
-
 /// How long the redirect backlog may make no progress handing a socket its bytes.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
