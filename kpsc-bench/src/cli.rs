@@ -95,7 +95,8 @@ pub struct Args {
     pub sweep_connections: Vec<usize>,
     /// Targets to run, comma-separated (default: every one that applies): `direct`
     /// (`routed` in namespaces), `proxy` (kpscd proxy copying through userspace: the
-    /// plain tokio path), `splice` (kpscd proxy moving bulk bytes with splice(2)),
+    /// plain tokio path), `splice` (kpscd proxy moving bulk bytes with splice(2)), `uring`
+    /// (kpscd proxy splicing bulk bytes in linked io_uring operations),
     /// `portmap` (kpscd portmap, namespaces only), `nftables` (DNAT + masquerade rules
     /// loaded on the node, namespaces only), `external` (the --proxy-cmd proxy), and,
     /// only when named, `sockmap` (kpscd proxy whose requests the kernel carries; needs
@@ -109,7 +110,7 @@ pub struct Args {
     /// provided buffers, then send): what each path delivers without any Kafka work;
     /// produce, fetch and small workloads only.
     #[arg(long, value_delimiter = ',',
-          value_parser = ["direct", "proxy", "splice", "sockmap", "portmap", "nftables", "external",
+          value_parser = ["direct", "proxy", "splice", "uring", "sockmap", "portmap", "nftables", "external",
                           "sockmap-ceiling", "splice-ceiling", "uring-ceiling", "uring-sqpoll-ceiling",
                           "uring-recv-send-ceiling"])]
     pub targets: Vec<String>,
@@ -175,6 +176,7 @@ pub fn target_kinds(args: &Args, kpscd: &Path, node_sinks: Option<NodeSinks>) ->
     for (target, transfer) in [
         ("proxy", "copy"),
         ("splice", "splice"),
+        ("uring", "uring"),
         ("sockmap", "sockmap"),
     ] {
         if (target != "sockmap" && wanted(target)) || named(target) {

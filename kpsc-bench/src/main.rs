@@ -4,6 +4,7 @@
 //! - `direct`: the load generator talks to the benchmark sink (the limit);
 //! - `kpscd-proxy`: through `kpscd proxy --bulk-transfer copy` (the plain tokio path);
 //! - `kpscd-splice`: through `kpscd proxy` moving bulk bytes with splice(2);
+//! - `kpscd-uring`: through `kpscd proxy` splicing bulk bytes in linked io_uring operations;
 //! - `kpscd-sockmap`: through `kpscd proxy` whose requests the kernel carries (sockmap);
 //! - `kpscd-portmap`: through the kernel programs of `kpscd portmap` (namespaces only;
 //!   `--portmap-attach tc|xdp`);

@@ -17,8 +17,8 @@ use crate::{nftables::NatRules, sink::Sink};
 pub enum TargetKind {
     /// Straight to the sink (loopback), or routed by the node (namespaces).
     Direct,
-    /// `kpscd proxy` with its `--bulk-transfer`: `copy` (the plain tokio path), `splice`
-    /// or `sockmap` (requests carried by the kernel).
+    /// `kpscd proxy` with its `--bulk-transfer`: `copy` (the plain tokio path), `splice`,
+    /// `uring` or `sockmap` (requests carried by the kernel).
     KpscdProxy {
         bin: PathBuf,
         transfer: &'static str,
@@ -115,9 +115,10 @@ pub struct Placement {
 
 /// Fixed ports in a fresh namespace; free ones on a shared loopback. By index: kpscd
 /// proxy, portmap, external, splice, nftables, sockmap ceiling, portmap under XDP, proxy
-/// with sockmap, and the splice, uring, uring-sqpoll and uring-recv-send relay ceilings.
-const NETNS_PORTS: [u16; 12] = [
-    19092, 19093, 19094, 19095, 19096, 19097, 19098, 19099, 19100, 19101, 19102, 19103,
+/// with sockmap, the splice, uring, uring-sqpoll and uring-recv-send relay ceilings, and
+/// proxy with uring.
+const NETNS_PORTS: [u16; 13] = [
+    19092, 19093, 19094, 19095, 19096, 19097, 19098, 19099, 19100, 19101, 19102, 19103, 19104,
 ];
 /// Node ports of the targets whose broker (sink) must advertise them.
 pub const PORTMAP_PORT: u16 = NETNS_PORTS[1];
@@ -346,6 +347,7 @@ impl Target {
                 let (name, index) = match transfer {
                     "splice" => ("kpscd-splice", 3),
                     "sockmap" => ("kpscd-sockmap", 7),
+                    "uring" => ("kpscd-uring", 12),
                     _ => ("kpscd-proxy", 0),
                 };
                 let (port, admin) = place.ports(index);

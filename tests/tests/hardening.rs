@@ -131,7 +131,7 @@ fn a_client_reset_mid_frame_is_blamed_on_the_client() {
     let cluster = MockCluster::new(3).unwrap();
     cluster.create_topic("t", 3).unwrap();
     let mut reasons = Vec::new();
-    for transfer in ["copy", "splice", "sockmap"] {
+    for transfer in ["copy", "splice", "sockmap", "uring"] {
         let (kpscd, base) = start(&cluster, &["--bulk-transfer", transfer]);
         let stream = start_of_a_large_produce(&format!("127.0.1.1:{base}"));
         // SO_LINGER 0: close sends RST, as a crashed or killed client does.
@@ -178,7 +178,7 @@ fn a_broker_dying_mid_frame_closes_the_connection_and_is_blamed_on_the_broker() 
     let cluster = MockCluster::new(3).unwrap();
     cluster.create_topic("t", 3).unwrap();
     let mut reasons = Vec::new();
-    for transfer in ["copy", "splice", "sockmap"] {
+    for transfer in ["copy", "splice", "sockmap", "uring"] {
         let (kpscd, base) = start(&cluster, &["--bulk-transfer", transfer]);
         // Broker 3 (a dynamic port), so kpscd keeps its view of the cluster through 1.
         let mut stream = start_of_a_large_produce(&format!("127.0.1.3:{}", base + 13));
@@ -214,7 +214,7 @@ fn a_client_fin_mid_frame_closes_the_connection_and_is_blamed_on_the_client() {
     let cluster = MockCluster::new(3).unwrap();
     cluster.create_topic("t", 3).unwrap();
     let mut reasons = Vec::new();
-    for transfer in ["copy", "splice", "sockmap"] {
+    for transfer in ["copy", "splice", "sockmap", "uring"] {
         let (kpscd, base) = start(&cluster, &["--bulk-transfer", transfer]);
         let mut stream = start_of_a_large_produce(&format!("127.0.1.1:{base}"));
         stream.shutdown(std::net::Shutdown::Write).unwrap();

@@ -480,6 +480,11 @@ fn run_pipeline(kpscd: &Kpscd, base: u16, mode: &str, tag: &str, truth: &mut Tru
         // ApiVersions always goes to kpscd: the stream was handed over and back.
         assert!(k.passed_frames >= api_versions as f64, "{mode}: {k:?}");
     }
+    if mode == "splice" || mode == "uring" {
+        // The large Produce and Fetch frames took the path under test.
+        let spliced = kpscd.metric("kpsc_spliced_bytes_total", "");
+        assert!(spliced > 1e6, "{mode} {tag}: spliced {spliced} bytes");
+    }
     let counts: Vec<usize> = truth.produced.iter().map(Vec::len).collect();
     let consumed = consume_all(&addr, &counts);
     for (p, (got, want)) in consumed.iter().zip(&truth.produced).enumerate() {
@@ -749,6 +754,11 @@ macro_rules! under_each_mode {
             #[test]
             fn under_sockmap() {
                 ($run)("sockmap")
+            }
+
+            #[test]
+            fn under_uring() {
+                ($run)("uring")
             }
         }
     };

@@ -400,7 +400,7 @@ fn produce_with_header_of(header_bytes: usize) -> kafka_protocol::messages::Prod
 }
 
 /// kpscd finds a Produce request's acks in what it has read of the frame: the first 8 KiB
-/// under splice and copy alike (copy's larger buffer exists only while it moves the rest
+/// under splice, copy and uring alike (copy's larger buffer exists only while it moves the rest
 /// of a large frame). A header beyond that closes that connection with a counted error,
 /// never the daemon; below it the request is forwarded. (The kernel path reads the header
 /// where it lies.)
@@ -408,7 +408,7 @@ fn produce_with_header_of(header_bytes: usize) -> kafka_protocol::messages::Prod
 fn produce_header_beyond_the_read_buffer_closes_only_its_connection() {
     let cluster = MockCluster::new(3).unwrap();
     cluster.create_topic("t", 3).unwrap();
-    for transfer in ["splice", "copy"] {
+    for transfer in ["splice", "copy", "uring"] {
         let base = free_port_base(20);
         let mut kpscd = Kpscd::start(&proxy_args(
             &cluster,

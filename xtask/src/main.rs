@@ -478,7 +478,7 @@ fn soak(minutes: f64) -> anyhow::Result<()> {
 }
 
 /// The integration tests of proxy mode: `cargo xtask test` runs them under the default
-/// `--bulk-transfer` (auto, today copy) and again under splice and sockmap, where each
+/// `--bulk-transfer` (auto, today copy) and again under splice, sockmap and uring, where each
 /// test that names no bulk transfer gets it from KPSC_TEST_BULK_TRANSFER.
 const PROXY_SUITE: [&str; 12] = [
     "bootstrap",
@@ -528,6 +528,7 @@ fn test() -> anyhow::Result<()> {
     for (transfer, what) in [
         ("splice", "bulk bytes moved with splice(2)"),
         ("sockmap", "both directions carried by the kernel"),
+        ("uring", "spans spliced by io_uring"),
     ] {
         step(&format!(
             "the proxy tests again with --bulk-transfer {transfer} ({what})"

@@ -52,6 +52,11 @@ pub enum BulkTransfer {
     /// kernel (sockmap verdicts frame them); kpscd handles the rest. Lowest small-request
     /// latency, more CPU per GB. Needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN at start.
     Sockmap,
+    /// splice through a pipe per direction as `splice`, run by io_uring: linked splices
+    /// in the kernel's workers move a frame's span back to back, and kpscd wakes once per
+    /// frame. Needs io_uring (Linux 5.7+, not disabled by `kernel.io_uring_disabled` or a
+    /// seccomp filter); no privilege.
+    Uring,
 }
 
 /// The value as written on the command line (for logs).

@@ -18,7 +18,7 @@ use crate::{
     proxy::{
         access::Gate,
         budget::RewriteBudget,
-        bulk::sockmap::KernelPath,
+        bulk::{sockmap::KernelPath, uring::ring::Ring},
         listeners::{Accepted, Listeners},
     },
     shutdown::Draining,
@@ -37,6 +37,8 @@ pub struct ProxyState {
     pub upstream: Upstream,
     /// `--bulk-transfer sockmap`: the loaded request verdict.
     pub kernel_path: Option<Arc<KernelPath>>,
+    /// The io_uring that moves spans under `--bulk-transfer uring`.
+    pub uring: Option<Arc<Ring>>,
     metadata_known: AtomicBool,
     /// Why the last metadata request failed, until one succeeds: `/ready` says it.
     discovery_error: Mutex<Option<String>>,
@@ -105,6 +107,10 @@ impl ProxyState {
             })
             .transpose()
             .context("--bulk-transfer sockmap")?;
+        let uring = (config.bulk_transfer == BulkTransfer::Uring)
+            .then(Ring::start)
+            .transpose()
+            .context("--bulk-transfer uring")?;
         let (accepted, incoming) = mpsc::channel(1024);
         let listeners = Listeners::start(
             map,
@@ -123,6 +129,7 @@ impl ProxyState {
             ),
             discovery_error: Mutex::new(None),
             kernel_path,
+            uring,
             config,
             metrics,
             listeners,

@@ -31,7 +31,7 @@ use crate::{
 
 /// Below this many unbuffered bytes a frame is copied: two syscalls either way, and a
 /// copy of a page or less costs less than pipe bookkeeping.
-const SPLICE_MIN: usize = 4096;
+pub const SPLICE_MIN: usize = 4096;
 
 /// Moves one direction's frames with splice(2), small ones by copy.
 pub struct SpliceMover {

@@ -20,8 +20,9 @@ impl TcpMover {
             BulkTransfer::Auto | BulkTransfer::Copy => Self::Copy(CopyMover),
             // Sockmap: a connection the kernel path does not take (its first request came
             // with the PROXY header) splices; what the verdicts pass up is copied (see
-            // `kernel_requests`, `kernel_responses`).
-            BulkTransfer::Splice | BulkTransfer::Sockmap => {
+            // `kernel_requests`, `kernel_responses`). Uring connections take their own
+            // mover (`uring::UringMover`); none comes here.
+            BulkTransfer::Splice | BulkTransfer::Sockmap | BulkTransfer::Uring => {
                 Self::Splice(SpliceMover::new(spliced_bytes))
             }
         }

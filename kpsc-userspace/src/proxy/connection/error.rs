@@ -36,6 +36,8 @@ pub enum ConnError {
     RewriteBudget(#[from] BudgetError),
     #[error("kernel path (--bulk-transfer sockmap): {0}")]
     KernelPath(std::io::Error),
+    #[error("io_uring path (--bulk-transfer uring): {0}")]
+    Uring(std::io::Error),
 }
 
 /// The client went away (closed or reset its socket), e.g. in the middle of a Fetch
@@ -77,6 +79,7 @@ impl ConnError {
             ConnError::Rewrite(_) => "rewrite_failed",
             ConnError::RewriteBudget(_) => "rewrite_budget",
             ConnError::KernelPath(_) => "kernel_path",
+            ConnError::Uring(_) => "uring_path",
         }
     }
 }

@@ -18,9 +18,10 @@ use crate::{
     proxy::{
         bulk::{
             copy::CopyMover,
-            sockmap::{KernelConn, socket},
+            sockmap::{self, KernelConn},
             tcp::TcpMover,
             transfer::Transfer,
+            uring::{UringMover, socket},
         },
         connection::{
             error::ConnError, kernel_requests::forward_requests_kernel,
@@ -157,6 +158,16 @@ async fn run(
             if let Some(conn) = kernel_conn(state, &client, &upstream, read_before)? {
                 return proxy_kernel(client, upstream, conn, route, state).await;
             }
+            if let Some(ring) = &state.uring {
+                let spliced = &state.metrics.spliced_bytes;
+                let movers = (
+                    UringMover::new(Arc::clone(ring), spliced.clone()),
+                    UringMover::new(Arc::clone(ring), spliced.clone()),
+                );
+                let client = socket::split(client).map_err(ConnError::Uring)?;
+                let upstream = socket::split(upstream).map_err(ConnError::Uring)?;
+                return proxy_streams(client, upstream, movers, route, state).await;
+            }
             let (client_r, client_w) = client.into_split();
             let (upstream_r, upstream_w) = upstream.into_split();
             let transfer = state.config.bulk_transfer;
@@ -200,7 +211,7 @@ fn kernel_conn(
     };
     // The verdict sees whole skbs: one a PROXY header was read out of would be framed
     // from its start. Such a connection (its first request came with the header) splices.
-    if read_before && socket::unread_bytes(client).map_err(ConnError::KernelPath)? > 0 {
+    if read_before && sockmap::socket::unread_bytes(client).map_err(ConnError::KernelPath)? > 0 {
         debug!("first request arrived with the PROXY header; this connection splices");
         return Ok(None);
     }

@@ -1,0 +1,143 @@
+//! Bulk bytes moved by io_uring (`--bulk-transfer uring`): the span of a frame that
+//! passes unchanged goes socket -> pipe -> socket in linked IORING_OP_SPLICE rounds that
+//! the kernel's io-wq workers run back to back (`ring`), so kpscd wakes once per frame,
+//! not once per chunk as with splice(2) from tokio. kpscd still reads every frame header
+//! itself, through nonblocking calls on the same sockets (`socket`).
+//!
+//! Invariants, as splice's: a span never reads past its frame (the next header stays for
+//! kpscd), and the pipe is empty between spans. A span that failed may leave bytes in its
+//! pipe: the mover drops that pipe, and the connection ends on the error anyway. The
+//! buffered head of a frame is written before its span starts and the span ends before
+//! the next write, so a direction's bytes leave in stream order.
+
+pub mod ring;
+pub mod socket;
+
+use std::{future::poll_fn, sync::Arc};
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::AsyncWriteExt;
+use tracing::warn;
+
+use crate::{
+    kafka::frame::{FrameError, FrameReader, HEADER_BUFFER, MoveError},
+    proxy::bulk::{
+        copy::CopyMover,
+        splice::SPLICE_MIN,
+        transfer::Transfer,
+        uring::{
+            ring::{BlockingPipe, Ring, Side, Span, SpanDone, SpanEnd},
+            socket::{UringRead, UringWrite},
+        },
+    },
+};
+
+/// Moves one direction's frames through the ring, small ones by copy.
+pub struct UringMover {
+    ring: Arc<Ring>,
+    spliced_bytes: Counter,
+    /// Made on first use; if it cannot be made (out of descriptors), this direction copies.
+    pipe: Option<Arc<BlockingPipe>>,
+    pipe_failed: bool,
+}
+
+impl UringMover {
+    pub fn new(ring: Arc<Ring>, spliced_bytes: Counter) -> Self {
+        Self {
+            ring,
+            spliced_bytes,
+            pipe: None,
+            pipe_failed: false,
+        }
+    }
+
+    fn pipe(&mut self) -> Option<Arc<BlockingPipe>> {
+        if self.pipe.is_none() && !self.pipe_failed {
+            match BlockingPipe::new() {
+                Ok(pipe) => self.pipe = Some(Arc::new(pipe)),
+                Err(error) => {
+                    warn!(%error, "cannot create a pipe for io_uring splice; this connection copies instead");
+                    self.pipe_failed = true;
+                }
+            }
+        }
+        self.pipe.clone()
+    }
+
+    /// Moves `len` bytes from `from` to `out`, continuing after every stall once the
+    /// socket it waited for is ready.
+    async fn span(
+        &self,
+        from: &UringRead,
+        out: &UringWrite,
+        pipe: Arc<BlockingPipe>,
+        len: u64,
+    ) -> Result<(), MoveError> {
+        let (mut to_fill, mut in_pipe) = (len, 0);
+        loop {
+            let done = Arc::new(SpanDone::default());
+            self.ring.submit(Span {
+                from: from.fd(),
+                to: out.fd(),
+                pipe: Arc::clone(&pipe),
+                to_fill,
+                in_pipe,
+                done: Arc::clone(&done),
+            });
+            match poll_fn(|cx| done.poll(cx)).await {
+                SpanEnd::Moved => return Ok(()),
+                SpanEnd::Stalled {
+                    to_fill: f,
+                    in_pipe: p,
+                    on,
+                } => {
+                    (to_fill, in_pipe) = (f, p);
+                    match on {
+                        Side::Source => from
+                            .readable()
+                            .await
+                            .map_err(|e| MoveError::Source(FrameError::Io(e)))?,
+                        Side::Sink => out.writable().await.map_err(MoveError::Sink)?,
+                    }
+                }
+                SpanEnd::SourceEof => return Err(MoveError::Source(FrameError::Truncated)),
+                SpanEnd::SourceError(e) => return Err(MoveError::Source(FrameError::Io(e))),
+                SpanEnd::SinkError(e) => return Err(MoveError::Sink(e)),
+            }
+        }
+    }
+}
+
+impl Transfer<UringRead, UringWrite> for UringMover {
+    /// Headers and small frames only, as splice's.
+    fn read_buffer_size(&self) -> usize {
+        HEADER_BUFFER
+    }
+
+    async fn forward(
+        &mut self,
+        reader: &mut FrameReader<UringRead>,
+        n: usize,
+        out: &mut UringWrite,
+    ) -> Result<(), MoveError> {
+        let unbuffered = n.saturating_sub(reader.buffered().len());
+        if unbuffered >= SPLICE_MIN
+            && let Some(pipe) = self.pipe()
+        {
+            out.write_all(reader.take_buffered(n))
+                .await
+                .map_err(MoveError::Sink)?;
+            let end = self
+                .span(reader.get_ref(), out, pipe, unbuffered as u64)
+                .await;
+            if !matches!(end, Ok(())) {
+                // It may hold bytes of the failed span.
+                self.pipe = None;
+            }
+            end?;
+            self.spliced_bytes.inc_by(unbuffered as u64);
+            return Ok(());
+        }
+        CopyMover.forward(reader, n, out).await
+    }
+}
