@@ -124,6 +124,22 @@ fn a_client_pausing_mid_frame_is_served_and_holds_no_kernel_worker() {
         value: record.clone(),
     }
     .frame(41);
+    // The ring thread's own wait reads as a kernel function name: were wchan unreadable
+    // here ("0" or empty), the check below could not fail.
+    let ring_wait = std::fs::read_dir(format!("/proc/{}/task", kpscd.pid()))
+        .unwrap()
+        .filter_map(|t| {
+            let t = t.ok()?.path();
+            (std::fs::read_to_string(t.join("comm")).ok()?.trim() == "kpsc-uring")
+                .then(|| std::fs::read_to_string(t.join("wchan")).unwrap_or_default())
+        })
+        .collect::<Vec<_>>();
+    assert!(
+        ring_wait
+            .iter()
+            .any(|w| !w.trim().is_empty() && w.trim() != "0"),
+        "wchan is not readable: {ring_wait:?}"
+    );
     let mut waiting = std::collections::BTreeSet::new();
     for (i, piece) in frame.chunks(frame.len() / 4 + 1).enumerate() {
         stream.write_all(piece).unwrap();

@@ -63,6 +63,9 @@ pub enum MoveError {
     /// Writing the destination failed.
     #[error("writing: {0}")]
     Sink(io::Error),
+    /// The mover failed, not either side: the kernel's io_uring (`--bulk-transfer uring`).
+    #[error("{0}")]
+    Mover(io::Error),
 }
 
 /// Validates a size prefix.

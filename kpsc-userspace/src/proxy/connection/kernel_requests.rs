@@ -215,6 +215,7 @@ pub async fn forward_requests_kernel(
                 .map_err(|e| match e {
                     MoveError::Source(e) => ConnError::Client(e),
                     MoveError::Sink(e) => ConnError::Broker(FrameError::Io(e)),
+                    MoveError::Mover(e) => ConnError::Uring(e),
                 })?;
             route.counters.bytes_from_client.inc_by(tail as u64);
             offset += tail as u64;

@@ -477,6 +477,7 @@ impl Userspace<'_> {
                 .map_err(|e| match e {
                     MoveError::Source(e) => ConnError::Broker(e),
                     MoveError::Sink(e) => ConnError::ClientWrite(e),
+                    MoveError::Mover(e) => ConnError::Uring(e),
                 })?;
             route.counters.bytes_to_client.inc_by(tail as u64);
             self.offset += tail as u64;

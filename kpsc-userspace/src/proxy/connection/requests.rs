@@ -180,6 +180,7 @@ where
             .map_err(|e| match e {
                 MoveError::Source(e) => ConnError::Client(e),
                 MoveError::Sink(e) => ConnError::Client(FrameError::Io(e)),
+                MoveError::Mover(e) => ConnError::Uring(e),
             })?;
         return Ok(Handled {
             len: frame_len,
@@ -195,6 +196,7 @@ where
             // take the bytes.
             MoveError::Source(e) => ConnError::Client(e),
             MoveError::Sink(e) => ConnError::Broker(FrameError::Io(e)),
+            MoveError::Mover(e) => ConnError::Uring(e),
         })?;
     route.counters.bytes_from_client.inc_by(frame_len as u64);
     Ok(Handled {

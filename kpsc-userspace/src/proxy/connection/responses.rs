@@ -232,6 +232,7 @@ impl Responses {
                     MoveError::Source(FrameError::Truncated) => ConnError::BrokerClosed(waiting),
                     MoveError::Source(e) => ConnError::Broker(e),
                     MoveError::Sink(e) => ConnError::Broker(FrameError::Io(e)),
+                    MoveError::Mover(e) => ConnError::Uring(e),
                 })?;
             debug!(
                 correlation_id,
@@ -272,6 +273,7 @@ impl Responses {
                     MoveError::Source(FrameError::Truncated) => ConnError::BrokerClosed(waiting),
                     MoveError::Source(e) => ConnError::Broker(e),
                     MoveError::Sink(e) => ConnError::ClientWrite(e),
+                    MoveError::Mover(e) => ConnError::Uring(e),
                 })?;
             frame_len
         };

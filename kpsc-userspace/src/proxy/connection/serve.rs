@@ -158,7 +158,8 @@ async fn run(
             if let Some(conn) = kernel_conn(state, &client, &upstream, read_before)? {
                 return proxy_kernel(client, upstream, conn, route, state).await;
             }
-            if let Some(ring) = &state.uring {
+            // A ring whose thread failed takes no more connections: they splice instead.
+            if let Some(ring) = state.uring.as_ref().filter(|ring| ring.alive()) {
                 let spliced = &state.metrics.spliced_bytes;
                 let movers = (
                     UringMover::new(Arc::clone(ring), spliced.clone()),

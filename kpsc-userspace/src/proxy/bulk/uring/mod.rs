@@ -103,6 +103,7 @@ impl UringMover {
                 SpanEnd::SourceEof => return Err(MoveError::Source(FrameError::Truncated)),
                 SpanEnd::SourceError(e) => return Err(MoveError::Source(FrameError::Io(e))),
                 SpanEnd::SinkError(e) => return Err(MoveError::Sink(e)),
+                SpanEnd::RingFailed(e) => return Err(MoveError::Mover(e)),
             }
         }
     }

@@ -42,6 +42,8 @@ const WAKE: u64 = u64::MAX;
 const TICK: u64 = u64::MAX - 1;
 /// The operations of a span, in user_data's low two bits: a round's receive and send, and
 /// a lone send (the rest of a short one).
+/// Unbound io-wq workers at most (each a kernel thread of kpscd's).
+const MAX_WORKERS: u32 = 256;
 const FILL: u64 = 0;
 const DRAIN: u64 = 1;
 const REST: u64 = 2;
@@ -105,6 +107,17 @@ pub enum SpanEnd {
     SourceEof,
     SourceError(io::Error),
     SinkError(io::Error),
+    /// The kernel or the ring failed, not a peer: an operation cancelled (io-wq could not
+    /// start a worker), out of memory, or the ring thread gone.
+    RingFailed(io::Error),
+}
+
+/// Errors of an operation that are the kernel's, not the socket's peer's.
+fn ring_error(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ECANCELED | libc::EINTR | libc::ENOMEM | libc::ENOBUFS | libc::EBADF | libc::EINVAL
+    )
 }
 
 /// Where a span's task waits for its end.
@@ -125,6 +138,7 @@ impl SpanDone {
         }
     }
 
+    /// Called once per span (by `Moving`'s drop, or for a span the ring never took).
     fn finish(&self, end: SpanEnd) {
         let waker = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -163,6 +177,39 @@ struct Moving {
     /// A failure: the span ends when its round has completed.
     failed: Option<SpanEnd>,
     stalled: Option<Side>,
+    /// The round's send returned EAGAIN: with bytes in the pipe, the sink had no room.
+    drain_blocked: bool,
+    /// A receive brought less than `SLOW_FILL`: the span goes back to its task rather
+    /// than wait in a worker for a peer that trickles (see `SLOW_FILL`).
+    slow_source: bool,
+}
+
+/// A receive that brings less than this, when more was asked, ends the span as stalled
+/// once the pipe is empty, as if the source had timed out. A peer trickling a frame a
+/// few bytes at a time would otherwise keep a kernel worker waiting between every
+/// piece (the sockets' timeout only bounds one wait); now it costs a wake-up of its task
+/// per piece, as under splice. Bulk transfers bring tens of KB per receive.
+const SLOW_FILL: i32 = 8 << 10;
+
+impl Drop for Moving {
+    /// Every span ends exactly once, here: when its operations are done, or when the
+    /// ring thread fails with operations in flight (the kernel cancels them when the
+    /// ring closes; its file references keep the sockets valid meanwhile).
+    fn drop(&mut self) {
+        let end = match (self.failed.take(), self.stalled) {
+            (Some(failed), _) => failed,
+            (None, Some(on)) => SpanEnd::Stalled {
+                to_fill: self.to_fill,
+                in_pipe: self.in_pipe.max(0) as u32,
+                on,
+            },
+            (None, None) if self.pending == 0 && self.to_fill == 0 && self.in_pipe == 0 => {
+                SpanEnd::Moved
+            }
+            (None, None) => SpanEnd::RingFailed(io::Error::other("the io_uring thread stopped")),
+        };
+        self.span.done.finish(end);
+    }
 }
 
 /// The ring's handle for tokio tasks.
@@ -172,6 +219,13 @@ pub struct Ring {
     /// queue: spans queued meanwhile need no write of their own.
     woken: AtomicBool,
     wake: OwnedFd,
+    /// Set under the queue's lock when the ring thread has stopped: spans submitted after
+    /// fail at once, and new connections copy instead.
+    dead: AtomicBool,
+    /// The ring thread's id: its io-wq workers are named `iou-wrk-<id>`.
+    thread_id: std::sync::atomic::AtomicI32,
+    #[cfg(test)]
+    poison: AtomicBool,
 }
 
 impl Ring {
@@ -182,9 +236,10 @@ impl Ring {
         // The ring thread always waits inside io_uring_enter: completions that need its
         // task context run there, without interrupting it.
         builder.setup_coop_taskrun();
-        let uring = builder
-            .build(RING_ENTRIES)
-            .context("creating an io_uring (kernel.io_uring_disabled, or a seccomp filter that forbids io_uring?)")?;
+        let uring = builder.build(RING_ENTRIES).context(
+            "creating an io_uring (needs Linux 5.19 or later, not disabled by \
+             kernel.io_uring_disabled or a seccomp filter)",
+        )?;
         anyhow::ensure!(
             uring.params().is_feature_nodrop(),
             "this kernel's io_uring may drop completions (no IORING_FEAT_NODROP; Linux 5.5 or later is needed)"
@@ -207,32 +262,73 @@ impl Ring {
             queue: Mutex::new(VecDeque::new()),
             woken: AtomicBool::new(false),
             wake,
+            dead: AtomicBool::new(false),
+            thread_id: std::sync::atomic::AtomicI32::new(0),
+            #[cfg(test)]
+            poison: AtomicBool::new(false),
         });
         let thread_ring = Arc::clone(&ring);
         thread::Builder::new()
             .name("kpsc-uring".into())
             .spawn(move || {
+                // Marks the ring dead however the thread ends, a panic included; the
+                // driver's spans are failed as it drops.
+                let _dead = DeadOnExit(Arc::clone(&thread_ring));
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() };
+                thread_ring.thread_id.store(tid, Ordering::Release);
                 if let Err(e) = Driver::new(uring, thread_ring).and_then(Driver::run) {
-                    // Spans queued from now on never end: their connections hang until
-                    // they time out. This is a kernel failure, not a connection's.
-                    error!(error = %format!("{e:#}"), "the io_uring thread stopped; --bulk-transfer uring connections stall");
+                    error!(error = %format!("{e:#}"), "the io_uring thread stopped: spans under way fail, new connections copy");
                 }
             })
             .context("starting the io_uring thread")?;
         Ok(ring)
     }
 
+    /// The name the kernel gives this ring's io-wq worker threads.
+    pub fn worker_name(&self) -> String {
+        format!("iou-wrk-{}", self.thread_id.load(Ordering::Acquire))
+    }
+
+    /// Whether the ring thread still runs.
+    pub fn alive(&self) -> bool {
+        !self.dead.load(Ordering::Acquire)
+    }
+
     /// Queues `span`; its `done` is finished when it has moved or failed.
     pub fn submit(&self, span: Span) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(span);
+        {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if self.dead.load(Ordering::Acquire) {
+                span.done.finish(SpanEnd::RingFailed(io::Error::other(
+                    "the io_uring thread stopped",
+                )));
+                return;
+            }
+            queue.push_back(span);
+        }
         if !self.woken.swap(true, Ordering::AcqRel) {
             let one = 1u64.to_ne_bytes();
             // SAFETY: an 8-byte write to an eventfd this handle owns. It cannot fail
             // short of the counter's overflow, which takes 2^64 - 1 wake-ups unread.
             unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        }
+    }
+}
+
+struct DeadOnExit(Arc<Ring>);
+
+impl Drop for DeadOnExit {
+    fn drop(&mut self) {
+        let queued: Vec<Span> = {
+            let mut queue = self.0.queue.lock().unwrap_or_else(|e| e.into_inner());
+            self.0.dead.store(true, Ordering::Release);
+            queue.drain(..).collect()
+        };
+        for span in queued {
+            span.done.finish(SpanEnd::RingFailed(io::Error::other(
+                "the io_uring thread stopped",
+            )));
         }
     }
 }
@@ -244,9 +340,13 @@ struct Driver {
     /// Spans under way; user_data is `index << 2 | FILL/DRAIN/REST`.
     moving: Vec<Option<Moving>>,
     free: Vec<usize>,
-    /// The eventfd read's target and the tick's timespec: the kernel reads them.
-    word: Box<[u8; 8]>,
-    tick: Box<types::Timespec>,
+    /// The eventfd read's target and the tick's timespec, which the kernel uses. Leaked:
+    /// should the thread fail, the kernel may still complete the read after the ring is
+    /// dropped (one ring per process, 24 bytes).
+    word: &'static mut [u8; 8],
+    tick: &'static types::Timespec,
+    /// The tick repeats by itself (Linux 6.4+); else it is armed again each time.
+    multishot_tick: bool,
     iowq_cpus: Option<Vec<usize>>,
 }
 
@@ -267,25 +367,55 @@ fn own_cpus() -> io::Result<(libc::cpu_set_t, Vec<usize>)> {
 
 impl Driver {
     fn new(uring: IoUring, ring: Arc<Ring>) -> anyhow::Result<Self> {
+        // Each splice waits in an unbound io-wq worker, one per span under way (a span
+        // holds one only while bytes move, see `SLOW_FILL` and `socket::KERNEL_WAIT`).
+        // Capped, so many busy connections cannot exhaust the process's threads
+        // (RLIMIT_NPROC, a container's pids limit); spans beyond it wait their turn.
+        uring
+            .submitter()
+            .register_iowq_max_workers(&mut [0, MAX_WORKERS])
+            .context("capping the io_uring's workers")?;
         let mut driver = Self {
             uring,
             ring,
             moving: Vec::new(),
             free: Vec::new(),
-            word: Box::new([0; 8]),
-            tick: Box::new(types::Timespec::new().nsec(200_000_000)),
+            word: Box::leak(Box::new([0; 8])),
+            tick: Box::leak(Box::new(types::Timespec::new().nsec(200_000_000))),
+            multishot_tick: true,
             iowq_cpus: None,
         };
-        driver.follow_affinity();
-        let ticks = opcode::Timeout::new(&*driver.tick)
-            .flags(types::TimeoutFlags::MULTISHOT)
-            .build()
-            .user_data(TICK);
         let read_wake = driver.read_wake();
-        // SAFETY: `word`, `tick` and the eventfd live as long as the driver, which owns
-        // the ring.
-        unsafe { driver.push(&[read_wake, ticks])? };
+        let tick = driver.tick();
+        // SAFETY: `word`, `tick` and the eventfd live as long as the process.
+        unsafe { driver.push(&[read_wake, tick])? };
         Ok(driver)
+    }
+
+    fn tick(&self) -> squeue::Entry {
+        let tick = opcode::Timeout::new(self.tick);
+        if self.multishot_tick {
+            tick.flags(types::TimeoutFlags::MULTISHOT)
+        } else {
+            tick
+        }
+        .build()
+        .user_data(TICK)
+    }
+
+    fn ticked(&mut self, result: i32, flags: u32) -> io::Result<()> {
+        if result == -libc::EINVAL && self.multishot_tick {
+            // Before Linux 6.4: a tick per arming.
+            self.multishot_tick = false;
+        } else {
+            self.follow_affinity();
+        }
+        if !cqueue::more(flags) {
+            let tick = self.tick();
+            // SAFETY: as in `new`.
+            unsafe { self.push(&[tick])? };
+        }
+        Ok(())
     }
 
     fn read_wake(&mut self) -> squeue::Entry {
@@ -300,16 +430,22 @@ impl Driver {
 
     /// io-wq workers do not follow the process's CPU affinity (they refuse
     /// sched_setaffinity): they are told to run where this thread may, which an operator
-    /// or a benchmark pinning kpscd sets. Checked on every tick, since pinning may change.
+    /// or a benchmark pinning kpscd sets. Checked on every tick, since pinning may change;
+    /// the kernel takes it only once this thread has submitted (the workers' pool is made
+    /// then), so the first tick does it.
     fn follow_affinity(&mut self) {
         let Ok((set, cpus)) = own_cpus() else {
             return;
         };
         if self.iowq_cpus.as_ref() != Some(&cpus) {
-            if let Err(e) = self.uring.submitter().register_iowq_aff(&set) {
-                warn!(error = %e, "cannot pin the io_uring workers to kpscd's CPUs");
+            match self.uring.submitter().register_iowq_aff(&set) {
+                Ok(()) => self.iowq_cpus = Some(cpus),
+                Err(e) => {
+                    warn!(error = %e, "cannot pin the io_uring workers to kpscd's CPUs");
+                    // Not again every tick.
+                    self.iowq_cpus = Some(cpus);
+                }
             }
-            self.iowq_cpus = Some(cpus);
         }
     }
 
@@ -339,15 +475,15 @@ impl Driver {
             completed.extend(
                 self.uring
                     .completion()
-                    .map(|c: cqueue::Entry| (c.user_data(), c.result())),
+                    .map(|c: cqueue::Entry| (c.user_data(), c.result(), c.flags())),
             );
-            for (data, result) in completed.drain(..) {
+            for (data, result, flags) in completed.drain(..) {
                 match data {
                     WAKE => {
                         anyhow::ensure!(result == 8, "reading the wake-up eventfd: {result}");
                         self.take_queue()?;
                     }
-                    TICK => self.follow_affinity(),
+                    TICK => self.ticked(result, flags)?,
                     _ => self.completed(data, result)?,
                 }
             }
@@ -355,6 +491,10 @@ impl Driver {
     }
 
     fn take_queue(&mut self) -> io::Result<()> {
+        #[cfg(test)]
+        if self.ring.poison.load(Ordering::Acquire) {
+            return Err(io::Error::other("poisoned by a test"));
+        }
         // Cleared before the queue is taken: a span queued after this point writes the
         // eventfd again (its read is re-armed below), one queued before is taken now.
         self.ring.woken.store(false, Ordering::Release);
@@ -377,6 +517,8 @@ impl Driver {
                 pending: 0,
                 failed: None,
                 stalled: None,
+                drain_blocked: false,
+                slow_source: false,
             });
             self.next(index)?;
         }
@@ -387,36 +529,19 @@ impl Driver {
 
     /// Starts the next operations of span `index`, or ends it.
     fn next(&mut self, index: usize) -> io::Result<()> {
-        let finished = match &self.moving[index] {
+        let finished = match &mut self.moving[index] {
             None => return Ok(()),
             Some(m) => {
+                if m.in_pipe == 0 && m.slow_source && m.to_fill > 0 && m.stalled.is_none() {
+                    m.stalled = Some(Side::Source);
+                }
                 m.failed.is_some() || m.stalled.is_some() || (m.to_fill == 0 && m.in_pipe == 0)
             }
         };
         if finished {
-            let m = self.moving[index].take().expect("checked above");
-            let end = match (m.failed, m.stalled) {
-                (Some(failed), _) => failed,
-                (None, Some(on)) => SpanEnd::Stalled {
-                    to_fill: m.to_fill,
-                    in_pipe: m.in_pipe as u32,
-                    on,
-                },
-                (None, None) => SpanEnd::Moved,
-            };
-            let span = m.span;
+            // Its drop tells the task how it ended.
+            self.moving[index] = None;
             self.free.push(index);
-            let Span {
-                from,
-                to,
-                pipe,
-                done,
-                ..
-            } = span;
-            // Let go of the descriptors before the task hears of the end: a connection
-            // that has ended closes its sockets as soon as it drops its own references.
-            drop((from, to, pipe));
-            done.finish(end);
             return Ok(());
         }
         let m = self.moving[index].as_mut().expect("checked above");
@@ -447,6 +572,8 @@ impl Driver {
             ]
         };
         m.pending = entries.len() as u8;
+        m.drain_blocked = false;
+        m.slow_source = false;
         // SAFETY: the span holds both sockets and the pipe until its operations complete.
         unsafe { self.push(&entries) }
     }
@@ -460,6 +587,7 @@ impl Driver {
         let failed = match (op, result) {
             (FILL, 0) => Some(SpanEnd::SourceEof),
             (FILL, n) if n > 0 => {
+                m.slow_source = n < SLOW_FILL && (n as u64) < m.to_fill;
                 m.to_fill -= n as u64;
                 m.in_pipe += i64::from(n);
                 None
@@ -468,13 +596,20 @@ impl Driver {
                 m.stalled = Some(Side::Source);
                 None
             }
+            (_, n) if n < 0 && ring_error(-n) => {
+                Some(SpanEnd::RingFailed(io::Error::from_raw_os_error(-n)))
+            }
             (FILL, n) => Some(SpanEnd::SourceError(io::Error::from_raw_os_error(-n))),
             (_, n) if n > 0 => {
                 m.in_pipe -= i64::from(n);
                 None
             }
-            // A round's send found the pipe empty: its receive brought nothing.
-            (DRAIN, n) if n == -libc::EAGAIN => None,
+            // A round's send: the pipe was empty (its receive brought nothing), or the
+            // sink had no room for its timeout; which, is known when both completed.
+            (DRAIN, n) if n == -libc::EAGAIN => {
+                m.drain_blocked = true;
+                None
+            }
             // A lone send found no room for the sink's timeout.
             (_, n) if n == -libc::EAGAIN => {
                 m.stalled = Some(Side::Sink);
@@ -486,6 +621,9 @@ impl Driver {
         };
         if m.failed.is_none() {
             m.failed = failed;
+        }
+        if m.pending == 0 && m.drain_blocked && m.in_pipe > 0 && m.stalled.is_none() {
+            m.stalled = Some(Side::Sink);
         }
         if m.pending > 0 {
             return Ok(());
@@ -523,237 +661,4 @@ fn drain(
 }
 
 #[cfg(test)]
-mod tests {
-    use std::{future::poll_fn, time::Duration};
-
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::{TcpListener, TcpStream},
-        time::timeout,
-    };
-
-    use super::*;
-    use crate::proxy::bulk::uring::socket::{self, UringRead, UringWrite};
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (a.unwrap(), b.unwrap().0)
-    }
-
-    /// A relay's two kpscd-side sockets: `from` (its peer is the returned writer) and `to`
-    /// (its peer is the returned reader).
-    async fn relay() -> (
-        TcpStream,
-        (UringRead, UringWrite),
-        (UringRead, UringWrite),
-        TcpStream,
-    ) {
-        let (writer, from) = pair().await;
-        let (to, reader) = pair().await;
-        (
-            writer,
-            socket::split(from).unwrap(),
-            socket::split(to).unwrap(),
-            reader,
-        )
-    }
-
-    /// A span whatever its stalls: continued after each in the reactor, as the mover does.
-    async fn span_to_end(
-        ring: &Ring,
-        (from, to): (&UringRead, &UringWrite),
-        pipe: &Arc<BlockingPipe>,
-        len: u64,
-    ) -> (SpanEnd, usize) {
-        let (mut to_fill, mut in_pipe, mut stalls) = (len, 0, 0);
-        loop {
-            let done = Arc::new(SpanDone::default());
-            ring.submit(Span {
-                from: from.fd(),
-                to: to.fd(),
-                pipe: Arc::clone(pipe),
-                to_fill,
-                in_pipe,
-                done: Arc::clone(&done),
-            });
-            let end = timeout(Duration::from_secs(20), poll_fn(|cx| done.poll(cx)))
-                .await
-                .expect("the span did not end");
-            match end {
-                SpanEnd::Stalled {
-                    to_fill: f,
-                    in_pipe: p,
-                    on,
-                } => {
-                    (to_fill, in_pipe) = (f, p);
-                    stalls += 1;
-                    match on {
-                        Side::Source => from.readable().await.unwrap(),
-                        Side::Sink => to.writable().await.unwrap(),
-                    }
-                }
-                end => return (end, stalls),
-            }
-        }
-    }
-
-    /// Bytes written in odd pieces and with pauses longer than the sockets' timeout
-    /// arrive whole and in order, several spans one after the other on one pipe, and what
-    /// follows the last span stays in the source socket.
-    #[tokio::test]
-    async fn spans_move_exactly_their_length_and_leave_the_rest() {
-        let ring = Ring::start().unwrap();
-        let (mut writer, (mut from, _), (_, to), mut reader) = relay().await;
-        let payload: Vec<u8> = (0..3_000_017u32).map(|i| (i * 7 % 251) as u8).collect();
-        let sent = payload.clone();
-        let feeder = tokio::spawn(async move {
-            for (i, piece) in sent.chunks(65_521).enumerate() {
-                writer.write_all(piece).await.unwrap();
-                if i % 10 == 3 {
-                    tokio::time::sleep(3 * socket::KERNEL_WAIT).await;
-                }
-                tokio::task::yield_now().await;
-            }
-            writer
-        });
-        let collect = tokio::spawn(async move {
-            let mut got = vec![0; 3_000_000];
-            reader.read_exact(&mut got).await.unwrap();
-            got
-        });
-        let pipe = Arc::new(BlockingPipe::new().unwrap());
-        let mut stalls = 0;
-        for len in [1_000_000, 4096, 1_995_904] {
-            let (end, n) = span_to_end(&ring, (&from, &to), &pipe, len).await;
-            assert!(matches!(end, SpanEnd::Moved), "{end:?}");
-            stalls += n;
-        }
-        assert!(stalls > 0, "the pauses must have stalled a span");
-        assert_eq!(collect.await.unwrap(), payload[..3_000_000]);
-        let _writer = feeder.await.unwrap();
-        let mut rest = [0u8; 17];
-        from.read_exact(&mut rest).await.unwrap();
-        assert_eq!(rest, payload[3_000_000..]);
-    }
-
-    /// A reader that pauses leaves bytes in the pipe when the sink stalls: they go out
-    /// first when the span continues.
-    #[tokio::test]
-    async fn a_stalled_sink_keeps_its_pipe_bytes_in_order() {
-        let ring = Ring::start().unwrap();
-        let (mut writer, (from, _), (_, to), mut reader) = relay().await;
-        let payload: Vec<u8> = (0..16_000_000u32).map(|i| (i % 253) as u8).collect();
-        let sent = payload.clone();
-        let feeder = tokio::spawn(async move { writer.write_all(&sent).await.map(|()| writer) });
-        let collect = tokio::spawn(async move {
-            let mut got = vec![0; 16_000_000];
-            for chunk in got.chunks_mut(4_000_000) {
-                tokio::time::sleep(5 * socket::KERNEL_WAIT).await;
-                reader.read_exact(chunk).await.unwrap();
-            }
-            got
-        });
-        let pipe = Arc::new(BlockingPipe::new().unwrap());
-        let (end, stalls) = span_to_end(&ring, (&from, &to), &pipe, 16_000_000).await;
-        assert!(matches!(end, SpanEnd::Moved), "{end:?}");
-        assert!(stalls > 0, "the reader's pauses must have stalled the sink");
-        assert!(collect.await.unwrap() == payload, "bytes differ");
-        feeder.await.unwrap().unwrap();
-    }
-
-    /// Fifty connections' spans on the ring at once each arrive whole.
-    #[tokio::test]
-    async fn concurrent_spans_each_arrive_whole() {
-        let ring = Ring::start().unwrap();
-        let mut tasks = Vec::new();
-        for c in 0..50u32 {
-            let ring = Arc::clone(&ring);
-            tasks.push(tokio::spawn(async move {
-                let (mut writer, (from, _), (_, to), mut reader) = relay().await;
-                let payload: Vec<u8> = (0..300_000u32).map(|i| (i + c) as u8).collect();
-                let sent = payload.clone();
-                let feeder =
-                    tokio::spawn(async move { writer.write_all(&sent).await.map(|()| writer) });
-                let pipe = Arc::new(BlockingPipe::new().unwrap());
-                let (end, got) =
-                    tokio::join!(span_to_end(&ring, (&from, &to), &pipe, 300_000), async {
-                        let mut got = vec![0; 300_000];
-                        reader.read_exact(&mut got).await.map(|_| got)
-                    });
-                assert!(matches!(end.0, SpanEnd::Moved), "connection {c}: {end:?}");
-                assert!(got.unwrap() == payload, "connection {c}: bytes differ");
-                feeder.await.unwrap().unwrap();
-            }));
-        }
-        for task in tasks {
-            task.await.unwrap();
-        }
-    }
-
-    #[tokio::test]
-    async fn eof_inside_the_span_ends_it_at_the_source() {
-        let ring = Ring::start().unwrap();
-        let (mut writer, (from, _), (_, to), _reader) = relay().await;
-        writer.write_all(&[1; 10_000]).await.unwrap();
-        drop(writer);
-        let pipe = Arc::new(BlockingPipe::new().unwrap());
-        let (end, _) = span_to_end(&ring, (&from, &to), &pipe, 50_000).await;
-        assert!(matches!(end, SpanEnd::SourceEof), "{end:?}");
-    }
-
-    #[tokio::test]
-    async fn a_closed_destination_ends_it_at_the_sink() {
-        let ring = Ring::start().unwrap();
-        let (mut writer, (from, _), (_, to), reader) = relay().await;
-        drop(reader);
-        let feeder = tokio::spawn(async move {
-            let _ = writer.write_all(&vec![9u8; 8 << 20]).await;
-            writer
-        });
-        let pipe = Arc::new(BlockingPipe::new().unwrap());
-        let (end, _) = span_to_end(&ring, (&from, &to), &pipe, 8 << 20).await;
-        assert!(matches!(end, SpanEnd::SinkError(_)), "{end:?}");
-        drop(from);
-        let _ = feeder.await;
-    }
-
-    /// A peer that stops mid-span holds no kernel worker: the span comes back stalled
-    /// on the source after the sockets' timeout, with what it moved accounted for, and
-    /// the ring lets go of the descriptors.
-    #[tokio::test]
-    async fn a_silent_source_stalls_the_span_and_frees_the_worker() {
-        let ring = Ring::start().unwrap();
-        let (mut writer, (from, _), (_, to), mut reader) = relay().await;
-        writer.write_all(&[1; 10_000]).await.unwrap();
-        let done = Arc::new(SpanDone::default());
-        ring.submit(Span {
-            from: from.fd(),
-            to: to.fd(),
-            pipe: Arc::new(BlockingPipe::new().unwrap()),
-            to_fill: 100_000,
-            in_pipe: 0,
-            done: Arc::clone(&done),
-        });
-        let end = timeout(Duration::from_secs(5), poll_fn(|cx| done.poll(cx)))
-            .await
-            .expect("the span waited past the sockets' timeout");
-        assert!(
-            matches!(
-                end,
-                SpanEnd::Stalled {
-                    to_fill: 90_000,
-                    in_pipe: 0,
-                    on: Side::Source
-                }
-            ),
-            "{end:?}"
-        );
-        let mut got = vec![0; 10_000];
-        reader.read_exact(&mut got).await.unwrap();
-        assert_eq!(got, [1; 10_000]);
-        // The ring has dropped its reference: the socket's own and this new one are left.
-        assert_eq!(Arc::strong_count(&from.fd()), 2);
-    }
-}
+mod tests;
