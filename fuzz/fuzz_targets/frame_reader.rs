@@ -203,11 +203,13 @@ fn next_size(
     frame_size(prefix, max, min, "frame").map(Some)
 }
 
-/// The source's side of a move: writing into a `Vec` cannot fail.
+/// The source's side of a move: writing into a `Vec` cannot fail, and the copy path has no
+/// io_uring to fail.
 fn source(e: MoveError) -> FrameError {
     match e {
         MoveError::Source(e) => e,
         MoveError::Sink(e) => panic!("writing into a Vec failed: {e}"),
+        MoveError::Mover(e) => panic!("the copy path reported a mover failure: {e}"),
     }
 }
 
