@@ -1,7 +1,13 @@
 //! librdkafka's mock Kafka cluster (a real, independent broker implementation shipped with
 //! librdkafka), owned by this process, and kpscd's flags in front of it.
 
-use std::{collections::BTreeMap, ffi::CString, time::Duration};
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    net::SocketAddr,
+    os::fd::{FromRawFd, OwnedFd, RawFd},
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use rdkafka::{
@@ -108,12 +114,31 @@ impl MockCluster {
         )
     }
 
+    /// Takes broker `id` down: its connections end (their peers see the close at once)
+    /// and it accepts none until [`MockCluster::broker_up`].
+    ///
+    /// The mock alone does not guarantee the first part. It accepts connections without
+    /// SOCK_CLOEXEC, so every child process this test process spawns while one is open
+    /// (another test's kpscd, a kpscctl) inherits its descriptor, and the mock's close(2)
+    /// then sends nothing while the child lives: the peer sees a broker that is down
+    /// still connected, taking requests no one reads, until the child exits (an RST, as
+    /// the unread bytes are dropped). Hence the shutdown(2) here, which acts on the socket
+    /// whoever holds it.
     pub fn broker_down(&self, id: i32) -> anyhow::Result<()> {
+        let addr: SocketAddr = self.broker_addr(id).parse()?;
+        // Copies taken before the mock closes its descriptors, shut down after: by then
+        // the broker accepts nothing new, so no peer can reconnect to it in between.
+        let accepted = accepted_connections(addr)?;
         // SAFETY: valid handle.
         mock_ok(
             unsafe { rd::rd_kafka_mock_broker_set_down(self.cluster, id) },
             "broker_set_down",
-        )
+        )?;
+        for socket in &accepted {
+            // Fails only if the connection already ended.
+            let _ = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Both);
+        }
+        Ok(())
     }
 
     pub fn broker_up(&self, id: i32) -> anyhow::Result<()> {
@@ -154,6 +179,36 @@ impl MockCluster {
     }
 }
 
+/// Copies of this process's descriptors of connections accepted at `addr` (a mock
+/// broker's listen address): sockets bound to it with a peer.
+fn accepted_connections(addr: SocketAddr) -> anyhow::Result<Vec<OwnedFd>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").context("listing /proc/self/fd")? {
+        let Some(fd) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        // A copy, checked and later shut down as one: should the mock close `fd` and the
+        // number be reused meanwhile, the copy is of whatever it was when taken.
+        // SAFETY: fcntl on any number is sound; it fails on one that is not open.
+        let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if copy < 0 {
+            continue;
+        }
+        // SAFETY: `copy` is a descriptor just created for us alone.
+        let copy = unsafe { OwnedFd::from_raw_fd(copy) };
+        let socket = socket2::SockRef::from(&copy);
+        let local = socket.local_addr().ok().and_then(|a| a.as_socket());
+        if local == Some(addr) && socket.peer_addr().is_ok() {
+            found.push(copy);
+        }
+    }
+    Ok(found)
+}
+
 /// Arguments for kpscd in front of a mock cluster, TiDB-guide style: broker 1 mapped
 /// statically to `base`, the others dynamic at `base + 10 + id`, advertised with the
 /// `<broker_id>` pattern.
@@ -184,4 +239,53 @@ pub fn advertised_addresses(base: u16) -> BTreeMap<i32, (String, i32)> {
             (id, (format!("127.0.1.{id}"), port))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read, Write},
+        net::TcpStream,
+        process::Command,
+        time::{Duration, Instant},
+    };
+
+    use super::MockCluster;
+
+    /// A connection to a broker taken down ends at once, although a child process spawned
+    /// while it was open holds a copy of the mock's descriptor (the mock accepts without
+    /// SOCK_CLOEXEC): without the shutdown in `broker_down`, the client would see it open
+    /// until the child exits.
+    #[test]
+    fn broker_down_ends_connections_a_child_process_inherited() {
+        let cluster = MockCluster::new(3).unwrap();
+        let mut client = TcpStream::connect(cluster.broker_addr(3)).unwrap();
+        // ApiVersions v0, answered: the mock has accepted the connection.
+        client
+            .write_all(&[0, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 1, 0xff, 0xff])
+            .unwrap();
+        let mut size = [0; 4];
+        client.read_exact(&mut size).unwrap();
+        let mut body = vec![0; u32::from_be_bytes(size) as usize];
+        client.read_exact(&mut body).unwrap();
+        assert_eq!(body[..4], 1i32.to_be_bytes(), "correlation id");
+
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        cluster.broker_down(3).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let started = Instant::now();
+        let read = client.read(&mut [0; 1]);
+        let waited = started.elapsed();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            matches!(read, Ok(0))
+                || read
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the connection stayed open {waited:?} after the broker went down: {read:?}"
+        );
+    }
 }

@@ -11,8 +11,11 @@ use std::{
 
 use kpsc_tests::{Kpscd, MockCluster, REAL_BROKER_HOST, free_port_base, proxy_args, send_waiting};
 use rdkafka::{
-    ClientConfig, ClientContext, Message,
+    ClientConfig, ClientContext, Message, Offset, TopicPartitionList,
+    config::RDKafkaLogLevel,
     consumer::{BaseConsumer, Consumer, ConsumerContext},
+    error::KafkaResult,
+    message::{BorrowedMessage, DeliveryResult},
     producer::{BaseProducer, BaseRecord, Producer, ProducerContext},
 };
 
@@ -20,30 +23,88 @@ const TOPIC: &str = "changefeed";
 const MESSAGES: usize = 10_000;
 
 /// Records every broker name ("host:port/id") librdkafka reports in its statistics: the
-/// complete list of brokers the client learned of, from any response.
+/// complete list of brokers the client learned of, from any response; and which brokers
+/// the last statistics showed connected. For the producer, also its delivery reports and
+/// its IMPLICITACK debug lines (see [`shortfall_report`]).
 #[derive(Clone, Default)]
-struct SeenBrokers(Arc<Mutex<BTreeSet<String>>>);
+struct SeenBrokers {
+    seen: Arc<Mutex<BTreeSet<String>>>,
+    /// Statistics received, and the brokers (node ids) connected in the last.
+    up: Arc<Mutex<(u64, BTreeSet<i64>)>>,
+    delivered: Arc<Mutex<Deliveries>>,
+    implicit_acks: Arc<Mutex<Vec<String>>>,
+}
+
+/// The producer's delivery reports.
+#[derive(Default)]
+struct Deliveries {
+    /// key -> (partition, offset; negative when the report had none)
+    acked: BTreeMap<usize, (i32, i64)>,
+    /// partition -> (failed, the first error)
+    failed: BTreeMap<i32, (usize, String)>,
+}
+
+impl SeenBrokers {
+    fn statistics(&self) -> u64 {
+        self.up.lock().unwrap().0
+    }
+
+    fn up(&self, node: i64) -> bool {
+        self.up.lock().unwrap().1.contains(&node)
+    }
+}
 
 impl ClientContext for SeenBrokers {
+    fn log(&self, _: RDKafkaLogLevel, facility: &str, message: &str) {
+        if facility == "IMPLICITACK" {
+            self.implicit_acks.lock().unwrap().push(message.to_owned());
+        }
+    }
+
     fn stats_raw(&self, statistics: &[u8]) {
         let Ok(stats) = serde_json::from_slice::<serde_json::Value>(statistics) else {
             return;
         };
         if let Some(brokers) = stats["brokers"].as_object() {
-            let mut seen = self.0.lock().unwrap();
+            let mut seen = self.seen.lock().unwrap();
             for b in brokers.values() {
                 if let Some(name) = b["name"].as_str() {
                     seen.insert(name.to_owned());
                 }
             }
+            let up = brokers
+                .values()
+                .filter(|b| b["state"] == "UP")
+                .filter_map(|b| b["nodeid"].as_i64())
+                .collect();
+            let mut last = self.up.lock().unwrap();
+            *last = (last.0 + 1, up);
         }
     }
 }
 impl ProducerContext for SeenBrokers {
     type DeliveryOpaque = ();
-    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        // No panic here: this runs inside a librdkafka callback.
+        let mut d = self.delivered.lock().unwrap();
+        match result {
+            Ok(m) => {
+                if let Some(key) = message_key(m) {
+                    d.acked.insert(key, (m.partition(), m.offset()));
+                }
+            }
+            Err((e, m)) => {
+                let failed = d.failed.entry(m.partition()).or_insert((0, e.to_string()));
+                failed.0 += 1;
+            }
+        }
+    }
 }
 impl ConsumerContext for SeenBrokers {}
+
+fn message_key(m: &BorrowedMessage<'_>) -> Option<usize> {
+    std::str::from_utf8(m.key()?).ok()?.parse().ok()
+}
 
 fn client_config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -101,8 +162,12 @@ fn produce_and_consume(policy: &str, disruption: Disruption, transfer: Transfer)
         .set("acks", "all")
         .set("linger.ms", "2")
         .set("message.timeout.ms", "60000")
+        // For the report on a shortfall: librdkafka's IMPLICITACK lines.
+        .set("debug", "eos")
+        .set_log_level(RDKafkaLogLevel::Debug)
         .create_with_context(seen.clone())
         .unwrap();
+    let mut produced = [0usize; 3];
     let started = Instant::now();
     for i in 0..MESSAGES {
         match disruption {
@@ -113,6 +178,30 @@ fn produce_and_consume(policy: &str, disruption: Disruption, transfer: Transfer)
             Disruption::LeaderChangesAndBrokerRestart if i == MESSAGES / 2 => {
                 producer.flush(Duration::from_secs(30)).unwrap();
                 cluster.broker_down(3).unwrap();
+                // Produce on only once the producer has seen its connection to broker 3
+                // (through kpscd) close. Until then it may send partition 2's next batch
+                // into that connection, a request whose fate it cannot know: librdkafka
+                // retries it, but (idempotent) takes a later batch's success as proof
+                // that it was written after all ("implicitly acked"), since a broker
+                // checking sequence numbers would have refused the later batch. The mock
+                // checks them only for transactional producers
+                // (`rd_kafka_mock_validate_records`): it takes the later batch, and the
+                // lost one counts as acknowledged. Nothing is in flight now (flushed) or
+                // sent while we wait; no connection to broker 3 comes up before it does,
+                // so every later request is answered. kpscd not passing the close on
+                // fails here.
+                producer.poll(Duration::ZERO); // serves statistics taken before
+                let taken_before = seen.statistics();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while seen.statistics() == taken_before || seen.up(3) {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the producer's connection to broker 3 did not close when the \
+                         broker went down; kpscd log:\n{}",
+                        kpscd.log()
+                    );
+                    producer.poll(Duration::from_millis(20));
+                }
             }
             Disruption::LeaderChangesAndBrokerRestart if i == MESSAGES / 2 + 500 => {
                 cluster.broker_up(3).unwrap();
@@ -128,11 +217,22 @@ fn produce_and_consume(policy: &str, disruption: Disruption, transfer: Transfer)
             .key(&key)
             .payload(&value);
         send_waiting(&producer, record).unwrap();
+        produced[partition as usize] += 1;
     }
     producer
         .flush(Duration::from_secs(60))
         .expect("every message acknowledged");
-    eprintln!("produced {MESSAGES} in {:?}", started.elapsed());
+    eprintln!(
+        "produced {MESSAGES} in {:?}, {} acknowledged with no offset (implicitly)",
+        started.elapsed(),
+        seen.delivered
+            .lock()
+            .unwrap()
+            .acked
+            .values()
+            .filter(|(_, offset)| *offset < 0)
+            .count()
+    );
     drop(producer);
 
     let consumer: BaseConsumer<SeenBrokers> = client_config(&bootstrap)
@@ -142,44 +242,60 @@ fn produce_and_consume(policy: &str, disruption: Disruption, transfer: Transfer)
         .create_with_context(seen.clone())
         .unwrap();
     consumer.subscribe(&[TOPIC]).unwrap();
-    let mut per_partition: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
+    // partition -> (offset, key) in the order read
+    let mut per_partition: BTreeMap<i32, Vec<(i64, usize)>> = BTreeMap::new();
     let mut received = 0;
     let deadline = Instant::now() + Duration::from_secs(90);
-    while received < MESSAGES {
-        assert!(
-            Instant::now() < deadline,
-            "only {received} of {MESSAGES} consumed; kpscd log:\n{}",
-            kpscd.log()
-        );
+    while received < MESSAGES && Instant::now() < deadline {
         let Some(m) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
         let m = m.unwrap();
-        let key: usize = std::str::from_utf8(m.key().unwrap())
-            .unwrap()
-            .parse()
-            .unwrap();
+        let key = message_key(&m).unwrap();
         let value = std::str::from_utf8(m.payload().unwrap()).unwrap();
         assert_eq!(value, format!("message-{key}-partition-{}", m.partition()));
-        per_partition.entry(m.partition()).or_default().push(key);
+        per_partition
+            .entry(m.partition())
+            .or_default()
+            .push((m.offset(), key));
         received += 1;
+    }
+    let keys: BTreeSet<usize> = per_partition.values().flatten().map(|r| r.1).collect();
+    if received != MESSAGES || keys.len() != MESSAGES {
+        panic!(
+            "{received} of {MESSAGES} consumed, {} different: lost or duplicated messages\n{}\
+             kpscd log:\n{}",
+            keys.len(),
+            shortfall_report(&cluster, &consumer, produced, &seen, &per_partition),
+            kpscd.log()
+        );
     }
     // Give the statistics callback one more interval.
     consumer.poll(Duration::from_millis(300));
     drop(consumer);
 
-    let mut all = BTreeSet::new();
-    for (partition, keys) in &per_partition {
+    let delivered = seen.delivered.lock().unwrap();
+    assert!(delivered.failed.is_empty(), "{:?}", delivered.failed);
+    for (partition, read) in &per_partition {
         assert!(
-            keys.windows(2).all(|w| w[0] < w[1]),
+            read.windows(2).all(|w| w[0].1 < w[1].1),
             "partition {partition}: order not kept"
         );
-        assert!(keys.iter().all(|k| (k % 3) as i32 == *partition));
-        all.extend(keys.iter().copied());
+        assert!(read.iter().all(|(_, k)| (k % 3) as i32 == *partition));
+        // Each message where its acknowledgement said it was written.
+        for (offset, key) in read {
+            if let Some((p, acked_at)) = delivered.acked.get(key).filter(|a| a.1 >= 0) {
+                assert_eq!(
+                    (p, acked_at),
+                    (partition, offset),
+                    "message {key} read elsewhere than acknowledged"
+                );
+            }
+        }
     }
-    assert_eq!(all.len(), MESSAGES, "lost or duplicated messages");
+    drop(delivered);
 
-    let seen = seen.0.lock().unwrap().clone();
+    let seen = seen.seen.lock().unwrap().clone();
     assert!(!seen.is_empty(), "no statistics received");
     for name in &seen {
         // "bootstrap" pseudo-brokers are named after the configured bootstrap address.
@@ -268,6 +384,130 @@ fn produce_and_consume(policy: &str, disruption: Disruption, transfer: Transfer)
             );
         }
     }
+}
+
+/// Why the consumer did not read back every message, per partition: produced,
+/// acknowledged (and how many with no offset: acknowledged only implicitly), failed,
+/// consumed, the watermarks through kpscd and straight from the mock, the consumer's
+/// position, and the acknowledged messages not consumed: which, and how many of them the
+/// mock's log holds (read from the mock, bypassing kpscd). Then librdkafka's IMPLICITACK
+/// lines: an idempotent producer whose request failed with its fate unknown (a
+/// connection closed under it) takes a later batch's success as proof it was written,
+/// which holds only with a broker checking sequence numbers.
+fn shortfall_report(
+    cluster: &MockCluster,
+    consumer: &BaseConsumer<SeenBrokers>,
+    produced: [usize; 3],
+    watch: &SeenBrokers,
+    consumed: &BTreeMap<i32, Vec<(i64, usize)>>,
+) -> String {
+    let direct: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.broker_addrs().join(","))
+        .set("group.id", "direct-check")
+        .set("enable.auto.commit", "false")
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    let timeout = Duration::from_secs(5);
+    let marks = |wm: KafkaResult<(i64, i64)>| match wm {
+        Ok((lo, hi)) => format!("{lo}..{hi}"),
+        Err(e) => format!("({e})"),
+    };
+    let positions: BTreeMap<i32, Offset> = consumer
+        .position()
+        .map(|list| {
+            list.elements_for_topic(TOPIC)
+                .iter()
+                .map(|e| (e.partition(), e.offset()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let in_mock = keys_in_mock(&direct);
+    let delivered = watch.delivered.lock().unwrap();
+    let mut report = String::new();
+    for p in 0..3 {
+        let acked: Vec<(usize, i64)> = delivered
+            .acked
+            .iter()
+            .filter(|(_, (ap, _))| *ap == p)
+            .map(|(k, (_, o))| (*k, *o))
+            .collect();
+        let implicit = acked.iter().filter(|(_, o)| *o < 0).count();
+        let read: BTreeSet<usize> = consumed
+            .get(&p)
+            .into_iter()
+            .flatten()
+            .map(|r| r.1)
+            .collect();
+        let missing: Vec<usize> = acked
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| !read.contains(k))
+            .collect();
+        let mock_log = in_mock.get(&p).cloned().unwrap_or_default();
+        let (failed, error) = delivered.failed.get(&p).cloned().unwrap_or_default();
+        report += &format!(
+            "partition {p}: produced {}, acked {} ({implicit} with no offset), failed {failed}{}, \
+             consumed {} ({} different); watermarks through kpscd {}, mock {}; position {}; \
+             acked not consumed {}{}, of them in the mock's log {} (it holds {})\n",
+            produced[p as usize],
+            acked.len(),
+            if failed > 0 {
+                format!(" ({error})")
+            } else {
+                String::new()
+            },
+            consumed.get(&p).map_or(0, Vec::len),
+            read.len(),
+            marks(consumer.fetch_watermarks(TOPIC, p, timeout)),
+            marks(direct.fetch_watermarks(TOPIC, p, timeout)),
+            positions.get(&p).map_or("-".to_owned(), |o| match o {
+                Offset::Offset(n) => n.to_string(),
+                other => format!("{other:?}"),
+            }),
+            missing.len(),
+            match (missing.first(), missing.last()) {
+                (Some(a), Some(b)) => format!(" (keys {a}..={b})"),
+                _ => String::new(),
+            },
+            missing.iter().filter(|k| mock_log.contains(k)).count(),
+            mock_log.len(),
+        );
+    }
+    let implicit = watch.implicit_acks.lock().unwrap();
+    report += &format!("librdkafka IMPLICITACK lines: {}\n", implicit.len());
+    for line in implicit.iter().take(5) {
+        report += &format!("  {line}\n");
+    }
+    report
+}
+
+/// Every key in the mock's log, per partition, read from the mock directly.
+fn keys_in_mock(direct: &BaseConsumer) -> BTreeMap<i32, BTreeSet<usize>> {
+    let mut ends = BTreeMap::new();
+    let mut list = TopicPartitionList::new();
+    for p in 0..3 {
+        if let Ok((_, hi)) = direct.fetch_watermarks(TOPIC, p, Duration::from_secs(5)) {
+            ends.insert(p, hi);
+            list.add_partition_offset(TOPIC, p, Offset::Beginning)
+                .unwrap();
+        }
+    }
+    let mut keys: BTreeMap<i32, BTreeSet<usize>> = BTreeMap::new();
+    if direct.assign(&list).is_err() {
+        return keys;
+    }
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && ends.iter().any(|(p, hi)| next.get(p).unwrap_or(&0) < hi) {
+        if let Some(Ok(m)) = direct.poll(Duration::from_millis(100)) {
+            next.insert(m.partition(), m.offset() + 1);
+            if let Some(key) = message_key(&m) {
+                keys.entry(m.partition()).or_default().insert(key);
+            }
+        }
+    }
+    keys
 }
 
 #[test]
