@@ -15,6 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use kpsc::proxy::bulk::uring::ring::own_cpus;
 
 /// Connections at once; each takes SLOTS_PER_CONNECTION registered-file slots.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -33,21 +34,6 @@ pub struct Ring {
     free: Vec<usize>,
     /// The CPUs the io-wq workers were last told to use.
     iowq_cpus: Option<Vec<usize>>,
-}
-
-/// The CPUs the calling thread may run on.
-fn own_cpus() -> io::Result<(libc::cpu_set_t, Vec<usize>)> {
-    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let cpus = (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect();
-        Ok((set, cpus))
-    }
 }
 
 impl Ring {

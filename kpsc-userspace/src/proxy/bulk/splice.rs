@@ -98,16 +98,26 @@ const PIPE_SIZE: libc::c_int = 256 << 10;
 
 /// One direction's pipe, made on first use.
 pub struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
-    capacity: usize,
+    pub(crate) read: OwnedFd,
+    pub(crate) write: OwnedFd,
+    pub(crate) capacity: usize,
 }
 
 impl Pipe {
+    /// Nonblocking ends, for splice(2) driven by tokio's reactor.
     pub fn new() -> io::Result<Self> {
+        Self::with_flags(libc::O_NONBLOCK)
+    }
+
+    /// Blocking ends, for splices the kernel's io_uring workers run (they may wait).
+    pub fn blocking() -> io::Result<Self> {
+        Self::with_flags(0)
+    }
+
+    fn with_flags(flags: libc::c_int) -> io::Result<Self> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 writes two descriptors into the array on success.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | flags) } != 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: both descriptors were just created and are owned by nothing else.

@@ -26,7 +26,7 @@ use crate::{
         splice::SPLICE_MIN,
         transfer::Transfer,
         uring::{
-            ring::{BlockingPipe, Ring, Side, Span, SpanDone, SpanEnd},
+            ring::{Pipe, Ring, Side, Span, SpanDone, SpanEnd},
             socket::{UringRead, UringWrite},
         },
     },
@@ -37,7 +37,7 @@ pub struct UringMover {
     ring: Arc<Ring>,
     spliced_bytes: Counter,
     /// Made on first use; if it cannot be made (out of descriptors), this direction copies.
-    pipe: Option<Arc<BlockingPipe>>,
+    pipe: Option<Arc<Pipe>>,
     pipe_failed: bool,
 }
 
@@ -51,9 +51,9 @@ impl UringMover {
         }
     }
 
-    fn pipe(&mut self) -> Option<Arc<BlockingPipe>> {
+    fn pipe(&mut self) -> Option<Arc<Pipe>> {
         if self.pipe.is_none() && !self.pipe_failed {
-            match BlockingPipe::new() {
+            match Pipe::blocking() {
                 Ok(pipe) => self.pipe = Some(Arc::new(pipe)),
                 Err(error) => {
                     warn!(%error, "cannot create a pipe for io_uring splice; this connection copies instead");
@@ -70,7 +70,7 @@ impl UringMover {
         &self,
         from: &UringRead,
         out: &UringWrite,
-        pipe: Arc<BlockingPipe>,
+        pipe: Arc<Pipe>,
         len: u64,
     ) -> Result<(), MoveError> {
         let (mut to_fill, mut in_pipe) = (len, 0);

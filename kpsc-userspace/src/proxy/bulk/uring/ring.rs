@@ -21,7 +21,7 @@
 use std::{
     collections::VecDeque,
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -33,6 +33,8 @@ use std::{
 use anyhow::Context as _;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use tracing::{error, warn};
+
+pub use crate::proxy::bulk::splice::Pipe;
 
 /// Submission queue size; the completion queue is twice this, and the kernel keeps
 /// completions that overflow it (IORING_FEAT_NODROP).
@@ -47,41 +49,6 @@ const MAX_WORKERS: u32 = 256;
 const FILL: u64 = 0;
 const DRAIN: u64 = 1;
 const REST: u64 = 2;
-
-/// A pipe whose two ends are blocking: the splices on it run in io-wq, which may wait.
-pub struct BlockingPipe {
-    read: OwnedFd,
-    write: OwnedFd,
-    capacity: u32,
-}
-
-/// Pipe size asked for, as splice's: a 1 MiB span takes four rounds.
-const PIPE_SIZE: libc::c_int = 256 << 10;
-
-impl BlockingPipe {
-    pub fn new() -> io::Result<Self> {
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: pipe2 writes two descriptors into the array on success.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: both descriptors were just created and are owned by nothing else.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: fcntl on a descriptor we own; a refused size leaves the default.
-        let capacity = unsafe {
-            libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE);
-            libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
-        };
-        if capacity <= 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self {
-            read,
-            write,
-            capacity: capacity as u32,
-        })
-    }
-}
 
 /// Which socket a stalled span waits for.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -158,7 +125,7 @@ impl SpanDone {
 pub struct Span {
     pub from: Arc<OwnedFd>,
     pub to: Arc<OwnedFd>,
-    pub pipe: Arc<BlockingPipe>,
+    pub pipe: Arc<Pipe>,
     pub to_fill: u64,
     pub in_pipe: u32,
     pub done: Arc<SpanDone>,
@@ -351,7 +318,7 @@ struct Driver {
 }
 
 /// The CPUs the calling thread may run on.
-fn own_cpus() -> io::Result<(libc::cpu_set_t, Vec<usize>)> {
+pub fn own_cpus() -> io::Result<(libc::cpu_set_t, Vec<usize>)> {
     // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -552,7 +519,7 @@ impl Driver {
             let more = m.to_fill > 0;
             vec![drain(pipe, &m.span.to, m.in_pipe as u32, more, false).user_data(user_data(REST))]
         } else {
-            let ask = m.to_fill.min(u64::from(pipe.capacity)) as u32;
+            let ask = m.to_fill.min(pipe.capacity as u64) as u32;
             // "More" only when bytes are sure to follow: the last segment goes out at once.
             let more = m.to_fill > u64::from(ask);
             let fill = opcode::Splice::new(
@@ -568,7 +535,8 @@ impl Driver {
             .user_data(user_data(FILL));
             vec![
                 fill,
-                drain(pipe, &m.span.to, pipe.capacity, more, true).user_data(user_data(DRAIN)),
+                drain(pipe, &m.span.to, pipe.capacity as u32, more, true)
+                    .user_data(user_data(DRAIN)),
             ]
         };
         m.pending = entries.len() as u8;
@@ -635,13 +603,7 @@ impl Driver {
 /// A pipe -> socket splice of at most `len` bytes. `nonblocking`: an empty pipe returns
 /// EAGAIN instead of waiting (a round's send, after a receive that may have brought
 /// nothing).
-fn drain(
-    pipe: &BlockingPipe,
-    to: &OwnedFd,
-    len: u32,
-    more: bool,
-    nonblocking: bool,
-) -> squeue::Entry {
+fn drain(pipe: &Pipe, to: &OwnedFd, len: u32, more: bool, nonblocking: bool) -> squeue::Entry {
     let flags = libc::SPLICE_F_MOVE
         | if more { libc::SPLICE_F_MORE } else { 0 }
         | if nonblocking {

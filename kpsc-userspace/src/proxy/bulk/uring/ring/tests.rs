@@ -43,7 +43,7 @@ async fn relay() -> (
 async fn span_to_end(
     ring: &Ring,
     (from, to): (&UringRead, &UringWrite),
-    pipe: &Arc<BlockingPipe>,
+    pipe: &Arc<Pipe>,
     len: u64,
 ) -> (SpanEnd, Vec<(Side, u32)>) {
     let (mut to_fill, mut in_pipe, mut stalls) = (len, 0, Vec::new());
@@ -102,7 +102,7 @@ async fn spans_move_exactly_their_length_and_leave_the_rest() {
         reader.read_exact(&mut got).await.unwrap();
         got
     });
-    let pipe = Arc::new(BlockingPipe::new().unwrap());
+    let pipe = Arc::new(Pipe::blocking().unwrap());
     let mut stalls = Vec::new();
     for len in [1_000_000, 4096, 1_995_904] {
         let (end, s) = span_to_end(&ring, (&from, &to), &pipe, len).await;
@@ -137,7 +137,7 @@ async fn a_stalled_sink_keeps_its_pipe_bytes_in_order() {
         }
         got
     });
-    let pipe = Arc::new(BlockingPipe::new().unwrap());
+    let pipe = Arc::new(Pipe::blocking().unwrap());
     let (end, stalls) = span_to_end(&ring, (&from, &to), &pipe, 16_000_000).await;
     assert!(matches!(end, SpanEnd::Moved), "{end:?}");
     assert!(
@@ -163,7 +163,7 @@ async fn concurrent_spans_each_arrive_whole() {
             let sent = payload.clone();
             let feeder =
                 tokio::spawn(async move { writer.write_all(&sent).await.map(|()| writer) });
-            let pipe = Arc::new(BlockingPipe::new().unwrap());
+            let pipe = Arc::new(Pipe::blocking().unwrap());
             let (end, got) =
                 tokio::join!(span_to_end(&ring, (&from, &to), &pipe, 300_000), async {
                     let mut got = vec![0; 300_000];
@@ -185,7 +185,7 @@ async fn eof_inside_the_span_ends_it_at_the_source() {
     let (mut writer, (from, _), (_, to), _reader) = relay().await;
     writer.write_all(&[1; 10_000]).await.unwrap();
     drop(writer);
-    let pipe = Arc::new(BlockingPipe::new().unwrap());
+    let pipe = Arc::new(Pipe::blocking().unwrap());
     let (end, _) = span_to_end(&ring, (&from, &to), &pipe, 50_000).await;
     assert!(matches!(end, SpanEnd::SourceEof), "{end:?}");
 }
@@ -199,7 +199,7 @@ async fn a_closed_destination_ends_it_at_the_sink() {
         let _ = writer.write_all(&vec![9u8; 8 << 20]).await;
         writer
     });
-    let pipe = Arc::new(BlockingPipe::new().unwrap());
+    let pipe = Arc::new(Pipe::blocking().unwrap());
     let (end, _) = span_to_end(&ring, (&from, &to), &pipe, 8 << 20).await;
     assert!(matches!(end, SpanEnd::SinkError(_)), "{end:?}");
     drop(from);
@@ -218,7 +218,7 @@ async fn a_silent_source_stalls_the_span_and_frees_the_worker() {
     ring.submit(Span {
         from: from.fd(),
         to: to.fd(),
-        pipe: Arc::new(BlockingPipe::new().unwrap()),
+        pipe: Arc::new(Pipe::blocking().unwrap()),
         to_fill: 100_000,
         in_pipe: 0,
         done: Arc::clone(&done),
@@ -315,7 +315,7 @@ async fn trickling_peers_hold_no_worker() {
                 }
                 writer
             });
-            let pipe = Arc::new(BlockingPipe::new().unwrap());
+            let pipe = Arc::new(Pipe::blocking().unwrap());
             let ((end, _), got) =
                 tokio::join!(span_to_end(&ring, (&from, &to), &pipe, 10_000), async {
                     let mut got = vec![0; 10_000];
@@ -346,7 +346,7 @@ async fn a_failed_ring_fails_its_spans_and_refuses_new_ones() {
     let (mut writer, (from, _), (_, to), _reader) = relay().await;
     writer.write_all(&[1; 100_000]).await.unwrap();
     // The first span moves; then a span the thread holds while the writer is silent.
-    let pipe = Arc::new(BlockingPipe::new().unwrap());
+    let pipe = Arc::new(Pipe::blocking().unwrap());
     let (end, _) = span_to_end(&ring, (&from, &to), &pipe, 100_000).await;
     assert!(matches!(end, SpanEnd::Moved), "{end:?}");
     ring.poison.store(true, Ordering::Release);
