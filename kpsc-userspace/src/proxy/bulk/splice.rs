@@ -12,6 +12,7 @@
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    sync::Arc,
 };
 
 use prometheus_client::metrics::counter::Counter;
@@ -36,31 +37,51 @@ pub const SPLICE_MIN: usize = 4096;
 /// Moves one direction's frames with splice(2), small ones by copy.
 pub struct SpliceMover {
     spliced_bytes: Counter,
-    /// Made on first use; if it cannot be made (out of descriptors), this direction copies.
-    pipe: Option<Pipe>,
-    pipe_failed: bool,
+    pipe: LazyPipe,
 }
 
 impl SpliceMover {
     pub fn new(spliced_bytes: Counter) -> Self {
         Self {
             spliced_bytes,
+            pipe: LazyPipe::new(Pipe::new),
+        }
+    }
+}
+
+/// A direction's pipe, made on its first large frame (idle connections hold none); if it
+/// cannot be made (out of descriptors), the direction copies.
+pub struct LazyPipe {
+    pipe: Option<Arc<Pipe>>,
+    failed: bool,
+    make: fn() -> io::Result<Pipe>,
+}
+
+impl LazyPipe {
+    pub fn new(make: fn() -> io::Result<Pipe>) -> Self {
+        Self {
             pipe: None,
-            pipe_failed: false,
+            failed: false,
+            make,
         }
     }
 
-    fn pipe(&mut self) -> Option<&mut Pipe> {
-        if self.pipe.is_none() && !self.pipe_failed {
-            match Pipe::new() {
-                Ok(pipe) => self.pipe = Some(pipe),
+    pub fn get(&mut self) -> Option<Arc<Pipe>> {
+        if self.pipe.is_none() && !self.failed {
+            match (self.make)() {
+                Ok(pipe) => self.pipe = Some(Arc::new(pipe)),
                 Err(error) => {
                     warn!(%error, "cannot create a pipe for splice; this connection copies instead");
-                    self.pipe_failed = true;
+                    self.failed = true;
                 }
             }
         }
-        self.pipe.as_mut()
+        self.pipe.clone()
+    }
+
+    /// Drops the pipe: it may hold bytes of a move that failed.
+    pub fn discard(&mut self) {
+        self.pipe = None;
     }
 }
 
@@ -79,11 +100,11 @@ impl Transfer<OwnedReadHalf, OwnedWriteHalf> for SpliceMover {
         let unbuffered = n.saturating_sub(reader.buffered().len());
         if unbuffered >= SPLICE_MIN {
             let spliced_bytes = self.spliced_bytes.clone();
-            if let Some(pipe) = self.pipe() {
+            if let Some(pipe) = self.pipe.get() {
                 out.write_all(reader.take_buffered(n))
                     .await
                     .map_err(MoveError::Sink)?;
-                splice_exact(reader.get_ref().as_ref(), out.as_ref(), pipe, unbuffered).await?;
+                splice_exact(reader.get_ref().as_ref(), out.as_ref(), &pipe, unbuffered).await?;
                 spliced_bytes.inc_by(unbuffered as u64);
                 return Ok(());
             }
@@ -164,7 +185,7 @@ fn splice(from: RawFd, to: RawFd, len: usize, more: bool) -> io::Result<usize> {
 pub async fn splice_exact(
     from: &TcpStream,
     to: &TcpStream,
-    pipe: &mut Pipe,
+    pipe: &Pipe,
     mut n: usize,
 ) -> Result<(), MoveError> {
     let source = |e: io::Error| MoveError::Source(FrameError::Io(e));
@@ -230,13 +251,13 @@ mod tests {
             }
             writer
         });
-        let mut pipe = Pipe::new().unwrap();
+        let pipe = Pipe::new().unwrap();
         let collect = tokio::spawn(async move {
             let mut got = vec![0; n];
             reader.read_exact(&mut got).await.unwrap();
             got
         });
-        splice_exact(&from, &to, &mut pipe, n).await.unwrap();
+        splice_exact(&from, &to, &pipe, n).await.unwrap();
         assert_eq!(collect.await.unwrap(), payload[..n]);
         let _writer = feeder.await.unwrap();
         let mut rest = [0u8; 17];
@@ -251,9 +272,9 @@ mod tests {
         let (to, _reader) = pair().await;
         writer.write_all(&[1; 1000]).await.unwrap();
         drop(writer);
-        let mut pipe = Pipe::new().unwrap();
+        let pipe = Pipe::new().unwrap();
         assert!(matches!(
-            splice_exact(&from, &to, &mut pipe, 5000).await,
+            splice_exact(&from, &to, &pipe, 5000).await,
             Err(MoveError::Source(FrameError::Truncated))
         ));
     }
@@ -268,9 +289,9 @@ mod tests {
             let _ = writer.write_all(&data).await;
             writer
         });
-        let mut pipe = Pipe::new().unwrap();
+        let pipe = Pipe::new().unwrap();
         assert!(matches!(
-            splice_exact(&from, &to, &mut pipe, 4 << 20).await,
+            splice_exact(&from, &to, &pipe, 4 << 20).await,
             Err(MoveError::Sink(_))
         ));
         drop(from);

@@ -17,13 +17,12 @@ use std::{future::poll_fn, sync::Arc};
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncWriteExt;
-use tracing::warn;
 
 use crate::{
     kafka::frame::{FrameError, FrameReader, HEADER_BUFFER, MoveError},
     proxy::bulk::{
         copy::CopyMover,
-        splice::SPLICE_MIN,
+        splice::{LazyPipe, SPLICE_MIN},
         transfer::Transfer,
         uring::{
             ring::{Pipe, Ring, Side, Span, SpanDone, SpanEnd},
@@ -36,9 +35,7 @@ use crate::{
 pub struct UringMover {
     ring: Arc<Ring>,
     spliced_bytes: Counter,
-    /// Made on first use; if it cannot be made (out of descriptors), this direction copies.
-    pipe: Option<Arc<Pipe>>,
-    pipe_failed: bool,
+    pipe: LazyPipe,
 }
 
 impl UringMover {
@@ -46,22 +43,8 @@ impl UringMover {
         Self {
             ring,
             spliced_bytes,
-            pipe: None,
-            pipe_failed: false,
+            pipe: LazyPipe::new(Pipe::blocking),
         }
-    }
-
-    fn pipe(&mut self) -> Option<Arc<Pipe>> {
-        if self.pipe.is_none() && !self.pipe_failed {
-            match Pipe::blocking() {
-                Ok(pipe) => self.pipe = Some(Arc::new(pipe)),
-                Err(error) => {
-                    warn!(%error, "cannot create a pipe for io_uring splice; this connection copies instead");
-                    self.pipe_failed = true;
-                }
-            }
-        }
-        self.pipe.clone()
     }
 
     /// Moves `len` bytes from `from` to `out`, continuing after every stall once the
@@ -123,7 +106,7 @@ impl Transfer<UringRead, UringWrite> for UringMover {
     ) -> Result<(), MoveError> {
         let unbuffered = n.saturating_sub(reader.buffered().len());
         if unbuffered >= SPLICE_MIN
-            && let Some(pipe) = self.pipe()
+            && let Some(pipe) = self.pipe.get()
         {
             out.write_all(reader.take_buffered(n))
                 .await
@@ -131,9 +114,8 @@ impl Transfer<UringRead, UringWrite> for UringMover {
             let end = self
                 .span(reader.get_ref(), out, pipe, unbuffered as u64)
                 .await;
-            if !matches!(end, Ok(())) {
-                // It may hold bytes of the failed span.
-                self.pipe = None;
+            if end.is_err() {
+                self.pipe.discard();
             }
             end?;
             self.spliced_bytes.inc_by(unbuffered as u64);

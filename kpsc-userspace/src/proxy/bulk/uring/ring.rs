@@ -514,10 +514,16 @@ impl Driver {
         let m = self.moving[index].as_mut().expect("checked above");
         let pipe = &m.span.pipe;
         let user_data = |op| ((index as u64) << 2) | op;
-        let entries: Vec<squeue::Entry> = if m.in_pipe > 0 {
+        // A round is two entries, a lone send one: no allocation per round.
+        let rest;
+        let round;
+        let entries: &[squeue::Entry] = if m.in_pipe > 0 {
             // A short send: the rest first, so the pipe is empty when a round starts.
             let more = m.to_fill > 0;
-            vec![drain(pipe, &m.span.to, m.in_pipe as u32, more, false).user_data(user_data(REST))]
+            rest = [
+                drain(pipe, &m.span.to, m.in_pipe as u32, more, false).user_data(user_data(REST))
+            ];
+            &rest
         } else {
             let ask = m.to_fill.min(pipe.capacity as u64) as u32;
             // "More" only when bytes are sure to follow: the last segment goes out at once.
@@ -533,17 +539,18 @@ impl Driver {
             .build()
             .flags(squeue::Flags::IO_HARDLINK)
             .user_data(user_data(FILL));
-            vec![
+            round = [
                 fill,
                 drain(pipe, &m.span.to, pipe.capacity as u32, more, true)
                     .user_data(user_data(DRAIN)),
-            ]
+            ];
+            &round
         };
         m.pending = entries.len() as u8;
         m.drain_blocked = false;
         m.slow_source = false;
         // SAFETY: the span holds both sockets and the pipe until its operations complete.
-        unsafe { self.push(&entries) }
+        unsafe { self.push(entries) }
     }
 
     fn completed(&mut self, data: u64, result: i32) -> io::Result<()> {
