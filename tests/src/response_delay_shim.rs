@@ -72,6 +72,21 @@ pub struct HoldPlan {
     /// Whether acks=0 Produce requests get the broker's answer (as from librdkafka's mock
     /// and tansu) or none (as from Kafka), on every connection through the shim.
     pub answers_acks0: bool,
+    /// A response to end the connection in the middle of, as a broker dying mid-write
+    /// leaves it.
+    pub cut: Option<Cut>,
+    /// After the first request of the plan's client id, the shim reads nothing more of
+    /// that connection for this long: a broker slow to read.
+    pub stall_reading: Option<Duration>,
+}
+
+/// The first response to `api_key` on a connection of the plan's client id goes to kpscd
+/// only up to `keep` bytes (size prefix included); then the shim closes the connection
+/// (FIN: nothing kpscd sent is left unread, so no reset) and forwards nothing more.
+#[derive(Clone, Copy, Debug)]
+pub struct Cut {
+    pub api_key: i16,
+    pub keep: usize,
 }
 
 impl HoldPlan {
@@ -84,6 +99,31 @@ impl HoldPlan {
             behind: 0,
             release: Release::Whole,
             answers_acks0: false,
+            cut: None,
+            stall_reading: None,
+        }
+    }
+
+    /// Holds nothing and cuts the first `api_key` response of `client_id`'s connections
+    /// after `keep` bytes; the broker's answers to acks=0 go on, as from the mock.
+    pub fn cut(client_id: &str, api_key: ApiKey, keep: usize) -> Self {
+        Self {
+            answers_acks0: true,
+            cut: Some(Cut {
+                api_key: api_key as i16,
+                keep,
+            }),
+            ..Self::kafka_acks0(client_id)
+        }
+    }
+
+    /// Holds nothing; reads nothing of `client_id`'s connections for `stall` after their
+    /// first request. The broker's answers to acks=0 go on, as from the mock.
+    pub fn stall_reading(client_id: &str, stall: Duration) -> Self {
+        Self {
+            answers_acks0: true,
+            stall_reading: Some(stall),
+            ..Self::kafka_acks0(client_id)
         }
     }
 }
@@ -114,6 +154,8 @@ struct Seen {
     holds: Vec<HoldReport>,
     errors: Vec<String>,
     dropped_acks0: usize,
+    /// Responses cut short (see [`Cut`]).
+    cuts: usize,
 }
 
 struct Request {
@@ -189,6 +231,11 @@ impl ResponseDelayShim {
     /// Answers to acks=0 Produce requests dropped, on every connection.
     pub fn dropped_acks0_answers(&self) -> usize {
         self.seen.lock().unwrap().dropped_acks0
+    }
+
+    /// Responses cut short by the plan's [`Cut`].
+    pub fn cuts(&self) -> usize {
+        self.seen.lock().unwrap().cuts
     }
 
     /// What went wrong in a relay (a connection closing is not an error).
@@ -293,11 +340,17 @@ fn relay(
     let up = {
         let (mut from, mut to, requests) =
             (client.try_clone()?, upstream.try_clone()?, requests.clone());
+        let (client_id, mut stall) = (plan.client_id.clone(), plan.stall_reading);
         std::thread::spawn(move || -> anyhow::Result<()> {
             while let Some(frame) = read_whole_frame(&mut from).context("reading a request")? {
-                requests.lock().unwrap().push_back(parse_request(&frame)?);
+                let request = parse_request(&frame)?;
+                let mine = request.client_id.as_deref() == Some(client_id.as_str());
+                requests.lock().unwrap().push_back(request);
                 to.write_all(&frame)
                     .context("writing a request to the broker")?;
+                if let Some(stall) = stall.take_if(|_| mine) {
+                    std::thread::sleep(stall);
+                }
             }
             let _ = to.shutdown(Shutdown::Write);
             Ok(())
@@ -368,6 +421,14 @@ fn write_responses(
         if let Some((request, frame)) = next {
             if held.is_some() {
                 queued.push((request, frame));
+            } else if let Some(cut) = plan.cut.filter(|c| c.api_key == request.api_key)
+                && mine(&request)
+            {
+                // Counted first: the test may look as soon as its connection ends.
+                seen.lock().unwrap().cuts += 1;
+                client.write_all(&frame[..cut.keep.min(frame.len())])?;
+                client.shutdown(Shutdown::Write)?;
+                return Ok(());
             } else if !hold_done && request.api_key == METADATA && mine(&request) {
                 held = Some((Instant::now(), request, frame));
                 hold_done = true;

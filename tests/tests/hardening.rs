@@ -1,19 +1,26 @@
 //! What trying to break `kpscd proxy` found, each as an operator would meet it, against a
 //! real broker (librdkafka's mock) and the real binary: signals at the wrong time, a client
-//! that resets mid-frame, a response too large to rewrite within the memory budget.
+//! that resets mid-frame, a broker that ends its stream mid-response, a response too large
+//! to rewrite within the memory budget.
 
 use std::{
-    io::Write,
+    io::{Read, Write},
     net::TcpStream,
     os::fd::AsRawFd,
     process::Command,
     time::{Duration, Instant},
 };
 
-use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, ProduceRequest};
+use kafka_protocol::messages::{
+    ApiKey, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
+};
 use kpsc_tests::{
-    Kpscd, MockCluster, RawClient, eventually, expect_closed, free_port_base, proxy_args,
+    Kpscd, MockCluster, RawClient, eventually, expect_closed, free_port_base,
+    kernel_path::kernel_response_counters,
+    proxy_args,
+    raw_pipeline::{CLIENT_ID, Req, TOPIC, decode, read_frame, value},
     request_body,
+    response_delay_shim::{HoldPlan, proxy_behind_shim},
 };
 
 fn start(cluster: &MockCluster, extra: &[&str]) -> (Kpscd, u16) {
@@ -227,6 +234,92 @@ fn a_client_fin_mid_frame_closes_the_connection_and_is_blamed_on_the_client() {
         })
         .unwrap_or_else(|e| panic!("{transfer}: {e:#}; log:\n{}", kpscd.log()));
         assert_kernel_carried(&kpscd, transfer);
+        reasons.push((transfer, error_reasons(&kpscd)));
+        assert_serving(&kpscd, base);
+    }
+    eprintln!("{reasons:?}");
+    assert!(reasons.windows(2).all(|w| w[0].1 == w[1].1), "{reasons:?}");
+}
+
+/// Bytes a client reads until its connection ends (FIN or reset), at most 10 s.
+fn read_until_closed(stream: &mut TcpStream) -> usize {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut received = 0;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return received,
+            Ok(n) => received += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return received,
+            Err(e) => panic!("the connection stayed open after {received} bytes: {e}"),
+        }
+    }
+}
+
+/// A broker that ends its stream in the middle of a large response (a Fetch of a 600 KiB
+/// batch that a fault-injecting relay cuts after 100 KiB, as a broker dying mid-write
+/// leaves it): the client's connection is closed before a whole response reached it, and
+/// the broker is blamed, the same whichever way kpscd moves the response (under sockmap
+/// the kernel was carrying it, under splice and uring a span was).
+#[test]
+fn a_broker_ending_its_stream_mid_response_closes_the_connection_and_is_blamed_on_the_broker() {
+    const KEEP: usize = 100 << 10;
+    let mut reasons = Vec::new();
+    for transfer in ["copy", "splice", "sockmap", "uring"] {
+        let cluster = MockCluster::led_by_broker_1(TOPIC, 1).unwrap();
+        let plan = HoldPlan::cut(CLIENT_ID, ApiKey::Fetch, KEEP);
+        let (shim, kpscd, base) =
+            proxy_behind_shim(&cluster, plan, &["--bulk-transfer", transfer]).unwrap();
+        let addr = format!("127.0.1.1:{base}");
+        let mut producer = TcpStream::connect(&addr).unwrap();
+        let batch = Req::Produce {
+            version: 7,
+            acks: 1,
+            partition: 0,
+            value: value("cut", 600 << 10),
+        };
+        producer.write_all(&batch.frame(1)).unwrap();
+        let produced: ProduceResponse = decode(&read_frame(&mut producer).unwrap(), 1, 7).unwrap();
+        assert_eq!(produced.responses[0].partition_responses[0].error_code, 0);
+        let redirected_before = kernel_response_counters(&kpscd).redirected_bytes;
+
+        let mut fetcher = TcpStream::connect(&addr).unwrap();
+        fetcher
+            .write_all(&Req::Fetch { partition: 0 }.frame(2))
+            .unwrap();
+        let received = read_until_closed(&mut fetcher);
+        assert_eq!(shim.cuts(), 1, "{transfer}: the relay cut no response");
+        assert!(
+            received <= KEEP,
+            "{transfer}: the client got {received} bytes, more than the broker sent"
+        );
+        eventually(Duration::from_secs(5), || {
+            let broker = kpscd.metric("kpsc_connection_errors_total", "reason=\"broker_");
+            anyhow::ensure!(broker >= 1.0, "not counted yet");
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{transfer}: {e:#}; log:\n{}", kpscd.log()));
+        assert_eq!(
+            kpscd.metric("kpsc_connection_errors_total", "reason=\"client_"),
+            0.0,
+            "{transfer}: a broker's truncated response blamed on the client"
+        );
+        // What the broker sent reached the client up to the cut: past kpscd's 8 KiB
+        // read-ahead that is a span under splice and uring, and under sockmap the kernel's.
+        assert!(
+            received >= KEEP / 2,
+            "{transfer}: the client got only {received} of the {KEEP} bytes sent"
+        );
+        let redirected = kernel_response_counters(&kpscd).redirected_bytes - redirected_before;
+        if transfer == "sockmap" {
+            assert!(
+                redirected >= (KEEP / 2) as f64,
+                "the kernel carried only {redirected} bytes of the response"
+            );
+        }
+        eprintln!("{transfer}: client got {received} bytes, the kernel carried {redirected}");
         reasons.push((transfer, error_reasons(&kpscd)));
         assert_serving(&kpscd, base);
     }

@@ -541,6 +541,8 @@ fn behind_shim(
         behind,
         release,
         answers_acks0,
+        cut: None,
+        stall_reading: None,
     };
     proxy_behind_shim(cluster, plan, &["--bulk-transfer", mode]).unwrap()
 }

@@ -223,9 +223,14 @@ pub async fn forward_responses_kernel(
         // Either way kpscd takes the stream.
         let kpscd_takes = match data {
             Some(false) => {
-                // The broker closed.
+                // The broker closed. A response the verdict was carrying counts as
+                // delivered once its head went by, but its rest never comes: it is owed
+                // still, as a frame cut short is on the userspace path. The end is read
+                // only after the verdict has seen every byte before it, so `frame_left`
+                // is final.
                 owed.take_queued(&mut in_flight);
-                break match owed.waiting(&None) + in_flight.len() {
+                let cut_short = usize::from(conn.slot().responses().frame_left() > 0);
+                break match owed.waiting(&None) + in_flight.len() + cut_short {
                     0 => Ok(()),
                     waiting => Err(ConnError::BrokerClosed(waiting)),
                 };
