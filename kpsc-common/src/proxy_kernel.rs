@@ -94,11 +94,18 @@ pub struct StreamState {
     /// Written by kpscd: the offset of a frame boundary up to which it has written every
     /// passed byte. An skb starting exactly there goes back to the kernel.
     pub resume_at: u64,
+    /// Written by kpscd: 1 while the bytes redirected to the peer socket that its stream
+    /// has not taken yet are over kpscd's cap. They wait on the peer's psock backlog,
+    /// which no socket buffer bounds, and the source's TCP window stays open meanwhile.
+    /// The verdict then passes from the next frame boundary, and kpscd, which writes only
+    /// after that backlog has drained, stops reading: TCP's own backpressure again.
+    pub hold: u32,
+    pub _reserved: u32,
 }
 
 const _: () = {
     use core::mem::{offset_of, size_of};
-    assert!(size_of::<StreamState>() == 72);
+    assert!(size_of::<StreamState>() == 80);
     assert!(offset_of!(StreamState, frame_left) == 48);
     assert!(offset_of!(StreamState, resume_at) == 64);
 };
@@ -134,11 +141,11 @@ pub struct ConnSlot {
 
 const _: () = {
     use core::mem::{offset_of, size_of};
-    assert!(offset_of!(ConnSlot, responses) == 72);
-    assert!(offset_of!(ConnSlot, expect_tail) == 144);
-    assert!(offset_of!(ConnSlot, generation) == 168);
-    assert!(offset_of!(ConnSlot, expectations) == 176);
-    assert!(size_of::<ConnSlot>() == 176 + 8 * EXPECTATIONS);
+    assert!(offset_of!(ConnSlot, responses) == 80);
+    assert!(offset_of!(ConnSlot, expect_tail) == 160);
+    assert!(offset_of!(ConnSlot, generation) == 184);
+    assert!(offset_of!(ConnSlot, expectations) == 192);
+    assert!(size_of::<ConnSlot>() == 192 + 8 * EXPECTATIONS);
 };
 
 /// The head of one redirected request frame.

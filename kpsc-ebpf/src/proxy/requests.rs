@@ -18,6 +18,8 @@
 //! - The expectation ring always has room for a marker: a batch is redirected only if its
 //!   entries leave one free, and the stream is taken back from kpscd only with room for a
 //!   frame and a marker. So every stretch passed to kpscd has its marker.
+//! - While kpscd holds the stream (`StreamState::hold`), the next skb with a frame
+//!   boundary is passed: the broker socket's backlog stops growing at a frame's end.
 use aya_ebpf::{
     helpers::generated::bpf_get_socket_cookie, macros::stream_verdict, programs::SkBuffContext,
 };
@@ -230,6 +232,9 @@ pub fn kpsc_proxy_requests(ctx: SkBuffContext) -> u32 {
     if left >= len {
         // The middle of a frame already redirected.
         slot.requests.frame_left = left - len;
+    } else if stream::held(&slot.requests) {
+        // The broker socket's backlog is over kpscd's cap: kpscd takes the stream.
+        return pass(slot, config, start, len, left);
     } else {
         let Some(mut entry) = REQUESTS.reserve::<RequestBatch>(0) else {
             return pass(slot, config, start, len, left);

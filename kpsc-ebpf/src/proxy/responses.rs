@@ -15,6 +15,8 @@
 //!   delivers in order and hands the stream back with the expectation ring advanced past
 //!   what it delivered.
 //! - The expectation ring's head moves only here while this verdict has the stream.
+//! - While kpscd holds the stream (`StreamState::hold`), the next skb with a frame
+//!   boundary is passed: the client socket's backlog stops growing at a frame's end.
 #![allow(clippy::needless_range_loop)]
 
 use aya_ebpf::{
@@ -116,8 +118,13 @@ pub fn kpsc_proxy_responses(ctx: SkBuffContext) -> u32 {
         // The middle of a response already redirected.
         (None, 0, left - len)
     } else {
-        let Some((head, frames, next_left)) = walk(&ctx, slot, config.max_frame_size, left, len)
-        else {
+        // A hold (the client socket's backlog is over kpscd's cap) passes as a response
+        // the verdict cannot carry does.
+        let walked = match stream::held(&slot.responses) {
+            true => None,
+            false => walk(&ctx, slot, config.max_frame_size, left, len),
+        };
+        let Some((head, frames, next_left)) = walked else {
             stream::pass(&mut slot.responses, start, len, left);
             return stream::PASS;
         };

@@ -22,7 +22,7 @@ pub fn take(state: &mut StreamState, len: u32, may_resume: bool) -> Option<u64> 
     if state.mode == MODE_USERSPACE {
         // SAFETY: an aligned u64 kpscd stores atomically; a volatile load sees a whole one.
         let resume_at = unsafe { core::ptr::read_volatile(&raw const state.resume_at) };
-        if resume_at != start || !may_resume {
+        if resume_at != start || !may_resume || held(state) {
             state.passed_bytes += u64::from(len);
             return None;
         }
@@ -30,6 +30,14 @@ pub fn take(state: &mut StreamState, len: u32, may_resume: bool) -> Option<u64> 
         state.frame_left = 0;
     }
     Some(start)
+}
+
+/// kpscd holds the stream: the peer's redirect backlog is over its cap (see
+/// `StreamState::hold`). The verdict passes from the next frame boundary and does not take
+/// the stream back meanwhile.
+pub fn held(state: &StreamState) -> bool {
+    // SAFETY: an aligned u32 kpscd stores atomically.
+    unsafe { core::ptr::read_volatile(&raw const state.hold) != 0 }
 }
 
 /// Passes this skb, and the stream from here on, to kpscd. `tail`: bytes at its start

@@ -39,6 +39,12 @@
 //!   taken for a broken pipe (EPIPE on that socket). recvmsg may report the end before
 //!   bytes passed ahead of the FIN that wait in that backlog; kpscd reads on until it has
 //!   every byte the verdict passed (`passed`).
+//! - Backpressure: a redirect waits on the peer socket's psock backlog, which no socket
+//!   buffer bounds, while the source socket's TCP window keeps opening (the verdict has
+//!   taken the bytes). Once more than BACKLOG_CAP of a direction waits there (a peer slow
+//!   to read), kpscd holds the stream: the verdict passes from the next frame boundary,
+//!   and kpscd, which writes only after the backlog has drained, stops reading until
+//!   then. The window closes on the sender, as on the userspace path.
 
 pub mod passed;
 pub mod slots;
@@ -255,6 +261,7 @@ impl KernelPath {
             broker_base,
             client_base,
             counted: Default::default(),
+            taken: Default::default(),
         };
         let mut maps = lock(&self.maps);
         // Cookies first: a verdict that runs finds its slot. The client socket last: its
@@ -355,10 +362,19 @@ pub struct KernelConn {
     client_base: u64,
     /// What `account` has counted of each direction: (frames, bytes), requests first.
     counted: [(AtomicU64, AtomicU64); 2],
+    /// What the peer socket's stream had taken of each direction when last asked
+    /// (`hold_if_backlogged`), requests first.
+    taken: [AtomicU64; 2],
 }
 
 /// How long the redirect backlog may make no progress handing a socket its bytes.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes of a direction the kernel may have redirected that the peer socket's stream has
+/// not taken (they wait on its psock backlog, which no socket buffer bounds) before kpscd
+/// holds the direction's stream (see `StreamState::hold`). On top come the peer socket's
+/// send buffer and the rest of the frame under way when the cap is crossed.
+pub const BACKLOG_CAP: u64 = 4 << 20;
 
 impl KernelConn {
     pub fn slot(&self) -> Slot<'_> {
@@ -409,7 +425,10 @@ impl KernelConn {
         written_by_us: u64,
     ) -> io::Result<()> {
         let want = || self.broker_base + written_by_us + self.slot().requests().redirected_bytes();
-        drain(broker, want, "broker").await
+        drain(broker, want, "broker").await?;
+        // The backlog is empty: the verdict may take the stream back.
+        self.slot().requests().hold(false);
+        Ok(())
     }
 
     /// As `drain_requests`, for the responses the kernel redirected to the client socket.
@@ -419,7 +438,50 @@ impl KernelConn {
         written_by_us: u64,
     ) -> io::Result<()> {
         let want = || self.client_base + written_by_us + self.slot().responses().redirected_bytes();
-        drain(client, want, "client").await
+        drain(client, want, "client").await?;
+        // The backlog is empty: the verdict may take the stream back.
+        self.slot().responses().hold(false);
+        Ok(())
+    }
+
+    /// Holds the request stream once the requests the kernel redirected to the broker
+    /// socket that its stream has not taken pass BACKLOG_CAP: a broker slow to read would
+    /// otherwise make kpscd's node queue whatever the client sends. `drain_requests` lets
+    /// go. Asks the socket only once the kernel has redirected a cap's worth since the
+    /// last time, so a broker that keeps up costs nothing.
+    pub fn hold_requests_if_backlogged(
+        &self,
+        broker: &impl AsRawFd,
+        written_by_us: u64,
+    ) -> io::Result<()> {
+        let slot = self.slot();
+        let want = self.broker_base + written_by_us + slot.requests().redirected_bytes();
+        if hold_needed(broker, want, &self.taken[0])? {
+            debug!(
+                cap = BACKLOG_CAP,
+                "the broker reads slowly: holding the request stream"
+            );
+            slot.requests().hold(true);
+        }
+        Ok(())
+    }
+
+    /// As `hold_requests_if_backlogged`, for responses to a client slow to read.
+    pub fn hold_responses_if_backlogged(
+        &self,
+        client: &impl AsRawFd,
+        written_by_us: u64,
+    ) -> io::Result<()> {
+        let slot = self.slot();
+        let want = self.client_base + written_by_us + slot.responses().redirected_bytes();
+        if hold_needed(client, want, &self.taken[1])? {
+            debug!(
+                cap = BACKLOG_CAP,
+                "the client reads slowly: holding the response stream"
+            );
+            slot.responses().hold(true);
+        }
+        Ok(())
     }
 
     /// Stops carrying the client's requests (kpscd is shutting down and takes no new
@@ -438,6 +500,17 @@ impl KernelConn {
         }
         socket::wait_out_running_verdict(client)
     }
+}
+
+/// Whether more than BACKLOG_CAP of the `want` bytes redirected to `socket` wait outside
+/// its stream. `taken`: what the stream held when last asked, a lower bound of it now.
+fn hold_needed(socket: &impl AsRawFd, want: u64, taken: &AtomicU64) -> io::Result<bool> {
+    if want.saturating_sub(taken.load(Ordering::Relaxed)) <= BACKLOG_CAP {
+        return Ok(false);
+    }
+    let written = socket::stream_progress(socket)?.written;
+    taken.store(written, Ordering::Relaxed);
+    Ok(want.saturating_sub(written) > BACKLOG_CAP)
 }
 
 /// Waits until `socket`'s stream holds `want()` bytes. Gives up after DRAIN_TIMEOUT

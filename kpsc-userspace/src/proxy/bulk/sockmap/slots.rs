@@ -194,6 +194,7 @@ impl Direction<'_> {
             offset_of!(StreamState, mode),
             offset_of!(StreamState, pass_epoch),
             offset_of!(StreamState, pass_tail),
+            offset_of!(StreamState, hold),
         ] {
             self.u32_field(offset).store(0, Ordering::Relaxed);
         }
@@ -252,6 +253,12 @@ impl Direction<'_> {
         self.u32_field(offset_of!(StreamState, mode))
             .load(Ordering::Acquire)
             == MODE_KERNEL
+    }
+
+    /// Asks the verdict for the stream (or lets it take it back): see `StreamState::hold`.
+    pub fn hold(&self, hold: bool) {
+        self.u32_field(offset_of!(StreamState, hold))
+            .store(u32::from(hold), Ordering::Release);
     }
 
     /// Gives the stream back to the kernel from `offset`, a frame boundary up to which
