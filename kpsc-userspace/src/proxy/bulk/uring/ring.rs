@@ -281,11 +281,16 @@ impl Ring {
             queue.push_back(span);
         }
         if !self.woken.swap(true, Ordering::AcqRel) {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: an 8-byte write to an eventfd this handle owns. It cannot fail
-            // short of the counter's overflow, which takes 2^64 - 1 wake-ups unread.
-            unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+            self.wake();
         }
+    }
+
+    /// Tells the ring thread to take the queue.
+    fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte write to an eventfd this handle owns. It cannot fail short of
+        // the counter's overflow, which takes 2^64 - 1 wake-ups unread.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
     }
 }
 

@@ -155,6 +155,66 @@ async fn concurrent_spans_each_arrive_whole() {
     }
 }
 
+/// More spans taken at once than the submission queue holds rounds for (two entries
+/// each): the ring submits what it has queued when the queue fills and goes on, and
+/// each span still moves exactly its bytes, its connection's, in order.
+#[tokio::test]
+async fn more_spans_at_once_than_the_submission_queue_holds() {
+    // 600: more than the queue's 512 rounds, in about 3600 descriptors (six a span).
+    const SPANS: u32 = RING_ENTRIES / 2 + 88;
+    const WORDS: u32 = 10_000;
+    const LEN: usize = WORDS as usize * 4;
+    // Every 4-byte word names its connection and place: bytes of another connection, or
+    // out of order, differ.
+    let payload = |c: u32| -> Vec<u8> {
+        (0..WORDS)
+            .flat_map(|i| ((c << 16) | i).to_le_bytes())
+            .collect()
+    };
+    let ring = Ring::start().unwrap();
+    // The thread takes the queue when the eventfd is written, and `submit` writes it only
+    // if no wake-up is on its way: holding that wake-up back gathers every span in the
+    // queue, so the thread takes them in one batch.
+    assert!(!ring.woken.swap(true, Ordering::AcqRel));
+    let mut tasks = Vec::new();
+    for c in 0..SPANS {
+        let ring = Arc::clone(&ring);
+        tasks.push(tokio::spawn(async move {
+            let (mut writer, (mut from, _), (_, to), mut reader) = relay().await;
+            // A tail after the span, which must stay in the source.
+            let mut sent = payload(c);
+            sent.extend(c.to_le_bytes());
+            let feeder =
+                tokio::spawn(async move { writer.write_all(&sent).await.map(|()| writer) });
+            let pipe = Arc::new(Pipe::blocking().unwrap());
+            let (end, got) =
+                tokio::join!(span_to_end(&ring, (&from, &to), &pipe, LEN as u64), async {
+                    let mut got = vec![0; LEN];
+                    let read = timeout(Duration::from_secs(20), reader.read_exact(&mut got));
+                    read.await.expect("the bytes did not arrive").map(|_| got)
+                });
+            assert!(end.is_ok(), "connection {c}: {end:?}");
+            assert!(got.unwrap() == payload(c), "connection {c}: bytes differ");
+            let _writer = feeder.await.unwrap().unwrap();
+            let mut tail = [0u8; 4];
+            timeout(Duration::from_secs(5), from.read_exact(&mut tail))
+                .await
+                .expect("the span took bytes past its end")
+                .unwrap();
+            assert_eq!(tail, c.to_le_bytes(), "connection {c}: the tail moved");
+        }));
+    }
+    let gathered = Instant::now() + Duration::from_secs(10);
+    while ring.queue.lock().unwrap().len() < SPANS as usize {
+        assert!(Instant::now() < gathered, "the spans were not all queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    ring.wake();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn eof_inside_the_span_ends_it_at_the_source() {
     let ring = Ring::start().unwrap();
