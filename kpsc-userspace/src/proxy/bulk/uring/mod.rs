@@ -13,19 +13,19 @@
 pub mod ring;
 pub mod socket;
 
-use std::{future::poll_fn, sync::Arc};
+use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncWriteExt;
 
 use crate::{
-    kafka::frame::{FrameError, FrameReader, HEADER_BUFFER, MoveError},
+    kafka::frame::{FrameReader, HEADER_BUFFER, MoveError},
     proxy::bulk::{
         copy::CopyMover,
         splice::{LazyPipe, SPLICE_MIN},
         transfer::Transfer,
         uring::{
-            ring::{Pipe, Ring, Side, Span, SpanDone, SpanEnd},
+            ring::{Pipe, Ring, move_span},
             socket::{UringRead, UringWrite},
         },
     },
@@ -44,50 +44,6 @@ impl UringMover {
             ring,
             spliced_bytes,
             pipe: LazyPipe::new(Pipe::blocking),
-        }
-    }
-
-    /// Moves `len` bytes from `from` to `out`, continuing after every stall once the
-    /// socket it waited for is ready.
-    async fn span(
-        &self,
-        from: &UringRead,
-        out: &UringWrite,
-        pipe: Arc<Pipe>,
-        len: u64,
-    ) -> Result<(), MoveError> {
-        let (mut to_fill, mut in_pipe) = (len, 0);
-        loop {
-            let done = Arc::new(SpanDone::default());
-            self.ring.submit(Span {
-                from: from.fd(),
-                to: out.fd(),
-                pipe: Arc::clone(&pipe),
-                to_fill,
-                in_pipe,
-                done: Arc::clone(&done),
-            });
-            match poll_fn(|cx| done.poll(cx)).await {
-                SpanEnd::Moved => return Ok(()),
-                SpanEnd::Stalled {
-                    to_fill: f,
-                    in_pipe: p,
-                    on,
-                } => {
-                    (to_fill, in_pipe) = (f, p);
-                    match on {
-                        Side::Source => from
-                            .readable()
-                            .await
-                            .map_err(|e| MoveError::Source(FrameError::Io(e)))?,
-                        Side::Sink => out.writable().await.map_err(MoveError::Sink)?,
-                    }
-                }
-                SpanEnd::SourceEof => return Err(MoveError::Source(FrameError::Truncated)),
-                SpanEnd::SourceError(e) => return Err(MoveError::Source(FrameError::Io(e))),
-                SpanEnd::SinkError(e) => return Err(MoveError::Sink(e)),
-                SpanEnd::RingFailed(e) => return Err(MoveError::Mover(e)),
-            }
         }
     }
 }
@@ -111,9 +67,7 @@ impl Transfer<UringRead, UringWrite> for UringMover {
             out.write_all(reader.take_buffered(n))
                 .await
                 .map_err(MoveError::Sink)?;
-            let end = self
-                .span(reader.get_ref(), out, pipe, unbuffered as u64)
-                .await;
+            let end = move_span(&self.ring, reader.get_ref(), out, &pipe, unbuffered as u64).await;
             if end.is_err() {
                 self.pipe.discard();
             }

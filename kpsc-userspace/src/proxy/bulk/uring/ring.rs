@@ -16,10 +16,12 @@
 //! (`socket::KERNEL_WAIT`) bound that sleep: a splice that waited that long for a peer
 //! returns EAGAIN, and the span comes back to its task as stalled, to wait in tokio's
 //! reactor instead. So a worker thread exists only while bytes move, not per peer that
-//! stops in the middle of a frame.
+//! stops in the middle of a frame. `move_span` is the task's side: it submits what is
+//! left of a stalled span again once the socket it stalled on is ready.
 
 use std::{
     collections::VecDeque,
+    future::poll_fn,
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
@@ -35,6 +37,10 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use tracing::{error, warn};
 
 pub use crate::proxy::bulk::splice::Pipe;
+use crate::{
+    kafka::frame::{FrameError, MoveError},
+    proxy::bulk::uring::socket::{UringRead, UringWrite},
+};
 
 /// Submission queue size; the completion queue is twice this, and the kernel keeps
 /// completions that overflow it (IORING_FEAT_NODROP).
@@ -275,10 +281,75 @@ impl Ring {
             queue.push_back(span);
         }
         if !self.woken.swap(true, Ordering::AcqRel) {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: an 8-byte write to an eventfd this handle owns. It cannot fail
-            // short of the counter's overflow, which takes 2^64 - 1 wake-ups unread.
-            unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+            self.wake();
+        }
+    }
+
+    /// Tells the ring thread to take the queue.
+    fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte write to an eventfd this handle owns. It cannot fail short of
+        // the counter's overflow, which takes 2^64 - 1 wake-ups unread.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+}
+
+/// How often a span stalled before it ended, by side (what the tests look at).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stalls {
+    pub source: u32,
+    pub sink: u32,
+    /// Stalls that left bytes in the pipe, which go out first when the span continues.
+    pub holding_bytes: u32,
+}
+
+/// Moves `len` bytes from `from` to `to` through `pipe` (empty) on `ring`, continuing
+/// after every stall once the socket it waited for is ready. The side that failed is the
+/// side the error blames; the ring's own failures are the mover's.
+pub async fn move_span(
+    ring: &Ring,
+    from: &UringRead,
+    to: &UringWrite,
+    pipe: &Arc<Pipe>,
+    len: u64,
+) -> Result<Stalls, MoveError> {
+    let (mut to_fill, mut in_pipe, mut stalls) = (len, 0, Stalls::default());
+    loop {
+        let done = Arc::new(SpanDone::default());
+        ring.submit(Span {
+            from: from.fd(),
+            to: to.fd(),
+            pipe: Arc::clone(pipe),
+            to_fill,
+            in_pipe,
+            done: Arc::clone(&done),
+        });
+        match poll_fn(|cx| done.poll(cx)).await {
+            SpanEnd::Moved => return Ok(stalls),
+            SpanEnd::Stalled {
+                to_fill: f,
+                in_pipe: p,
+                on,
+            } => {
+                (to_fill, in_pipe) = (f, p);
+                stalls.holding_bytes += u32::from(p > 0);
+                match on {
+                    Side::Source => {
+                        stalls.source += 1;
+                        from.readable()
+                            .await
+                            .map_err(|e| MoveError::Source(FrameError::Io(e)))?;
+                    }
+                    Side::Sink => {
+                        stalls.sink += 1;
+                        to.writable().await.map_err(MoveError::Sink)?;
+                    }
+                }
+            }
+            SpanEnd::SourceEof => return Err(MoveError::Source(FrameError::Truncated)),
+            SpanEnd::SourceError(e) => return Err(MoveError::Source(FrameError::Io(e))),
+            SpanEnd::SinkError(e) => return Err(MoveError::Sink(e)),
+            SpanEnd::RingFailed(e) => return Err(MoveError::Mover(e)),
         }
     }
 }
