@@ -106,6 +106,33 @@ fn error_reasons(kpscd: &Kpscd) -> Vec<String> {
         .collect()
 }
 
+/// Waits until kpscd counted an error blamed on `blamed` ("client" or "broker") and
+/// checks it blamed none on the other side.
+fn assert_blamed_on(kpscd: &Kpscd, transfer: &str, blamed: &str) {
+    let other = if blamed == "client" {
+        "broker"
+    } else {
+        "client"
+    };
+    eventually(Duration::from_secs(5), || {
+        let n = kpscd.metric(
+            "kpsc_connection_errors_total",
+            &format!("reason=\"{blamed}_"),
+        );
+        anyhow::ensure!(n >= 1.0, "not counted yet");
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{transfer}: {e:#}; log:\n{}", kpscd.log()));
+    assert_eq!(
+        kpscd.metric(
+            "kpsc_connection_errors_total",
+            &format!("reason=\"{other}_")
+        ),
+        0.0,
+        "{transfer}: blamed on the {other} as well"
+    );
+}
+
 /// The first 100 KiB of a 512 KiB Produce request on a new connection to `addr`.
 fn start_of_a_large_produce(addr: &str) -> TcpStream {
     let produce = ProduceRequest::default().with_acks(1).with_timeout_ms(1000);
@@ -158,17 +185,7 @@ fn a_client_reset_mid_frame_is_blamed_on_the_client() {
         };
         assert_eq!(set, 0);
         drop(stream);
-        eventually(Duration::from_secs(5), || {
-            let client = kpscd.metric("kpsc_connection_errors_total", "reason=\"client_");
-            anyhow::ensure!(client >= 1.0, "not counted yet");
-            Ok(())
-        })
-        .unwrap_or_else(|e| panic!("{transfer}: {e:#}; log:\n{}", kpscd.log()));
-        assert_eq!(
-            kpscd.metric("kpsc_connection_errors_total", "reason=\"broker_"),
-            0.0,
-            "{transfer}: a client reset blamed on the broker"
-        );
+        assert_blamed_on(&kpscd, transfer, "client");
         assert_kernel_carried(&kpscd, transfer);
         reasons.push((transfer, error_reasons(&kpscd)));
         assert_serving(&kpscd, base);
@@ -192,17 +209,7 @@ fn a_broker_dying_mid_frame_closes_the_connection_and_is_blamed_on_the_broker() 
         // The mock closes its connections when a broker goes down.
         cluster.broker_down(3).unwrap();
         expect_closed(&mut stream);
-        eventually(Duration::from_secs(5), || {
-            let broker = kpscd.metric("kpsc_connection_errors_total", "reason=\"broker_");
-            anyhow::ensure!(broker >= 1.0, "not counted yet");
-            Ok(())
-        })
-        .unwrap_or_else(|e| panic!("{transfer}: {e:#}; log:\n{}", kpscd.log()));
-        assert_eq!(
-            kpscd.metric("kpsc_connection_errors_total", "reason=\"client_"),
-            0.0,
-            "{transfer}: a broker's death blamed on the client"
-        );
+        assert_blamed_on(&kpscd, transfer, "broker");
         assert_kernel_carried(&kpscd, transfer);
         reasons.push((transfer, error_reasons(&kpscd)));
         cluster.broker_up(3).unwrap();
@@ -295,17 +302,7 @@ fn a_broker_ending_its_stream_mid_response_closes_the_connection_and_is_blamed_o
             received <= KEEP,
             "{transfer}: the client got {received} bytes, more than the broker sent"
         );
-        eventually(Duration::from_secs(5), || {
-            let broker = kpscd.metric("kpsc_connection_errors_total", "reason=\"broker_");
-            anyhow::ensure!(broker >= 1.0, "not counted yet");
-            Ok(())
-        })
-        .unwrap_or_else(|e| panic!("{transfer}: {e:#}; log:\n{}", kpscd.log()));
-        assert_eq!(
-            kpscd.metric("kpsc_connection_errors_total", "reason=\"client_"),
-            0.0,
-            "{transfer}: a broker's truncated response blamed on the client"
-        );
+        assert_blamed_on(&kpscd, transfer, "broker");
         // What the broker sent reached the client up to the cut: past kpscd's 8 KiB
         // read-ahead that is a span under splice and uring, and under sockmap the kernel's.
         assert!(

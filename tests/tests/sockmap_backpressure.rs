@@ -15,7 +15,7 @@ use std::{
 use kafka_protocol::messages::{FetchResponse, MetadataResponse, ProduceResponse};
 use kpsc_tests::{
     Kpscd, MockCluster, free_port_base,
-    kernel_path::{kernel_counters, kernel_response_counters},
+    kernel_path::{KernelCounters, kernel_counters, kernel_response_counters},
     proxy_args,
     raw_pipeline::{CLIENT_ID, Req, TOPIC, decode, read_frame, record_values, value},
     response_delay_shim::{HoldPlan, proxy_behind_shim},
@@ -30,6 +30,21 @@ const CAP: usize = 4 << 20;
 /// send buffer (4 MiB at most by default), the frame under way when the cap was crossed
 /// and what arrived before kpscd looked: far below the 30 MiB sent.
 const BOUND: usize = CAP + (4 << 20) + 2 * BATCH + (4 << 20);
+
+/// What the kernel redirected toward a peer that read nothing stayed within BOUND, and
+/// was something.
+fn assert_held_back(held: KernelCounters, peer: &str) {
+    eprintln!("while the {peer} read nothing: {held:?}");
+    assert!(
+        held.redirected_bytes <= BOUND as f64,
+        "the kernel redirected {} bytes toward a {peer} that read nothing (bound {BOUND})",
+        held.redirected_bytes
+    );
+    assert!(
+        held.redirected_bytes >= BATCH as f64,
+        "the kernel carried nothing: {held:?}"
+    );
+}
 
 /// A client socket that buffers little, so what piles up does so on kpscd's side.
 fn small_buffered_client(addr: &str) -> TcpStream {
@@ -76,17 +91,7 @@ fn a_client_that_stops_reading_holds_back_the_broker_not_kpscds_memory() {
         std::thread::sleep(Duration::from_millis(2));
     }
     std::thread::sleep(Duration::from_secs(3));
-    let held = kernel_response_counters(&kpscd);
-    eprintln!("while the client read nothing: {held:?}");
-    assert!(
-        held.redirected_bytes <= BOUND as f64,
-        "the kernel redirected {} bytes toward a client that read nothing (bound {BOUND})",
-        held.redirected_bytes
-    );
-    assert!(
-        held.redirected_bytes >= BATCH as f64,
-        "the kernel carried nothing: {held:?}"
-    );
+    assert_held_back(kernel_response_counters(&kpscd), "client");
 
     // Every response still arrives whole and in order, the rest by kpscd or the kernel.
     for id in 0..FETCHES as i32 {
@@ -143,17 +148,7 @@ fn a_broker_that_stops_reading_holds_back_the_client_not_kpscds_memory() {
         })
     };
     std::thread::sleep(Duration::from_millis(2500));
-    let held = kernel_counters(&kpscd);
-    eprintln!("while the broker read nothing: {held:?}");
-    assert!(
-        held.redirected_bytes <= BOUND as f64,
-        "the kernel redirected {} bytes toward a broker that read nothing (bound {BOUND})",
-        held.redirected_bytes
-    );
-    assert!(
-        held.redirected_bytes >= BATCH as f64,
-        "the kernel carried nothing: {held:?}"
-    );
+    assert_held_back(kernel_counters(&kpscd), "broker");
 
     // Every request reaches the broker whole and in order: each response is next.
     writer.join().unwrap();

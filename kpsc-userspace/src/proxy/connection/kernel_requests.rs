@@ -152,7 +152,7 @@ pub async fn forward_requests_kernel(
                 let batch = batch.ok_or_else(lost_reports)?;
                 frames_taken += take_batch(&batch, &in_flight, state).await?;
                 counted_bytes = account(conn, route);
-                conn.hold_requests_if_backlogged(upstream_w.as_ref(), written)
+                conn.hold_if_backlogged(Stream::Requests, upstream_w.as_ref(), written)
                     .map_err(ConnError::KernelPath)?;
                 continue;
             }

@@ -78,7 +78,10 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use self::slots::{Slot, Slots};
+use self::{
+    passed::Stream,
+    slots::{Slot, Slots},
+};
 use crate::metrics::PortCounters;
 
 static PROXY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kpsc-proxy"));
@@ -444,42 +447,36 @@ impl KernelConn {
         Ok(())
     }
 
-    /// Holds the request stream once the requests the kernel redirected to the broker
-    /// socket that its stream has not taken pass BACKLOG_CAP: a broker slow to read would
-    /// otherwise make kpscd's node queue whatever the client sends. `drain_requests` lets
-    /// go. Asks the socket only once the kernel has redirected a cap's worth since the
-    /// last time, so a broker that keeps up costs nothing.
-    pub fn hold_requests_if_backlogged(
+    /// Holds `stream` once what the kernel redirected of it to the peer socket, and the
+    /// peer's stream has not taken, passes BACKLOG_CAP: a peer slow to read (a broker
+    /// for requests, a client for responses) would otherwise make kpscd's node queue
+    /// whatever the other side sends. The drain lets go. Asks the socket only once the
+    /// kernel has redirected a cap's worth since the last time, so a peer that keeps up
+    /// costs nothing. `written_by_us`: what kpscd wrote to the peer itself.
+    pub fn hold_if_backlogged(
         &self,
-        broker: &impl AsRawFd,
+        stream: Stream,
+        peer: &impl AsRawFd,
         written_by_us: u64,
     ) -> io::Result<()> {
         let slot = self.slot();
-        let want = self.broker_base + written_by_us + slot.requests().redirected_bytes();
-        if hold_needed(broker, want, &self.taken[0])? {
-            debug!(
-                cap = BACKLOG_CAP,
-                "the broker reads slowly: holding the request stream"
-            );
-            slot.requests().hold(true);
+        let (direction, base, taken) = match stream {
+            Stream::Requests => (slot.requests(), self.broker_base, &self.taken[0]),
+            Stream::Responses => (slot.responses(), self.client_base, &self.taken[1]),
+        };
+        let want = base + written_by_us + direction.redirected_bytes();
+        if want.saturating_sub(taken.load(Ordering::Relaxed)) <= BACKLOG_CAP {
+            return Ok(());
         }
-        Ok(())
-    }
-
-    /// As `hold_requests_if_backlogged`, for responses to a client slow to read.
-    pub fn hold_responses_if_backlogged(
-        &self,
-        client: &impl AsRawFd,
-        written_by_us: u64,
-    ) -> io::Result<()> {
-        let slot = self.slot();
-        let want = self.client_base + written_by_us + slot.responses().redirected_bytes();
-        if hold_needed(client, want, &self.taken[1])? {
+        let written = socket::stream_progress(peer)?.written;
+        taken.store(written, Ordering::Relaxed);
+        if want.saturating_sub(written) > BACKLOG_CAP {
             debug!(
+                ?stream,
                 cap = BACKLOG_CAP,
-                "the client reads slowly: holding the response stream"
+                "the peer reads slowly: holding the stream"
             );
-            slot.responses().hold(true);
+            direction.hold(true);
         }
         Ok(())
     }
@@ -500,17 +497,6 @@ impl KernelConn {
         }
         socket::wait_out_running_verdict(client)
     }
-}
-
-/// Whether more than BACKLOG_CAP of the `want` bytes redirected to `socket` wait outside
-/// its stream. `taken`: what the stream held when last asked, a lower bound of it now.
-fn hold_needed(socket: &impl AsRawFd, want: u64, taken: &AtomicU64) -> io::Result<bool> {
-    if want.saturating_sub(taken.load(Ordering::Relaxed)) <= BACKLOG_CAP {
-        return Ok(false);
-    }
-    let written = socket::stream_progress(socket)?.written;
-    taken.store(written, Ordering::Relaxed);
-    Ok(want.saturating_sub(written) > BACKLOG_CAP)
 }
 
 /// Waits until `socket`'s stream holds `want()` bytes. Gives up after DRAIN_TIMEOUT
