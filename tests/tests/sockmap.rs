@@ -434,6 +434,20 @@ fn frames_of_64_kib_1_mib_and_16_mib_go_through_the_kernel() {
 /// sent it, before the verdicts dropped it.
 #[test]
 fn a_request_passed_with_the_fin_behind_stuck_responses_is_answered() {
+    request_passed_with_the_fin_behind_stuck_responses(Duration::from_millis(300));
+}
+
+/// The same with a client that reads its responses only 7 s after its FIN: its request
+/// waits that long behind them. kpscd gave up after 5 s, whatever the client socket did,
+/// and failed the connection.
+#[test]
+fn a_request_passed_with_the_fin_behind_responses_read_late_is_answered() {
+    request_passed_with_the_fin_behind_stuck_responses(Duration::from_secs(7));
+}
+
+/// Fetches whose responses wait for a client reading nothing, then a request kpscd must
+/// see and the client's FIN; the client reads after `read_after`.
+fn request_passed_with_the_fin_behind_stuck_responses(read_after: Duration) {
     const FETCHES: usize = 24;
     let cluster = cluster();
     let (kpscd, base) = start(&cluster, &[]);
@@ -469,7 +483,7 @@ fn a_request_passed_with_the_fin_behind_stuck_responses_is_answered() {
     std::thread::sleep(Duration::from_millis(300));
     stream.write_all(&Req::ApiVersions.frame(7)).unwrap();
     stream.shutdown(std::net::Shutdown::Write).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(read_after);
     for id in 0..FETCHES as i32 {
         let raw = read_frame(&mut stream).unwrap_or_else(|e| panic!("fetch {id}: {e:#}"));
         let r: FetchResponse = decode(&raw, 100 + id, 11).unwrap();

@@ -503,7 +503,16 @@ impl KernelConn {
 /// without progress while nothing waits on the peer (a slow reader is waited for, as a
 /// blocked write would be), or at once when the connection can no longer carry them.
 async fn drain(socket: &impl AsRawFd, want: impl Fn() -> u64, name: &str) -> io::Result<()> {
-    let mut deadline = Instant::now() + DRAIN_TIMEOUT;
+    drain_within(socket, want, name, DRAIN_TIMEOUT).await
+}
+
+async fn drain_within(
+    socket: &impl AsRawFd,
+    want: impl Fn() -> u64,
+    name: &str,
+    patience: Duration,
+) -> io::Result<()> {
+    let mut deadline = Instant::now() + patience;
     let mut last = 0;
     let mut tries = 0u32;
     loop {
@@ -519,12 +528,12 @@ async fn drain(socket: &impl AsRawFd, want: impl Fn() -> u64, name: &str) -> io:
         }
         if progress.written > last || progress.queued > 0 {
             last = progress.written;
-            deadline = Instant::now() + DRAIN_TIMEOUT;
+            deadline = Instant::now() + patience;
         } else if Instant::now() > deadline {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
-                    "the kernel's redirect backlog did not reach the {name} socket in {DRAIN_TIMEOUT:?}"
+                    "the kernel's redirect backlog did not reach the {name} socket in {patience:?}"
                 ),
             ));
         }
@@ -543,5 +552,84 @@ impl Drop for KernelConn {
     fn drop(&mut self) {
         self.path
             .release(self.index, self.cookie, self.broker_cookie);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::proxy::bulk::splice::tests::pair;
+
+    const PATIENCE: Duration = Duration::from_millis(50);
+
+    /// Bytes that never come (a redirect the kernel dropped) end the wait after its
+    /// patience, with an error naming the socket; bytes already there end it at once.
+    #[tokio::test]
+    async fn a_backlog_that_makes_no_progress_is_given_up_on() {
+        let (mut conn, _peer) = pair().await;
+        conn.write_all(&[7; 1000]).await.unwrap();
+        while socket::stream_progress(&conn).unwrap().queued > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let have = socket::stream_progress(&conn).unwrap().written;
+        assert!(have >= 1000);
+        drain_within(&conn, || have, "client", PATIENCE)
+            .await
+            .unwrap();
+
+        let started = Instant::now();
+        let e = drain_within(&conn, || have + 1, "client", PATIENCE)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("client socket"), "{e}");
+        assert!(started.elapsed() >= PATIENCE);
+    }
+
+    /// A peer slow to read is waited for however long it takes, as a blocked write
+    /// would be: bytes queued on the socket are progress.
+    #[tokio::test]
+    async fn a_slow_reader_is_waited_for() {
+        const LEN: usize = 16 << 20;
+        let (conn, mut peer) = pair().await;
+        let fd = conn.as_raw_fd();
+        let (_, mut writer) = conn.into_split();
+        // Returns the writer: the descriptor stays open until the wait is over.
+        let feeder = tokio::spawn(async move {
+            writer.write_all(&vec![1; LEN]).await.unwrap();
+            writer
+        });
+        // The sender's buffers fill; the peer reads only after six patiences.
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(PATIENCE * 6).await;
+            let mut buf = vec![0; LEN];
+            peer.read_exact(&mut buf).await.unwrap();
+        });
+        let started = Instant::now();
+        drain_within(&fd, || LEN as u64, "client", PATIENCE)
+            .await
+            .unwrap();
+        assert!(started.elapsed() >= PATIENCE * 6);
+        reader.await.unwrap();
+        drop(feeder.await.unwrap());
+    }
+
+    /// A connection reset while bytes are still owed fails at once.
+    #[tokio::test]
+    async fn a_reset_peer_fails_the_wait_at_once() {
+        let (conn, peer) = pair().await;
+        peer.set_zero_linger().unwrap();
+        drop(peer);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        let e = drain_within(&conn, || 1000, "broker", Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

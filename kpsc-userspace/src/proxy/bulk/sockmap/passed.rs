@@ -13,6 +13,12 @@
 //! this reader waits and reads again. Bytes kpscd reads that the verdict never saw (queued
 //! before the socket entered the map) only make the count larger, so they never make it
 //! wait.
+//!
+//! How long: the backlog ahead of the passed bytes holds the kernel's redirects *to* this
+//! socket, which leave only as fast as its peer reads them. A client that half-closes and
+//! reads its responses late keeps its last request waiting that long. So the wait goes on
+//! while the socket still sends (bytes queued, or acknowledged since the last look), as a
+//! blocked write would, and gives up only after PATIENCE without either.
 
 use std::{
     io,
@@ -23,15 +29,19 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, ReadBuf},
+    net::TcpStream,
     time::Sleep,
 };
 
-use crate::proxy::bulk::sockmap::slots::Slot;
+use crate::proxy::bulk::sockmap::{slots::Slot, socket};
 
-/// How often an early end of stream is read again.
+/// How often an early end of stream is read again: at first (the backlog's worker
+/// usually runs within microseconds), and once the wait has gone on (a peer slow to read).
 const RETRY: Duration = Duration::from_millis(1);
-/// How long passed bytes may keep kpscd waiting after the end: the worker runs within
-/// microseconds, unless the machine is starved.
+const SLOW_RETRY: Duration = Duration::from_millis(20);
+const FAST_RETRIES: u32 = 100;
+/// How long passed bytes may keep kpscd waiting after the end while the socket sends
+/// nothing.
 const PATIENCE: Duration = Duration::from_secs(5);
 
 /// Which of a connection's streams a socket reads.
@@ -49,8 +59,12 @@ pub struct PassedReader<'a, R> {
     stream: Stream,
     /// Bytes read from `inner`.
     read: u64,
-    /// When `inner` first returned an early end.
+    /// Since when `inner` has returned an early end with the socket sending nothing.
     early_since: Option<Instant>,
+    /// Early ends read again so far.
+    retries: u32,
+    /// The socket's stream when last looked at, while waiting (see `stream_progress`).
+    sent: u64,
     retry: Option<Pin<Box<Sleep>>>,
 }
 
@@ -62,6 +76,8 @@ impl<'a, R> PassedReader<'a, R> {
             stream,
             read: 0,
             early_since: None,
+            retries: 0,
+            sent: 0,
             retry: None,
         }
     }
@@ -78,7 +94,7 @@ impl<'a, R> PassedReader<'a, R> {
     }
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for PassedReader<'_, R> {
+impl<R: AsyncRead + AsRef<TcpStream> + Unpin> AsyncRead for PassedReader<'_, R> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -99,6 +115,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for PassedReader<'_, R> {
             if read > 0 {
                 this.read += read;
                 this.early_since = None;
+                this.retries = 0;
                 return Poll::Ready(Ok(()));
             }
             let passed = this.passed_bytes();
@@ -113,16 +130,28 @@ impl<R: AsyncRead + Unpin> AsyncRead for PassedReader<'_, R> {
                     "end of stream before passed bytes; waiting for them"
                 );
             }
-            let since = *this.early_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > PATIENCE {
+            let now = Instant::now();
+            let since = *this.early_since.get_or_insert(now);
+            // The peer is still taking bytes: what waits ahead of ours is moving.
+            let progress = socket::stream_progress(this.inner.as_ref())?;
+            if progress.open && (progress.queued > 0 || progress.written > this.sent) {
+                this.sent = progress.written;
+                this.early_since = Some(now);
+            } else if since.elapsed() > PATIENCE {
                 return Poll::Ready(Err(io::Error::other(format!(
                     "the {:?} stream ended {} bytes before the end of what the verdict \
-                     passed up ({passed} bytes), still missing after {PATIENCE:?}",
+                     passed up ({passed} bytes), still missing after {PATIENCE:?} \
+                     in which the socket sent nothing",
                     this.stream,
                     passed - this.read
                 ))));
             }
-            this.retry = Some(Box::pin(tokio::time::sleep(RETRY)));
+            this.retries = this.retries.saturating_add(1);
+            let pause = match this.retries < FAST_RETRIES {
+                true => RETRY,
+                false => SLOW_RETRY,
+            };
+            this.retry = Some(Box::pin(tokio::time::sleep(pause)));
         }
     }
 }

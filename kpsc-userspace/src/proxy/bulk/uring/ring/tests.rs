@@ -11,15 +11,11 @@ use tokio::{
 };
 
 use super::*;
-use crate::proxy::bulk::uring::socket::{self, UringRead, UringWrite};
+use crate::proxy::bulk::{
+    splice::tests::pair,
+    uring::socket::{self, UringRead, UringWrite},
+};
 use std::sync::atomic::AtomicBool;
-
-async fn pair() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
-    (a.unwrap(), b.unwrap().0)
-}
 
 /// A relay's two kpscd-side sockets: `from` (its peer is the returned writer) and `to`
 /// (its peer is the returned reader).
