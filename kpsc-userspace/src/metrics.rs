@@ -69,6 +69,8 @@ pub struct KernelCounters {
     pub redirected_bytes: Counter,
     pub redirected_frames: Counter,
     pub passed_frames: Counter,
+    /// Times kpscd took the stream over because the peer read too slowly.
+    pub backlog_holds: Counter,
 }
 
 /// One metric family by api key. A series exists from the api's first use: scrapes carry
@@ -103,6 +105,7 @@ pub struct Metrics {
     kernel_redirected_bytes: Family<ByteLabels, Counter>,
     kernel_redirected_frames: Family<ByteLabels, Counter>,
     kernel_passed_frames: Family<ByteLabels, Counter>,
+    kernel_backlog_holds: Family<ByteLabels, Counter>,
     requests: PerApi<Counter>,
     rewrites: PerApi<Counter>,
     version_caps: PerApi<Counter>,
@@ -155,6 +158,7 @@ impl Metrics {
         let kernel_redirected_bytes = Family::<ByteLabels, Counter>::default();
         let kernel_redirected_frames = Family::<ByteLabels, Counter>::default();
         let kernel_passed_frames = Family::<ByteLabels, Counter>::default();
+        let kernel_backlog_holds = Family::<ByteLabels, Counter>::default();
         registry.register(
             "kernel_redirected_bytes",
             "Bytes the kernel carried socket to socket (--bulk-transfer sockmap), per listen \
@@ -172,6 +176,13 @@ impl Metrics {
             "Frames of kernel-path connections that kpscd handled itself (ApiVersions, SASL, a \
              frame head split over two packets, ...), per listen port, broker and direction",
             kernel_passed_frames.clone(),
+        );
+        registry.register(
+            "kernel_backlog_holds",
+            "Times kpscd took a kernel-path stream over because more than 4 MiB the kernel \
+             redirected waited for a peer slow to read (--bulk-transfer sockmap), per listen \
+             port, broker and direction",
+            kernel_backlog_holds.clone(),
         );
         let requests = PerApi::new(Counter::default);
         let rewrites = PerApi::new(Counter::default);
@@ -305,6 +316,7 @@ impl Metrics {
             kernel_redirected_bytes,
             kernel_redirected_frames,
             kernel_passed_frames,
+            kernel_backlog_holds,
             connection_errors,
             brokers_refused,
             forbidden_requests,
@@ -343,11 +355,13 @@ impl Metrics {
                 redirected_bytes: of(&self.kernel_redirected_bytes, "from_client"),
                 redirected_frames: of(&self.kernel_redirected_frames, "from_client"),
                 passed_frames: of(&self.kernel_passed_frames, "from_client"),
+                backlog_holds: of(&self.kernel_backlog_holds, "from_client"),
             },
             kernel_to_client: KernelCounters {
                 redirected_bytes: of(&self.kernel_redirected_bytes, "to_client"),
                 redirected_frames: of(&self.kernel_redirected_frames, "to_client"),
                 passed_frames: of(&self.kernel_passed_frames, "to_client"),
+                backlog_holds: of(&self.kernel_backlog_holds, "to_client"),
             },
         }
     }

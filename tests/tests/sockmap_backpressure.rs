@@ -32,8 +32,17 @@ const CAP: usize = 4 << 20;
 const BOUND: usize = CAP + (4 << 20) + 2 * BATCH + (4 << 20);
 
 /// What the kernel redirected toward a peer that read nothing stayed within BOUND, and
-/// was something.
-fn assert_held_back(held: KernelCounters, peer: &str) {
+/// was something; kpscd counted the hold on the direction toward `peer`.
+fn assert_held_back(kpscd: &Kpscd, held: KernelCounters, peer: &str) {
+    let direction = match peer {
+        "client" => "to_client",
+        _ => "from_client",
+    };
+    let holds = kpscd.metric(
+        "kpsc_kernel_backlog_holds_total",
+        &format!("direction=\"{direction}\""),
+    );
+    assert!(holds >= 1.0, "no hold counted {direction}");
     eprintln!("while the {peer} read nothing: {held:?}");
     assert!(
         held.redirected_bytes <= BOUND as f64,
@@ -91,7 +100,7 @@ fn a_client_that_stops_reading_holds_back_the_broker_not_kpscds_memory() {
         std::thread::sleep(Duration::from_millis(2));
     }
     std::thread::sleep(Duration::from_secs(3));
-    assert_held_back(kernel_response_counters(&kpscd), "client");
+    assert_held_back(&kpscd, kernel_response_counters(&kpscd), "client");
 
     // Every response still arrives whole and in order, the rest by kpscd or the kernel.
     for id in 0..FETCHES as i32 {
@@ -148,7 +157,7 @@ fn a_broker_that_stops_reading_holds_back_the_client_not_kpscds_memory() {
         })
     };
     std::thread::sleep(Duration::from_millis(2500));
-    assert_held_back(kernel_counters(&kpscd), "broker");
+    assert_held_back(&kpscd, kernel_counters(&kpscd), "broker");
 
     // Every request reaches the broker whole and in order: each response is next.
     writer.join().unwrap();

@@ -152,8 +152,12 @@ pub async fn forward_requests_kernel(
                 let batch = batch.ok_or_else(lost_reports)?;
                 frames_taken += take_batch(&batch, &in_flight, state).await?;
                 counted_bytes = account(conn, route);
-                conn.hold_if_backlogged(Stream::Requests, upstream_w.as_ref(), written)
-                    .map_err(ConnError::KernelPath)?;
+                if conn
+                    .hold_if_backlogged(Stream::Requests, upstream_w.as_ref(), written)
+                    .map_err(ConnError::KernelPath)?
+                {
+                    route.counters.kernel_from_client.backlog_holds.inc();
+                }
                 continue;
             }
             more = reader.fill_to(1) => more.map_err(ConnError::Client)?,

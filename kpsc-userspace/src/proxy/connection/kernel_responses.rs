@@ -217,8 +217,12 @@ pub async fn forward_responses_kernel(
         };
         owed.account_kernel(conn, &mut direction.responses, route);
         owed.pass_over_acks0(conn, &mut direction.responses);
-        conn.hold_if_backlogged(Stream::Responses, client_w.as_ref(), direction.written)
-            .map_err(ConnError::KernelPath)?;
+        if conn
+            .hold_if_backlogged(Stream::Responses, client_w.as_ref(), direction.written)
+            .map_err(ConnError::KernelPath)?
+        {
+            route.counters.kernel_to_client.backlog_holds.inc();
+        }
         // Bytes the verdict passed up; or kpscd's own answer (or a request it handled) is
         // next, past acks=0 requests the broker will not answer, and the kernel is not in
         // the middle of a response: the verdict stops at the marker before that request.

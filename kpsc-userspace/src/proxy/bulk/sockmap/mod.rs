@@ -452,13 +452,14 @@ impl KernelConn {
     /// for requests, a client for responses) would otherwise make kpscd's node queue
     /// whatever the other side sends. The drain lets go. Asks the socket only once the
     /// kernel has redirected a cap's worth since the last time, so a peer that keeps up
-    /// costs nothing. `written_by_us`: what kpscd wrote to the peer itself.
+    /// costs nothing. `written_by_us`: what kpscd wrote to the peer itself. True when it
+    /// began a hold.
     pub fn hold_if_backlogged(
         &self,
         stream: Stream,
         peer: &impl AsRawFd,
         written_by_us: u64,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         let slot = self.slot();
         let (direction, base, taken) = match stream {
             Stream::Requests => (slot.requests(), self.broker_base, &self.taken[0]),
@@ -466,11 +467,12 @@ impl KernelConn {
         };
         let want = base + written_by_us + direction.redirected_bytes();
         if want.saturating_sub(taken.load(Ordering::Relaxed)) <= BACKLOG_CAP {
-            return Ok(());
+            return Ok(false);
         }
         let written = socket::stream_progress(peer)?.written;
         taken.store(written, Ordering::Relaxed);
-        if want.saturating_sub(written) > BACKLOG_CAP {
+        let hold = want.saturating_sub(written) > BACKLOG_CAP && !direction.held();
+        if hold {
             debug!(
                 ?stream,
                 cap = BACKLOG_CAP,
@@ -478,7 +480,7 @@ impl KernelConn {
             );
             direction.hold(true);
         }
-        Ok(())
+        Ok(hold)
     }
 
     /// Stops carrying the client's requests (kpscd is shutting down and takes no new

@@ -261,6 +261,13 @@ impl Direction<'_> {
             .store(u32::from(hold), Ordering::Release);
     }
 
+    /// Whether kpscd holds the stream.
+    pub fn held(&self) -> bool {
+        self.u32_field(offset_of!(StreamState, hold))
+            .load(Ordering::Acquire)
+            != 0
+    }
+
     /// Gives the stream back to the kernel from `offset`, a frame boundary up to which
     /// kpscd has written every passed byte to the peer.
     pub fn resume_at(&self, offset: u64) {
