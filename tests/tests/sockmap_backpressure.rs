@@ -30,6 +30,10 @@ const CAP: usize = 4 << 20;
 /// send buffer (4 MiB at most by default), the frame under way when the cap was crossed
 /// and what arrived before kpscd looked: far below the 30 MiB sent.
 const BOUND: usize = CAP + (4 << 20) + 2 * BATCH + (4 << 20);
+/// Between two requests: at most a frame arrives per PACE, so kpscd, which looks each time
+/// a request is reported (requests) or every 2 ms (responses), sees the cap crossed before
+/// much more comes, even on a busy machine.
+const PACE: Duration = Duration::from_millis(10);
 
 /// What the kernel redirected toward a peer that read nothing stayed within BOUND, and
 /// was something; kpscd counted the hold on the direction toward `peer`.
@@ -97,7 +101,7 @@ fn a_client_that_stops_reading_holds_back_the_broker_not_kpscds_memory() {
         client
             .write_all(&Req::Fetch { partition: 0 }.frame(id as i32))
             .unwrap();
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(PACE);
     }
     std::thread::sleep(Duration::from_secs(3));
     assert_held_back(&kpscd, kernel_response_counters(&kpscd), "client");
@@ -152,7 +156,7 @@ fn a_broker_that_stops_reading_holds_back_the_client_not_kpscds_memory() {
                     value: batch.clone(),
                 };
                 stream.write_all(&produce.frame(id)).unwrap();
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(PACE);
             }
         })
     };

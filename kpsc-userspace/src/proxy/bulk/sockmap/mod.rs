@@ -376,7 +376,12 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of a direction the kernel may have redirected that the peer socket's stream has
 /// not taken (they wait on its psock backlog, which no socket buffer bounds) before kpscd
 /// holds the direction's stream (see `StreamState::hold`). On top come the peer socket's
-/// send buffer and the rest of the frame under way when the cap is crossed.
+/// send buffer and the rest of the frame under way when the cap is crossed, and what the
+/// kernel redirects before kpscd looks: it looks as each request is reported, and on the
+/// response loop's poll (2 ms while it waits on the kernel, else 250 ms). So requests are
+/// held back within a frame of the cap; responses that arrive in a burst after the last
+/// request was reported (at most those of the 31 the kernel carries) may pass it by what
+/// comes before the next poll. A check in the verdict would close that gap.
 pub const BACKLOG_CAP: u64 = 4 << 20;
 
 impl KernelConn {
