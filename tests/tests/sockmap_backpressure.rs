@@ -30,9 +30,10 @@ const CAP: usize = 4 << 20;
 /// send buffer (4 MiB at most by default), the frame under way when the cap was crossed
 /// and what arrived before kpscd looked: far below the 30 MiB sent.
 const BOUND: usize = CAP + (4 << 20) + 2 * BATCH + (4 << 20);
-/// Between two requests: at most a frame arrives per PACE, so kpscd, which looks each time
-/// a request is reported (requests) or every 2 ms (responses), sees the cap crossed before
-/// much more comes, even on a busy machine.
+/// Between two requests: at most a frame arrives per PACE, and kpscd looks each time a
+/// request is reported, so it sees the cap crossed before much more comes, even on a busy
+/// machine. (A burst of responses after the last report is not bounded by the cap yet: see
+/// BACKLOG_CAP.)
 const PACE: Duration = Duration::from_millis(10);
 
 /// What the kernel redirected toward a peer that read nothing stayed within BOUND, and
