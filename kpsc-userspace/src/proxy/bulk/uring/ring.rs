@@ -48,10 +48,10 @@ const RING_ENTRIES: u32 = 1024;
 /// user_data of the eventfd read that says spans are queued, and of the affinity tick.
 const WAKE: u64 = u64::MAX;
 const TICK: u64 = u64::MAX - 1;
-/// The operations of a span, in user_data's low two bits: a round's receive and send, and
-/// a lone send (the rest of a short one).
 /// Unbound io-wq workers at most (each a kernel thread of kpscd's).
 const MAX_WORKERS: u32 = 256;
+/// The operations of a span, in user_data's low two bits: a round's receive and send, and
+/// a lone send (the rest of a short one).
 const FILL: u64 = 0;
 const DRAIN: u64 = 1;
 const REST: u64 = 2;
